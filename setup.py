@@ -1,0 +1,53 @@
+"""Installs warpkeras.
+
+TensorFlow ships as two distributions that must not both be installed:
+
+* ``pip install -e .[cpu]`` pulls ``tensorflow-cpu`` (small, no CUDA);
+* ``pip install -e .[gpu]`` pulls ``tensorflow[and-cuda]`` for NVIDIA GPUs;
+* ``pip install -e .`` installs neither and uses the TensorFlow already present.
+"""
+import pathlib
+import re
+
+from setuptools import find_packages, setup
+
+HERE = pathlib.Path(__file__).parent
+VERSION = re.search(
+    r'__version__ = "([^"]+)"', (HERE / "warpkeras" / "__init__.py").read_text()
+).group(1)
+
+TF_VERSION = ">=2.16,<2.22"
+
+setup(
+    name="warpkeras",
+    version=VERSION,
+    description=(
+        "Meta-learned optimisers by gradient warping (WarpGrad) and meta-learned "
+        "initialisations (Leap, MAML, Reptile) for TensorFlow / Keras 3."
+    ),
+    long_description=(HERE / "README.md").read_text(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["warpkeras", "warpkeras.*"]),
+    install_requires=[
+        "keras>=3.3",
+        "numpy>=1.24",
+        "tensorflow-datasets>=4.9",
+        "tensorflow-probability>=0.24",
+        # tensorflow-probability imports tf_keras when it is loaded.
+        f"tf-keras{TF_VERSION}",
+        "gymnasium>=0.29",
+        "matplotlib>=3.7",
+        "tqdm>=4.60",
+    ],
+    extras_require={
+        "cpu": [f"tensorflow-cpu{TF_VERSION}"],
+        "gpu": [f"tensorflow[and-cuda]{TF_VERSION}"],
+        "test": ["pytest>=7"],
+    },
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)

@@ -1,0 +1,501 @@
+"""The papers' objectives and meta-gradients as pure functions of tensors.
+
+Every function here takes parameter values as lists of tensors (θ for task variables, φ for
+warp variables, in the order of a `warpkeras.Partition`) and returns tensors; none of them
+reads or writes a Keras variable, so they compose freely inside `tf.function` and nested
+`tf.GradientTape`s. Trainers (`warpkeras.trainers`) are the stateful orchestration on top.
+
+| function                    | paper                                   |
+|-----------------------------|-----------------------------------------|
+| `task_loss`                 | L_task(θ; φ) on one batch               |
+| `task_step`                 | WarpGrad Alg. 1 line 8 (+ momentum, App. G) |
+| `warp_objective`            | WarpGrad Eq. 3 (exact or approximate)   |
+| `warp_meta_gradient`        | ∇φ of Eq. 3                             |
+| `leap_meta_gradient`        | Leap Eq. 8 / WarpGrad Eq. 12            |
+| `leap_path_length`          | Leap Eq. 7 / WarpGrad Eq. 9             |
+| `maml_objective`            | WarpGrad Eq. 1 (MAML), second/first order |
+| `reptile_direction`         | Reptile (Nichol et al.)                 |
+| `continual_objective`       | WarpGrad Eq. 14 / 18                    |
+
+A *batch* is a pair ``(x, y)``; a *loss function* is ``loss_fn(y_true, y_pred) -> scalar``
+(any Keras loss object or plain function).
+"""
+
+from typing import NamedTuple
+
+import tensorflow as tf
+
+__all__ = [
+    "StepResult",
+    "task_loss",
+    "task_gradient",
+    "task_step",
+    "warp_objective",
+    "warp_meta_gradient",
+    "leap_meta_gradient",
+    "leap_path_length",
+    "maml_objective",
+    "maml_meta_gradient",
+    "reptile_direction",
+    "continual_weights",
+    "continual_objective",
+]
+
+
+def _as_list(values):
+    return [tf.convert_to_tensor(v) for v in values]
+
+
+def _scalar(loss):
+    loss = tf.convert_to_tensor(loss)
+    return tf.reduce_mean(loss) if loss.shape.rank else loss
+
+
+def task_loss(partition, loss_fn, theta, phi, batch, state=None, training=True):
+    """L_task(θ; φ) on one batch: the loss of the model run at (θ, φ).
+
+    Regularisation losses that layers add during the call are included.
+
+    Args:
+        partition: a `warpkeras.Partition`.
+        loss_fn: ``loss_fn(y_true, y_pred) -> scalar``.
+        theta: task values (list of tensors).
+        phi: warp values (list of tensors).
+        batch: ``(x, y)``.
+        state: the model's non-trainable values (batch-norm statistics); `None` uses the
+            model's current state.
+        training: run the model in training mode (batch statistics, dropout).
+
+    Returns:
+        ``(loss, new_state)``.
+    """
+    x, y = batch
+    y_pred, new_state, losses = partition.call(
+        theta, phi, x, state=state, training=training, return_losses=True
+    )
+    loss = _scalar(loss_fn(y, y_pred))
+    if losses:
+        loss = loss + tf.add_n([tf.cast(l, loss.dtype) for l in losses])
+    return loss, new_state
+
+
+def task_gradient(partition, loss_fn, theta, phi, batch, state=None, training=True):
+    """∇θ L_task(θ; φ). Differentiable in φ (and θ) when called under an outer tape.
+
+    Returns:
+        ``(loss, gradients, new_state)``; gradients are a list matching `theta` (zeros for
+        task variables the loss does not depend on).
+    """
+    theta = _as_list(theta)
+    with tf.GradientTape() as tape:
+        tape.watch(theta)
+        loss, new_state = task_loss(partition, loss_fn, theta, phi, batch, state, training)
+    grads = tape.gradient(loss, theta, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    return loss, grads, new_state
+
+
+class StepResult(NamedTuple):
+    """The outcome of one inner step (`task_step`)."""
+
+    theta: list
+    """θ_{k+1}."""
+    velocity: list
+    """Momentum buffer after the step (`None` without momentum)."""
+    loss: tf.Tensor
+    """L_task(θ_k; φ) on the step's batch (before the step)."""
+    gradients: list
+    """∇θ L_task(θ_k; φ)."""
+    state: list
+    """Non-trainable model state after the forward pass."""
+
+
+def sgd_update(theta, grads, learning_rate, momentum=None, velocity=None):
+    """θ − α v with v = μ v + g (heavy-ball momentum; plain SGD when `momentum` is None).
+
+    Returns:
+        ``(new_theta, new_velocity)``; `new_velocity` is `None` without momentum.
+    """
+    if momentum is None:
+        return [t - tf.cast(learning_rate, t.dtype) * g for t, g in zip(theta, grads)], None
+    if velocity is None:
+        velocity = [tf.zeros_like(g) for g in grads]
+    velocity = [tf.cast(momentum, g.dtype) * v + g for v, g in zip(velocity, grads)]
+    new_theta = [t - tf.cast(learning_rate, t.dtype) * v for t, v in zip(theta, velocity)]
+    return new_theta, velocity
+
+
+def task_step(
+    partition,
+    loss_fn,
+    theta,
+    phi,
+    batch,
+    learning_rate,
+    momentum=None,
+    velocity=None,
+    state=None,
+    stop_inner_gradient=False,
+    training=True,
+):
+    """One inner step θ_{k+1} = θ_k − α ∇L_task(θ_k; φ) (WarpGrad Alg. 1 line 8).
+
+    With `momentum` μ the rule is heavy-ball SGD, v_{k+1} = μ v_k + ∇L, θ_{k+1} = θ_k − α
+    v_{k+1}; the buffer v goes in and out so that it can be stored in a replay buffer and
+    replayed in the warp objective (WarpGrad App. G).
+
+    Because the gradient passes through the warp layers, the update is preconditioned by
+    them (Eq. 2). Under an outer `tf.GradientTape`, θ_{k+1} is differentiable in φ, α and μ
+    (second order) unless `stop_inner_gradient` is set.
+
+    Example:
+
+    ```python
+    step = warpkeras.objectives.task_step(p, loss_fn, theta, phi, (x, y), 0.1)
+    theta = step.theta
+    ```
+
+    Args:
+        partition: a `warpkeras.Partition`.
+        loss_fn: ``loss_fn(y_true, y_pred)``.
+        theta: θ_k.
+        phi: warp values φ.
+        batch: ``(x, y)``.
+        learning_rate: α (Python float or scalar tensor).
+        momentum: μ, or `None` for plain SGD.
+        velocity: the momentum buffer v_k (`None`: zeros).
+        state: non-trainable model state.
+        stop_inner_gradient: treat ∇L_task as a constant (the approximate objective).
+        training: run the model in training mode.
+
+    Returns:
+        A `StepResult`.
+    """
+    theta = _as_list(theta)
+    loss, grads, new_state = task_gradient(
+        partition, loss_fn, theta, phi, batch, state, training
+    )
+    if stop_inner_gradient:
+        grads = [tf.stop_gradient(g) for g in grads]
+    new_theta, new_velocity = sgd_update(theta, grads, learning_rate, momentum, velocity)
+    return StepResult(new_theta, new_velocity, loss, grads, new_state)
+
+
+def warp_objective(
+    partition,
+    loss_fn,
+    theta,
+    phi,
+    task_batch,
+    meta_batch,
+    learning_rate,
+    momentum=None,
+    velocity=None,
+    state=None,
+    exact=True,
+    meta_loss=None,
+    training=True,
+):
+    """The WarpGrad meta-objective at one sampled task parameterisation (Eq. 3):
+
+        L(φ; θ) = L_meta(θ − α ∇L_task(θ; φ); φ)
+
+    θ is a sample from the joint task-parameter distribution p(τ, θ) (a point of a task's
+    trajectory) and is held constant. With ``exact=True`` the gradient in φ flows through
+    the inner gradient ∇L_task (second order: φ shapes the update direction); with
+    ``exact=False`` the inner gradient is stopped (the "approx" objective of App. G), so φ
+    is credited only through the forward pass at the stepped point.
+
+    Summing this over tasks and stored points gives L(φ) (Eq. 3); `warp_meta_gradient`
+    differentiates it.
+
+    Args:
+        partition: a `warpkeras.Partition`.
+        loss_fn: loss for both L_task and (by default) L_meta.
+        theta: the sampled task values θ (treated as constants).
+        phi: warp values φ.
+        task_batch: ``(x, y)`` for the inner step.
+        meta_batch: ``(x, y)`` for L_meta (the same or other task data; held-out data
+            encourages generalisation).
+        learning_rate: α of the inner step (may be a meta-learned tensor).
+        momentum: μ of the inner step, or `None`.
+        velocity: the momentum buffer stored with θ (replayed, App. G).
+        state: non-trainable state for the calls.
+        exact: second-order (True) or approximate (False).
+        meta_loss: optional ``meta_loss(theta_next, phi, state) -> scalar`` replacing the
+            loss on `meta_batch` (e.g. `continual_objective`).
+        training: training mode for both calls.
+
+    Returns:
+        The scalar meta-loss.
+    """
+    theta = [tf.stop_gradient(t) for t in _as_list(theta)]
+    if velocity is not None:
+        velocity = [tf.stop_gradient(v) for v in _as_list(velocity)]
+    step = task_step(
+        partition,
+        loss_fn,
+        theta,
+        phi,
+        task_batch,
+        learning_rate,
+        momentum=momentum,
+        velocity=velocity,
+        state=state,
+        stop_inner_gradient=not exact,
+        training=training,
+    )
+    if meta_loss is not None:
+        return _scalar(meta_loss(step.theta, phi, state))
+    loss, _ = task_loss(partition, loss_fn, step.theta, phi, meta_batch, state, training)
+    return loss
+
+
+def warp_meta_gradient(partition, loss_fn, theta, phi, task_batch, meta_batch,
+                       learning_rate, extra_sources=(), **kwargs):
+    """∇φ of `warp_objective` (Eq. 3) at one sampled θ.
+
+    Args:
+        extra_sources: further tensors to differentiate (e.g. a meta-learned learning rate
+            and momentum passed as `learning_rate` / `momentum`).
+        **kwargs: forwarded to `warp_objective` (momentum, velocity, state, exact, ...).
+
+    Returns:
+        ``(loss, phi_gradients, extra_gradients)``.
+    """
+    phi = _as_list(phi)
+    extra = list(extra_sources)
+    with tf.GradientTape() as tape:
+        tape.watch(phi)
+        for e in extra:
+            if not isinstance(e, tf.Variable):
+                tape.watch(e)
+        loss = warp_objective(
+            partition, loss_fn, theta, phi, task_batch, meta_batch, learning_rate, **kwargs
+        )
+    grads = tape.gradient(
+        loss, [phi, extra], unconnected_gradients=tf.UnconnectedGradients.ZERO
+    )
+    return loss, grads[0], grads[1]
+
+
+def _flat_sq_norm(tensors):
+    return tf.add_n([tf.reduce_sum(tf.square(t)) for t in tensors])
+
+
+def leap_meta_gradient(
+    theta_prev,
+    theta_next,
+    loss_prev,
+    loss_next,
+    grad_prev,
+    norm="energy",
+    sign_correction=True,
+    loss_in_path=True,
+    epsilon=1e-12,
+):
+    """The Leap pull-forward meta-gradient for one step of a task's path, w.r.t. θ0.
+
+    The path lives in (θ, L(θ)) (WarpGrad Eq. 9). For the step ϑ_{k−1} → ϑ_k, the
+    frozen-baseline objective ``d(sg[ϑ_k], ϑ_{k−1})`` is differentiated w.r.t. θ_{k−1} and the
+    Jacobian dθ_{k−1}/dθ0 is approximated by the identity (Leap App. C):
+
+    * ``norm="energy"`` (Leap Eq. 7/8): d = ||ϑ_k − ϑ_{k−1}||², gradient
+      −2(ΔL ∇L(θ_{k−1}) + Δθ);
+    * ``norm="length"`` (WarpGrad Eq. 9/12): d = ||ϑ_k − ϑ_{k−1}||₂, gradient
+      −(ΔL ∇L(θ_{k−1}) + Δθ) / ||ϑ_k − ϑ_{k−1}||₂;
+
+    with Δθ = θ_k − θ_{k−1} and ΔL = L(θ_k) − L(θ_{k−1}). With `sign_correction` (Leap
+    App. C) ΔL is replaced by −|ΔL| in the numerator, so a step on which the loss went *up*
+    (noise in SGD) does not pull θ0 uphill: the result is then 2(|ΔL| ∇L − Δθ), Leap Eq. 8.
+
+    Summed over steps and tasks this is the gradient used for θ0 ← θ0 − β ∇C.
+
+    Example:
+
+    ```python
+    g = leap_meta_gradient([t0], [t1], l0, l1, [grad_at_t0], norm="length")
+    ```
+
+    Args:
+        theta_prev: θ_{k−1} (list of tensors).
+        theta_next: θ_k.
+        loss_prev: L(θ_{k−1}) (scalar).
+        loss_next: L(θ_k).
+        grad_prev: ∇L(θ_{k−1}) (list matching θ).
+        norm: ``"energy"`` or ``"length"``.
+        sign_correction: use −|ΔL| in place of ΔL.
+        loss_in_path: include the loss as a coordinate of the path (False: the path is in θ
+            only, the Reptile-like variant).
+        epsilon: guards the division of the length variant.
+
+    Returns:
+        A list of tensors matching θ.
+    """
+    if norm not in ("energy", "length"):
+        raise ValueError(f"norm={norm!r}: expected 'energy' or 'length'.")
+    theta_prev, theta_next = _as_list(theta_prev), _as_list(theta_next)
+    dtype = theta_prev[0].dtype
+    d_theta = [b - a for a, b in zip(theta_prev, theta_next)]
+    d_loss = tf.cast(loss_next, dtype) - tf.cast(loss_prev, dtype)
+    if not loss_in_path:
+        d_loss = tf.zeros_like(d_loss)
+    coef = -tf.abs(d_loss) if sign_correction else d_loss
+    direction = [-(coef * tf.cast(g, dtype) + dt) for g, dt in zip(grad_prev, d_theta)]
+    if norm == "energy":
+        return [2.0 * d for d in direction]
+    length = tf.sqrt(_flat_sq_norm(d_theta) + tf.square(d_loss) + epsilon)
+    return [d / length for d in direction]
+
+
+def leap_path_length(thetas, losses, norm="energy", loss_in_path=True):
+    """The length (or energy) of a path ϑ_0..ϑ_K in (θ, L(θ)) (Leap Eq. 7, WarpGrad Eq. 9).
+
+    Args:
+        thetas: sequence of K+1 parameter lists θ_0..θ_K.
+        losses: sequence of K+1 scalar losses L(θ_k).
+        norm: ``"energy"`` (sum of squared chords) or ``"length"`` (sum of chords).
+        loss_in_path: include the loss coordinate.
+
+    Returns:
+        A scalar tensor.
+    """
+    total = 0.0
+    for k in range(1, len(thetas)):
+        sq = _flat_sq_norm([b - a for a, b in zip(_as_list(thetas[k - 1]), _as_list(thetas[k]))])
+        if loss_in_path:
+            sq = sq + tf.square(tf.cast(losses[k] - losses[k - 1], sq.dtype))
+        total = total + (sq if norm == "energy" else tf.sqrt(sq))
+    return tf.convert_to_tensor(total)
+
+
+def _batch_at(batches, k):
+    if isinstance(batches, (list, tuple)) and batches and isinstance(batches[0], (list, tuple)):
+        return batches[k % len(batches)]
+    return batches
+
+
+def maml_objective(
+    partition,
+    loss_fn,
+    theta0,
+    phi,
+    support,
+    query,
+    learning_rate,
+    steps,
+    first_order=False,
+    state=None,
+    training=True,
+):
+    """The MAML objective over K unrolled inner steps (WarpGrad Eq. 1, P given by the warp):
+
+        C(θ0) = L_query(θ_K),  θ_{k+1} = θ_k − α ∇L_support(θ_k; φ),  θ_0 = θ0.
+
+    Differentiating the result w.r.t. θ0 (under a tape) gives the second-order MAML
+    gradient; with ``first_order=True`` the inner gradients are stopped, so dθ_K/dθ0 = I and
+    the gradient is ∇L_query(θ_K) (first-order MAML). The inner loop is unrolled in Python,
+    so keep `steps` small (MAML is a few-shot method).
+
+    Args:
+        partition, loss_fn, phi, state, training: as in `task_step`.
+        theta0: the initialisation θ0.
+        support: a batch ``(x, y)`` used at every step, or a list of batches (step k uses
+            ``support[k % len(support)]``).
+        query: the batch for the outer loss.
+        learning_rate: α.
+        steps: K.
+        first_order: stop the inner gradients.
+
+    Returns:
+        ``(query_loss, theta_K)``.
+    """
+    theta = _as_list(theta0)
+    for k in range(int(steps)):
+        step = task_step(
+            partition,
+            loss_fn,
+            theta,
+            phi,
+            _batch_at(support, k),
+            learning_rate,
+            state=state,
+            stop_inner_gradient=first_order,
+            training=training,
+        )
+        theta = step.theta
+    loss, _ = task_loss(partition, loss_fn, theta, phi, query, state, training)
+    return loss, theta
+
+
+def maml_meta_gradient(partition, loss_fn, theta0, phi, support, query, learning_rate,
+                       steps, first_order=False, **kwargs):
+    """∇θ0 of `maml_objective`. Returns ``(query_loss, gradients, theta_K)``."""
+    theta0 = _as_list(theta0)
+    with tf.GradientTape() as tape:
+        tape.watch(theta0)
+        loss, theta_k = maml_objective(
+            partition, loss_fn, theta0, phi, support, query, learning_rate, steps,
+            first_order=first_order, **kwargs
+        )
+    grads = tape.gradient(loss, theta0, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    return loss, grads, theta_k
+
+
+def reptile_direction(theta0, theta_k):
+    """The Reptile meta-gradient θ0 − θ_K (Nichol et al., 2018): θ0 ← θ0 − β(θ0 − θ_K)."""
+    return [a - b for a, b in zip(_as_list(theta0), _as_list(theta_k))]
+
+
+def continual_weights(num_subtasks, steps_per_subtask):
+    """Per-sub-task weights of the continual meta-objective (WarpGrad Eq. 18).
+
+    Sub-task i (1-based) of T appears in the meta-objective of every step from its own
+    first step on, n(T − i + 1) times in all; weighting it by 1 / (n(T − i + 1)) gives
+    every sub-task the same total weight ("normalising on number of appearances", App. K).
+    The printed Eq. 18 writes the index of the current sub-task t in this denominator; the
+    appendix's text describes the per-sub-task normalisation implemented here.
+
+    Returns:
+        A list of T Python floats.
+    """
+    T, n = int(num_subtasks), int(steps_per_subtask)
+    return [1.0 / (n * (T - i + 1)) for i in range(1, T + 1)]
+
+
+def continual_objective(
+    partition,
+    loss_fn,
+    theta,
+    phi,
+    validation_batches,
+    current_subtask,
+    num_subtasks,
+    steps_per_subtask,
+    state=None,
+    training=True,
+):
+    """The continual-learning meta-loss at θ during sub-task t (WarpGrad Eq. 14 / 18):
+
+        L_meta(θ; φ) = Σ_{i=1..t} w_i L_task(θ, D_val^i; φ),  w_i = 1 / (n(T − i + 1)),
+
+    the weighted validation losses of the current and all earlier sub-tasks, so that an
+    update that helps the current sub-task but makes the model forget earlier ones is
+    penalised. Use it as `meta_loss` of `warp_objective`.
+
+    Args:
+        validation_batches: list of T batches, one per sub-task (in presentation order).
+        current_subtask: t, 1-based (may be a tensor).
+        num_subtasks: T.
+        steps_per_subtask: n.
+
+    Returns:
+        The scalar meta-loss.
+    """
+    weights = continual_weights(num_subtasks, steps_per_subtask)
+    total = None
+    for i, batch in enumerate(validation_batches[: int(num_subtasks)], start=1):
+        loss, _ = task_loss(partition, loss_fn, theta, phi, batch, state, training)
+        active = tf.cast(tf.less_equal(i, current_subtask), loss.dtype)
+        term = active * weights[i - 1] * loss
+        total = term if total is None else total + term
+    return total

@@ -1,0 +1,239 @@
+"""Partition of a built Keras model into task variables θ and warp variables φ."""
+
+import keras
+import tensorflow as tf
+
+from warpkeras import roles
+
+UNTAGGED_POLICIES = ("task", "warp", "frozen", "error")
+
+
+def _children(layer):
+    return layer._flatten_layers(include_self=False, recursive=False)
+
+
+def _assign_roles(model, untagged):
+    """Maps id(variable) -> (role, owning layer) for every trainable variable of `model`."""
+    found = {}
+
+    def visit(layer, inherited):
+        role = roles.role_of(layer)
+        if role is not None and not layer.trainable and layer.weights:
+            raise roles.RoleError(
+                f"Layer '{layer.name}' ({type(layer).__name__}) is tagged '{role}' but is "
+                "not trainable (trainable=False): its variables can be neither adapted nor "
+                "meta-learned. Set `layer.trainable = True` or remove the tag."
+            )
+        effective = role if role is not None else inherited
+        for v in layer._trainable_variables:
+            if not v.trainable:
+                continue
+            prev = found.get(id(v))
+            if prev is not None and prev[0] != effective and None not in (prev[0], effective):
+                raise roles.RoleError(
+                    f"Variable '{v.path}' is shared by layer '{prev[1].name}' (role "
+                    f"'{prev[0]}') and layer '{layer.name}' (role '{effective}')."
+                )
+            if prev is None or prev[0] is None:
+                found[id(v)] = (effective, layer)
+        for child in _children(layer):
+            visit(child, effective)
+
+    visit(model, None)
+    resolved = {}
+    for key, (role, layer) in found.items():
+        if role is None:
+            if untagged == "error":
+                raise roles.RoleError(
+                    f"Layer '{layer.name}' ({type(layer).__name__}) has trainable "
+                    "variables but no role. Tag it with warpkeras.task(...) or "
+                    "warpkeras.warp(...), or partition with untagged='task'|'warp'|'frozen'."
+                )
+            role = untagged
+        resolved[key] = (role, layer)
+    return resolved
+
+
+class Partition:
+    """A built `keras.Model` seen as a function of task variables θ and warp variables φ.
+
+    The partition is the bridge between Keras and the pure functions of
+    `warpkeras.objectives`: `call(theta, phi, x)` runs the model at *any* parameter values
+    (through `Model.stateless_call`), without touching its variables, differentiably and
+    inside `tf.function`.
+
+    Variables are grouped by role (see `warpkeras.roles`): task variables θ (adapted on each
+    task; their current values are the initialisation θ0), warp variables φ (meta-learned),
+    frozen variables (trainable in Keras but held fixed here: untagged variables under
+    ``untagged="frozen"``), and the model's non-trainable state (batch-norm statistics, RNG
+    seeds), which is threaded through calls.
+
+    Example:
+
+    ```python
+    import keras, warpkeras
+    model = keras.Sequential([
+        keras.Input((4,)),
+        keras.layers.Dense(8, activation="tanh"),
+        warpkeras.layers.WarpDense(),
+        keras.layers.Dense(1),
+    ])
+    p = warpkeras.partition(model)
+    theta0, phi = p.initial_task_values(), p.warp_values()
+    y, state = p.call(theta0, phi, keras.ops.ones((2, 4)))
+    ```
+
+    Args:
+        model: a built `keras.Model` (call it once, or give it an `Input`).
+        untagged: what untagged trainable variables are: ``"task"`` (default),
+            ``"warp"``, ``"frozen"`` (not updated by anything) or ``"error"``.
+        require_warp: raise if the model has no warp variables.
+        require_task: raise if the model has no task variables.
+    """
+
+    def __init__(self, model, untagged="task", require_warp=False, require_task=True):
+        if not isinstance(model, keras.Model):
+            raise TypeError(
+                f"partition() takes a keras.Model, got {type(model).__name__}; wrap a layer "
+                "in keras.Sequential([...]) first."
+            )
+        if untagged not in UNTAGGED_POLICIES:
+            raise ValueError(
+                f"untagged={untagged!r}: expected one of {UNTAGGED_POLICIES}."
+            )
+        if not model.built:
+            raise ValueError(
+                f"Model '{model.name}' is not built: give it a keras.Input or call it on a "
+                "batch once before partitioning it."
+            )
+        self.model = model
+        self.untagged = untagged
+        assignment = _assign_roles(model, untagged)
+        self.task_indices, self.warp_indices, self.frozen_indices = [], [], []
+        for i, v in enumerate(model.trainable_variables):
+            role, _ = assignment.get(id(v), (untagged, None))
+            {"task": self.task_indices, "warp": self.warp_indices}.get(
+                role, self.frozen_indices
+            ).append(i)
+        tv = model.trainable_variables
+        self.task_variables = [tv[i] for i in self.task_indices]
+        self.warp_variables = [tv[i] for i in self.warp_indices]
+        self.frozen_variables = [tv[i] for i in self.frozen_indices]
+        self.state_variables = list(model.non_trainable_variables)
+        self._num_trainable = len(tv)
+        if require_task and not self.task_variables:
+            raise roles.RoleError(
+                f"Model '{model.name}' has no task variables: nothing would be adapted. "
+                "Tag the layers that should adapt with warpkeras.task(...)."
+            )
+        if require_warp and not self.warp_variables:
+            raise roles.RoleError(
+                f"Model '{model.name}' has no warp variables: tag layers with "
+                "warpkeras.warp(...) or insert layers from warpkeras.layers."
+            )
+
+    # -- current values ------------------------------------------------------------------
+    def initial_task_values(self):
+        """θ0: the current values of the task variables (a list of tensors)."""
+        return [tf.convert_to_tensor(v.value) for v in self.task_variables]
+
+    def warp_values(self):
+        """φ: the current values of the warp variables."""
+        return [tf.convert_to_tensor(v.value) for v in self.warp_variables]
+
+    def state_values(self):
+        """The model's non-trainable state (e.g. batch-norm moving statistics)."""
+        return [tf.convert_to_tensor(v.value) for v in self.state_variables]
+
+    def frozen_values(self):
+        return [tf.convert_to_tensor(v.value) for v in self.frozen_variables]
+
+    # -- writing values back ---------------------------------------------------------------
+    def assign_task(self, theta):
+        _assign(self.task_variables, theta, "task")
+
+    def assign_warp(self, phi):
+        _assign(self.warp_variables, phi, "warp")
+
+    def assign_state(self, state):
+        _assign(self.state_variables, state, "state")
+
+    # -- running the model ---------------------------------------------------------------
+    def merge(self, theta, phi, frozen=None):
+        """All trainable values in `model.trainable_variables` order."""
+        if len(theta) != len(self.task_indices):
+            raise ValueError(
+                f"Expected {len(self.task_indices)} task tensors, got {len(theta)}."
+            )
+        if len(phi) != len(self.warp_indices):
+            raise ValueError(
+                f"Expected {len(self.warp_indices)} warp tensors, got {len(phi)}."
+            )
+        if frozen is None:
+            frozen = [v.value for v in self.frozen_variables]
+        values = [None] * self._num_trainable
+        for idx, group in (
+            (self.task_indices, theta),
+            (self.warp_indices, phi),
+            (self.frozen_indices, frozen),
+        ):
+            for i, t in zip(idx, group):
+                values[i] = t
+        return values
+
+    def call(self, theta, phi, x, state=None, training=False, return_losses=False):
+        """Runs the model at task values `theta` and warp values `phi`.
+
+        Args:
+            theta: list of task tensors, in `task_variables` order.
+            phi: list of warp tensors, in `warp_variables` order.
+            x: the model's input.
+            state: non-trainable values; defaults to the model's current state.
+            training: passed to the model (batch norm uses batch statistics, dropout is on).
+            return_losses: also return the regularisation losses added during the call.
+
+        Returns:
+            ``(outputs, new_state)``, or ``(outputs, new_state, losses)``.
+        """
+        if state is None:
+            state = [v.value for v in self.state_variables]
+        return self.model.stateless_call(
+            self.merge(theta, phi),
+            list(state),
+            x,
+            training=training,
+            return_losses=return_losses,
+        )
+
+    def summary(self):
+        """A short text listing which variables play which role."""
+        lines = [f"Partition of '{self.model.name}':"]
+        for name, group in (
+            ("task", self.task_variables),
+            ("warp", self.warp_variables),
+            ("frozen", self.frozen_variables),
+        ):
+            n = sum(int(tf.size(v.value)) for v in group)
+            lines.append(f"  {name}: {len(group)} variables, {n} parameters")
+            lines.extend(f"    {v.path} {tuple(v.shape)}" for v in group)
+        return "\n".join(lines)
+
+    def __repr__(self):
+        return (
+            f"<Partition of '{self.model.name}': {len(self.task_variables)} task, "
+            f"{len(self.warp_variables)} warp, {len(self.frozen_variables)} frozen variables>"
+        )
+
+
+def _assign(variables, values, what):
+    if len(values) != len(variables):
+        raise ValueError(f"Expected {len(variables)} {what} tensors, got {len(values)}.")
+    for v, t in zip(variables, values):
+        v.assign(t)
+
+
+def partition(model, untagged="task", require_warp=False, require_task=True):
+    """Splits a built model's variables into task θ and warp φ. See `Partition`."""
+    return Partition(
+        model, untagged=untagged, require_warp=require_warp, require_task=require_task
+    )
