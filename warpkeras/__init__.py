@@ -24,3 +24,15 @@ from warpkeras.roles import RoleError, role_of, tag, task, untag, warp  # noqa: 
 from warpkeras.partition import Partition, partition  # noqa: E402
 from warpkeras import objectives  # noqa: E402
 from warpkeras import layers  # noqa: E402
+from warpkeras.tasks import Task, TaskSampler  # noqa: E402
+from warpkeras.buffer import ReplayBuffer  # noqa: E402
+from warpkeras.trainers import (  # noqa: E402
+    FineTuneTrainer,
+    LeapTrainer,
+    MAMLTrainer,
+    MetaTrainer,
+    MetaTrainingError,
+    NoMetaTrainer,
+    ReptileTrainer,
+    WarpTrainer,
+)

@@ -27,6 +27,7 @@ import tensorflow as tf
 
 __all__ = [
     "StepResult",
+    "sgd_update",
     "task_loss",
     "task_gradient",
     "task_step",
@@ -51,7 +52,8 @@ def _scalar(loss):
     return tf.reduce_mean(loss) if loss.shape.rank else loss
 
 
-def task_loss(partition, loss_fn, theta, phi, batch, state=None, training=True):
+def task_loss(partition, loss_fn, theta, phi, batch, state=None, training=True,
+              return_outputs=False):
     """L_task(θ; φ) on one batch: the loss of the model run at (θ, φ).
 
     Regularisation losses that layers add during the call are included.
@@ -65,9 +67,10 @@ def task_loss(partition, loss_fn, theta, phi, batch, state=None, training=True):
         state: the model's non-trainable values (batch-norm statistics); `None` uses the
             model's current state.
         training: run the model in training mode (batch statistics, dropout).
+        return_outputs: also return the model's predictions.
 
     Returns:
-        ``(loss, new_state)``.
+        ``(loss, new_state)``, or ``(loss, new_state, outputs)``.
     """
     x, y = batch
     y_pred, new_state, losses = partition.call(
@@ -76,21 +79,29 @@ def task_loss(partition, loss_fn, theta, phi, batch, state=None, training=True):
     loss = _scalar(loss_fn(y, y_pred))
     if losses:
         loss = loss + tf.add_n([tf.cast(l, loss.dtype) for l in losses])
+    if return_outputs:
+        return loss, new_state, y_pred
     return loss, new_state
 
 
-def task_gradient(partition, loss_fn, theta, phi, batch, state=None, training=True):
+def task_gradient(partition, loss_fn, theta, phi, batch, state=None, training=True,
+                  return_outputs=False):
     """∇θ L_task(θ; φ). Differentiable in φ (and θ) when called under an outer tape.
 
     Returns:
-        ``(loss, gradients, new_state)``; gradients are a list matching `theta` (zeros for
-        task variables the loss does not depend on).
+        ``(loss, gradients, new_state)`` (and the predictions last, with
+        `return_outputs`); gradients are a list matching `theta` (zeros for task variables
+        the loss does not depend on).
     """
     theta = _as_list(theta)
     with tf.GradientTape() as tape:
         tape.watch(theta)
-        loss, new_state = task_loss(partition, loss_fn, theta, phi, batch, state, training)
+        loss, new_state, outputs = task_loss(
+            partition, loss_fn, theta, phi, batch, state, training, return_outputs=True
+        )
     grads = tape.gradient(loss, theta, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    if return_outputs:
+        return loss, grads, new_state, outputs
     return loss, grads, new_state
 
 
@@ -107,6 +118,8 @@ class StepResult(NamedTuple):
     """∇θ L_task(θ_k; φ)."""
     state: list
     """Non-trainable model state after the forward pass."""
+    outputs: object = None
+    """The model's predictions on the step's batch (at θ_k)."""
 
 
 def sgd_update(theta, grads, learning_rate, momentum=None, velocity=None):
@@ -171,13 +184,13 @@ def task_step(
         A `StepResult`.
     """
     theta = _as_list(theta)
-    loss, grads, new_state = task_gradient(
-        partition, loss_fn, theta, phi, batch, state, training
+    loss, grads, new_state, outputs = task_gradient(
+        partition, loss_fn, theta, phi, batch, state, training, return_outputs=True
     )
     if stop_inner_gradient:
         grads = [tf.stop_gradient(g) for g in grads]
     new_theta, new_velocity = sgd_update(theta, grads, learning_rate, momentum, velocity)
-    return StepResult(new_theta, new_velocity, loss, grads, new_state)
+    return StepResult(new_theta, new_velocity, loss, grads, new_state, outputs)
 
 
 def warp_objective(

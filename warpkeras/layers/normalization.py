@@ -1,0 +1,176 @@
+"""Batch normalisation with exact second-order gradients.
+
+WarpGrad's exact meta-objective (Eq. 3) differentiates through a task-gradient step, so it
+needs second derivatives of the model. `keras.layers.BatchNormalization` on TensorFlow
+computes batch statistics with `tf.nn.moments`, whose variance stops the gradient through
+the batch mean: first derivatives are exact (that gradient term is zero) but second
+derivatives through the variance are not, so meta-gradients through a batch-normalised
+model in training mode come out slightly wrong. `ExactBatchNormalization` computes the
+variance without that shortcut and gives exact derivatives of every order.
+"""
+
+import keras
+from keras import ops
+
+from warpkeras.layers import _common
+
+
+@keras.saving.register_keras_serializable(package=_common.PACKAGE)
+class ExactBatchNormalization(keras.layers.Layer):
+    """Batch normalisation whose batch statistics are exactly differentiable to any order.
+
+    Computes ``gamma * (x - mean) / sqrt(var + epsilon) + beta`` per channel, with the batch
+    mean and (biased) variance in training mode and the moving statistics otherwise — the
+    same function, variables (``gamma``, ``beta``, ``moving_mean``, ``moving_variance``) and
+    moving-average update as `keras.layers.BatchNormalization` (without masking, renorm or
+    cross-replica statistics). Use it instead of the Keras layer when meta-gradients
+    differentiate through task-gradient steps in training mode (exact WarpGrad, MAML).
+
+    The layer has no role of its own: inside a warp block (e.g. `ResidualWarpBlock`, which
+    uses it) its ``gamma`` and ``beta`` are warp variables, in a task layer stack they are
+    task variables. Moving statistics are non-trainable state. As with the Keras layer, a
+    layer with ``trainable=False`` uses its moving statistics even in training mode.
+
+    Example:
+
+    ```python
+    import numpy as np
+    from warpkeras.layers import ExactBatchNormalization
+
+    bn = ExactBatchNormalization(momentum=0.9)
+    x = np.random.randn(8, 5, 5, 3).astype("float32")
+    y = bn(x, training=True)
+    np.testing.assert_allclose(np.mean(y, axis=(0, 1, 2)), 0, atol=1e-5)
+    assert bn.moving_mean.shape == (3,)
+    ```
+
+    Args:
+        axis: the channel axis (default -1).
+        momentum: momentum of the moving averages (default 0.99).
+        epsilon: added to the variance (default 1e-3).
+        center: whether to learn the offset ``beta`` (default True).
+        scale: whether to learn the scale ``gamma`` (default True).
+        beta_initializer: initializer of ``beta`` (default ``"zeros"``).
+        gamma_initializer: initializer of ``gamma`` (default ``"ones"``).
+        moving_mean_initializer: default ``"zeros"``.
+        moving_variance_initializer: default ``"ones"``.
+        **kwargs: standard `keras.layers.Layer` arguments (``name``, ``dtype``, ...).
+    """
+
+    def __init__(
+        self,
+        axis=-1,
+        momentum=0.99,
+        epsilon=1e-3,
+        center=True,
+        scale=True,
+        beta_initializer="zeros",
+        gamma_initializer="ones",
+        moving_mean_initializer="zeros",
+        moving_variance_initializer="ones",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if isinstance(axis, bool) or not isinstance(axis, int):
+            raise ValueError(f"ExactBatchNormalization: `axis` must be an int, got {axis!r}.")
+        if not 0.0 <= float(momentum) <= 1.0:
+            raise ValueError(
+                f"ExactBatchNormalization: `momentum` must be in [0, 1], got {momentum!r}."
+            )
+        self.axis = axis
+        self.momentum = float(momentum)
+        self.epsilon = float(epsilon)
+        self.center = bool(center)
+        self.scale = bool(scale)
+        self.beta_initializer = keras.initializers.get(beta_initializer)
+        self.gamma_initializer = keras.initializers.get(gamma_initializer)
+        self.moving_mean_initializer = keras.initializers.get(moving_mean_initializer)
+        self.moving_variance_initializer = keras.initializers.get(
+            moving_variance_initializer
+        )
+
+    def build(self, input_shape):
+        channels, self._broadcast = _common.channel_broadcast(self, input_shape, self.axis)
+        rank = len(input_shape)
+        channel_axis = self.axis % rank
+        self._reduction_axes = tuple(i for i in range(rank) if i != channel_axis)
+        self.gamma = (
+            self.add_weight(name="gamma", shape=(channels,), initializer=self.gamma_initializer)
+            if self.scale
+            else None
+        )
+        self.beta = (
+            self.add_weight(name="beta", shape=(channels,), initializer=self.beta_initializer)
+            if self.center
+            else None
+        )
+        self.moving_mean = self.add_weight(
+            name="moving_mean",
+            shape=(channels,),
+            initializer=self.moving_mean_initializer,
+            trainable=False,
+            autocast=False,
+        )
+        self.moving_variance = self.add_weight(
+            name="moving_variance",
+            shape=(channels,),
+            initializer=self.moving_variance_initializer,
+            trainable=False,
+            autocast=False,
+        )
+
+    def call(self, inputs, training=None):
+        compute_dtype = inputs.dtype
+        low_precision = keras.backend.standardize_dtype(compute_dtype) in (
+            "float16",
+            "bfloat16",
+        )
+        x = ops.cast(inputs, "float32") if low_precision else inputs
+        if training and self.trainable:
+            mean = ops.mean(x, axis=self._reduction_axes, keepdims=True)
+            # E[(x - mean)^2] with the gradient through the mean kept: its first-order
+            # contribution is zero, but it is needed for exact second derivatives.
+            variance = ops.mean(
+                ops.square(x - mean), axis=self._reduction_axes, keepdims=True
+            )
+            mean_c = ops.reshape(mean, (-1,))
+            variance_c = ops.reshape(variance, (-1,))
+            m = self.momentum
+            self.moving_mean.assign(
+                self.moving_mean * m + ops.cast(mean_c, self.moving_mean.dtype) * (1 - m)
+            )
+            self.moving_variance.assign(
+                self.moving_variance * m
+                + ops.cast(variance_c, self.moving_variance.dtype) * (1 - m)
+            )
+        else:
+            mean = ops.reshape(ops.cast(self.moving_mean, x.dtype), self._broadcast)
+            variance = ops.reshape(ops.cast(self.moving_variance, x.dtype), self._broadcast)
+        outputs = (x - mean) * ops.rsqrt(variance + self.epsilon)
+        if self.gamma is not None:
+            outputs = outputs * ops.reshape(ops.cast(self.gamma, x.dtype), self._broadcast)
+        if self.beta is not None:
+            outputs = outputs + ops.reshape(ops.cast(self.beta, x.dtype), self._broadcast)
+        return ops.cast(outputs, compute_dtype)
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            axis=self.axis,
+            momentum=self.momentum,
+            epsilon=self.epsilon,
+            center=self.center,
+            scale=self.scale,
+            beta_initializer=keras.initializers.serialize(self.beta_initializer),
+            gamma_initializer=keras.initializers.serialize(self.gamma_initializer),
+            moving_mean_initializer=keras.initializers.serialize(
+                self.moving_mean_initializer
+            ),
+            moving_variance_initializer=keras.initializers.serialize(
+                self.moving_variance_initializer
+            ),
+        )
+        return config

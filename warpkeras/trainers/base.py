@@ -1,0 +1,952 @@
+"""The meta-training engine shared by every trainer.
+
+`MetaTrainer` composes two independent pieces (WarpGrad App. D, Eq. 8: J = L(φ) + λC(θ0)):
+
+* a **warp objective** L(φ), meta-learning the warp variables, in one of three modes:
+  ``"online"`` (Algorithm 1), ``"offline"`` (Algorithm 2, replay buffer) or
+  ``"continual"`` (Algorithm 3); exact or approximate (Eq. 3 with the inner gradient
+  stopped);
+* an **initialisation objective** C(θ0) with weight λ: ``"leap"`` (pull-forward, Leap
+  Eq. 8 / WarpGrad Eq. 12), ``"maml"`` / ``"fomaml"`` (Eq. 1, second / first order) or
+  ``"reptile"``; `None` keeps θ0 fixed (as in the continual-learning experiment).
+
+Warp-Leap is ``warp_mode="offline", init_objective="leap"``; Warp-MAML is
+``warp_mode="online", init_objective="maml"``; Leap, MAML and Reptile have no warp mode.
+The public trainers (`WarpTrainer`, `LeapTrainer`, `MAMLTrainer`, ...) are thin, documented
+front-ends that choose these pieces.
+
+Everything per step runs in `tf.function`s compiled once per trainer (no retracing per step
+or per task as long as batch shapes stay the same). Randomness is derived from
+``(seed, meta_step)``, so a run resumed from a checkpoint replays exactly the tasks and
+batches the uninterrupted run would have seen.
+"""
+
+import math
+import os
+import time
+import warnings
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from warpkeras import objectives as obj
+from warpkeras.buffer import ReplayBuffer
+from warpkeras.partition import Partition
+from warpkeras.tasks import as_task_source
+
+WARP_MODES = (None, "online", "offline", "continual")
+WARP_OBJECTIVES = ("exact", "approx")
+INIT_OBJECTIVES = (None, "leap", "maml", "fomaml", "reptile")
+
+
+class MetaTrainingError(ValueError):
+    """A trainer was configured in a way that cannot work."""
+
+
+def _resolve_loss(loss):
+    if loss is None:
+        raise MetaTrainingError("A loss is required, e.g. loss='sparse_categorical_crossentropy'.")
+    if isinstance(loss, str):
+        return keras.losses.get(loss)
+    if isinstance(loss, dict):
+        return keras.losses.deserialize(loss)
+    if not callable(loss):
+        raise MetaTrainingError(f"loss must be a callable or a Keras loss name, got {loss!r}.")
+    return loss
+
+
+def _loss_is_classification(loss):
+    name = getattr(loss, "name", None) or getattr(loss, "__name__", "")
+    return "categorical" in str(name) or "crossentropy" in str(name)
+
+
+def _accuracy(y_true, y_pred):
+    y_pred = tf.convert_to_tensor(y_pred)
+    y_true = tf.convert_to_tensor(y_true)
+    if y_pred.shape.rank is not None and y_pred.shape[-1] == 1:
+        pred = tf.cast(y_pred[..., 0] > 0.5, y_true.dtype)
+        return tf.reduce_mean(tf.cast(tf.equal(tf.reshape(y_true, tf.shape(pred)), pred), tf.float32))
+    pred = tf.argmax(y_pred, axis=-1)
+    if y_true.shape.rank == y_pred.shape.rank:  # one-hot labels
+        y_true = tf.argmax(y_true, axis=-1)
+    return tf.reduce_mean(
+        tf.cast(tf.equal(tf.cast(tf.reshape(y_true, tf.shape(pred)), pred.dtype), pred), tf.float32)
+    )
+
+
+def _all_finite(tensors):
+    flags = [tf.reduce_all(tf.math.is_finite(t)) for t in tensors if t is not None]
+    return tf.reduce_all(tf.stack(flags)) if flags else tf.constant(True)
+
+
+def _zeros_like(values):
+    return [tf.zeros_like(v) for v in values]
+
+
+class _Accumulator:
+    """Sums lists of gradients in Python (a handful of adds per task)."""
+
+    def __init__(self):
+        self.total, self.count = None, 0
+
+    def add(self, grads, weight=1):
+        grads = [tf.convert_to_tensor(g) for g in grads]
+        self.total = grads if self.total is None else [a + g for a, g in zip(self.total, grads)]
+        self.count += weight
+
+    def mean(self):
+        return [t / float(self.count) for t in self.total]
+
+
+class MetaTrainer:
+    """Meta-trains warp parameters φ and/or an initialisation θ0 of a tagged Keras model.
+
+    Prefer the front-ends: `WarpTrainer` (WarpGrad, Warp-Leap, Warp-MAML), `LeapTrainer`,
+    `MAMLTrainer`, `ReptileTrainer`, `FineTuneTrainer`, `NoMetaTrainer`. All share this
+    constructor's arguments.
+
+    Args:
+        model: a built `keras.Model` with layers tagged by `warpkeras.warp` /
+            `warpkeras.task` (see `warpkeras.partition`).
+        loss: the task loss (a Keras loss name or object, or ``fn(y_true, y_pred)``); also
+            the meta loss unless `meta_loss` is given.
+        warp_mode: ``None``, ``"online"``, ``"offline"`` or ``"continual"``.
+        warp_objective: ``"exact"`` (second order through the inner step) or ``"approx"``.
+        init_objective: ``None``, ``"leap"``, ``"maml"``, ``"fomaml"`` or ``"reptile"``.
+        init_weight: λ in J = L(φ) + λC(θ0): scales the θ0 meta-gradient.
+        inner_learning_rate: α of the inner SGD.
+        inner_momentum: μ of heavy-ball momentum in the inner loop, or `None`.
+        learn_inner_learning_rate: meta-learn α (a scalar, WarpGrad App. G "learned α");
+            needs a warp mode with the exact objective to have a gradient.
+        learn_inner_momentum: meta-learn μ likewise.
+        hyper_learning_rate: SGD step for learned α / μ; their meta-gradients are clipped
+            at `hyper_clip` (App. G: both 0.001).
+        hyper_clip: clip value of the α / μ meta-gradients.
+        inner_steps: K, adaptation steps per task during meta-training.
+        meta_batch_size: tasks per meta step.
+        meta_optimizer: Keras optimizer for φ (default SGD(0.1)).
+        init_optimizer: Keras optimizer for θ0 (default: a copy of `meta_optimizer`).
+        meta_interval: η: offline, points per warp update (default 1... see
+            `WarpTrainer`); continual, inner steps per warp update.
+        max_warp_updates: offline, cap on warp updates per meta step (`None`: one per η
+            stored points, i.e. every point used once).
+        buffer_capacity, buffer_overflow, buffer_spill_dir: bound the offline replay
+            buffer (see `warpkeras.ReplayBuffer`).
+        leap_norm: ``"length"`` (WarpGrad Eq. 9/12, the reference default) or
+            ``"energy"`` (Leap Eq. 7/8).
+        leap_sign_correction: Leap App. C stabiliser.
+        leap_loss_in_path: include L(θ) as a coordinate of the path.
+        meta_loss: optional ``meta_loss(partition, loss_fn, theta, phi, meta_batch, state)
+            -> scalar`` replacing the loss on the meta batch (e.g. the continual objective).
+        accuracy: report accuracy (`None`: when the loss is a cross-entropy).
+        head_layers: layers forming the task head; for multi-headed evaluation their
+            values are re-initialised for every evaluation task (see `FineTuneTrainer`).
+        untagged: role of untagged trainable layers (`warpkeras.partition`).
+        eval_training_mode: run evaluation forward passes in training mode (batch-norm
+            uses batch statistics, as in the papers' reference code). Default True.
+        jit_compile: compile the step functions with XLA.
+        seed: seed of task sampling and batches.
+    """
+
+    _default_warp_mode = None
+    _default_init_objective = None
+
+    def __init__(
+        self,
+        model,
+        loss,
+        *,
+        warp_mode=None,
+        warp_objective="exact",
+        init_objective=None,
+        init_weight=1.0,
+        inner_learning_rate=0.1,
+        inner_momentum=None,
+        learn_inner_learning_rate=False,
+        learn_inner_momentum=False,
+        hyper_learning_rate=1e-3,
+        hyper_clip=1e-3,
+        inner_steps=100,
+        meta_batch_size=5,
+        meta_optimizer=None,
+        init_optimizer=None,
+        meta_interval=None,
+        max_warp_updates=None,
+        buffer_capacity=None,
+        buffer_overflow="reservoir",
+        buffer_spill_dir=None,
+        leap_norm="length",
+        leap_sign_correction=True,
+        leap_loss_in_path=True,
+        meta_loss=None,
+        accuracy=None,
+        head_layers=None,
+        untagged="task",
+        eval_training_mode=True,
+        jit_compile=False,
+        seed=0,
+    ):
+        if warp_mode not in WARP_MODES:
+            raise MetaTrainingError(f"warp_mode={warp_mode!r}: expected one of {WARP_MODES}.")
+        if warp_objective not in WARP_OBJECTIVES:
+            raise MetaTrainingError(
+                f"warp_objective={warp_objective!r}: expected one of {WARP_OBJECTIVES}."
+            )
+        if init_objective not in INIT_OBJECTIVES:
+            raise MetaTrainingError(
+                f"init_objective={init_objective!r}: expected one of {INIT_OBJECTIVES}."
+            )
+        if warp_mode == "continual" and init_objective is not None:
+            raise MetaTrainingError(
+                "warp_mode='continual' (Algorithm 3) adapts one stream of task parameters "
+                "that is never reset, so there is no initialisation θ0 to meta-learn: use "
+                f"init_objective=None (got {init_objective!r})."
+            )
+        if warp_mode == "offline" and init_objective in ("maml", "fomaml"):
+            raise MetaTrainingError(
+                "Warp-MAML uses online meta-training (WarpGrad App. D): use "
+                "warp_mode='online' with init_objective='maml'."
+            )
+        if (learn_inner_learning_rate or learn_inner_momentum) and warp_mode is None:
+            raise MetaTrainingError(
+                "A meta-learned inner learning rate or momentum is trained through the warp "
+                "objective: set a warp_mode."
+            )
+        if learn_inner_momentum and inner_momentum is None:
+            raise MetaTrainingError("learn_inner_momentum=True needs an inner_momentum value.")
+        if (learn_inner_learning_rate or learn_inner_momentum) and warp_objective != "exact":
+            raise MetaTrainingError(
+                "With the approximate objective the inner update is a constant, so the "
+                "learning rate and momentum get no meta-gradient: use warp_objective='exact'."
+            )
+        if int(inner_steps) < 1:
+            raise MetaTrainingError(f"inner_steps must be >= 1, got {inner_steps}.")
+        if int(meta_batch_size) < 1:
+            raise MetaTrainingError(f"meta_batch_size must be >= 1, got {meta_batch_size}.")
+        if meta_interval is not None and int(meta_interval) < 1:
+            raise MetaTrainingError(f"meta_interval must be >= 1, got {meta_interval}.")
+        if (
+            warp_mode == "offline"
+            and meta_interval is not None
+            and buffer_capacity is not None
+            and int(meta_interval) > int(buffer_capacity)
+            and buffer_overflow == "reservoir"
+        ):
+            raise MetaTrainingError(
+                f"meta_interval (η={meta_interval}) is larger than the replay buffer "
+                f"(capacity {buffer_capacity}): no warp update could ever be formed."
+            )
+        if leap_norm not in ("length", "energy"):
+            raise MetaTrainingError(f"leap_norm={leap_norm!r}: expected 'length' or 'energy'.")
+
+        self.model = model
+        self.partition = Partition(model, untagged=untagged, require_warp=warp_mode is not None)
+        self.loss = _resolve_loss(loss)
+        self.warp_mode = warp_mode
+        self.exact = warp_objective == "exact"
+        self.warp_objective = warp_objective
+        self.init_objective = init_objective
+        self.init_weight = float(init_weight)
+        self.inner_steps = int(inner_steps)
+        self.meta_batch_size = int(meta_batch_size)
+        self.meta_interval = int(meta_interval) if meta_interval is not None else None
+        self.max_warp_updates = max_warp_updates
+        self.leap_norm = leap_norm
+        self.leap_sign_correction = bool(leap_sign_correction)
+        self.leap_loss_in_path = bool(leap_loss_in_path)
+        self.meta_loss = meta_loss
+        self.accuracy = _loss_is_classification(self.loss) if accuracy is None else bool(accuracy)
+        self.eval_training_mode = bool(eval_training_mode)
+        self.jit_compile = bool(jit_compile)
+        self.seed = int(seed)
+        self.buffer = (
+            ReplayBuffer(buffer_capacity, buffer_overflow, buffer_spill_dir, seed=seed)
+            if warp_mode == "offline"
+            else None
+        )
+
+        dtype = self.partition.task_variables[0].dtype
+        self.learn_lr = bool(learn_inner_learning_rate)
+        self.learn_mu = bool(learn_inner_momentum)
+        self.inner_lr = tf.Variable(float(inner_learning_rate), dtype=dtype, trainable=False,
+                                    name="inner_learning_rate")
+        self.use_momentum = inner_momentum is not None
+        self.inner_mu = tf.Variable(float(inner_momentum or 0.0), dtype=dtype, trainable=False,
+                                    name="inner_momentum")
+
+        # Optimisers (built now so that checkpoints can be restored into them).
+        self.meta_optimizer = meta_optimizer or keras.optimizers.SGD(0.1)
+        if init_optimizer is None:
+            init_optimizer = self.meta_optimizer.__class__.from_config(
+                self.meta_optimizer.get_config()
+            )
+        self.init_optimizer = init_optimizer
+        self.hyper_optimizer = keras.optimizers.SGD(hyper_learning_rate, clipvalue=hyper_clip)
+        if self.partition.warp_variables and warp_mode is not None:
+            self.meta_optimizer.build(self.partition.warp_variables)
+        if self._learns_init():
+            self.init_optimizer.build(self.partition.task_variables)
+        self._hyper_vars = [v for v, on in ((self.inner_lr, self.learn_lr),
+                                            (self.inner_mu, self.learn_mu)) if on]
+        if self._hyper_vars:
+            self.hyper_optimizer.build(self._hyper_vars)
+
+        # Heads (multi-headed evaluation): indices into the task list.
+        self.head_indices = []
+        if head_layers:
+            head_ids = {id(v) for layer in head_layers for v in layer.trainable_variables}
+            self.head_indices = [
+                i for i, v in enumerate(self.partition.task_variables) if id(v) in head_ids
+            ]
+            if not self.head_indices:
+                raise MetaTrainingError("head_layers hold no task variables of the model.")
+        self._initial_head = [
+            tf.identity(self.partition.task_variables[i].value) for i in self.head_indices
+        ]
+
+        # Continual mode: accumulated warp gradient and counter survive across meta steps.
+        self._stream_acc = [
+            tf.Variable(tf.zeros_like(v.value), trainable=False)
+            for v in self.partition.warp_variables
+        ] if warp_mode == "continual" else []
+        self._stream_count = tf.Variable(0, dtype=tf.int64, trainable=False)
+
+        self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="meta_step")
+        self.nan_tasks = tf.Variable(0, dtype=tf.int64, trainable=False, name="nan_tasks")
+        self.history = None
+        self.stop_training = False
+        self._build_functions()
+
+    # ------------------------------------------------------------------------------------
+    # configuration helpers
+    def _learns_init(self):
+        return self.init_objective is not None
+
+    def get_config(self):
+        """The trainer's hyper-parameters (for logs and results files)."""
+        return {
+            "class": type(self).__name__,
+            "warp_mode": self.warp_mode,
+            "warp_objective": self.warp_objective if self.warp_mode else None,
+            "init_objective": self.init_objective,
+            "init_weight": self.init_weight,
+            "inner_learning_rate": float(self.inner_lr.numpy()),
+            "inner_momentum": float(self.inner_mu.numpy()) if self.use_momentum else None,
+            "inner_steps": self.inner_steps,
+            "meta_batch_size": self.meta_batch_size,
+            "meta_interval": self.meta_interval,
+            "leap_norm": self.leap_norm,
+            "seed": self.seed,
+            "meta_optimizer": keras.optimizers.serialize(self.meta_optimizer),
+        }
+
+    # ------------------------------------------------------------------------------------
+    # compiled pieces
+    def _phi(self):
+        return [v.value for v in self.partition.warp_variables]
+
+    def _theta0(self):
+        return [v.value for v in self.partition.task_variables]
+
+    def _mu(self):
+        return self.inner_mu if self.use_momentum else None
+
+    def _meta_value(self, theta, phi, meta_batch, state):
+        if self.meta_loss is not None:
+            return self.meta_loss(self.partition, self.loss, theta, phi, meta_batch, state)
+        loss, _ = obj.task_loss(self.partition, self.loss, theta, phi, meta_batch, state)
+        return loss
+
+    def _metric(self, y, outputs):
+        if self.accuracy:
+            return _accuracy(y, outputs)
+        return tf.constant(0.0)
+
+    def _build_functions(self):
+        p, loss_fn = self.partition, self.loss
+        fn = lambda f: tf.function(f, jit_compile=self.jit_compile, reduce_retracing=True)  # noqa: E731
+        self.trace_counts = {}
+
+        def counted(name, f):
+            def wrapper(*args):
+                self.trace_counts[name] = self.trace_counts.get(name, 0) + 1
+                return f(*args)
+            wrapper.__name__ = name
+            return fn(wrapper)
+
+        def inner_step(theta, velocity, state, x, y, training):
+            phi = self._phi()
+            step = obj.task_step(
+                p, loss_fn, theta, phi, (x, y), self.inner_lr, momentum=self._mu(),
+                velocity=velocity if self.use_momentum else None, state=state,
+                training=training,
+            )
+            finite = tf.logical_and(tf.math.is_finite(step.loss), _all_finite(step.gradients))
+            return (step.theta, step.velocity if self.use_momentum else [], step.state,
+                    step.loss, step.gradients, self._metric(y, step.outputs), finite)
+
+        self._inner_step = counted("inner_step", lambda t, v, s, x, y: inner_step(t, v, s, x, y, True))
+
+        def warp_step(theta, velocity, state, x, y, meta_batch):
+            """One inner step plus ∇φ of Eq. 3 at θ (fused: one task forward/backward)."""
+            phi = self._phi()
+            lr = tf.identity(self.inner_lr)
+            mu = tf.identity(self.inner_mu) if self.use_momentum else None
+            theta = [tf.stop_gradient(t) for t in theta]
+            with tf.GradientTape() as tape:
+                tape.watch(phi)
+                tape.watch(lr)
+                if mu is not None:
+                    tape.watch(mu)
+                step = obj.task_step(
+                    p, loss_fn, theta, phi, (x, y), lr, momentum=mu,
+                    velocity=velocity if self.use_momentum else None, state=state,
+                    stop_inner_gradient=not self.exact,
+                )
+                meta = self._meta_value(step.theta, phi, meta_batch, state)
+            sources = [phi, lr, mu] if mu is not None else [phi, lr]
+            grads = tape.gradient(meta, sources,
+                                  unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            g_phi, g_lr = grads[0], grads[1]
+            g_mu = grads[2] if mu is not None else tf.zeros_like(lr)
+            new_theta = [tf.stop_gradient(t) for t in step.theta]
+            new_velocity = [tf.stop_gradient(v) for v in step.velocity] if mu is not None else []
+            grads_theta = [tf.stop_gradient(g) for g in step.gradients]
+            finite = tf.logical_and(
+                tf.logical_and(tf.math.is_finite(step.loss), tf.math.is_finite(meta)),
+                tf.logical_and(_all_finite(g_phi), _all_finite(grads_theta)),
+            )
+            return (new_theta, new_velocity, step.state, step.loss, grads_theta,
+                    self._metric(y, step.outputs), meta, g_phi, g_lr, g_mu, finite)
+
+        self._warp_step = counted("warp_step", warp_step)
+
+        def evaluate_point(theta, state, x, y, training):
+            loss, _, outputs = obj.task_loss(
+                p, loss_fn, theta, self._phi(), (x, y), state, training, return_outputs=True
+            )
+            return loss, self._metric(y, outputs)
+
+        self._evaluate_point = counted(
+            "evaluate_point",
+            lambda t, s, x, y: evaluate_point(t, s, x, y, self.eval_training_mode),
+        )
+        self._final_loss = counted(
+            "final_loss", lambda t, s, x, y: evaluate_point(t, s, x, y, True)
+        )
+
+        def leap_increment(acc, theta_prev, theta_next, loss_prev, loss_next, grad_prev):
+            inc = obj.leap_meta_gradient(
+                theta_prev, theta_next, loss_prev, loss_next, grad_prev,
+                norm=self.leap_norm, sign_correction=self.leap_sign_correction,
+                loss_in_path=self.leap_loss_in_path,
+            )
+            return [a + i for a, i in zip(acc, inc)]
+
+        self._leap_increment = counted("leap_increment", leap_increment)
+
+        def maml_gradient(theta0, state, sx, sy, qx, qy):
+            loss, grads, theta_k = obj.maml_meta_gradient(
+                p, loss_fn, theta0, self._phi(), (sx, sy), (qx, qy), self.inner_lr,
+                self.inner_steps, first_order=self.init_objective == "fomaml", state=state,
+            )
+            return loss, grads, _all_finite(grads)
+
+        self._maml_gradient = counted("maml_gradient", maml_gradient)
+
+        warp_vars = self.partition.warp_variables
+        task_vars = self.partition.task_variables
+
+        def apply_warp(grads):
+            self.meta_optimizer.apply(grads, warp_vars)
+
+        def apply_init(grads):
+            self.init_optimizer.apply([g * self.init_weight for g in grads], task_vars)
+
+        def apply_hyper(grads):
+            self.hyper_optimizer.apply(grads, self._hyper_vars)
+            self.inner_lr.assign(tf.maximum(self.inner_lr, 0.0))
+            self.inner_mu.assign(tf.clip_by_value(self.inner_mu, 0.0, 0.999))
+
+        self._apply_warp = tf.function(apply_warp)
+        self._apply_init = tf.function(apply_init)
+        self._apply_hyper = tf.function(apply_hyper)
+
+    # ------------------------------------------------------------------------------------
+    # adaptation
+    def _start_values(self, task=None, head=None):
+        theta = [tf.convert_to_tensor(v) for v in self._theta0()]
+        if self.head_indices:
+            values = head if head is not None else self._initial_head
+            for i, h in zip(self.head_indices, values):
+                theta[i] = tf.convert_to_tensor(h)
+        velocity = _zeros_like(theta) if self.use_momentum else []
+        return theta, velocity, [tf.convert_to_tensor(v.value) for v in self.partition.state_variables]
+
+    def _task_rngs(self, rng):
+        a, b = rng.spawn(2) if hasattr(rng, "spawn") else (
+            np.random.default_rng(rng.integers(2**63)), np.random.default_rng(rng.integers(2**63)))
+        return a, b
+
+    def _adapt_for_meta(self, task, task_id, rng, theta=None, velocity=None, state=None):
+        """Adapts one task for K steps, accumulating what the objectives need.
+
+        Returns a dict with per-task gradients for φ / θ0 / α, μ, losses and a finite flag.
+        """
+        train_rng, meta_rng = self._task_rngs(rng)
+        if self.init_objective in ("maml", "fomaml") and self.warp_mode is None:
+            return self._maml_only(task, train_rng, meta_rng)
+        train_batches = task.batches("train", train_rng)
+        meta_batches = task.batches("meta", meta_rng) if self.warp_mode in ("online", "continual") else None
+        if theta is None:
+            theta, velocity, state = self._start_values(task)
+        theta_start = theta
+        warp_acc = _Accumulator() if self.warp_mode in ("online", "continual") else None
+        hyper_acc = _Accumulator() if self._hyper_vars and warp_acc is not None else None
+        leap_acc = _zeros_like(theta) if self.init_objective == "leap" else None
+        finite = True
+        losses, metas, metrics = [], [], []
+        prev = None  # (theta, loss, grads) of the previous step, for Leap
+        store_offline = self.warp_mode == "offline"
+        first_batch = None
+        for k in range(self.inner_steps):
+            x, y = next(train_batches)
+            if first_batch is None:
+                first_batch = (x, y)
+            if store_offline:
+                self.buffer.add(task_id, k, [t.numpy() for t in theta],
+                                [v.numpy() for v in velocity] if self.use_momentum else None)
+            if warp_acc is not None:
+                meta_batch = self._next_meta(task, meta_batches, k)
+                (new_theta, new_velocity, state, loss, grads, metric, meta, g_phi, g_lr,
+                 g_mu, ok) = self._warp_step(theta, velocity, state, x, y, meta_batch)
+                metas.append(meta)
+                warp_acc.add(g_phi)
+                if hyper_acc is not None:
+                    hyper_acc.add([g for g, on in ((g_lr, self.learn_lr), (g_mu, self.learn_mu)) if on])
+            else:
+                new_theta, new_velocity, state, loss, grads, metric, ok = self._inner_step(
+                    theta, velocity, state, x, y
+                )
+            finite = finite and bool(ok)
+            if not finite:
+                break
+            losses.append(loss)
+            metrics.append(metric)
+            if leap_acc is not None and prev is not None:
+                leap_acc = self._leap_increment(leap_acc, prev[0], theta, prev[1], loss, prev[2])
+            prev = (theta, loss, grads)
+            theta, velocity = new_theta, new_velocity
+            if self.warp_mode == "continual":
+                self._continual_tick(warp_acc, hyper_acc)
+                warp_acc = _Accumulator()
+                hyper_acc = _Accumulator() if self._hyper_vars else None
+
+        result = {"finite": finite, "theta": theta, "velocity": velocity, "state": state,
+                  "losses": losses, "metrics": metrics, "metas": metas}
+        if not finite:
+            return result
+        if leap_acc is not None:
+            # close the path at θ_K with one more loss evaluation on a fresh batch
+            x, y = next(train_batches)
+            final_loss, _ = self._final_loss(theta, state, x, y)
+            leap_acc = self._leap_increment(leap_acc, prev[0], theta, prev[1], final_loss, prev[2])
+            if not bool(_all_finite(leap_acc)):
+                result["finite"] = False
+                return result
+            result["init_grads"] = leap_acc
+        elif self.init_objective == "reptile":
+            result["init_grads"] = obj.reptile_direction(theta_start, theta)
+        elif self.init_objective in ("maml", "fomaml"):
+            sx, sy = first_batch
+            qx, qy = self._next_meta(task, task.batches("meta", meta_rng), 0)
+            _, g, ok = self._maml_gradient(theta_start, self._start_values(task)[2], sx, sy, qx, qy)
+            if not bool(ok):
+                result["finite"] = False
+                return result
+            result["init_grads"] = g
+        if warp_acc is not None and self.warp_mode == "online":
+            result["warp_grads"] = warp_acc.mean()
+            if hyper_acc is not None:
+                result["hyper_grads"] = hyper_acc.mean()
+        return result
+
+    def _maml_only(self, task, train_rng, meta_rng):
+        theta0, _, state = self._start_values(task)
+        sx, sy = next(task.batches("train", train_rng))
+        qx, qy = next(task.batches("meta", meta_rng))
+        loss, g, ok = self._maml_gradient(theta0, state, sx, sy, qx, qy)
+        finite = bool(ok) and bool(tf.math.is_finite(loss))
+        return {"finite": finite, "losses": [loss], "metrics": [tf.constant(0.0)], "metas": [],
+                "init_grads": g, "theta": None, "velocity": None, "state": state}
+
+    def _next_meta(self, task, meta_batches, k):
+        return next(meta_batches)
+
+    def _continual_tick(self, warp_acc, hyper_acc):
+        """Algorithm 3: add this step's warp gradient; apply every η steps."""
+        for v, g in zip(self._stream_acc, warp_acc.total):
+            v.assign_add(g)
+        self._stream_count.assign_add(1)
+        eta = self.meta_interval or 1
+        if int(self._stream_count.numpy()) >= eta:
+            grads = [v / float(eta) for v in self._stream_acc]
+            if bool(_all_finite(grads)):
+                self._apply_warp(grads)
+            for v in self._stream_acc:
+                v.assign(tf.zeros_like(v))
+            self._stream_count.assign(0)
+
+    # ------------------------------------------------------------------------------------
+    # one meta step
+    def _offline_updates(self, tasks, rng):
+        """Algorithm 2, lines 12–23: warp updates from the replay buffer."""
+        eta = self.meta_interval or 1
+        batch_iters = {}
+        logs = {"warp_updates": 0, "meta_loss": []}
+        acc, hyper = _Accumulator(), _Accumulator()
+        updates_left = self.max_warp_updates
+        state = [tf.convert_to_tensor(v.value) for v in self.partition.state_variables]
+        for entry in self.buffer.drain(rng):
+            tid = entry["task_id"]
+            if tid not in batch_iters:
+                r1, r2 = self._task_rngs(np.random.default_rng([self.seed, int(self.step.numpy()), 7919, tid]))
+                batch_iters[tid] = (tasks[tid].batches("train", r1), tasks[tid].batches("meta", r2))
+            train_it, meta_it = batch_iters[tid]
+            x, y = next(train_it)
+            meta_batch = next(meta_it)
+            theta = [tf.convert_to_tensor(t) for t in entry["theta"]]
+            velocity = ([tf.convert_to_tensor(v) for v in entry["velocity"]]
+                        if self.use_momentum else [])
+            out = self._warp_step(theta, velocity, state, x, y, meta_batch)
+            meta, g_phi, g_lr, g_mu, ok = out[6], out[7], out[8], out[9], out[10]
+            if not bool(ok):
+                self.nan_tasks.assign_add(1)
+                continue
+            acc.add(g_phi)
+            if self._hyper_vars:
+                hyper.add([g for g, on in ((g_lr, self.learn_lr), (g_mu, self.learn_mu)) if on])
+            logs["meta_loss"].append(float(meta))
+            if acc.count == eta:
+                self._apply_warp(acc.mean())
+                if self._hyper_vars:
+                    self._apply_hyper(hyper.mean())
+                logs["warp_updates"] += 1
+                acc, hyper = _Accumulator(), _Accumulator()
+                if updates_left is not None:
+                    updates_left -= 1
+                    if updates_left <= 0:
+                        break
+        if acc.count and (updates_left is None or updates_left > 0):
+            self._apply_warp(acc.mean())
+            if self._hyper_vars:
+                self._apply_hyper(hyper.mean())
+            logs["warp_updates"] += 1
+        self.buffer.clear()
+        return logs
+
+    def train_step(self, tasks, rng):
+        """One meta step on a list of tasks. Returns a dict of logs."""
+        warp_acc, init_acc, hyper_acc = _Accumulator(), _Accumulator(), _Accumulator()
+        losses, metrics, metas, dropped = [], [], [], 0
+        if self.buffer is not None:
+            self.buffer.clear()
+        stream = None
+        if self.warp_mode == "continual":
+            stream = self._start_values()
+        for tid, (task, task_rng) in enumerate(zip(tasks, rng.spawn(len(tasks)))):
+            if stream is not None:
+                res = self._adapt_for_meta(task, tid, task_rng, *stream)
+            else:
+                res = self._adapt_for_meta(task, tid, task_rng)
+            if not res["finite"]:
+                dropped += 1
+                warnings.warn(
+                    f"Task '{getattr(task, 'name', tid)}' produced a non-finite loss or "
+                    "gradient during adaptation; it is dropped from this meta-update.",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                continue
+            if stream is not None:
+                stream = (res["theta"], res["velocity"], res["state"])
+            losses.append(float(res["losses"][-1]))
+            metrics.append(float(res["metrics"][-1]))
+            metas.extend(float(m) for m in res["metas"])
+            if "warp_grads" in res:
+                warp_acc.add(res["warp_grads"])
+            if "hyper_grads" in res:
+                hyper_acc.add(res["hyper_grads"])
+            if "init_grads" in res:
+                init_acc.add(res["init_grads"])
+        self.nan_tasks.assign_add(dropped)
+        logs = {}
+        if stream is not None:
+            self.partition.assign_task(stream[0])
+        if warp_acc.count:
+            self._apply_warp(warp_acc.mean())
+        if hyper_acc.count:
+            self._apply_hyper(hyper_acc.mean())
+        if init_acc.count:
+            grads = init_acc.mean()
+            if bool(_all_finite(grads)):
+                self._apply_init(grads)
+        if self.warp_mode == "offline" and len(self.buffer):
+            kept = [t for t in tasks]
+            off = self._offline_updates(kept, rng)
+            logs["warp_updates"] = off["warp_updates"]
+            if off["meta_loss"]:
+                logs["meta_loss"] = float(np.mean(off["meta_loss"]))
+        elif metas:
+            logs["meta_loss"] = float(np.mean(metas))
+        if losses:
+            logs["loss"] = float(np.mean(losses))
+            if self.accuracy:
+                logs["accuracy"] = float(np.mean(metrics))
+        logs["nan_tasks"] = int(self.nan_tasks.numpy())
+        if self._hyper_vars:
+            logs["inner_learning_rate"] = float(self.inner_lr.numpy())
+            if self.learn_mu:
+                logs["inner_momentum"] = float(self.inner_mu.numpy())
+        return logs
+
+    # ------------------------------------------------------------------------------------
+    # the loop
+    def _checkpoint(self):
+        items = {"model": self.model, "step": self.step, "nan_tasks": self.nan_tasks,
+                 "inner_lr": self.inner_lr, "inner_mu": self.inner_mu,
+                 "stream_count": self._stream_count}
+        if self.warp_mode is not None:
+            items["meta_optimizer"] = self.meta_optimizer
+        if self._learns_init():
+            items["init_optimizer"] = self.init_optimizer
+        if self._hyper_vars:
+            items["hyper_optimizer"] = self.hyper_optimizer
+        for i, v in enumerate(self._stream_acc):
+            items[f"stream_acc_{i}"] = v
+        return tf.train.Checkpoint(**items)
+
+    def restore(self, checkpoint_dir):
+        """Restores the latest checkpoint in `checkpoint_dir`. Returns the meta step reached
+        (0 when there is none)."""
+        ckpt = self._checkpoint()
+        latest = tf.train.latest_checkpoint(checkpoint_dir)
+        if latest is None:
+            return 0
+        ckpt.restore(latest).assert_existing_objects_matched()
+        return int(self.step.numpy())
+
+    def fit(
+        self,
+        tasks,
+        meta_steps,
+        callbacks=None,
+        verbose=1,
+        log_dir=None,
+        checkpoint_dir=None,
+        checkpoint_every=1,
+        max_checkpoints=3,
+        validation_tasks=None,
+        validation_freq=10,
+        validation_steps=None,
+    ):
+        """Meta-trains for `meta_steps` meta steps (in total: a resumed run continues up to it).
+
+        Args:
+            tasks: a task source (list of `warpkeras.Task`, a `warpkeras.TaskSampler`, a
+                callable ``rng -> Task`` or an iterator of tasks).
+            meta_steps: the meta step to train up to.
+            callbacks: Keras callbacks; each meta step is one "epoch" for them
+                (`on_epoch_begin/end` with the step's logs), so `EarlyStopping`,
+                `CSVLogger`, `LambdaCallback`, ... work.
+            verbose: 0 silent, 1 progress bar, 2 one line per meta step.
+            log_dir: write TensorBoard scalars (`tf.summary`) here.
+            checkpoint_dir: save a `tf.train.Checkpoint` (θ0, φ, optimiser slots, step)
+                here every `checkpoint_every` meta steps and resume from its latest one.
+            checkpoint_every: meta steps between checkpoints.
+            max_checkpoints: checkpoints kept.
+            validation_tasks: tasks to `evaluate` on every `validation_freq` meta steps;
+                adds ``val_loss``, ``val_accuracy``, ``val_auc`` to the logs.
+            validation_freq: meta steps between validations.
+            validation_steps: adaptation steps for validation (default `inner_steps`).
+
+        Returns:
+            A `keras.callbacks.History`.
+        """
+        source = as_task_source(tasks)
+        manager = None
+        if checkpoint_dir is not None:
+            manager = tf.train.CheckpointManager(
+                self._checkpoint(), checkpoint_dir, max_to_keep=max_checkpoints
+            )
+            if manager.latest_checkpoint:
+                self._checkpoint().restore(manager.latest_checkpoint).assert_existing_objects_matched()
+                if verbose:
+                    print(f"Resumed from {manager.latest_checkpoint} at meta step "
+                          f"{int(self.step.numpy())}.")
+        history = keras.callbacks.History()
+        cb = keras.callbacks.CallbackList(
+            list(callbacks or []) + [history], add_history=False, add_progbar=False,
+            model=self.model, verbose=verbose, epochs=meta_steps, steps=1,
+        )
+        writer = tf.summary.create_file_writer(log_dir) if log_dir else None
+        start = int(self.step.numpy())
+        progbar = keras.utils.Progbar(meta_steps, verbose=1, unit_name="meta step") if verbose == 1 else None
+        if progbar is not None and start:
+            progbar.update(start)
+        self.model.stop_training = False
+        cb.on_train_begin()
+        t0 = time.time()
+        for s in range(start, meta_steps):
+            cb.on_epoch_begin(s)
+            rng = np.random.default_rng([self.seed, s])
+            try:
+                batch = source.sample(rng, self.meta_batch_size)
+            except StopIteration:
+                break
+            step_start = time.time()
+            logs = self.train_step(batch, rng)
+            logs["seconds"] = time.time() - step_start
+            self.step.assign(s + 1)
+            if validation_tasks is not None and ((s + 1) % validation_freq == 0 or s + 1 == meta_steps):
+                report = self.evaluate(validation_tasks, steps=validation_steps, verbose=0)
+                logs["val_loss"] = report["final_test_loss"]["mean"]
+                logs["val_auc"] = report["auc"]["mean"]
+                if self.accuracy:
+                    logs["val_accuracy"] = report["final_test_accuracy"]["mean"]
+            if writer is not None:
+                with writer.as_default(step=s + 1):
+                    for key, value in logs.items():
+                        tf.summary.scalar(key, value)
+                writer.flush()
+            if manager is not None and ((s + 1) % checkpoint_every == 0 or s + 1 == meta_steps):
+                manager.save(checkpoint_number=s + 1)
+            if progbar is not None:
+                progbar.update(s + 1, values=[(k, v) for k, v in logs.items()
+                                              if k not in ("seconds", "nan_tasks", "warp_updates")])
+            elif verbose == 2:
+                text = " - ".join(f"{k}: {v:.4g}" for k, v in logs.items())
+                print(f"meta step {s + 1}/{meta_steps} - {text}", flush=True)
+            cb.on_epoch_end(s, logs)
+            if self.model.stop_training:
+                break
+        cb.on_train_end()
+        if writer is not None:
+            writer.close()
+        self.history = history
+        history.params = {"meta_steps": meta_steps, "seconds": time.time() - t0}
+        return history
+
+    # ------------------------------------------------------------------------------------
+    # evaluation
+    def adapt(self, task, steps=None, seed=0, eval_every=None, record=True):
+        """Adapts θ from θ0 on `task` for `steps` SGD steps with φ frozen.
+
+        Args:
+            task: a `warpkeras.Task`.
+            steps: number of steps (default `inner_steps`).
+            seed: seed of the task's batches.
+            eval_every: evaluate held-out test data every this many steps (and at 0 and
+                the end); `None`: only at 0 and at the end.
+            record: keep per-step curves.
+
+        Returns:
+            ``(theta, curves)``: the adapted task values and a dict of per-step
+            ``train_loss`` / ``train_accuracy`` and ``test_steps`` / ``test_loss`` /
+            ``test_accuracy`` lists.
+        """
+        steps = self.inner_steps if steps is None else int(steps)
+        rng = np.random.default_rng([self.seed, 104729, seed])
+        batches = task.batches("train", rng)
+        theta, velocity, state = self._start_values(task)
+        test = task.test_data() if hasattr(task, "test_data") else None
+        curves = {"train_loss": [], "train_accuracy": [], "test_steps": [], "test_loss": [],
+                  "test_accuracy": []}
+
+        def run_test(k):
+            if test is None:
+                return
+            loss, metric = self._evaluate_point(theta, state, test[0], test[1])
+            curves["test_steps"].append(k)
+            curves["test_loss"].append(float(loss))
+            curves["test_accuracy"].append(float(metric))
+
+        run_test(0)
+        for k in range(steps):
+            x, y = next(batches)
+            theta, velocity, state, loss, _, metric, ok = self._inner_step(
+                theta, velocity, state, x, y
+            )
+            if record:
+                curves["train_loss"].append(float(loss))
+                curves["train_accuracy"].append(float(metric))
+            if eval_every and (k + 1) % eval_every == 0 and k + 1 < steps:
+                run_test(k + 1)
+        run_test(steps)
+        return theta, curves
+
+    def evaluate(self, tasks, steps=None, eval_every=None, seed=0, verbose=1):
+        """Adapts from θ0 (φ frozen) on each task and summarises (mean and std over tasks).
+
+        The report holds per-task learning curves, the final test loss / accuracy, and the
+        area under the training-error curve (Leap's AUC: the mean over the adaptation steps
+        of 1 − accuracy for classification, of the loss otherwise).
+
+        Args:
+            tasks: a list of `warpkeras.Task` (held-out tasks).
+            steps: adaptation steps (default `inner_steps`).
+            eval_every: test-set evaluation interval (see `adapt`).
+            seed: seed of the batches.
+            verbose: 1 shows a progress bar over tasks.
+
+        Returns:
+            A dict with ``final_test_loss``, ``final_test_accuracy``, ``auc``,
+            ``final_train_loss`` (each ``{"mean", "std", "values"}``), ``curves`` (per
+            task) and ``mean_curves``.
+        """
+        tasks = list(tasks) if not hasattr(tasks, "sample") else tasks.tasks
+        steps = self.inner_steps if steps is None else int(steps)
+        bar = keras.utils.Progbar(len(tasks), unit_name="task") if verbose else None
+        per_task = []
+        for i, task in enumerate(tasks):
+            _, curves = self.adapt(task, steps, seed=seed + i, eval_every=eval_every)
+            per_task.append(curves)
+            if bar is not None:
+                bar.update(i + 1)
+        return summarize(per_task, self.accuracy)
+
+
+def _stats(values):
+    values = [float(v) for v in values if v is not None and not math.isnan(float(v))]
+    if not values:
+        return {"mean": float("nan"), "std": float("nan"), "values": []}
+    return {"mean": float(np.mean(values)), "std": float(np.std(values)), "values": values}
+
+
+def summarize(per_task, accuracy):
+    """Summary statistics of `adapt` curves over tasks (see `MetaTrainer.evaluate`)."""
+    auc = []
+    for c in per_task:
+        if accuracy:
+            auc.append(float(np.mean([1.0 - a for a in c["train_accuracy"]])))
+        else:
+            auc.append(float(np.mean(c["train_loss"])))
+    report = {
+        "tasks": len(per_task),
+        "final_test_loss": _stats([c["test_loss"][-1] if c["test_loss"] else None for c in per_task]),
+        "final_test_accuracy": _stats(
+            [c["test_accuracy"][-1] if c["test_accuracy"] and accuracy else None for c in per_task]
+        ),
+        "final_train_loss": _stats([c["train_loss"][-1] for c in per_task if c["train_loss"]]),
+        "auc": _stats(auc),
+        "curves": per_task,
+    }
+    if per_task and per_task[0]["train_loss"]:
+        report["mean_curves"] = {
+            key: np.mean([c[key] for c in per_task], axis=0).tolist()
+            for key in ("train_loss", "train_accuracy", "test_loss", "test_accuracy")
+            if per_task[0][key] and all(len(c[key]) == len(per_task[0][key]) for c in per_task)
+        }
+        report["mean_curves"]["test_steps"] = per_task[0]["test_steps"]
+    return report

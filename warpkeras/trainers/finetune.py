@@ -1,0 +1,107 @@
+"""Baselines without a meta-objective: multi-task fine-tuning and no meta-training."""
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from warpkeras.trainers.base import MetaTrainer, MetaTrainingError
+
+
+class FineTuneTrainer(MetaTrainer):
+    """Pre-training on the meta-training tasks, then fine-tuning on new tasks.
+
+    Each meta step trains the shared parameters on the sampled tasks one after another,
+    K SGD steps each, carrying the parameters from task to task (no meta-gradient). With
+    ``multi_headed=True`` every task has its own head (the `head_layers`' values, kept per
+    task name and started from the head's initial values); at evaluation the head is reset
+    to those initial values and the rest starts from the pre-trained parameters
+    (the "multi-headed fine-tuning" baseline of the Leap and WarpGrad papers). With
+    ``multi_headed=False`` the head is shared like the rest (single-headed).
+
+    Example:
+
+    ```python
+    trainer = warpkeras.FineTuneTrainer(model, "sparse_categorical_crossentropy",
+                                        head_layers=[model.layers[-1]],
+                                        inner_learning_rate=0.01, inner_steps=100)
+    ```
+
+    Args:
+        model: a built `keras.Model`.
+        loss: the task loss.
+        head_layers: the layers forming the head (required with `multi_headed`).
+        multi_headed: one head per task.
+        **kwargs: see `warpkeras.trainers.MetaTrainer`.
+    """
+
+    def __init__(self, model, loss, head_layers=None, multi_headed=True, **kwargs):
+        if multi_headed and not head_layers:
+            raise MetaTrainingError(
+                "Multi-headed fine-tuning needs head_layers=[...] (e.g. the final layer)."
+            )
+        super().__init__(model, loss, warp_mode=None, init_objective=None,
+                         head_layers=head_layers if multi_headed else None, **kwargs)
+        self.multi_headed = multi_headed
+        self._heads = {}
+
+    def train_step(self, tasks, rng):
+        losses, metrics, dropped = [], [], 0
+        body = [tf.convert_to_tensor(v.value) for v in self.partition.task_variables]
+        for task, task_rng in zip(tasks, rng.spawn(len(tasks))):
+            theta, velocity, state = self._start_values(task, head=self._heads.get(task.name))
+            for i, t in enumerate(body):
+                if i not in self.head_indices:
+                    theta[i] = t
+            batches = task.batches("train", task_rng)
+            ok_all = True
+            for _ in range(self.inner_steps):
+                x, y = next(batches)
+                theta, velocity, state, loss, _, metric, ok = self._inner_step(
+                    theta, velocity, state, x, y)
+                if not bool(ok):
+                    ok_all = False
+                    break
+            if not ok_all:
+                dropped += 1
+                continue
+            losses.append(float(loss))
+            metrics.append(float(metric))
+            body = theta
+            if self.multi_headed:
+                self._heads[task.name] = [theta[i] for i in self.head_indices]
+            self.partition.assign_state(state)
+        values = list(body)
+        for i, h in zip(self.head_indices, self._initial_head):
+            values[i] = h
+        self.partition.assign_task(values)
+        self.nan_tasks.assign_add(dropped)
+        logs = {"nan_tasks": int(self.nan_tasks.numpy())}
+        if losses:
+            logs["loss"] = float(np.mean(losses))
+            if self.accuracy:
+                logs["accuracy"] = float(np.mean(metrics))
+        return logs
+
+
+class NoMetaTrainer(MetaTrainer):
+    """No meta-training: every task adapts from the model's (random) initialisation.
+
+    `fit` does nothing but record that there was nothing to learn; `evaluate` and `adapt`
+    work as for every trainer, making this the "no pre-training" / SGD baseline.
+
+    Args:
+        model: a built `keras.Model`.
+        loss: the task loss.
+        **kwargs: see `warpkeras.trainers.MetaTrainer`.
+    """
+
+    def __init__(self, model, loss, **kwargs):
+        super().__init__(model, loss, warp_mode=None, init_objective=None, **kwargs)
+
+    def train_step(self, tasks, rng):
+        return {}
+
+    def fit(self, tasks=None, meta_steps=0, **kwargs):
+        self.history = keras.callbacks.History()
+        self.history.history = {}
+        return self.history

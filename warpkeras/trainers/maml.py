@@ -1,0 +1,33 @@
+"""`MAMLTrainer`: MAML and first-order MAML."""
+
+from warpkeras.trainers.base import MetaTrainer
+
+
+class MAMLTrainer(MetaTrainer):
+    """Model-Agnostic Meta-Learning (Finn et al.; WarpGrad Eq. 1).
+
+    For each task, K SGD steps from θ0 on a support batch (the task's first adaptation
+    batch, reused at every step), then the loss on a query batch (the task's meta data);
+    θ0 follows the gradient of that loss, through the K steps (second order) or, with
+    ``first_order=True``, with the inner gradients stopped (FOMAML). The K steps are
+    unrolled in the graph: MAML is a few-shot method.
+
+    Example:
+
+    ```python
+    trainer = warpkeras.MAMLTrainer(model, loss="sparse_categorical_crossentropy",
+                                    inner_steps=5, inner_learning_rate=0.4,
+                                    meta_optimizer=keras.optimizers.Adam(1e-3))
+    ```
+
+    Args:
+        model: a built `keras.Model`.
+        loss: the task loss.
+        first_order: FOMAML.
+        **kwargs: see `warpkeras.trainers.MetaTrainer`.
+    """
+
+    def __init__(self, model, loss, first_order=False, **kwargs):
+        kwargs.setdefault("init_optimizer", kwargs.get("meta_optimizer"))
+        super().__init__(model, loss, warp_mode=None,
+                         init_objective="fomaml" if first_order else "maml", **kwargs)
