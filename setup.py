@@ -37,7 +37,10 @@ setup(
         "tensorflow-probability>=0.24",
         # tensorflow-probability imports tf_keras when it is loaded.
         f"tf-keras{TF_VERSION}",
-        "gymnasium>=0.29",
+        "gymnasium>=1.0",
+        # tensorflow-datasets needs it to download; TensorFlow no longer pulls TensorBoard.
+        "importlib_resources",
+        "tensorboard",
         "matplotlib>=3.7",
         "tqdm>=4.60",
     ],

@@ -117,8 +117,8 @@ def channel_broadcast(layer, input_shape, axis):
     rank = len(shape)
     if not -rank <= axis < rank or axis % rank == 0:
         raise ValueError(
-            f"{type(layer).__name__} '{layer.name}': channel axis {axis} is not a non-batch "
-            f"axis of inputs with shape {shape}."
+            f"{type(layer).__name__} '{layer.name}': channel axis {axis} is not a "
+            f"non-batch axis of inputs with shape {shape}."
         )
     axis = axis % rank
     channels = known_dim(layer, shape, axis, "channels")

@@ -79,7 +79,6 @@ class WarpDense(keras.layers.Layer):
         self.bias_initializer = keras.initializers.get(bias_initializer)
         self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
         self.bias_regularizer = keras.regularizers.get(bias_regularizer)
-        self.input_spec = keras.layers.InputSpec(min_ndim=2)
 
     def _output_units(self, input_shape):
         return self.units if self.units is not None else input_shape[-1]
@@ -123,7 +122,9 @@ class WarpDense(keras.layers.Layer):
             units=self.units,
             activation=keras.activations.serialize(self.activation),
             use_bias=self.use_bias,
-            kernel_initializer=_common.serialize_kernel_initializer(self.kernel_initializer),
+            kernel_initializer=_common.serialize_kernel_initializer(
+                self.kernel_initializer
+            ),
             bias_initializer=keras.initializers.serialize(self.bias_initializer),
             kernel_regularizer=keras.regularizers.serialize(self.kernel_regularizer),
             bias_regularizer=keras.regularizers.serialize(self.bias_regularizer),
@@ -199,7 +200,6 @@ class WarpConv2D(keras.layers.Layer):
         self.bias_initializer = keras.initializers.get(bias_initializer)
         self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
         self.bias_regularizer = keras.regularizers.get(bias_regularizer)
-        self.input_spec = keras.layers.InputSpec(ndim=4)
 
     def _output_filters(self, input_shape):
         return self.filters if self.filters is not None else input_shape[self._channel_axis]
@@ -263,7 +263,9 @@ class WarpConv2D(keras.layers.Layer):
             activation=keras.activations.serialize(self.activation),
             use_bias=self.use_bias,
             data_format=self.data_format,
-            kernel_initializer=_common.serialize_kernel_initializer(self.kernel_initializer),
+            kernel_initializer=_common.serialize_kernel_initializer(
+                self.kernel_initializer
+            ),
             bias_initializer=keras.initializers.serialize(self.bias_initializer),
             kernel_regularizer=keras.regularizers.serialize(self.kernel_regularizer),
             bias_regularizer=keras.regularizers.serialize(self.bias_regularizer),

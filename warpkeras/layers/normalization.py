@@ -72,7 +72,9 @@ class ExactBatchNormalization(keras.layers.Layer):
     ):
         super().__init__(**kwargs)
         if isinstance(axis, bool) or not isinstance(axis, int):
-            raise ValueError(f"ExactBatchNormalization: `axis` must be an int, got {axis!r}.")
+            raise ValueError(
+                f"ExactBatchNormalization: `axis` must be an int, got {axis!r}."
+            )
         if not 0.0 <= float(momentum) <= 1.0:
             raise ValueError(
                 f"ExactBatchNormalization: `momentum` must be in [0, 1], got {momentum!r}."
@@ -94,16 +96,15 @@ class ExactBatchNormalization(keras.layers.Layer):
         rank = len(input_shape)
         channel_axis = self.axis % rank
         self._reduction_axes = tuple(i for i in range(rank) if i != channel_axis)
-        self.gamma = (
-            self.add_weight(name="gamma", shape=(channels,), initializer=self.gamma_initializer)
-            if self.scale
-            else None
-        )
-        self.beta = (
-            self.add_weight(name="beta", shape=(channels,), initializer=self.beta_initializer)
-            if self.center
-            else None
-        )
+        self.gamma = self.beta = None
+        if self.scale:
+            self.gamma = self.add_weight(
+                name="gamma", shape=(channels,), initializer=self.gamma_initializer
+            )
+        if self.center:
+            self.beta = self.add_weight(
+                name="beta", shape=(channels,), initializer=self.beta_initializer
+            )
         self.moving_mean = self.add_weight(
             name="moving_mean",
             shape=(channels,),

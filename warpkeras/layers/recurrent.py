@@ -151,7 +151,9 @@ class _RNNCellBase(keras.layers.Layer):
         return self.task_params.bias
 
     def get_initial_state(self, batch_size=None):
-        return [ops.zeros((batch_size, d), dtype=self.compute_dtype) for d in self.state_size]
+        return [
+            ops.zeros((batch_size, d), dtype=self.compute_dtype) for d in self.state_size
+        ]
 
     def compute_output_shape(self, input_shape, states_shape=None):
         return (input_shape[0], self.units)

@@ -7,10 +7,10 @@ beyond the block-diagonal preconditioning of linear warps; in WarpGrad's Omniglo
 the strongest warps, and the continual-learning experiment (Appendix K) follows each hidden
 layer of the task learner with a two-layer tanh feed-forward residual warp of 100 units.
 
-The last linear map of ``f`` (or, with batch normalisation, the last batch-norm scale) starts
-at zero, so ``f(x) = 0`` and an untrained block is the identity (ahead of its optional
-output activation, which is the identity on inputs it fixes, e.g. ReLU on non-negative
-inputs). Every trainable variable of a block, batch-norm scales and offsets included, is a
+The last linear map of ``f`` (or, with batch normalisation, the last batch-norm scale)
+starts at zero, so ``f(x) = 0`` and an untrained block is the identity (ahead of its
+optional output activation, which is the identity on inputs it fixes, e.g. ReLU on
+non-negative inputs). Every trainable variable of a block, batch-norm scales and offsets included, is a
 warp variable; batch-norm moving statistics are non-trainable state. Batch normalisation is
 `ExactBatchNormalization`, so meta-gradients through task-gradient steps are exact in
 training mode too.
@@ -89,6 +89,7 @@ class _ResidualWarpBase(keras.layers.Layer):
         channels = _common.known_dim(self, shape, axis, "input channels")
         hidden = self._hidden if self._hidden is not None else channels
         self.linears, self.norms, self.modulations = [], [], []
+        self._modulation_of = {}  # hidden layer index -> position in self.modulations
         current = shape
         for i in range(self.num_layers):
             last = i == self.num_layers - 1
@@ -120,6 +121,7 @@ class _ResidualWarpBase(keras.layers.Layer):
                 modulation = self._make_modulation(i)
                 if modulation is not None:
                     modulation.build(current)
+                    self._modulation_of[i] = len(self.modulations)
                     self.modulations.append(modulation)
 
     def call(self, inputs, training=None):
@@ -129,8 +131,8 @@ class _ResidualWarpBase(keras.layers.Layer):
             if self.batch_norm:
                 h = self.norms[i](h, training=training)
             if i < self.num_layers - 1:
-                if self.modulations:
-                    h = self.modulations[i](h)
+                if i in self._modulation_of:
+                    h = self.modulations[self._modulation_of[i]](h)
                 if self.activation is not None:
                     h = self.activation(h)
         outputs = inputs + h if self.residual else h
@@ -159,8 +161,8 @@ class _ResidualWarpBase(keras.layers.Layer):
 
 @keras.saving.register_keras_serializable(package=_common.PACKAGE)
 class ResidualWarpBlock(_ResidualWarpBase):
-    """A convolutional residual warp: stacked "same" convolutions with batch norm, a residual
-    connection and ReLU, initialised to the identity.
+    """A convolutional residual warp: stacked "same" convolutions with batch norm, a
+    residual connection and ReLU, initialised to the identity.
 
     With ``num_layers=1`` it is WarpGrad's "3×3 conv + BN + Res + ReLU" warp,
     ``y = relu(x + BN(conv(x)))``; with ``num_layers=2, hidden_filters=128`` on 64-channel
@@ -243,7 +245,6 @@ class ResidualWarpBlock(_ResidualWarpBase):
         )
         self.kernel_size = _common.odd_kernel_size(type(self), kernel_size)
         self.data_format, self._axis = _common.channel_axis_of(data_format)
-        self.input_spec = keras.layers.InputSpec(ndim=4)
 
     @property
     def hidden_filters(self):
@@ -348,7 +349,6 @@ class ResidualWarpDense(_ResidualWarpBase):
             epsilon=epsilon,
             **kwargs,
         )
-        self.input_spec = keras.layers.InputSpec(min_ndim=2)
 
     @property
     def hidden_units(self):

@@ -388,6 +388,11 @@ class MetaTrainer:
 
         self._inner_step = counted("inner_step", lambda t, v, s, x, y: inner_step(t, v, s, x, y, True))
 
+        def step_distance(theta_prev, theta_next):
+            return obj._flat_sq_norm([b - a for a, b in zip(theta_prev, theta_next)])
+
+        self._step_distance = counted("step_distance", step_distance)
+
         def warp_step(theta, velocity, state, x, y, meta_batch):
             """One inner step plus ∇φ of Eq. 3 at θ (fused: one task forward/backward)."""
             phi = self._phi()
@@ -862,7 +867,7 @@ class MetaTrainer:
         theta, velocity, state = self._start_values(task)
         test = task.test_data() if hasattr(task, "test_data") else None
         curves = {"train_loss": [], "train_accuracy": [], "test_steps": [], "test_loss": [],
-                  "test_accuracy": []}
+                  "test_accuracy": [], "path_length": 0.0}
 
         def run_test(k):
             if test is None:
@@ -873,11 +878,17 @@ class MetaTrainer:
             curves["test_accuracy"].append(float(metric))
 
         run_test(0)
+        prev_loss = None
         for k in range(steps):
             x, y = next(batches)
-            theta, velocity, state, loss, _, metric, ok = self._inner_step(
+            new_theta, velocity, state, loss, _, metric, ok = self._inner_step(
                 theta, velocity, state, x, y
             )
+            # length of the path in (θ, L(θ)) (WarpGrad Eq. 9), losses on the step batches
+            sq = float(self._step_distance(theta, new_theta))
+            if prev_loss is not None:
+                curves["path_length"] += math.sqrt(last_sq + (float(loss) - prev_loss) ** 2)
+            last_sq, prev_loss, theta = sq, float(loss), new_theta
             if record:
                 curves["train_loss"].append(float(loss))
                 curves["train_accuracy"].append(float(metric))
@@ -940,6 +951,7 @@ def summarize(per_task, accuracy):
         ),
         "final_train_loss": _stats([c["train_loss"][-1] for c in per_task if c["train_loss"]]),
         "auc": _stats(auc),
+        "path_length": _stats([c.get("path_length") for c in per_task]),
         "curves": per_task,
     }
     if per_task and per_task[0]["train_loss"]:
