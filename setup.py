@@ -2,8 +2,10 @@
 
 TensorFlow ships as two distributions that must not both be installed:
 
-* ``pip install -e .[cpu]`` pulls ``tensorflow-cpu`` (small, no CUDA);
-* ``pip install -e .[gpu]`` pulls ``tensorflow[and-cuda]`` for NVIDIA GPUs;
+* ``pip install -e .[cpu]`` pulls ``tensorflow-cpu`` (small, no CUDA), then
+  ``pip install --no-deps tf-keras~=2.21.0`` (needed by tensorflow-probability; its
+  declared dependency on ``tensorflow`` would install the second distribution);
+* ``pip install -e .[gpu]`` pulls ``tensorflow[and-cuda]`` and ``tf-keras`` for NVIDIA GPUs;
 * ``pip install -e .`` installs neither and uses the TensorFlow already present.
 """
 import pathlib
@@ -16,7 +18,7 @@ VERSION = re.search(
     r'__version__ = "([^"]+)"', (HERE / "warpkeras" / "__init__.py").read_text()
 ).group(1)
 
-TF_VERSION = ">=2.16,<2.22"
+TF_VERSION = "~=2.21.0"
 
 setup(
     name="warpkeras",
@@ -35,8 +37,6 @@ setup(
         "numpy>=1.24",
         "tensorflow-datasets>=4.9",
         "tensorflow-probability>=0.24",
-        # tensorflow-probability imports tf_keras when it is loaded.
-        f"tf-keras{TF_VERSION}",
         "gymnasium>=1.0",
         # tensorflow-datasets needs it to download; TensorFlow no longer pulls TensorBoard.
         "importlib_resources",
@@ -45,8 +45,11 @@ setup(
         "tqdm>=4.60",
     ],
     extras_require={
+        # tensorflow-probability imports tf_keras when it is loaded. tf-keras declares a
+        # dependency on the `tensorflow` distribution, which must not be installed beside
+        # `tensorflow-cpu`: with [cpu], install it with `pip install --no-deps tf-keras`.
         "cpu": [f"tensorflow-cpu{TF_VERSION}"],
-        "gpu": [f"tensorflow[and-cuda]{TF_VERSION}"],
+        "gpu": [f"tensorflow[and-cuda]{TF_VERSION}", f"tf-keras{TF_VERSION}"],
         "test": ["pytest>=7"],
     },
     classifiers=[

@@ -24,7 +24,9 @@ from warpkeras.roles import RoleError, role_of, tag, task, untag, warp  # noqa: 
 from warpkeras.partition import Partition, partition  # noqa: E402
 from warpkeras import objectives  # noqa: E402
 from warpkeras import layers  # noqa: E402
-from warpkeras.tasks import Task, TaskSampler  # noqa: E402
+from warpkeras.tasks import Task, TaskSampler, as_task  # noqa: E402
+from warpkeras import data  # noqa: E402
+from warpkeras import envs  # noqa: E402
 from warpkeras.buffer import ReplayBuffer  # noqa: E402
 from warpkeras.trainers import (  # noqa: E402
     FineTuneTrainer,

@@ -125,6 +125,17 @@ def _array_batches(data, batch_size, rng, augment):
             yield xb, y[idx]
 
 
+def as_task(task):
+    """A `Task`, or anything with ``to_task()`` (e.g. `warpkeras.data.ClassificationTask`)."""
+    if isinstance(task, Task):
+        return task
+    if hasattr(task, "to_task"):
+        return task.to_task()
+    raise TypeError(
+        f"Expected a warpkeras.Task (or an object with to_task()), got {type(task).__name__}."
+    )
+
+
 class TaskSampler:
     """A task source drawing tasks from a list, or from a factory ``rng -> Task``.
 
@@ -136,7 +147,7 @@ class TaskSampler:
 
     def __init__(self, tasks, replace=True):
         if not callable(tasks):
-            tasks = list(tasks)
+            tasks = [as_task(t) for t in tasks]
             if not tasks:
                 raise ValueError("TaskSampler needs at least one task.")
         self.tasks = tasks
@@ -144,7 +155,7 @@ class TaskSampler:
 
     def sample(self, rng, n):
         if callable(self.tasks):
-            return [self.tasks(rng) for _ in range(n)]
+            return [as_task(self.tasks(rng)) for _ in range(n)]
         if not self.replace and n > len(self.tasks):
             raise ValueError(
                 f"Cannot draw {n} distinct tasks from {len(self.tasks)} without replacement."
@@ -157,7 +168,7 @@ def as_task_source(source):
     """Anything trainers accept as a task source → an object with ``sample(rng, n)``."""
     if hasattr(source, "sample") and callable(source.sample):
         return source
-    if isinstance(source, Task):
+    if isinstance(source, Task) or hasattr(source, "to_task"):
         return TaskSampler([source])
     if isinstance(source, (list, tuple)) or callable(source):
         return TaskSampler(source)
@@ -177,7 +188,7 @@ class _IteratorSource:
         out = []
         for _ in range(n):
             try:
-                out.append(next(self.it))
+                out.append(as_task(next(self.it)))
             except StopIteration:
                 break
         if not out:

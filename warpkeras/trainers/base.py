@@ -33,7 +33,7 @@ import tensorflow as tf
 from warpkeras import objectives as obj
 from warpkeras.buffer import ReplayBuffer
 from warpkeras.partition import Partition
-from warpkeras.tasks import as_task_source
+from warpkeras.tasks import as_task, as_task_source
 
 WARP_MODES = (None, "online", "offline", "continual")
 WARP_OBJECTIVES = ("exact", "approx")
@@ -862,6 +862,7 @@ class MetaTrainer:
             ``test_accuracy`` lists.
         """
         steps = self.inner_steps if steps is None else int(steps)
+        task = as_task(task)
         rng = np.random.default_rng([self.seed, 104729, seed])
         batches = task.batches("train", rng)
         theta, velocity, state = self._start_values(task)
@@ -916,7 +917,7 @@ class MetaTrainer:
             ``final_train_loss`` (each ``{"mean", "std", "values"}``), ``curves`` (per
             task) and ``mean_curves``.
         """
-        tasks = list(tasks) if not hasattr(tasks, "sample") else tasks.tasks
+        tasks = [as_task(t) for t in (tasks.tasks if hasattr(tasks, "sample") else tasks)]
         steps = self.inner_steps if steps is None else int(steps)
         bar = keras.utils.Progbar(len(tasks), unit_name="task") if verbose else None
         per_task = []
