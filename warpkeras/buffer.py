@@ -114,7 +114,13 @@ class ReplayBuffer:
         """Yields every stored point once, in random order (sampling without replacement,
         Algorithm 2 line 14)."""
         n_mem = len(self._memory)
-        for i in rng.permutation(len(self)):
+        # a canonical order first, so that the draw does not depend on the order in which
+        # tasks were adapted (one after another, or side by side)
+        keys = [(e["task_id"], e["step"]) for e in self._memory]
+        keys += [(e["task_id"], e["step"]) for e in self._spilled]
+        canonical = sorted(range(len(keys)), key=keys.__getitem__)
+        for j in rng.permutation(len(canonical)):
+            i = canonical[j]
             yield self._memory[i] if i < n_mem else self._load(self._spilled[i - n_mem])
 
     def __del__(self):

@@ -189,6 +189,36 @@ def task_parameter_names(model, untagged="task"):
     return _names(_partition(model, untagged=untagged).task_variables)
 
 
+class _Checks:
+    """In-graph input checks that report only the first failure, in order.
+
+    Each assertion passes trivially once an earlier one has failed, so the message names
+    the first problem whatever order the graph runs the assertions in; no check can itself
+    fail on malformed input.
+    """
+
+    def __init__(self):
+        self.ok = tf.constant(True)
+        self.ops = []
+
+    def require(self, cond, *message):
+        self.ops.append(
+            tf.debugging.Assert(
+                tf.logical_or(tf.logical_not(self.ok), cond), list(message), summarize=8
+            )
+        )
+        self.ok = tf.logical_and(self.ok, cond)
+
+    def guard(self, *tensors):
+        with tf.control_dependencies(self.ops):
+            return [tf.identity(t) for t in tensors]
+
+
+def _leading_dim(t):
+    """The size of the first dimension, or 1 for a scalar (never fails)."""
+    return tf.reduce_prod(tf.shape(t)[:1])
+
+
 # --- the adaptation program --------------------------------------------------------------
 class _Program:
     """The pure adaptation/prediction maths for one model, with input validation."""
@@ -238,75 +268,51 @@ class _Program:
         return [tf.convert_to_tensor(v.value) for v in self.partition.state_variables]
 
     # -- validation ---------------------------------------------------------------------
-    def _check_batch(self, t, spec, arg, fn, allow_empty=False):
-        # Every check is written so that it cannot itself fail on a tensor of the wrong
-        # rank (the graph may run independent checks in any order).
+    def _check_batch(self, checks, t, spec, arg, fn, allow_empty=False):
         rank = spec.shape.rank
         dims = spec.shape.as_list()[1:]
         expected = "[" + ", ".join(["batch"] + ["?" if d is None else str(d) for d in dims])
-        expected += "]"
+        expected += f"] (rank {rank})"
         shape = tf.shape(t)
-        rank_ok = tf.equal(tf.rank(t), rank)
-        checks = [
-            tf.debugging.Assert(
-                rank_ok,
-                [f"{fn}: `{arg}` must have rank {rank}, shape {expected}; got shape", shape],
-            )
-        ]
+        ok = tf.equal(tf.rank(t), rank)
         known = [i + 1 for i, d in enumerate(dims) if d is not None]
         if known:
             want = tf.constant([dims[i - 1] for i in known], dtype=shape.dtype)
-            dims_ok = tf.cond(
-                rank_ok,
-                lambda: tf.reduce_all(tf.equal(tf.gather(shape, known), want)),
-                lambda: tf.constant(True),
-            )
-            checks.append(
-                tf.debugging.Assert(
-                    dims_ok, [f"{fn}: `{arg}` must have shape {expected}; got shape", shape]
-                )
-            )
+            # Padding makes the gather valid whatever the actual rank is.
+            padded = tf.concat([shape, tf.zeros([rank], shape.dtype)], axis=0)
+            ok = tf.logical_and(ok, tf.reduce_all(tf.equal(tf.gather(padded, known), want)))
+        checks.require(ok, f"{fn}: `{arg}` must have shape {expected}; got shape", shape)
         if not allow_empty:
-            checks.append(
-                tf.debugging.Assert(
-                    tf.reduce_prod(shape[:1]) > 0,
-                    [f"{fn}: `{arg}` must hold at least one example; got shape", shape],
-                )
+            checks.require(
+                _leading_dim(t) > 0,
+                f"{fn}: `{arg}` must hold at least one example; got shape", shape,
             )
-        with tf.control_dependencies(checks):
-            t = tf.identity(t)
-        return tf.ensure_shape(t, [None] + dims)
 
-    def _check_support(self, x, y, steps, fn):
-        x = self._check_batch(x, self.x_spec, "x", fn)
-        y = self._check_batch(y, self.y_spec, "y", fn)
-        checks = [
-            tf.debugging.Assert(
-                tf.equal(tf.shape(x)[0], tf.shape(y)[0]),
-                [f"{fn}: `x` and `y` must hold the same number of examples; got",
-                 tf.shape(x)[0], "and", tf.shape(y)[0]],
-            ),
-            tf.debugging.Assert(
-                tf.greater_equal(steps, 0),
-                [f"{fn}: `steps` must be >= 0; got", steps],
-            ),
-            tf.debugging.Assert(
-                tf.less_equal(steps, self.max_steps),
-                [f"{fn}: `steps` must be <= {self.max_steps} (max_steps of the export); got",
-                 steps],
-            ),
-        ]
+    def _support_checks(self, x, y, steps, fn):
+        checks = _Checks()
+        self._check_batch(checks, x, self.x_spec, "x", fn)
+        self._check_batch(checks, y, self.y_spec, "y", fn)
+        checks.require(
+            tf.equal(_leading_dim(x), _leading_dim(y)),
+            f"{fn}: `x` and `y` must hold the same number of examples; got",
+            _leading_dim(x), "and", _leading_dim(y),
+        )
+        checks.require(tf.greater_equal(steps, 0), f"{fn}: `steps` must be >= 0; got", steps)
+        checks.require(
+            tf.less_equal(steps, self.max_steps),
+            f"{fn}: `steps` must be <= {self.max_steps} (max_steps of the export); got", steps,
+        )
         if self.sparse and self.num_classes is not None:
             n = tf.cast(self.num_classes, y.dtype)
-            checks.append(
-                tf.debugging.Assert(
-                    tf.reduce_all((y >= 0) & (y < n)),
-                    [f"{fn}: class labels in `y` must lie in [0, {self.num_classes}); got "
-                     "min/max", tf.reduce_min(y), tf.reduce_max(y)],
-                )
+            checks.require(
+                tf.reduce_all((y >= 0) & (y < n)),
+                f"{fn}: class labels in `y` must lie in [0, {self.num_classes}); got min/max",
+                tf.reduce_min(y), tf.reduce_max(y),
             )
-        with tf.control_dependencies(checks):
-            return tf.identity(x), tf.identity(y), tf.identity(steps)
+        return checks
+
+    def _shaped(self, t, spec):
+        return tf.ensure_shape(t, [None] + spec.shape.as_list()[1:])
 
     # -- maths ----------------------------------------------------------------------------
     def _forward(self, theta, x, state):
@@ -344,19 +350,27 @@ class _Program:
 
     # -- the three entry points (graph functions; inputs already typed) --------------------
     def predict(self, x):
-        x = self._check_batch(x, self.x_spec, "x", "serving_default", allow_empty=True)
+        checks = _Checks()
+        self._check_batch(checks, x, self.x_spec, "x", "serving_default", allow_empty=True)
+        (x,) = checks.guard(x)
+        x = self._shaped(x, self.x_spec)
         return {"predictions": self._forward(self._theta0(), x, self._state())}
 
     def adapt(self, x, y, steps):
-        x, y, steps = self._check_support(x, y, steps, "adapt")
+        checks = self._support_checks(x, y, steps, "adapt")
+        x, y, steps = checks.guard(x, y, steps)
+        x, y = self._shaped(x, self.x_spec), self._shaped(y, self.y_spec)
         theta, _ = self._loop(x, y, steps)
         return dict(zip(self.names, theta))
 
     def adapt_and_predict(self, x, y, steps, queries):
-        x, y, steps = self._check_support(x, y, steps, "adapt_and_predict")
-        queries = self._check_batch(
-            queries, self.x_spec, "queries", "adapt_and_predict", allow_empty=True
+        checks = self._support_checks(x, y, steps, "adapt_and_predict")
+        self._check_batch(
+            checks, queries, self.x_spec, "queries", "adapt_and_predict", allow_empty=True
         )
+        x, y, steps, queries = checks.guard(x, y, steps, queries)
+        x, y = self._shaped(x, self.x_spec), self._shaped(y, self.y_spec)
+        queries = self._shaped(queries, self.x_spec)
         theta, state = self._loop(x, y, steps)
         return {"predictions": self._forward(theta, queries, state)}
 

@@ -14,6 +14,7 @@ No forward pass is added: see `WarpGrad` for why the warp gradients that ``fit``
 anyway are the approximate meta-gradients.
 """
 
+import copy
 import weakref
 
 import keras
@@ -554,8 +555,9 @@ class WarpGrad(keras.optimizers.Optimizer):
         config = dict(config)
         for key in ("inner_optimizer", "meta_optimizer"):
             if config.get(key) is not None:
+                # `deserialize` edits the dict it is given: hand it a copy.
                 config[key] = keras.optimizers.deserialize(
-                    config[key], custom_objects=custom_objects
+                    copy.deepcopy(config[key]), custom_objects=custom_objects
                 )
         return cls(**config)
 

@@ -34,6 +34,7 @@ from warpkeras import objectives as obj
 from warpkeras.buffer import ReplayBuffer
 from warpkeras.partition import Partition
 from warpkeras.tasks import as_task, as_task_source
+from warpkeras.trainers.parallel import make_executor
 
 WARP_MODES = (None, "online", "offline", "continual")
 WARP_OBJECTIVES = ("exact", "approx")
@@ -146,6 +147,11 @@ class MetaTrainer:
         eval_training_mode: run evaluation forward passes in training mode (batch-norm
             uses batch statistics, as in the papers' reference code). Default True.
         jit_compile: compile the step functions with XLA.
+        parallel: how the tasks of a meta-batch are adapted: ``"sequential"`` (one after
+            another), ``"unrolled"`` (all in one graph) or ``"vectorized"``
+            (`tf.vectorized_map`); see `warpkeras.trainers.parallel`.
+        strategy: a `tf.distribute.Strategy` to split each meta-batch across replicas
+            (`meta_batch_size` must be a multiple of the replica count).
         seed: seed of task sampling and batches.
     """
 
@@ -185,6 +191,8 @@ class MetaTrainer:
         untagged="task",
         eval_training_mode=True,
         jit_compile=False,
+        parallel="sequential",
+        strategy=None,
         seed=0,
     ):
         if warp_mode not in WARP_MODES:
@@ -260,6 +268,14 @@ class MetaTrainer:
         self.eval_training_mode = bool(eval_training_mode)
         self.jit_compile = bool(jit_compile)
         self.seed = int(seed)
+        if warp_mode == "continual" and (parallel != "sequential" or strategy is not None):
+            raise MetaTrainingError(
+                "warp_mode='continual' adapts one stream of task parameters: it runs "
+                "sequentially (parallel='sequential', no strategy)."
+            )
+        self.executor = make_executor(parallel, strategy, jit_compile=self.jit_compile)
+        if strategy is not None:
+            self.executor.group_size(self.meta_batch_size)
         self.buffer = (
             ReplayBuffer(buffer_capacity, buffer_overflow, buffer_spill_dir, seed=seed)
             if warp_mode == "offline"
@@ -478,6 +494,33 @@ class MetaTrainer:
         self._apply_init = tf.function(apply_init)
         self._apply_hyper = tf.function(apply_hyper)
 
+        # The same per-task functions over a group of tasks stacked on axis 0, run by the
+        # executor (one task at a time, unrolled, vectorised or across replicas).
+        ex = self.executor
+
+        def group(name, f):
+            name = "group_" + name
+
+            def on_trace():
+                self.trace_counts[name] = self.trace_counts.get(name, 0) + 1
+
+            return ex.compile(f, on_trace)
+
+        def group_warp_step(theta, velocity, state, x, y, meta_batch):
+            out = warp_step(theta, velocity, state, x, y, meta_batch)
+            hyper = tf.stack([g for g, on in ((out[8], self.learn_lr), (out[9], self.learn_mu))
+                              if on]) if self._hyper_vars else tf.zeros([0], out[3].dtype)
+            return out[:8] + (hyper, out[10])
+
+        self._group_inner_step = group(
+            "inner_step", lambda t, v, s, x, y: inner_step(t, v, s, x, y, True))
+        self._group_warp_step = group("warp_step", group_warp_step)
+        self._group_leap = group("leap_increment", leap_increment)
+        self._group_final_loss = group(
+            "final_loss", lambda t, s, x, y: evaluate_point(t, s, x, y, True))
+        self._group_maml = group("maml_gradient", maml_gradient)
+        self._group_finite = group("finite", lambda values: _all_finite(values))
+
     # ------------------------------------------------------------------------------------
     # adaptation
     def _start_values(self, task=None, head=None):
@@ -494,111 +537,119 @@ class MetaTrainer:
             np.random.default_rng(rng.integers(2**63)), np.random.default_rng(rng.integers(2**63)))
         return a, b
 
-    def _adapt_for_meta(self, task, task_id, rng, theta=None, velocity=None, state=None):
-        """Adapts one task for K steps, accumulating what the objectives need.
+    def _stacked_start(self, size):
+        theta, velocity, state = self._start_values()
+        stack = lambda values: [tf.stack([v] * size) for v in values]  # noqa: E731
+        return stack(theta), stack(velocity), stack(state)
 
-        Returns a dict with per-task gradients for φ / θ0 / α, μ, losses and a finite flag.
+    @staticmethod
+    def _stack_batches(batches):
+        return tf.nest.map_structure(lambda *ts: tf.stack([tf.convert_to_tensor(t) for t in ts]),
+                                     *batches)
+
+    def _adapt_group(self, tasks, task_ids, rngs, start=None):
+        """Adapts a group of tasks in lock-step for K steps (see `warpkeras.trainers.parallel`),
+        accumulating what the objectives need.
+
+        Returns a dict of per-task results stacked along axis 0 and a boolean ``finite``
+        array: a task whose loss or gradients became non-finite is to be dropped.
         """
-        train_rng, meta_rng = self._task_rngs(rng)
+        size = len(tasks)
+        pairs = [self._task_rngs(r) for r in rngs]
         if self.init_objective in ("maml", "fomaml") and self.warp_mode is None:
-            return self._maml_only(task, train_rng, meta_rng)
-        train_batches = task.batches("train", train_rng)
-        meta_batches = task.batches("meta", meta_rng) if self.warp_mode in ("online", "continual") else None
-        if theta is None:
-            theta, velocity, state = self._start_values(task)
+            return self._maml_group(tasks, pairs)
+        train_its = [t.batches("train", a) for t, (a, _) in zip(tasks, pairs)]
+        online = self.warp_mode in ("online", "continual")
+        meta_its = [t.batches("meta", b) for t, (_, b) in zip(tasks, pairs)] if online else None
+        theta, velocity, state = start if start is not None else self._stacked_start(size)
         theta_start = theta
-        warp_acc = _Accumulator() if self.warp_mode in ("online", "continual") else None
-        hyper_acc = _Accumulator() if self._hyper_vars and warp_acc is not None else None
+        acc_phi = (_zeros_like([tf.stack([f] * size) for f in self._phi()])
+                   if self.warp_mode == "online" else None)
+        acc_hyper = tf.zeros([size, len(self._hyper_vars)], theta[0].dtype)
         leap_acc = _zeros_like(theta) if self.init_objective == "leap" else None
-        finite = True
-        losses, metas, metrics = [], [], []
+        finite = np.ones(size, bool)
+        losses, metrics, metas = [], [], []
         prev = None  # (theta, loss, grads) of the previous step, for Leap
-        store_offline = self.warp_mode == "offline"
         first_batch = None
         for k in range(self.inner_steps):
-            x, y = next(train_batches)
+            x, y = self._stack_batches([next(it) for it in train_its])
             if first_batch is None:
                 first_batch = (x, y)
-            if store_offline:
-                self.buffer.add(task_id, k, [t.numpy() for t in theta],
-                                [v.numpy() for v in velocity] if self.use_momentum else None)
-            if warp_acc is not None:
-                meta_batch = self._next_meta(task, meta_batches, k)
-                (new_theta, new_velocity, state, loss, grads, metric, meta, g_phi, g_lr,
-                 g_mu, ok) = self._warp_step(theta, velocity, state, x, y, meta_batch)
-                metas.append(meta)
-                warp_acc.add(g_phi)
-                if hyper_acc is not None:
-                    hyper_acc.add([g for g, on in ((g_lr, self.learn_lr), (g_mu, self.learn_mu)) if on])
+            if self.warp_mode == "offline":
+                for g in range(size):
+                    self.buffer.add(task_ids[g], k, [t[g].numpy() for t in theta],
+                                    [v[g].numpy() for v in velocity] if self.use_momentum else None)
+            if online:
+                meta_batch = self._stack_batches([next(it) for it in meta_its])
+                (new_theta, new_velocity, state, loss, grads, metric, meta, g_phi, g_hyper,
+                 ok) = self._group_warp_step(theta, velocity, state, x, y, meta_batch)
+                metas.append(meta.numpy())
+                if self.warp_mode == "continual":
+                    self._continual_tick([g[0] for g in g_phi], g_hyper[0])
+                else:
+                    acc_phi = [a + g for a, g in zip(acc_phi, g_phi)]
+                    acc_hyper = acc_hyper + g_hyper
             else:
-                new_theta, new_velocity, state, loss, grads, metric, ok = self._inner_step(
-                    theta, velocity, state, x, y
-                )
-            finite = finite and bool(ok)
-            if not finite:
-                break
-            losses.append(loss)
-            metrics.append(metric)
+                new_theta, new_velocity, state, loss, grads, metric, ok = self._group_inner_step(
+                    theta, velocity, state, x, y)
+            finite &= np.asarray(ok)
+            losses.append(loss.numpy())
+            metrics.append(metric.numpy())
             if leap_acc is not None and prev is not None:
-                leap_acc = self._leap_increment(leap_acc, prev[0], theta, prev[1], loss, prev[2])
+                leap_acc = self._group_leap(leap_acc, prev[0], theta, prev[1], loss, prev[2])
             prev = (theta, loss, grads)
             theta, velocity = new_theta, new_velocity
-            if self.warp_mode == "continual":
-                self._continual_tick(warp_acc, hyper_acc)
-                warp_acc = _Accumulator()
-                hyper_acc = _Accumulator() if self._hyper_vars else None
+            if not finite.any():
+                break
 
-        result = {"finite": finite, "theta": theta, "velocity": velocity, "state": state,
-                  "losses": losses, "metrics": metrics, "metas": metas}
-        if not finite:
-            return result
-        if leap_acc is not None:
-            # close the path at θ_K with one more loss evaluation on a fresh batch
-            x, y = next(train_batches)
-            final_loss, _ = self._final_loss(theta, state, x, y)
-            leap_acc = self._leap_increment(leap_acc, prev[0], theta, prev[1], final_loss, prev[2])
-            if not bool(_all_finite(leap_acc)):
-                result["finite"] = False
-                return result
+        result = {"theta": theta, "velocity": velocity, "state": state,
+                  "losses": np.stack(losses, axis=1), "metrics": np.stack(metrics, axis=1),
+                  "metas": np.stack(metas, axis=1) if metas else None}
+        if leap_acc is not None and finite.any():
+            # close each path at θ_K with one more loss evaluation on a fresh batch
+            x, y = self._stack_batches([next(it) for it in train_its])
+            final_loss, _ = self._group_final_loss(theta, state, x, y)
+            leap_acc = self._group_leap(leap_acc, prev[0], theta, prev[1], final_loss, prev[2])
             result["init_grads"] = leap_acc
         elif self.init_objective == "reptile":
             result["init_grads"] = obj.reptile_direction(theta_start, theta)
         elif self.init_objective in ("maml", "fomaml"):
-            sx, sy = first_batch
-            qx, qy = self._next_meta(task, task.batches("meta", meta_rng), 0)
-            _, g, ok = self._maml_gradient(theta_start, self._start_values(task)[2], sx, sy, qx, qy)
-            if not bool(ok):
-                result["finite"] = False
-                return result
+            qx, qy = self._stack_batches(
+                [next(t.batches("meta", b)) for t, (_, b) in zip(tasks, pairs)])
+            _, g, ok = self._group_maml(theta_start, self._stacked_start(size)[2],
+                                        first_batch[0], first_batch[1], qx, qy)
+            finite &= np.asarray(ok)
             result["init_grads"] = g
-        if warp_acc is not None and self.warp_mode == "online":
-            result["warp_grads"] = warp_acc.mean()
-            if hyper_acc is not None:
-                result["hyper_grads"] = hyper_acc.mean()
+        if acc_phi is not None:
+            result["warp_grads"] = [a / float(self.inner_steps) for a in acc_phi]
+            result["hyper_grads"] = acc_hyper / float(self.inner_steps)
+        for key in ("init_grads", "warp_grads"):
+            if key in result:
+                finite &= np.asarray(self._group_finite(result[key]))
+        result["finite"] = finite
         return result
 
-    def _maml_only(self, task, train_rng, meta_rng):
-        theta0, _, state = self._start_values(task)
-        sx, sy = next(task.batches("train", train_rng))
-        qx, qy = next(task.batches("meta", meta_rng))
-        loss, g, ok = self._maml_gradient(theta0, state, sx, sy, qx, qy)
-        finite = bool(ok) and bool(tf.math.is_finite(loss))
-        return {"finite": finite, "losses": [loss], "metrics": [tf.constant(0.0)], "metas": [],
-                "init_grads": g, "theta": None, "velocity": None, "state": state}
+    def _maml_group(self, tasks, pairs):
+        size = len(tasks)
+        theta0, _, state = self._stacked_start(size)
+        sx, sy = self._stack_batches([next(t.batches("train", a)) for t, (a, _) in zip(tasks, pairs)])
+        qx, qy = self._stack_batches([next(t.batches("meta", b)) for t, (_, b) in zip(tasks, pairs)])
+        loss, g, ok = self._group_maml(theta0, state, sx, sy, qx, qy)
+        finite = np.asarray(ok) & np.isfinite(loss.numpy())
+        return {"finite": finite, "losses": loss.numpy()[:, None],
+                "metrics": np.zeros((size, 1)), "metas": None, "init_grads": g}
 
-    def _next_meta(self, task, meta_batches, k):
-        return next(meta_batches)
-
-    def _continual_tick(self, warp_acc, hyper_acc):
+    def _continual_tick(self, g_phi, g_hyper):
         """Algorithm 3: add this step's warp gradient; apply every η steps."""
-        for v, g in zip(self._stream_acc, warp_acc.total):
+        if not bool(_all_finite(g_phi)):
+            self.nan_tasks.assign_add(1)
+            return
+        for v, g in zip(self._stream_acc, g_phi):
             v.assign_add(g)
         self._stream_count.assign_add(1)
         eta = self.meta_interval or 1
         if int(self._stream_count.numpy()) >= eta:
-            grads = [v / float(eta) for v in self._stream_acc]
-            if bool(_all_finite(grads)):
-                self._apply_warp(grads)
+            self._apply_warp([v / float(eta) for v in self._stream_acc])
             for v in self._stream_acc:
                 v.assign(tf.zeros_like(v))
             self._stream_count.assign(0)
@@ -653,53 +704,55 @@ class MetaTrainer:
 
     def train_step(self, tasks, rng):
         """One meta step on a list of tasks. Returns a dict of logs."""
-        warp_acc, init_acc, hyper_acc = _Accumulator(), _Accumulator(), _Accumulator()
-        losses, metrics, metas, dropped = [], [], [], 0
         if self.buffer is not None:
             self.buffer.clear()
-        stream = None
-        if self.warp_mode == "continual":
-            stream = self._start_values()
-        for tid, (task, task_rng) in enumerate(zip(tasks, rng.spawn(len(tasks)))):
-            if stream is not None:
-                res = self._adapt_for_meta(task, tid, task_rng, *stream)
-            else:
-                res = self._adapt_for_meta(task, tid, task_rng)
-            if not res["finite"]:
+        size = 1 if self.warp_mode == "continual" else self.executor.group_size(len(tasks))
+        rngs = rng.spawn(len(tasks))
+        sums, counts = {}, {}
+        losses, metrics, metas, dropped = [], [], [], 0
+        stream = self._stacked_start(1) if self.warp_mode == "continual" else None
+        for lo in range(0, len(tasks), size):
+            group = tasks[lo:lo + size]
+            ids = list(range(lo, lo + len(group)))
+            res = self._adapt_group(group, ids, rngs[lo:lo + len(group)], start=stream)
+            finite = res["finite"]
+            for g in np.flatnonzero(~finite):
                 dropped += 1
                 warnings.warn(
-                    f"Task '{getattr(task, 'name', tid)}' produced a non-finite loss or "
-                    "gradient during adaptation; it is dropped from this meta-update.",
+                    f"Task '{getattr(group[g], 'name', ids[g])}' produced a non-finite loss "
+                    "or gradient; it is dropped from this meta-update.",
                     RuntimeWarning,
                     stacklevel=2,
                 )
-                continue
-            if stream is not None:
+            if stream is not None and finite.all():
                 stream = (res["theta"], res["velocity"], res["state"])
-            losses.append(float(res["losses"][-1]))
-            metrics.append(float(res["metrics"][-1]))
-            metas.extend(float(m) for m in res["metas"])
-            if "warp_grads" in res:
-                warp_acc.add(res["warp_grads"])
-            if "hyper_grads" in res:
-                hyper_acc.add(res["hyper_grads"])
-            if "init_grads" in res:
-                init_acc.add(res["init_grads"])
+            if not finite.any():
+                continue
+            losses.extend(res["losses"][finite, -1].tolist())
+            metrics.extend(res["metrics"][finite, -1].tolist())
+            if res["metas"] is not None:
+                metas.extend(res["metas"][finite].ravel().tolist())
+            for key in ("warp_grads", "init_grads"):
+                if key in res:
+                    part = self.executor.masked_sum(res[key], finite)
+                    sums[key] = part if key not in sums else [a + b for a, b in zip(sums[key], part)]
+                    counts[key] = counts.get(key, 0) + int(finite.sum())
+            if "hyper_grads" in res and self._hyper_vars:
+                part = tf.reduce_sum(tf.boolean_mask(res["hyper_grads"], finite), axis=0)
+                sums["hyper"] = part if "hyper" not in sums else sums["hyper"] + part
         self.nan_tasks.assign_add(dropped)
         logs = {}
         if stream is not None:
-            self.partition.assign_task(stream[0])
-        if warp_acc.count:
-            self._apply_warp(warp_acc.mean())
-        if hyper_acc.count:
-            self._apply_hyper(hyper_acc.mean())
-        if init_acc.count:
-            grads = init_acc.mean()
-            if bool(_all_finite(grads)):
-                self._apply_init(grads)
+            self.partition.assign_task([t[0] for t in stream[0]])
+        if "warp_grads" in sums:
+            n = float(counts["warp_grads"])
+            self._apply_warp([g / n for g in sums["warp_grads"]])
+            if "hyper" in sums:
+                self._apply_hyper(tf.unstack(sums["hyper"] / n))
+        if "init_grads" in sums:
+            self._apply_init([g / float(counts["init_grads"]) for g in sums["init_grads"]])
         if self.warp_mode == "offline" and len(self.buffer):
-            kept = [t for t in tasks]
-            off = self._offline_updates(kept, rng)
+            off = self._offline_updates(tasks, rng)
             logs["warp_updates"] = off["warp_updates"]
             if off["meta_loss"]:
                 logs["meta_loss"] = float(np.mean(off["meta_loss"]))
@@ -707,7 +760,7 @@ class MetaTrainer:
             logs["meta_loss"] = float(np.mean(metas))
         if losses:
             logs["loss"] = float(np.mean(losses))
-            if self.accuracy:
+            if self.accuracy and self.init_objective not in ("maml", "fomaml"):
                 logs["accuracy"] = float(np.mean(metrics))
         logs["nan_tasks"] = int(self.nan_tasks.numpy())
         if self._hyper_vars:

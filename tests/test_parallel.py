@@ -1,0 +1,116 @@
+"""Parallel meta-batches give the same meta-update as the sequential loop."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+
+import warpkeras
+
+from conftest import REPO, assert_lists_close
+
+
+def _task(rng):
+    w = rng.normal(size=(3, 2)).astype("float32")
+    x = rng.normal(size=(40, 3)).astype("float32")
+    return warpkeras.Task(train=(x, np.tanh(x @ w)), batch_size=8)
+
+
+def _model():
+    keras.utils.set_random_seed(3)
+    return keras.Sequential([
+        keras.Input((3,)),
+        keras.layers.Dense(6, activation="tanh"),
+        warpkeras.layers.WarpDense(activation="tanh"),
+        keras.layers.Dense(2),
+    ])
+
+
+CONFIGS = {
+    "warp_leap_online": dict(mode="online", objective="exact", init_objective="leap"),
+    "warp_reptile_offline": dict(mode="offline", objective="approx", init_objective="reptile",
+                                 meta_interval=3),
+    "warp_maml": dict(mode="online", objective="approx", init_objective="maml"),
+}
+
+
+@pytest.mark.parametrize("parallel", ["unrolled", "vectorized"])
+@pytest.mark.parametrize("config", sorted(CONFIGS))
+def test_parallel_meta_step_equals_sequential(parallel, config):
+    results = {}
+    for mode in ("sequential", parallel):
+        model = _model()
+        trainer = warpkeras.WarpTrainer(
+            model, "mse", inner_steps=3, inner_learning_rate=0.2, meta_batch_size=3,
+            inner_momentum=0.5, meta_optimizer=keras.optimizers.SGD(0.1), parallel=mode,
+            seed=4, **CONFIGS[config])
+        trainer.fit(_task, meta_steps=2, verbose=0)
+        results[mode] = model.get_weights()
+    # float32, different kernel order (batched vs single matmuls): 1e-5 relative
+    assert_lists_close(results[parallel], results["sequential"], rtol=1e-5, atol=1e-6)
+
+
+def test_leap_and_maml_trainers_accept_parallel():
+    for cls, kw in ((warpkeras.LeapTrainer, {}), (warpkeras.MAMLTrainer, {"first_order": True})):
+        weights = []
+        for mode in ("sequential", "vectorized"):
+            keras.utils.set_random_seed(3)
+            model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+            cls(model, "mse", inner_steps=2, meta_batch_size=4, parallel=mode, **kw).fit(
+                _task, meta_steps=2, verbose=0)
+            weights.append(model.get_weights())
+        assert_lists_close(weights[1], weights[0], rtol=1e-5, atol=1e-6)
+
+
+def test_bad_parallel_settings_are_rejected():
+    with pytest.raises(ValueError, match="parallel"):
+        warpkeras.WarpTrainer(_model(), "mse", parallel="threads")
+    with pytest.raises(warpkeras.MetaTrainingError, match="continual"):
+        warpkeras.WarpTrainer(_model(), "mse", mode="continual", init_objective=None,
+                              parallel="vectorized")
+
+
+MIRRORED = textwrap.dedent(
+    """
+    import json, sys
+    import numpy as np, tensorflow as tf
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(
+        cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    import keras, warpkeras
+    sys.path.insert(0, {tests!r})
+    from test_parallel import _model, _task
+    out = {{}}
+    for name in ("single", "mirrored"):
+        strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]) if name == "mirrored" else None
+        model = _model()
+        trainer = warpkeras.WarpTrainer(
+            model, "mse", mode="online", objective="exact", init_objective="leap",
+            inner_steps=3, inner_learning_rate=0.2, meta_batch_size=4,
+            meta_optimizer=keras.optimizers.SGD(0.1), strategy=strategy, seed=4)
+        trainer.fit(_task, meta_steps=1, verbose=0)
+        out[name] = [w.tolist() for w in model.get_weights()]
+        if strategy is not None:
+            out["replicas"] = strategy.num_replicas_in_sync
+    print("RESULT" + json.dumps(out))
+    """
+)
+
+
+def test_mirrored_strategy_on_two_logical_cpus_equals_one_device():
+    script = MIRRORED.format(tests=os.path.join(REPO, "tests"))
+    env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="2")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT")][-1]
+    out = json.loads(line[len("RESULT"):])
+    assert out["replicas"] == 2
+    # the all-reduce sums in another order: 1e-5 relative in float32
+    assert_lists_close([np.array(w) for w in out["mirrored"]],
+                       [np.array(w) for w in out["single"]], rtol=1e-5, atol=1e-6)
