@@ -130,3 +130,21 @@ def test_tags_survive_get_config_functional_and_sequential():
     seq = _model()
     clone = keras.Sequential.from_config(seq.get_config())
     assert _roles(clone) == {"t1": "task", "w1": "warp", "head": None}
+
+
+def test_subclassed_model_without_training_argument():
+    class Net(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.body = keras.layers.Dense(3, name="body")
+            self.w = warpkeras.warp(keras.layers.Dense(3, name="w"))
+
+        def call(self, x):
+            return self.w(self.body(x))
+
+    net = Net()
+    x = np.ones((2, 4), "float32")
+    net(x)
+    p = warpkeras.partition(net, require_warp=True)
+    y, _ = p.call(p.initial_task_values(), p.warp_values(), x, training=True)
+    np.testing.assert_allclose(y, net(x), rtol=1e-6)

@@ -197,13 +197,10 @@ class Partition:
         """
         if state is None:
             state = [v.value for v in self.state_variables]
-        return self.model.stateless_call(
-            self.merge(theta, phi),
-            list(state),
-            x,
-            training=training,
-            return_losses=return_losses,
-        )
+        kwargs = {"return_losses": return_losses}
+        if getattr(self.model, "_call_has_training_arg", True):
+            kwargs["training"] = training
+        return self.model.stateless_call(self.merge(theta, phi), list(state), x, **kwargs)
 
     def summary(self):
         """A short text listing which variables play which role."""
