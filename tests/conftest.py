@@ -21,10 +21,14 @@ def _seed():
 
 @pytest.fixture
 def float64():
-    old = keras.config.floatx()
+    # Keras caches the global dtype policy the first time a layer asks for it, so the
+    # policy is switched along with floatx (and both are restored).
+    old_floatx, old_policy = keras.config.floatx(), keras.config.dtype_policy()
     keras.config.set_floatx("float64")
+    keras.config.set_dtype_policy("float64")
     yield
-    keras.config.set_floatx(old)
+    keras.config.set_floatx(old_floatx)
+    keras.config.set_dtype_policy(old_policy)
 
 
 def assert_lists_close(a, b, rtol=1e-6, atol=1e-8):
