@@ -13,6 +13,7 @@ import numpy as np
 import tensorflow as tf
 
 from warpkeras import objectives
+from warpkeras.optimizers import WarpGrad
 from warpkeras.partition import UNTAGGED_POLICIES, partition
 
 __all__ = ["LeapCallback"]
@@ -75,15 +76,19 @@ class LeapCallback(keras.callbacks.Callback):
     import keras, numpy as np, warpkeras
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
     model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
-    leap = warpkeras.LeapCallback(meta_optimizer=keras.optimizers.SGD(0.1))
+    leap = warpkeras.LeapCallback(meta_optimizer=keras.optimizers.SGD(0.05))
     rng = np.random.default_rng(0)
-    for task in range(5):
-        w = np.array([[2.0], [-1.0], [0.5]]) + 0.1 * rng.normal(size=(3, 1))
-        x = rng.normal(size=(64, 3)).astype("float32")
-        model.fit(x, (x @ w).astype("float32"), batch_size=8, shuffle=False, verbose=0,
-                  callbacks=[leap])
+    for task in range(6):
+        w = np.array([[1.0], [-1.0], [0.5]]) + 0.1 * rng.normal(size=(3, 1))
+        x = rng.normal(size=(32, 3)).astype("float32")
+        model.fit(x, (x @ w + 0.5).astype("float32"), batch_size=32, epochs=10,
+                  verbose=0, callbacks=[leap])
     print(leap.path_lengths)   # shrinks as θ0 moves towards the tasks' solutions
     ```
+
+    Full batches (or large ones) keep the loss coordinate of the path free of the noise
+    between mini-batches, which otherwise dominates the energy; scale the meta learning
+    rate to the norm (the length's per-step terms are normalised, the energy's are not).
 
     Args:
         meta_optimizer: optimiser for θ0 (a Keras optimizer or its name). Default
@@ -154,8 +159,6 @@ class LeapCallback(keras.callbacks.Callback):
 
     # -- set-up ------------------------------------------------------------------------------
     def _inner_rule(self):
-        from warpkeras.optimizers import WarpGrad
-
         opt = self.model.optimizer
         if isinstance(opt, keras.optimizers.LossScaleOptimizer):
             raise ValueError(

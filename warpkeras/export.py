@@ -193,8 +193,10 @@ class _Checks:
     """In-graph input checks that report only the first failure, in order.
 
     Each assertion passes trivially once an earlier one has failed, so the message names
-    the first problem whatever order the graph runs the assertions in; no check can itself
-    fail on malformed input.
+    the first problem whatever order the graph runs the assertions in, and no check can
+    itself fail on malformed input. `guard` hands the computation well-shaped stand-ins
+    when a check failed, so nothing downstream can fail with a less readable error before
+    the assertion is reported.
     """
 
     def __init__(self):
@@ -209,9 +211,16 @@ class _Checks:
         )
         self.ok = tf.logical_and(self.ok, cond)
 
-    def guard(self, *tensors):
+    def guard(self, t, shape):
+        """`t` once the checks passed (with static `shape`), a zero stand-in otherwise."""
         with tf.control_dependencies(self.ops):
-            return [tf.identity(t) for t in tensors]
+            ok = tf.identity(self.ok)
+        stand_in = [0 if i == 0 else (1 if d is None else d) for i, d in enumerate(shape)]
+        out = tf.cond(
+            ok, lambda: tf.identity(t), lambda: tf.zeros(stand_in, t.dtype)
+        )
+        out.set_shape(shape)
+        return out
 
 
 def _leading_dim(t):
@@ -311,9 +320,6 @@ class _Program:
             )
         return checks
 
-    def _shaped(self, t, spec):
-        return tf.ensure_shape(t, [None] + spec.shape.as_list()[1:])
-
     # -- maths ----------------------------------------------------------------------------
     def _forward(self, theta, x, state):
         y, _ = self.partition.call(theta, self._phi(), x, state=state, training=False)
@@ -349,17 +355,23 @@ class _Program:
         return theta, state
 
     # -- the three entry points (graph functions; inputs already typed) --------------------
+    def _batch_shape(self, spec):
+        return [None] + spec.shape.as_list()[1:]
+
     def predict(self, x):
         checks = _Checks()
         self._check_batch(checks, x, self.x_spec, "x", "serving_default", allow_empty=True)
-        (x,) = checks.guard(x)
-        x = self._shaped(x, self.x_spec)
+        x = checks.guard(x, self._batch_shape(self.x_spec))
         return {"predictions": self._forward(self._theta0(), x, self._state())}
+
+    def _guard_support(self, checks, x, y, steps):
+        x = checks.guard(x, self._batch_shape(self.x_spec))
+        y = checks.guard(y, self._batch_shape(self.y_spec))
+        return x, y, checks.guard(steps, [])
 
     def adapt(self, x, y, steps):
         checks = self._support_checks(x, y, steps, "adapt")
-        x, y, steps = checks.guard(x, y, steps)
-        x, y = self._shaped(x, self.x_spec), self._shaped(y, self.y_spec)
+        x, y, steps = self._guard_support(checks, x, y, steps)
         theta, _ = self._loop(x, y, steps)
         return dict(zip(self.names, theta))
 
@@ -368,9 +380,8 @@ class _Program:
         self._check_batch(
             checks, queries, self.x_spec, "queries", "adapt_and_predict", allow_empty=True
         )
-        x, y, steps, queries = checks.guard(x, y, steps, queries)
-        x, y = self._shaped(x, self.x_spec), self._shaped(y, self.y_spec)
-        queries = self._shaped(queries, self.x_spec)
+        x, y, steps = self._guard_support(checks, x, y, steps)
+        queries = checks.guard(queries, self._batch_shape(self.x_spec))
         theta, state = self._loop(x, y, steps)
         return {"predictions": self._forward(theta, queries, state)}
 

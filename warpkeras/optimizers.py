@@ -18,6 +18,7 @@ import copy
 import weakref
 
 import keras
+import tensorflow as tf
 from keras import ops
 from keras.src.utils import tracking
 
@@ -81,7 +82,8 @@ class WarpGrad(keras.optimizers.Optimizer):
     batch. The warp gradient of the very first batch (k = 0) is evaluated at θ_0, where no
     inner step precedes it: it is the meta-loss at the initialisation and is included as it
     comes. With any other inner rule (momentum, Adam) the same holds with θ_k produced by
-    that rule. Meta-updates happen after batches η−1, 2η−1, ... (counting from 0); the
+    that rule. When a meta-update falls between batches k−1 and k, the gradient of batch k
+    is taken at the new φ (the online algorithm's usual one-step lag). Meta-updates happen after batches η−1, 2η−1, ... (counting from 0); the
     accumulator and its count persist across ``fit`` calls and through ``model.save``.
 
     **Finding task and warp variables.** Roles come from the tags of `warpkeras.warp` /
@@ -91,6 +93,11 @@ class WarpGrad(keras.optimizers.Optimizer):
     the first ``fit``). This works with Sequential, functional and subclassed models. The
     resolved roles are written into the optimizer's config, so a model saved with
     ``model.save`` and restored with ``keras.models.load_model`` needs no re-binding.
+
+    The update is graph-friendly (the meta-update is a ``cond`` on a step counter), so it
+    works with ``steps_per_execution > 1``, ``jit_compile=True`` and ``run_eagerly=True``
+    alike. It runs on one device: under a multi-replica ``tf.distribute`` strategy it
+    refuses to build.
 
     Example:
 
@@ -312,6 +319,13 @@ class WarpGrad(keras.optimizers.Optimizer):
         """
         if self.built:
             return
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        if replicas > 1:
+            raise NotImplementedError(
+                f"WarpGrad runs on one device; it was built under a tf.distribute strategy "
+                f"with {replicas} replicas, where its warp-gradient accumulators would hold "
+                "per-replica gradients."
+            )
         var_list = list(var_list)
         resolved = self._resolve_roles(var_list)
         if roles.WARP not in resolved:

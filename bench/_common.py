@@ -1,0 +1,447 @@
+"""Shared helpers of the benchmark scripts (not a benchmark itself).
+
+* `setup()` puts the repository root on ``sys.path`` and quietens TensorFlow's logging;
+* `machine_info()` records what the figures were measured on (CPU model and flags, cores,
+  clock, TensorFlow / Keras versions, thread pools, load, date, commit);
+* `omniglot_model()` builds the papers' Omniglot network (4 blocks of 3x3 conv 64 "same",
+  2x2 max-pool, batch norm, ReLU; flatten; Dense(20)), with a `WarpConv2D(kernel_size=3)`
+  after each block for Warp-Leap;
+* `synthetic_tasks()` makes Omniglot-shaped random 20-way tasks (no download);
+* `conv_flops()` counts the model's multiply-adds by hand;
+* `interleave()` times several variants round-robin and reports medians, so that the
+  ratios between them are measured under the same (possibly varying) machine load;
+* `finish()` prints the result as JSON and writes ``bench/results/<name>.json``.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(BENCH_DIR)
+RESULTS_DIR = os.path.join(BENCH_DIR, "results")
+SHARED_OMNIGLOT = os.path.join(os.path.dirname(REPO), "shared", "data", "omniglot")
+
+# The brief's figure for the 2-core machine (AVX-512, 2 FMA units); see `fma_peak()` for the
+# peak implied by the CPU flags and clock actually reported by the kernel.
+BRIEF_PEAK_GFLOPS = 532.0
+
+IMAGE_SHAPE = (28, 28, 1)
+NUM_CLASSES = 20
+TASK_BATCH = 20
+
+
+def setup():
+    """Makes `import warpkeras` work from a checkout and silences TensorFlow's C++ logs."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    if REPO not in sys.path:
+        sys.path.insert(0, REPO)
+
+
+def parser(description, name):
+    """An argument parser with the flags every benchmark shares."""
+    p = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--quick", action="store_true", help="a fast, rougher run (< 1 minute)")
+    p.add_argument(
+        "--out",
+        default=os.path.join(RESULTS_DIR, f"{name}.json"),
+        help="where to write the JSON result (default: %(default)s); '-' for stdout only",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of weights and data")
+    return p
+
+
+# ----------------------------------------------------------------------------------------
+# machine
+
+
+def _lscpu():
+    info = {}
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return info
+    for line in out.splitlines():
+        if ":" in line:
+            key, value = line.split(":", 1)
+            info[key.strip()] = value.strip()
+    return info
+
+
+def _cpuinfo_mhz():
+    try:
+        with open("/proc/cpuinfo") as f:
+            values = [float(l.split(":")[1]) for l in f if l.startswith("cpu MHz")]
+        return max(values) if values else None
+    except OSError:
+        return None
+
+
+def load():
+    """(1, 5, 15)-minute load averages and the number of CPUs."""
+    try:
+        one, five, fifteen = os.getloadavg()
+    except OSError:
+        one = five = fifteen = float("nan")
+    return {"loadavg_1m": round(one, 2), "loadavg_5m": round(five, 2),
+            "loadavg_15m": round(fifteen, 2), "cpus": os.cpu_count()}
+
+
+def uptime_text():
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def fma_peak(cores, mhz, flags):
+    """FP32 peak in GFLOP/s from the kernel's view of the CPU: cores × clock × FLOPs/cycle,
+    with 2 FMA pipes of 256-bit (AVX2, 16 FLOPs each) or of 512-bit when AVX-512F is
+    reported. A boost clock above the reported one would raise it."""
+    if not mhz:
+        return None
+    lanes = 16 if "avx512f" in flags else 8 if "avx2" in flags or "avx" in flags else 4
+    flops_per_cycle = 2 * lanes * (2 if "fma" in flags else 1)  # 2 pipes × lanes × (mul+add)
+    return {
+        "gflops": round(cores * mhz / 1e3 * flops_per_cycle, 1),
+        "cores": cores,
+        "mhz": mhz,
+        "flops_per_cycle_per_core": flops_per_cycle,
+        "simd": "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else "other",
+    }
+
+
+def machine_info():
+    """What the figures were measured on."""
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    cpu = _lscpu()
+    flags = set(cpu.get("Flags", "").split())
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    mhz = _cpuinfo_mhz()
+    try:
+        commit = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"],
+                                capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    onednn = os.environ.get("TF_ENABLE_ONEDNN_OPTS")
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "cpu_model": cpu.get("Model name", platform.processor()),
+        "cpu_family_model": f"{cpu.get('CPU family', '?')}/{cpu.get('Model', '?')}",
+        "cores": cores,
+        "threads_per_core": cpu.get("Thread(s) per core"),
+        "cpu_mhz": mhz,
+        "avx2": "avx2" in flags,
+        "avx512f": "avx512f" in flags,
+        "fma": "fma" in flags,
+        "hypervisor": cpu.get("Hypervisor vendor"),
+        "fma_peak_from_flags": fma_peak(cores, mhz, flags),
+        "brief_peak_gflops": BRIEF_PEAK_GFLOPS,
+        "python": platform.python_version(),
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "numpy": np.__version__,
+        "tf_intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
+        "tf_inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads(),
+        "TF_ENABLE_ONEDNN_OPTS": onednn if onednn is not None else "(unset: TF default)",
+        "warpkeras_commit": commit,
+        "load_at_start": load(),
+        "uptime_at_start": uptime_text(),
+    }
+
+
+# ----------------------------------------------------------------------------------------
+# model and data
+
+
+def omniglot_model(warp=True, bn="exact", seed=0):
+    """The papers' Omniglot network (Leap / WarpGrad App. F), built and seeded.
+
+    Args:
+        warp: insert `WarpConv2D(kernel_size=3)` after each block (Warp-Leap).
+        bn: ``"exact"`` (`warpkeras.layers.ExactBatchNormalization`, exact second
+            derivatives) or ``"keras"`` (`keras.layers.BatchNormalization`).
+        seed: weight seed.
+    """
+    import keras
+
+    from warpkeras.layers import ExactBatchNormalization, WarpConv2D
+
+    keras.utils.set_random_seed(seed)
+    layers = [keras.Input(IMAGE_SHAPE)]
+    for _ in range(4):
+        norm = ExactBatchNormalization() if bn == "exact" else keras.layers.BatchNormalization()
+        layers += [keras.layers.Conv2D(64, 3, padding="same"), keras.layers.MaxPooling2D(2),
+                   norm, keras.layers.ReLU()]
+        if warp:
+            layers.append(WarpConv2D(kernel_size=3))
+    layers += [keras.layers.Flatten(), keras.layers.Dense(NUM_CLASSES)]
+    return keras.Sequential(layers)
+
+
+def loss_fn():
+    import keras
+
+    return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def synthetic_arrays(rng, n_per_class=15, n_test_per_class=5):
+    """Random 28x28 images in [0, 1] with 20 balanced labels (Omniglot's 15 + 5 per class)."""
+    import numpy as np
+
+    def part(k):
+        x = rng.random((NUM_CLASSES * k,) + IMAGE_SHAPE, dtype=np.float32)
+        y = np.repeat(np.arange(NUM_CLASSES, dtype=np.int32), k)
+        return x, y
+
+    return part(n_per_class), part(n_test_per_class)
+
+
+def synthetic_tasks(n, seed=0, batch_size=TASK_BATCH, augment=None):
+    """`n` random Omniglot-shaped `warpkeras.Task`s (300 training, 100 test images each)."""
+    import numpy as np
+
+    import warpkeras
+
+    rng = np.random.default_rng(seed)
+    tasks = []
+    for i in range(n):
+        train, test = synthetic_arrays(rng)
+        tasks.append(warpkeras.Task(train=train, test=test, batch_size=batch_size,
+                                    augment=augment, name=f"synthetic{i}"))
+    return tasks
+
+
+def conv_flops(warp=True, batch=TASK_BATCH):
+    """FLOPs of one forward pass of `omniglot_model` by hand.
+
+    A 3x3 "same" convolution costs 2·H·W·Cin·Cout·9 FLOPs per image (a multiply-add is 2
+    FLOPs) at its output size H×W. Sizes: conv 28² (1→64), 14², 7², 3² (64→64); warp convs
+    after each pool at 14², 7², 3², 1² (64→64); Dense 64→20. Batch norm, ReLU, pooling
+    and the loss are elementwise (< 1% of the total) and not counted.
+    """
+    task = [(28, 1, 64), (14, 64, 64), (7, 64, 64), (3, 64, 64)]
+    warps = [(14, 64, 64), (7, 64, 64), (3, 64, 64), (1, 64, 64)] if warp else []
+    per_image_task = sum(2 * s * s * ci * co * 9 for s, ci, co in task) + 2 * 64 * NUM_CLASSES
+    per_image_warp = sum(2 * s * s * ci * co * 9 for s, ci, co in warps)
+    fwd = batch * (per_image_task + per_image_warp)
+    # backward = input gradient + weight gradient, each the cost of the forward (the first
+    # conv needs no input gradient: its share is 0.9 MFLOP/image, about 2% of the total)
+    first_conv_input_grad = batch * 2 * 28 * 28 * 1 * 64 * 9
+    return {
+        "forward": fwd,
+        "forward_task_layers": batch * per_image_task,
+        "forward_warp_layers": batch * per_image_warp,
+        "train_step_3x_forward": 3 * fwd,
+        "train_step_exact": 3 * fwd - first_conv_input_grad,
+        "rule": "conv FLOPs = 2*H*W*Cin*Cout*9 per image per forward; a training step "
+                "(forward + input-gradient + weight-gradient) counted as 3x the forward",
+    }
+
+
+# ----------------------------------------------------------------------------------------
+# timing
+
+
+def median(values):
+    return statistics.median(values) if values else float("nan")
+
+
+def time_calls(fn, n, sync=None):
+    """Seconds per call of `fn` over `n` back-to-back calls (`sync(result)` at the end waits
+    for asynchronous work)."""
+    start = time.perf_counter()
+    out = None
+    for _ in range(n):
+        out = fn()
+    if sync is not None:
+        sync(out)
+    return (time.perf_counter() - start) / n
+
+
+def interleave(variants, rounds, calls, warmup=2, sync=None):
+    """Times each variant `calls` times per round, round-robin over `rounds` rounds.
+
+    Args:
+        variants: dict name -> zero-argument callable.
+        rounds: rounds (each gives one sample per variant).
+        calls: calls per sample.
+        warmup: untimed calls of each variant first (tracing, compilation).
+        sync: called on the last result of a sample (e.g. ``.numpy()``).
+
+    Returns:
+        dict name -> {"median_s", "min_s", "samples_s"} (seconds per call).
+    """
+    for fn in variants.values():
+        for _ in range(warmup):
+            out = fn()
+        if sync is not None:
+            sync(out)
+    samples = {k: [] for k in variants}
+    for r in range(rounds):
+        names = list(variants)
+        if r % 2:  # alternate the order so that no variant always follows the same one
+            names.reverse()
+        for name in names:
+            samples[name].append(time_calls(variants[name], calls, sync))
+    return {
+        k: {"median_s": median(v), "min_s": min(v), "samples_s": [round(s, 6) for s in v]}
+        for k, v in samples.items()
+    }
+
+
+def sync_numpy(out):
+    """Waits for a result: converts the first tensor found in it to numpy."""
+    import tensorflow as tf
+
+    stack = [out]
+    while stack:
+        item = stack.pop(0)
+        if isinstance(item, (tf.Tensor, tf.Variable)):
+            item.numpy()
+            return
+        if isinstance(item, (list, tuple)):
+            stack.extend(item)
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+
+
+def matmul_rate(seconds=3.0, n=2048):
+    """GFLOP/s of a compiled n×n float32 matmul (2n³ FLOPs), median of ~`seconds` of runs."""
+    import tensorflow as tf
+
+    a = tf.random.normal((n, n), seed=1)
+    b = tf.random.normal((n, n), seed=2)
+    mm = tf.function(lambda a, b: tf.matmul(a, b))
+    mm(a, b).numpy()
+    samples, start = [], time.perf_counter()
+    while time.perf_counter() - start < seconds or len(samples) < 3:
+        t = time.perf_counter()
+        mm(a, b).numpy()
+        samples.append(time.perf_counter() - t)
+    s = median(samples)
+    return {"n": n, "median_s": s, "gflops": 2 * n**3 / s / 1e9,
+            "best_gflops": 2 * n**3 / min(samples) / 1e9}
+
+
+def finish(name, result, out_path, started):
+    """Adds load and wall time, writes the JSON file and prints it."""
+    result["load_at_end"] = load()
+    result["uptime_at_end"] = uptime_text()
+    result["wall_seconds"] = round(time.time() - started, 1)
+    text = json.dumps(result, indent=1, sort_keys=False, default=_json_default)
+    if out_path and out_path != "-":
+        os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+        with open(out_path, "w") as f:
+            f.write(text + "\n")
+    print(text, flush=True)
+
+
+def _json_default(value):
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def ratio(a, b):
+    return round(a / b, 3) if b else None
+
+
+# ----------------------------------------------------------------------------------------
+# profiling
+
+
+def _op_type(name):
+    """'scope/op_name:OpType' -> 'OpType' for TensorFlow op events of the profiler."""
+    if ":" not in name:
+        return None
+    kind = name.rsplit(":", 1)[1]
+    return kind if kind and kind[0].isalpha() and " " not in kind and "::" not in name else None
+
+
+def profile_ops(fn, calls, logdir, sync=None, top=12):
+    """Runs `fn` `calls` times under `tf.profiler` and splits the wall time into kernel time
+    (per TensorFlow op type) and the rest (Python, dispatch, gaps between kernels).
+
+    Returns a dict: wall per call, busy per call (union of the intervals in which at least
+    one op kernel runs), idle share, and per op type the kernel time per call (summed over
+    threads; two inter-op threads can overlap, so the sum can exceed the busy time).
+    """
+    import glob
+    import shutil
+
+    import tensorflow as tf
+    from tensorflow.tsl.profiler.protobuf import xplane_pb2
+
+    shutil.rmtree(logdir, ignore_errors=True)
+    out = fn()
+    if sync is not None:
+        sync(out)
+    tf.profiler.experimental.start(logdir)
+    start = time.perf_counter()
+    for _ in range(calls):
+        out = fn()
+    if sync is not None:
+        sync(out)
+    wall = time.perf_counter() - start
+    tf.profiler.experimental.stop()
+    files = glob.glob(os.path.join(logdir, "**", "*.xplane.pb"), recursive=True)
+    if not files:
+        return {"error": "no profile written"}
+    space = xplane_pb2.XSpace()
+    with open(files[0], "rb") as f:
+        space.ParseFromString(f.read())
+    by_type, by_name, intervals = {}, {}, []
+    for plane in space.planes:
+        meta = plane.event_metadata
+        for line in plane.lines:
+            for ev in line.events:
+                name = meta[ev.metadata_id].name
+                kind = _op_type(name)
+                if kind is None:
+                    continue
+                ms = ev.duration_ps / 1e9
+                by_type[kind] = by_type.get(kind, 0.0) + ms
+                by_name[name] = by_name.get(name, 0.0) + ms
+                begin = line.timestamp_ns + ev.offset_ps / 1e3
+                intervals.append((begin, begin + ev.duration_ps / 1e3))
+    intervals.sort()
+    busy, cur_b, cur_e = 0.0, None, None
+    for b, e in intervals:
+        if cur_e is None or b > cur_e:
+            if cur_e is not None:
+                busy += cur_e - cur_b
+            cur_b, cur_e = b, e
+        else:
+            cur_e = max(cur_e, e)
+    if cur_e is not None:
+        busy += cur_e - cur_b
+    shutil.rmtree(logdir, ignore_errors=True)
+    total = sum(by_type.values())
+    wall_ms = wall * 1e3 / calls
+    busy_ms = busy / 1e6 / calls
+    types = sorted(by_type.items(), key=lambda kv: -kv[1])
+    names = sorted(by_name.items(), key=lambda kv: -kv[1])
+    return {
+        "calls": calls,
+        "wall_ms_per_call": round(wall_ms, 3),
+        "kernel_busy_ms_per_call": round(busy_ms, 3),
+        "not_in_kernels_share": round(1 - busy_ms / wall_ms, 3) if wall_ms else None,
+        "kernel_ms_per_call_summed_over_threads": round(total / calls, 3),
+        "op_types_ms_per_call": {k: round(v / calls, 3) for k, v in types[:top]},
+        "op_types_share": {k: round(v / total, 3) for k, v in types[:top]} if total else {},
+        "top_ops_ms_per_call": {k: round(v / calls, 3) for k, v in names[:top]},
+    }

@@ -1,0 +1,309 @@
+"""Helpers shared by the example scripts in this folder (not part of the warpkeras API).
+
+Each example is a script, ``python examples/<example>.py --help``, with the same basics:
+
+* ``--output-dir`` (default ``results/<example>/`` under the repository root) receives a
+  results JSON and PNG plots (matplotlib, Agg backend: no display needed);
+* ``--export-dir`` (default ``saved_models/<example>/``) receives the exported SavedModel,
+  ``--no-export`` skips it;
+* ``--seeds 0,1,2`` repeats the experiment over seeds, ``--smoke`` runs a tiny
+  configuration in seconds, ``--verbose 0|1|2`` controls progress output.
+
+Importing this module makes ``import warpkeras`` work from a source checkout (it puts the
+repository root on ``sys.path``), selects the TensorFlow backend of Keras, quietens
+TensorFlow's C++ logging and selects matplotlib's Agg backend.
+"""
+
+import argparse
+import json
+import math
+import os
+import pathlib
+import platform
+import sys
+import time
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+"""The repository root (the folder holding ``warpkeras/`` and ``examples/``)."""
+
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+import numpy as np  # noqa: E402
+
+
+# -- command line --------------------------------------------------------------------------
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keeps the description's line breaks and shows defaults in ``--help``."""
+
+
+def make_parser(example, description):
+    """An `argparse.ArgumentParser` for an example, with the common arguments added.
+
+    Args:
+        example: the example's name (``"omniglot"``); names the default output folders.
+        description: the text shown by ``--help`` (line breaks are kept).
+
+    Returns:
+        The parser; add the example's own arguments to it.
+    """
+    parser = argparse.ArgumentParser(
+        prog=f"python examples/{example}.py", description=description,
+        formatter_class=HelpFormatter,
+    )
+    common = parser.add_argument_group("output and run control")
+    common.add_argument("--output-dir", default=None,
+                        help=f"folder for the results JSON and plots (default: "
+                             f"<repo>/results/{example})")
+    common.add_argument("--export-dir", default=None,
+                        help=f"folder of the exported SavedModel (default: "
+                             f"<repo>/saved_models/{example})")
+    common.add_argument("--no-export", action="store_true", help="do not export a SavedModel")
+    common.add_argument("--seeds", type=int_list, default=None,
+                        help="comma-separated seeds; each seed repeats the whole experiment "
+                             "(default: the preset's)")
+    common.add_argument("--smoke", action="store_true",
+                        help="a tiny configuration that runs end-to-end in seconds (for tests)")
+    common.add_argument("--verbose", type=int, choices=(0, 1, 2), default=1,
+                        help="0: quiet, 1: progress bars, 2: one line per meta step")
+    return parser
+
+
+def int_list(text):
+    """Parses ``"0,1,2"`` into ``[0, 1, 2]`` (an argparse ``type``)."""
+    try:
+        values = [int(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one integer")
+    return values
+
+
+def choice_list(choices):
+    """An argparse ``type`` parsing a comma-separated list of names from `choices`."""
+
+    def parse(text):
+        values = [v.strip() for v in str(text).split(",") if v.strip()]
+        unknown = [v for v in values if v not in choices]
+        if unknown or not values:
+            raise argparse.ArgumentTypeError(
+                f"expected a comma-separated list of {', '.join(choices)}; got {text!r}"
+            )
+        return values
+
+    return parse
+
+
+def output_dirs(args, example):
+    """``(output_dir, export_dir)`` as `pathlib.Path`s; the output folder is created.
+
+    Args:
+        args: parsed arguments with ``output_dir`` and ``export_dir`` (either may be None).
+        example: the example's name, for the default folders.
+    """
+    out = pathlib.Path(args.output_dir) if args.output_dir else REPO_ROOT / "results" / example
+    export = (pathlib.Path(args.export_dir) if args.export_dir
+              else REPO_ROOT / "saved_models" / example)
+    out.mkdir(parents=True, exist_ok=True)
+    return out, export
+
+
+# -- numbers and files --------------------------------------------------------------------
+def stats(values):
+    """``{"mean", "std", "n", "values"}`` of a list of numbers (NaNs dropped)."""
+    values = [float(v) for v in values if v is not None and np.isfinite(v)]
+    if not values:
+        return {"mean": None, "std": None, "n": 0, "values": []}
+    return {"mean": float(np.mean(values)), "std": float(np.std(values)), "n": len(values),
+            "values": values}
+
+
+def confidence95(values):
+    """Half-width of the normal-approximation 95% confidence interval of the mean."""
+    values = [float(v) for v in values if v is not None and np.isfinite(v)]
+    if len(values) < 2:
+        return None
+    return float(1.96 * np.std(values, ddof=1) / math.sqrt(len(values)))
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        value = float(obj)
+        return value if math.isfinite(value) else None
+    if isinstance(obj, (np.bool_,)):
+        return bool(obj)
+    if isinstance(obj, pathlib.PurePath):
+        return str(obj)
+    if obj is None or isinstance(obj, (str, int, bool)):
+        return obj
+    return repr(obj)
+
+
+def write_json(path, data):
+    """Writes `data` as indented JSON (numpy values converted, NaN/inf written as null).
+
+    Returns:
+        The path written.
+    """
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(_jsonable(data), indent=2) + "\n")
+    return path
+
+
+def environment():
+    """Versions and machine facts worth keeping next to results."""
+    import keras
+    import tensorflow as tf
+
+    return {
+        "python": platform.python_version(),
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "numpy": np.__version__,
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "gpus": len(tf.config.list_physical_devices("GPU")),
+        "command": " ".join(sys.argv),
+    }
+
+
+class Stopwatch:
+    """A context manager measuring wall time: ``with Stopwatch() as t: ...; t.seconds``."""
+
+    def __enter__(self):
+        self.start = time.perf_counter()
+        self.seconds = 0.0
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.start
+        return False
+
+
+def format_stat(stat, scale=100.0, digits=1):
+    """``"59.6 ± 3.1"`` from a `stats` dict (values scaled, e.g. to percent)."""
+    if not stat or stat.get("mean") is None:
+        return "n/a"
+    return f"{stat['mean'] * scale:.{digits}f} ± {stat['std'] * scale:.{digits}f}"
+
+
+def print_table(headers, rows):
+    """Prints rows of strings as an aligned plain-text table."""
+    rows = [[str(c) for c in row] for row in rows]
+    widths = [max(len(str(h)), *(len(r[i]) for r in rows)) if rows else len(str(h))
+              for i, h in enumerate(headers)]
+    line = "  ".join(str(h).ljust(w) for h, w in zip(headers, widths))
+    print(line)
+    print("-" * len(line))
+    for row in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)))
+
+
+# -- plots -----------------------------------------------------------------------------------
+def pyplot():
+    """`matplotlib.pyplot` on the Agg backend (writes files, needs no display)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path):
+    """Saves a figure as PNG (tight layout, 120 dpi), closes it, and returns the path."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    pyplot().close(fig)
+    return path
+
+
+def plot_band(ax, x, mean, std=None, label=None, **kwargs):
+    """A line with a shaded ±std band on `ax`."""
+    x = np.asarray(x, dtype=float)
+    mean = np.asarray(mean, dtype=float)
+    (line,) = ax.plot(x, mean, label=label, **kwargs)
+    if std is not None:
+        std = np.asarray(std, dtype=float)
+        ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2,
+                        linewidth=0)
+    return line
+
+
+def bar_plot(path, labels, means, errors=None, ylabel="", title="", groups=None):
+    """A bar chart with error bars, saved as PNG.
+
+    Args:
+        path: the PNG file.
+        labels: one label per bar, or (with `groups`) one per series.
+        means: bar heights; with `groups`, a list (one per series) of lists (one per group).
+        errors: error-bar half-widths in the same layout as `means` (or None).
+        ylabel, title: axis label and title.
+        groups: optional group names along the x axis (grouped bars, one colour per series).
+
+    Returns:
+        The path written.
+    """
+    plt = pyplot()
+    if groups is None:
+        fig, ax = plt.subplots(figsize=(max(5.0, 0.7 * len(labels) + 2), 4.5))
+        x = np.arange(len(labels))
+        ax.bar(x, means, yerr=errors, capsize=4, color="tab:blue", alpha=0.85)
+        ax.set_xticks(x)
+        ax.set_xticklabels(labels, rotation=30 if len(labels) > 4 else 0, ha="right"
+                           if len(labels) > 4 else "center")
+    else:
+        fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(groups) + 2), 4.5))
+        width = 0.8 / max(1, len(labels))
+        x = np.arange(len(groups))
+        for i, label in enumerate(labels):
+            err = None if errors is None else errors[i]
+            ax.bar(x + (i - (len(labels) - 1) / 2) * width, means[i], width, yerr=err,
+                   capsize=4, label=label, alpha=0.85)
+        ax.set_xticks(x)
+        ax.set_xticklabels(groups)
+        ax.legend()
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(axis="y", alpha=0.3)
+    return save_figure(fig, path)
+
+
+# -- export -----------------------------------------------------------------------------------
+def export_model(model, path, **adaptive_kwargs):
+    """Exports a meta-learned model as a TensorFlow SavedModel.
+
+    Uses `warpkeras.export.export_adaptive` (signatures ``serving_default``, ``adapt`` and
+    ``adapt_and_predict``: the SavedModel adapts itself to a new task) with
+    `adaptive_kwargs` (``loss``, ``learning_rate``, ``steps``, ...). If that module is not
+    available, falls back to Keras's ``model.export(path)`` (a ``serve`` endpoint only).
+
+    Returns:
+        A dict describing what was written: ``path``, ``format`` and ``signatures``.
+    """
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        from warpkeras.export import SIGNATURES, export_adaptive
+    except ImportError:
+        model.export(str(path), verbose=False)
+        return {"path": str(path), "format": "keras_export", "signatures": ["serve"]}
+    export_adaptive(model, str(path), **adaptive_kwargs)
+    return {"path": str(path), "format": "warpkeras.export_adaptive",
+            "signatures": list(SIGNATURES), "settings": dict(adaptive_kwargs)}

@@ -1,0 +1,317 @@
+"""Tests of `warpkeras.export`: SavedModels that adapt themselves, served by TensorFlow alone.
+
+The exported models are loaded in a fresh Python process that imports only TensorFlow
+(warpkeras is not importable there), so the signatures are checked to need nothing from
+this library. One such process runs every check; `saved_model_cli` runs beside it.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import warpkeras
+from warpkeras import export as wexport
+
+STEPS, LR, MOMENTUM = 3, 0.1, 0.5
+
+FRESH_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import numpy as np
+    result = {}
+    try:
+        import warpkeras  # noqa: F401
+        result["warpkeras_importable"] = True
+    except ImportError:
+        result["warpkeras_importable"] = False
+    import tensorflow as tf
+
+    work = sys.argv[1]
+    data = dict(np.load(work + "/inputs.npz"))
+    out = {}
+    cls = tf.saved_model.load(work + "/cls-adaptive")
+    reg = tf.saved_model.load(work + "/reg-adaptive")
+    adapted = tf.saved_model.load(work + "/cls-adapted")
+    result["signatures"] = sorted(cls.signatures.keys())
+    x, y, q = (tf.constant(data[k]) for k in ("x", "y", "q"))
+    steps = tf.constant(data["steps"])
+    out["cls_serve"] = cls.signatures["serving_default"](x=q)["predictions"].numpy()
+    for name, value in cls.signatures["adapt"](x=x, y=y, steps=steps).items():
+        out["cls_adapt/" + name] = value.numpy()
+    out["cls_adapt_predict"] = cls.signatures["adapt_and_predict"](
+        x=x, y=y, steps=steps, queries=q)["predictions"].numpy()
+    rx, ry, rq = (tf.constant(data[k]) for k in ("rx", "ry", "rq"))
+    for name, value in reg.signatures["adapt"](x=rx, y=ry, steps=steps).items():
+        out["reg_adapt/" + name] = value.numpy()
+    out["reg_adapt_predict"] = reg.signatures["adapt_and_predict"](
+        x=rx, y=ry, steps=steps, queries=rq)["predictions"].numpy()
+    out["adapted_serve"] = adapted.signatures["serving_default"](q)
+    out["adapted_serve"] = list(out["adapted_serve"].values())[0].numpy()
+    result["metadata"] = {k: (v.numpy().decode() if v.dtype == tf.string else v.numpy().item())
+                          for k, v in cls.metadata().items()}
+
+    bad = {
+        "feature_size": dict(x=x[:, :-1]),
+        "rank": dict(x=x[0]),
+        "lengths": dict(y=y[:-2]),
+        "negative_steps": dict(steps=tf.constant(-1)),
+        "too_many_steps": dict(steps=tf.constant(10 ** 6)),
+        "labels": dict(y=y + 10),
+        "empty": dict(x=x[:0], y=y[:0]),
+        "queries": dict(queries=q[:, :, None]),
+    }
+    errors = {}
+    for case, override in bad.items():
+        kwargs = dict(x=x, y=y, steps=steps, queries=q)
+        kwargs.update(override)
+        try:
+            cls.signatures["adapt_and_predict"](**kwargs)
+            errors[case] = ["no error", ""]
+        except Exception as err:
+            errors[case] = [type(err).__name__, getattr(err, "message", str(err))]
+    result["errors"] = errors
+    # The process still serves after the bad requests.
+    again = cls.signatures["adapt_and_predict"](x=x, y=y, steps=steps, queries=q)
+    out["again"] = again["predictions"].numpy()
+    result["warpkeras_loaded"] = "warpkeras" in sys.modules
+    np.savez(work + "/outputs.npz", **out)
+    with open(work + "/result.json", "w") as f:
+        json.dump(result, f)
+    """
+)
+
+
+def _classifier():
+    inp = keras.Input((6,))
+    h = keras.layers.Dense(8, name="hidden")(inp)
+    h = keras.layers.BatchNormalization(name="bn")(h)
+    h = keras.layers.Activation("relu")(h)
+    h = warpkeras.warp(keras.layers.Dense(8, activation="tanh", name="warp_dense"))(h)
+    out = keras.layers.Dense(3, name="head")(h)
+    model = keras.Model(inp, out, name="classifier")
+    bn = model.get_layer("bn")
+    rng = np.random.default_rng(5)
+    bn.moving_mean.assign(rng.normal(size=8).astype("float32") * 0.1)
+    bn.moving_variance.assign(1.0 + rng.random(8).astype("float32"))
+    return model
+
+
+def _regressor():
+    return keras.Sequential(
+        [
+            keras.Input((2,)),
+            keras.layers.Dense(8, activation="tanh"),
+            warpkeras.warp(keras.layers.Dense(8)),
+            keras.layers.Dense(1),
+        ],
+        name="regressor",
+    )
+
+
+def _saved_model_cli():
+    found = shutil.which("saved_model_cli")
+    sibling = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
+    if os.path.exists(sibling):
+        return sibling
+    return found
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    keras.utils.set_random_seed(11)
+    work = tmp_path_factory.mktemp("export")
+    rng = np.random.default_rng(0)
+    data = {
+        "x": rng.normal(size=(12, 6)).astype("float32"),
+        "y": (np.arange(12) % 3).astype("int64"),
+        "q": rng.normal(size=(5, 6)).astype("float32"),
+        "rx": rng.normal(size=(10, 2)).astype("float32"),
+        "ry": rng.normal(size=(10, 1)).astype("float32"),
+        "rq": rng.normal(size=(4, 2)).astype("float32"),
+        "steps": np.int32(STEPS),
+    }
+    np.savez(work / "inputs.npz", **data)
+
+    cls, reg = _classifier(), _regressor()
+    cls_kwargs = dict(loss="sparse_categorical_crossentropy", from_logits=True,
+                      learning_rate=LR, momentum=MOMENTUM)
+    reg_kwargs = dict(loss=keras.losses.MeanSquaredError(), learning_rate=LR)
+    wexport.export_adaptive(cls, str(work / "cls-adaptive"), steps=STEPS, max_steps=100,
+                            **cls_kwargs)
+    wexport.export_adaptive(reg, str(work / "reg-adaptive"), steps=STEPS, **reg_kwargs)
+    adapted = wexport.adapt(cls, data["x"], data["y"], STEPS, **cls_kwargs)
+    adapted.export(str(work / "cls-adapted"), verbose=False)
+
+    expected = {
+        "cls_serve": cls.predict(data["q"], verbose=0),
+        "cls_adapt_predict": adapted.predict(data["q"], verbose=0),
+        "adapted_serve": adapted.predict(data["q"], verbose=0),
+    }
+    values = wexport.adapt_task_values(cls, data["x"], data["y"], STEPS, **cls_kwargs)
+    expected.update({"cls_adapt/" + k: v.numpy() for k, v in values.items()})
+    reg_values = wexport.adapt_task_values(reg, data["rx"], data["ry"], STEPS, **reg_kwargs)
+    expected.update({"reg_adapt/" + k: v.numpy() for k, v in reg_values.items()})
+    reg_adapted = wexport.adapt(reg, data["rx"], data["ry"], STEPS, **reg_kwargs)
+    expected["reg_adapt_predict"] = reg_adapted.predict(data["rq"], verbose=0)
+
+    # A process that cannot import warpkeras: a temporary working directory and no
+    # PYTHONPATH (warpkeras is not installed in the environment, only on the test path).
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSTARTUP")}
+    env.update(PYTHONPATH="", TF_CPP_MIN_LOG_LEVEL="2", PYTHONNOUSERSITE="1")
+    fresh = subprocess.Popen(
+        [sys.executable, "-c", FRESH_SCRIPT, str(work)], cwd=str(work), env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    cli = _saved_model_cli()
+    cli_proc = None
+    if cli:
+        cli_proc = subprocess.Popen(
+            [cli, "show", "--all", "--dir", str(work / "cls-adaptive")], cwd=str(work),
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+    stdout, stderr = fresh.communicate(timeout=240)
+    assert fresh.returncode == 0, f"fresh process failed:\n{stdout}\n{stderr[-4000:]}"
+    cli_out = None
+    if cli_proc is not None:
+        cli_out, cli_err = cli_proc.communicate(timeout=240)
+        assert cli_proc.returncode == 0, cli_err[-4000:]
+    with open(work / "result.json") as f:
+        result = json.load(f)
+    outputs = dict(np.load(work / "outputs.npz"))
+    return dict(result=result, outputs=outputs, expected=expected, cli=cli_out,
+                names=list(values), cls=cls, data=data)
+
+
+def test_fresh_process_does_not_use_warpkeras(exported):
+    result = exported["result"]
+    assert result["warpkeras_importable"] is False
+    assert result["warpkeras_loaded"] is False
+    assert result["signatures"] == ["adapt", "adapt_and_predict", "serving_default"]
+
+
+def test_signatures_match_in_process_results(exported):
+    outputs, expected = exported["outputs"], exported["expected"]
+    names = exported["names"]
+    assert names == warpkeras.export.task_parameter_names(exported["cls"])
+    # Untagged layers (here the batch norm's scale and offset) are task variables.
+    assert names == ["hidden_kernel", "hidden_bias", "bn_gamma", "bn_beta", "head_kernel",
+                     "head_bias"]
+    for key, want in expected.items():
+        assert key in outputs, key
+        np.testing.assert_allclose(outputs[key], want, rtol=1e-5, atol=1e-6, err_msg=key)
+    np.testing.assert_allclose(outputs["again"], expected["cls_adapt_predict"], rtol=1e-5,
+                               atol=1e-6)
+    # Adaptation did something: the adapted head differs from θ0.
+    head = exported["cls"].get_layer("head").kernel.numpy()
+    assert np.abs(outputs["cls_adapt/head_kernel"] - head).max() > 1e-4
+
+
+def test_adapted_model_export_matches(exported):
+    np.testing.assert_allclose(exported["outputs"]["adapted_serve"],
+                               exported["expected"]["adapted_serve"], rtol=1e-5, atol=1e-6)
+
+
+def test_metadata(exported):
+    meta = exported["result"]["metadata"]
+    assert meta["default_steps"] == STEPS
+    assert meta["max_steps"] == 100
+    assert meta["learning_rate"] == pytest.approx(LR)
+    assert meta["momentum"] == pytest.approx(MOMENTUM)
+    assert meta["label_dtype"] == "int64"
+    assert "from_logits=True" in meta["loss"]
+
+
+@pytest.mark.parametrize(
+    "case,message",
+    [
+        ("feature_size", "`x` must have shape [batch, 6] (rank 2); got shape] [12 5]"),
+        ("rank", "`x` must have shape [batch, 6] (rank 2); got shape] [6]"),
+        ("lengths", "`x` and `y` must hold the same number of examples; got] [12] [and] [10]"),
+        ("negative_steps", "`steps` must be >= 0; got] [-1]"),
+        ("too_many_steps", "`steps` must be <= 100"),
+        ("labels", "class labels in `y` must lie in [0, 3)"),
+        ("empty", "`x` must hold at least one example"),
+        ("queries", "`queries` must have shape [batch, 6] (rank 2); got shape] [5 6 1]"),
+    ],
+)
+def test_bad_inputs_raise_readable_errors(exported, case, message):
+    kind, text = exported["result"]["errors"][case]
+    assert kind == "InvalidArgumentError", (case, kind, text)
+    assert message in text, text
+    assert "adapt_and_predict:" in text
+
+
+def test_saved_model_cli_lists_signatures(exported):
+    if exported["cli"] is None:
+        pytest.skip("saved_model_cli is not installed")
+    out = exported["cli"]
+    for name in ("serving_default", "adapt", "adapt_and_predict"):
+        assert f"signature_def['{name}']" in out
+    assert "inputs['steps']" in out and "inputs['queries']" in out
+
+
+# --- in-process behaviour ---------------------------------------------------------------
+def test_zero_steps_returns_theta0_and_adaptation_lowers_loss():
+    model = _regressor()
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(16, 2)).astype("float32")
+    y = (x[:, :1] * 2.0 - x[:, 1:]).astype("float32")
+    values = wexport.adapt_task_values(model, x, y, 0, loss="mse", learning_rate=0.1)
+    part = warpkeras.partition(model)
+    for v, got in zip(part.task_variables, values.values()):
+        np.testing.assert_array_equal(v.numpy(), got.numpy())
+    before = float(keras.losses.mean_squared_error(y, model(x)).numpy().mean())
+    adapted = wexport.adapt(model, x, y, 20, loss="mse", learning_rate=0.1)
+    after = float(keras.losses.mean_squared_error(y, adapted(x)).numpy().mean())
+    assert after < 0.5 * before
+    assert warpkeras.role_of(adapted.layers[1]) == "warp"  # tags survive the copy
+    # The warp was not adapted.
+    np.testing.assert_array_equal(adapted.layers[1].kernel.numpy(),
+                                  model.layers[1].kernel.numpy())
+    # In place.
+    same = wexport.adapt(model, x, y, 20, loss="mse", learning_rate=0.1, copy=False)
+    assert same is model
+    for a, b in zip(model.get_weights(), adapted.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_in_process_bad_inputs_raise():
+    model = _regressor()
+    x = np.zeros((4, 3), "float32")
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"`x` must have shape"):
+        wexport.adapt(model, x, np.zeros((4, 1), "float32"), 2, loss="mse")
+
+
+def test_export_argument_errors(tmp_path):
+    model = _regressor()
+    with pytest.raises(ValueError, match="Unknown loss"):
+        wexport.export_adaptive(model, str(tmp_path / "a"), loss="no_such_loss")
+    with pytest.raises(ValueError, match="does not take from_logits"):
+        wexport.export_adaptive(model, str(tmp_path / "a"), loss="mse", from_logits=True)
+    with pytest.raises(ValueError, match="No loss"):
+        wexport.export_adaptive(model, str(tmp_path / "a"))
+    with pytest.raises(ValueError, match="steps must be"):
+        wexport.export_adaptive(model, str(tmp_path / "a"), loss="mse", steps=-1)
+    with pytest.raises(ValueError, match="learning_rate"):
+        wexport.export_adaptive(model, str(tmp_path / "a"), loss="mse", learning_rate=0.0)
+
+    class Sub(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.d = keras.layers.Dense(1)
+
+        def call(self, x):
+            return self.d(x)
+
+    sub = Sub()
+    sub(np.zeros((1, 2), "float32"))
+    with pytest.raises(ValueError, match="input_spec"):
+        wexport.export_adaptive(sub, str(tmp_path / "a"), loss="mse")
