@@ -337,3 +337,25 @@ def test_multi_headed_finetuning_resets_head_for_evaluation():
     assert_lists_close(model.get_layer("task").get_weights(), head0)
     with pytest.raises(warpkeras.MetaTrainingError, match="head_layers"):
         warpkeras.FineTuneTrainer(plain_model(), "mse")
+
+
+def test_trainer_exports_an_adaptive_savedmodel(tmp_path):
+    model = linear_warp_model()
+    trainer = warpkeras.WarpTrainer(model, "mse", mode="online", init_objective="leap",
+                                    inner_steps=2, meta_batch_size=2, inner_momentum=0.5)
+    trainer.fit(ill_conditioned_task, meta_steps=1, verbose=0)
+    trainer.export(str(tmp_path / "sm"))
+    served = tf.saved_model.load(str(tmp_path / "sm"))
+    x = np.random.default_rng(0).normal(size=(5, 4)).astype("float32")
+    np.testing.assert_allclose(served.signatures["serving_default"](x=tf.constant(x))["predictions"],
+                               model(x), rtol=1e-5, atol=1e-6)
+    # the adapt signature runs the trainer's inner rule (heavy-ball, α, μ) in the graph
+    y = x @ np.ones((4, 1), "float32")
+    adapted = served.signatures["adapt"](x=tf.constant(x), y=tf.constant(y), steps=tf.constant(2))
+    p = trainer.partition
+    theta, v = p.initial_task_values(), None
+    for _ in range(2):
+        step = obj.task_step(p, keras.losses.get("mse"), theta, p.warp_values(), (x, y), 0.1,
+                             momentum=0.5, velocity=v)
+        theta, v = step.theta, step.velocity
+    np.testing.assert_allclose(list(adapted.values())[0], theta[0], rtol=1e-5, atol=1e-6)

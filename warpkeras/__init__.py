@@ -38,3 +38,7 @@ from warpkeras.trainers import (  # noqa: E402
     ReptileTrainer,
     WarpTrainer,
 )
+from warpkeras import callbacks, export, optimizers  # noqa: E402
+from warpkeras.callbacks import LeapCallback  # noqa: E402
+from warpkeras.export import export_adaptive  # noqa: E402
+from warpkeras.optimizers import WarpGrad  # noqa: E402

@@ -141,13 +141,16 @@ def _model_input_spec(model):
     return tf.TensorSpec([None] + shape[1:], tf.as_dtype(inputs[0].dtype))
 
 
-def _output_spec(model, x_spec):
+def _output_spec(part, x_spec):
     dims = [1 if d is None else d for d in x_spec.shape.as_list()[1:]]
-    y = model(tf.zeros([1] + dims, x_spec.dtype), training=False)
-    if not isinstance(y, (tf.Tensor, np.ndarray)) and not hasattr(y, "shape"):
+    y, _ = part.call(
+        part.initial_task_values(), part.warp_values(), tf.zeros([1] + dims, x_spec.dtype),
+        training=False,
+    )
+    if not hasattr(y, "shape") or not hasattr(y, "dtype"):
         raise ValueError(
-            f"Model '{model.name}' returns {type(y).__name__}; export_adaptive supports "
-            "models with a single output tensor."
+            f"Model '{part.model.name}' returns {type(y).__name__}; export_adaptive "
+            "supports models with a single output tensor."
         )
     y = tf.convert_to_tensor(y)
     return tf.TensorSpec([None] + y.shape.as_list()[1:], y.dtype)
@@ -258,7 +261,7 @@ class _Program:
         self.max_steps = max_steps
         x_spec = _as_spec(input_spec, "input_spec", keras.config.floatx())
         self.x_spec = x_spec if x_spec is not None else _model_input_spec(model)
-        self.out_spec = _output_spec(model, self.x_spec)
+        self.out_spec = _output_spec(self.partition, self.x_spec)
         y_spec = _as_spec(label_spec, "label_spec", self.out_spec.dtype)
         self.y_spec = y_spec if y_spec is not None else _default_label_spec(
             self.out_spec, self.sparse
@@ -490,9 +493,12 @@ def export_adaptive(
     Returns:
         The path written.
     """
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 0:
         raise ValueError(f"steps must be an integer >= 0; got {steps!r}.")
-    if steps > max_steps:
+    if isinstance(max_steps, np.integer):
+        max_steps = int(max_steps)
+    steps = int(steps)
+    if isinstance(max_steps, int) and steps > max_steps:
         raise ValueError(f"steps={steps} exceeds max_steps={max_steps}.")
     program = _Program(model, loss, from_logits, learning_rate, momentum, training,
                        input_spec, label_spec, untagged, max_steps)

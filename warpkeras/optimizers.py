@@ -76,15 +76,16 @@ class WarpGrad(keras.optimizers.Optimizer):
 
         L_meta(θ_{k−1} − α sg[∇L_task(θ_{k−1}; φ)]; φ)
 
-    has φ-gradient ∂L(θ_k; φ)/∂φ evaluated on fresh data (batch k), which is exactly the warp
-    gradient Keras computes for batch k. So the warp gradient of batch k (k ≥ 1) is credited
-    to the inner step k−1 → k, with batch k−1 as the task batch and batch k as the meta
-    batch. The warp gradient of the very first batch (k = 0) is evaluated at θ_0, where no
-    inner step precedes it: it is the meta-loss at the initialisation and is included as it
-    comes. With any other inner rule (momentum, Adam) the same holds with θ_k produced by
+    has φ-gradient ∂L(θ_k; φ)/∂φ evaluated on fresh data (batch k), which is exactly the
+    warp gradient Keras computes for batch k. So the warp gradient of batch k (k ≥ 1) is
+    credited to the inner step k−1 → k, with batch k−1 as the task batch and batch k as the
+    meta batch. The warp gradient of the very first batch (k = 0) is evaluated at θ_0, where
+    no inner step precedes it: it is the meta-loss at the initialisation and is included as
+    it comes. With any other inner rule (momentum, Adam) the same holds with θ_k produced by
     that rule. When a meta-update falls between batches k−1 and k, the gradient of batch k
-    is taken at the new φ (the online algorithm's usual one-step lag). Meta-updates happen after batches η−1, 2η−1, ... (counting from 0); the
-    accumulator and its count persist across ``fit`` calls and through ``model.save``.
+    is taken at the new φ (the online algorithm's usual one-step lag). Meta-updates happen
+    after batches η−1, 2η−1, ... (counting from 0); the accumulator and its count persist
+    across ``fit`` calls and through ``model.save``.
 
     **Finding task and warp variables.** Roles come from the tags of `warpkeras.warp` /
     `warpkeras.task` (and ``untagged``), resolved with `warpkeras.partition` when the

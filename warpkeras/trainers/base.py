@@ -897,6 +897,30 @@ class MetaTrainer:
         return history
 
     # ------------------------------------------------------------------------------------
+    # export
+    def export(self, path, steps=None, **kwargs):
+        """Exports the meta-learned model as an adaptive SavedModel (see
+        `warpkeras.export_adaptive`) with this trainer's loss, inner learning rate and
+        momentum: `serving_default` predicts with θ0 and φ, `adapt` and `adapt_and_predict`
+        run `steps` warped SGD steps on a support set inside the graph.
+
+        Args:
+            path: the SavedModel folder.
+            steps: default adaptation steps recorded in the metadata (default
+                `inner_steps`).
+            **kwargs: forwarded to `warpkeras.export_adaptive` (e.g. ``from_logits``,
+                ``training``, ``input_spec``).
+        """
+        from warpkeras.export import export_adaptive
+
+        kwargs.setdefault("training", self.eval_training_mode)
+        kwargs.setdefault("untagged", self.partition.untagged)
+        return export_adaptive(
+            self.model, path, loss=self.loss, learning_rate=float(self.inner_lr.numpy()),
+            momentum=float(self.inner_mu.numpy()) if self.use_momentum else None,
+            steps=self.inner_steps if steps is None else int(steps), **kwargs)
+
+    # ------------------------------------------------------------------------------------
     # evaluation
     def adapt(self, task, steps=None, seed=0, eval_every=None, record=True):
         """Adapts θ from θ0 on `task` for `steps` SGD steps with φ frozen.
