@@ -85,19 +85,37 @@ def _zeros_like(values):
     return [tf.zeros_like(v) for v in values]
 
 
-class _Accumulator:
-    """Sums lists of gradients in Python (a handful of adds per task)."""
+class _Packer:
+    """Packs a list of tensors into one flat tensor per dtype, and back.
 
-    def __init__(self):
-        self.total, self.count = None, 0
+    Compiled steps take and return θ, momentum and state packed this way: a handful of
+    arguments instead of one per variable keeps the cost of calling a `tf.function` small
+    next to the step itself.
+    """
 
-    def add(self, grads, weight=1):
-        grads = [tf.convert_to_tensor(g) for g in grads]
-        self.total = grads if self.total is None else [a + g for a, g in zip(self.total, grads)]
-        self.count += weight
+    def __init__(self, variables):
+        self.shapes = [tuple(v.shape) for v in variables]
+        self.dtypes = [tf.as_dtype(v.dtype) for v in variables]
+        self.groups = []
+        for d in self.dtypes:
+            if d not in self.groups:
+                self.groups.append(d)
+        self.index = [[i for i, d in enumerate(self.dtypes) if d == g] for g in self.groups]
+        self.sizes = [int(np.prod(s)) for s in self.shapes]
 
-    def mean(self):
-        return [t / float(self.count) for t in self.total]
+    def pack(self, values):
+        values = list(values)
+        return tuple(
+            tf.concat([tf.reshape(values[i], [-1]) for i in idx], axis=0) for idx in self.index
+        )
+
+    def unpack(self, packed):
+        out = [None] * len(self.shapes)
+        for flat, idx in zip(packed, self.index):
+            pieces = tf.split(flat, [self.sizes[i] for i in idx]) if len(idx) > 1 else [flat]
+            for i, piece in zip(idx, pieces):
+                out[i] = tf.reshape(piece, self.shapes[i])
+        return out
 
 
 class MetaTrainer:
@@ -381,112 +399,156 @@ class MetaTrainer:
 
     def _build_functions(self):
         p, loss_fn = self.partition, self.loss
-        fn = lambda f: tf.function(f, jit_compile=self.jit_compile, reduce_retracing=True)  # noqa: E731
         self.trace_counts = {}
+        self._theta_packer = _Packer(self.partition.task_variables)
+        self._phi_packer = _Packer(self.partition.warp_variables)
+        self._state_packer = _Packer(self.partition.state_variables)
+        tp, pp, sp = self._theta_packer, self._phi_packer, self._state_packer
 
-        def counted(name, f):
-            def wrapper(*args):
+        def traced(name):
+            def on_trace():
                 self.trace_counts[name] = self.trace_counts.get(name, 0) + 1
-                return f(*args)
-            wrapper.__name__ = name
-            return fn(wrapper)
+            return on_trace
 
-        def inner_step(theta, velocity, state, x, y, training):
-            phi = self._phi()
-            step = obj.task_step(
-                p, loss_fn, theta, phi, (x, y), self.inner_lr, momentum=self._mu(),
-                velocity=velocity if self.use_momentum else None, state=state,
-                training=training,
-            )
-            finite = tf.logical_and(tf.math.is_finite(step.loss), _all_finite(step.gradients))
-            return (step.theta, step.velocity if self.use_momentum else [], step.state,
-                    step.loss, step.gradients, self._metric(y, step.outputs), finite)
-
-        self._inner_step = counted("inner_step", lambda t, v, s, x, y: inner_step(t, v, s, x, y, True))
-
-        def step_distance(theta_prev, theta_next):
-            return obj._flat_sq_norm([b - a for a, b in zip(theta_prev, theta_next)])
-
-        self._step_distance = counted("step_distance", step_distance)
-
-        def warp_step(theta, velocity, state, x, y, meta_batch):
-            """One inner step plus ∇φ of Eq. 3 at θ (fused: one task forward/backward)."""
-            phi = self._phi()
+        def hyper_sources():
             lr = tf.identity(self.inner_lr)
             mu = tf.identity(self.inner_mu) if self.use_momentum else None
-            theta = [tf.stop_gradient(t) for t in theta]
+            return lr, mu
+
+        def run_step(theta, velocity, state, x, y, meta_batch, warp):
+            """One inner step at packed θ_k; with `warp`, also ∇φ (and ∇α, ∇μ) of Eq. 3."""
+            phi = self._phi()
+            theta_l = [tf.stop_gradient(t) for t in tp.unpack(theta)]
+            velocity_l = ([tf.stop_gradient(v) for v in tp.unpack(velocity)]
+                          if self.use_momentum else None)
+            state_l = sp.unpack(state)
+            lr, mu = hyper_sources()
+            if not warp:
+                step = obj.task_step(p, loss_fn, theta_l, phi, (x, y), lr, momentum=mu,
+                                     velocity=velocity_l, state=state_l)
+                return step, None, None, None
             with tf.GradientTape() as tape:
                 tape.watch(phi)
                 tape.watch(lr)
                 if mu is not None:
                     tape.watch(mu)
-                step = obj.task_step(
-                    p, loss_fn, theta, phi, (x, y), lr, momentum=mu,
-                    velocity=velocity if self.use_momentum else None, state=state,
-                    stop_inner_gradient=not self.exact,
-                )
-                meta = self._meta_value(step.theta, phi, meta_batch, state)
-            sources = [phi, lr, mu] if mu is not None else [phi, lr]
-            grads = tape.gradient(meta, sources,
-                                  unconnected_gradients=tf.UnconnectedGradients.ZERO)
-            g_phi, g_lr = grads[0], grads[1]
-            g_mu = grads[2] if mu is not None else tf.zeros_like(lr)
-            new_theta = [tf.stop_gradient(t) for t in step.theta]
-            new_velocity = [tf.stop_gradient(v) for v in step.velocity] if mu is not None else []
-            grads_theta = [tf.stop_gradient(g) for g in step.gradients]
-            finite = tf.logical_and(
-                tf.logical_and(tf.math.is_finite(step.loss), tf.math.is_finite(meta)),
-                tf.logical_and(_all_finite(g_phi), _all_finite(grads_theta)),
-            )
-            return (new_theta, new_velocity, step.state, step.loss, grads_theta,
-                    self._metric(y, step.outputs), meta, g_phi, g_lr, g_mu, finite)
+                step = obj.task_step(p, loss_fn, theta_l, phi, (x, y), lr, momentum=mu,
+                                     velocity=velocity_l, state=state_l,
+                                     stop_inner_gradient=not self.exact)
+                meta = self._meta_value(step.theta, phi, meta_batch, state_l)
+            sources = [phi, lr] + ([mu] if mu is not None else [])
+            grads = tape.gradient(meta, sources, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            hyper = [g for g, on in zip(grads[1:], (self.learn_lr, self.learn_mu)) if on]
+            hyper = tf.stack(hyper) if hyper else tf.zeros([0], lr.dtype)
+            return step, meta, pp.pack(grads[0]), hyper
 
-        self._warp_step = counted("warp_step", warp_step)
+        leap = self.init_objective == "leap"
+        online_warp = self.warp_mode in ("online", "continual")
 
-        def evaluate_point(theta, state, x, y, training):
+        def leap_increment(prev_theta, theta, prev_loss, loss, prev_grad):
+            return obj.leap_meta_gradient(
+                list(prev_theta), list(theta), prev_loss, loss, list(prev_grad),
+                norm=self.leap_norm, sign_correction=self.leap_sign_correction,
+                loss_in_path=self.leap_loss_in_path)
+
+        def meta_step_fn(carry, x, y, meta_batch):
+            """One adaptation step of one task during meta-training, carrying everything the
+            objectives accumulate (all parameters packed into one flat tensor per dtype)."""
+            step, meta, g_phi, g_hyper = run_step(carry["theta"], carry.get("velocity"),
+                                                  carry["state"], x, y, meta_batch, online_warp)
+            new = dict(carry)
+            new["theta"] = tp.pack([tf.stop_gradient(t) for t in step.theta])
+            if self.use_momentum:
+                new["velocity"] = tp.pack([tf.stop_gradient(v) for v in step.velocity])
+            new["state"] = sp.pack(step.state)
+            grads = tp.pack([tf.stop_gradient(g) for g in step.gradients])
+            finite = tf.logical_and(tf.math.is_finite(step.loss),
+                                    tf.reduce_all([_all_finite(grads)]))
+            out = {"loss": step.loss, "metric": self._metric(y, step.outputs)}
+            if online_warp:
+                finite = tf.logical_and(finite, tf.math.is_finite(meta))
+                finite = tf.logical_and(finite, _all_finite(g_phi))
+                out["meta"] = meta
+                if self.warp_mode == "online":
+                    new["warp_acc"] = tuple(a + g for a, g in zip(carry["warp_acc"], g_phi))
+                    new["hyper_acc"] = carry["hyper_acc"] + g_hyper
+                else:
+                    out["g_phi"], out["g_hyper"] = g_phi, g_hyper
+            if leap:
+                inc = leap_increment(carry["prev_theta"], carry["theta"], carry["prev_loss"],
+                                     step.loss, carry["prev_grad"])
+                new["leap"] = tuple(a + carry["has_prev"] * i for a, i in zip(carry["leap"], inc))
+                new["prev_theta"], new["prev_grad"] = carry["theta"], grads
+                new["prev_loss"] = step.loss
+                new["has_prev"] = tf.ones_like(carry["has_prev"])
+            out["finite"] = finite
+            return new, out
+
+        def leap_close_fn(carry, x, y):
+            """Closes the path at θ_K with one more loss on a fresh batch (Leap's last step)."""
+            loss, _ = obj.task_loss(p, loss_fn, tp.unpack(carry["theta"]), self._phi(), (x, y),
+                                    sp.unpack(carry["state"]))
+            inc = leap_increment(carry["prev_theta"], carry["theta"], carry["prev_loss"], loss,
+                                 carry["prev_grad"])
+            total = tuple(a + i for a, i in zip(carry["leap"], inc))
+            return total, _all_finite(total)
+
+        def plain_step_fn(theta, velocity, state, x, y):
+            """One inner step with φ frozen (evaluation and fine-tuning)."""
+            step, _, _, _ = run_step(theta, velocity, state, x, y, None, False)
+            new_theta = tp.pack(step.theta)
+            sq = tf.add_n([tf.reduce_sum(tf.square(a - b)) for a, b in zip(new_theta, theta)])
+            finite = tf.logical_and(tf.math.is_finite(step.loss), _all_finite(step.gradients))
+            return (new_theta, tp.pack(step.velocity) if self.use_momentum else velocity,
+                    sp.pack(step.state), step.loss, self._metric(y, step.outputs), sq, finite)
+
+        def warp_point_fn(theta, velocity, state, x, y, meta_batch):
+            """∇φ of Eq. 3 at one stored point (offline warp updates)."""
+            step, meta, g_phi, g_hyper = run_step(theta, velocity, state, x, y, meta_batch, True)
+            finite = tf.logical_and(tf.math.is_finite(meta), _all_finite(g_phi))
+            return meta, g_phi, g_hyper, finite
+
+        def evaluate_point(theta, state, x, y):
             loss, _, outputs = obj.task_loss(
-                p, loss_fn, theta, self._phi(), (x, y), state, training, return_outputs=True
-            )
+                p, loss_fn, tp.unpack(theta), self._phi(), (x, y), sp.unpack(state),
+                self.eval_training_mode, return_outputs=True)
             return loss, self._metric(y, outputs)
 
-        self._evaluate_point = counted(
-            "evaluate_point",
-            lambda t, s, x, y: evaluate_point(t, s, x, y, self.eval_training_mode),
-        )
-        self._final_loss = counted(
-            "final_loss", lambda t, s, x, y: evaluate_point(t, s, x, y, True)
-        )
+        def maml_fn(theta0, state, sx, sy, qx, qy):
+            loss, grads, _ = obj.maml_meta_gradient(
+                p, loss_fn, tp.unpack(theta0), self._phi(), (sx, sy), (qx, qy), self.inner_lr,
+                self.inner_steps, first_order=self.init_objective == "fomaml",
+                state=sp.unpack(state))
+            grads = tp.pack(grads)
+            return loss, grads, tf.logical_and(tf.math.is_finite(loss), _all_finite(grads))
 
-        def leap_increment(acc, theta_prev, theta_next, loss_prev, loss_next, grad_prev):
-            inc = obj.leap_meta_gradient(
-                theta_prev, theta_next, loss_prev, loss_next, grad_prev,
-                norm=self.leap_norm, sign_correction=self.leap_sign_correction,
-                loss_in_path=self.leap_loss_in_path,
-            )
-            return [a + i for a, i in zip(acc, inc)]
+        ex = self.executor
+        self._group_step = ex.compile(meta_step_fn, traced("group_step"))
+        self._group_leap_close = ex.compile(leap_close_fn, traced("group_leap_close"))
+        self._group_maml = ex.compile(maml_fn, traced("group_maml"))
+        def single(fn, name):
+            on_trace = traced(name)
 
-        self._leap_increment = counted("leap_increment", leap_increment)
+            def run(*args):
+                on_trace()
+                return fn(*args)
+            return tf.function(run, jit_compile=self.jit_compile, reduce_retracing=True)
 
-        def maml_gradient(theta0, state, sx, sy, qx, qy):
-            loss, grads, theta_k = obj.maml_meta_gradient(
-                p, loss_fn, theta0, self._phi(), (sx, sy), (qx, qy), self.inner_lr,
-                self.inner_steps, first_order=self.init_objective == "fomaml", state=state,
-            )
-            return loss, grads, _all_finite(grads)
-
-        self._maml_gradient = counted("maml_gradient", maml_gradient)
+        self._plain_step = single(plain_step_fn, "plain_step")
+        self._evaluate_point = single(evaluate_point, "evaluate_point")
+        self._warp_point = single(warp_point_fn, "warp_point")
 
         warp_vars = self.partition.warp_variables
         task_vars = self.partition.task_variables
 
         def apply_warp(grads):
-            self.meta_optimizer.apply(grads, warp_vars)
+            self.meta_optimizer.apply(pp.unpack(grads), warp_vars)
 
         def apply_init(grads):
-            self.init_optimizer.apply([g * self.init_weight for g in grads], task_vars)
+            self.init_optimizer.apply([g * self.init_weight for g in tp.unpack(grads)], task_vars)
 
         def apply_hyper(grads):
-            self.hyper_optimizer.apply(grads, self._hyper_vars)
+            self.hyper_optimizer.apply(tf.unstack(grads), self._hyper_vars)
             self.inner_lr.assign(tf.maximum(self.inner_lr, 0.0))
             self.inner_mu.assign(tf.clip_by_value(self.inner_mu, 0.0, 0.999))
 
@@ -494,65 +556,54 @@ class MetaTrainer:
         self._apply_init = tf.function(apply_init)
         self._apply_hyper = tf.function(apply_hyper)
 
-        # The same per-task functions over a group of tasks stacked on axis 0, run by the
-        # executor (one task at a time, unrolled, vectorised or across replicas).
-        ex = self.executor
-
-        def group(name, f):
-            name = "group_" + name
-
-            def on_trace():
-                self.trace_counts[name] = self.trace_counts.get(name, 0) + 1
-
-            return ex.compile(f, on_trace)
-
-        def group_warp_step(theta, velocity, state, x, y, meta_batch):
-            out = warp_step(theta, velocity, state, x, y, meta_batch)
-            hyper = tf.stack([g for g, on in ((out[8], self.learn_lr), (out[9], self.learn_mu))
-                              if on]) if self._hyper_vars else tf.zeros([0], out[3].dtype)
-            return out[:8] + (hyper, out[10])
-
-        self._group_inner_step = group(
-            "inner_step", lambda t, v, s, x, y: inner_step(t, v, s, x, y, True))
-        self._group_warp_step = group("warp_step", group_warp_step)
-        self._group_leap = group("leap_increment", leap_increment)
-        self._group_final_loss = group(
-            "final_loss", lambda t, s, x, y: evaluate_point(t, s, x, y, True))
-        self._group_maml = group("maml_gradient", maml_gradient)
-        self._group_finite = group("finite", lambda values: _all_finite(values))
-
     # ------------------------------------------------------------------------------------
     # adaptation
     def _start_values(self, task=None, head=None):
+        """θ0 (with the task's head, or the initial head, for multi-headed models), zero
+        momentum and the model's state, packed."""
         theta = [tf.convert_to_tensor(v) for v in self._theta0()]
         if self.head_indices:
             values = head if head is not None else self._initial_head
             for i, h in zip(self.head_indices, values):
                 theta[i] = tf.convert_to_tensor(h)
-        velocity = _zeros_like(theta) if self.use_momentum else []
-        return theta, velocity, [tf.convert_to_tensor(v.value) for v in self.partition.state_variables]
+        theta = self._theta_packer.pack(theta)
+        velocity = tuple(tf.zeros_like(t) for t in theta) if self.use_momentum else ()
+        state = self._state_packer.pack([v.value for v in self.partition.state_variables])
+        return theta, velocity, state
 
     def _task_rngs(self, rng):
-        a, b = rng.spawn(2) if hasattr(rng, "spawn") else (
-            np.random.default_rng(rng.integers(2**63)), np.random.default_rng(rng.integers(2**63)))
+        a, b = rng.spawn(2)
         return a, b
 
-    def _stacked_start(self, size):
-        theta, velocity, state = self._start_values()
-        stack = lambda values: [tf.stack([v] * size) for v in values]  # noqa: E731
-        return stack(theta), stack(velocity), stack(state)
+    def _initial_carry(self, size, start=None):
+        theta, velocity, state = start if start is not None else self._start_values()
+        stack = lambda values: tuple(tf.stack([v] * size) for v in values)  # noqa: E731
+        zeros = lambda values: tuple(tf.zeros_like(v) for v in values)  # noqa: E731
+        carry = {"theta": stack(theta), "state": stack(state)}
+        if self.use_momentum:
+            carry["velocity"] = stack(velocity)
+        if self.warp_mode == "online":
+            carry["warp_acc"] = zeros(stack(self._phi_packer.pack(self._phi())))
+            carry["hyper_acc"] = tf.zeros([size, len(self._hyper_vars)], theta[0].dtype)
+        if self.init_objective == "leap":
+            carry["leap"] = zeros(carry["theta"])
+            carry["prev_theta"] = zeros(carry["theta"])
+            carry["prev_grad"] = zeros(carry["theta"])
+            carry["prev_loss"] = tf.zeros([size], theta[0].dtype)
+            carry["has_prev"] = tf.zeros([size], theta[0].dtype)
+        return carry
 
     @staticmethod
     def _stack_batches(batches):
-        return tf.nest.map_structure(lambda *ts: tf.stack([tf.convert_to_tensor(t) for t in ts]),
-                                     *batches)
+        return tf.nest.map_structure(lambda *ts: np.stack([np.asarray(t) for t in ts]), *batches)
 
     def _adapt_group(self, tasks, task_ids, rngs, start=None):
         """Adapts a group of tasks in lock-step for K steps (see `warpkeras.trainers.parallel`),
         accumulating what the objectives need.
 
-        Returns a dict of per-task results stacked along axis 0 and a boolean ``finite``
-        array: a task whose loss or gradients became non-finite is to be dropped.
+        Returns a dict of per-task results stacked along axis 0 (parameters packed, see
+        `_Packer`) and a boolean ``finite`` array: a task whose loss or gradients became
+        non-finite is to be dropped.
         """
         size = len(tasks)
         pairs = [self._task_rngs(r) for r in rngs]
@@ -561,95 +612,75 @@ class MetaTrainer:
         train_its = [t.batches("train", a) for t, (a, _) in zip(tasks, pairs)]
         online = self.warp_mode in ("online", "continual")
         meta_its = [t.batches("meta", b) for t, (_, b) in zip(tasks, pairs)] if online else None
-        theta, velocity, state = start if start is not None else self._stacked_start(size)
-        theta_start = theta
-        acc_phi = (_zeros_like([tf.stack([f] * size) for f in self._phi()])
-                   if self.warp_mode == "online" else None)
-        acc_hyper = tf.zeros([size, len(self._hyper_vars)], theta[0].dtype)
-        leap_acc = _zeros_like(theta) if self.init_objective == "leap" else None
-        finite = np.ones(size, bool)
-        losses, metrics, metas = [], [], []
-        prev = None  # (theta, loss, grads) of the previous step, for Leap
+        carry = self._initial_carry(size, start)
+        theta_start = carry["theta"]
+        outs = []
         first_batch = None
         for k in range(self.inner_steps):
             x, y = self._stack_batches([next(it) for it in train_its])
             if first_batch is None:
                 first_batch = (x, y)
             if self.warp_mode == "offline":
-                for g in range(size):
-                    self.buffer.add(task_ids[g], k, [t[g].numpy() for t in theta],
-                                    [v[g].numpy() for v in velocity] if self.use_momentum else None)
-            if online:
-                meta_batch = self._stack_batches([next(it) for it in meta_its])
-                (new_theta, new_velocity, state, loss, grads, metric, meta, g_phi, g_hyper,
-                 ok) = self._group_warp_step(theta, velocity, state, x, y, meta_batch)
-                metas.append(meta.numpy())
-                if self.warp_mode == "continual":
-                    self._continual_tick([g[0] for g in g_phi], g_hyper[0])
-                else:
-                    acc_phi = [a + g for a, g in zip(acc_phi, g_phi)]
-                    acc_hyper = acc_hyper + g_hyper
-            else:
-                new_theta, new_velocity, state, loss, grads, metric, ok = self._group_inner_step(
-                    theta, velocity, state, x, y)
-            finite &= np.asarray(ok)
-            losses.append(loss.numpy())
-            metrics.append(metric.numpy())
-            if leap_acc is not None and prev is not None:
-                leap_acc = self._group_leap(leap_acc, prev[0], theta, prev[1], loss, prev[2])
-            prev = (theta, loss, grads)
-            theta, velocity = new_theta, new_velocity
-            if not finite.any():
-                break
-
-        result = {"theta": theta, "velocity": velocity, "state": state,
-                  "losses": np.stack(losses, axis=1), "metrics": np.stack(metrics, axis=1),
-                  "metas": np.stack(metas, axis=1) if metas else None}
-        if leap_acc is not None and finite.any():
-            # close each path at θ_K with one more loss evaluation on a fresh batch
+                self._store(task_ids, k, carry)
+            meta_batch = self._stack_batches([next(it) for it in meta_its]) if online else ()
+            carry, out = self._group_step(carry, x, y, meta_batch)
+            if self.warp_mode == "continual":
+                self._continual_tick(out["g_phi"], out["g_hyper"])
+            outs.append(out)
+        finite = np.all([np.asarray(o["finite"]) for o in outs], axis=0)
+        result = {"carry": carry,
+                  "losses": np.stack([np.asarray(o["loss"]) for o in outs], axis=1),
+                  "metrics": np.stack([np.asarray(o["metric"]) for o in outs], axis=1),
+                  "metas": (np.stack([np.asarray(o["meta"]) for o in outs], axis=1)
+                            if online else None)}
+        if self.init_objective == "leap":
             x, y = self._stack_batches([next(it) for it in train_its])
-            final_loss, _ = self._group_final_loss(theta, state, x, y)
-            leap_acc = self._group_leap(leap_acc, prev[0], theta, prev[1], final_loss, prev[2])
-            result["init_grads"] = leap_acc
+            result["init_grads"], ok = self._group_leap_close(carry, x, y)
+            finite &= np.asarray(ok)
         elif self.init_objective == "reptile":
-            result["init_grads"] = obj.reptile_direction(theta_start, theta)
+            result["init_grads"] = tuple(a - b for a, b in zip(theta_start, carry["theta"]))
         elif self.init_objective in ("maml", "fomaml"):
             qx, qy = self._stack_batches(
                 [next(t.batches("meta", b)) for t, (_, b) in zip(tasks, pairs)])
-            _, g, ok = self._group_maml(theta_start, self._stacked_start(size)[2],
-                                        first_batch[0], first_batch[1], qx, qy)
+            _, result["init_grads"], ok = self._group_maml(
+                theta_start, self._initial_carry(size)["state"], first_batch[0], first_batch[1],
+                qx, qy)
             finite &= np.asarray(ok)
-            result["init_grads"] = g
-        if acc_phi is not None:
-            result["warp_grads"] = [a / float(self.inner_steps) for a in acc_phi]
-            result["hyper_grads"] = acc_hyper / float(self.inner_steps)
-        for key in ("init_grads", "warp_grads"):
-            if key in result:
-                finite &= np.asarray(self._group_finite(result[key]))
+        if self.warp_mode == "online":
+            result["warp_grads"] = tuple(a / float(self.inner_steps) for a in carry["warp_acc"])
+            result["hyper_grads"] = carry["hyper_acc"] / float(self.inner_steps)
         result["finite"] = finite
         return result
 
+    def _store(self, task_ids, k, carry):
+        """Offline mode: appends every task's θ_k (and momentum buffer) to the buffer."""
+        theta = [np.asarray(t) for t in carry["theta"]]
+        velocity = [np.asarray(v) for v in carry["velocity"]] if self.use_momentum else None
+        for g, tid in enumerate(task_ids):
+            self.buffer.add(tid, k, [t[g] for t in theta],
+                            [v[g] for v in velocity] if velocity is not None else None)
+
     def _maml_group(self, tasks, pairs):
         size = len(tasks)
-        theta0, _, state = self._stacked_start(size)
+        carry = self._initial_carry(size)
         sx, sy = self._stack_batches([next(t.batches("train", a)) for t, (a, _) in zip(tasks, pairs)])
         qx, qy = self._stack_batches([next(t.batches("meta", b)) for t, (_, b) in zip(tasks, pairs)])
-        loss, g, ok = self._group_maml(theta0, state, sx, sy, qx, qy)
-        finite = np.asarray(ok) & np.isfinite(loss.numpy())
-        return {"finite": finite, "losses": loss.numpy()[:, None],
+        loss, g, ok = self._group_maml(carry["theta"], carry["state"], sx, sy, qx, qy)
+        return {"finite": np.asarray(ok), "losses": np.asarray(loss)[:, None],
                 "metrics": np.zeros((size, 1)), "metas": None, "init_grads": g}
 
     def _continual_tick(self, g_phi, g_hyper):
         """Algorithm 3: add this step's warp gradient; apply every η steps."""
+        g_phi = [g[0] for g in g_phi]
         if not bool(_all_finite(g_phi)):
             self.nan_tasks.assign_add(1)
             return
-        for v, g in zip(self._stream_acc, g_phi):
+        for v, g in zip(self._stream_acc, self._phi_packer.unpack(g_phi)):
             v.assign_add(g)
         self._stream_count.assign_add(1)
         eta = self.meta_interval or 1
         if int(self._stream_count.numpy()) >= eta:
-            self._apply_warp([v / float(eta) for v in self._stream_acc])
+            self._apply_warp(self._phi_packer.pack([v / float(eta) for v in self._stream_acc]))
             for v in self._stream_acc:
                 v.assign(tf.zeros_like(v))
             self._stream_count.assign(0)
@@ -661,44 +692,44 @@ class MetaTrainer:
         eta = self.meta_interval or 1
         batch_iters = {}
         logs = {"warp_updates": 0, "meta_loss": []}
-        acc, hyper = _Accumulator(), _Accumulator()
+        acc, hyper, count = None, None, 0
         updates_left = self.max_warp_updates
-        state = [tf.convert_to_tensor(v.value) for v in self.partition.state_variables]
+        state = self._start_values()[2]
+        step = int(self.step.numpy())
+
+        def apply():
+            self._apply_warp(tuple(a / float(count) for a in acc))
+            if self._hyper_vars:
+                self._apply_hyper(hyper / float(count))
+            logs["warp_updates"] += 1
+
         for entry in self.buffer.drain(rng):
             tid = entry["task_id"]
             if tid not in batch_iters:
-                r1, r2 = self._task_rngs(np.random.default_rng([self.seed, int(self.step.numpy()), 7919, tid]))
+                r1, r2 = self._task_rngs(np.random.default_rng([self.seed, step, 7919, tid]))
                 batch_iters[tid] = (tasks[tid].batches("train", r1), tasks[tid].batches("meta", r2))
             train_it, meta_it = batch_iters[tid]
             x, y = next(train_it)
             meta_batch = next(meta_it)
-            theta = [tf.convert_to_tensor(t) for t in entry["theta"]]
-            velocity = ([tf.convert_to_tensor(v) for v in entry["velocity"]]
-                        if self.use_momentum else [])
-            out = self._warp_step(theta, velocity, state, x, y, meta_batch)
-            meta, g_phi, g_lr, g_mu, ok = out[6], out[7], out[8], out[9], out[10]
+            velocity = tuple(entry["velocity"]) if self.use_momentum else ()
+            meta, g_phi, g_hyper, ok = self._warp_point(tuple(entry["theta"]), velocity, state,
+                                                        x, y, meta_batch)
             if not bool(ok):
                 self.nan_tasks.assign_add(1)
                 continue
-            acc.add(g_phi)
-            if self._hyper_vars:
-                hyper.add([g for g, on in ((g_lr, self.learn_lr), (g_mu, self.learn_mu)) if on])
+            acc = g_phi if acc is None else tuple(a + g for a, g in zip(acc, g_phi))
+            hyper = g_hyper if hyper is None else hyper + g_hyper
+            count += 1
             logs["meta_loss"].append(float(meta))
-            if acc.count == eta:
-                self._apply_warp(acc.mean())
-                if self._hyper_vars:
-                    self._apply_hyper(hyper.mean())
-                logs["warp_updates"] += 1
-                acc, hyper = _Accumulator(), _Accumulator()
+            if count == eta:
+                apply()
+                acc, hyper, count = None, None, 0
                 if updates_left is not None:
                     updates_left -= 1
                     if updates_left <= 0:
                         break
-        if acc.count and (updates_left is None or updates_left > 0):
-            self._apply_warp(acc.mean())
-            if self._hyper_vars:
-                self._apply_hyper(hyper.mean())
-            logs["warp_updates"] += 1
+        if count and (updates_left is None or updates_left > 0):
+            apply()
         self.buffer.clear()
         return logs
 
@@ -710,7 +741,7 @@ class MetaTrainer:
         rngs = rng.spawn(len(tasks))
         sums, counts = {}, {}
         losses, metrics, metas, dropped = [], [], [], 0
-        stream = self._stacked_start(1) if self.warp_mode == "continual" else None
+        stream = self._start_values() if self.warp_mode == "continual" else None
         for lo in range(0, len(tasks), size):
             group = tasks[lo:lo + size]
             ids = list(range(lo, lo + len(group)))
@@ -725,7 +756,10 @@ class MetaTrainer:
                     stacklevel=2,
                 )
             if stream is not None and finite.all():
-                stream = (res["theta"], res["velocity"], res["state"])
+                c = res["carry"]
+                stream = (tuple(t[0] for t in c["theta"]),
+                          tuple(v[0] for v in c.get("velocity", ())),
+                          tuple(s[0] for s in c["state"]))
             if not finite.any():
                 continue
             losses.extend(res["losses"][finite, -1].tolist())
@@ -734,7 +768,7 @@ class MetaTrainer:
                 metas.extend(res["metas"][finite].ravel().tolist())
             for key in ("warp_grads", "init_grads"):
                 if key in res:
-                    part = self.executor.masked_sum(res[key], finite)
+                    part = self.executor.masked_sum(list(res[key]), finite)
                     sums[key] = part if key not in sums else [a + b for a, b in zip(sums[key], part)]
                     counts[key] = counts.get(key, 0) + int(finite.sum())
             if "hyper_grads" in res and self._hyper_vars:
@@ -743,14 +777,14 @@ class MetaTrainer:
         self.nan_tasks.assign_add(dropped)
         logs = {}
         if stream is not None:
-            self.partition.assign_task([t[0] for t in stream[0]])
+            self.partition.assign_task(self._theta_packer.unpack(stream[0]))
         if "warp_grads" in sums:
             n = float(counts["warp_grads"])
-            self._apply_warp([g / n for g in sums["warp_grads"]])
+            self._apply_warp(tuple(g / n for g in sums["warp_grads"]))
             if "hyper" in sums:
-                self._apply_hyper(tf.unstack(sums["hyper"] / n))
+                self._apply_hyper(sums["hyper"] / n)
         if "init_grads" in sums:
-            self._apply_init([g / float(counts["init_grads"]) for g in sums["init_grads"]])
+            self._apply_init(tuple(g / float(counts["init_grads"]) for g in sums["init_grads"]))
         if self.warp_mode == "offline" and len(self.buffer):
             off = self._offline_updates(tasks, rng)
             logs["warp_updates"] = off["warp_updates"]
@@ -934,16 +968,17 @@ class MetaTrainer:
             record: keep per-step curves.
 
         Returns:
-            ``(theta, curves)``: the adapted task values and a dict of per-step
-            ``train_loss`` / ``train_accuracy`` and ``test_steps`` / ``test_loss`` /
-            ``test_accuracy`` lists.
+            ``(theta, curves)``: the adapted task values (a list matching
+            `partition.task_variables`) and a dict of per-step ``train_loss`` /
+            ``train_accuracy``, ``test_steps`` / ``test_loss`` / ``test_accuracy`` and the
+            ``path_length`` in (θ, L(θ)) (WarpGrad Eq. 9).
         """
         steps = self.inner_steps if steps is None else int(steps)
         task = as_task(task)
         rng = np.random.default_rng([self.seed, 104729, seed])
         batches = task.batches("train", rng)
         theta, velocity, state = self._start_values(task)
-        test = task.test_data() if hasattr(task, "test_data") else None
+        test = task.test_data()
         curves = {"train_loss": [], "train_accuracy": [], "test_steps": [], "test_loss": [],
                   "test_accuracy": [], "path_length": 0.0}
 
@@ -956,24 +991,26 @@ class MetaTrainer:
             curves["test_accuracy"].append(float(metric))
 
         run_test(0)
-        prev_loss = None
+        losses, metrics, sqs = [], [], []
         for k in range(steps):
             x, y = next(batches)
-            new_theta, velocity, state, loss, _, metric, ok = self._inner_step(
-                theta, velocity, state, x, y
-            )
-            # length of the path in (θ, L(θ)) (WarpGrad Eq. 9), losses on the step batches
-            sq = float(self._step_distance(theta, new_theta))
-            if prev_loss is not None:
-                curves["path_length"] += math.sqrt(last_sq + (float(loss) - prev_loss) ** 2)
-            last_sq, prev_loss, theta = sq, float(loss), new_theta
-            if record:
-                curves["train_loss"].append(float(loss))
-                curves["train_accuracy"].append(float(metric))
+            theta, velocity, state, loss, metric, sq, _ = self._plain_step(
+                theta, velocity, state, x, y)
+            losses.append(loss)
+            metrics.append(metric)
+            sqs.append(sq)
             if eval_every and (k + 1) % eval_every == 0 and k + 1 < steps:
                 run_test(k + 1)
         run_test(steps)
-        return theta, curves
+        losses = [float(v) for v in losses]
+        sqs = [float(v) for v in sqs]
+        # segments θ_{k-1} -> θ_k with the losses measured on the steps' batches
+        curves["path_length"] = float(sum(
+            math.sqrt(sqs[k - 1] + (losses[k] - losses[k - 1]) ** 2) for k in range(1, steps)))
+        if record:
+            curves["train_loss"] = losses
+            curves["train_accuracy"] = [float(v) for v in metrics]
+        return self._theta_packer.unpack(theta), curves
 
     def evaluate(self, tasks, steps=None, eval_every=None, seed=0, verbose=1):
         """Adapts from θ0 (φ frozen) on each task and summarises (mean and std over tasks).

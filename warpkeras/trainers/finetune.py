@@ -45,18 +45,21 @@ class FineTuneTrainer(MetaTrainer):
         self._heads = {}
 
     def train_step(self, tasks, rng):
+        packer = self._theta_packer
         losses, metrics, dropped = [], [], 0
         body = [tf.convert_to_tensor(v.value) for v in self.partition.task_variables]
         for task, task_rng in zip(tasks, rng.spawn(len(tasks))):
             theta, velocity, state = self._start_values(task, head=self._heads.get(task.name))
+            values = packer.unpack(theta)
             for i, t in enumerate(body):
                 if i not in self.head_indices:
-                    theta[i] = t
+                    values[i] = t
+            theta = packer.pack(values)
             batches = task.batches("train", task_rng)
             ok_all = True
             for _ in range(self.inner_steps):
                 x, y = next(batches)
-                theta, velocity, state, loss, _, metric, ok = self._inner_step(
+                theta, velocity, state, loss, metric, _, ok = self._plain_step(
                     theta, velocity, state, x, y)
                 if not bool(ok):
                     ok_all = False
@@ -66,10 +69,10 @@ class FineTuneTrainer(MetaTrainer):
                 continue
             losses.append(float(loss))
             metrics.append(float(metric))
-            body = theta
+            body = packer.unpack(theta)
             if self.multi_headed:
-                self._heads[task.name] = [theta[i] for i in self.head_indices]
-            self.partition.assign_state(state)
+                self._heads[task.name] = [body[i] for i in self.head_indices]
+            self.partition.assign_state(self._state_packer.unpack(state))
         values = list(body)
         for i, h in zip(self.head_indices, self._initial_head):
             values[i] = h
