@@ -57,7 +57,21 @@ def parser(description, name):
         help="where to write the JSON result (default: %(default)s); '-' for stdout only",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of weights and data")
+    p.add_argument("--wait-idle", type=float, default=0, metavar="SECONDS",
+                   help="first wait up to SECONDS for the 1-minute load average to drop "
+                        "below 1.5 (other jobs on the machine distort absolute figures)")
     return p
+
+
+def wait_idle(max_seconds, threshold=1.5, poll=15):
+    """Waits until the 1-minute load average is below `threshold` (or `max_seconds` pass).
+    Returns the seconds waited and the load when the wait ended."""
+    start = time.time()
+    while max_seconds and time.time() - start < max_seconds:
+        if os.getloadavg()[0] < threshold:
+            break
+        time.sleep(poll)
+    return {"waited_s": round(time.time() - start, 1), "load": load()}
 
 
 # ----------------------------------------------------------------------------------------
@@ -120,8 +134,9 @@ def fma_peak(cores, mhz, flags):
     }
 
 
-def machine_info():
-    """What the figures were measured on."""
+def machine_info(wait_idle_s=0):
+    """What the figures were measured on (after waiting for an idle machine if asked)."""
+    waited = wait_idle(wait_idle_s) if wait_idle_s else None
     import keras
     import numpy as np
     import tensorflow as tf
@@ -157,6 +172,7 @@ def machine_info():
         "tf_inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads(),
         "TF_ENABLE_ONEDNN_OPTS": onednn if onednn is not None else "(unset: TF default)",
         "warpkeras_commit": commit,
+        "wait_idle": waited,
         "load_at_start": load(),
         "uptime_at_start": uptime_text(),
     }
@@ -360,6 +376,13 @@ def ratio(a, b):
     return round(a / b, 3) if b else None
 
 
+def min_ratios(timings, pairs):
+    """Ratios of the fastest samples: under bursty interference from other jobs (which
+    only ever adds time) the minimum over interleaved samples is the steadier estimate."""
+    return {name: ratio(timings[a]["min_s"], timings[b]["min_s"]) for name, (a, b) in pairs.items()
+            if a in timings and b in timings}
+
+
 # ----------------------------------------------------------------------------------------
 # profiling
 
@@ -445,3 +468,68 @@ def profile_ops(fn, calls, logdir, sync=None, top=12):
         "op_types_share": {k: round(v / total, 3) for k, v in types[:top]} if total else {},
         "top_ops_ms_per_call": {k: round(v / calls, 3) for k, v in names[:top]},
     }
+
+
+# ----------------------------------------------------------------------------------------
+# the trainer's compiled per-step functions
+
+
+class Engine:
+    """The compiled per-step functions of a `MetaTrainer`, called as the trainer calls them.
+
+    The engine's private function names have changed as it was optimised; this adapter
+    finds the current ones so that the benchmarks keep measuring the same things:
+
+    * ``inner``: one inner step of one task with φ frozen — ``_plain_step`` (what `adapt`,
+      `evaluate` and fine-tuning call per step; older engines: ``_inner_step``);
+    * ``meta_inner``: one adaptation step as meta-training runs it — ``_group_step`` on a
+      group of one task (the carry holds the Leap / online-warp accumulators, updated in the
+      same call); `None` on engines without it;
+    * ``warp_point``: ∇φ of Eq. 3 at a stored θ — ``_warp_point`` (older: ``_warp_step``);
+      `None` without a warp mode.
+
+    Each is a zero-argument callable; `names` records which functions were found.
+    """
+
+    def __init__(self, trainer, x, y, meta_batch=None):
+        import numpy as np
+
+        self.trainer = tr = trainer
+        meta_batch = meta_batch if meta_batch is not None else (x, y)
+        self.theta, self.velocity, self.state = tr._start_values()
+        t, v, s = self.theta, self.velocity, self.state
+        self.names = {}
+        if hasattr(tr, "_plain_step"):
+            self.inner_function = tr._plain_step
+            self.inner_args = (t, v, s, x, y)
+            self.names["inner"] = "_plain_step"
+        else:
+            self.inner_function = tr._inner_step
+            self.inner_args = (t, v, s, x, y)
+            self.names["inner"] = "_inner_step"
+        self.inner = lambda: self.inner_function(*self.inner_args)
+        self.meta_inner = None
+        if hasattr(tr, "_group_step") and hasattr(tr, "_initial_carry"):
+            carry = tr._initial_carry(1)
+            gx, gy = np.asarray(x)[None], np.asarray(y)[None]
+            online = tr.warp_mode in ("online", "continual")
+            gm = tuple(np.asarray(m)[None] for m in meta_batch) if online else ()
+            self.meta_inner = lambda: tr._group_step(carry, gx, gy, gm)
+            self.names["meta_inner"] = "_group_step"
+        self.warp_point = None
+        if tr.warp_mode is not None:
+            if hasattr(tr, "_warp_point"):
+                self.warp_point = lambda: tr._warp_point(t, v, s, x, y, meta_batch)
+                self.names["warp_point"] = "_warp_point"
+            else:
+                self.warp_point = lambda: tr._warp_step(t, v, s, x, y, meta_batch)
+                self.names["warp_point"] = "_warp_step"
+
+    def advanced_theta(self, batches, steps):
+        """θ after `steps` inner steps from θ0 (a realistic stored point)."""
+        theta, velocity, state = self.theta, self.velocity, self.state
+        for _ in range(steps):
+            x, y = next(batches)
+            out = self.inner_function(theta, velocity, state, x, y)
+            theta, velocity, state = out[0], out[1], out[2]
+        return theta, velocity, state

@@ -21,7 +21,7 @@ but keeps the run short. Tasks are synthetic (no download).
 Usage::
 
     python bench/memory.py            # ~4 minutes
-    python bench/memory.py --quick    # ~1 minute (K=20 vs 200, smaller buffers)
+    python bench/memory.py --quick    # ~1 minute (K=10 vs 100, smaller buffers)
 
 Prints one JSON object and writes it to ``bench/results/memory.json``.
 """
@@ -104,7 +104,8 @@ def child(spec):
         trainer.step.assign(step + 1)
         return time.perf_counter() - t, logs
 
-    trainer.inner_steps = 2
+    # warm-up: traces every function and lets the allocators reach their working sizes
+    trainer.inner_steps = min(spec["K"], 10)
     meta_step(0)
     trainer.inner_steps = spec["K"]
     buffer_info.clear()
@@ -146,10 +147,10 @@ def main():
         return child(json.loads(sys.argv[2]))
     p = C.parser(__doc__, "memory")
     p.add_argument("--online-k", type=int, nargs=2, default=None,
-                   help="the two K of the online runs (default 100 1000; quick 20 200)")
+                   help="the two K of the online runs (default 100 1000; quick 10 100)")
     p.add_argument("--online-meta-batch", type=int, default=1,
                    help="tasks per online meta step (default 1: memory per task)")
-    p.add_argument("--offline-k", type=int, default=None, help="K of the offline runs (default 100, quick 50)")
+    p.add_argument("--offline-k", type=int, default=None, help="K of the offline runs (default 100, quick 20)")
     p.add_argument("--offline-meta-batch", type=int, default=None,
                    help="tasks per offline meta step (default 5, quick 2)")
     p.add_argument("--capacity", type=int, default=None,
@@ -161,8 +162,8 @@ def main():
     args = p.parse_args()
     started = time.time()
     C.setup()
-    k_small, k_large = args.online_k or ((20, 200) if args.quick else (100, 1000))
-    off_k = args.offline_k or (50 if args.quick else 100)
+    k_small, k_large = args.online_k or ((10, 100) if args.quick else (100, 1000))
+    off_k = args.offline_k or (20 if args.quick else 100)
     off_mb = args.offline_meta_batch or (2 if args.quick else 5)
     cap = args.capacity or (10 if args.quick else 50)
     objective = args.objective or ("approx" if args.quick else "exact")
@@ -178,7 +179,7 @@ def main():
         dict(base, name="offline_spill", mode="offline", K=off_k, meta_batch=off_mb,
              capacity=cap, overflow="spill", spill_dir=args.spill_dir),
     ]
-    info = C.machine_info()
+    info = C.machine_info(args.wait_idle)
     results = {}
     for spec in specs:
         results[spec["name"]] = run_child(spec)

@@ -30,7 +30,7 @@ Usage::
 
     python bench/meta_step.py                    # meta-batch 5, all three; ~5 minutes
     python bench/meta_step.py --meta-batch 5 20  # also meta-batch 20 (~20 minutes)
-    python bench/meta_step.py --quick            # K=20, meta-batch 5, extrapolated; ~1 minute
+    python bench/meta_step.py --quick            # K=10, meta-batch 5, extrapolated; ~1 minute
     python bench/meta_step.py --max-warp-updates 100 --meta-batch 20
 
 Prints one JSON object and writes it to ``bench/results/meta_step.json``.
@@ -92,43 +92,60 @@ def meta_step(trainer, source, step):
 
 
 def unit_costs(trainer, rounds, calls):
-    """Median time of the trainer's inner step (and warp step when it has a warp mode)."""
+    """Median time of the trainer's compiled adaptation step (for online Warp-Leap that
+    step includes the warp gradient) and of its warp gradient at a stored point."""
     import numpy as np
 
     rng = np.random.default_rng(0)
     x = rng.random((C.TASK_BATCH,) + C.IMAGE_SHAPE, dtype=np.float32)
     y = rng.integers(0, C.NUM_CLASSES, C.TASK_BATCH).astype(np.int32)
-    theta, vel, state = trainer._start_values()
-    variants = {"inner_step": lambda: trainer._inner_step(theta, vel, state, x, y)}
-    if trainer.warp_mode is not None:
-        variants["warp_step"] = lambda: trainer._warp_step(theta, vel, state, x, y, (x, y))
+    e = C.Engine(trainer, x, y)
+    # the unit: one adaptation step as this trainer's meta-training runs it
+    variants = {"inner_step": e.meta_inner if e.meta_inner is not None else e.inner}
+    if e.warp_point is not None:
+        variants["warp_step"] = e.warp_point
     res = C.interleave(variants, rounds, calls, warmup=1, sync=C.sync_numpy)
     return {k: v["median_s"] for k, v in res.items()}
 
 
 def python_profile(trainer, source, step, top=25):
-    """One meta step under cProfile: time inside compiled TF calls vs the Python around."""
+    """One meta step under cProfile: where the host time goes, and how many compiled-function
+    executions, eager ops and device-to-host reads the loop issues per inner step."""
     prof = cProfile.Profile()
     prof.enable()
     seconds, _ = meta_step(trainer, source, step)
     prof.disable()
     stats = pstats.Stats(prof)
-    rows = []
+    rows, raw = [], {}
     for (filename, line, func), (cc, nc, tt, ct, _) in stats.stats.items():
-        rows.append({"function": f"{os.path.basename(filename)}:{line}:{func}", "calls": nc,
-                     "tottime_s": round(tt, 3), "cumtime_s": round(ct, 3)})
-    by_tot = sorted(rows, key=lambda r: -r["tottime_s"])[:top]
-    # compiled-function calls: everything below a tf.function's __call__
-    compiled = [r for r in rows if r["function"].endswith(":__call__")
-                and "polymorphic_function" in r["function"]]
+        name = f"{os.path.basename(filename)}:{line}:{func}"
+        raw[name] = (nc, tt, ct)
+        rows.append({"function": name, "calls": nc, "tottime_s": round(tt, 3),
+                     "cumtime_s": round(ct, 3)})
+
+    def total(pred, field):
+        idx = {"calls": 0, "tottime": 1, "cumtime": 2}[field]
+        return sum(v[idx] for k, v in raw.items() if pred(k))
+
+    executes = lambda k: k.endswith("TFE_Py_Execute>")  # noqa: E731  (compiled functions)
+    eager = lambda k: k.endswith("TFE_Py_FastPathExecute>")  # noqa: E731  (eager ops)
+    reads = lambda k: k.split(":")[-1] in ("_numpy", "numpy") and "tensor" in k  # noqa: E731
+    n_inner = trainer.meta_batch_size * trainer.inner_steps
     text = io.StringIO()
-    pstats.Stats(prof, stream=text).sort_stats("cumulative").print_stats(30)
+    pstats.Stats(prof, stream=text).sort_stats("cumulative").print_stats(40)
+    in_functions = total(executes, "tottime")
     return {
         "meta_step_s_under_cprofile": round(seconds, 3),
-        "tf_function_call_cumtime_s": round(sum(r["cumtime_s"] for r in compiled), 3),
-        "tf_function_calls": int(sum(r["calls"] for r in compiled)),
-        "top_by_tottime": by_tot,
-        "cumulative_text": text.getvalue().splitlines()[:60],
+        "in_compiled_functions_s": round(in_functions, 3),
+        "in_eager_ops_s": round(total(eager, "tottime"), 3),
+        "rest_python_s": round(seconds - in_functions - total(eager, "tottime"), 3),
+        "per_inner_step": {
+            "compiled_function_executions": round(total(executes, "calls") / n_inner, 2),
+            "eager_ops": round(total(eager, "calls") / n_inner, 2),
+            "tensor_to_numpy_reads": round(total(reads, "calls") / n_inner, 2),
+        },
+        "top_by_tottime": sorted(rows, key=lambda r: -r["tottime_s"])[:top],
+        "cumulative_text": text.getvalue().splitlines()[:70],
     }
 
 
@@ -136,7 +153,7 @@ def main():
     p = C.parser(__doc__, "meta_step")
     p.add_argument("--meta-batch", type=int, nargs="+", default=None,
                    help="meta-batch sizes (default 5; quick 5)")
-    p.add_argument("--inner-steps", type=int, default=None, help="K (default 100, quick 20)")
+    p.add_argument("--inner-steps", type=int, default=None, help="K (default 100, quick 10)")
     p.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS))
     p.add_argument("--objective", choices=("exact", "approx"), default="exact",
                    help="warp objective of the Warp-Leap runs (default exact)")
@@ -152,7 +169,7 @@ def main():
     args = p.parse_args()
     started = time.time()
     mbs = args.meta_batch or [5]
-    K = args.inner_steps or (20 if args.quick else 100)
+    K = args.inner_steps or (10 if args.quick else 100)
     has_parallel = supports_parallel()
     if has_parallel:
         modes = args.parallel or (["sequential"] if args.quick else ["sequential", "vectorized"])
@@ -163,7 +180,7 @@ def main():
 
     import warpkeras
 
-    info = C.machine_info()
+    info = C.machine_info(args.wait_idle)
     source = warpkeras.TaskSampler(C.synthetic_tasks(20, seed=args.seed))
     unit_rounds, unit_calls = (2, 3) if args.quick else (3, 5)
     runs = []
@@ -198,8 +215,8 @@ def main():
                     components = n_inner * inner_s
                 elif config == "warp_leap_offline":
                     components = n_inner * inner_s + n_warp * warp_s
-                else:
-                    components = n_inner * warp_s
+                else:  # the online unit step already includes the warp gradient
+                    components = n_inner * inner_s
                 run = {
                     "config": config, "meta_batch": mb, "inner_steps": K,
                     "parallel": mode, "objective": args.objective if config != "leap" else None,
@@ -207,6 +224,8 @@ def main():
                     "warp_updates": n_warp,
                     "meta_step_s": round(s, 3), "samples_s": [round(v, 3) for v in steps],
                     "warmup_s": round(warmup_s, 2),
+                    "unit": "this configuration's compiled adaptation step (_group_step, one "
+                            "task; online: includes the warp gradient)",
                     "inner_step_ms_same_time": round(inner_s * 1e3, 2),
                     "warp_step_ms_same_time": round(warp_s * 1e3, 2) if warp_s else None,
                     "meta_step_in_inner_steps": round(s / inner_s, 1),
@@ -219,6 +238,10 @@ def main():
                 if args.profile:
                     trainer.step.assign(100)
                     run["python_profile"] = python_profile(trainer, source, 100)
+                    # kernel time vs the rest over a whole meta step (tf.profiler)
+                    run["tf_profile"] = C.profile_ops(
+                        lambda: meta_step(trainer, source, 101), 1,
+                        "/tmp/warpkeras_bench_profile")
                 runs.append(run)
                 print(f"# {config} mb={mb} parallel={mode}: {s:.2f} s "
                       f"({s / inner_s:.0f} inner steps of {inner_s * 1e3:.1f} ms)",

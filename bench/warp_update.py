@@ -6,13 +6,15 @@ at the stepped point (Eq. 3), exact (second order through the inner gradient) or
 approximate (inner gradient stopped). This script times, interleaved in one process
 (round-robin samples, medians), on the Warp-Leap Omniglot model, batch 20:
 
-* ``inner_step``: ``MetaTrainer._inner_step`` (the unit);
-* ``warp_step_{approx,exact}``: ``MetaTrainer._warp_step`` at a stored θ (the compiled
-  function alone);
-* ``warp_update_{approx,exact}``: one update as the offline loop makes it, with
-  ``meta_interval=1``: numpy θ from the buffer to tensors, a task batch and a meta batch
-  drawn from a `warpkeras.Task`, ``_warp_step``, the finite check, ``_apply_warp`` of the
-  gradient (the Python loop body of ``MetaTrainer._offline_updates``);
+* ``inner_step``: one inner step with φ frozen (``MetaTrainer._plain_step``; the unit);
+  ``meta_inner_step_leap``: one adaptation step of Warp-Leap meta-training
+  (``_group_step``, Leap increment included);
+* ``warp_step_{approx,exact}``: the compiled warp gradient at a stored θ
+  (``MetaTrainer._warp_point``) alone;
+* ``warp_update_{approx,exact}``: updates made by the trainer's own offline loop
+  (``MetaTrainer._offline_updates`` with ``meta_interval=1`` over a buffer of stored
+  points: draining the buffer, numpy θ to tensors, a task batch and a meta batch drawn from
+  a `warpkeras.Task`, the warp gradient, the finite check, ``_apply_warp``), per update;
 
 and profiles the exact warp step (kernel time per op type vs the rest).
 
@@ -55,7 +57,7 @@ def main():
 
     import warpkeras
 
-    info = C.machine_info()
+    info = C.machine_info(args.wait_idle)
     task = C.synthetic_tasks(1, seed=args.seed)[0]
     rng = np.random.default_rng(args.seed)
 
@@ -71,50 +73,65 @@ def main():
         trainers["approx_xla"] = trainer("approx", True)
         trainers["exact_xla"] = trainer("exact", True)
 
-    # a stored point: θ after a few inner steps, as numpy (what the replay buffer holds)
-    base = trainers["exact"]
-    theta, vel, state = base._start_values()
+    # a stored point: θ after a few inner steps from θ0 (what the replay buffer holds)
     batches = task.batches("train", rng)
-    for _ in range(3):
-        bx, by = next(batches)
-        theta, vel, state = base._inner_step(theta, vel, state, bx, by)[:3]
-    stored = [t.numpy() for t in theta]
     x, y = next(batches)
     meta_batch = next(task.batches("meta", rng))
+    engines = {name: C.Engine(tr, x, y, meta_batch) for name, tr in trainers.items()}
+    base = engines["exact"]
+    theta, vel, state = base.advanced_theta(batches, 3)
+    stored_theta = [np.asarray(t) for t in theta]
+    stored_vel = [np.asarray(v) for v in vel] if base.trainer.use_momentum else None
+    for e in engines.values():  # time the warp gradient at the stored point, not at θ0
+        tr = e.trainer
+        e.warp_point = (lambda tr=tr: tr._warp_point(theta, vel, state, x, y, meta_batch))
+    notes = {"engine_functions": base.names}
 
-    def warp_update(tr, train_it, meta_it):
-        """The body of MetaTrainer._offline_updates for one entry with meta_interval=1."""
-        bx, by = next(train_it)
-        mb = next(meta_it)
-        th = [tf.convert_to_tensor(t) for t in stored]
-        out = tr._warp_step(th, [], state, bx, by, mb)
-        meta, g_phi, ok = out[6], out[7], out[10]
-        if bool(ok):
-            float(meta)
-            tr._apply_warp([g / 1.0 for g in g_phi])
-        return out[3]
+    per_call = 4 if args.quick else 6
 
-    variants = {"inner_step": lambda: base._inner_step(theta, vel, state, x, y)}
-    for name, tr in trainers.items():
-        variants[f"warp_step_{name}"] = (
-            lambda tr=tr: tr._warp_step(theta, vel, state, x, y, meta_batch))
-        its = (task.batches("train", np.random.default_rng(1)),
-               task.batches("meta", np.random.default_rng(2)))
-        variants[f"warp_update_{name}"] = lambda tr=tr, its=its: warp_update(tr, *its)
+    def offline_updates(tr, counter):
+        """`per_call` updates of the trainer's own offline loop (meta_interval=1) over a
+        buffer holding the stored point; returns after the last update is applied."""
+        tr.buffer.clear()
+        for i in range(per_call):
+            tr.buffer.add(0, i, stored_theta, stored_vel)
+        counter[0] += 1
+        tr.step.assign(counter[0])
+        logs = tr._offline_updates([task], np.random.default_rng(counter[0]))
+        assert logs["warp_updates"] == per_call, logs
+        return tr.partition.warp_variables[0].value
+
+    variants = {"inner_step": base.inner}
+    if base.meta_inner is not None:
+        variants["meta_inner_step_leap"] = base.meta_inner
+    for name, e in engines.items():
+        variants[f"warp_step_{name}"] = e.warp_point
+        counter = [0]
+        variants[f"warp_update_{name}"] = (
+            lambda tr=e.trainer, c=counter: offline_updates(tr, c))
     if args.jit:
-        trj = trainers["exact_xla"]
-        variants["inner_step_xla"] = lambda: trj._inner_step(theta, vel, state, x, y)
+        variants["inner_step_xla"] = engines["exact_xla"].inner
 
     timings = C.interleave(variants, rounds, calls, warmup=3, sync=C.sync_numpy)
+    for k in timings:  # one warp_update call makes `per_call` updates
+        if k.startswith("warp_update_"):
+            for field in ("median_s", "min_s"):
+                timings[k][field] /= per_call
+            timings[k]["samples_s"] = [round(v / per_call, 6) for v in timings[k]["samples_s"]]
     t = lambda k: timings[k]["median_s"]  # noqa: E731
     ratios = {f"{k}_over_inner_step": C.ratio(t(k), t("inner_step"))
               for k in timings if k != "inner_step"}
+    if "meta_inner_step_leap" in timings:
+        for k in ("warp_update_approx", "warp_update_exact"):
+            ratios[f"{k}_over_meta_inner_step_leap"] = C.ratio(t(k), t("meta_inner_step_leap"))
     if args.jit:
         ratios = {k: v for k, v in ratios.items() if "xla" not in k}
         for k in ("warp_step_approx_xla", "warp_step_exact_xla"):
             ratios[f"{k}_over_inner_step_xla"] = C.ratio(t(k), t("inner_step_xla"))
             ratios[f"{k}_over_inner_step"] = C.ratio(t(k), t("inner_step"))
 
+    ratios_min = C.min_ratios(timings, {
+        f"{k}_over_inner_step": (k, "inner_step") for k in timings if k != "inner_step"})
     flops = C.conv_flops(warp=True)
     # approx: inner step (3F) + meta forward (F) + meta backward to φ (input grads through
     # the net, filter grads of the warp layers only) ~ 2F  => ~6F, i.e. ~2x an inner step;
@@ -129,9 +146,8 @@ def main():
     if not args.no_profile:
         profile = {}
         for name in ("exact", "approx"):
-            tr = trainers[name]
             profile[f"warp_step_{name}"] = C.profile_ops(
-                lambda tr=tr: tr._warp_step(theta, vel, state, x, y, meta_batch),
+                engines[name].warp_point,
                 4 if args.quick else 8, "/tmp/warpkeras_bench_profile", sync=C.sync_numpy)
 
     targets = {
@@ -149,12 +165,15 @@ def main():
         "config": {"model": "omniglot Warp-Leap (WarpConv2D(3) after each of 4 blocks)",
                    "batch_norm": args.bn, "batch": C.TASK_BATCH, "meta_interval": 1,
                    "rounds": rounds, "calls_per_sample": calls,
+                   "updates_per_warp_update_call": per_call,
                    "statistic": "median over interleaved rounds of the mean time per call"},
         "ms": {k: round(v["median_s"] * 1e3, 2) for k, v in timings.items()},
         "ratios": ratios,
+        "ratios_from_fastest_samples": ratios_min,
         "cost_model": model_costs,
         "targets": targets,
         "profile": profile,
+        "notes": notes,
         "samples": {k: v["samples_s"] for k, v in timings.items()},
     }
     C.finish("warp_update", result, args.out, started)

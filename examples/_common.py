@@ -38,7 +38,14 @@ import numpy as np  # noqa: E402
 
 # -- command line --------------------------------------------------------------------------
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Keeps the description's line breaks and shows defaults in ``--help``."""
+    """Keeps the description's line breaks and shows defaults in ``--help`` (unless the
+    default is None or False, or the help text already talks about its default)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default in (None, False) or "default" in text:
+            return text
+        return super()._get_help_string(action)
 
 
 def make_parser(example, description):

@@ -79,7 +79,7 @@ _COMMON = dict(meta_batch_size=5, meta_lr=0.001, hidden_units=200, warp_units=10
                meta_val_points=20, eval_points=100, random_order=PAPER_RANDOM_ORDER,
                parallel="unrolled", seeds=[0])
 PRESETS = {
-    "default": dict(_COMMON, meta_steps=40, inner_lr=0.01, eval_tasks=20),
+    "default": dict(_COMMON, meta_steps=40, inner_lr=0.01, meta_lr=0.0005, eval_tasks=20),
     "paper": dict(_COMMON, meta_steps=20_000, inner_lr=0.001, eval_tasks=100),
     "smoke": dict(_COMMON, meta_steps=2, meta_batch_size=2, inner_lr=0.01, hidden_units=16,
                   warp_units=8, hidden_layers=2, steps_per_subtask=3, meta_val_points=5,
@@ -324,8 +324,11 @@ def plot_predictions(path, item, predictions, grid, orders, n, num_subtasks):
             if position == 0:
                 ax.set_title(f"{METHOD_LABELS[method]}, {order_name.replace('_', ' ')}",
                              fontsize=9)
+            ax.text(0.02, 0.04, f"after sub-task {subtask}", transform=ax.transAxes,
+                    fontsize=7, color="tab:red")
             if col == 0:
-                ax.set_ylabel(f"after sub-task {subtask}", fontsize=8)
+                ax.set_ylabel(f"{position + 1} sub-task{'s' if position else ''} seen",
+                              fontsize=8)
     fig.suptitle("Held-out task: truth (black), before adaptation (dashed green), after "
                  "training up to the highlighted sub-task (red); grey: earlier sub-tasks",
                  fontsize=9)

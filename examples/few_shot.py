@@ -35,11 +35,12 @@ Outputs:
                                 adapt, adapt_and_predict)
 
 Sizes:
-  (no flags)       a few minutes on a CPU: 32 filters, 150 meta steps of 4 episodes,
+  (no flags)       a few minutes on a CPU: 32 filters, 60 meta steps of 4 episodes,
                    3 adaptation steps, 50 test episodes, 1 seed
   --preset paper   the protocol's size: 64 filters, 60000 meta steps, 5 adaptation steps,
                    600 test episodes (hours to days on a CPU)
-  --smoke          seconds: 4 filters, 1-shot only, 2 meta steps, 3 test episodes
+  --smoke          4 filters, 1-shot only, 2 meta steps, 3 test episodes: a quarter of a
+                   minute, mostly TensorFlow tracing
 Any explicit flag overrides the preset's value.
 
 Examples:
@@ -51,6 +52,7 @@ Examples:
 import itertools
 import os
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402  (sets up sys.path, the Keras backend and matplotlib)
@@ -74,7 +76,7 @@ METHOD_LABELS = {"warp_maml": "Warp-MAML", "maml": "MAML"}
 BN_MOMENTUM = 0.0
 
 PRESETS = {
-    "default": dict(seeds=[0], shots=[1, 5], ways=5, queries=15, meta_steps=150,
+    "default": dict(seeds=[0], shots=[1, 5], ways=5, queries=15, meta_steps=60,
                     meta_batch_size=4, inner_steps=3, eval_steps=3, inner_lr=0.4,
                     meta_lr=0.003, filters=32, test_episodes=50, num_test_alphabets=None,
                     image_size=28),
@@ -94,7 +96,7 @@ def build_parser():
     g = parser.add_argument_group("experiment (defaults: default preset; paper preset)")
     g.add_argument("--preset", choices=("default", "paper"), default="default",
                    help="size of the run; explicit flags override its values")
-    g.add_argument("--methods", type=_common.choice_list(METHODS), default=list(METHODS),
+    g.add_argument("--methods", type=_common.choice_list(METHODS), default=",".join(METHODS),
                    help="comma-separated methods")
     g.add_argument("--ways", type=int, default=None, help="classes per episode, N (5; 5)")
     g.add_argument("--shots", type=_common.int_list, default=None,
@@ -103,7 +105,7 @@ def build_parser():
                    help="query images per class, L (15; 15)")
     g.add_argument("--test-episodes", type=int, default=None,
                    help="held-out evaluation episodes (50; 600)")
-    g.add_argument("--meta-steps", type=int, default=None, help="meta steps (150; 60000)")
+    g.add_argument("--meta-steps", type=int, default=None, help="meta steps (60; 60000)")
     g.add_argument("--meta-batch-size", type=int, default=None,
                    help="episodes per meta step (4; 4)")
     g.add_argument("--inner-steps", type=int, default=None,
@@ -376,29 +378,56 @@ def summarise(records):
 
 
 def main(argv=None):
-    """Runs the example; returns the results dict (also written as JSON)."""
+    """Runs the example; returns the results dict (also written as JSON).
+
+    The JSON is rewritten after every finished (setting, seed) (``"complete": false`` until
+    the end), so an interrupted long run keeps what it has.
+    """
     args = build_parser().parse_args(argv)
     cfg = resolve_config(args)
     out_dir, export_dir = _common.output_dirs(args, EXAMPLE)
+    json_path = out_dir / "few_shot.json"
+    results, state = {}, {"export": None, "plots": {}}
+
+    def write(seconds, complete):
+        output = {
+            "example": EXAMPLE,
+            "complete": complete,
+            "config": cfg,
+            "data": {"source": data.source, "alphabets": data.alphabet_names},
+            "metric_notes": {
+                "accuracy": "query-set accuracy of each held-out episode after adaptation on "
+                            "its support set; mean/std over episodes (and seeds)",
+                "ci95": "half-width of the 95% confidence interval of the mean accuracy",
+            },
+            "results": results,
+            "plots": state["plots"],
+            "export": state["export"],
+            "wall_time_seconds": seconds,
+            "environment": _common.environment(),
+        }
+        _common.write_json(json_path, output)
+        return output
+
     with _common.Stopwatch() as total:
         data = load_data(args)
         if cfg["verbose"]:
             print(f"Omniglot: {data}", flush=True)
-        results, export_info = {}, None
         for shots in cfg["shots"]:
             setting = f"{cfg['ways']}-way {shots}-shot"
             per_method = {m: [] for m in cfg["methods"]}
             for seed in cfg["seeds"]:
                 records, info = run_setting(
                     cfg, data, seed, shots,
-                    None if (args.no_export or export_info is not None) else export_dir)
-                export_info = export_info or info
+                    None if (args.no_export or state["export"] is not None) else export_dir)
+                state["export"] = state["export"] or info
                 for method, record in records.items():
                     per_method[method].append(record)
-            results[setting] = {
-                method: dict(label=METHOD_LABELS[method], **summarise(recs))
-                for method, recs in per_method.items()
-            }
+                results[setting] = {
+                    method: dict(label=METHOD_LABELS[method], **summarise(recs))
+                    for method, recs in per_method.items()
+                }
+                write(time.perf_counter() - total.start, complete=False)
 
     settings = list(results)
     plot = _common.bar_plot(
@@ -409,22 +438,9 @@ def main(argv=None):
         title=f"Omniglot few-shot, {cfg['test_episodes']} test episodes (95% CI)",
         groups=settings,
     )
-    output = {
-        "example": EXAMPLE,
-        "config": cfg,
-        "data": {"source": data.source, "alphabets": data.alphabet_names},
-        "metric_notes": {
-            "accuracy": "query-set accuracy of each held-out episode after adaptation on its "
-                        "support set; mean/std over episodes (and seeds)",
-            "ci95": "half-width of the 95% confidence interval of the mean accuracy",
-        },
-        "results": results,
-        "plots": {"accuracy": str(plot)},
-        "export": export_info,
-        "wall_time_seconds": total.seconds,
-        "environment": _common.environment(),
-    }
-    json_path = _common.write_json(out_dir / "few_shot.json", output)
+    state["plots"]["accuracy"] = str(plot)
+    output = write(total.seconds, complete=True)
+    export_info = state["export"]
     print(f"\nOmniglot few-shot ({cfg['preset']} size), seeds {cfg['seeds']}, "
           f"{cfg['test_episodes']} test episodes, {cfg['eval_steps']} adaptation steps:")
     rows = []

@@ -171,39 +171,52 @@ class A2C:
         self.value = model.get_layer("value")
         self.env = MazeVectorEnv(num_envs=cfg["episodes"], size=cfg["maze_size"],
                                  episode_length=cfg["episode_length"], autoreset=False)
+        self.obs_dim = self.env.single_observation_space.shape[0]
         self.started = False
-        self.act = tf.function(self._act, reduce_retracing=True)
+        self.collect = tf.function(self._collect, reduce_retracing=True)
         self.train_step = tf.function(self._train_step, reduce_retracing=True)
 
-    def _act(self, obs, states, seed):
-        h, states = self.cell(obs, states)
-        action = tfd.Categorical(logits=self.policy(h)).sample(seed=seed)
-        return tf.cast(action, tf.int32), states
+    def _env_step(self, actions):
+        obs, reward, _, _, _ = self.env.step(actions)
+        return obs.astype(np.float32), reward.astype(np.float32)
+
+    def _collect(self, obs, update):
+        """The whole batch of episodes in one graph: a `tf.while_loop` over time whose body
+        runs the RNN cell and the policy, samples actions (stateless seeds, so runs are
+        reproducible) and steps the numpy environment through `tf.numpy_function`."""
+        b, t_max = self.cfg["episodes"], self.cfg["episode_length"]
+        states = [tf.zeros((b, d)) for d in np.atleast_1d(self.cell.state_size)]
+        observations = tf.TensorArray(tf.float32, size=t_max)
+        actions = tf.TensorArray(tf.int32, size=t_max)
+        rewards = tf.TensorArray(tf.float32, size=t_max)
+        base = tf.cast(update, tf.int32) * t_max
+        for t in tf.range(t_max):
+            observations = observations.write(t, obs)
+            h, states = self.cell(obs, states)
+            seed = tf.stack([tf.constant(self.seed, tf.int32), base + t])
+            action = tf.cast(tfd.Categorical(logits=self.policy(h)).sample(seed=seed),
+                             tf.int32)
+            obs, reward = tf.numpy_function(self._env_step, [action],
+                                            [tf.float32, tf.float32], stateful=True)
+            obs = tf.ensure_shape(obs, [b, self.obs_dim])
+            reward = tf.ensure_shape(reward, [b])
+            actions = actions.write(t, action)
+            rewards = rewards.write(t, reward)
+        return (tf.transpose(observations.stack(), [1, 0, 2]),
+                tf.transpose(actions.stack()), tf.transpose(rewards.stack()))
 
     def rollout(self, update):
         """One batch of episodes with the current policy (new goals for every maze).
 
-        Returns observations ``[B, T, obs]``, actions ``[B, T]`` and rewards ``[B, T]``.
+        Returns observations ``[B, T, obs]``, actions ``[B, T]`` and rewards ``[B, T]`` as
+        tensors (the observation at step t is the one the action at step t was chosen on).
         """
         if not self.started:
             obs, _ = self.env.reset(seed=int(self.seed) * 100_003)
             self.started = True
         else:
             obs, _ = self.env.reset()
-        b, t_max = self.cfg["episodes"], self.cfg["episode_length"]
-        states = [tf.zeros((b, d)) for d in np.atleast_1d(self.cell.state_size)]
-        observations = np.zeros((b, t_max, obs.shape[-1]), np.float32)
-        actions = np.zeros((b, t_max), np.int32)
-        rewards = np.zeros((b, t_max), np.float32)
-        for t in range(t_max):
-            observations[:, t] = obs
-            seed = tf.constant([self.seed, update * t_max + t], tf.int32)
-            action, states = self.act(tf.constant(obs), states, seed)
-            action = action.numpy()
-            obs, reward, _, _, _ = self.env.step(action)
-            actions[:, t] = action
-            rewards[:, t] = reward
-        return observations, actions, rewards
+        return self.collect(tf.constant(obs, tf.float32), tf.constant(update, tf.int32))
 
     def _train_step(self, observations, actions, rewards):
         cfg = self.cfg
@@ -268,9 +281,8 @@ def run_method(method, model, cfg, seed):
     with _common.Stopwatch() as clock:
         for update in range(cfg["updates"]):
             obs, actions, rewards = agent.rollout(update)
-            logs = agent.train_step(tf.constant(obs), tf.constant(actions),
-                                    tf.constant(rewards))
-            ret = float(rewards.sum(axis=1).mean())
+            logs = agent.train_step(obs, actions, rewards)
+            ret = float(tf.reduce_mean(tf.reduce_sum(rewards, axis=1)))
             returns.append(ret)
             losses.append(float(logs["loss"]))
             entropies.append(float(logs["entropy"]))

@@ -43,8 +43,9 @@ Sizes:
   --preset paper   the reference setting: 50 meta steps, meta-batch 5, task batch 20,
                    100 adaptation steps, SGD 0.1 inside and outside, one warp update per
                    stored point (meta-interval 1, no cap), seeds 0,1,2
-  --smoke          seconds: 2 alphabets, 8 filters, 2 meta steps of 3 adaptation steps,
-                   1 warp update
+  --smoke          2 alphabets, 8 filters, 2 meta steps of 3 adaptation steps, 1 warp
+                   update: about half a minute, mostly TensorFlow tracing the step
+                   functions of five trainers and the export
 Any explicit flag overrides the preset's value.
 
 Data: the Omniglot copy in --data-dir (default: ../shared/data/omniglot next to the
@@ -61,6 +62,7 @@ Examples:
 
 import os
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402  (sets up sys.path, the Keras backend and matplotlib)
@@ -152,7 +154,7 @@ def build_parser():
     g.add_argument("--preset", choices=("default", "paper"), default="default",
                    help="size of the run; explicit flags override its values")
     g.add_argument("--methods", type=_common.choice_list(METHODS),
-                   default=list(METHODS), help="comma-separated methods to compare")
+                   default=",".join(METHODS), help="comma-separated methods to compare")
     g.add_argument("--ablation", action="store_true",
                    help="run the rows of WarpGrad's Table 3 (App. G) instead of --methods")
     g.add_argument("--ablation-rows", type=_common.choice_list(tuple(ABLATION_ROWS)),
@@ -656,19 +658,51 @@ def plot_curves(results, path, title):
 
 
 def main(argv=None):
-    """Runs the example; returns the results dict (also written as JSON)."""
+    """Runs the example; returns the results dict (also written as JSON).
+
+    The JSON is rewritten after every finished run (``"complete": false`` until the end),
+    so a long run that is interrupted still leaves the results obtained so far.
+    """
     args = build_parser().parse_args(argv)
     cfg = resolve_config(args)
     out_dir, export_dir = _common.output_dirs(args, EXAMPLE)
     specs = run_specs(cfg)
+    name = "omniglot_ablation" if cfg["ablation"] else "omniglot"
+    json_path = out_dir / f"{name}.json"
+    records = {spec["name"]: [] for spec in specs}
+    splits, state = {}, {"export": None, "plots": {}}
+
+    def write(seconds, complete):
+        results = {spec["name"]: summarise(spec, records[spec["name"]])
+                   for spec in specs if records[spec["name"]]}
+        output = {
+            "example": EXAMPLE,
+            "mode": "ablation" if cfg["ablation"] else "comparison",
+            "complete": complete,
+            "config": cfg,
+            "data": {"source": data.source, "usable_alphabets":
+                     data.usable_alphabets(cfg["num_classes"]), "splits": splits},
+            "metric_notes": {
+                "final_test_accuracy": "accuracy on each held-out task's test images after "
+                                       "the last adaptation step; mean/std over tasks and "
+                                       "seeds",
+                "auc": "mean over adaptation steps of 1 - accuracy on the adaptation batches "
+                       "(area under the training-error curve); lower is better",
+            },
+            "results": results,
+            "plots": state["plots"],
+            "export": state["export"],
+            "wall_time_seconds": seconds,
+            "environment": _common.environment(),
+        }
+        _common.write_json(json_path, output)
+        return output
+
     with _common.Stopwatch() as total:
         data = load_data(args, cfg)
         if cfg["verbose"]:
             print(f"Omniglot: {data}; usable alphabets "
                   f"{data.usable_alphabets(cfg['num_classes'])}", flush=True)
-        records = {spec["name"]: [] for spec in specs}
-        splits = {}
-        export_info = None
         for seed in cfg["seeds"]:
             tasks, train_tasks, test_tasks = split_tasks(data, cfg, seed)
             splits[seed] = {"meta_train": tasks.meta_train_alphabets,
@@ -680,23 +714,25 @@ def main(argv=None):
             for spec in specs:
                 record, trainer = run_one(spec, cfg, seed, init, train_tasks, test_tasks)
                 records[spec["name"]].append(record)
-                if (spec["method"] == "warp_leap" and not cfg["ablation"] and export_info is None
-                        and not args.no_export):
-                    export_info = export_warp_leap(trainer.model, trainer, cfg, export_dir,
-                                                   train_tasks, test_tasks[0])
-                    export_info["seed"] = seed
+                if (spec["method"] == "warp_leap" and not cfg["ablation"]
+                        and state["export"] is None and not args.no_export):
+                    info = export_warp_leap(trainer.model, trainer, cfg, export_dir,
+                                            train_tasks, test_tasks[0])
+                    info["seed"] = seed
+                    state["export"] = info
                     if cfg["verbose"]:
                         print(f"Exported Warp-Leap to {export_dir}"
-                              + (f" (check: {export_info['check']['query_accuracy'] * 100:.1f}%"
-                                 f" test accuracy after {export_info['check']['full_batch_steps']}"
-                                 " full-batch steps)" if "check" in export_info else ""),
+                              + (f" (check: {info['check']['query_accuracy'] * 100:.1f}%"
+                                 f" test accuracy after {info['check']['full_batch_steps']}"
+                                 " full-batch steps)" if "check" in info else ""),
                               flush=True)
-        results = {spec["name"]: summarise(spec, records[spec["name"]]) for spec in specs}
+                write(time.perf_counter() - total.start, complete=False)
 
-    name = "omniglot_ablation" if cfg["ablation"] else "omniglot"
+    results = {spec["name"]: summarise(spec, records[spec["name"]]) for spec in specs}
     title = (f"Omniglot {cfg['num_classes']}-way, {len(cfg['seeds'])} seed(s), "
              f"{cfg['meta_steps']} meta steps x {cfg['inner_steps']} adaptation steps")
-    plots = {"curves": str(plot_curves(results, out_dir / f"{name}_curves.png", title))}
+    plots = state["plots"]
+    plots["curves"] = str(plot_curves(results, out_dir / f"{name}_curves.png", title))
     if cfg["ablation"]:
         labels = [r["label"] for r in results.values()]
         means = [r["final_test_accuracy"]["mean"] or 0.0 for r in results.values()]
@@ -705,25 +741,8 @@ def main(argv=None):
             out_dir / f"{name}.png", labels, [m * 100 for m in means], [s * 100 for s in stds],
             ylabel=f"test accuracy after {cfg['eval_steps']} steps (%)",
             title="WarpGrad ablation (App. G, Table 3)"))
-    output = {
-        "example": EXAMPLE,
-        "mode": "ablation" if cfg["ablation"] else "comparison",
-        "config": cfg,
-        "data": {"source": data.source, "usable_alphabets":
-                 data.usable_alphabets(cfg["num_classes"]), "splits": splits},
-        "metric_notes": {
-            "final_test_accuracy": "accuracy on each held-out task's test images after the "
-                                   "last adaptation step; mean/std over tasks and seeds",
-            "auc": "mean over adaptation steps of 1 - accuracy on the adaptation batches "
-                   "(area under the training-error curve); lower is better",
-        },
-        "results": results,
-        "plots": plots,
-        "export": export_info,
-        "wall_time_seconds": total.seconds,
-        "environment": _common.environment(),
-    }
-    json_path = _common.write_json(out_dir / f"{name}.json", output)
+    output = write(total.seconds, complete=True)
+    export_info = state["export"]
 
     print(f"\nOmniglot multi-shot ({cfg['preset']} size), seeds {cfg['seeds']}, "
           f"{cfg['eval_steps']} adaptation steps on held-out alphabets:")

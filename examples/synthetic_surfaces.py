@@ -79,13 +79,13 @@ NUM_PARAMS = 8  # s, a1, a2, a3, b1, b2, b3, variant flag (0: paper, 1: peaks)
 PRESETS = {
     "default": dict(meta_steps=100, starts=10, inner_steps=100, inner_lr=0.1, meta_lr=0.01,
                     warp_units=30, eval_surfaces=20, eval_starts=10, variant="paper",
-                    converge_tolerance=0.01, seeds=[0]),
+                    converge_tolerance=0.01, parallel="unrolled", seeds=[0]),
     "paper": dict(meta_steps=100, starts=10, inner_steps=100, inner_lr=0.1, meta_lr=0.01,
                   warp_units=30, eval_surfaces=20, eval_starts=10, variant="paper",
-                  converge_tolerance=0.01, seeds=[0]),
+                  converge_tolerance=0.01, parallel="unrolled", seeds=[0]),
     "smoke": dict(meta_steps=3, starts=3, inner_steps=10, inner_lr=0.1, meta_lr=0.01,
                   warp_units=8, eval_surfaces=2, eval_starts=2, variant="paper",
-                  converge_tolerance=0.01, seeds=[0]),
+                  converge_tolerance=0.01, parallel="unrolled", seeds=[0]),
 }
 
 
@@ -361,6 +361,8 @@ def build_parser():
                         "form of the last term")
     g.add_argument("--converge-tolerance", type=float,
                    help="convergence tolerance, as a fraction of the surface's value range")
+    g.add_argument("--parallel", choices=("sequential", "unrolled", "vectorized"),
+                   help="how the starts of a meta step are adapted (WarpTrainer parallel=)")
     return parser
 
 
@@ -369,7 +371,8 @@ def resolve_config(args):
     preset = "smoke" if args.smoke else args.preset
     cfg = dict(PRESETS[preset], preset=preset, verbose=args.verbose)
     for key in ("meta_steps", "starts", "inner_steps", "inner_lr", "meta_lr", "warp_units",
-                "eval_surfaces", "eval_starts", "variant", "converge_tolerance", "seeds"):
+                "eval_surfaces", "eval_starts", "variant", "converge_tolerance", "parallel",
+                "seeds"):
         value = getattr(args, key, None)
         if value is not None:
             cfg[key] = value
@@ -390,7 +393,7 @@ def run_seed(cfg, seed):
         model, loss=surface_loss, mode="online", objective="exact", init_objective=None,
         inner_learning_rate=cfg["inner_lr"], inner_steps=cfg["inner_steps"],
         meta_batch_size=cfg["starts"], meta_optimizer=keras.optimizers.Adam(cfg["meta_lr"]),
-        seed=seed,
+        parallel=cfg["parallel"], seed=seed,
     )
     partition = trainer.partition
     phi_identity = partition.warp_values()

@@ -1,0 +1,184 @@
+"""End-to-end runs of the data-free examples: continual sine regression, synthetic loss
+surfaces and maze navigation (examples/continual_sine.py, synthetic_surfaces.py,
+maze_navigation.py).
+
+Each example's ``main(argv)`` runs its ``--smoke`` configuration in this process (one
+TensorFlow import for all three), writing into `tmp_path`; the tests check the results
+JSON, the PNG plots and the exported SavedModel. A few cheap checks of the examples'
+own pieces (the surface loss, the A2C returns) run alongside.
+"""
+
+import importlib
+import json
+import pathlib
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+EXAMPLES = REPO / "examples"
+if str(EXAMPLES) not in sys.path:
+    sys.path.insert(0, str(EXAMPLES))
+
+
+def run_smoke(name, tmp_path, *flags):
+    """Runs ``examples/<name>.py --smoke`` through its ``main``; returns (module, returned
+    dict, JSON written, output folder, export folder)."""
+    module = importlib.import_module(name)
+    out, export = tmp_path / "results", tmp_path / "saved_model"
+    returned = module.main(["--smoke", "--verbose", "0", "--output-dir", str(out),
+                            "--export-dir", str(export), *flags])
+    path = out / f"{name}.json"
+    assert path.is_file(), f"{name} wrote no results JSON"
+    data = json.loads(path.read_text())
+    assert data["example"] == name == returned["example"]
+    assert data["wall_time_seconds"] > 0
+    return module, returned, data, out, export
+
+
+def assert_png(path):
+    path = pathlib.Path(path)
+    assert path.is_file(), f"missing plot {path}"
+    data = path.read_bytes()
+    assert len(data) > 1000 and data[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def assert_saved_model(export):
+    export = pathlib.Path(export)
+    assert (export / "saved_model.pb").is_file(), f"no SavedModel in {export}"
+    assert (export / "variables").is_dir()
+
+
+def assert_stat(stat):
+    assert set(stat) >= {"mean", "std", "values"}
+    assert stat["values"], "no values"
+    assert np.isfinite(stat["mean"])
+
+
+def test_continual_sine_smoke(tmp_path):
+    module, _, data, out, export = run_smoke("continual_sine", tmp_path)
+    cfg = data["config"]
+    T, n = cfg["subtasks"], cfg["steps_per_subtask"]
+    assert set(data["results"]) == {"training_order", "random_order"}
+    assert data["results"]["random_order"]["order"] == [1, 3, 4, 2, 0]
+    for order in ("training_order", "random_order"):
+        for method in ("sgd", "warpgrad"):
+            res = data["results"][order][method]
+            for key in ("final_loss", "loss_over_sequence", "forgetting",
+                        "loss_after_own_steps"):
+                assert_stat(res[key])
+            assert len(res["final_loss"]["values"]) == cfg["eval_tasks"]
+            curve = np.asarray(res["mean_log_loss_curve"])
+            assert curve.shape == (T * n + 1, T)
+            assert np.all(np.isfinite(curve))
+    run = data["per_seed"][0]
+    assert len(run["meta_loss"]) == cfg["meta_steps"]
+    # the meta batch (stacked validation data, t as a tensor) never retraces the step
+    assert run["trace_counts"] and all(c == 1 for c in run["trace_counts"].values()), \
+        run["trace_counts"]
+    for key in ("losses", "predictions"):
+        assert_png(data["plots"][key])
+    assert_saved_model(export)
+    assert data["export"]["check"]["max_abs_difference_vs_keras"] < 1e-4
+
+
+def test_continual_meta_loss_matches_objective():
+    """The meta batch (stacked validation data, t as a tensor) gives Eq. 18."""
+    module = importlib.import_module("continual_sine")
+    import warpkeras
+    from warpkeras import objectives as obj
+
+    model = module.build_model(8, 4, 1, seed=0)
+    p = warpkeras.partition(model)
+    rng = np.random.default_rng(0)
+    xv = rng.uniform(-5, 5, (3, 4, 1)).astype("float32")
+    yv = np.sin(xv).astype("float32")
+    meta_loss = module.make_meta_loss(3, 2)
+    for t in (1, 2, 3):
+        got = meta_loss(p, module.half_mse, p.initial_task_values(), p.warp_values(),
+                        (xv, yv, tf.constant(t)), None)
+        weights = obj.continual_weights(3, 2)
+        want = sum(weights[i] * float(module.half_mse(yv[i], model(xv[i])))
+                   for i in range(t))
+        np.testing.assert_allclose(float(got), want, rtol=1e-5)
+
+
+def test_synthetic_surfaces_smoke(tmp_path):
+    module, _, data, out, export = run_smoke("synthetic_surfaces", tmp_path)
+    cfg = data["config"]
+    runs = cfg["eval_surfaces"] * cfg["eval_starts"]
+    for method in ("gd", "warpgrad"):
+        res = data["results"][method]
+        assert_stat(res["final_loss"])
+        assert_stat(res["steps_to_converge"])
+        assert len(res["final_loss"]["values"]) == runs
+        assert all(0 <= s <= cfg["inner_steps"] for s in res["steps_to_converge"]["values"])
+        assert len(res["mean_loss_curve"]) == cfg["inner_steps"] + 1
+        assert 0.0 <= res["converged_fraction"] <= 1.0
+    assert len(data["per_seed"][0]["meta_loss"]) == cfg["meta_steps"]
+    for key in ("trajectories", "curves"):
+        assert_png(data["plots"][key])
+    assert_saved_model(export)
+    # the SavedModel runs the meta-learned optimiser by itself and lands where it did here
+    assert data["export"]["check"]["max_abs_difference"] < 1e-4
+
+
+@pytest.mark.parametrize("variant", ["paper", "peaks"])
+def test_surface_loss_matches_loss_surface(variant):
+    module = importlib.import_module("synthetic_surfaces")
+    from warpkeras.data import LossSurfaceDistribution
+
+    dist = LossSurfaceDistribution(variant=variant)
+    rng = np.random.default_rng(1)
+    for _ in range(3):
+        surface = dist.sample(rng)
+        points = dist.sample_initial_points(7, rng)
+        want = surface(points.astype(np.float64))
+        got = module.surface_values(tf.constant(points),
+                                    module.surface_params(surface)[None, :]).numpy()
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_maze_navigation_smoke(tmp_path):
+    module, _, data, out, export = run_smoke("maze_navigation", tmp_path)
+    cfg = data["config"]
+    assert set(data["results"]) == set(cfg["methods"]) == {"warp_rnn", "rnn", "tnets"}
+    for method, res in data["results"].items():
+        assert_stat(res["final_return"])
+        assert_stat(res["mean_return"])
+        assert len(res["mean_curve"]) == cfg["updates"]
+        assert np.all(np.isfinite(res["mean_curve"]))
+    # same θ0, identity warps and the same environment seeds: the first batch is identical
+    first = {m: r["mean_curve"][0] for m, r in data["results"].items()}
+    assert len(set(np.round(list(first.values()), 6))) == 1, first
+    # the warp was updated every meta_interval task updates
+    expected = cfg["updates"] // cfg["meta_interval"]
+    assert data["results"]["warp_rnn"]["warp_updates"] == expected
+    assert data["results"]["tnets"]["warp_updates"] == expected
+    assert data["results"]["rnn"]["warp_updates"] is None
+    assert_png(data["plots"]["returns"])
+    assert_saved_model(export)
+    assert data["export"]["check"]["max_abs_difference_vs_keras"] < 1e-4
+
+
+def test_discounted_returns():
+    module = importlib.import_module("maze_navigation")
+    rng = np.random.default_rng(0)
+    rewards = rng.normal(size=(3, 6)).astype("float32")
+    values = rng.normal(size=(3, 6)).astype("float32")
+    gamma = 0.9
+
+    def reference(n):
+        out = np.zeros_like(rewards)
+        for t in range(6):
+            total = sum(gamma ** i * rewards[:, t + i] for i in range(min(n, 6 - t)))
+            if t + n < 6:
+                total = total + gamma ** n * values[:, t + n]
+            out[:, t] = total
+        return out
+
+    for n in (1, 2, 6, 10):
+        np.testing.assert_allclose(module.discounted_returns(rewards, values, gamma, n),
+                                   reference(n), rtol=1e-5, atol=1e-5)
