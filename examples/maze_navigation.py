@@ -29,13 +29,18 @@ batch. Methods (--methods):
   hyper_rnn  (optional) the Warp-RNN architecture with every parameter, meta-LSTM included,
              trained by Adam at every step: App. J's control for the meta-LSTM's capacity.
 
-The continual meta-training uses `warpkeras.optimizers.WarpGrad`, WarpGrad's Algorithm 3 as
+The continual meta-training uses `warpkeras.WarpGrad`, WarpGrad's Algorithm 3 as
 a Keras optimizer: ``optimizer.apply(grads, model.trainable_variables)`` steps the task
 variables with the inner Adam and accumulates the warp gradients; every η = 30 calls the
 meta Adam applies their mean. With the inner gradient held constant, the warp gradient of
 batch k at θ_k is the approximate meta-gradient of the update that produced θ_k (App. D,
 Eq. 13), so no extra forward pass is needed. All methods start from the same task
 parameters θ0 and see the same goals (same environment seeds).
+
+Each batch of episodes is collected in one compiled call (a `tf.while_loop` over time that
+steps the numpy environment through `tf.numpy_function`), then the A2C loss re-runs the RNN
+over the recorded observations for the gradient. No gradient clipping by default (the paper
+does not mention any); --clip-norm clips the global gradient norm of both Adams.
 
 Reported: the mean return per episode (cumulative reward over its 200 steps, averaged over
 the batch of 30) at every update: the learning curve of Fig. 8. Outputs:
@@ -48,10 +53,11 @@ the batch of 30) at every update: the learning curve of Fig. 8. Outputs:
                                            logits and values)
 
 Sizes:
-  (no flags)       a demonstration that runs in a few minutes on 2 CPU cores: 300 updates
-                   of 30 episodes x 200 steps per method (the warp is updated 10 times), 1
-                   seed. At this size the agents have only begun to learn; the paper's
-                   differences between methods appear over far longer training.
+  (no flags)       a demonstration of a few minutes on 2 CPU cores (about 3.5 CPU-minutes):
+                   300 updates of 30 episodes x 200 steps per method (the warp is updated 10
+                   times), 1 seed. At this size the agents have only begun to learn and one
+                   seed cannot separate the methods; the paper's differences appear over far
+                   longer training and 10 seeds.
   --preset paper   200 000 updates per method, 10 seeds (the paper's Fig. 8; days on a CPU)
   --smoke          seconds: 3 updates of 4 episodes x 10 steps, warp update every 2nd
 Any explicit flag overrides the preset's value.
@@ -75,7 +81,6 @@ import tensorflow_probability as tfp  # noqa: E402
 import warpkeras  # noqa: E402
 from warpkeras.envs import NUM_ACTIONS, MazeVectorEnv  # noqa: E402
 from warpkeras.layers import LinearWarpRNNCell, TaskRNNCell, WarpRNNCell  # noqa: E402
-from warpkeras.optimizers import WarpGrad  # noqa: E402
 
 tfd = tfp.distributions
 
@@ -152,8 +157,9 @@ def make_optimizer(method, model, cfg):
         return keras.optimizers.Adam(lr, **kwargs)
 
     if method in ("warp_rnn", "tnets"):
-        return WarpGrad(inner_optimizer=adam(cfg["lr"]), meta_optimizer=adam(cfg["meta_lr"]),
-                        meta_interval=cfg["meta_interval"], model=model)
+        return warpkeras.WarpGrad(inner_optimizer=adam(cfg["lr"]),
+                                  meta_optimizer=adam(cfg["meta_lr"]),
+                                  meta_interval=cfg["meta_interval"], model=model)
     return adam(cfg["lr"])
 
 
@@ -296,7 +302,7 @@ def run_method(method, model, cfg, seed):
                     f"{method}: the A2C loss became non-finite at update {update + 1}; "
                     "try a smaller --lr or --clip-norm 4")
     warp_updates = None
-    if isinstance(optimizer, WarpGrad):
+    if isinstance(optimizer, warpkeras.WarpGrad):
         warp_updates = int(optimizer.meta_optimizer.iterations.numpy())
     tail = max(1, len(returns) // 10)
     return {

@@ -22,8 +22,10 @@ The "labels" of a task are the surface's parameters (s, a1, a2, a3, b1, b2, b3, 
 and the loss ``surface_loss(params, Ω(x))`` evaluates the surface at the model's output.
 Meta-training follows App. E: every meta step draws a new surface and 10 random starting
 points, adapts each separately for 100 steps (lr 0.1), and accumulates the exact warp
-meta-gradient (Eq. 3) online (Algorithm 1, `warpkeras.WarpTrainer(mode="online")`); the
-initialisation is not meta-learned.
+meta-gradient (Eq. 3) online (Algorithm 1, `warpkeras.WarpTrainer(mode="online")`; the 10
+runs of a meta step are adapted side by side in one graph, ``parallel="unrolled"``); the
+initialisation is not meta-learned. The warp is trained with Adam (0.01; the paper does not
+state its meta-optimiser).
 
 Evaluation on held-out surfaces: from the same starting points, plain gradient descent on
 f (the identity warp) and WarpGrad (the meta-learned warp). Reported: the final loss (the
@@ -70,7 +72,7 @@ import tensorflow as tf  # noqa: E402
 
 import warpkeras  # noqa: E402
 from warpkeras import objectives as obj  # noqa: E402
-from warpkeras.data import LossSurface, LossSurfaceDistribution  # noqa: E402
+from warpkeras.data import LossSurfaceDistribution  # noqa: E402
 from warpkeras.layers import ResidualWarpDense  # noqa: E402
 
 EXAMPLE = "synthetic_surfaces"
@@ -238,7 +240,7 @@ def evaluate(cfg, partition, phi_gd, phi_warp, surfaces, starts, verbose):
             target = min(gd[2].min(), wg[2].min())
             tol = cfg["converge_tolerance"] * value_range
             runs.append({
-                "surface": i, "start": x0.numpy(),
+                "surface": i, "start": x0.numpy(), "tolerance": tol,
                 "gd": {"points": gd[0], "losses": gd[2],
                        "steps_to_converge": steps_to_converge(gd[2], target, tol)},
                 "warpgrad": {"points": wg[0], "representation": wg[1], "losses": wg[2],
@@ -262,8 +264,9 @@ def summarise_runs(runs, steps):
         }
     gd = np.array([r["gd"]["losses"][-1] for r in runs])
     wg = np.array([r["warpgrad"]["losses"][-1] for r in runs])
-    out["warpgrad_better_fraction"] = float(np.mean(wg < gd - 1e-6))
-    out["gd_better_fraction"] = float(np.mean(gd < wg - 1e-6))
+    tol = np.array([r["tolerance"] for r in runs])
+    out["warpgrad_better_fraction"] = float(np.mean(wg < gd - tol))
+    out["gd_better_fraction"] = float(np.mean(gd < wg - tol))
     return out
 
 
@@ -516,6 +519,10 @@ def main(argv=None):
                                  "surface's value range on [-3, 3]^2) of the best loss either "
                                  "method reached from that start; K when never",
             "converged_fraction": "fraction of runs that got there within K steps",
+            "warpgrad_better_fraction": "fraction of runs whose WarpGrad final loss is lower "
+                                        "than gradient descent's by more than the "
+                                        "convergence tolerance (gd_better_fraction: the "
+                                        "reverse)",
         },
         "results": methods,
         "per_seed": records,
@@ -539,8 +546,9 @@ def main(argv=None):
           f"{methods[m]['converged_fraction'] * 100:.0f}%"]
          for m, label in (("gd", "gradient descent"), ("warpgrad", "WarpGrad"))],
     )
-    print(f"WarpGrad ends lower on {methods['warpgrad_better_fraction'] * 100:.0f}% of runs, "
-          f"gradient descent on {methods['gd_better_fraction'] * 100:.0f}%.")
+    print(f"Final loss lower by more than the tolerance: WarpGrad on "
+          f"{methods['warpgrad_better_fraction'] * 100:.0f}% of runs, gradient descent on "
+          f"{methods['gd_better_fraction'] * 100:.0f}% (the rest end level).")
     print(f"\nWrote {json_path}, " + ", ".join(plots.values())
           + (f"; SavedModel in {export_info['path']}" if export_info else "")
           + f" ({total.seconds:.0f}s)")
