@@ -22,7 +22,6 @@ batches the uninterrupted run would have seen.
 """
 
 import math
-import os
 import time
 import warnings
 
