@@ -80,10 +80,6 @@ def _all_finite(tensors):
     return tf.reduce_all(tf.stack(flags)) if flags else tf.constant(True)
 
 
-def _zeros_like(values):
-    return [tf.zeros_like(v) for v in values]
-
-
 class _Packer:
     """Packs a list of tensors into one flat tensor per dtype, and back.
 
