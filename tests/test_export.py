@@ -24,7 +24,16 @@ STEPS, LR, MOMENTUM = 3, 0.1, 0.5
 
 FRESH_SCRIPT = textwrap.dedent(
     """
-    import json, sys
+    import importlib.abc, json, sys
+
+    class _NoWarpkeras(importlib.abc.MetaPathFinder):
+        # The serving process must work without warpkeras, even where it is installed.
+        def find_spec(self, name, path=None, target=None):
+            if name == "warpkeras" or name.startswith("warpkeras."):
+                raise ImportError("warpkeras is not available in this process")
+            return None
+
+    sys.meta_path.insert(0, _NoWarpkeras())
     import numpy as np
     result = {}
     try:
@@ -162,8 +171,8 @@ def exported(tmp_path_factory):
     reg_adapted = wexport.adapt(reg, data["rx"], data["ry"], STEPS, **reg_kwargs)
     expected["reg_adapt_predict"] = reg_adapted.predict(data["rq"], verbose=0)
 
-    # A process that cannot import warpkeras: a temporary working directory and no
-    # PYTHONPATH (warpkeras is not installed in the environment, only on the test path).
+    # A process that cannot import warpkeras: a temporary working directory, no PYTHONPATH,
+    # and an import hook that refuses it (warpkeras may be installed in the environment).
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSTARTUP")}
     env.update(PYTHONPATH="", TF_CPP_MIN_LOG_LEVEL="2", PYTHONNOUSERSITE="1")
     fresh = subprocess.Popen(
