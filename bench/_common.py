@@ -43,6 +43,8 @@ def setup():
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
     if REPO not in sys.path:
         sys.path.insert(0, REPO)
+    # before TensorFlow loads, as a user's program would: warpkeras picks the CPU kernels
+    import warpkeras  # noqa: F401
 
 
 def parser(description, name):

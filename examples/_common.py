@@ -35,6 +35,8 @@ if str(REPO_ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 
+import warpkeras  # noqa: E402,F401  (first, so that it can choose TensorFlow's CPU kernels)
+
 
 # -- command line --------------------------------------------------------------------------
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -221,6 +223,20 @@ def print_table(headers, rows):
 
 
 # -- plots -----------------------------------------------------------------------------------
+def print_written(json_path, plots, export_info, seconds):
+    """The closing line of an example: where its JSON, plots and SavedModel went, and its time.
+
+    Args:
+        json_path: path of the results JSON.
+        plots: list of written plot paths.
+        export_info: the dict `export_model` returned, or ``None`` when nothing was exported.
+        seconds: wall time of the whole run.
+    """
+    print(f"\nWrote {json_path}, " + ", ".join(str(p) for p in plots)
+          + (f"; SavedModel in {export_info['path']}" if export_info else "")
+          + f" ({seconds:.0f}s)")
+
+
 def pyplot():
     """`matplotlib.pyplot` on the Agg backend (writes files, needs no display)."""
     import matplotlib

@@ -113,7 +113,7 @@ def build_model(hidden_units, warp_units, hidden_layers, seed):
     return keras.Sequential(layers, name="continual_sine_learner")
 
 
-def make_meta_loss(num_subtasks, steps_per_subtask):
+def make_meta_loss(num_subtasks, steps_per_subtask, weighting="appearances"):
     """The trainer's `meta_loss` hook: Eq. 18 on the meta batch ``(xv, yv, t)``.
 
     ``xv``, ``yv``: ``[T, points, 1]`` validation data of every sub-task, in presentation
@@ -124,7 +124,8 @@ def make_meta_loss(num_subtasks, steps_per_subtask):
         xv, yv, t = meta_batch
         batches = [(xv[i], yv[i]) for i in range(num_subtasks)]
         return obj.continual_objective(partition, loss_fn, theta, phi, batches, t,
-                                       num_subtasks, steps_per_subtask, state=state)
+                                       num_subtasks, steps_per_subtask, state=state,
+                                       weighting=weighting)
 
     return meta_loss
 
@@ -368,6 +369,9 @@ def build_parser():
                         "for 5 sub-tasks, else a permutation drawn from the seed)")
     g.add_argument("--parallel", choices=("sequential", "unrolled", "vectorized"),
                    help="how the sequences of a meta-batch are adapted (WarpTrainer parallel=)")
+    g.add_argument("--eq18-weighting", choices=obj.CONTINUAL_WEIGHTINGS, default="appearances",
+                   help="sub-task weights of the meta-objective: 1/(n(T-i+1)), App. K's "
+                        "normalisation by appearances, or 1/(n(T-t+1)) as Eq. 18 prints it")
     return parser
 
 
@@ -378,7 +382,7 @@ def resolve_config(args):
     for key in ("meta_steps", "meta_batch_size", "inner_lr", "meta_lr", "hidden_units",
                 "warp_units", "hidden_layers", "subtasks", "steps_per_subtask", "batch_size",
                 "meta_val_points", "eval_tasks", "eval_points", "random_order", "parallel",
-                "seeds"):
+                "seeds", "eq18_weighting"):
         value = getattr(args, key, None)
         if value is not None:
             cfg[key] = value
@@ -412,7 +416,8 @@ def run_seed(cfg, seed, orders):
         inner_learning_rate=cfg["inner_lr"], inner_steps=T * n,
         meta_batch_size=cfg["meta_batch_size"],
         meta_optimizer=keras.optimizers.Adam(cfg["meta_lr"]),
-        meta_loss=make_meta_loss(T, n), parallel=cfg["parallel"], seed=seed,
+        meta_loss=make_meta_loss(T, n, cfg.get("eq18_weighting", "appearances")),
+        parallel=cfg["parallel"], seed=seed,
     )
     partition = trainer.partition
     phi_sgd = partition.warp_values()  # identity warps: plain SGD
@@ -544,9 +549,7 @@ def main(argv=None):
                          _common.format_stat(s["loss_over_sequence"], scale=1.0, digits=3)])
     _common.print_table(["sub-task order", "method", "final loss (all sub-tasks)",
                          "forgetting", "loss over sequence"], rows)
-    print(f"\nWrote {json_path}, " + ", ".join(plots.values())
-          + (f"; SavedModel in {export_info['path']}" if export_info else "")
-          + f" ({total.seconds:.0f}s)")
+    _common.print_written(json_path, plots.values(), export_info, total.seconds)
     return output
 
 

@@ -452,9 +452,7 @@ def main(argv=None):
                          else "-", f"{r['meta_train_seconds']:.0f}"])
     _common.print_table(["setting", "method", "accuracy (%, 95% CI)", "s / meta step",
                          "meta-train s"], rows)
-    print(f"\nWrote {json_path}, {plot}"
-          + (f"; SavedModel in {export_info['path']}" if export_info else "")
-          + f" ({total.seconds:.0f}s)")
+    _common.print_written(json_path, [plot], export_info, total.seconds)
     return output
 
 

@@ -495,9 +495,7 @@ def main(argv=None):
           str(r["warp_updates"]) if r["warp_updates"] is not None else "-",
           f"{r['seconds_per_update']:.2f}"] for r in results.values()],
     )
-    print(f"\nWrote {json_path}, " + ", ".join(plots.values())
-          + (f"; SavedModel in {export_info['path']}" if export_info else "")
-          + f" ({total.seconds:.0f}s)")
+    _common.print_written(json_path, plots.values(), export_info, total.seconds)
     return output
 
 

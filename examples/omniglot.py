@@ -753,9 +753,7 @@ def main(argv=None):
           f"{r['seconds_per_meta_step']:.2f}" if r["seconds_per_meta_step"] else "-",
           f"{r['meta_train_seconds']:.0f}"] for r in results.values()],
     )
-    print(f"\nWrote {json_path}, " + ", ".join(plots.values())
-          + (f"; SavedModel in {export_info['path']}" if export_info else "")
-          + f" ({total.seconds:.0f}s)")
+    _common.print_written(json_path, plots.values(), export_info, total.seconds)
     return output
 
 

@@ -549,9 +549,7 @@ def main(argv=None):
     print(f"Final loss lower by more than the tolerance: WarpGrad on "
           f"{methods['warpgrad_better_fraction'] * 100:.0f}% of runs, gradient descent on "
           f"{methods['gd_better_fraction'] * 100:.0f}% (the rest end level).")
-    print(f"\nWrote {json_path}, " + ", ".join(plots.values())
-          + (f"; SavedModel in {export_info['path']}" if export_info else "")
-          + f" ({total.seconds:.0f}s)")
+    _common.print_written(json_path, plots.values(), export_info, total.seconds)
     return output
 
 

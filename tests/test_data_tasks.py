@@ -105,3 +105,24 @@ def test_numpy_augment_and_conversion_to_trainer_task():
     x_test, y_test = trainer_task.test_data()
     np.testing.assert_array_equal(x_test, task.x_test)
     assert trainer_task.name == "toy" and trainer_task.info["num_classes"] == 4
+
+
+def test_augment_is_compiled_once_and_matches_eager_ops():
+    import functools
+
+    from warpkeras.data import tasks as tasks_module
+
+    aug = functools.partial(random_affine, fill_value=0.0)
+    rng = np.random.default_rng(3)
+    x = rng.random((6, 12, 12, 1)).astype(np.float32)
+    first = ClassificationTask(x, np.arange(6) % 2, x[:2], np.arange(2), augmentation=aug)
+    second = ClassificationTask(x[::-1], np.arange(6) % 2, x[:2], np.arange(2), augmentation=aug)
+    seed = np.array([4, 9])
+    eager = random_affine(x, seed=seed, fill_value=0.0).numpy()
+    # graph rewrites reorder float32 arithmetic: equal up to round-off
+    np.testing.assert_allclose(first.augment(x, seed).numpy(), eager, rtol=0, atol=1e-5)
+    # a different batch size and a second task reuse the same compiled function
+    second.augment(x[:3], seed)
+    compiled = tasks_module._compiled(aug)
+    assert compiled is tasks_module._compiled(aug)
+    assert compiled.experimental_get_tracing_count() <= 2

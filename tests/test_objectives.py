@@ -277,6 +277,18 @@ def test_continual_weights_give_every_subtask_equal_total_weight():
     np.testing.assert_allclose([wi * a for wi, a in zip(w, appearances)], np.ones(T))
 
 
+def test_printed_continual_weights_share_the_current_subtasks_weight():
+    # Eq. 18 as printed: w = 1 / (n (T - t + 1)) for every active sub-task
+    assert obj.continual_weights(4, 5, "printed", current_subtask=1) == [1 / 20] * 4
+    assert obj.continual_weights(4, 5, "printed", current_subtask=4) == [1 / 5] * 4
+    as_tensor = obj.continual_weights(4, 5, "printed", current_subtask=tf.constant(3))
+    np.testing.assert_allclose([float(w) for w in as_tensor], [1 / 10] * 4)
+    with pytest.raises(ValueError, match="current_subtask"):
+        obj.continual_weights(4, 5, "printed")
+    with pytest.raises(ValueError, match="weighting"):
+        obj.continual_weights(4, 5, "uniform")
+
+
 def test_continual_objective_sums_current_and_earlier_subtasks(float64):
     model = _nonlinear_warp_model()
     p = warpkeras.partition(model)
@@ -287,6 +299,9 @@ def test_continual_objective_sums_current_and_earlier_subtasks(float64):
     w = obj.continual_weights(3, 2)
     got = obj.continual_objective(p, mse, theta, phi, vals, 2, 3, 2)
     np.testing.assert_allclose(float(got), w[0] * losses[0] + w[1] * losses[1])
+    printed = obj.continual_objective(p, mse, theta, phi, vals, tf.constant(2), 3, 2,
+                                      weighting="printed")
+    np.testing.assert_allclose(float(printed), (losses[0] + losses[1]) / (2 * (3 - 2 + 1)))
     # usable as the meta-loss of the warp objective
     task_b = vals[1]
     m = obj.warp_objective(

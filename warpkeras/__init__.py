@@ -9,8 +9,27 @@ meta-objectives as pure functions.
 __version__ = "0.1.0"
 
 import os as _os
+import platform as _platform
+import sys as _sys
 
 _os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+
+def _prefer_onednn():
+    """Turn on TensorFlow's oneDNN kernels on x86 CPUs unless the user decided otherwise.
+
+    TensorFlow enables them by default only on CPUs with AVX-512. On AVX2 CPUs they run the
+    convolutions of the papers' models about 1.4x faster (``bench/inner_step.py --onednn``).
+    The switch is read when TensorFlow loads, so this only acts when warpkeras is imported
+    before TensorFlow; an explicit ``TF_ENABLE_ONEDNN_OPTS`` (``0`` or ``1``) always wins.
+    """
+    if "tensorflow" in _sys.modules or "TF_ENABLE_ONEDNN_OPTS" in _os.environ:
+        return
+    if _platform.machine().lower() in ("x86_64", "amd64"):
+        _os.environ["TF_ENABLE_ONEDNN_OPTS"] = "1"
+
+
+_prefer_onednn()
 
 import keras as _keras  # noqa: E402
 

@@ -459,20 +459,47 @@ def reptile_direction(theta0, theta_k):
     return [a - b for a, b in zip(_as_list(theta0), _as_list(theta_k))]
 
 
-def continual_weights(num_subtasks, steps_per_subtask):
+CONTINUAL_WEIGHTINGS = ("appearances", "printed")
+
+
+def continual_weights(num_subtasks, steps_per_subtask, weighting="appearances", current_subtask=None):
     """Per-sub-task weights of the continual meta-objective (WarpGrad Eq. 18).
 
     Sub-task i (1-based) of T appears in the meta-objective of every step from its own
-    first step on, n(T − i + 1) times in all; weighting it by 1 / (n(T − i + 1)) gives
-    every sub-task the same total weight ("normalising on number of appearances", App. K).
-    The printed Eq. 18 writes the index of the current sub-task t in this denominator; the
-    appendix's text describes the per-sub-task normalisation implemented here.
+    first step on, n(T − i + 1) times in all.
+
+    * ``"appearances"`` (default): w_i = 1 / (n(T − i + 1)), so every sub-task gets the same
+      total weight over the sequence ("normalising on number of appearances", App. K).
+    * ``"printed"``: Eq. 18 as printed, w_i = 1 / (n(T − t + 1)) for every i ≤ t, where t is
+      the current sub-task: all active sub-tasks share one weight, which grows as the
+      sequence goes on. Needs ``current_subtask``.
+
+    Args:
+        num_subtasks: T.
+        steps_per_subtask: n.
+        weighting: ``"appearances"`` or ``"printed"``.
+        current_subtask: t (1-based; a number or a scalar tensor), for ``"printed"``.
 
     Returns:
-        A list of T Python floats.
+        A list of T weights (Python floats; scalar tensors when ``"printed"`` gets a tensor t).
+
+    Example:
+        >>> continual_weights(3, 2)
+        [0.16666666666666666, 0.25, 0.5]
+        >>> continual_weights(3, 2, "printed", current_subtask=2)
+        [0.25, 0.25, 0.25]
     """
     T, n = int(num_subtasks), int(steps_per_subtask)
-    return [1.0 / (n * (T - i + 1)) for i in range(1, T + 1)]
+    if weighting == "appearances":
+        return [1.0 / (n * (T - i + 1)) for i in range(1, T + 1)]
+    if weighting == "printed":
+        if current_subtask is None:
+            raise ValueError('continual_weights(weighting="printed") needs current_subtask')
+        if isinstance(current_subtask, (int, float)):
+            return [1.0 / (n * (T - current_subtask + 1))] * T
+        t = tf.cast(current_subtask, tf.float64)
+        return [1.0 / (n * (T - t + 1.0))] * T
+    raise ValueError(f"weighting must be one of {CONTINUAL_WEIGHTINGS}, got {weighting!r}")
 
 
 def continual_objective(
@@ -486,29 +513,33 @@ def continual_objective(
     steps_per_subtask,
     state=None,
     training=True,
+    weighting="appearances",
 ):
     """The continual-learning meta-loss at θ during sub-task t (WarpGrad Eq. 14 / 18):
 
-        L_meta(θ; φ) = Σ_{i=1..t} w_i L_task(θ, D_val^i; φ),  w_i = 1 / (n(T − i + 1)),
+        L_meta(θ; φ) = Σ_{i=1..t} w_i L_task(θ, D_val^i; φ),
 
     the weighted validation losses of the current and all earlier sub-tasks, so that an
     update that helps the current sub-task but makes the model forget earlier ones is
-    penalised. Use it as `meta_loss` of `warp_objective`.
+    penalised. Use it as `meta_loss` of `warp_objective`. The weights w_i are those of
+    `continual_weights`: 1 / (n(T − i + 1)) by default (App. K's normalisation by the number
+    of appearances), or with ``weighting="printed"`` 1 / (n(T − t + 1)) as Eq. 18 prints it.
 
     Args:
         validation_batches: list of T batches, one per sub-task (in presentation order).
         current_subtask: t, 1-based (may be a tensor).
         num_subtasks: T.
         steps_per_subtask: n.
+        weighting: ``"appearances"`` or ``"printed"`` (see `continual_weights`).
 
     Returns:
         The scalar meta-loss.
     """
-    weights = continual_weights(num_subtasks, steps_per_subtask)
+    weights = continual_weights(num_subtasks, steps_per_subtask, weighting, current_subtask)
     total = None
     for i, batch in enumerate(validation_batches[: int(num_subtasks)], start=1):
         loss, _ = task_loss(partition, loss_fn, theta, phi, batch, state, training)
         active = tf.cast(tf.less_equal(i, current_subtask), loss.dtype)
-        term = active * weights[i - 1] * loss
+        term = active * tf.cast(weights[i - 1], loss.dtype) * loss
         total = term if total is None else total + term
     return total

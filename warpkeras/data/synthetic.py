@@ -68,6 +68,29 @@ def _uniform_tf_dataset(fn, low, high, batch_size, seed):
 # sine regression
 
 
+class _TaskDistribution:
+    """Base of the task distributions: ``sample(rng)`` draws one task; this adds batches."""
+
+    def sample(self, rng=None):  # pragma: no cover - every subclass defines it
+        raise NotImplementedError
+
+    def sample_tasks(self, num_tasks, rng=None):
+        """Draw a list of ``num_tasks`` tasks from one generator.
+
+        Args:
+            num_tasks: number of tasks.
+            rng: numpy ``Generator`` or int seed.
+
+        Returns:
+            list of tasks, each drawn as by ``sample``.
+
+        Example:
+            >>> batch = SineTaskDistribution().sample_tasks(5, rng=0)
+        """
+        rng = as_generator(rng)
+        return [self.sample(rng) for _ in range(int(num_tasks))]
+
+
 class SineTask:
     """One sine regression task ``y = A sin(x - phase)``.
 
@@ -140,7 +163,7 @@ class SineTask:
         return f"SineTask(amplitude={self.amplitude:.4g}, phase={self.phase:.4g})"
 
 
-class SineTaskDistribution:
+class SineTaskDistribution(_TaskDistribution):
     """The sine regression task distribution of MAML (Finn et al., 2017).
 
     Amplitude ``~ U[0.1, 5.0]``, phase ``~ U[0, pi]``, inputs ``~ U[-5, 5]``.
@@ -178,21 +201,6 @@ class SineTaskDistribution:
         phase = rng.uniform(*self.phase_range)
         return SineTask(amplitude, phase, self.x_range)
 
-    def sample_tasks(self, num_tasks, rng=None):
-        """Draw a list of ``num_tasks`` tasks.
-
-        Args:
-            num_tasks: number of tasks.
-            rng: numpy ``Generator`` or int seed.
-
-        Returns:
-            list of :class:`SineTask`.
-
-        Example:
-            >>> batch = SineTaskDistribution().sample_tasks(5, rng=0)
-        """
-        rng = as_generator(rng)
-        return [self.sample(rng) for _ in range(int(num_tasks))]
 
 
 # ----------------------------------------------------------------------------------------
@@ -362,7 +370,7 @@ class ContinualSineTask:
         )
 
 
-class ContinualSineDistribution:
+class ContinualSineDistribution(_TaskDistribution):
     """Distribution over :class:`ContinualSineTask`: ``a_i ~ U[0.1, 5]``, ``b_i ~ U[0, pi]``, ``o ~ U[-5, 5]``.
 
     Args:
@@ -412,21 +420,6 @@ class ContinualSineDistribution:
         offset = rng.uniform(*self.offset_range)
         return ContinualSineTask(a1, b1, a2, b2, offset, self.num_subtasks, self.x_range)
 
-    def sample_tasks(self, num_tasks, rng=None):
-        """Draw a list of ``num_tasks`` tasks.
-
-        Args:
-            num_tasks: number of tasks.
-            rng: numpy ``Generator`` or int seed.
-
-        Returns:
-            list of :class:`ContinualSineTask`.
-
-        Example:
-            >>> batch = ContinualSineDistribution().sample_tasks(5, rng=0)
-        """
-        rng = as_generator(rng)
-        return [self.sample(rng) for _ in range(int(num_tasks))]
 
 
 # ----------------------------------------------------------------------------------------
@@ -526,7 +519,7 @@ class LossSurface:
         return f"LossSurface(s={self.s:g}, a={self.a}, b={self.b}, variant={self.variant!r})"
 
 
-class LossSurfaceDistribution:
+class LossSurfaceDistribution(_TaskDistribution):
     """Distribution over :class:`LossSurface`: ``s ~ Cat(1..10)``, ``a_i ~ Cat(-1, 0, 1)``, ``b_i ~ Cat(-5..5)``.
 
     Starting points are ``x ~ U(-3, 3)^2``.

@@ -143,3 +143,25 @@ def odd_kernel_size(layer_cls, kernel_size):
             f"{kernel_size!r}."
         )
     return sizes
+
+
+def add_kernel_and_bias(layer, kernel_shape, units):
+    """Create ``layer.kernel`` of ``kernel_shape`` and ``layer.bias`` of ``(units,)``.
+
+    Uses the layer's ``kernel_initializer`` / ``kernel_regularizer`` and, when
+    ``layer.use_bias``, its ``bias_initializer`` / ``bias_regularizer`` (else ``bias`` is None).
+    """
+    layer.kernel = layer.add_weight(
+        name="kernel",
+        shape=tuple(kernel_shape),
+        initializer=layer.kernel_initializer,
+        regularizer=layer.kernel_regularizer,
+    )
+    layer.bias = None
+    if layer.use_bias:
+        layer.bias = layer.add_weight(
+            name="bias",
+            shape=(units,),
+            initializer=layer.bias_initializer,
+            regularizer=layer.bias_regularizer,
+        )

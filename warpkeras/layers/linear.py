@@ -87,21 +87,7 @@ class WarpDense(keras.layers.Layer):
         shape = _common.check_rank(self, input_shape, min_rank=2)
         features = _common.known_dim(self, shape, -1, "input features")
         units = self._output_units(shape)
-        self.kernel = self.add_weight(
-            name="kernel",
-            shape=(features, units),
-            initializer=self.kernel_initializer,
-            regularizer=self.kernel_regularizer,
-        )
-        if self.use_bias:
-            self.bias = self.add_weight(
-                name="bias",
-                shape=(units,),
-                initializer=self.bias_initializer,
-                regularizer=self.bias_regularizer,
-            )
-        else:
-            self.bias = None
+        _common.add_kernel_and_bias(self, (features, units), units)
         self.input_spec = keras.layers.InputSpec(min_ndim=2, axes={-1: features})
 
     def call(self, inputs):
@@ -210,21 +196,7 @@ class WarpConv2D(keras.layers.Layer):
         )
         channels = _common.known_dim(self, shape, self._channel_axis, "input channels")
         filters = self._output_filters(shape)
-        self.kernel = self.add_weight(
-            name="kernel",
-            shape=self.kernel_size + (channels, filters),
-            initializer=self.kernel_initializer,
-            regularizer=self.kernel_regularizer,
-        )
-        if self.use_bias:
-            self.bias = self.add_weight(
-                name="bias",
-                shape=(filters,),
-                initializer=self.bias_initializer,
-                regularizer=self.bias_regularizer,
-            )
-        else:
-            self.bias = None
+        _common.add_kernel_and_bias(self, self.kernel_size + (channels, filters), filters)
         self.input_spec = keras.layers.InputSpec(
             ndim=4, axes={self._channel_axis: channels}
         )

@@ -14,7 +14,9 @@ per-task function runs over that axis:
 * `DistributedExecutor` — the meta-batch split across the replicas of a
   `tf.distribute.Strategy` (`MirroredStrategy` for several GPUs,
   `MultiWorkerMirroredStrategy` across machines), each replica running its share unrolled or
-  vectorised; meta-gradient sums are all-reduced across replicas.
+  vectorised; meta-gradient sums are all-reduced across replicas. Across several workers
+  the per-task results are all-gathered, so that every worker holds the whole meta-batch
+  (replay buffer, masks, logs) and makes the same meta-update as one device would.
 
 Trainers choose one with ``parallel=`` and ``strategy=``; the training loop is the same.
 """
@@ -103,6 +105,14 @@ class DistributedExecutor:
     device). Per-task results come back to the host between steps (the task loop is driven
     from Python); meta-gradient sums are all-reduced with ``strategy.reduce``.
 
+    With several workers (`MultiWorkerMirroredStrategy`) a worker's host only holds its own
+    replicas' results, so they are all-gathered across workers inside the replica step
+    (``ReplicaContext.all_gather``, one collective per dtype and call): every worker then
+    holds every task's θ_k, losses and finiteness flags in global replica order, exactly
+    the stacked results of one machine, and so fills the same replay buffer, drops the
+    same tasks, logs the same values and makes the same meta-update. All workers must run
+    the same script with the same seed (they sample the same tasks and batches).
+
     Args:
         strategy: a `tf.distribute.Strategy`.
         inner: ``"unrolled"`` or ``"vectorized"``, how a replica runs its tasks.
@@ -115,6 +125,9 @@ class DistributedExecutor:
         self.inner = inner
         self.jit_compile = jit_compile
         self.replicas = strategy.num_replicas_in_sync
+        local = len(getattr(strategy.extended, "worker_devices", ())) or self.replicas
+        # Some replicas live on other workers: their results must be all-gathered.
+        self.multi_worker = local < self.replicas
 
     def group_size(self, meta_batch_size):
         if meta_batch_size % self.replicas:
@@ -135,12 +148,18 @@ class DistributedExecutor:
 
     def _gather(self, per_replica):
         local = self.strategy.experimental_local_results(per_replica)
+        if self.multi_worker:  # already all-gathered: every replica holds the whole batch
+            return local[0]
         return tf.nest.map_structure(lambda *ts: tf.concat(ts, axis=0), *local)
 
     def compile(self, fn, on_trace=None):
         wrap = _vectorized if self.inner == "vectorized" else _unrolled
         step = tf.function(wrap(fn, on_trace), jit_compile=self.jit_compile,
                            reduce_retracing=True)
+        if self.multi_worker:
+            replica_step = step
+            step = tf.function(lambda *args: _all_gather_tasks(replica_step(*args)),
+                               reduce_retracing=True)
 
         def run(*stacked):
             args = self._split(tuple(stacked))
@@ -159,6 +178,32 @@ class DistributedExecutor:
         per_replica = self.strategy.run(partial, args=(split,))
         return [self.strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None)
                 for v in per_replica]
+
+
+def _all_gather_tasks(value):
+    """In a replica context: this replica's per-task results concatenated with every other
+    replica's (all workers') along the task axis, in replica order. The leaves are packed
+    into one ``[tasks, width]`` tensor per dtype (booleans travel as int32), so a step costs
+    one collective per dtype rather than one per leaf."""
+    leaves = tf.nest.flatten(value)
+    if not leaves:
+        return value
+    groups = {}
+    for i, t in enumerate(leaves):
+        groups.setdefault(tf.int32 if t.dtype == tf.bool else t.dtype, []).append(i)
+    widths = [t.shape[1:].num_elements() for t in leaves]
+    if None in widths:
+        raise ValueError("Per-task results must have static shapes to be all-gathered.")
+    ctx = tf.distribute.get_replica_context()
+    out = [None] * len(leaves)
+    for dtype, idx in groups.items():
+        packed = tf.concat([tf.reshape(tf.cast(leaves[i], dtype), [-1, widths[i]]) for i in idx],
+                           axis=1)
+        full = ctx.all_gather(packed, axis=0)
+        for i, piece in zip(idx, tf.split(full, [widths[i] for i in idx], axis=1)):
+            shape = [-1] + leaves[i].shape[1:].as_list()
+            out[i] = tf.cast(tf.reshape(piece, shape), leaves[i].dtype)
+    return tf.nest.pack_sequence_as(value, out)
 
 
 def make_executor(parallel="sequential", strategy=None, jit_compile=False):
