@@ -86,15 +86,20 @@ MIRRORED = textwrap.dedent(
     sys.path.insert(0, {tests!r})
     from test_parallel import _model, _task
     out = {{}}
-    for name in ("single", "mirrored"):
-        strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]) if name == "mirrored" else None
-        model = _model()
+    for name in ("single", "mirrored", "model_in_scope"):
+        strategy = None if name == "single" else tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+        if name == "model_in_scope":  # the README's pattern: mirrored model, trainer outside
+            with strategy.scope():
+                model = _model()
+        else:
+            model = _model()
         trainer = warpkeras.WarpTrainer(
             model, "mse", mode="online", objective="exact", init_objective="leap",
             inner_steps=3, inner_learning_rate=0.2, meta_batch_size=4,
-            meta_optimizer=keras.optimizers.SGD(0.1), strategy=strategy, seed=4)
-        trainer.fit(_task, meta_steps=1, verbose=0)
-        out[name] = [w.tolist() for w in model.get_weights()]
+            meta_optimizer=keras.optimizers.SGD(0.1), strategy=strategy, seed=4,
+            learn_inner_learning_rate=True)
+        trainer.fit(_task, meta_steps=2, verbose=0)
+        out[name] = [w.tolist() for w in model.get_weights()] + [[float(trainer.inner_lr.numpy())]]
         if strategy is not None:
             out["replicas"] = strategy.num_replicas_in_sync
     print("RESULT" + json.dumps(out))
@@ -112,5 +117,6 @@ def test_mirrored_strategy_on_two_logical_cpus_equals_one_device():
     out = json.loads(line[len("RESULT"):])
     assert out["replicas"] == 2
     # the all-reduce sums in another order: 1e-5 relative in float32
-    assert_lists_close([np.array(w) for w in out["mirrored"]],
-                       [np.array(w) for w in out["single"]], rtol=1e-5, atol=1e-6)
+    for name in ("mirrored", "model_in_scope"):
+        assert_lists_close([np.array(w) for w in out[name]],
+                           [np.array(w) for w in out["single"]], rtol=1e-5, atol=1e-6)

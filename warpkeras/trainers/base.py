@@ -21,6 +21,7 @@ or per task as long as batch shapes stay the same). Randomness is derived from
 batches the uninterrupted run would have seen.
 """
 
+import contextlib
 import math
 import time
 import warnings
@@ -34,6 +35,18 @@ from warpkeras.buffer import ReplayBuffer
 from warpkeras.partition import Partition
 from warpkeras.tasks import as_task, as_task_source
 from warpkeras.trainers.parallel import make_executor
+
+
+def _scope_of(strategy, partition):
+    """``strategy.scope()`` when the model's variables were created in it, else a no-op."""
+    if strategy is None:
+        return contextlib.nullcontext()
+    variables = (partition.task_variables + partition.warp_variables
+                 + partition.state_variables)
+    if any(strategy.extended.variable_created_in_scope(getattr(v, "value", v))
+           for v in variables):
+        return strategy.scope()
+    return contextlib.nullcontext()
 
 WARP_MODES = (None, "online", "offline", "continual")
 WARP_OBJECTIVES = ("exact", "approx")
@@ -295,57 +308,62 @@ class MetaTrainer:
             else None
         )
 
-        dtype = self.partition.task_variables[0].dtype
-        self.learn_lr = bool(learn_inner_learning_rate)
-        self.learn_mu = bool(learn_inner_momentum)
-        self.inner_lr = tf.Variable(float(inner_learning_rate), dtype=dtype, trainable=False,
-                                    name="inner_learning_rate")
-        self.use_momentum = inner_momentum is not None
-        self.inner_mu = tf.Variable(float(inner_momentum or 0.0), dtype=dtype, trainable=False,
-                                    name="inner_momentum")
+        # Trainer variables and optimiser slots live where the model's variables live: a
+        # model built under `strategy.scope()` gets mirrored slots (and vice versa).
+        scope = _scope_of(strategy, self.partition)
+        self._variables_strategy = None if isinstance(scope, contextlib.nullcontext) else strategy
+        with scope:
+            dtype = self.partition.task_variables[0].dtype
+            self.learn_lr = bool(learn_inner_learning_rate)
+            self.learn_mu = bool(learn_inner_momentum)
+            self.inner_lr = tf.Variable(float(inner_learning_rate), dtype=dtype, trainable=False,
+                                        name="inner_learning_rate")
+            self.use_momentum = inner_momentum is not None
+            self.inner_mu = tf.Variable(float(inner_momentum or 0.0), dtype=dtype, trainable=False,
+                                        name="inner_momentum")
 
-        # Optimisers (built now so that checkpoints can be restored into them).
-        self.meta_optimizer = meta_optimizer or keras.optimizers.SGD(0.1)
-        if init_optimizer is None:
-            init_optimizer = self.meta_optimizer.__class__.from_config(
-                self.meta_optimizer.get_config()
-            )
-        self.init_optimizer = init_optimizer
-        self.hyper_optimizer = keras.optimizers.SGD(hyper_learning_rate, clipvalue=hyper_clip)
-        if self.partition.warp_variables and warp_mode is not None:
-            self.meta_optimizer.build(self.partition.warp_variables)
-        if self._learns_init():
-            self.init_optimizer.build(self.partition.task_variables)
-        self._hyper_vars = [v for v, on in ((self.inner_lr, self.learn_lr),
-                                            (self.inner_mu, self.learn_mu)) if on]
-        if self._hyper_vars:
-            self.hyper_optimizer.build(self._hyper_vars)
+            # Optimisers (built now so that checkpoints can be restored into them).
+            self.meta_optimizer = meta_optimizer or keras.optimizers.SGD(0.1)
+            if init_optimizer is None:
+                init_optimizer = self.meta_optimizer.__class__.from_config(
+                    self.meta_optimizer.get_config()
+                )
+            self.init_optimizer = init_optimizer
+            self.hyper_optimizer = keras.optimizers.SGD(hyper_learning_rate, clipvalue=hyper_clip)
+            if self.partition.warp_variables and warp_mode is not None:
+                self.meta_optimizer.build(self.partition.warp_variables)
+            if self._learns_init():
+                self.init_optimizer.build(self.partition.task_variables)
+            self._hyper_vars = [v for v, on in ((self.inner_lr, self.learn_lr),
+                                                (self.inner_mu, self.learn_mu)) if on]
+            if self._hyper_vars:
+                self.hyper_optimizer.build(self._hyper_vars)
 
-        # Heads (multi-headed evaluation): indices into the task list.
-        self.head_indices = []
-        if head_layers:
-            head_ids = {id(v) for layer in head_layers for v in layer.trainable_variables}
-            self.head_indices = [
-                i for i, v in enumerate(self.partition.task_variables) if id(v) in head_ids
+            # Heads (multi-headed evaluation): indices into the task list.
+            self.head_indices = []
+            if head_layers:
+                head_ids = {id(v) for layer in head_layers for v in layer.trainable_variables}
+                self.head_indices = [
+                    i for i, v in enumerate(self.partition.task_variables) if id(v) in head_ids
+                ]
+                if not self.head_indices:
+                    raise MetaTrainingError("head_layers hold no task variables of the model.")
+            self._initial_head = [
+                tf.identity(self.partition.task_variables[i].value) for i in self.head_indices
             ]
-            if not self.head_indices:
-                raise MetaTrainingError("head_layers hold no task variables of the model.")
-        self._initial_head = [
-            tf.identity(self.partition.task_variables[i].value) for i in self.head_indices
-        ]
 
-        # Continual mode: accumulated warp gradient and counter survive across meta steps.
-        self._stream_acc = [
-            tf.Variable(tf.zeros_like(v.value), trainable=False)
-            for v in self.partition.warp_variables
-        ] if warp_mode == "continual" else []
-        self._stream_count = tf.Variable(0, dtype=tf.int64, trainable=False)
+            # Continual mode: accumulated warp gradient and counter survive across meta steps.
+            self._stream_acc = [
+                tf.Variable(tf.zeros_like(v.value), trainable=False)
+                for v in self.partition.warp_variables
+            ] if warp_mode == "continual" else []
+            self._stream_count = tf.Variable(0, dtype=tf.int64, trainable=False)
 
-        self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="meta_step")
-        self.nan_tasks = tf.Variable(0, dtype=tf.int64, trainable=False, name="nan_tasks")
-        self.history = None
-        self.stop_training = False
-        self._build_functions()
+            self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="meta_step")
+            self.nan_tasks = tf.Variable(0, dtype=tf.int64, trainable=False, name="nan_tasks")
+            self.history = None
+            self.stop_training = False
+            self._build_functions()
 
     # ------------------------------------------------------------------------------------
     # configuration helpers
@@ -546,6 +564,20 @@ class MetaTrainer:
             self.hyper_optimizer.apply(tf.unstack(grads), self._hyper_vars)
             self.inner_lr.assign(tf.maximum(self.inner_lr, 0.0))
             self.inner_mu.assign(tf.clip_by_value(self.inner_mu, 0.0, 0.999))
+
+        strategy = self._variables_strategy
+        if strategy is not None:
+            # Mirrored variables are updated the way Keras' own `fit` does: the optimiser
+            # runs in every replica and all-reduces (sums) the replicas' gradients. Ours are
+            # already the all-reduced totals, so each replica passes its 1/replicas share.
+            share = 1.0 / strategy.num_replicas_in_sync
+
+            def in_replicas(fn):
+                return lambda grads: strategy.run(
+                    fn, args=(tf.nest.map_structure(lambda g: g * share, grads),))
+
+            apply_warp, apply_init, apply_hyper = map(
+                in_replicas, (apply_warp, apply_init, apply_hyper))
 
         self._apply_warp = tf.function(apply_warp)
         self._apply_init = tf.function(apply_init)
