@@ -38,6 +38,7 @@ Prints one JSON object and writes it to ``bench/results/meta_step.json``.
 
 import cProfile
 import inspect
+import json
 import io
 import os
 import pstats
@@ -53,6 +54,51 @@ REFERENCE = {"warp_leap_offline_s": 18.6, "leap_s": 6.0, "inner_step_ms": 12.0,
              "warp_update_ms": 24.0, "meta_batch": 5, "inner_steps": 100}
 TARGETS = {"warp_leap_offline_s": 9.0, "warp_leap_offline_stretch_s": 6.0, "leap_s": 4.0}
 CONFIGS = ("leap", "warp_leap_offline", "warp_leap_online")
+
+
+def reference_ratios(path, leap, off, at_k100):
+    """warpkeras / reference ratios against reference timings taken on this machine.
+
+    The reference meta step also evaluates every task on its held-out images; that time
+    (``heldout_eval_s_per_meta_step``) is subtracted when given, since warpkeras' `fit`
+    does not evaluate.
+    """
+    if not path:
+        return None
+    with open(path) as f:
+        ref = json.load(f)
+    out = {"source": os.path.abspath(path), "torch": ref.get("torch_version"),
+           "threads": ref.get("torch_num_threads")}
+
+    def ref_step(name):
+        r = ref.get(name) or {}
+        total = r.get("meta_step_s_mean")
+        if total is None:
+            return None, r
+        return total - (r.get("heldout_eval_s_per_meta_step") or 0.0), r
+
+    leap_ref, leap_r = ref_step("leap")
+    warp_ref, warp_r = ref_step("warp_leap")
+    if leap and leap_ref:
+        out["leap_meta_step_s"] = {"warpkeras": at_k100(leap), "reference": round(leap_ref, 3),
+                                   "ratio": C.ratio(at_k100(leap), leap_ref)}
+        if leap_r.get("inner_step_ms"):
+            out["leap_inner_step_ms"] = {
+                "warpkeras": leap["inner_step_ms_same_time"], "reference": leap_r["inner_step_ms"],
+                "ratio": C.ratio(leap["inner_step_ms_same_time"], leap_r["inner_step_ms"])}
+    if off and warp_ref:
+        out["warp_leap_offline_meta_step_s"] = {
+            "warpkeras": at_k100(off), "reference": round(warp_ref, 3),
+            "ratio": C.ratio(at_k100(off), warp_ref), "warpkeras_objective": off["objective"]}
+        if warp_r.get("inner_step_ms"):
+            out["warp_leap_inner_step_ms"] = {
+                "warpkeras": off["inner_step_ms_same_time"], "reference": warp_r["inner_step_ms"],
+                "ratio": C.ratio(off["inner_step_ms_same_time"], warp_r["inner_step_ms"])}
+        if warp_r.get("warp_update_ms") and off.get("warp_step_ms_same_time"):
+            out["warp_update_ms"] = {
+                "warpkeras": off["warp_step_ms_same_time"], "reference": warp_r["warp_update_ms"],
+                "ratio": C.ratio(off["warp_step_ms_same_time"], warp_r["warp_update_ms"])}
+    return out
 
 
 def supports_parallel():
@@ -164,6 +210,11 @@ def main():
                    help="parallel modes to time when the trainer supports them (default "
                         "sequential vectorized; quick: sequential)")
     p.add_argument("--repeats", type=int, default=1, help="timed meta steps per configuration")
+    p.add_argument("--reference-json", default=None,
+                   help="timings of the authors' PyTorch code measured on this machine (JSON with "
+                        "leap.meta_step_s_mean, warp_leap.meta_step_s_mean, and optionally "
+                        ".inner_step_ms / warp_leap.warp_update_ms, .heldout_eval_s_per_meta_step); "
+                        "adds the ratios against it as vs_reference_same_machine")
     p.add_argument("--profile", action="store_true",
                    help="one more meta step of each configuration under cProfile")
     args = p.parse_args()
@@ -275,6 +326,7 @@ def main():
                                                           REFERENCE["inner_step_ms"])
         vs_reference["warp_step_over_pytorch_update"] = C.ratio(off["warp_step_ms_same_time"],
                                                                 REFERENCE["warp_update_ms"])
+    same_machine = reference_ratios(args.reference_json, leap, off, at_k100)
     parallel_ratios = {}
     if has_parallel:
         for r in runs:
@@ -312,6 +364,7 @@ def main():
         "runs": runs,
         "reference_pytorch": REFERENCE,
         "vs_reference": vs_reference,
+        "vs_reference_same_machine": same_machine,
         "parallel_ratios": parallel_ratios,
         "floor_at_matmul_rate": floor,
         "targets": targets,
