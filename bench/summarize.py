@@ -44,7 +44,22 @@ def targets_table(targets):
     return "\n".join(lines)
 
 
+def reference_section(name, d):
+    """The authors' code timed on this machine (written by an external harness)."""
+    out = [f"### {name}", "",
+           f"torch {d.get('torch_version')}, {d.get('torch_num_threads')} threads, "
+           f"{d.get('cpu_capability')}", ""]
+    for method in ("leap", "warp_leap"):
+        r = d.get(method) or {}
+        keys = ("meta_step_s_mean", "inner_step_ms", "warp_update_ms",
+                "heldout_eval_s_per_meta_step")
+        out.append(f"{method}: " + ", ".join(f"{k} {fmt(r[k])}" for k in keys if k in r))
+    return "\n".join(out) + "\n"
+
+
 def section(name, d):
+    if "benchmark" not in d:
+        return reference_section(name, d)
     out = [f"### {name}", "", "Machine: " + machine_line(d.get("machine", {}), d.get("load_at_end")),
            ""]
     if name.startswith("inner_step"):
@@ -76,6 +91,14 @@ def section(name, d):
         if d.get("parallel_ratios"):
             out.append("")
             out.append("parallel / sequential: " + json.dumps(d["parallel_ratios"]))
+        same = d.get("vs_reference_same_machine")
+        if same:
+            out += ["", "| against the reference code on this machine | reference | warpkeras | ratio |",
+                    "|---|---|---|---|"]
+            for key, v in same.items():
+                if isinstance(v, dict):
+                    out.append(f"| {key} | {fmt(v['reference'])} | {fmt(v['warpkeras'])} | "
+                               f"{fmt(v['ratio'])} |")
     elif name.startswith("memory"):
         out.append("summary: " + json.dumps(d["summary"]))
     elif name.startswith("data_pipeline"):
