@@ -291,7 +291,7 @@ def main():
                     run["python_profile"] = python_profile(trainer, source, 100)
                     # kernel time vs the rest over a whole meta step (tf.profiler)
                     run["tf_profile"] = C.profile_ops(
-                        lambda: meta_step(trainer, source, 101), 1,
+                        lambda t=trainer: meta_step(t, source, 101), 1,
                         "/tmp/warpkeras_bench_profile")
                 runs.append(run)
                 print(f"# {config} mb={mb} parallel={mode}: {s:.2f} s "
