@@ -37,10 +37,16 @@ from warpkeras.tasks import as_task, as_task_source
 from warpkeras.trainers.parallel import make_executor
 
 
-def _scope_of(strategy, partition):
-    """``strategy.scope()`` when the model's variables were created in it, else a no-op."""
+def _owning_strategy(strategy, partition):
+    """`strategy` when the model's variables were created in its scope, else None."""
     if strategy is None:
-        return contextlib.nullcontext()
+        return None
+    variables = (partition.task_variables + partition.warp_variables
+                 + partition.state_variables)
+    if any(strategy.extended.variable_created_in_scope(getattr(v, "value", v))
+           for v in variables):
+        return strategy
+    return None
     variables = (partition.task_variables + partition.warp_variables
                  + partition.state_variables)
     if any(strategy.extended.variable_created_in_scope(getattr(v, "value", v))
@@ -310,9 +316,9 @@ class MetaTrainer:
 
         # Trainer variables and optimiser slots live where the model's variables live: a
         # model built under `strategy.scope()` gets mirrored slots (and vice versa).
-        scope = _scope_of(strategy, self.partition)
-        self._variables_strategy = None if isinstance(scope, contextlib.nullcontext) else strategy
-        with scope:
+        self._variables_strategy = _owning_strategy(strategy, self.partition)
+        with (self._variables_strategy.scope() if self._variables_strategy
+              else contextlib.nullcontext()):
             dtype = self.partition.task_variables[0].dtype
             self.learn_lr = bool(learn_inner_learning_rate)
             self.learn_mu = bool(learn_inner_momentum)
