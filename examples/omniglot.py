@@ -86,6 +86,7 @@ METHOD_LABELS = {
 }
 WARPS = ("conv3x3", "conv1x1", "scaling", "conv_relu", "conv_bn", "conv_bn_relu", "residual",
          "residual2", "film")
+CONV_WARPS = ("conv3x3", "conv1x1", "conv_relu")
 WARP_LABELS = {
     "conv3x3": "3x3 conv",
     "conv1x1": "1x1 conv",
@@ -210,6 +211,10 @@ def build_parser():
     g.add_argument("--warp", choices=WARPS, default="conv3x3",
                    help="warp layer after each block: " + "; ".join(
                        f"{k} = {v}" for k, v in WARP_LABELS.items()))
+    g.add_argument("--warp-init", choices=("identity", "random"), default="identity",
+                   help="initial kernels of the conv warps (conv3x3, conv1x1, conv_relu): "
+                        "identity, or random like PyTorch's default conv initialisation "
+                        "(uniform in ±1/sqrt(fan-in), bias too), as in the authors' code")
     g.add_argument("--meta-training", choices=("offline", "online"), default="offline",
                    help="WarpGrad Algorithm 2 (replay buffer) or Algorithm 1")
     g.add_argument("--objective", choices=("exact", "approx"), default="exact",
@@ -249,6 +254,7 @@ def resolve_config(args):
         ablation=bool(args.ablation),
         ablation_rows=list(args.ablation_rows or ABLATION_ROWS),
         warp=args.warp,
+        warp_init=args.warp_init,
         meta_training=args.meta_training,
         objective=args.objective,
         learn_lr=bool(args.learn_lr),
@@ -272,6 +278,10 @@ def resolve_config(args):
     if cfg["image_size"] < 16:
         problems.append(f"--image-size must be >= 16 for four 2x2 poolings "
                         f"(got {cfg['image_size']})")
+    if (cfg["warp_init"] != "identity" and cfg["warp"] not in CONV_WARPS
+            and not cfg["ablation"]):
+        problems.append(f"--warp-init {cfg['warp_init']} applies to the conv warps "
+                        f"{', '.join(CONV_WARPS)}, not --warp {cfg['warp']}")
     if cfg["learn_lr"] and cfg["objective"] != "exact":
         problems.append("--learn-lr needs --objective exact (the approximate objective "
                         "gives the learning rate no meta-gradient)")
@@ -282,21 +292,41 @@ def resolve_config(args):
 
 # ------------------------------------------------------------------------------------------
 # model
-def make_warp(kind, filters, name):
+def random_conv_initializers(fan_in):
+    """Kernel and bias initializers equal in law to PyTorch's default for a conv layer.
+
+    PyTorch draws both from U(-b, b) with b = 1/sqrt(fan-in); ``VarianceScaling(1/3,
+    "fan_in", "uniform")`` has limit sqrt(3 · (1/3) / fan-in) = b.
+    """
+    bound = 1.0 / float(np.sqrt(fan_in))
+    return dict(
+        kernel_initializer=keras.initializers.VarianceScaling(
+            scale=1.0 / 3.0, mode="fan_in", distribution="uniform"),
+        bias_initializer=keras.initializers.RandomUniform(-bound, bound),
+    )
+
+
+def make_warp(kind, filters, name, init="identity"):
     """One warp layer of the kind named by ``--warp`` (WarpGrad App. G, Table 3).
 
-    All are identity (or, after a ReLU block, identity on its non-negative outputs) at
-    initialisation, except the batch-normalised non-residual ones, which start as a
-    normalisation.
+    With ``init="identity"`` all are identity (or, after a ReLU block, identity on its
+    non-negative outputs) at initialisation, except the batch-normalised non-residual ones,
+    which start as a normalisation. ``init="random"`` (conv warps only) draws the kernel and
+    bias as PyTorch's default conv initialisation does, like the authors' Omniglot code.
     """
-    if kind == "conv3x3":
-        return wl.WarpConv2D(kernel_size=3, name=name)
-    if kind == "conv1x1":
-        return wl.WarpConv2D(kernel_size=1, name=name)
+    if kind in CONV_WARPS:
+        size = 1 if kind == "conv1x1" else 3
+        kwargs = {}
+        if init == "random":
+            kwargs = random_conv_initializers(fan_in=size * size * filters)
+        elif init != "identity":
+            raise ValueError(f"unknown warp initialisation {init!r}")
+        activation = "relu" if kind == "conv_relu" else None
+        return wl.WarpConv2D(kernel_size=size, activation=activation, name=name, **kwargs)
+    if init != "identity":
+        raise ValueError(f"--warp-init {init} applies to {CONV_WARPS}, not {kind!r}")
     if kind == "scaling":
         return wl.ChannelScaling(name=name)
-    if kind == "conv_relu":
-        return wl.WarpConv2D(kernel_size=3, activation="relu", name=name)
     if kind == "conv_bn":
         return wl.ResidualWarpBlock(num_layers=1, residual=False, activation=None,
                                     momentum=BN_MOMENTUM, name=name)
@@ -313,7 +343,8 @@ def make_warp(kind, filters, name):
     raise ValueError(f"unknown warp {kind!r}; expected one of {WARPS}")
 
 
-def build_model(num_classes=20, image_size=28, filters=64, warp=None, blocks=4):
+def build_model(num_classes=20, image_size=28, filters=64, warp=None, blocks=4,
+                warp_init="identity"):
     """The Omniglot convolutional network, optionally with a warp layer after each block.
 
     Block i is ``conv{i}`` (3x3, "same") → ``pool{i}`` (2x2 max) → ``bn{i}`` (batch norm with
@@ -332,7 +363,7 @@ def build_model(num_classes=20, image_size=28, filters=64, warp=None, blocks=4):
         h = wl.ExactBatchNormalization(momentum=BN_MOMENTUM, name=f"bn{i}")(h)
         h = keras.layers.ReLU(name=f"relu{i}")(h)
         if warp is not None:
-            h = make_warp(warp, filters, f"warp{i}")(h)
+            h = make_warp(warp, filters, f"warp{i}", warp_init)(h)
     h = keras.layers.Flatten(name="flatten")(h)
     head = keras.layers.Dense(num_classes, name="head")
     outputs = head(h)
@@ -351,7 +382,8 @@ def model_for(spec, cfg, seed, init):
     """Builds the model of one run and loads the seed's shared initialisation."""
     keras.utils.set_random_seed(seed + 7919)  # random parts of warp blocks
     warp = spec["warp"] if spec["method"] == "warp_leap" else None
-    model, head = build_model(cfg["num_classes"], cfg["image_size"], cfg["filters"], warp)
+    model, head = build_model(cfg["num_classes"], cfg["image_size"], cfg["filters"], warp,
+                              warp_init=spec.get("warp_init", "identity"))
     for layer in model.layers:
         if layer.name in init:
             layer.set_weights(init[layer.name])
@@ -457,9 +489,9 @@ def split_tasks(data, cfg, seed):
 # runs
 def run_specs(cfg):
     """The list of runs: one per method, or one per ablation row."""
-    base = dict(warp=cfg["warp"], meta_training=cfg["meta_training"],
-                objective=cfg["objective"], learn_lr=cfg["learn_lr"],
-                learn_momentum=cfg["learn_momentum"])
+    base = dict(warp=cfg["warp"], warp_init=cfg["warp_init"],
+                meta_training=cfg["meta_training"], objective=cfg["objective"],
+                learn_lr=cfg["learn_lr"], learn_momentum=cfg["learn_momentum"])
     specs = []
     if cfg["ablation"]:
         for name in cfg["ablation_rows"]:
@@ -467,6 +499,8 @@ def run_specs(cfg):
             spec = dict(base, warp="conv3x3", meta_training="offline", objective="exact",
                         learn_lr=False, learn_momentum=False, method="warp_leap")
             spec.update(override)
+            if spec["warp"] not in CONV_WARPS:
+                spec["warp_init"] = "identity"
             spec.update(name=name, label=label)
             specs.append(spec)
         return specs
@@ -477,6 +511,8 @@ def run_specs(cfg):
                                       or base["learn_lr"]):
             label += f" ({WARP_LABELS[base['warp']]}, {base['meta_training']}, " \
                      f"{base['objective']}{', learned α' if base['learn_lr'] else ''})"
+        if method == "warp_leap" and base["warp_init"] != "identity":
+            label += f" ({base['warp_init']} warp init)"
         specs.append(dict(base, method=method, name=method, label=label))
     return specs
 
@@ -540,8 +576,8 @@ def summarise(spec, records):
     curves = [c for r in records for c in r["curves"]]
     out = {
         "label": spec["label"],
-        "settings": {k: spec[k] for k in ("method", "warp", "meta_training", "objective",
-                                          "learn_lr", "learn_momentum")},
+        "settings": {k: spec[k] for k in ("method", "warp", "warp_init", "meta_training",
+                                          "objective", "learn_lr", "learn_momentum")},
         "final_test_accuracy": _common.stats(acc),
         "final_test_loss": _common.stats([v for r in records for v in r["final_test_loss"]]),
         "auc": _common.stats([v for r in records for v in r["auc"]]),

@@ -127,6 +127,36 @@ def test_every_ablation_row_builds_a_trainer():
             assert any("film" in v.path for v in trainer.partition.task_variables)
 
 
+def test_random_warp_init_matches_pytorch_default_conv_law():
+    """--warp-init random draws kernel and bias from U(-b, b), b = 1/sqrt(9 * 64): the bound
+    holds, the spread is that of the uniform law (std b/sqrt(3)), and the warp is no longer
+    the identity; the other warps reject it."""
+    import numpy as np
+
+    omniglot = _import_example("omniglot")
+    args = omniglot.build_parser().parse_args(
+        ["--smoke", "--filters", "64", "--warp-init", "random", "--methods", "warp_leap"])
+    cfg = omniglot.resolve_config(args)
+    (spec,) = omniglot.run_specs(cfg)
+    assert spec["warp_init"] == "random" and "random warp init" in spec["label"]
+    init = omniglot.shared_initialisation(cfg, 0)
+    model, _ = omniglot.model_for(spec, cfg, 0, init)
+    bound = 1.0 / np.sqrt(9 * 64)
+    for i in range(1, 5):
+        kernel, bias = model.get_layer(f"warp{i}").get_weights()
+        assert kernel.shape == (3, 3, 64, 64)
+        assert np.abs(kernel).max() <= bound and np.abs(bias).max() <= bound
+        np.testing.assert_allclose(kernel.std(), bound / np.sqrt(3.0), rtol=0.02)
+        assert abs(kernel.mean()) < 0.1 * bound
+    identity, _ = omniglot.model_for(dict(spec, warp_init="identity"), cfg, 0, init)
+    centre = identity.get_layer("warp1").get_weights()[0][1, 1]
+    np.testing.assert_array_equal(centre, np.eye(64, dtype=centre.dtype))
+    with pytest.raises(SystemExit) as err:
+        omniglot.main(["--smoke", "--warp", "scaling", "--warp-init", "random",
+                       "--output-dir", "unused"])
+    assert "--warp-init" in str(err.value)
+
+
 @needs_omniglot
 def test_few_shot_smoke(tmp_path):
     out, export = run_example("few_shot.py", tmp_path)
