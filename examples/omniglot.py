@@ -10,7 +10,8 @@ meta-learned optimisers are evaluated by adapting to them from scratch for 100 S
 The learner is the papers' convolutional network: four blocks of [3x3 conv with 64 filters
 ("same" padding), 2x2 max-pooling, batch norm, ReLU] on 28x28 images, then a linear layer
 on the 1x1x64 features. Warp-Leap inserts a warp layer after every block,
-W ∘ ω4 ∘ h4 ∘ ... ∘ ω1 ∘ h1 (a 3x3 convolution by default, see --warp); the convolutions,
+W ∘ ω4 ∘ h4 ∘ ... ∘ ω1 ∘ h1 (a 3x3 convolution by default, see --warp; it starts as the
+identity, or random with --warp-init random); the convolutions,
 batch-norm scales/offsets and the head are the task parameters. The warp is meta-learned
 offline (WarpGrad Algorithm 2: a replay buffer of every visited task parameterisation,
 then one warp update per stored point) with the exact objective (Eq. 3), and the
