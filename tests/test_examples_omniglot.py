@@ -127,7 +127,7 @@ def test_every_ablation_row_builds_a_trainer():
             assert any("film" in v.path for v in trainer.partition.task_variables)
 
 
-def test_random_warp_init_matches_pytorch_default_conv_law():
+def test_random_warp_init_matches_pytorch_default_conv_law(tmp_path):
     """--warp-init random draws kernel and bias from U(-b, b), b = 1/sqrt(9 * 64): the bound
     holds, the spread is that of the uniform law (std b/sqrt(3)), and the warp is no longer
     the identity; the other warps reject it."""
@@ -153,7 +153,7 @@ def test_random_warp_init_matches_pytorch_default_conv_law():
     np.testing.assert_array_equal(centre, np.eye(64, dtype=centre.dtype))
     with pytest.raises(SystemExit) as err:
         omniglot.main(["--smoke", "--warp", "scaling", "--warp-init", "random",
-                       "--output-dir", "unused"])
+                       "--output-dir", str(tmp_path)])
     assert "--warp-init" in str(err.value)
 
 
