@@ -47,12 +47,7 @@ def _owning_strategy(strategy, partition):
            for v in variables):
         return strategy
     return None
-    variables = (partition.task_variables + partition.warp_variables
-                 + partition.state_variables)
-    if any(strategy.extended.variable_created_in_scope(getattr(v, "value", v))
-           for v in variables):
-        return strategy.scope()
-    return contextlib.nullcontext()
+
 
 WARP_MODES = (None, "online", "offline", "continual")
 WARP_OBJECTIVES = ("exact", "approx")
