@@ -22,16 +22,86 @@ def _prefer_onednn():
     convolutions of the papers' models about 1.4x faster (``bench/inner_step.py --onednn``).
     The switch is read when TensorFlow loads, so this only acts when warpkeras is imported
     before TensorFlow; an explicit ``TF_ENABLE_ONEDNN_OPTS`` (``0`` or ``1``) always wins.
+
+    Returns:
+        True when this call set the variable (so the notice below is warpkeras's doing).
     """
     if "tensorflow" in _sys.modules or "TF_ENABLE_ONEDNN_OPTS" in _os.environ:
-        return
+        return False
     if _platform.machine().lower() in ("x86_64", "amd64"):
         _os.environ["TF_ENABLE_ONEDNN_OPTS"] = "1"
+        return True
+    return False
 
 
-_prefer_onednn()
+# The lines TensorFlow writes when oneDNN is on: absl's pre-initialisation banner, then the
+# notice itself (from `tensorflow/core/util/port.cc`).
+_ABSL_BANNER = b"WARNING: All log messages before absl::InitializeLog() is called"
+_ONEDNN_NOTICE = b"oneDNN custom operations are on"
 
-import keras as _keras  # noqa: E402
+
+def _drop_onednn_notice(text):
+    """`text` (bytes written to stderr) without the oneDNN notice lines and their banner."""
+    lines = text.splitlines(keepends=True)
+    kept = []
+    for i, line in enumerate(lines):
+        if _ONEDNN_NOTICE in line:
+            continue
+        following = lines[i + 1] if i + 1 < len(lines) else b""
+        if _ABSL_BANNER in line and (not following or _ONEDNN_NOTICE in following):
+            continue
+        kept.append(line)
+    return b"".join(kept)
+
+
+def _import_keras(quiet_onednn):
+    """Imports Keras (and with it TensorFlow), dropping the oneDNN notice warpkeras causes.
+
+    When `_prefer_onednn` turned oneDNN on, TensorFlow prints "oneDNN custom operations are
+    on ..." at load time, twice: `port.cc` is compiled into both
+    ``libtensorflow_framework.so.2`` and the profiler plugin ``_pywrap_profiler_plugin.so``,
+    each with its own print-once flag. It is written before absl logging is initialised, so
+    ``TF_CPP_MIN_LOG_LEVEL`` does not silence it. Since the notice only reports a choice
+    warpkeras made (and documents), the import runs with file descriptor 2 redirected to a
+    temporary file, and everything written there is then copied back to stderr except those
+    notice lines. Warnings and errors are therefore kept, in order; only a crash of the
+    process inside ``import tensorflow`` would lose them (set ``TF_ENABLE_ONEDNN_OPTS``
+    yourself, to ``1`` or ``0``, and warpkeras neither sets it nor touches stderr).
+    ``TF_CPP_MIN_LOG_LEVEL`` is left alone: raising it would also hide the user's own
+    TensorFlow warnings.
+    """
+    if not quiet_onednn:
+        import keras
+
+        return keras
+    import tempfile
+
+    try:
+        _sys.stderr.flush()
+        saved = _os.dup(2)
+    except (OSError, ValueError, AttributeError):
+        import keras
+
+        return keras
+    with tempfile.TemporaryFile() as captured:
+        _os.dup2(captured.fileno(), 2)
+        try:
+            import keras
+        finally:
+            try:
+                _sys.stderr.flush()
+            except (OSError, ValueError, AttributeError):
+                pass
+            _os.dup2(saved, 2)
+            _os.close(saved)
+            captured.seek(0)
+            text = _drop_onednn_notice(captured.read())
+            if text:
+                _os.write(2, text)
+    return keras
+
+
+_keras = _import_keras(quiet_onednn=_prefer_onednn())
 
 if _keras.backend.backend() != "tensorflow":
     raise ImportError(
