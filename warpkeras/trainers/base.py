@@ -22,6 +22,7 @@ batches the uninterrupted run would have seen.
 """
 
 import contextlib
+import functools
 import math
 import time
 import warnings
@@ -30,11 +31,12 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from warpkeras import _validation as _v
 from warpkeras import objectives as obj
 from warpkeras.buffer import ReplayBuffer
-from warpkeras.partition import Partition
+from warpkeras.partition import UNTAGGED_POLICIES, Partition
 from warpkeras.tasks import as_task, as_task_source
-from warpkeras.trainers.parallel import make_executor
+from warpkeras.trainers.parallel import PARALLEL_MODES, make_executor
 
 
 def _owning_strategy(strategy, partition):
@@ -58,15 +60,26 @@ class MetaTrainingError(ValueError):
     """A trainer was configured in a way that cannot work."""
 
 
-def _resolve_loss(loss):
+def _resolve_loss(loss, where="MetaTrainer"):
+    expected = ("a Keras loss name (e.g. loss='sparse_categorical_crossentropy' or "
+                "loss='mse'), a serialised Keras loss, or a callable fn(y_true, y_pred)")
     if loss is None:
-        raise MetaTrainingError("A loss is required, e.g. loss='sparse_categorical_crossentropy'.")
-    if isinstance(loss, str):
-        return keras.losses.get(loss)
-    if isinstance(loss, dict):
-        return keras.losses.deserialize(loss)
+        raise MetaTrainingError(f"{where}: a loss is required: {expected}.")
+    if isinstance(loss, (str, dict)):
+        try:
+            resolved = (keras.losses.get(loss) if isinstance(loss, str)
+                        else keras.losses.deserialize(loss))
+        except (ValueError, TypeError, KeyError) as e:
+            raise MetaTrainingError(
+                f"{where}: loss={_v.describe(loss)} is not valid: expected {expected} "
+                f"(Keras could not read it: {e})."
+            ) from None
+        if resolved is None:
+            raise MetaTrainingError(
+                f"{where}: loss={_v.describe(loss)} is not valid: expected {expected}.")
+        return resolved
     if not callable(loss):
-        raise MetaTrainingError(f"loss must be a callable or a Keras loss name, got {loss!r}.")
+        raise TypeError(f"{where}: loss={_v.describe(loss)} is not valid: expected {expected}.")
     return loss
 
 
@@ -222,16 +235,76 @@ class MetaTrainer:
         strategy=None,
         seed=0,
     ):
-        if warp_mode not in WARP_MODES:
-            raise MetaTrainingError(f"warp_mode={warp_mode!r}: expected one of {WARP_MODES}.")
-        if warp_objective not in WARP_OBJECTIVES:
+        where = type(self).__name__
+        if not isinstance(model, keras.Model):
+            raise TypeError(f"{where}: model={_v.describe(model)} is not valid: expected a "
+                            "built keras.Model (tag layers with warpkeras.warp / warpkeras.task).")
+        choice = functools.partial(_v.check_choice, where=where, error=MetaTrainingError)
+        warp_mode = choice(warp_mode, "warp_mode", WARP_MODES)
+        warp_objective = choice(warp_objective, "warp_objective", WARP_OBJECTIVES)
+        init_objective = choice(init_objective, "init_objective", INIT_OBJECTIVES)
+        leap_norm = choice(leap_norm, "leap_norm", ("length", "energy"))
+        buffer_overflow = choice(buffer_overflow, "buffer_overflow", ("reservoir", "spill"))
+        untagged = choice(untagged, "untagged", UNTAGGED_POLICIES)
+        parallel = choice(parallel, "parallel", PARALLEL_MODES)
+        flag = functools.partial(_v.check_bool, where=where)
+        learn_inner_learning_rate = flag(learn_inner_learning_rate, "learn_inner_learning_rate")
+        learn_inner_momentum = flag(learn_inner_momentum, "learn_inner_momentum")
+        leap_sign_correction = flag(leap_sign_correction, "leap_sign_correction")
+        leap_loss_in_path = flag(leap_loss_in_path, "leap_loss_in_path")
+        accuracy = flag(accuracy, "accuracy", allow_none=True)
+        eval_training_mode = flag(eval_training_mode, "eval_training_mode")
+        jit_compile = flag(jit_compile, "jit_compile")
+        integer = functools.partial(_v.check_int, where=where, error=MetaTrainingError)
+        inner_steps = integer(inner_steps, "inner_steps", minimum=1, example=5)
+        meta_batch_size = integer(meta_batch_size, "meta_batch_size", minimum=1, example=5)
+        meta_interval = integer(meta_interval, "meta_interval", minimum=1, allow_none=True)
+        max_warp_updates = integer(max_warp_updates, "max_warp_updates", minimum=1,
+                                   allow_none=True, example=100)
+        buffer_capacity = integer(buffer_capacity, "buffer_capacity", minimum=1,
+                                  allow_none=True, example=1000)
+        seed = _v.check_seed(seed, "seed", where=where, error=MetaTrainingError)
+        number = functools.partial(_v.check_float, where=where, error=MetaTrainingError)
+        inner_learning_rate = number(
+            inner_learning_rate, "inner_learning_rate", minimum=0.0, min_inclusive=False,
+            example=0.1)
+        inner_momentum = number(inner_momentum, "inner_momentum", minimum=0.0, maximum=1.0,
+                                max_inclusive=False, allow_none=True, example=0.9)
+        init_weight = number(init_weight, "init_weight", minimum=0.0, example=1.0)
+        hyper_learning_rate = number(hyper_learning_rate, "hyper_learning_rate", minimum=0.0,
+                                     example=1e-3)
+        hyper_clip = number(hyper_clip, "hyper_clip", minimum=0.0, min_inclusive=False,
+                            allow_none=True, example=1e-3)
+        meta_optimizer = _v.get_optimizer(meta_optimizer, "meta_optimizer", where=where)
+        init_optimizer = _v.get_optimizer(init_optimizer, "init_optimizer", where=where)
+        if (meta_optimizer is not None and meta_optimizer is init_optimizer
+                and warp_mode is not None and init_objective is not None):
             raise MetaTrainingError(
-                f"warp_objective={warp_objective!r}: expected one of {WARP_OBJECTIVES}."
+                f"{where}: meta_optimizer and init_optimizer are the same optimizer instance, "
+                "but φ and θ0 each need their own optimizer state: pass two instances (or "
+                "leave init_optimizer=None for a copy of meta_optimizer)."
             )
-        if init_objective not in INIT_OBJECTIVES:
-            raise MetaTrainingError(
-                f"init_objective={init_objective!r}: expected one of {INIT_OBJECTIVES}."
+        meta_loss = _v.check_callable(
+            meta_loss, "meta_loss", where=where,
+            signature="meta_loss(partition, loss_fn, theta, phi, meta_batch, state) -> scalar")
+        if head_layers is not None:
+            if isinstance(head_layers, keras.layers.Layer):
+                head_layers = [head_layers]
+            if (not isinstance(head_layers, (list, tuple))
+                    or not all(isinstance(h, keras.layers.Layer) for h in head_layers)):
+                raise TypeError(
+                    f"{where}: head_layers={_v.describe(head_layers)} is not valid: expected "
+                    "a list of the model's Keras layers forming the head, e.g. "
+                    "head_layers=[model.layers[-1]]."
+                )
+        if strategy is not None and not isinstance(strategy, tf.distribute.Strategy):
+            raise TypeError(
+                f"{where}: strategy={_v.describe(strategy)} is not valid: expected a "
+                "tf.distribute.Strategy (e.g. tf.distribute.MirroredStrategy()) or None."
             )
+        if buffer_spill_dir is not None and warp_mode == "offline":
+            buffer_spill_dir = _v.check_directory(buffer_spill_dir, "buffer_spill_dir",
+                                                  where=where, error=MetaTrainingError)
         if warp_mode == "continual" and init_objective is not None:
             raise MetaTrainingError(
                 "warp_mode='continual' (Algorithm 3) adapts one stream of task parameters "
@@ -249,18 +322,14 @@ class MetaTrainer:
                 "objective: set a warp_mode."
             )
         if learn_inner_momentum and inner_momentum is None:
-            raise MetaTrainingError("learn_inner_momentum=True needs an inner_momentum value.")
+            raise MetaTrainingError(
+                f"{where}: learn_inner_momentum=True needs an inner_momentum value to start "
+                "from, e.g. inner_momentum=0.9.")
         if (learn_inner_learning_rate or learn_inner_momentum) and warp_objective != "exact":
             raise MetaTrainingError(
                 "With the approximate objective the inner update is a constant, so the "
                 "learning rate and momentum get no meta-gradient: use warp_objective='exact'."
             )
-        if int(inner_steps) < 1:
-            raise MetaTrainingError(f"inner_steps must be >= 1, got {inner_steps}.")
-        if int(meta_batch_size) < 1:
-            raise MetaTrainingError(f"meta_batch_size must be >= 1, got {meta_batch_size}.")
-        if meta_interval is not None and int(meta_interval) < 1:
-            raise MetaTrainingError(f"meta_interval must be >= 1, got {meta_interval}.")
         if (
             warp_mode == "offline"
             and meta_interval is not None
@@ -272,12 +341,10 @@ class MetaTrainer:
                 f"meta_interval (η={meta_interval}) is larger than the replay buffer "
                 f"(capacity {buffer_capacity}): no warp update could ever be formed."
             )
-        if leap_norm not in ("length", "energy"):
-            raise MetaTrainingError(f"leap_norm={leap_norm!r}: expected 'length' or 'energy'.")
 
         self.model = model
         self.partition = Partition(model, untagged=untagged, require_warp=warp_mode is not None)
-        self.loss = _resolve_loss(loss)
+        self.loss = _resolve_loss(loss, where)
         self.warp_mode = warp_mode
         self.exact = warp_objective == "exact"
         self.warp_objective = warp_objective
@@ -324,7 +391,8 @@ class MetaTrainer:
                                         name="inner_momentum")
 
             # Optimisers (built now so that checkpoints can be restored into them).
-            self.meta_optimizer = meta_optimizer or keras.optimizers.SGD(0.1)
+            self.meta_optimizer = (meta_optimizer if meta_optimizer is not None
+                                   else keras.optimizers.SGD(0.1))
             if init_optimizer is None:
                 init_optimizer = self.meta_optimizer.__class__.from_config(
                     self.meta_optimizer.get_config()

@@ -4,6 +4,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from warpkeras import _validation as _v
 from warpkeras.trainers.base import MetaTrainer, MetaTrainingError
 
 
@@ -35,9 +36,12 @@ class FineTuneTrainer(MetaTrainer):
     """
 
     def __init__(self, model, loss, head_layers=None, multi_headed=True, **kwargs):
+        multi_headed = _v.check_bool(multi_headed, "multi_headed", where=type(self).__name__)
         if multi_headed and not head_layers:
             raise MetaTrainingError(
-                "Multi-headed fine-tuning needs head_layers=[...] (e.g. the final layer)."
+                f"{type(self).__name__}: multi-headed fine-tuning needs the head's layers: "
+                "pass head_layers=[...] (e.g. head_layers=[model.layers[-1]]) or "
+                "multi_headed=False."
             )
         super().__init__(model, loss, warp_mode=None, init_objective=None,
                          head_layers=head_layers if multi_headed else None, **kwargs)

@@ -1,6 +1,7 @@
 """`LeapTrainer`: meta-learned initialisation by gradient-path length (Leap)."""
 
-from warpkeras.trainers.base import MetaTrainer
+from warpkeras import _validation as _v
+from warpkeras.trainers.base import MetaTrainer, MetaTrainingError
 
 
 class LeapTrainer(MetaTrainer):
@@ -35,6 +36,11 @@ class LeapTrainer(MetaTrainer):
 
     def __init__(self, model, loss, norm="length", sign_correction=True, loss_in_path=True,
                  **kwargs):
+        where = type(self).__name__
+        norm = _v.check_choice(norm, "norm", ("length", "energy"), where=where,
+                               error=MetaTrainingError)
+        sign_correction = _v.check_bool(sign_correction, "sign_correction", where=where)
+        loss_in_path = _v.check_bool(loss_in_path, "loss_in_path", where=where)
         kwargs.setdefault("init_optimizer", kwargs.get("meta_optimizer"))
         super().__init__(model, loss, warp_mode=None, init_objective="leap", leap_norm=norm,
                          leap_sign_correction=sign_correction, leap_loss_in_path=loss_in_path,

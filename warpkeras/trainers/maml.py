@@ -1,5 +1,6 @@
 """`MAMLTrainer`: MAML and first-order MAML."""
 
+from warpkeras import _validation as _v
 from warpkeras.trainers.base import MetaTrainer
 
 
@@ -28,6 +29,7 @@ class MAMLTrainer(MetaTrainer):
     """
 
     def __init__(self, model, loss, first_order=False, **kwargs):
+        first_order = _v.check_bool(first_order, "first_order", where=type(self).__name__)
         kwargs.setdefault("init_optimizer", kwargs.get("meta_optimizer"))
         super().__init__(model, loss, warp_mode=None,
                          init_objective="fomaml" if first_order else "maml", **kwargs)

@@ -1,6 +1,8 @@
 """`WarpTrainer`: WarpGrad meta-training (Algorithms 1–3), alone or with an initialisation."""
 
-from warpkeras.trainers.base import MetaTrainer
+from warpkeras import _validation as _v
+from warpkeras.trainers.base import (INIT_OBJECTIVES, WARP_OBJECTIVES, MetaTrainer,
+                                     MetaTrainingError)
 
 
 class WarpTrainer(MetaTrainer):
@@ -59,5 +61,12 @@ class WarpTrainer(MetaTrainer):
 
     def __init__(self, model, loss, mode="offline", objective="exact", init_objective="leap",
                  **kwargs):
+        where = type(self).__name__
+        mode = _v.check_choice(mode, "mode", ("online", "offline", "continual"), where=where,
+                               error=MetaTrainingError)
+        objective = _v.check_choice(objective, "objective", WARP_OBJECTIVES, where=where,
+                                    error=MetaTrainingError)
+        init_objective = _v.check_choice(init_objective, "init_objective", INIT_OBJECTIVES,
+                                         where=where, error=MetaTrainingError)
         super().__init__(model, loss, warp_mode=mode, warp_objective=objective,
                          init_objective=init_objective, **kwargs)
