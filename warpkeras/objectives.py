@@ -23,6 +23,7 @@ A *batch* is a pair ``(x, y)``; a *loss function* is ``loss_fn(y_true, y_pred) -
 
 from typing import NamedTuple
 
+import numpy as np
 import tensorflow as tf
 
 __all__ = [
@@ -41,6 +42,17 @@ __all__ = [
     "continual_weights",
     "continual_objective",
 ]
+
+
+def as_dtype(value, dtype):
+    """`value` as a tensor of `dtype` without a detour through float32.
+
+    A Python or numpy number is converted straight to `dtype` (`tf.cast` of a Python float
+    would first make it a float32 constant); a tensor or variable is cast.
+    """
+    if isinstance(value, (int, float, np.number)):
+        return tf.constant(value, dtype=dtype)
+    return tf.cast(value, dtype)
 
 
 def _as_list(values):
@@ -125,15 +137,18 @@ class StepResult(NamedTuple):
 def sgd_update(theta, grads, learning_rate, momentum=None, velocity=None):
     """θ − α v with v = μ v + g (heavy-ball momentum; plain SGD when `momentum` is None).
 
+    A Python-number α or μ becomes a constant of each parameter's own dtype (0.3 stays
+    0.3 in a float64 model, not float32's 0.30000001192); a tensor or variable is cast.
+
     Returns:
         ``(new_theta, new_velocity)``; `new_velocity` is `None` without momentum.
     """
     if momentum is None:
-        return [t - tf.cast(learning_rate, t.dtype) * g for t, g in zip(theta, grads)], None
+        return [t - as_dtype(learning_rate, t.dtype) * g for t, g in zip(theta, grads)], None
     if velocity is None:
         velocity = [tf.zeros_like(g) for g in grads]
-    velocity = [tf.cast(momentum, g.dtype) * v + g for v, g in zip(velocity, grads)]
-    new_theta = [t - tf.cast(learning_rate, t.dtype) * v for t, v in zip(theta, velocity)]
+    velocity = [as_dtype(momentum, g.dtype) * v + g for v, g in zip(velocity, grads)]
+    new_theta = [t - as_dtype(learning_rate, t.dtype) * v for t, v in zip(theta, velocity)]
     return new_theta, velocity
 
 
@@ -257,6 +272,8 @@ def warp_objective(
         stop_inner_gradient=not exact,
         training=training,
     )
+    # The meta pass goes on from the state the inner step left (fresh random draws).
+    state = [tf.stop_gradient(s) for s in step.state]
     if meta_loss is not None:
         return _scalar(meta_loss(step.theta, phi, state))
     loss, _ = task_loss(partition, loss_fn, step.theta, phi, meta_batch, state, training)
@@ -382,7 +399,14 @@ def leap_path_length(thetas, losses, norm="energy", loss_in_path=True):
 
 
 def _batch_at(batches, k):
-    if isinstance(batches, (list, tuple)) and batches and isinstance(batches[0], (list, tuple)):
+    """Step k's batch: `batches` is one ``(x, y)`` tuple, or a *list* of such tuples.
+
+    Only a list is a sequence of batches: a tuple is always one batch, whatever structure
+    its inputs have (``((x_image, x_vector), y)`` is one batch of a two-input model).
+    """
+    if isinstance(batches, list):
+        if not batches:
+            raise ValueError("The list of support batches is empty.")
         return batches[k % len(batches)]
     return batches
 
@@ -412,7 +436,9 @@ def maml_objective(
     Args:
         partition, loss_fn, phi, state, training: as in `task_step`.
         theta0: the initialisation θ0.
-        support: a batch ``(x, y)`` used at every step, or a list of batches (step k uses
+        support: a batch ``(x, y)`` (a tuple; `x` may be any structure the model takes,
+            e.g. ``((x_image, x_vector), y)`` or ``({"image": ..., "vector": ...}, y)``)
+            used at every step, or a *list* of batches (step k uses
             ``support[k % len(support)]``).
         query: the batch for the outer loss.
         learning_rate: α.
@@ -436,6 +462,9 @@ def maml_objective(
             training=training,
         )
         theta = step.theta
+        # The model state goes on from call to call (random-number-generator seeds advance,
+        # so every forward pass draws fresh dropout masks); it is not differentiated.
+        state = [tf.stop_gradient(s) for s in step.state]
     loss, _ = task_loss(partition, loss_fn, theta, phi, query, state, training)
     return loss, theta
 

@@ -1,6 +1,10 @@
 """Partition of a built Keras model into task variables θ and warp variables φ."""
 
+import contextlib
+import threading
+
 import keras
+import numpy as np
 import tensorflow as tf
 
 from warpkeras import roles
@@ -120,6 +124,18 @@ class Partition:
         self.warp_variables = [tv[i] for i in self.warp_indices]
         self.frozen_variables = [tv[i] for i in self.frozen_indices]
         self.state_variables = list(model.non_trainable_variables)
+        seed_ids = {
+            id(g.state)
+            for layer in model._flatten_layers(include_self=True, recursive=True)
+            for g in getattr(layer, "_seed_generators", ())
+        }
+        self.seed_indices = [
+            i for i, v in enumerate(self.state_variables)
+            if id(v) in seed_ids or v.path.endswith("seed_generator_state")
+        ]
+        """Positions in `state_variables` of random-number-generator states (`Dropout`,
+        `GaussianNoise`, ... keep a `keras.random.SeedGenerator` whose ``[seed, counter]``
+        state advances on every draw)."""
         self._num_trainable = len(tv)
         if require_task and not self.task_variables:
             raise roles.RoleError(
@@ -144,6 +160,31 @@ class Partition:
     def state_values(self):
         """The model's non-trainable state (e.g. batch-norm moving statistics)."""
         return [tf.convert_to_tensor(v.value) for v in self.state_variables]
+
+    def reseed(self, state, key):
+        """`state` with every random-number-generator state replaced by one derived from
+        `key`, so that the random draws (dropout masks, noise) of a run of forward passes
+        are a function of `key` alone.
+
+        Each generator's state becomes ``[s, 0]`` with ``s`` drawn from
+        ``numpy.random.SeedSequence(key + (generator index,))``; the counter then advances by
+        one on every draw, so successive forward passes that carry the state on draw fresh
+        values.
+
+        Args:
+            state: a list of state values in `state_variables` order.
+            key: a tuple of non-negative ints (e.g. seed, meta step, task, purpose).
+
+        Returns:
+            A new list (the same list when the model has no generators).
+        """
+        if not self.seed_indices:
+            return state
+        state = list(state)
+        for j, i in enumerate(self.seed_indices):
+            s = np.random.SeedSequence([int(k) for k in key] + [j]).generate_state(1)[0]
+            state[i] = tf.constant([int(s) >> 1, 0], dtype=self.state_variables[i].dtype)
+        return state
 
     def frozen_values(self):
         return [tf.convert_to_tensor(v.value) for v in self.frozen_variables]
@@ -200,7 +241,8 @@ class Partition:
         kwargs = {"return_losses": return_losses}
         if getattr(self.model, "_call_has_training_arg", True):
             kwargs["training"] = training
-        return self.model.stateless_call(self.merge(theta, phi), list(state), x, **kwargs)
+        with exact_moments():
+            return self.model.stateless_call(self.merge(theta, phi), list(state), x, **kwargs)
 
     def summary(self):
         """A short text listing which variables play which role."""
@@ -220,6 +262,60 @@ class Partition:
             f"<Partition of '{self.model.name}': {len(self.task_variables)} task, "
             f"{len(self.warp_variables)} warp, {len(self.frozen_variables)} frozen variables>"
         )
+
+
+def _exact_tf_moments(x, axes, keepdims):
+    """Batch mean and biased variance with every derivative kept.
+
+    `tf.nn.moments` (which Keras' TensorFlow backend uses for `BatchNormalization`,
+    `LayerNormalization` and `GroupNormalization`) stops the gradient through the mean inside
+    the variance. The first derivative is unchanged (that term is zero), but second
+    derivatives through the variance are wrong, and exact meta-gradients (exact WarpGrad,
+    second-order MAML) differentiate twice. The values here are the same.
+    """
+    mean = tf.reduce_mean(x, axes, keepdims=True)
+    variance = tf.reduce_mean(tf.math.squared_difference(x, mean), axes, keepdims=True)
+    if not keepdims:
+        mean = tf.squeeze(mean, axes)
+        variance = tf.squeeze(variance, axes)
+    return mean, variance
+
+
+_MOMENTS_LOCK = threading.RLock()
+
+
+def _tf_nn_backend():
+    if keras.backend.backend() != "tensorflow":
+        return None
+    from keras.src.backend.tensorflow import nn as tf_nn
+
+    return tf_nn if hasattr(tf_nn, "_compute_moments") else None
+
+
+@contextlib.contextmanager
+def exact_moments():
+    """While active, Keras' TensorFlow batch statistics are exactly differentiable.
+
+    Every model call made by a `Partition` runs inside it, so stock
+    `keras.layers.BatchNormalization`, `LayerNormalization` and `GroupNormalization` give
+    exact second derivatives (the forward values are the same).
+    """
+    tf_nn = _tf_nn_backend()
+    if tf_nn is None:
+        yield
+        return
+    with _MOMENTS_LOCK:
+        previous = tf_nn._compute_moments
+        tf_nn._compute_moments = _exact_tf_moments
+        try:
+            yield
+        finally:
+            tf_nn._compute_moments = previous
+
+
+def exact_moments_available():
+    """Whether `exact_moments` can make Keras' batch statistics exactly differentiable."""
+    return keras.backend.backend() != "tensorflow" or _tf_nn_backend() is not None
 
 
 def _assign(variables, values, what):

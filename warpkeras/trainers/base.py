@@ -469,10 +469,34 @@ class MetaTrainer:
         return self.inner_mu if self.use_momentum else None
 
     def _meta_value(self, theta, phi, meta_batch, state):
+        """L_meta at θ and the model state after its forward pass."""
         if self.meta_loss is not None:
-            return self.meta_loss(self.partition, self.loss, theta, phi, meta_batch, state)
-        loss, _ = obj.task_loss(self.partition, self.loss, theta, phi, meta_batch, state)
-        return loss
+            return (self.meta_loss(self.partition, self.loss, theta, phi, meta_batch, state),
+                    state)
+        return obj.task_loss(self.partition, self.loss, theta, phi, meta_batch, state)
+
+    def _with_seeds(self, state, source):
+        """`state` with the random-number-generator states taken from `source`."""
+        state = list(state)
+        for i in self.partition.seed_indices:
+            state[i] = source[i]
+        return state
+
+    def _reseed(self, packed_state, *key):
+        """A packed state whose generator states derive from ``(seed,) + key``; every
+        forward pass after it draws fresh random values (see `Partition.reseed`)."""
+        if not self.partition.seed_indices:
+            return packed_state
+        sp = self._state_packer
+        return sp.pack(self.partition.reseed(sp.unpack(packed_state), (self.seed,) + key))
+
+    def _reseed_stacked(self, stacked_state, keys):
+        """`_reseed` for a group: one key per task along the leading axis."""
+        if not self.partition.seed_indices:
+            return stacked_state
+        per_task = [self._reseed(tuple(t[g] for t in stacked_state), *key)
+                    for g, key in enumerate(keys)]
+        return tuple(tf.stack(parts) for parts in zip(*per_task))
 
     def _metric(self, y, outputs):
         if self.accuracy:
@@ -517,7 +541,10 @@ class MetaTrainer:
                 step = obj.task_step(p, loss_fn, theta_l, phi, (x, y), lr, momentum=mu,
                                      velocity=velocity_l, state=state_l,
                                      stop_inner_gradient=not self.exact)
-                meta = self._meta_value(step.theta, phi, meta_batch, state_l)
+                # The meta pass continues from the inner pass's state (fresh dropout masks).
+                meta, meta_state = self._meta_value(
+                    step.theta, phi, meta_batch, [tf.stop_gradient(s) for s in step.state])
+            step = step._replace(state=self._with_seeds(step.state, meta_state))
             sources = [phi, lr] + ([mu] if mu is not None else [])
             grads = tape.gradient(meta, sources, unconnected_gradients=tf.UnconnectedGradients.ZERO)
             hyper = [g for g, on in zip(grads[1:], (self.learn_lr, self.learn_mu)) if on]
@@ -704,11 +731,16 @@ class MetaTrainer:
         size = len(tasks)
         pairs = [self._task_rngs(r) for r in rngs]
         if self.init_objective in ("maml", "fomaml") and self.warp_mode is None:
-            return self._maml_group(tasks, pairs)
+            return self._maml_group(tasks, task_ids, pairs)
         train_its = [t.batches("train", a) for t, (a, _) in zip(tasks, pairs)]
         online = self.warp_mode in ("online", "continual")
         meta_its = [t.batches("meta", b) for t, (_, b) in zip(tasks, pairs)] if online else None
         carry = self._initial_carry(size, start)
+        # Random draws (dropout) derive from (seed, meta step, task); the state then carries
+        # them on from step to step, so every forward pass draws fresh values.
+        meta_step = int(self.step.numpy())
+        carry["state"] = self._reseed_stacked(carry["state"],
+                                              [(meta_step, tid, 0) for tid in task_ids])
         theta_start = carry["theta"]
         outs = []
         first_batch = None
@@ -738,9 +770,10 @@ class MetaTrainer:
         elif self.init_objective in ("maml", "fomaml"):
             qx, qy = self._stack_batches(
                 [next(t.batches("meta", b)) for t, (_, b) in zip(tasks, pairs)])
+            maml_state = self._reseed_stacked(self._initial_carry(size)["state"],
+                                              [(meta_step, tid, 1) for tid in task_ids])
             _, result["init_grads"], ok = self._group_maml(
-                theta_start, self._initial_carry(size)["state"], first_batch[0], first_batch[1],
-                qx, qy)
+                theta_start, maml_state, first_batch[0], first_batch[1], qx, qy)
             finite &= np.asarray(ok)
         if self.warp_mode == "online":
             result["warp_grads"] = tuple(a / float(self.inner_steps) for a in carry["warp_acc"])
@@ -756,9 +789,12 @@ class MetaTrainer:
             self.buffer.add(tid, k, [t[g] for t in theta],
                             [v[g] for v in velocity] if velocity is not None else None)
 
-    def _maml_group(self, tasks, pairs):
+    def _maml_group(self, tasks, task_ids, pairs):
         size = len(tasks)
         carry = self._initial_carry(size)
+        meta_step = int(self.step.numpy())
+        carry["state"] = self._reseed_stacked(carry["state"],
+                                              [(meta_step, tid, 1) for tid in task_ids])
         sx, sy = self._stack_batches([next(t.batches("train", a)) for t, (a, _) in zip(tasks, pairs)])
         qx, qy = self._stack_batches([next(t.batches("meta", b)) for t, (_, b) in zip(tasks, pairs)])
         loss, g, ok = self._group_maml(carry["theta"], carry["state"], sx, sy, qx, qy)
@@ -808,8 +844,9 @@ class MetaTrainer:
             x, y = next(train_it)
             meta_batch = next(meta_it)
             velocity = tuple(entry["velocity"]) if self.use_momentum else ()
-            meta, g_phi, g_hyper, ok = self._warp_point(tuple(entry["theta"]), velocity, state,
-                                                        x, y, meta_batch)
+            point_state = self._reseed(state, step, tid, 2, entry["step"])
+            meta, g_phi, g_hyper, ok = self._warp_point(tuple(entry["theta"]), velocity,
+                                                        point_state, x, y, meta_batch)
             if not bool(ok):
                 self.nan_tasks.assign_add(1)
                 continue
@@ -1074,6 +1111,7 @@ class MetaTrainer:
         rng = np.random.default_rng([self.seed, 104729, seed])
         batches = task.batches("train", rng)
         theta, velocity, state = self._start_values(task)
+        state = self._reseed(state, 104729, seed)
         test = task.test_data()
         curves = {"train_loss": [], "train_accuracy": [], "test_steps": [], "test_loss": [],
                   "test_accuracy": [], "path_length": 0.0}
