@@ -23,8 +23,12 @@ xb, yb = next(batches)
 ```
 """
 
+import collections.abc
+
 import numpy as np
 import tensorflow as tf
+
+from warpkeras import _validation as _v
 
 
 def _is_arrays(data):
@@ -43,36 +47,59 @@ class Task:
             mini-batches of `train` (WarpGrad App. F evaluates L_meta and L_task on
             different batches of the same task data).
         test: held-out ``(x, y)`` arrays or a finite `tf.data.Dataset`, for evaluation.
-        batch_size: mini-batch size when `train` / `meta` are arrays.
+        batch_size: mini-batch size when `train` / `meta` are arrays: an integer >= 1
+            (a task with fewer examples uses all of them in every batch).
         augment: optional ``augment(x, rng) -> x`` applied to adaptation batches drawn from
             arrays (e.g. random affine transforms of images).
-        name: display name.
+        name: display name (a string; default ``"task"``).
         info: free-form dict (e.g. the generating parameters of a synthetic task).
+
+    Raises:
+        TypeError: `train` / `meta` / `test` of an unsupported kind, a non-integer
+            `batch_size`, a non-callable `augment`, a non-string `name` or a non-dict
+            `info`.
+        ValueError: `batch_size` < 1, or array data whose x and y differ in length or
+            have no rows.
     """
 
     def __init__(self, train, meta=None, test=None, batch_size=32, augment=None,
                  name=None, info=None):
-        self._check(train, "train")
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"Task: name={_v.describe(name)} is not valid: expected a string "
+                            "(e.g. name='alphabet-3') or None.")
+        self.name = name or "task"
+        where = f"Task '{self.name}'"
+        self._check(train, "train", where)
         if meta is not None:
-            self._check(meta, "meta")
+            self._check(meta, "meta", where)
+        if test is not None and not (_is_arrays(test) or isinstance(test, tf.data.Dataset)):
+            raise TypeError(
+                f"{where}: test={_v.describe(test)} is not valid: expected held-out (x, y) "
+                "arrays, a finite tf.data.Dataset of (x, y) batches, or None."
+            )
+        for what, data in (("train", train), ("meta", meta), ("test", test)):
+            if _is_arrays(data):
+                _v.check_same_length(data[0], data[1], f"`{what}`", where=where)
+                if what != "test" and len(data[0]) == 0:
+                    raise ValueError(f"{where}: `{what}` has no examples (0 rows); give at "
+                                     "least one (x, y) pair.")
+        self.batch_size = _v.check_int(batch_size, "batch_size", minimum=1, where=where,
+                                       example=32)
+        self.augment = _v.check_callable(augment, "augment", where=where,
+                                         signature="augment(x, rng) -> x")
+        if info is not None and not isinstance(info, collections.abc.Mapping):
+            raise TypeError(f"{where}: info={_v.describe(info)} is not valid: expected a dict "
+                            "(free-form task information) or None.")
         self.train = train
         self.meta = meta
         self.test = test
-        self.batch_size = int(batch_size)
-        self.augment = augment
-        self.name = name or "task"
         self.info = dict(info or {})
-        if _is_arrays(train) and len(train[0]) != len(train[1]):
-            raise ValueError(
-                f"Task '{self.name}': x and y of `train` differ in length "
-                f"({len(train[0])} vs {len(train[1])})."
-            )
 
     @staticmethod
-    def _check(data, what):
+    def _check(data, what, where="Task"):
         if not (_is_arrays(data) or isinstance(data, tf.data.Dataset) or callable(data)):
             raise TypeError(
-                f"Task `{what}` must be (x, y) arrays, a tf.data.Dataset or a callable "
+                f"{where}: `{what}` must be (x, y) arrays, a tf.data.Dataset or a callable "
                 f"rng -> iterator; got {type(data).__name__}."
             )
 
@@ -80,18 +107,89 @@ class Task:
         """An endless iterator of ``(x, y)`` batches of adaptation (`"train"`) or meta
         (`"meta"`) data.
 
+        Arrays are drawn as shuffled mini-batches by `rng`. A finite `tf.data.Dataset` of
+        n batches is read as an endless, repeated stream that starts at a batch position
+        drawn by `rng` (uniform over the n positions, so every batch is reached across
+        meta steps, and the same `rng` replays the same batches: runs resumed from a
+        checkpoint see what the uninterrupted run saw). A dataset of infinite or unknown
+        cardinality cannot be positioned: it is read as one stream that continues where
+        the previous call stopped (never restarted; its position is not part of a
+        checkpoint, so resumed runs read it on from its start; give a finite dataset, e.g.
+        ``ds.apply(tf.data.experimental.assert_cardinality(n))``, for replayable runs).
+
+        For a pair of adaptation and meta streams of the same step use `streams`: only it
+        guarantees that, with ``meta=None``, the meta batches are other batches than the
+        adaptation batch of the same step.
+
         Args:
             which: ``"train"`` or ``"meta"``.
-            rng: a `numpy.random.Generator` (draws the mini-batches from arrays).
+            rng: a `numpy.random.Generator` (draws the mini-batches from arrays and the
+                start position of a finite dataset).
+
+        Returns:
+            An iterator of batches in the form of the task's data.
+
+        Raises:
+            ValueError: `which` is neither ``"train"`` nor ``"meta"``, or a dataset is
+                empty.
         """
+        if which not in ("train", "meta"):
+            raise ValueError(f"Task '{self.name}': which={which!r}: expected 'train' or 'meta'.")
         rng = rng if rng is not None else np.random.default_rng()
         data = self.train if which == "train" or self.meta is None else self.meta
         augment = self.augment if which == "train" else None
         if _is_arrays(data):
             return _array_batches(data, self.batch_size, rng, augment)
         if isinstance(data, tf.data.Dataset):
-            return iter(data.repeat())
+            return self._dataset_stream(data, "train" if data is self.train else "meta", rng)
         return iter(data(rng))
+
+    def streams(self, train_rng, meta_rng):
+        """The adaptation and meta-objective batch streams of one task for one meta step.
+
+        Equal to ``(batches("train", train_rng), batches("meta", meta_rng))``, except that
+        when `meta` is `None` and `train` is a finite `tf.data.Dataset` of n >= 2 batches,
+        the meta stream is the adaptation stream shifted by s batches, s drawn by
+        `meta_rng` from 1..n-1: at every step the meta batch is another batch than the
+        adaptation batch (WarpGrad App. F: L_meta and L_task on different batches of the
+        same data). With an infinite dataset both streams read one shared stream, so the
+        meta batches are likewise other batches.
+
+        Args:
+            train_rng, meta_rng: `numpy.random.Generator`s of the two streams.
+
+        Returns:
+            ``(train_iterator, meta_iterator)``; both are lazy (nothing is read until
+            `next`).
+        """
+        data = self.train
+        if self.meta is not None or not isinstance(data, tf.data.Dataset):
+            return self.batches("train", train_rng), self.batches("meta", meta_rng)
+        n = self._cardinality(data, "train")
+        if n is None:  # one shared, persistent stream
+            return self.batches("train", train_rng), self.batches("train", meta_rng)
+        start = int(train_rng.integers(n))
+        shift = 1 + int(meta_rng.integers(n - 1)) if n > 1 else 0
+        return (_lazy_dataset_stream(data, start),
+                _lazy_dataset_stream(data, (start + shift) % n))
+
+    def _cardinality(self, data, which):
+        n = int(data.cardinality())
+        if n == 0:
+            raise ValueError(
+                f"Task '{self.name}': the `{which}` dataset holds no batches; give a dataset "
+                "with at least one batch."
+            )
+        return n if n > 0 else None
+
+    def _dataset_stream(self, data, which, rng):
+        n = self._cardinality(data, which)
+        if n is not None:
+            return _lazy_dataset_stream(data, int(rng.integers(n)))
+        streams = self.__dict__.setdefault("_open_streams", {})
+        if which not in streams:
+            streams[which] = iter(data.repeat())
+        return streams[which]
 
     def test_data(self):
         """Held-out ``(x, y)`` as arrays (concatenating a dataset), or `None`."""
@@ -123,6 +221,11 @@ def _array_batches(data, batch_size, rng, augment):
             if augment is not None:
                 xb = augment(xb, rng)
             yield xb, y[idx]
+
+
+def _lazy_dataset_stream(data, start):
+    """Batches of a finite `data` repeated forever, from batch position `start` on."""
+    yield from data.repeat().skip(start)
 
 
 def as_task(task):

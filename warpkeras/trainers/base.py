@@ -732,9 +732,10 @@ class MetaTrainer:
         pairs = [self._task_rngs(r) for r in rngs]
         if self.init_objective in ("maml", "fomaml") and self.warp_mode is None:
             return self._maml_group(tasks, task_ids, pairs)
-        train_its = [t.batches("train", a) for t, (a, _) in zip(tasks, pairs)]
+        streams = [t.streams(a, b) for t, (a, b) in zip(tasks, pairs)]
+        train_its = [s[0] for s in streams]
         online = self.warp_mode in ("online", "continual")
-        meta_its = [t.batches("meta", b) for t, (_, b) in zip(tasks, pairs)] if online else None
+        meta_its = [s[1] for s in streams] if online else None
         carry = self._initial_carry(size, start)
         # Random draws (dropout) derive from (seed, meta step, task); the state then carries
         # them on from step to step, so every forward pass draws fresh values.
@@ -795,8 +796,9 @@ class MetaTrainer:
         meta_step = int(self.step.numpy())
         carry["state"] = self._reseed_stacked(carry["state"],
                                               [(meta_step, tid, 1) for tid in task_ids])
-        sx, sy = self._stack_batches([next(t.batches("train", a)) for t, (a, _) in zip(tasks, pairs)])
-        qx, qy = self._stack_batches([next(t.batches("meta", b)) for t, (_, b) in zip(tasks, pairs)])
+        streams = [t.streams(a, b) for t, (a, b) in zip(tasks, pairs)]
+        sx, sy = self._stack_batches([next(s[0]) for s in streams])
+        qx, qy = self._stack_batches([next(s[1]) for s in streams])
         loss, g, ok = self._group_maml(carry["theta"], carry["state"], sx, sy, qx, qy)
         return {"finite": np.asarray(ok), "losses": np.asarray(loss)[:, None],
                 "metrics": np.zeros((size, 1)), "metas": None, "init_grads": g}
@@ -839,7 +841,7 @@ class MetaTrainer:
             tid = entry["task_id"]
             if tid not in batch_iters:
                 r1, r2 = self._task_rngs(np.random.default_rng([self.seed, step, 7919, tid]))
-                batch_iters[tid] = (tasks[tid].batches("train", r1), tasks[tid].batches("meta", r2))
+                batch_iters[tid] = tasks[tid].streams(r1, r2)
             train_it, meta_it = batch_iters[tid]
             x, y = next(train_it)
             meta_batch = next(meta_it)
