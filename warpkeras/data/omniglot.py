@@ -14,27 +14,47 @@ or TensorFlow Datasets' ``omniglot``. Decoded images are cached as ``.npz``.
 
 import functools
 import io
+import logging
 import os
 import pathlib
+import socket
+import threading
+import warnings
 import zipfile
 import zlib
 
 import numpy as np
 
 from warpkeras.data._cache import (
+    CorruptFileError,
     as_generator,
+    check_bool,
+    check_dir,
+    check_int,
     default_data_dir,
+    file_signature,
     fingerprint,
+    read_cache,
+    report_corrupt,
     resolve_cache_dir,
-    save_npz,
+    write_cache,
 )
 from warpkeras.data.augment import random_affine
 from warpkeras.data.tasks import ClassificationTask
 
 OMNIGLOT_DIR_ENV_VAR = "WARPKERAS_OMNIGLOT_DIR"
 OMNIGLOT_URL = "https://github.com/brendenlake/omniglot/tree/master/python"
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2
 _SOURCES = ("auto", "local", "tfds")
+# Where TensorFlow Datasets downloads Omniglot from, probed (briefly) before a download.
+_DOWNLOAD_HOST = ("github.com", 443)
+_PROBE_TIMEOUT_S = 3.0
+# Raw Omniglot PNGs are black strokes (0) on a white background (255).
+_RAW_BACKGROUND = 255
+# What reading or decoding a damaged file can raise (PIL's errors are OSError/ValueError).
+_READ_ERRORS = (OSError, ValueError, EOFError, SyntaxError, zlib.error, zipfile.BadZipFile,
+                NotImplementedError, RuntimeError, IndexError)
+_logger = logging.getLogger(__name__)
 
 
 class OmniglotNotFoundError(FileNotFoundError):
@@ -89,6 +109,7 @@ class OmniglotData:
         character_names: list of ``"<alphabet>/<character>"`` names.
         inverted: whether strokes are bright (1) on a dark (0) background.
         source: a description of where the data came from.
+        skipped: descriptions of unreadable files left out (``skip_corrupt=True``).
 
     Attributes:
         character_alphabet: int array giving the alphabet id of each character.
@@ -109,6 +130,7 @@ class OmniglotData:
         character_names,
         inverted=True,
         source="",
+        skipped=(),
     ):
         self.images = np.asarray(images, dtype=np.uint8)
         self.alphabet_ids = np.asarray(alphabet_ids, dtype=np.int32)
@@ -118,6 +140,7 @@ class OmniglotData:
         self.character_names = [str(n) for n in character_names]
         self.inverted = bool(inverted)
         self.source = str(source)
+        self.skipped = [str(s) for s in skipped]
         n = len(self.images)
         if self.images.ndim != 3:
             raise ValueError(f"images must have shape (N, H, W), got {self.images.shape}")
@@ -238,6 +261,7 @@ class OmniglotData:
             character_names=np.array(self.character_names, dtype=str),
             inverted=np.bool_(self.inverted),
             source=np.array(self.source, dtype=str),
+            skipped=np.array(self.skipped, dtype=str).reshape(-1),
         )
 
     @classmethod
@@ -254,6 +278,7 @@ class OmniglotData:
                 character_names=f["character_names"].tolist(),
                 inverted=bool(f["inverted"]),
                 source=str(f["source"]),
+                skipped=f["skipped"].tolist(),
             )
 
     def __repr__(self):
@@ -286,18 +311,32 @@ def _resize_grey(image, image_size):
 
 
 def _decode_png(data, image_size):
-    """Decode PNG bytes to a greyscale float32 (0..255) image of side ``image_size``."""
+    """Decode PNG bytes to a greyscale float32 (0..255) image of side ``image_size``.
+
+    Transparent pixels (an alpha channel, or a ``transparency`` colour) are composited
+    over Omniglot's white background (255) first, so a drawing saved with a transparent
+    background decodes as strokes on white rather than as solid ink. Raises the decoder's
+    own error (``OSError``, ``ValueError``, ...) for damaged data.
+    """
     try:
         from PIL import Image
     except ImportError:  # pragma: no cover
         Image = None
     if Image is not None:
         with Image.open(io.BytesIO(data)) as img:
+            img.load()  # decode now: a truncated file fails here, not later
+            if "A" in img.getbands() or "transparency" in img.info:
+                rgba = img.convert("RGBA")
+                background = Image.new("RGBA", rgba.size, (_RAW_BACKGROUND,) * 3 + (255,))
+                img = Image.alpha_composite(background, rgba)
             grey = np.asarray(img.convert("L"), dtype=np.float32)
     else:  # pragma: no cover
         import tensorflow as tf
 
-        grey = tf.io.decode_png(data, channels=1).numpy()[..., 0].astype(np.float32)
+        rgba = tf.io.decode_png(data, channels=4).numpy().astype(np.float32)
+        luma = rgba[..., :3] @ np.array([0.299, 0.587, 0.114], np.float32)
+        alpha = rgba[..., 3] / 255.0
+        grey = luma * alpha + _RAW_BACKGROUND * (1.0 - alpha)
     return _resize_grey(grey, image_size)
 
 
@@ -371,44 +410,92 @@ def _scan_local(root):
 
 
 def _local_fingerprint(root, zips, pngs):
+    """Cache key items of a local copy: every zip's and PNG's name, size and times.
+
+    Keyed by content (size, modification and status-change times of each file), not by
+    names alone, so a PNG or zip replaced in place is decoded again.
+    """
     items = [str(pathlib.Path(root).resolve())]
     for z in zips:
-        stat = z.stat()
-        items.append((z.name, stat.st_size, stat.st_mtime_ns))
+        items.append(file_signature(z))
     items.append(len(pngs))
-    items.append(fingerprint(os.path.relpath(p, root) for p, _ in pngs))
+    items.append(fingerprint(file_signature(p, root) for p, _ in pngs))
     return items
 
 
-def _decode_local(zips, pngs, image_size, invert, source):
+def _decode_local(zips, pngs, image_size, invert, source, skip_corrupt=False):
+    """Decode a local copy; unreadable files raise :class:`CorruptFileError` naming them
+    (or, with ``skip_corrupt``, are skipped with a warning and listed in ``skipped``)."""
     seen = set()
     records = []
+    skipped = []
     for full, key in pngs:
         if key in seen:
             continue
+        try:
+            with open(full, "rb") as handle:
+                raw = _decode_png(handle.read(), image_size)
+        except _READ_ERRORS as err:
+            report_corrupt(CorruptFileError(full, None, err), skip_corrupt, skipped)
+            continue
         seen.add(key)
-        with open(full, "rb") as handle:
-            raw = _decode_png(handle.read(), image_size)
         records.append((key[0], key[1], _parse_drawer(key[2]), key[2], raw))
     for zpath in zips:
-        with zipfile.ZipFile(zpath) as archive:
+        try:
+            archive = zipfile.ZipFile(zpath)
+        except _READ_ERRORS as err:
+            report_corrupt(CorruptFileError(zpath, None, err), skip_corrupt, skipped)
+            continue
+        with archive:
             for member in archive.namelist():
                 key = _split_member(member)
                 if key is None or key in seen:
                     continue
+                try:
+                    raw = _decode_png(archive.read(member), image_size)
+                except _READ_ERRORS as err:
+                    report_corrupt(CorruptFileError(zpath, member, err), skip_corrupt, skipped)
+                    continue
                 seen.add(key)
-                raw = _decode_png(archive.read(member), image_size)
                 records.append((key[0], key[1], _parse_drawer(key[2]), key[2], raw))
     if not records:
         raise OmniglotNotFoundError(
-            f"no Omniglot PNG files found in {source}: expected "
+            f"no readable Omniglot PNG files found in {source}: expected "
             "<alphabet>/<character>/<id>_<drawer>.png entries"
+            + (f" ({len(skipped)} unreadable files skipped)" if skipped else "")
         )
-    return _assemble(records, invert, source)
+    data = _assemble(records, invert, source)
+    data.skipped = skipped
+    return data
 
 
 # ----------------------------------------------------------------------------------------
 # TensorFlow Datasets source
+
+
+class _Offline(Exception):
+    """TensorFlow Datasets would have to download Omniglot, but the network is unreachable."""
+
+
+def _network_reachable(host, port, timeout):
+    """Whether a TCP connection to ``host:port`` opens within ``timeout`` seconds.
+
+    Name resolution does not honour socket timeouts, so the probe runs in a daemon thread
+    and is abandoned after ``timeout``.
+    """
+    result = []
+
+    def probe():
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            result.append(True)
+        except OSError:
+            result.append(False)
+
+    thread = threading.Thread(target=probe, name="warpkeras-network-probe", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(result and result[0])
 
 
 def _decode_tfds(splits, image_size, invert, tfds_data_dir, download):
@@ -417,6 +504,24 @@ def _decode_tfds(splits, image_size, invert, tfds_data_dir, download):
     import tensorflow_datasets as tfds
 
     split = "+".join(splits)
+    if download:
+        builder = tfds.builder("omniglot", data_dir=tfds_data_dir)
+        # Probe only in front of TFDS's own downloader: under tfds.testing.mock_data,
+        # download_and_prepare is replaced by a no-op and nothing is downloaded.
+        real_download = getattr(type(builder).download_and_prepare, "__module__", "")
+        if real_download.startswith("tensorflow_datasets.core") and not builder.is_prepared():
+            host, port = _DOWNLOAD_HOST
+            if not _network_reachable(host, port, _PROBE_TIMEOUT_S):
+                raise _Offline(
+                    f"it is not downloaded (looked in {builder.data_dir}) and "
+                    f"{host}:{port}, where it is downloaded from, cannot be reached within "
+                    f"{_PROBE_TIMEOUT_S:g} s (offline?)"
+                )
+            _logger.warning(
+                "No Omniglot copy found; downloading 'omniglot' with TensorFlow Datasets "
+                "into %s (about 18 MB, once).",
+                builder.data_dir,
+            )
     ds, info = tfds.load(
         "omniglot",
         split=split,
@@ -477,6 +582,7 @@ def load_omniglot(
     download=True,
     tfds_data_dir=None,
     tfds_splits=("train", "test"),
+    skip_corrupt=False,
 ):
     """Load (and cache) all Omniglot drawings as 28x28 greyscale images.
 
@@ -486,60 +592,100 @@ def load_omniglot(
     folder holding the published zips (``images_background*.zip``,
     ``images_evaluation*.zip``) and/or extracted folders
     ``.../<alphabet>/<character>/<id>_<drawer>.png``. The same drawing found twice
-    (an alphabet in two zips) is kept once.
+    (an alphabet in two zips) is kept once. PNGs with a transparent background are
+    composited over white (the background of the raw drawings) before decoding.
+
+    Before TensorFlow Datasets downloads anything, the download host is probed for
+    ``3`` s: offline, this fails at once (``OmniglotNotFoundError``) instead of after
+    minutes of retries; online, a warning is logged that the download starts.
 
     Decoded images are cached in ``cache_dir`` (default :func:`default_cache_dir`,
     i.e. ``$WARPKERAS_CACHE_DIR`` or ``~/.cache/warpkeras``) as an ``.npz`` keyed by
-    the source files, size and polarity, so later loads skip PNG decoding.
+    the content of the source files (name, size and modification time of every zip
+    and PNG), size and polarity, so later loads skip PNG decoding and a file replaced
+    in place is decoded again. A damaged cache file is rebuilt, with a warning.
 
     Args:
         source: ``"auto"``, ``"local"`` or ``"tfds"``.
-        data_dir: folder of the local copy (for ``"local"``/``"auto"``).
-        image_size: side of the square output images (28 in the protocol).
+        data_dir: folder of the local copy (for ``"local"``/``"auto"``), str or path.
+        image_size: side of the square output images in pixels, an int >= 1 (28 in the
+            protocol).
         invert: make strokes 1 and background 0 (default); ``False`` keeps black on white.
         cache_dir: cache folder; ``None`` uses the default.
         use_cache: read and write the cache.
         download: let TensorFlow Datasets download the data when missing.
         tfds_data_dir: ``data_dir`` passed to ``tfds.load`` (``None``: tfds default).
-        tfds_splits: tfds splits to combine (``"train"`` = background, ``"test"`` =
-            evaluation; ``"small1"``, ``"small2"`` also exist).
+        tfds_splits: tfds split name or names to combine (``"train"`` = background,
+            ``"test"`` = evaluation; ``"small1"``, ``"small2"`` also exist).
+        skip_corrupt: skip unreadable files (damaged or truncated PNGs, files that are
+            not PNGs, damaged zips or zip members) with a warning naming each, instead of
+            raising. The names of skipped files are in ``OmniglotData.skipped``.
 
     Returns:
         An :class:`OmniglotData`.
 
     Raises:
-        OmniglotNotFoundError: no source found; the message says what to download and where.
+        OmniglotNotFoundError: no source found (or offline with nothing downloaded); the
+            message says what to download and where.
+        CorruptFileError: (a ``ValueError`` and ``OSError``) a file or zip member cannot
+            be read; the message names the archive and member (or the file). Not raised
+            with ``skip_corrupt=True``.
+        TypeError, ValueError, NotADirectoryError: a bad argument; the message names it.
 
     Example:
         >>> data = load_omniglot(data_dir="../shared/data/omniglot")   # doctest: +SKIP
         >>> data.usable_alphabets(20)                                   # doctest: +SKIP
     """
-    if source not in _SOURCES:
+    if not isinstance(source, str) or source not in _SOURCES:
         raise ValueError(f"source must be one of {_SOURCES}, got {source!r}")
-    image_size = int(image_size)
-    if image_size < 1:
-        raise ValueError(f"image_size must be positive, got {image_size}")
+    data_dir = check_dir("data_dir", data_dir)
+    image_size = check_int("image_size", image_size, minimum=1, hint="side in pixels, e.g. 28")
+    invert = check_bool("invert", invert)
+    cache_dir = check_dir("cache_dir", cache_dir)
+    use_cache = check_bool("use_cache", use_cache)
+    download = check_bool("download", download)
+    skip_corrupt = check_bool("skip_corrupt", skip_corrupt)
+    tfds_data_dir = check_dir("tfds_data_dir", tfds_data_dir)
+    if tfds_data_dir is not None:
+        tfds_data_dir = str(tfds_data_dir)
+    if isinstance(tfds_splits, str):
+        tfds_splits = (tfds_splits,)
+    try:
+        splits = tuple(tfds_splits)
+    except TypeError:
+        raise TypeError(
+            f"tfds_splits must be a split name or a sequence of them, e.g. ('train', 'test'); "
+            f"got {tfds_splits!r}"
+        ) from None
+    if not splits or not all(isinstance(x, str) and x for x in splits):
+        raise ValueError(
+            f"tfds_splits must name at least one split, as non-empty strings, e.g. "
+            f"('train', 'test'); got {tfds_splits!r}"
+        )
     cache_root = resolve_cache_dir(cache_dir) / "omniglot"
 
     def cached(kind, items, build):
-        key = fingerprint([_CACHE_VERSION, kind, image_size, bool(invert), *items])
+        key = fingerprint([_CACHE_VERSION, kind, image_size, invert, skip_corrupt, *items])
         path = cache_root / f"omniglot_{kind}_{image_size}px_{key}.npz"
-        if use_cache and path.exists():
-            try:
-                return OmniglotData._from_npz(path)
-            except (OSError, ValueError, KeyError):
-                pass  # unreadable or stale: rebuild below
+        if use_cache:
+            data = read_cache(path, OmniglotData._from_npz, what="Omniglot cache file")
+            if data is not None:
+                if data.skipped:
+                    warnings.warn(
+                        f"Omniglot data from the cache {path} leaves out {len(data.skipped)} "
+                        f"unreadable files: {'; '.join(data.skipped[:5])}"
+                        + (" ..." if len(data.skipped) > 5 else ""),
+                        stacklevel=3,
+                    )
+                return data
         data = build()
         if use_cache:
-            save_npz(path, **data._to_arrays())
+            write_cache(path, data._to_arrays(), what="Omniglot cache file")
         return data
 
     searched = []
     if source in ("auto", "local"):
-        if data_dir is not None:
-            candidates = [pathlib.Path(data_dir).expanduser()]
-        else:
-            candidates = [default_omniglot_dir()]
+        candidates = [data_dir if data_dir is not None else default_omniglot_dir()]
         for root in candidates:
             searched.append(root)
             zips, pngs = _scan_local(root)
@@ -548,25 +694,22 @@ def load_omniglot(
                 return cached(
                     "local",
                     items,
-                    lambda: _decode_local(zips, pngs, image_size, bool(invert), str(root)),
+                    lambda: _decode_local(zips, pngs, image_size, invert, str(root), skip_corrupt),
                 )
         if source == "local":
             raise OmniglotNotFoundError(_not_found_message(searched, None))
 
-    splits = tuple(tfds_splits)
-    if not splits:
-        raise ValueError("tfds_splits must name at least one split")
     tfds_key = [str(tfds_data_dir), splits]
     try:
         return cached(
             "tfds",
             tfds_key,
-            lambda: _decode_tfds(splits, image_size, bool(invert), tfds_data_dir, download),
+            lambda: _decode_tfds(splits, image_size, invert, tfds_data_dir, download),
         )
     except OmniglotNotFoundError:
         raise
     except Exception as err:  # noqa: BLE001 - tfds raises many kinds when offline/missing
-        reason = f"{type(err).__name__}: {err}".strip()
+        reason = str(err) if isinstance(err, _Offline) else f"{type(err).__name__}: {err}".strip()
         if len(reason) > 300:
             reason = reason[:300] + "..."
         raise OmniglotNotFoundError(_not_found_message(searched, reason)) from err
@@ -641,33 +784,49 @@ class OmniglotTasks:
             data = load_omniglot(**load_kwargs)
         elif load_kwargs:
             raise TypeError(
-                f"load_omniglot arguments {sorted(load_kwargs)} given together with data"
+                f"load_omniglot arguments {sorted(load_kwargs)} given together with data; "
+                "pass either data or the arguments of load_omniglot"
+            )
+        elif not isinstance(data, OmniglotData):
+            raise TypeError(
+                f"data must be an OmniglotData (from load_omniglot) or None, got "
+                f"{type(data).__name__}"
             )
         self.data = data
-        self.num_classes = int(num_classes)
-        self.num_test_per_class = int(num_test_per_class)
-        self.num_train_per_class = None if num_train_per_class is None else int(num_train_per_class)
-        self.seed = int(seed)
-        if self.num_classes < 2:
-            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
-        if self.num_test_per_class < 0:
-            raise ValueError(f"num_test_per_class must be >= 0, got {num_test_per_class}")
-        if self.num_train_per_class is not None and self.num_train_per_class < 1:
-            raise ValueError(f"num_train_per_class must be >= 1, got {num_train_per_class}")
+        self.num_classes = check_int(
+            "num_classes", num_classes, minimum=2, hint="characters per alphabet task, e.g. 20"
+        )
+        self.num_test_per_class = check_int(
+            "num_test_per_class", num_test_per_class, minimum=0,
+            hint="held-out drawings per character, e.g. 5",
+        )
+        self.num_train_per_class = check_int(
+            "num_train_per_class", num_train_per_class, minimum=1, allow_none=True,
+            hint="adaptation drawings per character; None uses all the rest",
+        )
+        self.seed = check_int("seed", seed, minimum=0, hint="seed of the alphabet split")
+        num_meta_train = check_int(
+            "num_meta_train", num_meta_train, minimum=0, allow_none=True,
+            hint="None uses every alphabet not held out",
+        )
+        num_meta_val = check_int("num_meta_val", num_meta_val, minimum=0)
+        num_meta_test = check_int("num_meta_test", num_meta_test, minimum=0)
 
         if augmentation is None:
             augmentation = functools.partial(random_affine, fill_value=data.background)
         elif augmentation is False:
             augmentation = None
+        elif not callable(augmentation):
+            raise TypeError(
+                "augmentation must be a callable f(images, seed), None (the protocol's random "
+                f"affine transform) or False (none); got {augmentation!r}"
+            )
         self.augmentation = augmentation
 
         self.usable_alphabets = data.usable_alphabets(self.num_classes)
         total = len(self.usable_alphabets)
-        num_meta_val, num_meta_test = int(num_meta_val), int(num_meta_test)
-        if num_meta_val < 0 or num_meta_test < 0:
-            raise ValueError("num_meta_val and num_meta_test must be >= 0")
         rest = total - num_meta_val - num_meta_test
-        num_meta_train = rest if num_meta_train is None else int(num_meta_train)
+        num_meta_train = rest if num_meta_train is None else num_meta_train
         if num_meta_train < 0 or num_meta_train > rest:
             raise ValueError(
                 f"cannot split {total} usable alphabets (with >= {self.num_classes} characters) "
@@ -776,6 +935,8 @@ class OmniglotTasks:
         Example:
             >>> len(tasks.split("test"))   # doctest: +SKIP
         """
+        if not isinstance(name, str):
+            raise TypeError(f"split must be 'train', 'val' or 'test', got {name!r}")
         key = name[5:] if name.startswith("meta_") else name
         splits = {"train": self.meta_train, "val": self.meta_val, "test": self.meta_test}
         if key not in splits:
@@ -797,12 +958,24 @@ class OmniglotTasks:
         Example:
             >>> batch = tasks.sample(20, rng=0)   # doctest: +SKIP
         """
+        num_tasks = check_int("num_tasks", num_tasks, minimum=1, hint="tasks per meta-batch")
+        replace = check_bool("replace", replace)
         pool = self.split(split)
         if not pool:
-            raise ValueError(f"split {split!r} has no tasks")
+            raise ValueError(
+                f"split {split!r} has no tasks; give it alphabets (num_meta_{split.replace('meta_', '')}"
+                " when building OmniglotTasks)"
+            )
         if not replace and num_tasks > len(pool):
-            raise ValueError(f"cannot draw {num_tasks} distinct tasks from {len(pool)}")
-        idx = as_generator(rng).choice(len(pool), size=int(num_tasks), replace=replace)
+            raise ValueError(
+                f"cannot draw num_tasks={num_tasks} distinct tasks from the {len(pool)} of split "
+                f"{split!r}; lower num_tasks or pass replace=True"
+            )
+        if isinstance(rng, bool) or not (
+            rng is None or isinstance(rng, (np.random.Generator, int, np.integer))
+        ):
+            raise TypeError(f"rng must be a numpy Generator, an int seed or None, got {rng!r}")
+        idx = as_generator(rng).choice(len(pool), size=num_tasks, replace=replace)
         return [pool[i] for i in idx]
 
     def __repr__(self):
