@@ -11,7 +11,11 @@ Each example is a script, ``python examples/<example>.py --help``, with the same
 
 Importing this module makes ``import warpkeras`` work from a source checkout (it puts the
 repository root on ``sys.path``), selects the TensorFlow backend of Keras, quietens
-TensorFlow's C++ logging and selects matplotlib's Agg backend.
+TensorFlow's C++ information and warning logs unless ``TF_CPP_MIN_LOG_LEVEL`` is set (errors
+still show) and selects matplotlib's Agg backend. It
+imports neither TensorFlow nor warpkeras, so that an example can answer ``--help`` before
+loading them; examples import warpkeras before TensorFlow (it chooses TensorFlow's CPU
+kernels when it is first).
 """
 
 import argparse
@@ -34,8 +38,6 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 import numpy as np  # noqa: E402
-
-import warpkeras  # noqa: E402,F401  (first, so that it can choose TensorFlow's CPU kernels)
 
 
 # -- command line --------------------------------------------------------------------------

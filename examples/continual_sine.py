@@ -61,37 +61,97 @@ Examples:
   python examples/continual_sine.py --preset paper --meta-steps 2000
 """
 
+import dataclasses
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402  (sets up sys.path, the Keras backend and matplotlib)
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-
-import warpkeras  # noqa: E402
-from warpkeras import objectives as obj  # noqa: E402
-from warpkeras.data import ContinualSineDistribution  # noqa: E402
-from warpkeras.layers import ResidualWarpDense  # noqa: E402
-
 EXAMPLE = "continual_sine"
 PAPER_RANDOM_ORDER = [1, 3, 4, 2, 0]
 METHODS = ("sgd", "warpgrad")
 METHOD_LABELS = {"sgd": "SGD", "warpgrad": "WarpGrad"}
+# The sub-task weightings of Eq. 18 (`warpkeras.objectives.CONTINUAL_WEIGHTINGS`), named
+# here so that --help needs no TensorFlow.
+EQ18_WEIGHTINGS = ("appearances", "printed")
 
-_COMMON = dict(meta_batch_size=5, meta_lr=0.001, hidden_units=200, warp_units=100,
-               hidden_layers=3, subtasks=5, steps_per_subtask=20, batch_size=5,
-               meta_val_points=20, eval_points=100, random_order=PAPER_RANDOM_ORDER,
-               parallel="unrolled", seeds=[0])
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """A size preset; `resolve_config` overrides its fields with explicit flags."""
+
+    meta_steps: int = 40
+    meta_batch_size: int = 5
+    inner_lr: float = 0.01
+    meta_lr: float = 0.0005
+    hidden_units: int = 200
+    warp_units: int = 100
+    hidden_layers: int = 3
+    subtasks: int = 5
+    steps_per_subtask: int = 20
+    batch_size: int = 5
+    meta_val_points: int = 20
+    eval_tasks: int = 20
+    eval_points: int = 100
+    random_order: list = dataclasses.field(default_factory=lambda: list(PAPER_RANDOM_ORDER))
+    parallel: str = "unrolled"
+    seeds: list = dataclasses.field(default_factory=lambda: [0])
+
+
 PRESETS = {
-    "default": dict(_COMMON, meta_steps=40, inner_lr=0.01, meta_lr=0.0005, eval_tasks=20),
-    "paper": dict(_COMMON, meta_steps=20_000, inner_lr=0.001, eval_tasks=100),
-    "smoke": dict(_COMMON, meta_steps=2, meta_batch_size=2, inner_lr=0.01, hidden_units=16,
-                  warp_units=8, hidden_layers=2, steps_per_subtask=3, meta_val_points=5,
-                  eval_tasks=2, eval_points=10),
+    "default": Preset(),
+    "paper": Preset(meta_steps=20_000, inner_lr=0.001, meta_lr=0.001, eval_tasks=100),
+    "smoke": Preset(meta_steps=2, meta_batch_size=2, meta_lr=0.001, hidden_units=16,
+                    warp_units=8, hidden_layers=2, steps_per_subtask=3, meta_val_points=5,
+                    eval_tasks=2, eval_points=10),
 }
+
+
+# -- command line ------------------------------------------------------------------------------
+def build_parser():
+    parser = _common.make_parser(EXAMPLE, __doc__)
+    g = parser.add_argument_group("experiment (defaults: the preset's)")
+    g.add_argument("--preset", choices=("default", "paper"), default="default",
+                   help="size preset (--smoke overrides it)")
+    g.add_argument("--meta-steps", type=int, help="meta-training steps")
+    g.add_argument("--meta-batch-size", type=int, help="task sequences per meta step")
+    g.add_argument("--inner-lr", type=float, help="SGD learning rate α of the task learner")
+    g.add_argument("--meta-lr", type=float, help="Adam learning rate of the warp")
+    g.add_argument("--hidden-units", type=int, help="width of the task learner's hidden layers")
+    g.add_argument("--warp-units", type=int, help="hidden units of each residual warp block")
+    g.add_argument("--hidden-layers", type=int,
+                   help="hidden ReLU layers (each followed by a warp block)")
+    g.add_argument("--subtasks", type=int, help="sub-tasks per sequence (T)")
+    g.add_argument("--steps-per-subtask", type=int, help="SGD steps per sub-task (n)")
+    g.add_argument("--batch-size", type=int, help="points per SGD batch")
+    g.add_argument("--meta-val-points", type=int,
+                   help="validation points per sub-task in the meta-objective")
+    g.add_argument("--eval-tasks", type=int, help="held-out task sequences")
+    g.add_argument("--eval-points", type=int, help="evaluation points per sub-task")
+    g.add_argument("--random-order", type=_common.int_list,
+                   help="the second evaluation order, e.g. 1,3,4,2,0 (default: the paper's "
+                        "for 5 sub-tasks, else a permutation drawn from the seed)")
+    g.add_argument("--parallel", choices=("sequential", "unrolled", "vectorized"),
+                   help="how the sequences of a meta-batch are adapted (WarpTrainer parallel=)")
+    g.add_argument("--eq18-weighting", choices=EQ18_WEIGHTINGS, default="appearances",
+                   help="sub-task weights of the meta-objective: 1/(n(T-i+1)), App. K's "
+                        "normalisation by appearances, or 1/(n(T-t+1)) as Eq. 18 prints it")
+    return parser
+
+
+if __name__ == "__main__":
+    # --help and flag errors are answered here, before TensorFlow loads (seconds).
+    build_parser().parse_args()
+
+import warpkeras  # noqa: E402  (before TensorFlow: it chooses TensorFlow's CPU kernels)
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from warpkeras import objectives as obj  # noqa: E402
+from warpkeras.data import ContinualSineDistribution  # noqa: E402
+from warpkeras.layers import ResidualWarpDense  # noqa: E402
 
 
 # -- model, loss and meta-objective -------------------------------------------------------------
@@ -343,42 +403,10 @@ def plot_predictions(path, item, predictions, grid, orders, n, num_subtasks):
     return _common.save_figure(fig, path)
 
 
-# -- command line ------------------------------------------------------------------------------
-def build_parser():
-    parser = _common.make_parser(EXAMPLE, __doc__)
-    g = parser.add_argument_group("experiment (defaults: the preset's)")
-    g.add_argument("--preset", choices=("default", "paper"), default="default",
-                   help="size preset (--smoke overrides it)")
-    g.add_argument("--meta-steps", type=int, help="meta-training steps")
-    g.add_argument("--meta-batch-size", type=int, help="task sequences per meta step")
-    g.add_argument("--inner-lr", type=float, help="SGD learning rate α of the task learner")
-    g.add_argument("--meta-lr", type=float, help="Adam learning rate of the warp")
-    g.add_argument("--hidden-units", type=int, help="width of the task learner's hidden layers")
-    g.add_argument("--warp-units", type=int, help="hidden units of each residual warp block")
-    g.add_argument("--hidden-layers", type=int,
-                   help="hidden ReLU layers (each followed by a warp block)")
-    g.add_argument("--subtasks", type=int, help="sub-tasks per sequence (T)")
-    g.add_argument("--steps-per-subtask", type=int, help="SGD steps per sub-task (n)")
-    g.add_argument("--batch-size", type=int, help="points per SGD batch")
-    g.add_argument("--meta-val-points", type=int,
-                   help="validation points per sub-task in the meta-objective")
-    g.add_argument("--eval-tasks", type=int, help="held-out task sequences")
-    g.add_argument("--eval-points", type=int, help="evaluation points per sub-task")
-    g.add_argument("--random-order", type=_common.int_list,
-                   help="the second evaluation order, e.g. 1,3,4,2,0 (default: the paper's "
-                        "for 5 sub-tasks, else a permutation drawn from the seed)")
-    g.add_argument("--parallel", choices=("sequential", "unrolled", "vectorized"),
-                   help="how the sequences of a meta-batch are adapted (WarpTrainer parallel=)")
-    g.add_argument("--eq18-weighting", choices=obj.CONTINUAL_WEIGHTINGS, default="appearances",
-                   help="sub-task weights of the meta-objective: 1/(n(T-i+1)), App. K's "
-                        "normalisation by appearances, or 1/(n(T-t+1)) as Eq. 18 prints it")
-    return parser
-
-
 def resolve_config(args):
     """Merges the preset (``smoke`` when --smoke) with explicit flags into a dict."""
     preset = "smoke" if args.smoke else args.preset
-    cfg = dict(PRESETS[preset], preset=preset, verbose=args.verbose)
+    cfg = dict(dataclasses.asdict(PRESETS[preset]), preset=preset, verbose=args.verbose)
     for key in ("meta_steps", "meta_batch_size", "inner_lr", "meta_lr", "hidden_units",
                 "warp_units", "hidden_layers", "subtasks", "steps_per_subtask", "batch_size",
                 "meta_val_points", "eval_tasks", "eval_points", "random_order", "parallel",

@@ -49,6 +49,7 @@ Examples:
   python examples/few_shot.py --rotate-classes --filters 64
 """
 
+import dataclasses
 import itertools
 import os
 import sys
@@ -56,15 +57,6 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402  (sets up sys.path, the Keras backend and matplotlib)
-
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-
-import warpkeras  # noqa: E402
-from warpkeras import layers as wl  # noqa: E402
-from warpkeras.data import (EpisodeSampler, OmniglotNotFoundError, load_omniglot,  # noqa: E402
-                            rotate_classes)
 
 EXAMPLE = "few_shot"
 METHODS = ("warp_maml", "maml")
@@ -75,18 +67,33 @@ METHOD_LABELS = {"warp_maml": "Warp-MAML", "maml": "MAML"}
 # model's `adapt_and_predict` uses for its predictions (those of the support set).
 BN_MOMENTUM = 0.0
 
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """A size preset; `resolve_config` overrides its fields with explicit flags."""
+
+    seeds: list = dataclasses.field(default_factory=lambda: [0])
+    shots: list = dataclasses.field(default_factory=lambda: [1, 5])
+    ways: int = 5
+    queries: int = 15
+    meta_steps: int = 60
+    meta_batch_size: int = 4
+    inner_steps: int = 3
+    eval_steps: int = 3
+    inner_lr: float = 0.4
+    meta_lr: float = 0.003
+    filters: int = 32
+    test_episodes: int = 50
+    num_test_alphabets: int | None = None
+    image_size: int = 28
+
+
 PRESETS = {
-    "default": dict(seeds=[0], shots=[1, 5], ways=5, queries=15, meta_steps=60,
-                    meta_batch_size=4, inner_steps=3, eval_steps=3, inner_lr=0.4,
-                    meta_lr=0.003, filters=32, test_episodes=50, num_test_alphabets=None,
-                    image_size=28),
-    "paper": dict(seeds=[0], shots=[1, 5], ways=5, queries=15, meta_steps=60000,
-                  meta_batch_size=4, inner_steps=5, eval_steps=5, inner_lr=0.4,
-                  meta_lr=0.001, filters=64, test_episodes=600, num_test_alphabets=None,
-                  image_size=28),
-    "smoke": dict(seeds=[0], shots=[1], ways=5, queries=2, meta_steps=2, meta_batch_size=1,
-                  inner_steps=1, eval_steps=1, inner_lr=0.4, meta_lr=0.003, filters=4,
-                  test_episodes=3, num_test_alphabets=None, image_size=28),
+    "default": Preset(),
+    "paper": Preset(meta_steps=60000, inner_steps=5, eval_steps=5, meta_lr=0.001, filters=64,
+                    test_episodes=600),
+    "smoke": Preset(shots=[1], queries=2, meta_steps=2, meta_batch_size=1, inner_steps=1,
+                    eval_steps=1, filters=4, test_episodes=3),
 }
 
 
@@ -137,10 +144,24 @@ def build_parser():
     return parser
 
 
+if __name__ == "__main__":
+    # --help and flag errors are answered here, before TensorFlow loads (seconds).
+    build_parser().parse_args()
+
+import warpkeras  # noqa: E402  (before TensorFlow: it chooses TensorFlow's CPU kernels)
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from warpkeras import layers as wl  # noqa: E402
+from warpkeras.data import (EpisodeSampler, OmniglotNotFoundError, load_omniglot,  # noqa: E402
+                            rotate_classes)
+
+
 def resolve_config(args):
     """Merges the preset (``smoke`` when --smoke) with explicit flags into a dict."""
     preset = "smoke" if args.smoke else args.preset
-    cfg = dict(PRESETS[preset])
+    cfg = dataclasses.asdict(PRESETS[preset])
     for key in list(cfg):
         value = getattr(args, key, None)
         if value is not None:

@@ -67,22 +67,12 @@ Examples:
   python examples/maze_navigation.py --updates 3000 --methods warp_rnn,rnn --seeds 0,1,2
 """
 
+import dataclasses
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402  (sets up sys.path, the Keras backend and matplotlib)
-
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-import tensorflow_probability as tfp  # noqa: E402
-
-import warpkeras  # noqa: E402
-from warpkeras.envs import NUM_ACTIONS, MazeVectorEnv  # noqa: E402
-from warpkeras.layers import LinearWarpRNNCell, TaskRNNCell, WarpRNNCell  # noqa: E402
-
-tfd = tfp.distributions
 
 EXAMPLE = "maze_navigation"
 METHODS = ("warp_rnn", "rnn", "tnets", "hyper_rnn")
@@ -95,20 +85,80 @@ METHOD_LABELS = {
 METHOD_COLORS = {"warp_rnn": "tab:red", "rnn": "tab:blue", "tnets": "tab:green",
                  "hyper_rnn": "tab:purple"}
 
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """A size preset; `resolve_config` overrides its fields with explicit flags."""
+
+    updates: int = 300
+    episodes: int = 30
+    episode_length: int = 200
+    maze_size: int = 11
+    hidden: int = 100
+    meta_units: int | None = None
+    lr: float = 1e-3
+    meta_lr: float = 1e-3
+    meta_interval: int = 30
+    gamma: float = 0.9
+    n_step: int | None = None
+    value_coef: float = 0.1
+    entropy_coef: float = 0.03
+    clip_norm: float | None = None
+    methods: list = dataclasses.field(default_factory=lambda: ["warp_rnn", "rnn", "tnets"])
+    seeds: list = dataclasses.field(default_factory=lambda: [0])
+
+
 PRESETS = {
-    "default": dict(updates=300, episodes=30, episode_length=200, maze_size=11, hidden=100,
-                    meta_units=None, lr=1e-3, meta_lr=1e-3, meta_interval=30, gamma=0.9,
-                    n_step=None, value_coef=0.1, entropy_coef=0.03, clip_norm=None,
-                    methods=["warp_rnn", "rnn", "tnets"], seeds=[0]),
-    "paper": dict(updates=200_000, episodes=30, episode_length=200, maze_size=11, hidden=100,
-                  meta_units=None, lr=1e-3, meta_lr=1e-3, meta_interval=30, gamma=0.9,
-                  n_step=None, value_coef=0.1, entropy_coef=0.03, clip_norm=None,
-                  methods=["warp_rnn", "rnn", "tnets"], seeds=list(range(10))),
-    "smoke": dict(updates=3, episodes=4, episode_length=10, maze_size=7, hidden=8,
-                  meta_units=None, lr=1e-3, meta_lr=1e-3, meta_interval=2, gamma=0.9,
-                  n_step=None, value_coef=0.1, entropy_coef=0.03, clip_norm=None,
-                  methods=["warp_rnn", "rnn", "tnets"], seeds=[0]),
+    "default": Preset(),
+    "paper": Preset(updates=200_000, seeds=list(range(10))),
+    "smoke": Preset(updates=3, episodes=4, episode_length=10, maze_size=7, hidden=8,
+                    meta_interval=2),
 }
+
+
+# -- command line ---------------------------------------------------------------------------------
+def build_parser():
+    parser = _common.make_parser(EXAMPLE, __doc__)
+    g = parser.add_argument_group("experiment (defaults: the preset's)")
+    g.add_argument("--preset", choices=("default", "paper"), default="default",
+                   help="size preset (--smoke overrides it)")
+    g.add_argument("--methods", type=_common.choice_list(METHODS),
+                   help=f"comma-separated methods from {', '.join(METHODS)}")
+    g.add_argument("--updates", type=int, help="training updates (batches) per method")
+    g.add_argument("--episodes", type=int, help="episodes (parallel mazes) per batch")
+    g.add_argument("--episode-length", type=int, help="steps per episode")
+    g.add_argument("--maze-size", type=int, help="side of the (odd) maze")
+    g.add_argument("--hidden", type=int, help="RNN hidden units")
+    g.add_argument("--meta-units", type=int, help="meta-LSTM units of the Warp-RNN "
+                   "(default: --hidden)")
+    g.add_argument("--lr", type=float, help="Adam learning rate of the task parameters")
+    g.add_argument("--meta-lr", type=float, help="Adam learning rate of the warp parameters")
+    g.add_argument("--meta-interval", type=int,
+                   help="task updates between warp updates (η of Algorithm 3)")
+    g.add_argument("--gamma", type=float, help="discount factor")
+    g.add_argument("--n-step", type=int,
+                   help="bootstrap the return on the value after this many rewards "
+                        "(default: full-episode returns)")
+    g.add_argument("--value-coef", type=float, help="weight of the value loss")
+    g.add_argument("--entropy-coef", type=float, help="weight of the entropy bonus")
+    g.add_argument("--clip-norm", type=float, help="global gradient-norm clipping (Adam)")
+    return parser
+
+
+if __name__ == "__main__":
+    # --help and flag errors are answered here, before TensorFlow loads (seconds).
+    build_parser().parse_args()
+
+import warpkeras  # noqa: E402  (before TensorFlow: it chooses TensorFlow's CPU kernels)
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+import tensorflow_probability as tfp  # noqa: E402
+
+from warpkeras.envs import NUM_ACTIONS, MazeVectorEnv  # noqa: E402
+from warpkeras.layers import LinearWarpRNNCell, TaskRNNCell, WarpRNNCell  # noqa: E402
+
+tfd = tfp.distributions
 
 
 # -- the agent ---------------------------------------------------------------------------------
@@ -392,39 +442,10 @@ def export_agent(model, export_dir):
             "check": {"max_abs_difference_vs_keras": diff}}
 
 
-# -- command line ---------------------------------------------------------------------------------
-def build_parser():
-    parser = _common.make_parser(EXAMPLE, __doc__)
-    g = parser.add_argument_group("experiment (defaults: the preset's)")
-    g.add_argument("--preset", choices=("default", "paper"), default="default",
-                   help="size preset (--smoke overrides it)")
-    g.add_argument("--methods", type=_common.choice_list(METHODS),
-                   help=f"comma-separated methods from {', '.join(METHODS)}")
-    g.add_argument("--updates", type=int, help="training updates (batches) per method")
-    g.add_argument("--episodes", type=int, help="episodes (parallel mazes) per batch")
-    g.add_argument("--episode-length", type=int, help="steps per episode")
-    g.add_argument("--maze-size", type=int, help="side of the (odd) maze")
-    g.add_argument("--hidden", type=int, help="RNN hidden units")
-    g.add_argument("--meta-units", type=int, help="meta-LSTM units of the Warp-RNN "
-                   "(default: --hidden)")
-    g.add_argument("--lr", type=float, help="Adam learning rate of the task parameters")
-    g.add_argument("--meta-lr", type=float, help="Adam learning rate of the warp parameters")
-    g.add_argument("--meta-interval", type=int,
-                   help="task updates between warp updates (η of Algorithm 3)")
-    g.add_argument("--gamma", type=float, help="discount factor")
-    g.add_argument("--n-step", type=int,
-                   help="bootstrap the return on the value after this many rewards "
-                        "(default: full-episode returns)")
-    g.add_argument("--value-coef", type=float, help="weight of the value loss")
-    g.add_argument("--entropy-coef", type=float, help="weight of the entropy bonus")
-    g.add_argument("--clip-norm", type=float, help="global gradient-norm clipping (Adam)")
-    return parser
-
-
 def resolve_config(args):
     """Merges the preset (``smoke`` when --smoke) with explicit flags into a dict."""
     preset = "smoke" if args.smoke else args.preset
-    cfg = dict(PRESETS[preset], preset=preset, verbose=args.verbose)
+    cfg = dict(dataclasses.asdict(PRESETS[preset]), preset=preset, verbose=args.verbose)
     for key in ("methods", "updates", "episodes", "episode_length", "maze_size", "hidden",
                 "meta_units", "lr", "meta_lr", "meta_interval", "gamma", "n_step",
                 "value_coef", "entropy_coef", "clip_norm", "seeds"):

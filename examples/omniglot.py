@@ -61,20 +61,13 @@ Examples:
   python examples/omniglot.py --ablation --seeds 0,1
 """
 
+import dataclasses
 import os
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402  (sets up sys.path, the Keras backend and matplotlib)
-
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-
-import warpkeras  # noqa: E402
-from warpkeras import layers as wl  # noqa: E402
-from warpkeras.data import OmniglotNotFoundError, OmniglotTasks, load_omniglot  # noqa: E402
 
 EXAMPLE = "omniglot"
 METHODS = ("warp_leap", "leap", "reptile", "finetune", "none")
@@ -125,25 +118,36 @@ ABLATION_ROWS = {
     "film": ("2-layer 3x3 conv + BN + Res + TA", {"warp": "film"}),
 }
 
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """A size preset; `resolve_config` overrides its fields with explicit flags."""
+
+    seeds: list = dataclasses.field(default_factory=lambda: [0])
+    meta_steps: int = 10
+    inner_steps: int = 20
+    eval_steps: int = 100
+    eval_every: int = 10
+    meta_batch_size: int = 5
+    task_batch_size: int = 20
+    max_warp_updates: int = 20
+    meta_interval: int = 1
+    inner_lr: float = 0.1
+    meta_lr: float = 0.1
+    filters: int = 64
+    image_size: int = 28
+    num_classes: int = 20
+    num_train_alphabets: int | None = None
+    num_test_alphabets: int | None = None
+
+
 PRESETS = {
-    "default": dict(
-        seeds=[0], meta_steps=10, inner_steps=20, eval_steps=100, eval_every=10,
-        meta_batch_size=5, task_batch_size=20, max_warp_updates=20, meta_interval=1,
-        inner_lr=0.1, meta_lr=0.1, filters=64, image_size=28, num_classes=20,
-        num_train_alphabets=None, num_test_alphabets=None,
-    ),
-    "paper": dict(
-        seeds=[0, 1, 2], meta_steps=50, inner_steps=100, eval_steps=100, eval_every=5,
-        meta_batch_size=5, task_batch_size=20, max_warp_updates=0, meta_interval=1,
-        inner_lr=0.1, meta_lr=0.1, filters=64, image_size=28, num_classes=20,
-        num_train_alphabets=None, num_test_alphabets=None,
-    ),
-    "smoke": dict(
-        seeds=[0], meta_steps=2, inner_steps=3, eval_steps=3, eval_every=1,
-        meta_batch_size=2, task_batch_size=8, max_warp_updates=1, meta_interval=1,
-        inner_lr=0.1, meta_lr=0.1, filters=8, image_size=28, num_classes=20,
-        num_train_alphabets=1, num_test_alphabets=1,
-    ),
+    "default": Preset(),
+    "paper": Preset(seeds=[0, 1, 2], meta_steps=50, inner_steps=100, eval_every=5,
+                    max_warp_updates=0),
+    "smoke": Preset(meta_steps=2, inner_steps=3, eval_steps=3, eval_every=1,
+                    meta_batch_size=2, task_batch_size=8, max_warp_updates=1, filters=8,
+                    num_train_alphabets=1, num_test_alphabets=1),
 }
 
 
@@ -241,10 +245,23 @@ def build_parser():
     return parser
 
 
+if __name__ == "__main__":
+    # --help and flag errors are answered here, before TensorFlow loads (seconds).
+    build_parser().parse_args()
+
+import warpkeras  # noqa: E402  (before TensorFlow: it chooses TensorFlow's CPU kernels)
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from warpkeras import layers as wl  # noqa: E402
+from warpkeras.data import OmniglotNotFoundError, OmniglotTasks, load_omniglot  # noqa: E402
+
+
 def resolve_config(args):
     """Merges the preset (``smoke`` when --smoke) with explicit flags into a dict."""
     preset = "smoke" if args.smoke else args.preset
-    cfg = dict(PRESETS[preset])
+    cfg = dataclasses.asdict(PRESETS[preset])
     for key in list(cfg):
         value = getattr(args, key, None)
         if value is not None:

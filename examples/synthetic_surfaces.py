@@ -60,35 +60,79 @@ Examples:
   python examples/synthetic_surfaces.py --meta-steps 300 --meta-lr 0.003 --seeds 0,1,2
 """
 
+import dataclasses
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402  (sets up sys.path, the Keras backend and matplotlib)
 
+EXAMPLE = "synthetic_surfaces"
+NUM_PARAMS = 8  # s, a1, a2, a3, b1, b2, b3, variant flag (0: paper, 1: peaks)
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """A size preset; `resolve_config` overrides its fields with explicit flags."""
+
+    meta_steps: int = 100
+    starts: int = 10
+    inner_steps: int = 100
+    inner_lr: float = 0.1
+    meta_lr: float = 0.01
+    warp_units: int = 30
+    eval_surfaces: int = 20
+    eval_starts: int = 10
+    variant: str = "paper"
+    converge_tolerance: float = 0.01
+    parallel: str = "unrolled"
+    seeds: list = dataclasses.field(default_factory=lambda: [0])
+
+
+PRESETS = {
+    "default": Preset(),
+    "paper": Preset(),
+    "smoke": Preset(meta_steps=3, starts=3, inner_steps=10, warp_units=8, eval_surfaces=2,
+                    eval_starts=2),
+}
+
+
+# -- command line ---------------------------------------------------------------------------
+def build_parser():
+    parser = _common.make_parser(EXAMPLE, __doc__)
+    g = parser.add_argument_group("experiment (defaults: the preset's)")
+    g.add_argument("--preset", choices=("default", "paper"), default="default",
+                   help="size preset (--smoke overrides it)")
+    g.add_argument("--meta-steps", type=int, help="meta-training steps (one surface each)")
+    g.add_argument("--starts", type=int, help="starting points per meta step (meta-batch)")
+    g.add_argument("--inner-steps", type=int, help="gradient steps per run (K)")
+    g.add_argument("--inner-lr", type=float, help="gradient-descent learning rate")
+    g.add_argument("--meta-lr", type=float, help="Adam learning rate of the warp")
+    g.add_argument("--warp-units", type=int, help="hidden units of the warp Ω")
+    g.add_argument("--eval-surfaces", type=int, help="held-out surfaces")
+    g.add_argument("--eval-starts", type=int, help="starting points per held-out surface")
+    g.add_argument("--variant", choices=("paper", "peaks"),
+                   help="surface family: as printed in the paper, or the classic 'peaks' "
+                        "form of the last term")
+    g.add_argument("--converge-tolerance", type=float,
+                   help="convergence tolerance, as a fraction of the surface's value range")
+    g.add_argument("--parallel", choices=("sequential", "unrolled", "vectorized"),
+                   help="how the starts of a meta step are adapted (WarpTrainer parallel=)")
+    return parser
+
+
+if __name__ == "__main__":
+    # --help and flag errors are answered here, before TensorFlow loads (seconds).
+    build_parser().parse_args()
+
+import warpkeras  # noqa: E402  (before TensorFlow: it chooses TensorFlow's CPU kernels)
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-import warpkeras  # noqa: E402
 from warpkeras import objectives as obj  # noqa: E402
 from warpkeras.data import LossSurfaceDistribution  # noqa: E402
 from warpkeras.layers import ResidualWarpDense  # noqa: E402
-
-EXAMPLE = "synthetic_surfaces"
-NUM_PARAMS = 8  # s, a1, a2, a3, b1, b2, b3, variant flag (0: paper, 1: peaks)
-
-PRESETS = {
-    "default": dict(meta_steps=100, starts=10, inner_steps=100, inner_lr=0.1, meta_lr=0.01,
-                    warp_units=30, eval_surfaces=20, eval_starts=10, variant="paper",
-                    converge_tolerance=0.01, parallel="unrolled", seeds=[0]),
-    "paper": dict(meta_steps=100, starts=10, inner_steps=100, inner_lr=0.1, meta_lr=0.01,
-                  warp_units=30, eval_surfaces=20, eval_starts=10, variant="paper",
-                  converge_tolerance=0.01, parallel="unrolled", seeds=[0]),
-    "smoke": dict(meta_steps=3, starts=3, inner_steps=10, inner_lr=0.1, meta_lr=0.01,
-                  warp_units=8, eval_surfaces=2, eval_starts=2, variant="paper",
-                  converge_tolerance=0.01, parallel="unrolled", seeds=[0]),
-}
 
 
 # -- the task: a surface evaluated at the model's output ----------------------------------------
@@ -345,34 +389,10 @@ def plot_curves(path, summary, meta_losses, steps):
     return _common.save_figure(fig, path)
 
 
-# -- command line ---------------------------------------------------------------------------
-def build_parser():
-    parser = _common.make_parser(EXAMPLE, __doc__)
-    g = parser.add_argument_group("experiment (defaults: the preset's)")
-    g.add_argument("--preset", choices=("default", "paper"), default="default",
-                   help="size preset (--smoke overrides it)")
-    g.add_argument("--meta-steps", type=int, help="meta-training steps (one surface each)")
-    g.add_argument("--starts", type=int, help="starting points per meta step (meta-batch)")
-    g.add_argument("--inner-steps", type=int, help="gradient steps per run (K)")
-    g.add_argument("--inner-lr", type=float, help="gradient-descent learning rate")
-    g.add_argument("--meta-lr", type=float, help="Adam learning rate of the warp")
-    g.add_argument("--warp-units", type=int, help="hidden units of the warp Ω")
-    g.add_argument("--eval-surfaces", type=int, help="held-out surfaces")
-    g.add_argument("--eval-starts", type=int, help="starting points per held-out surface")
-    g.add_argument("--variant", choices=("paper", "peaks"),
-                   help="surface family: as printed in the paper, or the classic 'peaks' "
-                        "form of the last term")
-    g.add_argument("--converge-tolerance", type=float,
-                   help="convergence tolerance, as a fraction of the surface's value range")
-    g.add_argument("--parallel", choices=("sequential", "unrolled", "vectorized"),
-                   help="how the starts of a meta step are adapted (WarpTrainer parallel=)")
-    return parser
-
-
 def resolve_config(args):
     """Merges the preset (``smoke`` when --smoke) with explicit flags into a dict."""
     preset = "smoke" if args.smoke else args.preset
-    cfg = dict(PRESETS[preset], preset=preset, verbose=args.verbose)
+    cfg = dict(dataclasses.asdict(PRESETS[preset]), preset=preset, verbose=args.verbose)
     for key in ("meta_steps", "starts", "inner_steps", "inner_lr", "meta_lr", "warp_units",
                 "eval_surfaces", "eval_starts", "variant", "converge_tolerance", "parallel",
                 "seeds"):
