@@ -42,7 +42,6 @@ setup(
         "importlib_resources",
         "tensorboard",
         "matplotlib>=3.7",
-        "tqdm>=4.60",
     ],
     extras_require={
         # tensorflow-probability imports tf_keras when it is loaded. tf-keras declares a

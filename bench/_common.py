@@ -28,9 +28,10 @@ REPO = os.path.dirname(BENCH_DIR)
 RESULTS_DIR = os.path.join(BENCH_DIR, "results")
 SHARED_OMNIGLOT = os.path.join(os.path.dirname(REPO), "shared", "data", "omniglot")
 
-# The brief's figure for the 2-core machine (AVX-512, 2 FMA units); see `fma_peak()` for the
-# peak implied by the CPU flags and clock actually reported by the kernel.
-BRIEF_PEAK_GFLOPS = 532.0
+# FP32 peak, in GFLOP/s, quoted for the 2-core reference machine the figures in
+# bench/README.md were planned for (AVX-512, 2 FMA units); `fma_peak()` gives the peak
+# implied by the CPU flags and clock the kernel actually reports.
+REFERENCE_PEAK_GFLOPS = 532.0
 
 IMAGE_SHAPE = (28, 28, 1)
 NUM_CLASSES = 20
@@ -80,26 +81,49 @@ def wait_idle(max_seconds, threshold=1.5, poll=15):
 # machine
 
 
-def _lscpu():
-    info = {}
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.SubprocessError):
-        return info
-    for line in out.splitlines():
-        if ":" in line:
-            key, value = line.split(":", 1)
-            info[key.strip()] = value.strip()
-    return info
+def cpu_info(text=None):
+    """The CPU as the Linux kernel describes it in ``/proc/cpuinfo`` (what ``lscpu`` reads).
 
+    Args:
+        text: the file's contents (for tests); by default ``/proc/cpuinfo`` is read.
 
-def _cpuinfo_mhz():
+    Returns:
+        A dict: ``model`` (str), ``family_model`` (``"family/model"``), ``flags`` (set of
+        str, e.g. ``{"avx2", "fma", ...}``), ``mhz`` (float, the highest current clock over
+        the logical CPUs, or None), ``threads_per_core`` (int or None) and ``hypervisor``
+        (bool: the kernel runs under one). Empty values where the file is missing (not
+        Linux).
+    """
+    if text is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                text = f.read()
+        except OSError:
+            text = ""
+    blocks = []
+    for block in text.split("\n\n"):
+        fields = {}
+        for line in block.splitlines():
+            key, sep, value = line.partition(":")
+            if sep:
+                fields[key.strip()] = value.strip()
+        if fields:
+            blocks.append(fields)
+    first = blocks[0] if blocks else {}
+    flags = set(first.get("flags", "").split())
+    mhz = [float(b["cpu MHz"]) for b in blocks if b.get("cpu MHz")]
     try:
-        with open("/proc/cpuinfo") as f:
-            values = [float(l.split(":")[1]) for l in f if l.startswith("cpu MHz")]
-        return max(values) if values else None
-    except OSError:
-        return None
+        threads = int(first["siblings"]) // int(first["cpu cores"])
+    except (KeyError, ValueError, ZeroDivisionError):
+        threads = None
+    return {
+        "model": first.get("model name", platform.processor()),
+        "family_model": f"{first.get('cpu family', '?')}/{first.get('model', '?')}",
+        "flags": flags,
+        "mhz": max(mhz) if mhz else None,
+        "threads_per_core": threads,
+        "hypervisor": "hypervisor" in flags,
+    }
 
 
 def load():
@@ -143,10 +167,9 @@ def machine_info(wait_idle_s=0):
     import numpy as np
     import tensorflow as tf
 
-    cpu = _lscpu()
-    flags = set(cpu.get("Flags", "").split())
+    cpu = cpu_info()
+    flags, mhz = cpu["flags"], cpu["mhz"]
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    mhz = _cpuinfo_mhz()
     try:
         commit = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"],
                                 capture_output=True, text=True, timeout=5).stdout.strip()
@@ -155,17 +178,17 @@ def machine_info(wait_idle_s=0):
     onednn = os.environ.get("TF_ENABLE_ONEDNN_OPTS")
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "cpu_model": cpu.get("Model name", platform.processor()),
-        "cpu_family_model": f"{cpu.get('CPU family', '?')}/{cpu.get('Model', '?')}",
+        "cpu_model": cpu["model"],
+        "cpu_family_model": cpu["family_model"],
         "cores": cores,
-        "threads_per_core": cpu.get("Thread(s) per core"),
+        "threads_per_core": cpu["threads_per_core"],
         "cpu_mhz": mhz,
         "avx2": "avx2" in flags,
         "avx512f": "avx512f" in flags,
         "fma": "fma" in flags,
-        "hypervisor": cpu.get("Hypervisor vendor"),
+        "hypervisor": cpu["hypervisor"],
         "fma_peak_from_flags": fma_peak(cores, mhz, flags),
-        "brief_peak_gflops": BRIEF_PEAK_GFLOPS,
+        "reference_peak_gflops": REFERENCE_PEAK_GFLOPS,
         "python": platform.python_version(),
         "tensorflow": tf.__version__,
         "keras": keras.__version__,
@@ -390,11 +413,16 @@ def min_ratios(timings, pairs):
 
 
 def _op_type(name):
-    """'scope/op_name:OpType' -> 'OpType' for TensorFlow op events of the profiler."""
-    if ":" not in name:
+    """'scope/op_name:OpType' -> 'OpType' for TensorFlow op events of the profiler.
+
+    Op types may start with ``_``: TensorFlow's internal kernels do, among them every
+    oneDNN kernel (``_MklNativeConv2D``, ``_MklFusedMatMul``, ...), which do the work when
+    oneDNN is on. Other events (``::``-scoped C++ functions, names with spaces) give None.
+    """
+    if ":" not in name or "::" in name:
         return None
     kind = name.rsplit(":", 1)[1]
-    return kind if kind and kind[0].isalpha() and " " not in kind and "::" not in name else None
+    return kind if kind.lstrip("_")[:1].isalpha() and " " not in kind else None
 
 
 def profile_ops(fn, calls, logdir, sync=None, top=12):

@@ -297,7 +297,7 @@ def main():
         g = n_flops / s / 1e9
         return {"ms": round(s * 1e3, 2), "gflops": round(g, 1),
                 "of_matmul_rate": C.ratio(g, mm_gflops),
-                "of_brief_peak_532": C.ratio(g, C.BRIEF_PEAK_GFLOPS),
+                "of_brief_peak_532": C.ratio(g, C.REFERENCE_PEAK_GFLOPS),
                 "of_peak_from_flags": C.ratio(g, peak) if peak else None}
 
     t = lambda k: timings[k]["median_s"]  # noqa: E731
@@ -351,7 +351,7 @@ def main():
                                        flops_plain["train_step_3x_forward"]),
         "trainer_function_needed_flops": rate("trainer_function", flops["needed"]),
         "matmul_2048": {"gflops": round(mm_gflops, 1),
-                        "of_brief_peak_532": C.ratio(mm_gflops, C.BRIEF_PEAK_GFLOPS),
+                        "of_brief_peak_532": C.ratio(mm_gflops, C.REFERENCE_PEAK_GFLOPS),
                         "of_peak_from_flags": C.ratio(mm_gflops, peak) if peak else None},
     }
     if xla:
@@ -360,7 +360,7 @@ def main():
     mm_best = best("matmul_2048", 2 * 2048**3)
     flop_rates["from_fastest_samples"] = {
         k: {"gflops": round(best(k, n), 1), "of_matmul_rate": C.ratio(best(k, n), mm_best),
-            "of_brief_peak_532": C.ratio(best(k, n), C.BRIEF_PEAK_GFLOPS),
+            "of_brief_peak_532": C.ratio(best(k, n), C.REFERENCE_PEAK_GFLOPS),
             "of_peak_from_flags": C.ratio(best(k, n), peak) if peak else None}
         for k, n in (("trainer_function", flops["train_step_3x_forward"]),
                      ("bare_function", flops["train_step_3x_forward"]),
