@@ -24,6 +24,7 @@ import math
 import os
 import pathlib
 import platform
+import statistics
 import sys
 import time
 
@@ -135,11 +136,17 @@ def stats(values):
 
 
 def confidence95(values):
-    """Half-width of the normal-approximation 95% confidence interval of the mean."""
+    """Half-width of the normal-approximation 95% confidence interval of the mean.
+
+    ``z * s / sqrt(n)`` with z the standard normal's 97.5% quantile
+    (`statistics.NormalDist`) and s the sample standard deviation (`statistics.stdev`);
+    NaNs and Nones are dropped. None for fewer than 2 values.
+    """
     values = [float(v) for v in values if v is not None and np.isfinite(v)]
     if len(values) < 2:
         return None
-    return float(1.96 * np.std(values, ddof=1) / math.sqrt(len(values)))
+    z = statistics.NormalDist().inv_cdf(0.975)
+    return z * statistics.stdev(values) / math.sqrt(len(values))
 
 
 def _jsonable(obj):
