@@ -12,13 +12,25 @@ same, whether drawn with :meth:`EpisodeSampler.sample` or from
 
 import collections
 import os
-import pathlib
 import warnings
+import zlib
 
 import numpy as np
 import tensorflow as tf
 
-from warpkeras.data._cache import fingerprint, resolve_cache_dir, save_npz, seed_pair
+from warpkeras.data._cache import (
+    CorruptFileError,
+    check_bool,
+    check_dir,
+    check_int,
+    file_signature,
+    fingerprint,
+    read_cache,
+    report_corrupt,
+    resolve_cache_dir,
+    seed_pair,
+    write_cache,
+)
 from warpkeras.data.tasks import ClassificationTask
 
 _IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
@@ -96,18 +108,23 @@ class EpisodeSampler:
     def __init__(self, x, y, num_ways=5, num_shots=1, num_queries=15, seed=None, classes=None):
         x = np.asarray(x)
         y = np.asarray(y)
+        if x.ndim < 1 or len(x) == 0:
+            raise ValueError(f"x must hold at least one example (M, ...), got shape {x.shape}")
         if y.ndim != 1 or len(y) != len(x):
             raise ValueError(f"y must be 1-D with one label per row of x; got x {x.shape}, y {y.shape}")
         if not np.issubdtype(y.dtype, np.integer):
             raise TypeError(f"y must hold integer labels, got dtype {y.dtype}")
-        self.num_ways = int(num_ways)
-        self.num_shots = int(num_shots)
-        self.num_queries = int(num_queries)
-        if self.num_ways < 1 or self.num_shots < 1 or self.num_queries < 0:
-            raise ValueError(
-                "need num_ways >= 1, num_shots >= 1 and num_queries >= 0, got "
-                f"{num_ways}, {num_shots}, {num_queries}"
-            )
+        self.num_ways = check_int("num_ways", num_ways, minimum=1, hint="classes per episode")
+        self.num_shots = check_int(
+            "num_shots", num_shots, minimum=1, hint="support examples per class"
+        )
+        self.num_queries = check_int(
+            "num_queries", num_queries, minimum=0, hint="query examples per class"
+        )
+        if isinstance(seed, bool) or not (seed is None or isinstance(seed, (int, np.integer))):
+            raise TypeError(f"seed must be a non-negative int or None, got {seed!r}")
+        if seed is not None and seed < 0:
+            raise ValueError(f"seed must be a non-negative int or None, got {seed}")
         per_class = self.num_shots + self.num_queries
         pool = np.unique(y) if classes is None else np.unique(np.asarray(classes))
         missing = np.setdiff1d(pool, y)
@@ -197,9 +214,8 @@ class EpisodeSampler:
         Example:
             >>> ep = sampler.sample(3)   # doctest: +SKIP
         """
-        if int(index) < 0:
-            raise ValueError(f"index must be non-negative, got {index}")
-        out = self._episode_fn(tf.constant(int(index), tf.int64))
+        index = check_int("index", index, minimum=0, hint="the episode number")
+        out = self._episode_fn(tf.constant(index, tf.int64))
         return Episode(*(t.numpy() for t in out))
 
     def dataset(self, num_episodes=None, start=0):
@@ -215,10 +231,12 @@ class EpisodeSampler:
         Example:
             >>> for (sx, sy), (qx, qy) in sampler.dataset(num_episodes=4): ...   # doctest: +SKIP
         """
+        num_episodes = check_int("num_episodes", num_episodes, minimum=0, allow_none=True)
+        start = check_int("start", start, minimum=0, hint="index of the first episode")
         if num_episodes is None:
-            indices = tf.data.Dataset.counter(start=int(start))
+            indices = tf.data.Dataset.counter(start=start)
         else:
-            indices = tf.data.Dataset.range(int(start), int(start) + int(num_episodes))
+            indices = tf.data.Dataset.range(start, start + num_episodes)
 
         def to_pair(index):
             sx, sy, qx, qy, _ = self._episode(index)
@@ -254,9 +272,22 @@ def rotate_classes(x, y, rotations=(0, 1, 2, 3)):
     y = np.asarray(y)
     if x.ndim < 3 or x.shape[1] != x.shape[2]:
         raise ValueError(f"x must hold square images (M, H, H, ...), got shape {x.shape}")
-    rotations = tuple(int(r) for r in rotations)
+    if y.shape != (len(x),) or not np.issubdtype(y.dtype, np.integer):
+        raise ValueError(
+            f"y must hold one integer label per image, shape ({len(x)},); got shape {y.shape} "
+            f"and dtype {y.dtype}"
+        )
+    if isinstance(rotations, (str, bytes)) or not np.iterable(rotations):
+        raise TypeError(f"rotations must be a sequence of ints (quarter turns), got {rotations!r}")
+    rotations = tuple(check_int("rotations", r, hint="quarter turns, e.g. (0, 1, 2, 3)")
+                      for r in rotations)
     if not rotations:
-        raise ValueError("rotations must not be empty")
+        raise ValueError("rotations must not be empty; pass e.g. rotations=(0, 1, 2, 3)")
+    if len(set(r % 4 for r in rotations)) != len(rotations):
+        raise ValueError(
+            f"rotations {rotations} repeat a rotation (modulo 4 quarter turns), which would "
+            "make two labels for the same images; pass distinct values, e.g. (0, 1, 2, 3)"
+        )
     xs = [np.rot90(x, k=r, axes=(1, 2)) for r in rotations]
     ys = [y * len(rotations) + j for j in range(len(rotations))]
     return np.concatenate(xs), np.concatenate(ys)
@@ -269,25 +300,36 @@ def load_image_folder(
     cache_dir=None,
     use_cache=True,
     extensions=_IMAGE_EXTENSIONS,
+    skip_corrupt=False,
 ):
     """Load an image data set laid out as ``<root>/<class>/<image>`` (e.g. a miniImageNet split).
 
     Class names are the sub-folder names, sorted; labels are their positions.
     Images below a class folder (at any depth) belong to that class. The decoded
-    arrays are cached as ``.npz`` in ``cache_dir`` (default :func:`default_cache_dir`).
+    arrays are cached as ``.npz`` in ``cache_dir`` (default :func:`default_cache_dir`),
+    keyed by the name, size and modification time of every image, so an image replaced
+    in place is decoded again; a damaged cache file is rebuilt with a warning.
 
     Args:
-        root: the folder holding one sub-folder per class.
-        image_size: resize to ``(size, size)`` (or a ``(height, width)`` pair) with
+        root: the folder holding one sub-folder per class (str or path).
+        image_size: resize to ``(size, size)`` (or a ``(height, width)`` pair) pixels with
             area averaging; ``None`` keeps the stored size (then all must agree).
         mode: PIL colour mode, ``"RGB"`` (3 channels) or ``"L"`` (greyscale, 1 channel).
         cache_dir: cache folder; ``None`` uses the default.
         use_cache: read and write the cache.
-        extensions: file name endings treated as images.
+        extensions: file name ending, or endings, treated as images (e.g. ``".png"``).
+        skip_corrupt: skip images that cannot be read (damaged, truncated, or not images)
+            with a warning naming each, instead of raising.
 
     Returns:
         ``(x, y, class_names)``: uint8 images ``(M, H, W, C)``, int32 labels ``(M,)``
         and the list of class names. Feed them to :class:`EpisodeSampler`.
+
+    Raises:
+        FileNotFoundError: ``root`` does not exist or holds no images.
+        CorruptFileError: (a ``ValueError`` and ``OSError``) an image cannot be read; the
+            message names the file. Not raised with ``skip_corrupt=True``.
+        TypeError, ValueError: a bad argument; the message names it.
 
     Example:
         >>> x, y, names = load_image_folder("miniimagenet/train", image_size=84)   # doctest: +SKIP
@@ -295,15 +337,35 @@ def load_image_folder(
     """
     from PIL import Image
 
-    if mode not in ("RGB", "L"):
+    if not isinstance(mode, str) or mode not in ("RGB", "L"):
         raise ValueError(f"mode must be 'RGB' or 'L', got {mode!r}")
-    root = pathlib.Path(root).expanduser()
+    root = check_dir("root", root, allow_none=False)
     if not root.is_dir():
-        raise FileNotFoundError(f"image folder {root} does not exist")
-    if image_size is not None:
-        size = (int(image_size), int(image_size)) if np.isscalar(image_size) else tuple(image_size)
-    else:
+        raise FileNotFoundError(f"image folder {root} does not exist; pass root=<existing folder>")
+    if image_size is None:
         size = None
+    elif np.ndim(image_size) == 0:
+        side = check_int("image_size", image_size, minimum=1, hint="side in pixels")
+        size = (side, side)
+    else:
+        if len(image_size) != 2:
+            raise ValueError(
+                f"image_size must be an int or a (height, width) pair, got {image_size!r}"
+            )
+        size = tuple(check_int("image_size", v, minimum=1, hint="(height, width) in pixels")
+                     for v in image_size)
+    use_cache = check_bool("use_cache", use_cache)
+    skip_corrupt = check_bool("skip_corrupt", skip_corrupt)
+    cache_dir = check_dir("cache_dir", cache_dir)
+    if isinstance(extensions, str):
+        extensions = (extensions,)
+    if not np.iterable(extensions) or not extensions or not all(
+        isinstance(e, str) and e for e in extensions
+    ):
+        raise ValueError(
+            f"extensions must be a non-empty sequence of file endings, e.g. ('.png', '.jpg'); "
+            f"got {extensions!r}"
+        )
     extensions = tuple(e.lower() for e in extensions)
     class_names = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     files = []
@@ -318,31 +380,55 @@ def load_image_folder(
             f"no images found in {root}: expected <root>/<class>/<image> with endings {extensions}"
         )
     key = fingerprint(
-        [1, str(root.resolve()), size, mode, len(files)]
-        + [(os.path.relpath(p, root), os.path.getsize(p)) for p, _ in files]
+        [2, str(root.resolve()), size, mode, skip_corrupt, len(files)]
+        + [file_signature(p, root) for p, _ in files]
     )
     cache_path = resolve_cache_dir(cache_dir) / "image_folders" / f"{root.name}_{key}.npz"
-    if use_cache and cache_path.exists():
+
+    def read(path):
+        with np.load(path, allow_pickle=False) as f:
+            return f["x"], f["y"], f["class_names"].tolist(), f["skipped"].tolist()
+
+    if use_cache:
+        cached = read_cache(cache_path, read, what="image-folder cache file")
+        if cached is not None:
+            if cached[3]:
+                warnings.warn(
+                    f"images from the cache {cache_path} leave out {len(cached[3])} unreadable "
+                    f"files: {'; '.join(cached[3][:5])}" + (" ..." if len(cached[3]) > 5 else ""),
+                    stacklevel=2,
+                )
+            return cached[:3]
+    images, labels, skipped = [], [], []
+    for path, label in files:
         try:
-            with np.load(cache_path, allow_pickle=False) as f:
-                return f["x"], f["y"], f["class_names"].tolist()
-        except (OSError, KeyError, ValueError):
-            pass
-    images = []
-    for path, _ in files:
-        with Image.open(path) as img:
-            img = img.convert(mode)
-            if size is not None and img.size != (size[1], size[0]):
-                img = img.resize((size[1], size[0]), Image.BOX)
-            arr = np.asarray(img, dtype=np.uint8)
+            with Image.open(path) as img:
+                img.load()
+                img = img.convert(mode)
+                if size is not None and img.size != (size[1], size[0]):
+                    img = img.resize((size[1], size[0]), Image.BOX)
+                arr = np.asarray(img, dtype=np.uint8)
+        except (OSError, ValueError, EOFError, SyntaxError, zlib.error) as err:
+            report_corrupt(CorruptFileError(path, None, err), skip_corrupt, skipped)
+            continue
         if arr.ndim == 2:
             arr = arr[..., None]
         images.append(arr)
+        labels.append(label)
+    if not images:
+        raise FileNotFoundError(
+            f"no readable images in {root} ({len(skipped)} unreadable files skipped)"
+        )
     shapes = {a.shape for a in images}
     if len(shapes) > 1:
         raise ValueError(f"images in {root} have different sizes {sorted(shapes)[:4]}; pass image_size")
     x = np.stack(images)
-    y = np.array([label for _, label in files], dtype=np.int32)
+    y = np.array(labels, dtype=np.int32)
     if use_cache:
-        save_npz(cache_path, x=x, y=y, class_names=np.array(class_names, dtype=str))
+        write_cache(
+            cache_path,
+            dict(x=x, y=y, class_names=np.array(class_names, dtype=str),
+                 skipped=np.array(skipped, dtype=str).reshape(-1)),
+            what="image-folder cache file",
+        )
     return x, y, class_names
