@@ -3,6 +3,7 @@
 import numpy as np
 import tensorflow as tf
 
+from warpkeras import _validation as _v
 from warpkeras.data._cache import seed_pair
 
 # Compiled versions of augmentation callables, keyed by the callable's id (the callable is
@@ -23,6 +24,49 @@ def _compiled(augmentation):
     fn = tf.function(augmentation, reduce_retracing=True, autograph=False)
     _COMPILED_AUGMENTATIONS[key] = (augmentation, fn)
     return fn
+
+
+def _inputs(x, name, where):
+    """`x` as a float32 array with at least one axis, all finite."""
+    try:
+        array = np.asarray(x, dtype=np.float32)
+    except (TypeError, ValueError) as e:
+        raise TypeError(
+            f"{where}: {name} is not valid: expected a numeric array of shape (N, ...) "
+            f"({e})."
+        ) from None
+    if array.ndim == 0:
+        raise ValueError(f"{where}: {name} is a scalar: expected an array of shape (N, ...), "
+                         "one row per example.")
+    if not np.all(np.isfinite(array)):
+        bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
+        raise ValueError(f"{where}: {name} holds {bad} NaN or infinite values; clean or drop "
+                         "those examples.")
+    return array
+
+
+def _labels(y, name, where):
+    """`y` as a 1-D int32 array of integral class ids."""
+    try:
+        array = np.asarray(y)
+        numeric = array.dtype.kind in "biuf"
+    except (TypeError, ValueError):
+        numeric = False
+    if not numeric or array.dtype.kind == "b":
+        raise TypeError(
+            f"{where}: {name} is not valid: expected integer class ids in [0, num_classes), "
+            f"got {_v.describe(y)}."
+        )
+    if array.ndim != 1:
+        raise ValueError(
+            f"{where}: {name} must be a 1-D array of integer class ids, got shape "
+            f"{array.shape} (one-hot labels: pass y.argmax(-1))."
+        )
+    if array.dtype.kind == "f":
+        if not np.all(np.isfinite(array)) or not np.all(array == np.round(array)):
+            raise ValueError(f"{where}: {name} holds non-integer labels: expected integer "
+                             "class ids in [0, num_classes).")
+    return array.astype(np.int32)
 
 
 class ClassificationTask:
@@ -69,41 +113,58 @@ class ClassificationTask:
         class_names=None,
         augmentation=None,
     ):
-        self.x_train = np.asarray(x_train, dtype=np.float32)
-        self.y_train = np.asarray(y_train).astype(np.int32)
-        self.x_test = np.asarray(x_test, dtype=np.float32)
-        self.y_test = np.asarray(y_test).astype(np.int32)
-        if self.y_train.ndim != 1 or self.y_test.ndim != 1:
-            raise ValueError("y_train and y_test must be 1-D integer label arrays")
+        where = f"ClassificationTask {name!r}" if isinstance(name, str) else "ClassificationTask"
+        if not isinstance(name, str):
+            raise TypeError(f"{where}: name={_v.describe(name)} is not valid: expected a string "
+                            "(e.g. name='Latin').")
+        self.x_train = _inputs(x_train, "x_train", where)
+        self.y_train = _labels(y_train, "y_train", where)
+        self.x_test = _inputs(x_test, "x_test", where)
+        self.y_test = _labels(y_test, "y_test", where)
         if len(self.x_train) != len(self.y_train):
             raise ValueError(
-                f"x_train has {len(self.x_train)} rows but y_train has {len(self.y_train)}"
+                f"{where}: x_train has {len(self.x_train)} rows but y_train has "
+                f"{len(self.y_train)}; give one label per example."
             )
         if len(self.x_test) != len(self.y_test):
-            raise ValueError(f"x_test has {len(self.x_test)} rows but y_test has {len(self.y_test)}")
+            raise ValueError(
+                f"{where}: x_test has {len(self.x_test)} rows but y_test has "
+                f"{len(self.y_test)}; give one label per example."
+            )
         if len(self.x_train) == 0:
-            raise ValueError("a ClassificationTask needs at least one training example")
+            raise ValueError(f"{where}: a ClassificationTask needs at least one training "
+                             "example (x_train has 0 rows).")
         if len(self.x_test) and self.x_test.shape[1:] != self.x_train.shape[1:]:
             raise ValueError(
-                f"x_train rows have shape {self.x_train.shape[1:]} but x_test rows have "
-                f"shape {self.x_test.shape[1:]}"
+                f"{where}: x_train rows have shape {self.x_train.shape[1:]} but x_test rows "
+                f"have shape {self.x_test.shape[1:]}"
             )
         labels = np.concatenate([self.y_train, self.y_test])
         if num_classes is None:
             num_classes = int(labels.max()) + 1
-        self.num_classes = int(num_classes)
+        self.num_classes = _v.check_int(num_classes, "num_classes", minimum=1,
+                                        allow_none=True, where=where, example=5)
         if labels.min() < 0 or labels.max() >= self.num_classes:
             raise ValueError(
-                f"labels must lie in [0, {self.num_classes}), got range "
-                f"[{labels.min()}, {labels.max()}]"
+                f"{where}: labels must lie in [0, {self.num_classes}) (num_classes="
+                f"{self.num_classes}), got range [{labels.min()}, {labels.max()}]; relabel "
+                "the classes 0..num_classes-1 or raise num_classes."
             )
-        if class_names is not None and len(class_names) != self.num_classes:
-            raise ValueError(
-                f"class_names has {len(class_names)} entries for {self.num_classes} classes"
-            )
-        self.name = str(name)
+        if class_names is not None:
+            if isinstance(class_names, (str, bytes)) or not hasattr(class_names, "__len__"):
+                raise TypeError(
+                    f"{where}: class_names={_v.describe(class_names)} is not valid: expected "
+                    "a list of names, one per class, or None."
+                )
+            if len(class_names) != self.num_classes:
+                raise ValueError(
+                    f"{where}: class_names has {len(class_names)} entries for "
+                    f"{self.num_classes} classes; give one name per class."
+                )
+        self.name = name
         self.class_names = None if class_names is None else list(class_names)
-        self.augmentation = augmentation
+        self.augmentation = _v.check_callable(augmentation, "augmentation", where=where,
+                                              signature="f(images, seed) -> images")
 
     @property
     def input_shape(self):
@@ -178,6 +239,9 @@ class ClassificationTask:
         """
         from warpkeras.tasks import Task
 
+        where = f"ClassificationTask {self.name!r}.to_task"
+        batch_size = _v.check_int(batch_size, "batch_size", minimum=1, where=where, example=20)
+        augment = _v.check_bool(augment, "augment", allow_none=True, where=where)
         if augment is None:
             augment = self.augmentation is not None
         if augment and self.augmentation is None:
@@ -219,8 +283,13 @@ class ClassificationTask:
             >>> ds = task.train_dataset(batch_size=20, seed=1)  # doctest: +SKIP
             >>> for x, y in ds.take(100): ...                    # doctest: +SKIP
         """
-        if int(batch_size) < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        where = f"ClassificationTask {self.name!r}.train_dataset"
+        batch_size = _v.check_int(batch_size, "batch_size", minimum=1, where=where, example=20)
+        augment = _v.check_bool(augment, "augment", allow_none=True, where=where)
+        seed = _v.check_seed(seed, "seed", allow_none=True, where=where)
+        shuffle = _v.check_bool(shuffle, "shuffle", where=where)
+        repeat = _v.check_bool(repeat, "repeat", where=where)
+        drop_remainder = _v.check_bool(drop_remainder, "drop_remainder", where=where)
         if augment is None:
             augment = self.augmentation is not None
         if augment and self.augmentation is None:
@@ -267,9 +336,9 @@ class ClassificationTask:
         """
         if self.num_test == 0:
             raise ValueError(f"task {self.name!r} has no test data")
-        size = self.num_test if batch_size is None else int(batch_size)
-        if size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        size = _v.check_int(batch_size, "batch_size", minimum=1, allow_none=True,
+                            where=f"ClassificationTask {self.name!r}.test_dataset", example=20)
+        size = self.num_test if size is None else size
         return tf.data.Dataset.from_tensor_slices((self.x_test, self.y_test)).batch(size)
 
     def __repr__(self):
