@@ -299,7 +299,7 @@ def test_history_callbacks_and_tensorboard(tmp_path):
                           log_dir=str(tmp_path / "tb"))
     assert seen == [0, 1, 2]
     assert len(history.history["loss"]) == 3
-    assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "tb"))
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "tb" / "train"))
 
 
 def test_misconfiguration_fails_at_construction():

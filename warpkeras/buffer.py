@@ -1,10 +1,45 @@
 """Replay buffer of task parameterisations for offline WarpGrad (Algorithm 2)."""
 
 import os
+import re
 import shutil
+import socket
 import tempfile
 
 import numpy as np
+
+
+_SPILL_RE = re.compile(r"^warpkeras-buffer-(?P<host>.+)-(?P<pid>\d+)-[a-z0-9_]+$")
+
+
+def _spill_prefix():
+    host = re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"
+    return f"warpkeras-buffer-{host}-{os.getpid()}-"
+
+
+def remove_stale_spill_dirs(root):
+    """Removes ``warpkeras-buffer-<host>-<pid>-*`` spill folders in `root` whose process, on
+    this host, has ended (a run killed before it could clean up). Folders of running
+    processes, of other hosts, or not named this way are left alone. Returns the removed
+    paths."""
+    removed = []
+    if not os.path.isdir(root):
+        return removed
+    host = _spill_prefix().split("-")[2]
+    for name in os.listdir(root):
+        m = _SPILL_RE.match(name)
+        if not m or m.group("host") != host or int(m.group("pid")) == os.getpid():
+            continue
+        try:
+            os.kill(int(m.group("pid")), 0)
+            continue  # still running
+        except ProcessLookupError:
+            pass
+        except (PermissionError, OverflowError, OSError):
+            continue  # exists under another user, or cannot tell: keep
+        shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+        removed.append(os.path.join(root, name))
+    return removed
 
 
 class ReplayBuffer:
@@ -89,11 +124,18 @@ class ReplayBuffer:
         else:
             self._spilled.append(self._spill(entry))
 
+    def remove_stale_spills(self):
+        """Removes the spill folders that killed runs left in this buffer's spill root
+        (see `remove_stale_spill_dirs`); only with ``overflow="spill"``."""
+        if self.overflow == "spill":
+            remove_stale_spill_dirs(self._spill_root or tempfile.gettempdir())
+
     def _spill(self, entry):
         if self._spill_dir is None:
             root = self._spill_root or tempfile.gettempdir()
             os.makedirs(root, exist_ok=True)
-            self._spill_dir = tempfile.mkdtemp(prefix="warpkeras-buffer-", dir=root)
+            remove_stale_spill_dirs(root)
+            self._spill_dir = tempfile.mkdtemp(prefix=_spill_prefix(), dir=root)
         path = os.path.join(self._spill_dir, f"{len(self._spilled):08d}.npz")
         arrays = {f"t{i}": a for i, a in enumerate(entry["theta"])}
         if entry["velocity"] is not None:

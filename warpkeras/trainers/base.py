@@ -36,6 +36,7 @@ from warpkeras import objectives as obj
 from warpkeras.buffer import ReplayBuffer
 from warpkeras.partition import UNTAGGED_POLICIES, Partition
 from warpkeras.tasks import as_task, as_task_source
+from warpkeras.trainers.loop import TrainingLoop
 from warpkeras.trainers.parallel import PARALLEL_MODES, make_executor
 
 
@@ -140,7 +141,7 @@ class _Packer:
         return out
 
 
-class MetaTrainer:
+class MetaTrainer(TrainingLoop):
     """Meta-trains warp parameters φ and/or an initialisation θ0 of a tagged Keras model.
 
     Prefer the front-ends: `WarpTrainer` (WarpGrad, Warp-Leap, Warp-MAML), `LeapTrainer`,
@@ -939,8 +940,8 @@ class MetaTrainer:
         return logs
 
     # ------------------------------------------------------------------------------------
-    # the loop
-    def _checkpoint(self):
+    # state saved by checkpoints (`fit`, `restore` and the loop: `warpkeras.trainers.loop`)
+    def _checkpoint_items(self):
         items = {"model": self.model, "step": self.step, "nan_tasks": self.nan_tasks,
                  "inner_lr": self.inner_lr, "inner_mu": self.inner_mu,
                  "stream_count": self._stream_count}
@@ -952,118 +953,7 @@ class MetaTrainer:
             items["hyper_optimizer"] = self.hyper_optimizer
         for i, v in enumerate(self._stream_acc):
             items[f"stream_acc_{i}"] = v
-        return tf.train.Checkpoint(**items)
-
-    def restore(self, checkpoint_dir):
-        """Restores the latest checkpoint in `checkpoint_dir`. Returns the meta step reached
-        (0 when there is none)."""
-        ckpt = self._checkpoint()
-        latest = tf.train.latest_checkpoint(checkpoint_dir)
-        if latest is None:
-            return 0
-        ckpt.restore(latest).assert_existing_objects_matched()
-        return int(self.step.numpy())
-
-    def fit(
-        self,
-        tasks,
-        meta_steps,
-        callbacks=None,
-        verbose=1,
-        log_dir=None,
-        checkpoint_dir=None,
-        checkpoint_every=1,
-        max_checkpoints=3,
-        validation_tasks=None,
-        validation_freq=10,
-        validation_steps=None,
-    ):
-        """Meta-trains for `meta_steps` meta steps (in total: a resumed run continues up to it).
-
-        Args:
-            tasks: a task source (list of `warpkeras.Task`, a `warpkeras.TaskSampler`, a
-                callable ``rng -> Task`` or an iterator of tasks).
-            meta_steps: the meta step to train up to.
-            callbacks: Keras callbacks; each meta step is one "epoch" for them
-                (`on_epoch_begin/end` with the step's logs), so `EarlyStopping`,
-                `CSVLogger`, `LambdaCallback`, ... work.
-            verbose: 0 silent, 1 progress bar, 2 one line per meta step.
-            log_dir: write TensorBoard scalars (`tf.summary`) here.
-            checkpoint_dir: save a `tf.train.Checkpoint` (θ0, φ, optimiser slots, step)
-                here every `checkpoint_every` meta steps and resume from its latest one.
-            checkpoint_every: meta steps between checkpoints.
-            max_checkpoints: checkpoints kept.
-            validation_tasks: tasks to `evaluate` on every `validation_freq` meta steps;
-                adds ``val_loss``, ``val_accuracy``, ``val_auc`` to the logs.
-            validation_freq: meta steps between validations.
-            validation_steps: adaptation steps for validation (default `inner_steps`).
-
-        Returns:
-            A `keras.callbacks.History`.
-        """
-        source = as_task_source(tasks)
-        manager = None
-        if checkpoint_dir is not None:
-            manager = tf.train.CheckpointManager(
-                self._checkpoint(), checkpoint_dir, max_to_keep=max_checkpoints
-            )
-            if manager.latest_checkpoint:
-                self._checkpoint().restore(manager.latest_checkpoint).assert_existing_objects_matched()
-                if verbose:
-                    print(f"Resumed from {manager.latest_checkpoint} at meta step "
-                          f"{int(self.step.numpy())}.")
-        history = keras.callbacks.History()
-        cb = keras.callbacks.CallbackList(
-            list(callbacks or []) + [history], add_history=False, add_progbar=False,
-            model=self.model, verbose=verbose, epochs=meta_steps, steps=1,
-        )
-        writer = tf.summary.create_file_writer(log_dir) if log_dir else None
-        start = int(self.step.numpy())
-        progbar = keras.utils.Progbar(meta_steps, verbose=1, unit_name="meta step") if verbose == 1 else None
-        if progbar is not None and start:
-            progbar.update(start)
-        self.model.stop_training = False
-        cb.on_train_begin()
-        t0 = time.time()
-        for s in range(start, meta_steps):
-            cb.on_epoch_begin(s)
-            rng = np.random.default_rng([self.seed, s])
-            try:
-                batch = source.sample(rng, self.meta_batch_size)
-            except StopIteration:
-                break
-            step_start = time.time()
-            logs = self.train_step(batch, rng)
-            logs["seconds"] = time.time() - step_start
-            self.step.assign(s + 1)
-            if validation_tasks is not None and ((s + 1) % validation_freq == 0 or s + 1 == meta_steps):
-                report = self.evaluate(validation_tasks, steps=validation_steps, verbose=0)
-                logs["val_loss"] = report["final_test_loss"]["mean"]
-                logs["val_auc"] = report["auc"]["mean"]
-                if self.accuracy:
-                    logs["val_accuracy"] = report["final_test_accuracy"]["mean"]
-            if writer is not None:
-                with writer.as_default(step=s + 1):
-                    for key, value in logs.items():
-                        tf.summary.scalar(key, value)
-                writer.flush()
-            if manager is not None and ((s + 1) % checkpoint_every == 0 or s + 1 == meta_steps):
-                manager.save(checkpoint_number=s + 1)
-            if progbar is not None:
-                progbar.update(s + 1, values=[(k, v) for k, v in logs.items()
-                                              if k not in ("seconds", "nan_tasks", "warp_updates")])
-            elif verbose == 2:
-                text = " - ".join(f"{k}: {v:.4g}" for k, v in logs.items())
-                print(f"meta step {s + 1}/{meta_steps} - {text}", flush=True)
-            cb.on_epoch_end(s, logs)
-            if self.model.stop_training:
-                break
-        cb.on_train_end()
-        if writer is not None:
-            writer.close()
-        self.history = history
-        history.params = {"meta_steps": meta_steps, "seconds": time.time() - t0}
-        return history
+        return items
 
     # ------------------------------------------------------------------------------------
     # export

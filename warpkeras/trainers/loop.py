@@ -1,0 +1,575 @@
+"""The meta-training loop: `fit`, Keras callbacks, History, progress output and checkpoints.
+
+`TrainingLoop` is a mixin of `warpkeras.trainers.MetaTrainer` with no knowledge of the
+meta-learning algorithms: it calls ``train_step(tasks, rng)`` once per meta step and
+``evaluate`` for validation, and drives everything around them the way ``keras.Model.fit``
+drives its epochs.
+
+**One meta step is one Keras epoch.** For every stock callback in `keras.callbacks`:
+
+* ``on_epoch_begin(s)`` / ``on_epoch_end(s, logs)`` run around meta step ``s`` (0-based);
+* the batch hooks (``on_train_batch_begin/end``, ``on_batch_begin/end``) fire **once per
+  meta step** with batch index 0 (``params["steps"] == 1``): one meta step is one batch of
+  tasks, and its logs are the step's logs (so `TerminateOnNaN` sees a diverged step at once);
+* ``self.model`` is a `FitModel`: it forwards to the trainer's Keras model (weights, layers,
+  ``save``...) and adds what `model.fit` would provide: ``optimizer`` (the meta
+  optimiser(s), see `FitModel`), ``stop_training`` and whole-trainer ``save_weights`` /
+  ``load_weights`` for `BackupAndRestore`.
+
+Checkpoints are `tf.train.Checkpoint`s of everything a resumed run needs (θ0, φ, optimiser
+slots, the meta step, the inner learning rate and momentum, counters). Resuming reads the
+newest checkpoint that can be read: a damaged ``checkpoint`` state file or a damaged
+``.index`` / ``.data`` file makes it fall back to an older intact checkpoint with a warning
+that names the file, and intact checkpoints are never deleted or overwritten because of it.
+"""
+
+import math
+import os
+import re
+import shutil
+import time
+import warnings
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from warpkeras.tasks import as_task_source
+
+__all__ = ["TrainingLoop", "FitModel", "CheckpointWarning", "CheckpointError"]
+
+_CHECKPOINT_NAME = "ckpt"
+_CHECKPOINT_RE = re.compile(r"^" + _CHECKPOINT_NAME + r"-(\d+)\.(index|data-\d+-of-\d+)$")
+_TEMP_RE = re.compile(r"^" + _CHECKPOINT_NAME + r"-\d+_temp(_[0-9a-f]+)?$")
+_STATE_FILE = "checkpoint"
+# Counters shown by `fit`'s progress output only in History, never on the bar.
+_COUNTERS = ("seconds", "nan_tasks", "warp_updates")
+
+
+class CheckpointWarning(UserWarning):
+    """A checkpoint file could not be read and an older checkpoint is used instead."""
+
+
+class CheckpointError(RuntimeError):
+    """No checkpoint in a checkpoint folder can be read, or one belongs to another model."""
+
+
+# ----------------------------------------------------------------------------------------
+# what Keras callbacks see as `self.model`
+class _NamedOptimizer:
+    """One meta optimiser under the name its learning rate is logged with
+    (``learning_rate_<name>``); reads and writes go to the optimiser itself."""
+
+    def __init__(self, name, optimizer):
+        self.name = name
+        self._optimizer = optimizer
+
+    @property
+    def learning_rate(self):
+        return self._optimizer.learning_rate
+
+    @learning_rate.setter
+    def learning_rate(self, value):
+        self._optimizer.learning_rate = value
+
+    def __getattr__(self, name):
+        return getattr(self.__dict__["_optimizer"], name)
+
+
+class _MetaOptimizers:
+    """Several meta optimisers as one, the way Keras callbacks handle a multi-optimiser
+    (an ``optimizers`` list); ``iterations`` counts meta steps."""
+
+    def __init__(self, members, iterations):
+        self.optimizers = members
+        self.iterations = iterations
+        self.built = True
+        self.name = "meta_optimizers"
+
+    def build(self, variables):  # noqa: ARG002 - built with the trainer
+        return None
+
+
+class FitModel:
+    """The object Keras callbacks get as ``self.model`` in `MetaTrainer.fit`.
+
+    Attribute reads that it does not define go to the trainer's Keras model (``layers``,
+    ``get_weights``, ``set_weights``, ``save``, ``built``, ...), so `EarlyStopping`
+    (``restore_best_weights``), `ModelCheckpoint` and `TensorBoard` histograms act on the
+    meta-learned model. It adds:
+
+    * ``optimizer``: the meta optimiser(s) the learning-rate callbacks act on. With one
+      active meta optimiser (φ's ``meta_optimizer`` for warp-only trainers, θ0's
+      ``init_optimizer`` for Leap / MAML / Reptile) it is that optimiser, and its rate is
+      logged as ``learning_rate``; when both φ and θ0 are meta-learned it holds both, named
+      ``meta_optimizer`` and ``init_optimizer`` (logged as ``learning_rate_meta_optimizer``
+      and ``learning_rate_init_optimizer``), and `ReduceLROnPlateau` /
+      `LearningRateScheduler` change both;
+    * ``stop_training``: set it to end `fit` after the current meta step;
+    * ``save_weights(path)`` / ``load_weights(path)``: the model's weights (a Keras
+      ``.weights.h5`` file that ``model.load_weights`` reads as usual) plus the trainer's
+      own state (optimiser slots, meta step, inner learning rate and momentum, counters) in
+      ``path + ".trainer.npz"``, so `BackupAndRestore` resumes a run exactly.
+    """
+
+    def __init__(self, trainer):
+        self.__dict__["_trainer"] = trainer
+        self.__dict__["_model"] = trainer.model
+        self.stop_training = False
+        self.history = None
+        self._initial_epoch = None
+        self.optimizer = trainer._callback_optimizer()
+
+    def __getattr__(self, name):
+        return getattr(self.__dict__["_model"], name)
+
+    @property
+    def model(self):
+        """The trainer's Keras model."""
+        return self._model
+
+    @property
+    def trainer(self):
+        """The `MetaTrainer` being fitted."""
+        return self._trainer
+
+    def save_weights(self, filepath, overwrite=True, **kwargs):
+        self._model.save_weights(filepath, overwrite=overwrite, **kwargs)
+        values = {f"v{i}": np.asarray(v.numpy())
+                  for i, v in enumerate(self._trainer._trainer_state_variables())}
+        tmp = f"{filepath}.trainer.tmp.npz"
+        np.savez(tmp, **values)
+        os.replace(tmp, f"{filepath}.trainer.npz")
+
+    def load_weights(self, filepath, **kwargs):
+        self._model.load_weights(filepath, **kwargs)
+        extra = f"{filepath}.trainer.npz"
+        if not os.path.exists(extra):
+            return
+        variables = self._trainer._trainer_state_variables()
+        with np.load(extra) as data:
+            if len(data.files) != len(variables):
+                raise CheckpointError(
+                    f"'{extra}' holds {len(data.files)} trainer values, this trainer has "
+                    f"{len(variables)}: it was written by a differently configured trainer.")
+            for i, v in enumerate(variables):
+                v.assign(data[f"v{i}"])
+
+
+# ----------------------------------------------------------------------------------------
+# History and progress output
+class MetaHistory(keras.callbacks.History):
+    """`keras.callbacks.History` with one entry per meta step for every key: a value missing
+    at a step (a key that appears later, or validation between validation steps) is NaN."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = dict(logs or {})
+        n = len(self.epoch)
+        self.epoch.append(epoch)
+        for key, value in logs.items():
+            if key not in self.history:
+                self.history[key] = [math.nan] * n
+            self.history[key].append(value)
+        for key, values in self.history.items():
+            if len(values) == n:
+                values.append(math.nan)
+
+
+class MetaProgbarLogger(keras.callbacks.ProgbarLogger):
+    """Keras's `ProgbarLogger` (``verbose=1`` bar, ``verbose=2`` one line per epoch, in
+    Keras's formats), showing the step's own values (never earlier ones: a meta step with
+    no finite task shows ``nan``), without the counters ``seconds``, ``nan_tasks`` and
+    ``warp_updates`` (kept in History)."""
+
+    @staticmethod
+    def _shown(logs):
+        return {k: v for k, v in (logs or {}).items() if k not in _COUNTERS}
+
+    def on_train_batch_end(self, batch, logs=None):
+        super().on_train_batch_end(batch, self._shown(logs))
+
+    def on_epoch_end(self, epoch, logs=None):
+        super().on_epoch_end(epoch, self._shown(logs))
+
+
+# ----------------------------------------------------------------------------------------
+# checkpoint files
+def _checkpoint_files(directory):
+    """``{number: [file names]}`` of the ``ckpt-N`` checkpoints in `directory`."""
+    found = {}
+    for name in os.listdir(directory):
+        m = _CHECKPOINT_RE.match(name)
+        if m:
+            found.setdefault(int(m.group(1)), []).append(name)
+    return found
+
+
+def _unreadable_file(directory, number, names):
+    """The file of checkpoint ``ckpt-<number>`` that cannot be read and why, or None."""
+    prefix = os.path.join(directory, f"{_CHECKPOINT_NAME}-{number}")
+    index = f"{_CHECKPOINT_NAME}-{number}.index"
+    if index not in names:
+        return f"{prefix}.index", "missing"
+    data = sorted(n for n in names if n != index)
+    for name in [index] + data:
+        if os.path.getsize(os.path.join(directory, name)) == 0:
+            return os.path.join(directory, name), "empty"
+    try:
+        reader = tf.train.load_checkpoint(prefix)
+    except (tf.errors.OpError, ValueError, IndexError) as e:
+        return f"{prefix}.index", _first_line(e)
+    shards = re.findall(r"of-(\d+)$", data[0]) if data else []
+    if not data or len(data) != int(shards[0]):
+        return f"{prefix}.data-*", "missing data shard"
+    try:
+        for name in reader.get_variable_to_shape_map():
+            reader.get_tensor(name)  # reads every byte: catches truncation and bad checksums
+    except (tf.errors.OpError, ValueError, IndexError) as e:
+        return os.path.join(directory, data[0]) if len(data) == 1 else f"{prefix}.data-*", \
+            _first_line(e)
+    return None
+
+
+def _first_line(error):
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"
+
+
+def _state_file_problem(directory):
+    """Why the ``checkpoint`` state file of `directory` cannot be used, or None."""
+    path = os.path.join(directory, _STATE_FILE)
+    if not os.path.exists(path):
+        return None
+    try:
+        state = tf.train.get_checkpoint_state(directory)
+    except (tf.errors.OpError, ValueError, UnicodeDecodeError) as e:
+        return _first_line(e)
+    if state is None or not state.model_checkpoint_path:
+        return "not a checkpoint state (unparsable or empty)"
+    latest = os.path.basename(state.model_checkpoint_path)
+    if not os.path.exists(os.path.join(directory, latest + ".index")):
+        return f"it names '{latest}', which is not in the folder"
+    return None
+
+
+def remove_checkpoint_leftovers(directory):
+    """Removes the ``ckpt-N_temp`` folders that a run killed while writing a checkpoint
+    leaves in `directory`. Returns the removed paths."""
+    removed = []
+    if not os.path.isdir(directory):
+        return removed
+    for name in os.listdir(directory):
+        path = os.path.join(directory, name)
+        if _TEMP_RE.match(name) and os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _resolve_epochs(epochs, meta_steps):
+    if epochs is not None and meta_steps is not None and epochs != meta_steps:
+        raise TypeError(
+            f"fit got epochs={epochs!r} and meta_steps={meta_steps!r}: they are the same "
+            "argument (the meta step to train up to); pass one of them.")
+    value = epochs if epochs is not None else meta_steps
+    if value is None:
+        raise TypeError("fit needs epochs= (or its alias meta_steps=): the meta step to train "
+                        "up to, e.g. fit(tasks, epochs=100).")
+    return _count("epochs" if epochs is not None else "meta_steps", value)
+
+
+def _count(name, value, minimum=0):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"fit: {name} must be an integer, got {value!r} "
+                        f"({type(value).__name__}); e.g. {name}=10.")
+    if value < minimum:
+        raise ValueError(f"fit: {name} must be >= {minimum}, got {value}.")
+    return int(value)
+
+
+class TrainingLoop:
+    """The `fit` / `restore` half of `MetaTrainer` (see the module docstring).
+
+    Needs from the class it is mixed into: ``model``, ``step`` (an int64 `tf.Variable`, the
+    meta step reached), ``seed``, ``meta_batch_size``, ``accuracy``, ``buffer``,
+    ``train_step(tasks, rng) -> logs``, ``evaluate(tasks, steps, verbose) -> report`` and
+    ``_checkpoint_items() -> dict`` of the trackables a checkpoint holds.
+    """
+
+    # ------------------------------------------------------------------------------------
+    # state
+    def _checkpoint(self):
+        """A `tf.train.Checkpoint` of everything a resumed run needs."""
+        return tf.train.Checkpoint(**self._checkpoint_items())
+
+    def _trainer_state_variables(self):
+        """The trainer's variables outside the model (optimiser slots, counters), in a fixed
+        order (`FitModel.save_weights`)."""
+        items = self._checkpoint_items()
+        out, seen = [], set()
+        for key in sorted(items):
+            if key == "model":
+                continue
+            obj = items[key]
+            variables = obj.variables if isinstance(obj, keras.optimizers.Optimizer) else [obj]
+            for v in variables:
+                if id(v) not in seen:
+                    seen.add(id(v))
+                    out.append(v)
+        return out
+
+    def _callback_optimizer(self):
+        """What Keras callbacks see as ``model.optimizer`` (see `FitModel`)."""
+        members = []
+        if self.warp_mode is not None and self.partition.warp_variables:
+            members.append(("meta_optimizer", self.meta_optimizer))
+        if self._learns_init() and all(o is not self.init_optimizer for _, o in members):
+            members.append(("init_optimizer", self.init_optimizer))
+        if not members:
+            return self.meta_optimizer
+        if len(members) == 1:
+            return members[0][1]
+        return _MetaOptimizers([_NamedOptimizer(n, o) for n, o in members], self.step)
+
+    def _find_readable_checkpoint(self, directory):
+        """The prefix of the newest readable checkpoint in `directory` (None if it holds
+        none), warning about every damaged file passed over; repairs the state file when it
+        was damaged or named a damaged checkpoint."""
+        if not os.path.isdir(directory):
+            return None
+        problem = _state_file_problem(directory)
+        state_path = os.path.join(directory, _STATE_FILE)
+        if problem is not None:
+            warnings.warn(
+                f"Checkpoint state file '{state_path}' cannot be used ({problem}); resuming "
+                "from the newest readable checkpoint in the folder instead.",
+                CheckpointWarning, stacklevel=3)
+        files = _checkpoint_files(directory)
+        chosen, readable, damaged = None, [], []
+        for number in sorted(files, reverse=True):
+            bad = _unreadable_file(directory, number, files[number])
+            if bad is None:
+                readable.append(number)
+                chosen = chosen if chosen is not None else number
+            else:
+                damaged.append((number, bad))
+        for number, (path, why) in damaged:
+            newer_ok = chosen is not None and chosen > number
+            if newer_ok:
+                warnings.warn(
+                    f"Checkpoint file '{path}' cannot be read ({why}); a newer checkpoint "
+                    "is used, so this one is ignored.", CheckpointWarning, stacklevel=3)
+            elif chosen is not None:
+                warnings.warn(
+                    f"Checkpoint file '{path}' cannot be read ({why}); falling back to the "
+                    f"older checkpoint '{_CHECKPOINT_NAME}-{chosen}'.",
+                    CheckpointWarning, stacklevel=3)
+        if chosen is None:
+            if damaged:
+                listing = "; ".join(f"'{p}': {w}" for _, (p, w) in damaged)
+                raise CheckpointError(
+                    f"No checkpoint in '{directory}' can be read ({listing}). Nothing was "
+                    "overwritten: move the folder away to start afresh, or repair it.")
+            return None
+        if problem is not None or damaged:
+            # the CheckpointManager rotates what the state file lists: list exactly the
+            # readable checkpoints, so that none of them is lost by rotation
+            tf.compat.v1.train.update_checkpoint_state(
+                directory, f"{_CHECKPOINT_NAME}-{chosen}",
+                all_model_checkpoint_paths=[f"{_CHECKPOINT_NAME}-{n}" for n in sorted(readable)])
+        return os.path.join(directory, f"{_CHECKPOINT_NAME}-{chosen}")
+
+    def restore(self, checkpoint_dir):
+        """Restores the newest readable checkpoint in `checkpoint_dir`.
+
+        A damaged ``checkpoint`` state file, or a missing, empty, truncated or corrupt
+        ``.index`` / ``.data`` file, makes it use the newest intact checkpoint instead, with a
+        `CheckpointWarning` naming the file (nothing is deleted).
+
+        Args:
+            checkpoint_dir: a folder written by ``fit(checkpoint_dir=...)``.
+
+        Returns:
+            The meta step reached (an int; 0 when the folder holds no checkpoint).
+
+        Raises:
+            CheckpointError: checkpoints exist but none can be read, or the newest readable
+                one was written for another model or trainer configuration.
+        """
+        self._restore_newest(checkpoint_dir)
+        return int(self.step.numpy())
+
+    def _restore_newest(self, checkpoint_dir):
+        """`restore`; returns the prefix restored, or None."""
+        prefix = self._find_readable_checkpoint(checkpoint_dir)
+        if prefix is None:
+            return None
+        try:
+            self._checkpoint().restore(prefix).assert_existing_objects_matched()
+        except AssertionError as e:
+            raise CheckpointError(
+                f"Checkpoint '{prefix}' does not match this trainer and model (written by "
+                f"another configuration?): {_first_line(e)}") from e
+        return prefix
+
+    # ------------------------------------------------------------------------------------
+    # the loop
+    def fit(
+        self,
+        tasks,
+        epochs=None,
+        callbacks=None,
+        verbose=1,
+        log_dir=None,
+        checkpoint_dir=None,
+        checkpoint_every=1,
+        max_checkpoints=3,
+        validation_tasks=None,
+        validation_freq=10,
+        validation_steps=None,
+        *,
+        meta_steps=None,
+        initial_epoch=None,
+        validation_data=None,
+    ):
+        """Meta-trains up to meta step `epochs`, the way ``keras.Model.fit`` trains epochs.
+
+        One meta step (a meta-batch of tasks adapted and one meta-update) is one Keras epoch
+        and one batch: every callback in `keras.callbacks` works as in ``model.fit`` (see
+        `warpkeras.trainers.loop`; README section "`fit` and Keras" maps the arguments).
+
+        Args:
+            tasks: a task source (list of `warpkeras.Task`, a `warpkeras.TaskSampler`, a
+                callable ``rng -> Task`` or an iterator of tasks).
+            epochs: int, the meta step to train up to (as Keras's ``epochs``: a total, so a
+                resumed or repeated call continues up to it). Alias: ``meta_steps``.
+            callbacks: Keras callbacks (`keras.callbacks.*` or your own).
+            verbose: ``0`` silent, ``1`` (or ``"auto"``) Keras's progress bar, ``2`` one
+                line per meta step, in Keras's formats.
+            log_dir: shorthand for ``callbacks=[keras.callbacks.TensorBoard(log_dir)]``
+                (tags ``epoch_loss``, ``epoch_learning_rate``, ... under ``train/`` and
+                ``validation/``, step = meta step index).
+            checkpoint_dir: keep `tf.train.Checkpoint`s (θ0, φ, optimiser slots, meta step)
+                here and resume from the newest readable one.
+            checkpoint_every: meta steps between checkpoints (and one at the end).
+            max_checkpoints: checkpoints kept.
+            validation_tasks: held-out tasks to `evaluate` every `validation_freq` meta
+                steps and at the last one; adds ``val_loss``, ``val_accuracy``, ``val_auc``.
+                Alias: ``validation_data``.
+            validation_freq: int, meta steps between validations.
+            validation_steps: adaptation steps per validation task (default
+                `inner_steps`).
+            meta_steps: the former name of `epochs`.
+            initial_epoch: int, the meta step to start at (default: the trainer's current
+                meta step, i.e. where the last `fit` or the newest checkpoint ended; a
+                checkpoint found in `checkpoint_dir` or by `BackupAndRestore` takes
+                precedence, as in Keras).
+            validation_data: Keras's name of `validation_tasks`.
+
+        Returns:
+            A `keras.callbacks.History`: ``history.history[key]`` has one value per meta
+            step run (NaN where a key has no value, e.g. ``loss`` of a step whose tasks all
+            diverged, ``val_*`` between validations); ``history.params`` is Keras's
+            ``{"verbose", "epochs", "steps"}``.
+
+        Raises:
+            TypeError: `epochs` and `meta_steps` (or `validation_data` and
+                `validation_tasks`) disagree, or an argument has the wrong type.
+            ValueError: a negative count.
+            CheckpointError: see `restore`.
+        """
+        epochs = _resolve_epochs(epochs, meta_steps)
+        if validation_data is not None and validation_tasks is not None \
+                and validation_data is not validation_tasks:
+            raise TypeError("fit got validation_data and validation_tasks: they are the same "
+                            "argument (held-out tasks); pass one of them.")
+        validation = validation_data if validation_data is not None else validation_tasks
+        if verbose == "auto":
+            verbose = 1
+        if verbose not in (0, 1, 2):
+            raise ValueError(f"fit: verbose must be 0, 1, 2 or 'auto', got {verbose!r}.")
+        validation_freq = _count("validation_freq", validation_freq, 1)
+        checkpoint_every = _count("checkpoint_every", checkpoint_every, 1)
+        max_checkpoints = _count("max_checkpoints", max_checkpoints, 1)
+        if initial_epoch is not None:
+            initial_epoch = _count("initial_epoch", initial_epoch)
+        if validation_steps is not None:
+            validation_steps = _count("validation_steps", validation_steps, 1)
+        source = as_task_source(tasks)
+
+        if self.buffer is not None and hasattr(self.buffer, "remove_stale_spills"):
+            self.buffer.remove_stale_spills()
+        manager = None
+        if initial_epoch is not None:
+            self.step.assign(initial_epoch)
+        if checkpoint_dir is not None:
+            os.makedirs(checkpoint_dir, exist_ok=True)
+            remove_checkpoint_leftovers(checkpoint_dir)
+            restored = self._restore_newest(checkpoint_dir)
+            manager = tf.train.CheckpointManager(
+                self._checkpoint(), checkpoint_dir, max_to_keep=max_checkpoints,
+                checkpoint_name=_CHECKPOINT_NAME)
+            if restored is not None and verbose:
+                keras.utils.io_utils.print_msg(
+                    f"Resumed from {restored} at meta step {int(self.step.numpy())}.")
+
+        fit_model = FitModel(self)
+        callbacks = list(callbacks or [])
+        if log_dir is not None:
+            callbacks.append(keras.callbacks.TensorBoard(log_dir))
+        if not any(isinstance(c, keras.callbacks.History) for c in callbacks):
+            callbacks.append(MetaHistory())
+        if verbose and not any(isinstance(c, keras.callbacks.ProgbarLogger) for c in callbacks):
+            callbacks.append(MetaProgbarLogger())
+        cb = keras.callbacks.CallbackList(
+            callbacks, add_history=False, add_progbar=False, model=fit_model,
+            verbose=verbose, epochs=epochs, steps=1)
+        history = cb._history
+
+        self.model.stop_training = False
+        self.stop_training = False
+        cb.on_train_begin()
+        if fit_model._initial_epoch is not None:  # BackupAndRestore
+            self.step.assign(int(fit_model._initial_epoch))
+        start = int(self.step.numpy())
+        expected = set(self._expected_log_keys())
+        epoch_logs = None
+        for s in range(start, epochs):
+            cb.on_epoch_begin(s)
+            rng = np.random.default_rng([self.seed, s])
+            try:
+                batch = source.sample(rng, self.meta_batch_size)
+            except StopIteration:
+                break
+            cb.on_train_batch_begin(0)
+            step_start = time.time()
+            logs = dict(self.train_step(batch, rng))
+            logs["seconds"] = time.time() - step_start
+            # a key with no value this step (no finite task) is NaN, never left out or stale
+            expected.update(k for k in logs)
+            for key in expected:
+                logs.setdefault(key, math.nan)
+            self.step.assign(s + 1)
+            cb.on_train_batch_end(0, dict(logs))
+            epoch_logs = dict(logs)
+            if validation is not None and ((s + 1) % validation_freq == 0 or s + 1 == epochs):
+                report = self.evaluate(validation, steps=validation_steps, verbose=0)
+                epoch_logs["val_loss"] = report["final_test_loss"]["mean"]
+                if self.accuracy:
+                    epoch_logs["val_accuracy"] = report["final_test_accuracy"]["mean"]
+                epoch_logs["val_auc"] = report["auc"]["mean"]
+            if manager is not None and ((s + 1) % checkpoint_every == 0 or s + 1 == epochs):
+                manager.save(checkpoint_number=s + 1)
+            cb.on_epoch_end(s, epoch_logs)
+            if fit_model.stop_training or self.stop_training or self.model.stop_training:
+                break
+        cb.on_train_end(logs=epoch_logs)
+        self.history = history
+        return history
+
+    def _expected_log_keys(self):
+        """Keys every meta step's logs carry (NaN when a step has no value for one)."""
+        keys = ["loss"]
+        if self.accuracy and self.init_objective not in ("maml", "fomaml"):
+            keys.append("accuracy")
+        return keys
