@@ -12,6 +12,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from warpkeras import _validation as _v
 from warpkeras import objectives
 from warpkeras.optimizers import WarpGrad
 from warpkeras.partition import UNTAGGED_POLICIES, partition
@@ -103,6 +104,12 @@ class LeapCallback(keras.callbacks.Callback):
         reset_inner_state: zero the SGD momentum buffers of task variables between tasks.
         untagged: role of untagged layers (see `warpkeras.partition`); `None` uses the
             policy of a `warpkeras.WarpGrad` optimiser, else ``"task"``.
+
+    Raises:
+        TypeError: an argument of the wrong type (a non-bool flag, a non-integer
+            `tasks_per_update`, something that is not an optimizer or its identifier).
+        ValueError: an unknown `norm`, `untagged` or optimizer name, or
+            ``tasks_per_update < 1``.
     """
 
     def __init__(
@@ -117,18 +124,20 @@ class LeapCallback(keras.callbacks.Callback):
         untagged=None,
     ):
         super().__init__()
-        if norm not in ("energy", "length"):
-            raise ValueError(f"norm={norm!r}: expected 'energy' or 'length'.")
-        if isinstance(tasks_per_update, bool) or not isinstance(tasks_per_update, int) or (
-            tasks_per_update < 1
-        ):
-            raise ValueError(f"tasks_per_update must be an integer >= 1; got {tasks_per_update!r}.")
-        if untagged is not None and untagged not in UNTAGGED_POLICIES:
-            raise ValueError(f"untagged={untagged!r}: expected one of {UNTAGGED_POLICIES}.")
+        where = "LeapCallback"
+        norm = _v.check_choice(norm, "norm", ("energy", "length"), where=where)
+        tasks_per_update = _v.check_int(tasks_per_update, "tasks_per_update", minimum=1,
+                                        where=where, example=1)
+        untagged = _v.check_choice(untagged, "untagged", (None,) + tuple(UNTAGGED_POLICIES),
+                                   where=where)
+        sign_correction = _v.check_bool(sign_correction, "sign_correction", where=where)
+        loss_in_path = _v.check_bool(loss_in_path, "loss_in_path", where=where)
+        update_on_train_end = _v.check_bool(update_on_train_end, "update_on_train_end",
+                                            where=where)
+        reset_inner_state = _v.check_bool(reset_inner_state, "reset_inner_state", where=where)
+        meta_optimizer = _v.get_optimizer(meta_optimizer, "meta_optimizer", where=where)
         if meta_optimizer is None:
             meta_optimizer = keras.optimizers.SGD(0.1)
-        elif not isinstance(meta_optimizer, keras.optimizers.Optimizer):
-            meta_optimizer = keras.optimizers.get(meta_optimizer)
         self.meta_optimizer = meta_optimizer
         self.norm = norm
         self.sign_correction = sign_correction

@@ -22,6 +22,7 @@ import tensorflow as tf
 from keras import ops
 from keras.src.utils import tracking
 
+from warpkeras import _validation as _v
 from warpkeras import roles
 from warpkeras.partition import UNTAGGED_POLICIES, partition
 
@@ -47,14 +48,7 @@ _BASE_DEFAULTS = {
 
 
 def _get_optimizer(identifier, what):
-    if isinstance(identifier, keras.optimizers.Optimizer):
-        return identifier
-    if isinstance(identifier, (str, dict)):
-        return keras.optimizers.get(identifier)
-    raise TypeError(
-        f"WarpGrad({what}=...) takes a keras.optimizers.Optimizer, an optimizer name or a "
-        f"serialised optimizer config; got {type(identifier).__name__}."
-    )
+    return _v.get_optimizer(identifier, what, allow_none=False, where="WarpGrad")
 
 
 @keras.saving.register_keras_serializable(package="warpkeras")
@@ -141,6 +135,13 @@ class WarpGrad(keras.optimizers.Optimizer):
             to Keras' deserialisation.
         variable_paths: the matching variable paths (used in error messages only).
         name: the optimizer's name.
+
+    Raises:
+        TypeError: an argument of the wrong type (e.g. ``meta_interval="5"``, an optimizer
+            class instead of an instance, a `model` that is not a `keras.Model`).
+        ValueError: a value out of range (``meta_interval < 1``, a non-positive or
+            non-finite `learning_rate`, an unknown optimizer name or `untagged` policy),
+            or the same optimizer instance as inner and meta optimizer.
     """
 
     def __init__(
@@ -167,18 +168,28 @@ class WarpGrad(keras.optimizers.Optimizer):
                 )
         if kwargs:
             raise ValueError(f"WarpGrad got unexpected argument(s): {sorted(kwargs)}.")
-        if isinstance(meta_interval, bool) or not isinstance(meta_interval, int) or (
-            meta_interval < 1
-        ):
-            raise ValueError(
-                f"meta_interval must be an integer >= 1 (steps between meta-updates); got "
-                f"{meta_interval!r}."
-            )
-        if untagged not in UNTAGGED_POLICIES:
-            raise ValueError(f"untagged={untagged!r}: expected one of {UNTAGGED_POLICIES}.")
+        where = "WarpGrad"
+        meta_interval = _v.check_int(meta_interval, "meta_interval", minimum=1, where=where,
+                                     example=5)
+        untagged = _v.check_choice(untagged, "untagged", UNTAGGED_POLICIES, where=where)
+        learning_rate = _v.check_float(learning_rate, "learning_rate", minimum=0.0,
+                                       min_inclusive=False, allow_none=True, where=where,
+                                       example=0.01)
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"{where}: name={_v.describe(name)} is not valid: expected a "
+                            "non-empty string, e.g. name='warpgrad'.")
+        if model is not None and not isinstance(model, keras.Model):
+            raise TypeError(f"{where}: model={_v.describe(model)} is not valid: expected the "
+                            "keras.Model being trained, or None (then call bind(model)).")
+        for key, value in (("variable_roles", variable_roles),
+                           ("variable_paths", variable_paths)):
+            if value is not None and (isinstance(value, (str, bytes))
+                                      or not isinstance(value, (list, tuple))):
+                raise TypeError(f"{where}: {key}={_v.describe(value)} is not valid: expected "
+                                "a list of strings or None (normally written by get_config).")
         if inner_optimizer is None:
             inner_optimizer = keras.optimizers.SGD(
-                0.01 if learning_rate is None else float(learning_rate)
+                0.01 if learning_rate is None else learning_rate
             )
         elif learning_rate is not None:
             raise ValueError(
