@@ -89,18 +89,72 @@ def _loss_is_classification(loss):
     return "categorical" in str(name) or "crossentropy" in str(name)
 
 
-def _accuracy(y_true, y_pred):
-    y_pred = tf.convert_to_tensor(y_pred)
-    y_true = tf.convert_to_tensor(y_true)
-    if y_pred.shape.rank is not None and y_pred.shape[-1] == 1:
-        pred = tf.cast(y_pred[..., 0] > 0.5, y_true.dtype)
-        return tf.reduce_mean(tf.cast(tf.equal(tf.reshape(y_true, tf.shape(pred)), pred), tf.float32))
-    pred = tf.argmax(y_pred, axis=-1)
-    if y_true.shape.rank == y_pred.shape.rank:  # one-hot labels
-        y_true = tf.argmax(y_true, axis=-1)
-    return tf.reduce_mean(
-        tf.cast(tf.equal(tf.cast(tf.reshape(y_true, tf.shape(pred)), pred.dtype), pred), tf.float32)
-    )
+def _loss_settings(loss):
+    """``(name, from_logits)`` of a Keras loss object, loss function or `functools.partial`."""
+    fn = getattr(loss, "fn", None) or getattr(loss, "func", None) or loss
+    name = str(getattr(loss, "name", None) or getattr(fn, "__name__", "") or "")
+    kwargs = dict(getattr(loss, "keywords", None) or {})
+    kwargs.update(getattr(loss, "_fn_kwargs", None) or {})
+    from_logits = bool(getattr(loss, "from_logits", kwargs.get("from_logits", False)))
+    return name, from_logits
+
+
+def accuracy_function(loss, y_true, y_pred):
+    """The Keras accuracy function matched to `loss` for these labels and predictions.
+
+    Binary cross-entropies (``binary_crossentropy``, ``binary_focal_crossentropy``) use
+    `keras.metrics.binary_accuracy`, thresholding probabilities at 0.5 or, with
+    ``from_logits=True``, logits at 0 (the same decision); categorical and sparse
+    categorical cross-entropies use `keras.metrics.categorical_accuracy` /
+    `keras.metrics.sparse_categorical_accuracy`. Any other loss gets the metric that Keras's
+    ``compile(metrics=["accuracy"])`` picks from the label and prediction shapes
+    (`keras.src.trainers.compile_utils.is_binary_or_sparse_categorical`).
+
+    Args:
+        loss: the task loss (Keras loss object, function or name-resolved function).
+        y_true: labels (a tensor with a static rank).
+        y_pred: predictions (a tensor with a static rank).
+
+    Returns:
+        ``fn(y_true, y_pred) -> matches`` (per example or per element, Keras floatx).
+    """
+    from keras.src.trainers.compile_utils import is_binary_or_sparse_categorical
+
+    name, from_logits = _loss_settings(loss)
+    if "binary" in name:
+        return functools.partial(keras.metrics.binary_accuracy,
+                                 threshold=0.0 if from_logits else 0.5)
+    if "sparse_categorical" in name:
+        return keras.metrics.sparse_categorical_accuracy
+    if "categorical" in name:
+        return keras.metrics.categorical_accuracy
+    is_binary, is_sparse = is_binary_or_sparse_categorical(y_true, y_pred)
+    if is_binary:
+        return keras.metrics.binary_accuracy
+    return (keras.metrics.sparse_categorical_accuracy if is_sparse
+            else keras.metrics.categorical_accuracy)
+
+
+def _accuracy(y_true, y_pred, loss=None):
+    """Mean accuracy (float32 scalar) of a batch, with the Keras metric matched to `loss`
+    (see `accuracy_function`); the mean over the outputs of a multi-output model. Stateless
+    and traceable (runs inside the compiled step functions)."""
+    trues, preds = tf.nest.flatten(y_true), tf.nest.flatten(y_pred)
+    if len(trues) != len(preds):
+        raise ValueError(
+            f"Accuracy needs one label per model output: the labels have {len(trues)} "
+            f"part(s), the outputs {len(preds)}; pass accuracy=False to the trainer to turn "
+            "it off."
+        )
+    values = []
+    for t, p in zip(trues, preds):
+        p = tf.convert_to_tensor(p)
+        if p.dtype in (tf.float16, tf.bfloat16):
+            p = tf.cast(p, tf.float32)
+        t = tf.convert_to_tensor(t)
+        matches = accuracy_function(loss, t, p)(t, p)
+        values.append(tf.reduce_mean(tf.cast(matches, tf.float32)))
+    return tf.add_n(values) / float(len(values))
 
 
 def _all_finite(tensors):
@@ -501,7 +555,7 @@ class MetaTrainer(TrainingLoop):
 
     def _metric(self, y, outputs):
         if self.accuracy:
-            return _accuracy(y, outputs)
+            return _accuracy(y, outputs, self.loss)
         return tf.constant(0.0)
 
     def _build_functions(self):
