@@ -775,6 +775,71 @@ class MetaTrainer(TrainingLoop):
     def _stack_batches(batches):
         return tf.nest.map_structure(lambda *ts: np.stack([np.asarray(t) for t in ts]), *batches)
 
+    def _label_limit(self):
+        """Number of classes C of a sparse categorical loss (labels must lie in [0, C)),
+        read from the model's output; `None` when the loss takes no class ids or the output
+        width is unknown."""
+        if not hasattr(self, "_label_limit_value"):
+            loss = self.loss
+            name = " ".join(str(n) for n in (
+                getattr(loss, "name", None), getattr(loss, "__name__", None),
+                getattr(getattr(loss, "fn", None), "__name__", None),
+                getattr(getattr(loss, "func", None), "__name__", None)) if n)
+            limit = None
+            if "sparse_categorical" in name:
+                outputs = getattr(self.model, "outputs", None)
+                try:
+                    if outputs and len(outputs) == 1:
+                        width = outputs[0].shape[-1]
+                        limit = int(width) if width is not None else None
+                except (AttributeError, TypeError, ValueError, IndexError):
+                    limit = None
+            self._label_limit_value = limit
+        return self._label_limit_value
+
+    def _check_labels(self, task, y, which):
+        """Refuses class ids outside [0, C) of a sparse categorical loss, naming the task.
+
+        A cheap numpy check (min / max of the batch's labels); without it such labels fail
+        deep inside the compiled step with a long graph error, or on some devices give a
+        NaN loss and the task is silently dropped.
+        """
+        limit = self._label_limit()
+        if limit is None or isinstance(y, (dict, list, tuple)):
+            return
+        y = np.asarray(y)
+        if y.size == 0 or y.dtype.kind not in "iuf":
+            return
+        lo, hi = y.min(), y.max()
+        if lo >= 0 and hi < limit and (y.dtype.kind != "f" or np.all(np.isfinite(y))):
+            return
+        name = getattr(task, "name", "task")
+        raise ValueError(
+            f"Task '{name}': its {which} labels must be class ids in [0, {limit}) for the "
+            f"model's {limit}-unit output and the sparse categorical loss, but a batch holds "
+            f"labels in [{lo}, {hi}]. Relabel the task's classes as 0..{limit - 1} (e.g. "
+            "y = np.unique(y, return_inverse=True)[1]) or give the head enough units."
+        )
+
+    def _checked(self, task, batches, which):
+        """`batches` (an iterator of (x, y)) with every label batch checked by
+        `_check_labels`; `batches` itself when there is nothing to check."""
+        if self._label_limit() is None:
+            return batches
+
+        def checked():
+            for batch in batches:
+                if isinstance(batch, (tuple, list)) and len(batch) == 2:
+                    self._check_labels(task, batch[1], which)
+                yield batch
+
+        return checked()
+
+    def _checked_streams(self, task, streams):
+        """`Task.streams` output with both iterators label-checked."""
+        train, meta = streams
+        return self._checked(task, train, "train"), self._checked(task, meta, "meta")
+
     def _adapt_group(self, tasks, task_ids, rngs, start=None):
         """Adapts a group of tasks in lock-step for K steps (see `warpkeras.trainers.parallel`),
         accumulating what the objectives need.
@@ -787,7 +852,7 @@ class MetaTrainer(TrainingLoop):
         pairs = [self._task_rngs(r) for r in rngs]
         if self.init_objective in ("maml", "fomaml") and self.warp_mode is None:
             return self._maml_group(tasks, task_ids, pairs)
-        streams = [t.streams(a, b) for t, (a, b) in zip(tasks, pairs)]
+        streams = [self._checked_streams(t, t.streams(a, b)) for t, (a, b) in zip(tasks, pairs)]
         train_its = [s[0] for s in streams]
         online = self.warp_mode in ("online", "continual")
         meta_its = [s[1] for s in streams] if online else None
@@ -825,7 +890,8 @@ class MetaTrainer(TrainingLoop):
             result["init_grads"] = tuple(a - b for a, b in zip(theta_start, carry["theta"]))
         elif self.init_objective in ("maml", "fomaml"):
             qx, qy = self._stack_batches(
-                [next(t.batches("meta", b)) for t, (_, b) in zip(tasks, pairs)])
+                [next(self._checked(t, t.batches("meta", b), "meta"))
+                 for t, (_, b) in zip(tasks, pairs)])
             maml_state = self._reseed_stacked(self._initial_carry(size)["state"],
                                               [(meta_step, tid, 1) for tid in task_ids])
             _, result["init_grads"], ok = self._group_maml(
@@ -851,7 +917,7 @@ class MetaTrainer(TrainingLoop):
         meta_step = int(self.step.numpy())
         carry["state"] = self._reseed_stacked(carry["state"],
                                               [(meta_step, tid, 1) for tid in task_ids])
-        streams = [t.streams(a, b) for t, (a, b) in zip(tasks, pairs)]
+        streams = [self._checked_streams(t, t.streams(a, b)) for t, (a, b) in zip(tasks, pairs)]
         sx, sy = self._stack_batches([next(s[0]) for s in streams])
         qx, qy = self._stack_batches([next(s[1]) for s in streams])
         loss, g, ok = self._group_maml(carry["theta"], carry["state"], sx, sy, qx, qy)
@@ -1055,10 +1121,12 @@ class MetaTrainer(TrainingLoop):
         steps = self.inner_steps if steps is None else int(steps)
         task = as_task(task)
         rng = np.random.default_rng([self.seed, 104729, seed])
-        batches = task.batches("train", rng)
+        batches = self._checked(task, task.batches("train", rng), "train")
         theta, velocity, state = self._start_values(task)
         state = self._reseed(state, 104729, seed)
         test = task.test_data()
+        if test is not None:
+            self._check_labels(task, test[1], "test")
         curves = {"train_loss": [], "train_accuracy": [], "test_steps": [], "test_loss": [],
                   "test_accuracy": [], "path_length": 0.0}
 

@@ -1,5 +1,8 @@
 """Baselines without a meta-objective: multi-task fine-tuning and no meta-training."""
 
+import math
+import warnings
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -50,7 +53,7 @@ class FineTuneTrainer(MetaTrainer):
 
     def train_step(self, tasks, rng):
         packer = self._theta_packer
-        losses, metrics, dropped = [], [], 0
+        losses, metrics, dropped, diverged = [], [], 0, []
         body = [tf.convert_to_tensor(v.value) for v in self.partition.task_variables]
         for task, task_rng in zip(tasks, rng.spawn(len(tasks))):
             theta, velocity, state = self._start_values(task, head=self._heads.get(task.name))
@@ -59,7 +62,7 @@ class FineTuneTrainer(MetaTrainer):
                 if i not in self.head_indices:
                     values[i] = t
             theta = packer.pack(values)
-            batches = task.batches("train", task_rng)
+            batches = self._checked(task, task.batches("train", task_rng), "train")
             ok_all = True
             for _ in range(self.inner_steps):
                 x, y = next(batches)
@@ -70,6 +73,10 @@ class FineTuneTrainer(MetaTrainer):
                     break
             if not ok_all:
                 dropped += 1
+                diverged.append(str(task.name))
+                warnings.warn(
+                    f"Meta step {int(self.step.numpy())}: task '{task.name}' produced a "
+                    "non-finite loss or gradient; it is skipped.", RuntimeWarning, stacklevel=2)
                 continue
             losses.append(float(loss))
             metrics.append(float(metric))
@@ -82,11 +89,11 @@ class FineTuneTrainer(MetaTrainer):
             values[i] = h
         self.partition.assign_task(values)
         self.nan_tasks.assign_add(dropped)
-        logs = {"nan_tasks": int(self.nan_tasks.numpy())}
-        if losses:
-            logs["loss"] = float(np.mean(losses))
-            if self.accuracy:
-                logs["accuracy"] = float(np.mean(metrics))
+        self._record_diverged(diverged)
+        logs = {"loss": float(np.mean(losses)) if losses else math.nan,
+                "diverged_tasks": dropped, "nan_tasks": int(self.nan_tasks.numpy())}
+        if self.accuracy:
+            logs["accuracy"] = float(np.mean(metrics)) if metrics else math.nan
         return logs
 
 
