@@ -106,3 +106,63 @@ def test_logit_model_with_binary_crossentropy_reports_accuracy_one():
     report = trainer.evaluate([task], verbose=0)
     assert report["final_test_accuracy"]["mean"] == 1.0
     assert report["curves"][0]["train_accuracy"] == [1.0]
+
+
+# ----------------------------------------------------------------------------------------
+# divergence
+def _regression_task(name, scale=1.0, seed=0):
+    rng = np.random.default_rng(seed)
+    x = (scale * rng.normal(size=(24, 2))).astype("float32")
+    y = x @ np.array([[1.0], [-1.0]], "float32")
+    return warpkeras.Task(train=(x[:16], y[:16]), test=(x[16:], y[16:]), batch_size=8,
+                          name=name)
+
+
+def _warp_model():
+    return keras.Sequential([
+        keras.Input((2,)),
+        warpkeras.warp(keras.layers.Dense(2, use_bias=False, kernel_initializer="identity")),
+        keras.layers.Dense(1, use_bias=False, kernel_initializer="zeros"),
+    ])
+
+
+GOOD, BAD = _regression_task("good"), _regression_task("exploding", scale=1e5)
+
+
+@pytest.mark.parametrize("mode", ["online", "offline"])
+def test_diverged_tasks_are_counted_and_named_per_meta_step(mode):
+    trainer = warpkeras.WarpTrainer(_warp_model(), "mse", mode=mode, init_objective=None,
+                                    inner_steps=4, meta_batch_size=2, inner_learning_rate=0.1,
+                                    seed=0)
+    with pytest.warns(RuntimeWarning, match="exploding"):
+        logs = trainer.train_step([GOOD, BAD], np.random.default_rng(0))
+    assert logs["diverged_tasks"] == 1
+    assert trainer.diverged == {0: ["exploding"]}
+    assert np.isfinite(logs["loss"])
+    # the running total counts tasks, never replay-buffer points
+    assert logs["nan_tasks"] == 1 and int(trainer.nan_tasks.numpy()) == 1
+    if mode == "offline":
+        assert logs["nan_points"] >= 1  # the exploding task's stored points were skipped
+    trainer.step.assign(1)
+    with pytest.warns(RuntimeWarning):
+        logs = trainer.train_step([BAD], np.random.default_rng(1))
+    assert np.isnan(logs["loss"]) and logs["diverged_tasks"] == 1 and logs["nan_tasks"] == 2
+    assert trainer.diverged[1] == ["exploding"]
+
+
+def test_evaluate_names_diverged_tasks_and_does_not_average_only_survivors():
+    trainer = warpkeras.NoMetaTrainer(_warp_model(), "mse", inner_steps=4,
+                                      inner_learning_rate=0.1)
+    with pytest.warns(RuntimeWarning, match="1 of 2 evaluation tasks diverged .*: exploding"):
+        report = trainer.evaluate([GOOD, BAD], verbose=0)
+    assert report["diverged"] == {"count": 1, "tasks": ["exploding"]}
+    loss = report["final_test_loss"]
+    assert len(loss["values"]) == 2 and np.isfinite(loss["values"][0])
+    assert np.isnan(loss["values"][1]) and np.isnan(loss["mean"]) and loss["diverged"] == 1
+    assert loss["mean_of_finite"] == pytest.approx(loss["values"][0])
+    assert np.isnan(report["auc"]["mean"]) and report["auc"]["diverged"] == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        clean = trainer.evaluate([GOOD], verbose=0)
+    assert clean["diverged"]["count"] == 0 and clean["final_test_loss"]["mean"] == pytest.approx(
+        loss["values"][0])

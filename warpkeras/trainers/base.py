@@ -928,7 +928,7 @@ class MetaTrainer(TrainingLoop):
         """Algorithm 3: add this step's warp gradient; apply every η steps."""
         g_phi = [g[0] for g in g_phi]
         if not bool(_all_finite(g_phi)):
-            self.nan_tasks.assign_add(1)
+            self._nan_points = getattr(self, "_nan_points", 0) + 1  # its task is counted too
             return
         for v, g in zip(self._stream_acc, self._phi_packer.unpack(g_phi)):
             v.assign_add(g)
@@ -971,7 +971,7 @@ class MetaTrainer(TrainingLoop):
             meta, g_phi, g_hyper, ok = self._warp_point(tuple(entry["theta"]), velocity,
                                                         point_state, x, y, meta_batch)
             if not bool(ok):
-                self.nan_tasks.assign_add(1)
+                self._nan_points = getattr(self, "_nan_points", 0) + 1  # a point, not a task
                 continue
             acc = g_phi if acc is None else tuple(a + g for a, g in zip(acc, g_phi))
             hyper = g_hyper if hyper is None else hyper + g_hyper
@@ -989,14 +989,41 @@ class MetaTrainer(TrainingLoop):
         self.buffer.clear()
         return logs
 
+    def _record_diverged(self, names):
+        """Keeps the names of the tasks dropped at this meta step in ``self.diverged``."""
+        if not hasattr(self, "diverged"):
+            self.diverged = {}
+        if names:
+            self.diverged[int(self.step.numpy())] = list(names)
+
     def train_step(self, tasks, rng):
-        """One meta step on a list of tasks. Returns a dict of logs."""
+        """One meta step on a list of tasks.
+
+        A task whose loss or gradients become non-finite is dropped from the meta-update
+        (with a `RuntimeWarning` naming it); ``self.diverged`` maps the (0-based) meta step
+        to the names of the tasks dropped there.
+
+        Args:
+            tasks: the meta-batch, a list of `warpkeras.Task`.
+            rng: the step's `numpy.random.Generator`.
+
+        Returns:
+            A dict of logs: ``loss`` (and ``accuracy``): the mean over the tasks that stayed
+            finite of the last adaptation step's value, NaN when none did;
+            ``diverged_tasks``: tasks dropped at this step; ``nan_tasks``: tasks dropped so
+            far (a running total); ``meta_loss``; offline/continual modes: ``nan_points``,
+            replay-buffer points / stream steps whose warp gradient was non-finite and
+            skipped at this step (not tasks); offline: ``warp_updates``; meta-learned α /
+            μ: ``inner_learning_rate`` / ``inner_momentum``.
+        """
         if self.buffer is not None:
             self.buffer.clear()
         size = 1 if self.warp_mode == "continual" else self.executor.group_size(len(tasks))
         rngs = rng.spawn(len(tasks))
         sums, counts = {}, {}
         losses, metrics, metas, dropped = [], [], [], 0
+        diverged = []  # names of this step's dropped tasks
+        self._nan_points = 0
         stream = self._start_values() if self.warp_mode == "continual" else None
         for lo in range(0, len(tasks), size):
             group = tasks[lo:lo + size]
@@ -1005,9 +1032,13 @@ class MetaTrainer(TrainingLoop):
             finite = res["finite"]
             for g in np.flatnonzero(~finite):
                 dropped += 1
+                name = str(getattr(group[g], "name", ids[g]))
+                diverged.append(name)
                 warnings.warn(
-                    f"Task '{getattr(group[g], 'name', ids[g])}' produced a non-finite loss "
-                    "or gradient; it is dropped from this meta-update.",
+                    f"Meta step {int(self.step.numpy())}: task '{name}' (number {ids[g]} "
+                    "of the meta-batch) produced a non-finite loss or gradient; it is "
+                    "dropped from this meta-update (see the logs' `diverged_tasks` and "
+                    "`trainer.diverged`).",
                     RuntimeWarning,
                     stacklevel=2,
                 )
@@ -1048,11 +1079,16 @@ class MetaTrainer(TrainingLoop):
                 logs["meta_loss"] = float(np.mean(off["meta_loss"]))
         elif metas:
             logs["meta_loss"] = float(np.mean(metas))
-        if losses:
-            logs["loss"] = float(np.mean(losses))
-            if self.accuracy and self.init_objective not in ("maml", "fomaml"):
-                logs["accuracy"] = float(np.mean(metrics))
+        # Means over the tasks that stayed finite; `diverged_tasks` says how many did not
+        # (and the loss is NaN when none did).
+        logs["loss"] = float(np.mean(losses)) if losses else math.nan
+        if self.accuracy and self.init_objective not in ("maml", "fomaml"):
+            logs["accuracy"] = float(np.mean(metrics)) if metrics else math.nan
+        logs["diverged_tasks"] = dropped
         logs["nan_tasks"] = int(self.nan_tasks.numpy())
+        if self.warp_mode in ("offline", "continual"):
+            logs["nan_points"] = self._nan_points
+        self._record_diverged(diverged)
         if self._hyper_vars:
             logs["inner_learning_rate"] = float(self.inner_lr.numpy())
             if self.learn_mu:
@@ -1176,8 +1212,14 @@ class MetaTrainer(TrainingLoop):
 
         Returns:
             A dict with ``final_test_loss``, ``final_test_accuracy``, ``auc``,
-            ``final_train_loss`` (each ``{"mean", "std", "values"}``), ``curves`` (per
-            task) and ``mean_curves``.
+            ``final_train_loss``, ``path_length`` (each ``{"mean", "std", "values",
+            "diverged", "mean_of_finite"}``), ``diverged`` (``{"count", "tasks"}``, the
+            names of the tasks whose loss became non-finite: their values are NaN, and so
+            is every mean over tasks they are part of), ``curves`` (per task, with its
+            name under ``"task"``) and ``mean_curves``; see `summarize`.
+
+        Warns:
+            RuntimeWarning: naming the tasks that diverged.
         """
         tasks = [as_task(t) for t in (tasks.tasks if hasattr(tasks, "sample") else tasks)]
         steps = self.inner_steps if steps is None else int(steps)
@@ -1185,36 +1227,91 @@ class MetaTrainer(TrainingLoop):
         per_task = []
         for i, task in enumerate(tasks):
             _, curves = self.adapt(task, steps, seed=seed + i, eval_every=eval_every)
+            curves["task"] = str(task.name)
             per_task.append(curves)
             if bar is not None:
                 bar.update(i + 1)
-        return summarize(per_task, self.accuracy)
+        report = summarize(per_task, self.accuracy)
+        if report["diverged"]["count"]:
+            warnings.warn(
+                f"{report['diverged']['count']} of {len(tasks)} evaluation tasks diverged "
+                f"(non-finite loss while adapting or testing): "
+                f"{', '.join(report['diverged']['tasks'])}. Their values are NaN and so are "
+                "the means (see each statistic's `mean_of_finite`).",
+                RuntimeWarning, stacklevel=2)
+        return report
 
 
-def _stats(values):
-    values = [float(v) for v in values if v is not None and not math.isnan(float(v))]
-    if not values:
-        return {"mean": float("nan"), "std": float("nan"), "values": []}
-    return {"mean": float(np.mean(values)), "std": float(np.std(values)), "values": values}
+def _finite(value):
+    return value is not None and math.isfinite(float(value))
+
+
+def _stats(values, diverged=None):
+    """Mean and std over tasks that never silently drop a diverged task.
+
+    Args:
+        values: one value per task, `None` where the task has no such value (e.g. no test
+            data): those tasks are left out.
+        diverged: per task, whether it diverged (its value then counts as NaN).
+
+    Returns:
+        ``{"mean", "std", "values", "diverged", "mean_of_finite"}``: ``values`` holds the
+        measured tasks' values in task order (NaN for diverged tasks); ``mean`` / ``std``
+        are over all of them, so NaN when any diverged; ``diverged`` counts those;
+        ``mean_of_finite`` is the mean over the others (NaN when there are none).
+    """
+    diverged = diverged if diverged is not None else [False] * len(values)
+    measured = [math.nan if d or not _finite(v) else float(v)
+                for v, d in zip(values, diverged) if v is not None]
+    finite = [v for v in measured if not math.isnan(v)]
+    bad = len(measured) - len(finite)
+    mean = math.nan if bad or not measured else float(np.mean(finite))
+    std = math.nan if bad or not measured else float(np.std(finite))
+    return {"mean": mean, "std": std, "values": measured, "diverged": bad,
+            "mean_of_finite": float(np.mean(finite)) if finite else math.nan}
 
 
 def summarize(per_task, accuracy):
-    """Summary statistics of `adapt` curves over tasks (see `MetaTrainer.evaluate`)."""
+    """Summary statistics of `adapt` curves over tasks (see `MetaTrainer.evaluate`).
+
+    A task *diverged* when a training or test loss or its path length is not finite; its
+    values are NaN in every statistic (its accuracy, computed on non-finite predictions,
+    would mean nothing), so means over tasks are NaN rather than means over the survivors.
+
+    Args:
+        per_task: `adapt` curves per task; an optional ``"task"`` entry names the task.
+        accuracy: whether accuracies were recorded (the AUC then uses 1 − accuracy).
+
+    Returns:
+        A dict: ``tasks``; ``final_test_loss``, ``final_test_accuracy``,
+        ``final_train_loss``, ``auc``, ``path_length`` (each as `_stats` returns:
+        ``mean``, ``std``, ``values``, ``diverged``, ``mean_of_finite``); ``diverged``
+        (``{"count", "tasks"}``: the names of the diverged tasks); ``curves`` and, when
+        curves were recorded, ``mean_curves``.
+    """
+    names = [str(c.get("task", f"task {i}")) for i, c in enumerate(per_task)]
+    diverged = [
+        not all(_finite(v) for v in list(c["train_loss"]) + list(c["test_loss"]))
+        or not _finite(c.get("path_length", 0.0))
+        for c in per_task
+    ]
     auc = []
     for c in per_task:
-        if accuracy:
-            auc.append(float(np.mean([1.0 - a for a in c["train_accuracy"]])))
-        else:
-            auc.append(float(np.mean(c["train_loss"])))
+        curve = ([1.0 - a for a in c["train_accuracy"]] if accuracy else c["train_loss"])
+        auc.append(float(np.mean(curve)) if len(curve) else None)
     report = {
         "tasks": len(per_task),
-        "final_test_loss": _stats([c["test_loss"][-1] if c["test_loss"] else None for c in per_task]),
+        "final_test_loss": _stats(
+            [c["test_loss"][-1] if c["test_loss"] else None for c in per_task], diverged),
         "final_test_accuracy": _stats(
-            [c["test_accuracy"][-1] if c["test_accuracy"] and accuracy else None for c in per_task]
-        ),
-        "final_train_loss": _stats([c["train_loss"][-1] for c in per_task if c["train_loss"]]),
-        "auc": _stats(auc),
-        "path_length": _stats([c.get("path_length") for c in per_task]),
+            [c["test_accuracy"][-1] if c["test_accuracy"] and accuracy else None
+             for c in per_task], diverged),
+        "final_train_loss": _stats(
+            [c["train_loss"][-1] if c["train_loss"] else None for c in per_task], diverged),
+        "auc": _stats(auc, diverged),
+        "path_length": _stats([c.get("path_length") for c in per_task], diverged),
+        "diverged": {"count": int(sum(diverged)),
+                     "tasks": [n for n, d in zip(names, diverged) if d]},
         "curves": per_task,
     }
     if per_task and per_task[0]["train_loss"]:
