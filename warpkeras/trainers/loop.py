@@ -42,8 +42,6 @@ _CHECKPOINT_NAME = "ckpt"
 _CHECKPOINT_RE = re.compile(r"^" + _CHECKPOINT_NAME + r"-(\d+)\.(index|data-\d+-of-\d+)$")
 _TEMP_RE = re.compile(r"^" + _CHECKPOINT_NAME + r"-\d+_temp(_[0-9a-f]+)?$")
 _STATE_FILE = "checkpoint"
-# Counters shown by `fit`'s progress output only in History, never on the bar.
-_COUNTERS = ("seconds", "nan_tasks", "warp_updates")
 
 
 class CheckpointWarning(UserWarning):
@@ -124,6 +122,21 @@ class FitModel:
         return getattr(self.__dict__["_model"], name)
 
     @property
+    def metrics(self):
+        """Which way each logged value improves, for ``mode="auto"`` of `EarlyStopping`,
+        `ModelCheckpoint` and `ReduceLROnPlateau`: ``loss``, ``meta_loss`` and ``auc`` (the
+        area under the training-error curve) down, ``accuracy`` up."""
+        from keras.src.trainers.compile_utils import MetricsList
+
+        tracked = []
+        for name, direction in (("loss", "down"), ("meta_loss", "down"), ("auc", "down"),
+                                ("accuracy", "up")):
+            metric = keras.metrics.Mean(name=name)
+            metric._direction = direction
+            tracked.append(metric)
+        return [MetricsList(tracked)]
+
+    @property
     def model(self):
         """The trainer's Keras model."""
         return self._model
@@ -178,12 +191,15 @@ class MetaHistory(keras.callbacks.History):
 class MetaProgbarLogger(keras.callbacks.ProgbarLogger):
     """Keras's `ProgbarLogger` (``verbose=1`` bar, ``verbose=2`` one line per epoch, in
     Keras's formats), showing the step's own values (never earlier ones: a meta step with
-    no finite task shows ``nan``), without the counters ``seconds``, ``nan_tasks`` and
-    ``warp_updates`` (kept in History)."""
+    no finite task shows ``nan``), without ``seconds`` and the integer counters
+    (``nan_tasks``, ``diverged_tasks``, ``warp_updates``, ...), which stay in History."""
 
-    @staticmethod
-    def _shown(logs):
-        return {k: v for k, v in (logs or {}).items() if k not in _COUNTERS}
+    def __init__(self):
+        super().__init__()
+        self.hidden = {"seconds"}  # `fit` adds the keys of integer counters
+
+    def _shown(self, logs):
+        return {k: v for k, v in (logs or {}).items() if k not in self.hidden}
 
     def on_train_batch_end(self, batch, logs=None):
         super().on_train_batch_end(batch, self._shown(logs))
@@ -321,10 +337,10 @@ class TrainingLoop:
     def _callback_optimizer(self):
         """What Keras callbacks see as ``model.optimizer`` (see `FitModel`)."""
         members = []
-        if self.warp_mode is not None and self.partition.warp_variables:
-            members.append(("meta_optimizer", self.meta_optimizer))
-        if self._learns_init() and all(o is not self.init_optimizer for _, o in members):
-            members.append(("init_optimizer", self.init_optimizer))
+        for optimizer, _ in self._meta_optimizer_variables():
+            if all(o is not optimizer for _, o in members):
+                name = "init_optimizer" if optimizer is self.init_optimizer else "meta_optimizer"
+                members.append((name, optimizer))
         if not members:
             return self.meta_optimizer
         if len(members) == 1:
@@ -526,13 +542,17 @@ class TrainingLoop:
             verbose=verbose, epochs=epochs, steps=1)
         history = cb._history
 
-        self.model.stop_training = False
         self.stop_training = False
         cb.on_train_begin()
         if fit_model._initial_epoch is not None:  # BackupAndRestore
             self.step.assign(int(fit_model._initial_epoch))
         start = int(self.step.numpy())
         expected = set(self._expected_log_keys())
+        counters = set()
+        for c in cb.callbacks:
+            if isinstance(c, MetaProgbarLogger):
+                c.hidden = counters | {"seconds"}
+                counters = c.hidden
         epoch_logs = None
         for s in range(start, epochs):
             cb.on_epoch_begin(s)
@@ -547,25 +567,49 @@ class TrainingLoop:
             logs["seconds"] = time.time() - step_start
             # a key with no value this step (no finite task) is NaN, never left out or stale
             expected.update(k for k in logs)
+            counters.update(k for k, v in logs.items()
+                            if isinstance(v, (int, np.integer)) and not isinstance(v, bool))
             for key in expected:
                 logs.setdefault(key, math.nan)
             self.step.assign(s + 1)
             cb.on_train_batch_end(0, dict(logs))
             epoch_logs = dict(logs)
             if validation is not None and ((s + 1) % validation_freq == 0 or s + 1 == epochs):
-                report = self.evaluate(validation, steps=validation_steps, verbose=0)
-                epoch_logs["val_loss"] = report["final_test_loss"]["mean"]
-                if self.accuracy:
-                    epoch_logs["val_accuracy"] = report["final_test_accuracy"]["mean"]
-                epoch_logs["val_auc"] = report["auc"]["mean"]
+                epoch_logs.update(self._validate(cb, validation, validation_steps))
             if manager is not None and ((s + 1) % checkpoint_every == 0 or s + 1 == epochs):
                 manager.save(checkpoint_number=s + 1)
             cb.on_epoch_end(s, epoch_logs)
-            if fit_model.stop_training or self.stop_training or self.model.stop_training:
+            if fit_model.stop_training or self.stop_training:
                 break
+        # as `model.fit`: optimisers with `use_ema=True` leave their moving averages
+        for optimizer, variables in self._meta_optimizer_variables():
+            optimizer.finalize_variable_values(variables)
         cb.on_train_end(logs=epoch_logs)
         self.history = history
         return history
+
+    def _validate(self, cb, validation, steps):
+        """Evaluates on the validation tasks inside the test hooks (one test batch), as
+        ``model.fit`` does; returns the ``val_*`` logs."""
+        cb.on_test_begin()
+        cb.on_test_batch_begin(0)
+        report = self.evaluate(validation, steps=steps, verbose=0)
+        logs = {"loss": report["final_test_loss"]["mean"]}
+        if self.accuracy:
+            logs["accuracy"] = report["final_test_accuracy"]["mean"]
+        logs["auc"] = report["auc"]["mean"]
+        cb.on_test_batch_end(0, dict(logs))
+        cb.on_test_end(dict(logs))
+        return {f"val_{k}": v for k, v in logs.items()}
+
+    def _meta_optimizer_variables(self):
+        """``(optimizer, variables)`` of the active meta optimisers."""
+        pairs = []
+        if self.warp_mode is not None and self.partition.warp_variables:
+            pairs.append((self.meta_optimizer, self.partition.warp_variables))
+        if self._learns_init():
+            pairs.append((self.init_optimizer, self.partition.task_variables))
+        return pairs
 
     def _expected_log_keys(self):
         """Keys every meta step's logs carry (NaN when a step has no value for one)."""
