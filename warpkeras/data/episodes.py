@@ -141,8 +141,9 @@ class EpisodeSampler:
         pool = pool[counts >= per_class]
         if len(pool) < self.num_ways:
             raise ValueError(
-                f"only {len(pool)} classes have at least {per_class} examples; "
-                f"cannot draw {self.num_ways}-way episodes"
+                f"only {len(pool)} classes have at least {per_class} examples "
+                f"(num_shots + num_queries); cannot draw {self.num_ways}-way episodes: lower "
+                "num_ways, num_shots or num_queries"
             )
         self.classes = pool
         rows = [np.flatnonzero(y == c) for c in pool]

@@ -323,7 +323,16 @@ def _decode_png(data, image_size):
     except ImportError:  # pragma: no cover
         Image = None
     if Image is not None:
-        with Image.open(io.BytesIO(data)) as img:
+        from PIL import UnidentifiedImageError
+
+        try:
+            img = Image.open(io.BytesIO(data))
+        except UnidentifiedImageError:
+            raise ValueError(
+                f"not an image that Pillow can identify ({len(data)} bytes, starting "
+                f"{data[:8]!r})"
+            ) from None
+        with img:
             img.load()  # decode now: a truncated file fails here, not later
             if "A" in img.getbands() or "transparency" in img.info:
                 rgba = img.convert("RGBA")

@@ -775,6 +775,63 @@ class MetaTrainer(TrainingLoop):
     def _stack_batches(batches):
         return tf.nest.map_structure(lambda *ts: np.stack([np.asarray(t) for t in ts]), *batches)
 
+    @staticmethod
+    def _batch_signature(batch):
+        """Shapes and dtypes of the leaves of one task's batch structure."""
+        return tuple((tuple(getattr(t, "shape", np.shape(t))), str(getattr(t, "dtype", "")))
+                     for t in tf.nest.flatten(batch))
+
+    def _by_shape(self, fn, tasks, stacked, batches):
+        """``fn(*stacked, *stacked_batches)`` for a group of tasks whose batches may differ
+        in shape (e.g. a 10-example and a 6-example task, or a dataset's shorter last batch).
+
+        Tasks whose batches share shapes are stacked and run together; a group with several
+        shapes runs as one sub-group per shape (in order of first appearance), each with
+        its slice of `stacked` along the task axis, and the results are put back in task
+        order. One shape (the usual case) is a single call.
+
+        Args:
+            fn: a group function (see `warpkeras.trainers.parallel`); every leaf of its
+                result has the task axis first.
+            tasks: the group's tasks (for error messages).
+            stacked: a tuple of structures with a leading task axis.
+            batches: a list of per-task lists of batch structures (one list per batch
+                argument of `fn`).
+
+        Raises:
+            ValueError: the shapes differ under a `tf.distribute.Strategy`, whose replicas
+                need equal shares of equally shaped tasks; the message names the tasks and
+                their shapes.
+        """
+        size = len(tasks)
+        signatures = [tuple(self._batch_signature(arg[i]) for arg in batches)
+                      for i in range(size)]
+        groups = {}
+        for i, sig in enumerate(signatures):
+            groups.setdefault(sig, []).append(i)
+        if len(groups) == 1:
+            return fn(*stacked, *[self._stack_batches(arg) for arg in batches])
+        if getattr(self.executor, "name", "") == "distributed":
+            shapes = "; ".join(
+                f"'{getattr(tasks[i], 'name', i)}': "
+                + ", ".join(str(list(shape)) for arg in signatures[i] for shape, _ in arg)
+                for i in range(size))
+            raise ValueError(
+                "The tasks of a meta-batch split across a tf.distribute.Strategy must have "
+                f"batches of one shape, but they differ: {shapes}. Give every task the same "
+                "batch_size (at most the smallest task's number of examples, and "
+                "drop_remainder=True for tf.data batches), or train without a strategy "
+                "(parallel='unrolled' / 'vectorized' group the tasks by shape)."
+            )
+        outs, order = [], []
+        for idx in groups.values():
+            part = tf.nest.map_structure(lambda t: tf.gather(t, idx), stacked)
+            outs.append(fn(*part, *[self._stack_batches([arg[i] for i in idx])
+                                    for arg in batches]))
+            order.extend(idx)
+        inverse = np.argsort(order)
+        return tf.nest.map_structure(lambda *ts: tf.gather(tf.concat(ts, 0), inverse), *outs)
+
     def _label_limit(self):
         """Number of classes C of a sparse categorical loss (labels must lie in [0, C)),
         read from the model's output; `None` when the loss takes no class ids or the output
@@ -866,13 +923,15 @@ class MetaTrainer(TrainingLoop):
         outs = []
         first_batch = None
         for k in range(self.inner_steps):
-            x, y = self._stack_batches([next(it) for it in train_its])
+            train_batches = [next(it) for it in train_its]
             if first_batch is None:
-                first_batch = (x, y)
+                first_batch = train_batches
             if self.warp_mode == "offline":
                 self._store(task_ids, k, carry)
-            meta_batch = self._stack_batches([next(it) for it in meta_its]) if online else ()
-            carry, out = self._group_step(carry, x, y, meta_batch)
+            meta_batches = [next(it) for it in meta_its] if online else [()] * size
+            carry, out = self._by_shape(
+                lambda c, b, m: self._group_step(c, b[0], b[1], m), tasks, (carry,),
+                [train_batches, meta_batches])
             if self.warp_mode == "continual":
                 self._continual_tick(out["g_phi"], out["g_hyper"])
             outs.append(out)
@@ -883,19 +942,20 @@ class MetaTrainer(TrainingLoop):
                   "metas": (np.stack([np.asarray(o["meta"]) for o in outs], axis=1)
                             if online else None)}
         if self.init_objective == "leap":
-            x, y = self._stack_batches([next(it) for it in train_its])
-            result["init_grads"], ok = self._group_leap_close(carry, x, y)
+            result["init_grads"], ok = self._by_shape(
+                lambda c, b: self._group_leap_close(c, b[0], b[1]), tasks, (carry,),
+                [[next(it) for it in train_its]])
             finite &= np.asarray(ok)
         elif self.init_objective == "reptile":
             result["init_grads"] = tuple(a - b for a, b in zip(theta_start, carry["theta"]))
         elif self.init_objective in ("maml", "fomaml"):
-            qx, qy = self._stack_batches(
-                [next(self._checked(t, t.batches("meta", b), "meta"))
-                 for t, (_, b) in zip(tasks, pairs)])
+            queries = [next(self._checked(t, t.batches("meta", b), "meta"))
+                       for t, (_, b) in zip(tasks, pairs)]
             maml_state = self._reseed_stacked(self._initial_carry(size)["state"],
                                               [(meta_step, tid, 1) for tid in task_ids])
-            _, result["init_grads"], ok = self._group_maml(
-                theta_start, maml_state, first_batch[0], first_batch[1], qx, qy)
+            _, result["init_grads"], ok = self._by_shape(
+                lambda th, st, s, q: self._group_maml(th, st, s[0], s[1], q[0], q[1]), tasks,
+                (theta_start, maml_state), [first_batch, queries])
             finite &= np.asarray(ok)
         if self.warp_mode == "online":
             result["warp_grads"] = tuple(a / float(self.inner_steps) for a in carry["warp_acc"])
@@ -918,9 +978,10 @@ class MetaTrainer(TrainingLoop):
         carry["state"] = self._reseed_stacked(carry["state"],
                                               [(meta_step, tid, 1) for tid in task_ids])
         streams = [self._checked_streams(t, t.streams(a, b)) for t, (a, b) in zip(tasks, pairs)]
-        sx, sy = self._stack_batches([next(s[0]) for s in streams])
-        qx, qy = self._stack_batches([next(s[1]) for s in streams])
-        loss, g, ok = self._group_maml(carry["theta"], carry["state"], sx, sy, qx, qy)
+        loss, g, ok = self._by_shape(
+            lambda th, st, s, q: self._group_maml(th, st, s[0], s[1], q[0], q[1]), tasks,
+            (carry["theta"], carry["state"]),
+            [[next(s[0]) for s in streams], [next(s[1]) for s in streams]])
         return {"finite": np.asarray(ok), "losses": np.asarray(loss)[:, None],
                 "metrics": np.zeros((size, 1)), "metas": None, "init_grads": g}
 
