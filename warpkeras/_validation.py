@@ -21,6 +21,7 @@ opt = v.get_optimizer("adam", "meta_optimizer", where="MetaTrainer")
 ```
 """
 
+import copy
 import difflib
 import math
 import numbers
@@ -359,6 +360,8 @@ def get_optimizer(identifier, name, *, allow_none=True, where=None):
               f"pass an instance: {name}={identifier.__name__}()")
     if not isinstance(identifier, (str, dict)):
         _fail(TypeError, name, identifier, expected, where)
+    if isinstance(identifier, dict):
+        identifier = copy.deepcopy(identifier)  # Keras' deserialisation edits the dict
     try:
         optimizer = keras.optimizers.get(identifier)
     except (ValueError, TypeError, KeyError) as e:

@@ -22,6 +22,7 @@ batches the uninterrupted run would have seen.
 """
 
 import contextlib
+import copy
 import functools
 import math
 import time
@@ -68,20 +69,37 @@ def _resolve_loss(loss, where="MetaTrainer"):
         raise MetaTrainingError(f"{where}: a loss is required: {expected}.")
     if isinstance(loss, (str, dict)):
         try:
+            # Keras' deserialisation edits the dict it is given: hand it a copy.
             resolved = (keras.losses.get(loss) if isinstance(loss, str)
-                        else keras.losses.deserialize(loss))
+                        else keras.losses.deserialize(copy.deepcopy(loss)))
         except (ValueError, TypeError, KeyError) as e:
             raise MetaTrainingError(
                 f"{where}: loss={_v.describe(loss)} is not valid: expected {expected} "
                 f"(Keras could not read it: {e})."
             ) from None
-        if resolved is None:
+        if resolved is None or not callable(resolved):
             raise MetaTrainingError(
                 f"{where}: loss={_v.describe(loss)} is not valid: expected {expected}.")
         return resolved
     if not callable(loss):
         raise TypeError(f"{where}: loss={_v.describe(loss)} is not valid: expected {expected}.")
     return loss
+
+
+def _check_head_layers(head_layers, where):
+    """`head_layers` as a list of Keras layers (a single layer is wrapped), or `None`."""
+    if head_layers is None:
+        return None
+    if isinstance(head_layers, keras.layers.Layer):
+        return [head_layers]
+    if (not isinstance(head_layers, (list, tuple))
+            or not all(isinstance(h, keras.layers.Layer) for h in head_layers)):
+        raise TypeError(
+            f"{where}: head_layers={_v.describe(head_layers)} is not valid: expected a list "
+            "of the model's Keras layers forming the head, e.g. "
+            "head_layers=[model.layers[-1]]."
+        )
+    return list(head_layers)
 
 
 def _loss_is_classification(loss):
@@ -342,22 +360,13 @@ class MetaTrainer(TrainingLoop):
         meta_loss = _v.check_callable(
             meta_loss, "meta_loss", where=where,
             signature="meta_loss(partition, loss_fn, theta, phi, meta_batch, state) -> scalar")
-        if head_layers is not None:
-            if isinstance(head_layers, keras.layers.Layer):
-                head_layers = [head_layers]
-            if (not isinstance(head_layers, (list, tuple))
-                    or not all(isinstance(h, keras.layers.Layer) for h in head_layers)):
-                raise TypeError(
-                    f"{where}: head_layers={_v.describe(head_layers)} is not valid: expected "
-                    "a list of the model's Keras layers forming the head, e.g. "
-                    "head_layers=[model.layers[-1]]."
-                )
+        head_layers = _check_head_layers(head_layers, where)
         if strategy is not None and not isinstance(strategy, tf.distribute.Strategy):
             raise TypeError(
                 f"{where}: strategy={_v.describe(strategy)} is not valid: expected a "
                 "tf.distribute.Strategy (e.g. tf.distribute.MirroredStrategy()) or None."
             )
-        if buffer_spill_dir is not None and warp_mode == "offline":
+        if buffer_spill_dir is not None:
             buffer_spill_dir = _v.check_directory(buffer_spill_dir, "buffer_spill_dir",
                                                   where=where, error=MetaTrainingError)
         if warp_mode == "continual" and init_objective is not None:

@@ -8,7 +8,7 @@ import numpy as np
 import tensorflow as tf
 
 from warpkeras import _validation as _v
-from warpkeras.trainers.base import MetaTrainer, MetaTrainingError
+from warpkeras.trainers.base import MetaTrainer, MetaTrainingError, _check_head_layers
 
 
 class FineTuneTrainer(MetaTrainer):
