@@ -40,6 +40,7 @@ class FineTuneTrainer(MetaTrainer):
 
     def __init__(self, model, loss, head_layers=None, multi_headed=True, **kwargs):
         multi_headed = _v.check_bool(multi_headed, "multi_headed", where=type(self).__name__)
+        head_layers = _check_head_layers(head_layers, type(self).__name__)
         if multi_headed and not head_layers:
             raise MetaTrainingError(
                 f"{type(self).__name__}: multi-headed fine-tuning needs the head's layers: "
