@@ -421,8 +421,10 @@ class TrainingLoop:
         if prefix is None:
             return None
         try:
-            self._checkpoint().restore(prefix).assert_existing_objects_matched()
-        except AssertionError as e:
+            status = self._checkpoint().restore(prefix)
+            status.assert_existing_objects_matched()
+            status.expect_partial()  # e.g. the manager's save counter, not ours to restore
+        except (AssertionError, ValueError) as e:
             raise CheckpointError(
                 f"Checkpoint '{prefix}' does not match this trainer and model (written by "
                 f"another configuration?): {_first_line(e)}") from e
