@@ -21,9 +21,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from warpkeras.data import EpisodeSampler, load_image_folder, rotate_classes
+from warpkeras.data import CorruptFileError, EpisodeSampler, load_image_folder, rotate_classes
 from warpkeras.data import omniglot as omniglot_module
-from warpkeras.data._cache import CorruptFileError
 from warpkeras.data.omniglot import (
     OmniglotData,
     OmniglotNotFoundError,
@@ -718,3 +717,23 @@ def test_loader_arguments_accept_equivalent_spellings(tmp_path, image_root):
     assert x.shape == (2, 10, 12, 1)
     x, y = rotate_classes(np.zeros((3, 4, 4, 1)), np.arange(3), rotations=[0, np.int64(1)])
     assert x.shape == (6, 4, 4, 1) and y.tolist() == [0, 2, 4, 1, 3, 5]
+
+
+@pytest.mark.parametrize(
+    "env, expected",
+    [
+        ({}, ("github.com", 443)),
+        ({"https_proxy": "http://proxy.example:3128"}, ("proxy.example", 3128)),
+        ({"https_proxy": "proxy.example"}, ("proxy.example", 80)),
+        ({"all_proxy": "socks5://10.0.0.1:9050"}, ("10.0.0.1", 9050)),
+        ({"https_proxy": "http://proxy.example:3128", "no_proxy": "github.com"},
+         ("github.com", 443)),
+    ],
+)
+def test_probe_goes_where_the_download_goes(monkeypatch, env, expected):
+    for name in ("https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY", "no_proxy",
+                 "NO_PROXY", "http_proxy", "HTTP_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert omniglot_module._download_route()[:2] == expected

@@ -7,7 +7,7 @@
 * :mod:`warpkeras.data.augment` - seeded random affine augmentation in TensorFlow ops.
 """
 
-from warpkeras.data._cache import default_cache_dir, default_data_dir
+from warpkeras.data._cache import CorruptFileError, default_cache_dir, default_data_dir
 from warpkeras.data.augment import affine_transform, random_affine
 from warpkeras.data.episodes import Episode, EpisodeSampler, load_image_folder, rotate_classes
 from warpkeras.data.omniglot import (
@@ -31,6 +31,7 @@ __all__ = [
     "ClassificationTask",
     "ContinualSineDistribution",
     "ContinualSineTask",
+    "CorruptFileError",
     "Episode",
     "EpisodeSampler",
     "LossSurface",

@@ -486,6 +486,27 @@ class _Offline(Exception):
     """TensorFlow Datasets would have to download Omniglot, but the network is unreachable."""
 
 
+def _download_route():
+    """``(host, port, what)`` a download connects to first: the HTTPS proxy when one is set
+    (``https_proxy`` / ``all_proxy``, unless ``no_proxy`` exempts the download host), else
+    the download host itself; ``what`` describes it for messages."""
+    import urllib.parse
+    import urllib.request
+
+    proxies = urllib.request.getproxies()
+    proxy = proxies.get("https") or proxies.get("all")
+    if proxy and not urllib.request.proxy_bypass(_DOWNLOAD_HOST[0]):
+        parsed = urllib.parse.urlsplit(proxy if "://" in proxy else "http://" + proxy)
+        defaults = {"https": 443, "http": 80}
+        try:
+            port = parsed.port or defaults.get(parsed.scheme, 1080)
+        except ValueError:  # a malformed port: let the download itself report it
+            port = None
+        if parsed.hostname and port:
+            return parsed.hostname, port, "the proxy the download goes through"
+    return (*_DOWNLOAD_HOST, "where it is downloaded from")
+
+
 def _network_reachable(host, port, timeout):
     """Whether a TCP connection to ``host:port`` opens within ``timeout`` seconds.
 
@@ -519,11 +540,11 @@ def _decode_tfds(splits, image_size, invert, tfds_data_dir, download):
         # download_and_prepare is replaced by a no-op and nothing is downloaded.
         real_download = getattr(type(builder).download_and_prepare, "__module__", "")
         if real_download.startswith("tensorflow_datasets.core") and not builder.is_prepared():
-            host, port = _DOWNLOAD_HOST
+            host, port, what = _download_route()
             if not _network_reachable(host, port, _PROBE_TIMEOUT_S):
                 raise _Offline(
                     f"it is not downloaded (looked in {builder.data_dir}) and "
-                    f"{host}:{port}, where it is downloaded from, cannot be reached within "
+                    f"{host}:{port}, {what}, cannot be reached within "
                     f"{_PROBE_TIMEOUT_S:g} s (offline?)"
                 )
             _logger.warning(
