@@ -166,3 +166,42 @@ def test_evaluate_names_diverged_tasks_and_does_not_average_only_survivors():
         clean = trainer.evaluate([GOOD], verbose=0)
     assert clean["diverged"]["count"] == 0 and clean["final_test_loss"]["mean"] == pytest.approx(
         loss["values"][0])
+
+
+# ----------------------------------------------------------------------------------------
+# tasks of different sizes in one meta-batch
+def _sized_task(n, seed):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n + 4, 2)).astype("float32")
+    y = x @ np.array([[0.5], [2.0]], "float32")
+    return warpkeras.Task(train=(x[:n], y[:n]), test=(x[n:], y[n:]), batch_size=32,
+                          name=f"{n}-examples")
+
+
+SIZED = [_sized_task(10, 1), _sized_task(6, 2), _sized_task(10, 3)]
+
+
+def _run_sized(parallel, make):
+    keras.utils.set_random_seed(7)
+    model = _warp_model()
+    trainer = make(model, parallel)
+    logs = trainer.train_step(SIZED, np.random.default_rng(0))
+    return logs, [np.array(v) for v in model.weights], trainer
+
+
+@pytest.mark.parametrize("make", [
+    lambda m, p: warpkeras.WarpTrainer(m, "mse", mode="online", init_objective="leap",
+                                       inner_steps=2, meta_batch_size=3, parallel=p),
+    lambda m, p: warpkeras.MAMLTrainer(m, "mse", inner_steps=2, meta_batch_size=3,
+                                       parallel=p),
+], ids=["warp-leap-online", "maml"])
+def test_tasks_of_different_sizes_share_an_unrolled_or_vectorized_meta_batch(make):
+    ref_logs, ref_weights, _ = _run_sized("sequential", make)
+    for parallel in ("unrolled", "vectorized"):
+        logs, weights, trainer = _run_sized(parallel, make)
+        assert logs["loss"] == pytest.approx(ref_logs["loss"], rel=1e-5), parallel
+        for a, b in zip(weights, ref_weights):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+        # the 10-example tasks ran together, the 6-example task alone: two group sizes
+        trainer.train_step(SIZED, np.random.default_rng(1))
+        assert max(trainer.trace_counts.values()) <= 2, trainer.trace_counts

@@ -45,6 +45,26 @@ def _unrolled(fn, on_trace=None):
     return run
 
 
+def _per_group_size(make):
+    """A function of stacked task groups that keeps one compiled function per group size.
+
+    A meta-batch whose tasks differ in batch shape is run as several groups, one per shape
+    (see `MetaTrainer._by_shape`), so one function meets several task-axis sizes. With a
+    single `tf.function`, ``reduce_retracing`` would then relax the task axis to an unknown
+    size, which unrolling cannot handle; a function per size keeps it static (and traces
+    each size once).
+    """
+    compiled = {}
+
+    def run(*stacked):
+        size = tf.nest.flatten(stacked)[0].shape[0]
+        if size not in compiled:
+            compiled[size] = make()
+        return compiled[size](*stacked)
+
+    return run
+
+
 def _vectorized(fn, on_trace=None):
     def run(*stacked):
         if on_trace is not None:
@@ -67,8 +87,8 @@ class SequentialExecutor:
     def compile(self, fn, on_trace=None):
         """Compiles ``fn`` (one task's step) into a function of stacked task groups;
         `on_trace` is called every time the group function is traced."""
-        return tf.function(_unrolled(fn, on_trace), jit_compile=self.jit_compile,
-                           reduce_retracing=True)
+        return _per_group_size(lambda: tf.function(
+            _unrolled(fn, on_trace), jit_compile=self.jit_compile, reduce_retracing=True))
 
     def masked_sum(self, stacked, mask):
         return _masked_sum(stacked, mask)
@@ -89,8 +109,8 @@ class VectorizedExecutor(SequentialExecutor):
     name = "vectorized"
 
     def compile(self, fn, on_trace=None):
-        return tf.function(_vectorized(fn, on_trace), jit_compile=self.jit_compile,
-                           reduce_retracing=True)
+        return _per_group_size(lambda: tf.function(
+            _vectorized(fn, on_trace), jit_compile=self.jit_compile, reduce_retracing=True))
 
 
 def _masked_sum(stacked, mask):
