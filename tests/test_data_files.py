@@ -78,16 +78,20 @@ def write_zip(path, members, compression=zipfile.ZIP_DEFLATED):
     return path
 
 
-def corrupt_member(path, member):
-    """Overwrite the middle of a member's compressed data with garbage, in place."""
+def corrupt_member(path, member, where="middle"):
+    """Overwrite the middle (or the start) of a member's compressed data, in place: in the
+    middle the CRC check fails, at the start the deflate stream itself is invalid."""
     with zipfile.ZipFile(path) as archive:
         info = archive.getinfo(member)
     raw = bytearray(path.read_bytes())
     name_len = int.from_bytes(raw[info.header_offset + 26 : info.header_offset + 28], "little")
     extra_len = int.from_bytes(raw[info.header_offset + 28 : info.header_offset + 30], "little")
     start = info.header_offset + 30 + name_len + extra_len
-    middle = start + info.compress_size // 2
-    raw[middle : middle + 16] = bytes(range(200, 216))
+    if where == "start":
+        raw[start : start + 4] = b"\xff" * 4
+    else:
+        middle = start + info.compress_size // 2
+        raw[middle : middle + 16] = bytes(range(200, 216))
     path.write_bytes(bytes(raw))
 
 
@@ -125,12 +129,12 @@ def _truncated_zip(tmp_path):
     return root, [f"file '{archive}'"]
 
 
-def _corrupt_member(tmp_path):
+def _corrupt_member(tmp_path, where="middle"):
     root = tmp_path / "data"
     archive = write_zip(root / "images_background.zip",
                         omniglot_members("images_background/", characters=2))
     member = "images_background/Alpha/character02/0200_02.png"
-    corrupt_member(archive, member)
+    corrupt_member(archive, member, where)
     return root, [f"member '{member}' of archive '{archive}'"]
 
 
@@ -150,12 +154,14 @@ BAD_INPUTS = {
     "zero_byte_png": lambda tmp: _bad_png_in_folder(tmp, "empty"),
     "truncated_zip": _truncated_zip,
     "corrupt_zip_member": _corrupt_member,
+    "invalid_deflate_stream": lambda tmp: _corrupt_member(tmp, "start"),
     "zip_member_not_png": _png_member_not_png,
 }
 # readable drawings left in each case (2 characters x 3 drawings, less what is broken)
 READABLE_LEFT = {
     "corrupt_png": 5, "truncated_png": 5, "text_named_png": 5, "zero_byte_png": 5,
-    "truncated_zip": 3, "corrupt_zip_member": 5, "zip_member_not_png": 5,
+    "truncated_zip": 3, "corrupt_zip_member": 5, "invalid_deflate_stream": 5,
+    "zip_member_not_png": 5,
 }
 
 

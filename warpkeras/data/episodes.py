@@ -95,6 +95,11 @@ class EpisodeSampler:
 
     Classes with fewer than ``K + L`` examples are left out (with a warning).
 
+    Raises:
+        TypeError: non-integer counts, labels or seed (the message names the argument).
+        ValueError: counts below their minimum, ``x``/``y`` of different lengths, or too
+            few classes with ``K + L`` examples for ``N``-way episodes.
+
     Example:
         >>> import numpy as np
         >>> x = np.random.rand(200, 8).astype("float32"); y = np.repeat(np.arange(10), 20)

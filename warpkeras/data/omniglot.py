@@ -781,6 +781,12 @@ class OmniglotTasks:
         **load_kwargs: passed to :func:`load_omniglot` when ``data`` is None
             (e.g. ``source``, ``data_dir``, ``cache_dir``).
 
+    Raises:
+        TypeError: an argument of the wrong type (e.g. ``num_classes="20"``, a
+            non-callable ``augmentation``, ``load_kwargs`` together with ``data``).
+        ValueError: a count below its minimum, or split sizes that exceed the usable
+            alphabets; each message names the argument and the fix.
+
     Attributes:
         meta_train, meta_val, meta_test: lists of :class:`ClassificationTask`.
         meta_train_alphabets, meta_val_alphabets, meta_test_alphabets: alphabet names.
