@@ -493,3 +493,20 @@ def test_validation_helpers_message_format():
     assert v.check_choice(None, "m", (None, "a")) is None
     with pytest.raises(ValueError, match="expected one of 0, 1"):
         v.check_choice(True, "flag", (0, 1))
+
+
+@pytest.mark.parametrize("kwargs,exc,regex", [
+    ({"tasks": 5}, TypeError, r"TaskSampler: tasks=5.*list of warpkeras\.Task"),
+    ({"tasks": []}, ValueError, r"at least one task"),
+    ({"tasks": [object()]}, TypeError, r"Expected a warpkeras\.Task"),
+    ({"tasks": "abc"}, TypeError, r"tasks='abc'"),
+    ({"tasks": [None], "replace": "no"}, TypeError, r"replace='no'.*True or False"),
+])
+def test_task_sampler_argument_refused(kwargs, exc, regex):
+    with pytest.raises(exc, match=regex):
+        warpkeras.TaskSampler(**kwargs)
+
+
+def test_task_sampler_accepts_one_task():
+    task = warpkeras.Task(train=(X, Y), name="only")
+    assert warpkeras.TaskSampler(task).sample(np.random.default_rng(0), 2) == [task, task]

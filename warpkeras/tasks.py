@@ -249,7 +249,15 @@ class TaskSampler:
     """
 
     def __init__(self, tasks, replace=True):
+        replace = _v.check_bool(replace, "replace", where="TaskSampler")
+        if isinstance(tasks, Task) or hasattr(tasks, "to_task"):
+            tasks = [tasks]
         if not callable(tasks):
+            if not isinstance(tasks, collections.abc.Iterable) or isinstance(tasks, str):
+                raise TypeError(
+                    f"TaskSampler: tasks={_v.describe(tasks)} is not valid: expected a list "
+                    "of warpkeras.Task or a callable rng -> Task."
+                )
             tasks = [as_task(t) for t in tasks]
             if not tasks:
                 raise ValueError("TaskSampler needs at least one task.")

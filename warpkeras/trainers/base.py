@@ -266,6 +266,23 @@ class MetaTrainer(TrainingLoop):
         strategy: a `tf.distribute.Strategy` to split each meta-batch across replicas
             (`meta_batch_size` must be a multiple of the replica count).
         seed: seed of task sampling and batches.
+
+    Raises:
+        TypeError: an argument of the wrong type (``inner_steps="five"``,
+            ``seed="abc"``, ``jit_compile=1``, an optimizer class instead of an instance,
+            a `model` that is not a `keras.Model`, ...). The message names the trainer,
+            the argument, the value and what to pass instead.
+        MetaTrainingError: (a `ValueError`) a value out of range or an unknown choice
+            (``inner_learning_rate`` <= 0, NaN or infinite; ``inner_momentum`` outside
+            [0, 1); ``inner_steps < 1``; an unknown optimizer name or mode; a
+            `buffer_spill_dir` naming a file; ...) or a combination that cannot work.
+        ValueError: during training and evaluation with a sparse categorical loss, a
+            batch whose class ids lie outside [0, C) of the model's C-unit output (the
+            message names the task and the range).
+
+    Optimizers (`meta_optimizer`, `init_optimizer`) are given in any form
+    `keras.optimizers.get` accepts: an instance, a name (``"adam"``) or a serialised
+    config.
     """
 
     _default_warp_mode = None
