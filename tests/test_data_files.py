@@ -541,6 +541,27 @@ def test_example_source_tfds_under_mock_data(tmp_path, monkeypatch):
     assert len(tasks.meta_train) == 1 and len(tasks.meta_test) == 1
 
 
+def test_few_shot_example_source_tfds_under_mock_data(tmp_path, monkeypatch):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    monkeypatch.setenv("WARPKERAS_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(omniglot_module, "_network_reachable", _unexpected_probe)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    example = _import_example("few_shot")
+    args = example.build_parser().parse_args(
+        ["--smoke", "--source", "tfds", "--output-dir", str(tmp_path / "out")])
+    cfg = example.resolve_config(args)
+    with tfds.testing.mock_data(as_dataset_fn=_fake_omniglot(alphabets=3, drawings=4)):
+        data = example.load_data(args)
+    assert data.source == "tfds:omniglot[train+test]"
+    assert len(data.alphabet_names) == 3 and len(data.images) == 3 * 20 * 4
+    train, test = example.samplers(data, cfg, 0, 1)[:2]
+    episode = test.sample(0)
+    ways, queries = cfg["ways"], cfg["queries"]
+    assert episode.support_x.shape == (ways, 28, 28, 1)
+    assert episode.query_y.tolist() == np.repeat(np.arange(ways), queries).tolist()
+    assert train.num_classes == 20 and test.num_classes == 40
+
+
 # ----------------------------------------------------------------------------------------
 # bad arguments of the loaders
 
