@@ -387,9 +387,12 @@ class TrainingLoop:
                     f"No checkpoint in '{directory}' can be read ({listing}). Nothing was "
                     "overwritten: move the folder away to start afresh, or repair it.")
             return None
-        if problem is not None or damaged:
+        state = None if problem is not None else tf.train.get_checkpoint_state(directory)
+        named = os.path.basename(state.model_checkpoint_path) if state else None
+        if problem is not None or damaged or named != f"{_CHECKPOINT_NAME}-{chosen}":
             # the CheckpointManager rotates what the state file lists: list exactly the
-            # readable checkpoints, so that none of them is lost by rotation
+            # readable checkpoints, so that none of them is lost by rotation (also when a
+            # run was killed after writing a checkpoint, before recording it)
             tf.compat.v1.train.update_checkpoint_state(
                 directory, f"{_CHECKPOINT_NAME}-{chosen}",
                 all_model_checkpoint_paths=[f"{_CHECKPOINT_NAME}-{n}" for n in sorted(readable)])
