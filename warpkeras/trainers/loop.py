@@ -553,11 +553,7 @@ class TrainingLoop:
             self.step.assign(int(fit_model._initial_epoch))
         start = int(self.step.numpy())
         expected = set(self._expected_log_keys())
-        counters = set()
-        for c in cb.callbacks:
-            if isinstance(c, MetaProgbarLogger):
-                c.hidden = counters | {"seconds"}
-                counters = c.hidden
+        progbars = [c for c in cb.callbacks if isinstance(c, MetaProgbarLogger)]
         epoch_logs = None
         for s in range(start, epochs):
             cb.on_epoch_begin(s)
@@ -572,8 +568,9 @@ class TrainingLoop:
             logs["seconds"] = time.time() - step_start
             # a key with no value this step (no finite task) is NaN, never left out or stale
             expected.update(k for k in logs)
-            counters.update(k for k, v in logs.items()
-                            if isinstance(v, (int, np.integer)) and not isinstance(v, bool))
+            for bar in progbars:
+                bar.hidden.update(k for k, v in logs.items()
+                                  if isinstance(v, (int, np.integer)) and not isinstance(v, bool))
             for key in expected:
                 logs.setdefault(key, math.nan)
             self.step.assign(s + 1)
@@ -587,8 +584,9 @@ class TrainingLoop:
             if fit_model.stop_training or self.stop_training:
                 break
         # as `model.fit`: optimisers with `use_ema=True` leave their moving averages
-        for optimizer, variables in self._meta_optimizer_variables():
-            optimizer.finalize_variable_values(variables)
+        if epoch_logs is not None:
+            for optimizer, variables in self._meta_optimizer_variables():
+                optimizer.finalize_variable_values(variables)
         cb.on_train_end(logs=epoch_logs)
         self.history = history
         return history
