@@ -205,3 +205,12 @@ def test_tasks_of_different_sizes_share_an_unrolled_or_vectorized_meta_batch(mak
         # the 10-example tasks ran together, the 6-example task alone: two group sizes
         trainer.train_step(SIZED, np.random.default_rng(1))
         assert max(trainer.trace_counts.values()) <= 2, trainer.trace_counts
+
+
+def test_tasks_of_different_sizes_under_a_strategy_are_refused_by_name_and_shape():
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0"])
+    trainer = warpkeras.WarpTrainer(_warp_model(), "mse", mode="online", init_objective=None,
+                                    inner_steps=1, meta_batch_size=2, strategy=strategy)
+    with pytest.raises(ValueError, match=r"'10-examples': \[10, 2\].*'6-examples': \[6, 2\]"
+                       r".*same batch_size"):
+        trainer.train_step(SIZED[:2], np.random.default_rng(0))
