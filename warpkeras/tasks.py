@@ -41,8 +41,8 @@ class Task:
     Args:
         train: adaptation data: a pair of arrays ``(x, y)`` (mini-batches are drawn from it
             by the trainer's generator, reshuffled every epoch), a `tf.data.Dataset` of
-            ``(x, y)`` batches (repeated forever), or a callable ``rng -> iterator`` of
-            batches.
+            ``(x, y)`` batches (read as a repeated stream from a seeded position; see
+            `batches`), or a callable ``rng -> iterator`` of batches.
         meta: data for the meta-objective, in any of the same forms. `None` draws other
             mini-batches of `train` (WarpGrad App. F evaluates L_meta and L_task on
             different batches of the same task data).
