@@ -32,7 +32,20 @@ from warpkeras import _validation as _v
 
 
 def _is_arrays(data):
-    return isinstance(data, (tuple, list)) and len(data) == 2 and hasattr(data[0], "shape")
+    """``(x, y)`` arrays; `x` may be any structure of arrays a model takes (a tuple or a
+    dict of inputs, as in `keras.Model.fit`)."""
+    if not (isinstance(data, (tuple, list)) and len(data) == 2):
+        return False
+    leaves = tf.nest.flatten(data[0])
+    return bool(leaves) and all(hasattr(t, "shape") for t in leaves)
+
+
+def _rows(x):
+    """The number of examples in `x` (a structure of arrays sharing their first dimension)."""
+    lengths = {len(t) for t in tf.nest.flatten(x)}
+    if len(lengths) != 1:
+        raise ValueError(f"The inputs of a task differ in their number of rows: {sorted(lengths)}.")
+    return lengths.pop()
 
 
 class Task:
@@ -79,8 +92,8 @@ class Task:
             )
         for what, data in (("train", train), ("meta", meta), ("test", test)):
             if _is_arrays(data):
-                _v.check_same_length(data[0], data[1], f"`{what}`", where=where)
-                if what != "test" and len(data[0]) == 0:
+                _v.check_same_length(range(_rows(data[0])), data[1], f"`{what}`", where=where)
+                if what != "test" and _rows(data[0]) == 0:
                     raise ValueError(f"{where}: `{what}` has no examples (0 rows); give at "
                                      "least one (x, y) pair.")
         self.batch_size = _v.check_int(batch_size, "batch_size", minimum=1, where=where,
@@ -199,9 +212,9 @@ class Task:
             return self.test
         xs, ys = [], []
         for x, y in self.test:
-            xs.append(np.asarray(x))
+            xs.append(tf.nest.map_structure(np.asarray, x))
             ys.append(np.asarray(y))
-        return np.concatenate(xs), np.concatenate(ys)
+        return tf.nest.map_structure(lambda *a: np.concatenate(a), *xs), np.concatenate(ys)
 
     def __repr__(self):
         return f"<Task '{self.name}'>"
@@ -209,7 +222,7 @@ class Task:
 
 def _array_batches(data, batch_size, rng, augment):
     x, y = data
-    n = len(x)
+    n = _rows(x)
     if n == 0:
         raise ValueError("A task has no training examples.")
     batch_size = min(batch_size, n)
@@ -217,7 +230,7 @@ def _array_batches(data, batch_size, rng, augment):
         order = rng.permutation(n)
         for start in range(0, n - batch_size + 1, batch_size):
             idx = order[start : start + batch_size]
-            xb = x[idx]
+            xb = tf.nest.map_structure(lambda t: t[idx], x)
             if augment is not None:
                 xb = augment(xb, rng)
             yield xb, y[idx]
