@@ -830,6 +830,8 @@ class MetaTrainer(TrainingLoop):
                 their shapes.
         """
         size = len(tasks)
+        if size == 1:
+            return fn(*stacked, *[self._stack_batches(arg) for arg in batches])
         signatures = [tuple(self._batch_signature(arg[i]) for arg in batches)
                       for i in range(size)]
         groups = {}
