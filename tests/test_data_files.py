@@ -21,7 +21,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from warpkeras.data import CorruptFileError, EpisodeSampler, load_image_folder, rotate_classes
+from warpkeras.data import (
+    ContinualSineDistribution,
+    ContinualSineTask,
+    CorruptFileError,
+    EpisodeSampler,
+    LossSurface,
+    LossSurfaceDistribution,
+    SineTask,
+    SineTaskDistribution,
+    load_image_folder,
+    rotate_classes,
+)
 from warpkeras.data import omniglot as omniglot_module
 from warpkeras.data.omniglot import (
     OmniglotData,
@@ -672,7 +683,71 @@ BAD_ARGUMENTS = [
     ("rotate_classes", "rotations", (0, 4), ValueError, "repeat a rotation"),
     ("rotate_classes", "y", np.arange(2), ValueError, "y must hold one integer label"),
     ("rotate_classes", "x", np.zeros((3, 4, 5)), ValueError, "x must hold square images"),
+    # synthetic task distributions
+    ("SineTask", "amplitude", "big", TypeError, "amplitude must be a finite number"),
+    ("SineTask", "phase", float("nan"), ValueError, "phase must be a finite number"),
+    ("SineTask", "x_range", 5.0, ValueError, r"x_range must be a \(low, high\) pair"),
+    ("SineTask", "x_range", (5.0, -5.0), ValueError, "x_range must satisfy low <= high"),
+    ("SineTask", "x_range", (-np.inf, 5.0), ValueError, "x_range must be a finite number"),
+    ("SineTask.sample", "num_points", -1, ValueError, "num_points must be an integer >= 0"),
+    ("SineTask.sample", "num_points", "10", TypeError, "num_points must be an integer"),
+    ("SineTask.dataset", "batch_size", 0, ValueError, "batch_size must be an integer >= 1"),
+    ("SineTaskDistribution", "amplitude_range", (0.1,), ValueError, "amplitude_range must be"),
+    ("SineTaskDistribution", "phase_range", ("a", 1), TypeError, "phase_range must be a finite"),
+    ("SineTaskDistribution.sample_tasks", "num_tasks", "4", TypeError, "num_tasks must be"),
+    ("SineTaskDistribution.sample_tasks", "num_tasks", -1, ValueError, "num_tasks must be"),
+    ("ContinualSineTask", "a1", None, TypeError, "a1 must be a finite number"),
+    ("ContinualSineTask", "offset", np.inf, ValueError, "offset must be a finite number"),
+    ("ContinualSineTask", "num_subtasks", 0, ValueError, "num_subtasks must be an integer"),
+    ("ContinualSineTask", "num_subtasks", "5", TypeError, "num_subtasks must be an integer"),
+    ("ContinualSineTask.training_batches", "steps_per_subtask", 0, ValueError,
+     "steps_per_subtask must be an integer >= 1"),
+    ("ContinualSineTask.training_batches", "batch_size", 2.5, ValueError,
+     "batch_size must be an integer >= 1"),
+    ("ContinualSineTask.training_batches", "order", [0, 0], ValueError,
+     "order must be a permutation"),
+    ("ContinualSineDistribution", "num_subtasks", 0, ValueError, "num_subtasks must be"),
+    ("ContinualSineDistribution", "offset_range", (1, 0), ValueError, "offset_range must"),
+    ("LossSurface", "s", 0, ValueError, "s must be non-zero"),
+    ("LossSurface", "s", "2", TypeError, "s must be a finite number"),
+    ("LossSurface", "a", (1, 0), ValueError, "a must have 3 entries"),
+    ("LossSurface", "b", (1, 0, "x"), TypeError, "b must be a finite number"),
+    ("LossSurface", "variant", "valley", ValueError, "variant must be one of"),
+    ("LossSurface.grid", "limits", (3.0, -3.0), ValueError, "limits must satisfy low <= high"),
+    ("LossSurface.grid", "num", 0, ValueError, "num must be an integer >= 1"),
+    ("LossSurfaceDistribution", "s_values", (), ValueError, "s_values must be a non-empty"),
+    ("LossSurfaceDistribution", "s_values", (0, 1), ValueError, "s_values must not contain 0"),
+    ("LossSurfaceDistribution", "a_values", ("x",), TypeError, "a_values must be a finite"),
+    ("LossSurfaceDistribution", "b_values", (1, np.nan), ValueError, "b_values must be a"),
+    ("LossSurfaceDistribution", "init_range", (0, np.nan), ValueError, "init_range must be"),
+    ("LossSurfaceDistribution", "variant", "valley", ValueError, "variant must be one of"),
+    ("LossSurfaceDistribution.sample_initial_points", "num_points", -2, ValueError,
+     "num_points must be an integer >= 0"),
 ]
+
+# valid arguments of the synthetic constructors and methods: {target: (factory, kwargs)}
+SYNTHETIC = {
+    "SineTask": (SineTask, dict(amplitude=1.0, phase=0.0, x_range=(-5.0, 5.0))),
+    "SineTaskDistribution": (SineTaskDistribution, dict(amplitude_range=(0.1, 5.0),
+                                                        phase_range=(0.0, 3.0))),
+    "ContinualSineTask": (ContinualSineTask, dict(a1=1.0, b1=0.0, a2=2.0, b2=1.0, offset=0.5,
+                                                  num_subtasks=3)),
+    "ContinualSineDistribution": (ContinualSineDistribution, dict(num_subtasks=3,
+                                                                  offset_range=(-1, 1))),
+    "LossSurface": (LossSurface, dict(s=2, a=(1, 0, -1), b=(3, -2, 1), variant="paper")),
+    "LossSurfaceDistribution": (LossSurfaceDistribution, dict(s_values=(1, 2), a_values=(0, 1),
+                                                              b_values=(-1, 1),
+                                                              init_range=(-3, 3))),
+}
+SYNTHETIC_METHODS = {
+    "SineTask.sample": dict(num_points=4, rng=0),
+    "SineTask.dataset": dict(batch_size=4, seed=0),
+    "SineTaskDistribution.sample_tasks": dict(num_tasks=2, rng=0),
+    "ContinualSineTask.training_batches": dict(rng=0, steps_per_subtask=2, batch_size=3,
+                                               order=[2, 0, 1]),
+    "LossSurface.grid": dict(limits=(-3.0, 3.0), num=5),
+    "LossSurfaceDistribution.sample_initial_points": dict(num_points=3, rng=0),
+}
 
 
 def _call(target, argument, value, small_data, image_root, tmp_path):
@@ -710,6 +785,13 @@ def _call(target, argument, value, small_data, image_root, tmp_path):
     if target == "rotate_classes":
         kwargs = dict(x=np.zeros((3, 4, 4, 1)), y=np.arange(3), rotations=(0, 1))
         return rotate_classes(**{**kwargs, **override})
+    if target in SYNTHETIC:
+        factory, kwargs = SYNTHETIC[target]
+        return factory(**{**kwargs, **override})
+    if target in SYNTHETIC_METHODS:
+        owner, method = target.split(".")
+        factory, kwargs = SYNTHETIC[owner]
+        return getattr(factory(**kwargs), method)(**{**SYNTHETIC_METHODS[target], **override})
     raise AssertionError(target)
 
 

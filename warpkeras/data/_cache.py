@@ -332,3 +332,29 @@ def check_dir(name, value, allow_none=True, must_exist=False):
     if must_exist and not path.exists():
         raise FileNotFoundError(f"{name}={str(path)!r} does not exist; pass an existing folder")
     return path
+
+
+def check_float(name, value, hint=""):
+    """Return ``value`` as a finite ``float``, or raise naming the argument.
+
+    Args:
+        name: the argument's name.
+        value: the value given (any real number; not ``bool`` or a string).
+        hint: extra text appended to the message.
+
+    Returns:
+        A ``float``.
+
+    Raises:
+        TypeError: not a real number.
+        ValueError: NaN or infinite.
+    """
+    tail = f" ({hint})" if hint else ""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(
+            f"{name} must be a finite number, got {value!r} ({type(value).__name__}){tail}"
+        )
+    value = float(value)
+    if not np.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value}{tail}")
+    return value

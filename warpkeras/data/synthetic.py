@@ -10,7 +10,7 @@ import math
 import numpy as np
 import tensorflow as tf
 
-from warpkeras.data._cache import as_generator
+from warpkeras.data._cache import as_generator, check_float, check_int
 
 
 def _is_tf(x):
@@ -43,10 +43,14 @@ def _prepare(x):
     return x
 
 
-def _check_range(name, low, high):
-    low, high = float(low), float(high)
+def _check_range(name, pair):
+    """A ``(low, high)`` pair of finite numbers with ``low <= high``, as floats."""
+    if isinstance(pair, (str, bytes)) or not np.iterable(pair) or len(pair) != 2:
+        raise ValueError(f"{name} must be a (low, high) pair of numbers, got {pair!r}")
+    low = check_float(name, pair[0], hint="its low end")
+    high = check_float(name, pair[1], hint="its high end")
     if not high >= low:
-        raise ValueError(f"{name} must satisfy low <= high, got ({low}, {high})")
+        raise ValueError(f"{name} must satisfy low <= high, got ({low}, {high}); swap them")
     return low, high
 
 
@@ -88,7 +92,8 @@ class _TaskDistribution:
             >>> batch = SineTaskDistribution().sample_tasks(5, rng=0)
         """
         rng = as_generator(rng)
-        return [self.sample(rng) for _ in range(int(num_tasks))]
+        num_tasks = check_int("num_tasks", num_tasks, minimum=0)
+        return [self.sample(rng) for _ in range(num_tasks)]
 
 
 class SineTask:
@@ -107,9 +112,9 @@ class SineTask:
     """
 
     def __init__(self, amplitude, phase, x_range=(-5.0, 5.0)):
-        self.amplitude = float(amplitude)
-        self.phase = float(phase)
-        self.x_range = _check_range("x_range", *x_range)
+        self.amplitude = check_float("amplitude", amplitude)
+        self.phase = check_float("phase", phase)
+        self.x_range = _check_range("x_range", x_range)
 
     def __call__(self, x):
         """Evaluate the target ``A sin(x - phase)``.
@@ -141,7 +146,8 @@ class SineTask:
             >>> x, y = SineTask(1.0, 0.0).sample(5, rng=1)
         """
         rng = as_generator(rng)
-        x = rng.uniform(self.x_range[0], self.x_range[1], size=(int(num_points), 1))
+        num_points = check_int("num_points", num_points, minimum=0)
+        x = rng.uniform(self.x_range[0], self.x_range[1], size=(num_points, 1))
         return x.astype(np.float32), self(x).astype(np.float32)
 
     def dataset(self, batch_size, seed=None):
@@ -157,7 +163,8 @@ class SineTask:
         Example:
             >>> x, y = next(iter(SineTask(1.0, 0.0).dataset(10, seed=0)))
         """
-        return _uniform_tf_dataset(self, self.x_range[0], self.x_range[1], int(batch_size), seed)
+        batch_size = check_int("batch_size", batch_size, minimum=1, hint="points per batch")
+        return _uniform_tf_dataset(self, self.x_range[0], self.x_range[1], batch_size, seed)
 
     def __repr__(self):
         return f"SineTask(amplitude={self.amplitude:.4g}, phase={self.phase:.4g})"
@@ -180,9 +187,9 @@ class SineTaskDistribution(_TaskDistribution):
     """
 
     def __init__(self, amplitude_range=(0.1, 5.0), phase_range=(0.0, math.pi), x_range=(-5.0, 5.0)):
-        self.amplitude_range = _check_range("amplitude_range", *amplitude_range)
-        self.phase_range = _check_range("phase_range", *phase_range)
-        self.x_range = _check_range("x_range", *x_range)
+        self.amplitude_range = _check_range("amplitude_range", amplitude_range)
+        self.phase_range = _check_range("phase_range", phase_range)
+        self.x_range = _check_range("x_range", x_range)
 
     def sample(self, rng=None):
         """Draw one :class:`SineTask`.
@@ -228,13 +235,11 @@ class ContinualSineTask:
     """
 
     def __init__(self, a1, b1, a2, b2, offset, num_subtasks=5, x_range=(-5.0, 5.0)):
-        self.a1, self.b1 = float(a1), float(b1)
-        self.a2, self.b2 = float(a2), float(b2)
-        self.offset = float(offset)
-        self.num_subtasks = int(num_subtasks)
-        if self.num_subtasks < 1:
-            raise ValueError(f"num_subtasks must be >= 1, got {num_subtasks}")
-        self.x_range = _check_range("x_range", *x_range)
+        self.a1, self.b1 = check_float("a1", a1), check_float("b1", b1)
+        self.a2, self.b2 = check_float("a2", a2), check_float("b2", b2)
+        self.offset = check_float("offset", offset)
+        self.num_subtasks = check_int("num_subtasks", num_subtasks, minimum=1)
+        self.x_range = _check_range("x_range", x_range)
 
     @property
     def params(self):
@@ -286,7 +291,8 @@ class ContinualSineTask:
         """
         low, high = self.intervals[self._check_subtask(index)]
         rng = as_generator(rng)
-        x = rng.uniform(low, high, size=(int(num_points), 1))
+        num_points = check_int("num_points", num_points, minimum=0)
+        x = rng.uniform(low, high, size=(num_points, 1))
         return x.astype(np.float32), self(x).astype(np.float32)
 
     def _order(self, order):
@@ -315,9 +321,8 @@ class ContinualSineTask:
             >>> xs, ys, ids = task.training_batches(rng=0, order=[1, 3, 4, 2, 0])   # doctest: +SKIP
         """
         rng = as_generator(rng)
-        steps, batch = int(steps_per_subtask), int(batch_size)
-        if steps < 1 or batch < 1:
-            raise ValueError("steps_per_subtask and batch_size must be >= 1")
+        steps = check_int("steps_per_subtask", steps_per_subtask, minimum=1)
+        batch = check_int("batch_size", batch_size, minimum=1, hint="points per batch")
         xs, ys, ids = [], [], []
         for index in self._order(order):
             for _ in range(steps):
@@ -394,11 +399,11 @@ class ContinualSineDistribution(_TaskDistribution):
         num_subtasks=5,
         x_range=(-5.0, 5.0),
     ):
-        self.amplitude_range = _check_range("amplitude_range", *amplitude_range)
-        self.phase_range = _check_range("phase_range", *phase_range)
-        self.offset_range = _check_range("offset_range", *offset_range)
-        self.num_subtasks = int(num_subtasks)
-        self.x_range = _check_range("x_range", *x_range)
+        self.amplitude_range = _check_range("amplitude_range", amplitude_range)
+        self.phase_range = _check_range("phase_range", phase_range)
+        self.offset_range = _check_range("offset_range", offset_range)
+        self.num_subtasks = check_int("num_subtasks", num_subtasks, minimum=1)
+        self.x_range = _check_range("x_range", x_range)
 
     def sample(self, rng=None):
         """Draw one :class:`ContinualSineTask`.
@@ -461,13 +466,14 @@ class LossSurface:
     def __init__(self, s, a, b, variant="paper"):
         if variant not in _SURFACE_VARIANTS:
             raise ValueError(f"variant must be one of {_SURFACE_VARIANTS}, got {variant!r}")
-        self.s = float(s)
+        self.s = check_float("s", s)
         if self.s == 0:
-            raise ValueError("s must be non-zero")
-        self.a = tuple(float(v) for v in a)
-        self.b = tuple(float(v) for v in b)
-        if len(self.a) != 3 or len(self.b) != 3:
-            raise ValueError(f"a and b must have 3 entries each, got {self.a} and {self.b}")
+            raise ValueError("s must be non-zero (it divides x1)")
+        for name, value in (("a", a), ("b", b)):
+            if isinstance(value, (str, bytes)) or not np.iterable(value) or len(value) != 3:
+                raise ValueError(f"{name} must have 3 entries, got {value!r}")
+        self.a = tuple(check_float("a", v) for v in a)
+        self.b = tuple(check_float("b", v) for v in b)
         self.variant = variant
 
     def __call__(self, x):
@@ -511,7 +517,9 @@ class LossSurface:
             >>> z.shape
             (5, 5)
         """
-        axis = np.linspace(limits[0], limits[1], int(num))
+        limits = _check_range("limits", limits)
+        num = check_int("num", num, minimum=1, hint="grid points per axis")
+        axis = np.linspace(limits[0], limits[1], num)
         x1, x2 = np.meshgrid(axis, axis)
         return x1, x2, self(np.stack([x1, x2], axis=-1))
 
@@ -545,14 +553,18 @@ class LossSurfaceDistribution(_TaskDistribution):
         init_range=(-3.0, 3.0),
         variant="paper",
     ):
+        for name, values in (("s_values", s_values), ("a_values", a_values),
+                             ("b_values", b_values)):
+            if isinstance(values, (str, bytes)) or not np.iterable(values) or not len(values):
+                raise ValueError(f"{name} must be a non-empty sequence of numbers, got {values!r}")
+            for v in values:
+                check_float(name, v)
         self.s_values = np.asarray(s_values)
         self.a_values = np.asarray(a_values)
         self.b_values = np.asarray(b_values)
         if 0 in self.s_values:
-            raise ValueError("s_values must not contain 0")
-        if not (len(self.s_values) and len(self.a_values) and len(self.b_values)):
-            raise ValueError("s_values, a_values and b_values must not be empty")
-        self.init_range = _check_range("init_range", *init_range)
+            raise ValueError("s_values must not contain 0 (s divides x1)")
+        self.init_range = _check_range("init_range", init_range)
         if variant not in _SURFACE_VARIANTS:
             raise ValueError(f"variant must be one of {_SURFACE_VARIANTS}, got {variant!r}")
         self.variant = variant
@@ -589,4 +601,5 @@ class LossSurfaceDistribution(_TaskDistribution):
             >>> x0 = LossSurfaceDistribution().sample_initial_points(10, rng=0)
         """
         rng = as_generator(rng)
-        return rng.uniform(*self.init_range, size=(int(num_points), 2)).astype(np.float32)
+        num_points = check_int("num_points", num_points, minimum=0)
+        return rng.uniform(*self.init_range, size=(num_points, 2)).astype(np.float32)
