@@ -3,6 +3,7 @@
 from warpkeras.trainers.base import MetaTrainer, MetaTrainingError, summarize
 from warpkeras.trainers.finetune import FineTuneTrainer, NoMetaTrainer
 from warpkeras.trainers.leap import LeapTrainer
+from warpkeras.trainers.loop import CheckpointError, CheckpointWarning
 from warpkeras.trainers.maml import MAMLTrainer
 from warpkeras.trainers.reptile import ReptileTrainer
 from warpkeras.trainers.warp import WarpTrainer
@@ -17,4 +18,6 @@ __all__ = [
     "FineTuneTrainer",
     "NoMetaTrainer",
     "summarize",
+    "CheckpointError",
+    "CheckpointWarning",
 ]
