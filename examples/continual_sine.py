@@ -48,7 +48,7 @@ The sequences of a meta-batch are adapted side by side in one graph (WarpTrainer
 ``parallel="unrolled"``, --parallel).
 
 Sizes:
-  (no flags)       about 1.5 minutes on 2 CPU cores: 40 meta steps x 5 task sequences,
+  (no flags)       about 3 minutes on 2 CPU cores: 40 meta steps x 5 task sequences,
                    α = 0.01, meta Adam 0.0005, evaluation on 20 held-out sequences
   --preset paper   App. K: α = 0.001, meta Adam 0.001, 20 000 meta steps x 5 sequences,
                    evaluation on 100 held-out sequences (about 8 hours on 2 CPU cores)

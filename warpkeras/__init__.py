@@ -23,13 +23,21 @@ def _prefer_onednn():
     The switch is read when TensorFlow loads, so this only acts when warpkeras is imported
     before TensorFlow; an explicit ``TF_ENABLE_ONEDNN_OPTS`` (``0`` or ``1``) always wins.
 
+    The variable is inherited by child processes; ``WARPKERAS_SET_ONEDNN=1`` is set beside
+    it so that a warpkeras imported there knows the choice was warpkeras's, not the user's.
+
     Returns:
-        True when this call set the variable (so the notice below is warpkeras's doing).
+        True when warpkeras (here or in a parent process) set the variable, so that the
+        notice TensorFlow prints about it is warpkeras's doing.
     """
-    if "tensorflow" in _sys.modules or "TF_ENABLE_ONEDNN_OPTS" in _os.environ:
+    if "tensorflow" in _sys.modules:
         return False
+    if "TF_ENABLE_ONEDNN_OPTS" in _os.environ:
+        return (_os.environ["TF_ENABLE_ONEDNN_OPTS"] == "1"
+                and _os.environ.get("WARPKERAS_SET_ONEDNN") == "1")
     if _platform.machine().lower() in ("x86_64", "amd64"):
         _os.environ["TF_ENABLE_ONEDNN_OPTS"] = "1"
+        _os.environ["WARPKERAS_SET_ONEDNN"] = "1"
         return True
     return False
 
@@ -129,5 +137,5 @@ from warpkeras.trainers import (  # noqa: E402
 )
 from warpkeras import callbacks, export, optimizers  # noqa: E402
 from warpkeras.callbacks import LeapCallback  # noqa: E402
-from warpkeras.export import export_adaptive  # noqa: E402
+from warpkeras.export import adapt, export_adaptive, task_parameter_names  # noqa: E402
 from warpkeras.optimizers import WarpGrad  # noqa: E402
