@@ -116,6 +116,7 @@ class FitModel:
         self.stop_training = False
         self.history = None
         self._initial_epoch = None
+        self._state_loaded = False
         self.optimizer = trainer._callback_optimizer()
 
     def __getattr__(self, name):
@@ -167,6 +168,7 @@ class FitModel:
                     f"{len(variables)}: it was written by a differently configured trainer.")
             for i, v in enumerate(variables):
                 v.assign(data[f"v{i}"])
+        self._state_loaded = True
 
 
 # ----------------------------------------------------------------------------------------
@@ -549,7 +551,9 @@ class TrainingLoop:
 
         self.stop_training = False
         cb.on_train_begin()
-        if fit_model._initial_epoch is not None:  # BackupAndRestore
+        if fit_model._initial_epoch is not None and not fit_model._state_loaded:
+            # BackupAndRestore of weights only; with the trainer's state, its meta step is
+            # exact (also for a backup taken at a batch, i.e. after a whole meta step)
             self.step.assign(int(fit_model._initial_epoch))
         start = int(self.step.numpy())
         expected = set(self._expected_log_keys())
