@@ -299,28 +299,101 @@ def test_in_process_bad_inputs_raise():
         wexport.adapt(model, x, np.zeros((4, 1), "float32"), 2, loss="mse")
 
 
-def test_export_argument_errors(tmp_path):
-    model = _regressor()
-    with pytest.raises(ValueError, match="Unknown loss"):
-        wexport.export_adaptive(model, str(tmp_path / "a"), loss="no_such_loss")
-    with pytest.raises(ValueError, match="does not take from_logits"):
-        wexport.export_adaptive(model, str(tmp_path / "a"), loss="mse", from_logits=True)
-    with pytest.raises(ValueError, match="No loss"):
-        wexport.export_adaptive(model, str(tmp_path / "a"))
-    with pytest.raises(ValueError, match="steps must be"):
-        wexport.export_adaptive(model, str(tmp_path / "a"), loss="mse", steps=-1)
-    with pytest.raises(ValueError, match="learning_rate"):
-        wexport.export_adaptive(model, str(tmp_path / "a"), loss="mse", learning_rate=0.0)
+class _Sub(keras.Model):
+    def __init__(self):
+        super().__init__()
+        self.d = keras.layers.Dense(1)
 
-    class Sub(keras.Model):
-        def __init__(self):
-            super().__init__()
-            self.d = keras.layers.Dense(1)
+    def call(self, x):
+        return self.d(x)
 
-        def call(self, x):
-            return self.d(x)
 
-    sub = Sub()
+def _subclassed():
+    sub = _Sub()
     sub(np.zeros((1, 2), "float32"))
-    with pytest.raises(ValueError, match="input_spec"):
-        wexport.export_adaptive(sub, str(tmp_path / "a"), loss="mse")
+    return sub
+
+
+# (case, overrides of the good arguments, exception, words the message must contain)
+BAD_EXPORT_ARGUMENTS = [
+    ("model_type", dict(model="a model"), TypeError, ["model must be a keras.Model"]),
+    ("model_unbuilt", dict(model=lambda: keras.Sequential([keras.layers.Dense(1)])),
+     ValueError, ["not built", "keras.Input"]),
+    ("model_no_input", dict(model=_subclassed), ValueError, ["input_spec"]),
+    ("path_type", dict(path=3), TypeError, ["path", "folder path"]),
+    ("path_empty", dict(path=""), ValueError, ["path is empty"]),
+    ("path_file", dict(path="FILE"), FileExistsError, ["is a file"]),
+    ("path_exists", dict(path="EXISTING"), FileExistsError, ["already exists",
+                                                            "overwrite=True"]),
+    ("path_not_saved_model", dict(path="OTHER", overwrite=True), FileExistsError,
+     ["is not a SavedModel", "refusing"]),
+    ("loss_missing", dict(loss=None), ValueError, ["No loss", "loss="]),
+    ("loss_unknown", dict(loss="no_such_loss"), ValueError, ["Unknown loss"]),
+    ("loss_type", dict(loss=3), TypeError, ["loss must be"]),
+    ("from_logits_unsupported", dict(from_logits=True), ValueError,
+     ["does not take from_logits"]),
+    ("from_logits_type", dict(from_logits="yes"), TypeError, ["from_logits", "True or False"]),
+    ("learning_rate_zero", dict(learning_rate=0.0), ValueError, ["learning_rate", "> 0.0"]),
+    ("learning_rate_negative", dict(learning_rate=-0.1), ValueError, ["learning_rate"]),
+    ("learning_rate_nan", dict(learning_rate=float("nan")), ValueError,
+     ["learning_rate", "finite"]),
+    ("learning_rate_string", dict(learning_rate="fast"), TypeError, ["learning_rate"]),
+    ("momentum_one", dict(momentum=1.0), ValueError, ["momentum", "< 1.0"]),
+    ("momentum_string", dict(momentum="0.9"), TypeError, ["momentum", "not a string"]),
+    ("steps_negative", dict(steps=-1), ValueError, ["steps=-1", ">= 0"]),
+    ("steps_over_max", dict(steps=20, max_steps=10), ValueError, ["steps=20", "<= 10"]),
+    ("steps_string", dict(steps="five"), TypeError, ["steps='five'"]),
+    ("steps_bool", dict(steps=True), TypeError, ["steps=True"]),
+    ("max_steps_negative", dict(max_steps=-1), ValueError, ["max_steps"]),
+    ("max_steps_huge", dict(max_steps=2**40), ValueError, ["max_steps", "2147483647"]),
+    ("max_rows_zero", dict(max_rows=0), ValueError, ["max_rows", ">= 1"]),
+    ("max_rows_float", dict(max_rows=1.5), TypeError, ["max_rows"]),
+    ("max_row_steps_zero", dict(max_row_steps=0), ValueError, ["max_row_steps", ">= 1"]),
+    ("training_type", dict(training="True"), TypeError, ["training", "True or False"]),
+    ("predict_training_type", dict(predict_training=1), TypeError, ["predict_training"]),
+    ("overwrite_type", dict(overwrite="yes"), TypeError, ["overwrite", "True or False"]),
+    ("untagged_unknown", dict(untagged="tasks"), ValueError, ["untagged", "did you mean"]),
+    ("input_spec_type", dict(input_spec="(2,)"), TypeError, ["input_spec"]),
+    ("input_spec_rank", dict(input_spec=tf.TensorSpec([], tf.float32)), ValueError,
+     ["input_spec", "rank"]),
+    ("label_spec_type", dict(label_spec=1), TypeError, ["label_spec"]),
+]
+
+
+@pytest.mark.parametrize("case,overrides,error,words", BAD_EXPORT_ARGUMENTS,
+                         ids=[c[0] for c in BAD_EXPORT_ARGUMENTS])
+def test_export_argument_errors(tmp_path, case, overrides, error, words):
+    (tmp_path / "FILE").write_text("x")
+    (tmp_path / "EXISTING").mkdir()
+    (tmp_path / "EXISTING" / "saved_model.pb").write_text("old")
+    (tmp_path / "OTHER").mkdir()
+    (tmp_path / "OTHER" / "notes.txt").write_text("keep me")
+    kwargs = dict(model=_regressor(), path="NEW", loss="mse")
+    kwargs.update(overrides)
+    if not isinstance(kwargs["model"], (keras.Model, str)):
+        kwargs["model"] = kwargs["model"]()  # a builder
+    if isinstance(kwargs["path"], str) and kwargs["path"]:
+        kwargs["path"] = str(tmp_path / kwargs["path"])
+    with pytest.raises(error) as info:
+        wexport.export_adaptive(**kwargs)
+    message = str(info.value)
+    for word in words:
+        assert word in message, (case, message)
+    # Nothing was written or replaced.
+    assert not (tmp_path / "NEW").exists()
+    assert (tmp_path / "EXISTING" / "saved_model.pb").read_text() == "old"
+    assert (tmp_path / "OTHER" / "notes.txt").read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["EXISTING", "FILE", "OTHER"]
+
+
+def test_export_overwrite(tmp_path):
+    model = _regressor()
+    path = str(tmp_path / "model")
+    wexport.export_adaptive(model, path, loss="mse", steps=2, max_steps=50)
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        wexport.export_adaptive(model, path, loss="mse", steps=3, max_steps=50)
+    assert int(tf.saved_model.load(path).metadata()["default_steps"]) == 2
+    wexport.export_adaptive(model, path, loss="mse", steps=3, max_steps=50, overwrite=True)
+    assert int(tf.saved_model.load(path).metadata()["default_steps"]) == 3
+    # No staging folders are left behind.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]

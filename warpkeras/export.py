@@ -18,24 +18,59 @@ Two things can be exported:
   ``model.export(path)``.
 
 Inputs are validated inside the graph: a request with the wrong rank or feature size,
-x and y of different lengths, an empty support set, labels out of range, or a negative (or
-too large) step count fails with an ``InvalidArgumentError`` carrying a readable message,
+x and y of different lengths, an empty support set, labels out of range, NaN or inf in
+``x``, ``queries`` or regression targets ``y``, a negative step count, or more work than
+the export's budget (``max_steps``, ``max_rows``, ``max_row_steps``) fails with an
+``InvalidArgumentError`` carrying a readable message that names the input or the limit,
 and the server keeps running.
+
+**Input dtypes.** A SavedModel signature is one concrete function, so each signature key
+accepts exactly one dtype per input (recorded in ``metadata()``: ``input_dtype``,
+``label_dtype``, ``steps_dtype``). TensorFlow converts numpy arrays, lists and JSON
+numbers to those dtypes on the way in (so integer images sent as arrays are cast); a
+``tf.Tensor`` of another dtype is refused by TensorFlow itself before the graph runs.
+For Python clients, the loaded object also has dtype-tolerant functions ``predict(x)``,
+``adapt(x, y, steps)`` and ``adapt_and_predict(x, y, steps, queries)``, traced for several
+dtypes each: integer images and float64 arrays are cast to the model's input dtype, int32
+/ uint8 class ids to the label dtype, int64 step counts to int32; other dtypes (bool,
+strings, float class ids or step counts, ...) are refused with an ``InvalidArgumentError``
+naming the argument and the expected dtype.
+
+**Batch-norm statistics.** Adaptation steps run the model in mode ``training`` (True:
+batch statistics of the support set, dropout on); predictions (``serving_default``,
+``adapt_and_predict``) run in mode ``predict_training`` (default: the same as
+``training``): True normalises with the statistics of the predicted batch, False with the
+moving statistics: the saved ones (estimated at θ0 by the trainer) for
+``serving_default``, ``steps=0`` or ``training=False``, else those of the support set at
+the adapted parameters (`batch_statistics`). A model exported by `MetaTrainer.export`
+adapts in training mode, as the trainers do, and predicts in the trainer's
+``eval_training_mode``, so its predictions equal `MetaTrainer.evaluate`'s (see
+"Batch-norm statistics" in `warpkeras.trainers.MetaTrainer`).
 """
 
+import contextlib
 import functools
 import inspect
 import os
 import re
+import shutil
+import tempfile
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from warpkeras import objectives, roles
+from warpkeras import _validation, objectives, roles
+from warpkeras.partition import UNTAGGED_POLICIES
 from warpkeras.partition import partition as _partition
 
-__all__ = ["export_adaptive", "adapt", "adapt_task_values", "task_parameter_names"]
+__all__ = [
+    "export_adaptive",
+    "adapt",
+    "adapt_task_values",
+    "task_parameter_names",
+    "batch_statistics",
+]
 
 SIGNATURES = ("serving_default", "adapt", "adapt_and_predict")
 
@@ -232,33 +267,149 @@ def _leading_dim(t):
 
 
 # --- the adaptation program --------------------------------------------------------------
+_INT32_MAX = 2**31 - 1
+# Dtypes cast to an argument's declared dtype by the dtype-tolerant functions (see the
+# module docstring): same kind, or integer to float. Everything else is refused by name.
+_FLOAT_CASTS = (tf.float32, tf.float64)
+_INT_CASTS = (tf.uint8, tf.int32, tf.int64)
+
+
+def _castable(dtype, name):
+    """The dtypes that the dtype-tolerant functions cast to `dtype` for argument `name`:
+    images (x, queries) of any of `_FLOAT_CASTS` and `_INT_CASTS` for a float input;
+    labels and step counts of the same kind (float or integer)."""
+    dtype = tf.as_dtype(dtype)
+    if name == "steps":
+        return [tf.int32, tf.int64]
+    if dtype.is_floating:
+        pool = _FLOAT_CASTS + (_INT_CASTS if name in ("x", "queries") else ())
+    elif dtype.is_integer:
+        pool = _INT_CASTS if name in ("x", "queries") else (tf.int32, tf.int64)
+    else:
+        pool = ()
+    return [dtype] + [d for d in pool if d != dtype]
+
+
+def _refused(dtype, name):
+    """Dtypes refused by name (a mistake more likely than others): float class ids and
+    float step counts."""
+    dtype = tf.as_dtype(dtype)
+    if name in ("y", "steps") and dtype.is_integer:
+        return [tf.float32, tf.float64]
+    return []
+
+
+def _dtype_text(dtype):
+    dtype = tf.as_dtype(dtype)
+    if dtype.is_floating:
+        return f"{dtype.name} (integer and other float dtypes are cast)"
+    if dtype.is_integer:
+        return f"{dtype.name} (other integer dtypes are cast)"
+    return dtype.name
+
+
+def _batch_norm_layers(model):
+    from warpkeras.layers.normalization import ExactBatchNormalization
+
+    kinds = (keras.layers.BatchNormalization, ExactBatchNormalization)
+    return [
+        layer for layer in model._flatten_layers(include_self=False, recursive=True)
+        if isinstance(layer, kinds) and layer.trainable
+    ]
+
+
+def _has_batch_norm(model):
+    return bool(_batch_norm_layers(model))
+
+
+@contextlib.contextmanager
+def _momentum_zero(model):
+    """Batch-norm layers of `model` with momentum 0 while the block runs (or is traced):
+    a training-mode call then sets the moving statistics to the batch's."""
+    layers = _batch_norm_layers(model)
+    saved = [layer.momentum for layer in layers]
+    try:
+        for layer in layers:
+            layer.momentum = 0.0
+        yield
+    finally:
+        for layer, momentum in zip(layers, saved):
+            layer.momentum = momentum
+
+
+def batch_statistics(partition, theta, phi, x, state):
+    """The model's state with its moving statistics replaced by those of batch `x` at (θ, φ).
+
+    This is how warpkeras estimates the statistics that inference-mode predictions of an
+    *adapted* model use (see "Batch-norm statistics" in `warpkeras.trainers.MetaTrainer`):
+    one training-mode forward pass on the task's support data at the adapted parameters,
+    with every batch-norm layer's momentum set to 0 for the pass, so that the moving mean
+    and variance become the batch's mean and (biased) variance per channel. Only floating
+    state changes; random-generator states are returned as given.
+
+    Args:
+        partition: a `warpkeras.Partition`.
+        theta, phi: task and warp values (lists of tensors).
+        x: a batch of inputs (any structure the model takes).
+        state: the model's non-trainable values (list of tensors).
+
+    Returns:
+        A list of tensors matching `state`.
+    """
+    with _momentum_zero(partition.model):
+        _, new_state = partition.call(theta, phi, x, state=list(state), training=True)
+    return [
+        tf.cast(n, tf.convert_to_tensor(s).dtype) if tf.as_dtype(s.dtype).is_floating else s
+        for n, s in zip(new_state, state)
+    ]
+
+
 class _Program:
     """The pure adaptation/prediction maths for one model, with input validation."""
 
     def __init__(self, model, loss, from_logits, learning_rate, momentum, training,
-                 input_spec, label_spec, untagged, max_steps):
+                 input_spec, label_spec, untagged, max_steps, predict_training=None,
+                 max_rows=None, max_row_steps=None, where="export_adaptive"):
+        v = _validation
         if not isinstance(model, keras.Model):
-            raise TypeError(f"Expected a keras.Model, got {type(model).__name__}.")
+            raise TypeError(
+                f"{where}: model must be a keras.Model; got {type(model).__name__} (wrap "
+                "layers in keras.Sequential([...]) or keras.Model(inputs, outputs))."
+            )
         if not model.built:
             raise ValueError(
-                f"Model '{model.name}' is not built: give it a keras.Input or call it once."
+                f"{where}: model '{model.name}' is not built: give it a keras.Input or call "
+                "it once on a batch."
             )
-        lr = float(learning_rate)
-        if not np.isfinite(lr) or lr <= 0:
-            raise ValueError(f"learning_rate must be a positive number; got {learning_rate!r}.")
-        if momentum is not None:
-            momentum = float(momentum)
-            if not 0.0 <= momentum < 1.0:
-                raise ValueError(f"momentum must be in [0, 1); got {momentum!r}.")
-        if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 0:
-            raise ValueError(f"max_steps must be an integer >= 0; got {max_steps!r}.")
+        lr = v.check_float(learning_rate, "learning_rate", minimum=0.0, min_inclusive=False,
+                           where=where, example=0.01)
+        momentum = v.check_float(momentum, "momentum", minimum=0.0, maximum=1.0,
+                                 max_inclusive=False, allow_none=True, where=where,
+                                 example=0.9)
+        from_logits = v.check_bool(from_logits, "from_logits", allow_none=True, where=where)
+        training = v.check_bool(training, "training", where=where)
+        predict_training = v.check_bool(predict_training, "predict_training",
+                                        allow_none=True, where=where)
+        max_steps = v.check_int(max_steps, "max_steps", minimum=0, maximum=_INT32_MAX,
+                                where=where, example=10000)
+        max_rows = v.check_int(max_rows, "max_rows", minimum=1, maximum=_INT32_MAX,
+                               allow_none=True, where=where, example=10000)
+        max_row_steps = v.check_int(max_row_steps, "max_row_steps", minimum=1,
+                                    maximum=2**62, allow_none=True, where=where,
+                                    example=10**6)
+        v.check_choice(untagged, "untagged", UNTAGGED_POLICIES, where=where)
         self.model = model
         self.partition = _partition(model, untagged=untagged, require_task=True)
         self.loss_fn, self.sparse, self.loss_name = _resolve_loss(loss, from_logits, model)
         self.learning_rate = lr
         self.momentum = momentum
-        self.training = bool(training)
+        self.training = training
+        self.predict_training = training if predict_training is None else predict_training
         self.max_steps = max_steps
+        self.max_rows = _INT32_MAX if max_rows is None else max_rows
+        self.max_row_steps = 2**62 if max_row_steps is None else max_row_steps
+        # Batch statistics of a single example normalise it to beta whatever it is.
+        self.min_query_rows = 2 if self.predict_training and _has_batch_norm(model) else 0
         x_spec = _as_spec(input_spec, "input_spec", keras.config.floatx())
         self.x_spec = x_spec if x_spec is not None else _model_input_spec(model)
         self.out_spec = _output_spec(self.partition, self.x_spec)
@@ -280,7 +431,7 @@ class _Program:
         return [tf.convert_to_tensor(v.value) for v in self.partition.state_variables]
 
     # -- validation ---------------------------------------------------------------------
-    def _check_batch(self, checks, t, spec, arg, fn, allow_empty=False):
+    def _check_batch(self, checks, t, spec, arg, fn, min_rows=1):
         rank = spec.shape.rank
         dims = spec.shape.as_list()[1:]
         expected = "[" + ", ".join(["batch"] + ["?" if d is None else str(d) for d in dims])
@@ -294,10 +445,29 @@ class _Program:
             padded = tf.concat([shape, tf.zeros([rank], shape.dtype)], axis=0)
             ok = tf.logical_and(ok, tf.reduce_all(tf.equal(tf.gather(padded, known), want)))
         checks.require(ok, f"{fn}: `{arg}` must have shape {expected}; got shape", shape)
-        if not allow_empty:
+        rows = _leading_dim(t)
+        if min_rows == 1:
             checks.require(
-                _leading_dim(t) > 0,
-                f"{fn}: `{arg}` must hold at least one example; got shape", shape,
+                rows > 0, f"{fn}: `{arg}` must hold at least one example; got shape", shape,
+            )
+        elif min_rows > 1:
+            checks.require(
+                rows >= min_rows,
+                f"{fn}: `{arg}` must hold at least {min_rows} examples: predictions use "
+                "batch statistics (predict_training=True), which normalise a single example "
+                "to a constant; send the query set in one request. Got shape", shape,
+            )
+        checks.require(
+            rows <= self.max_rows,
+            f"{fn}: `{arg}` holds more examples than max_rows={self.max_rows} of the export; "
+            "send at most that many per request. Got", rows,
+        )
+
+    def _check_finite(self, checks, t, arg, fn):
+        if t.dtype.is_floating:
+            checks.require(
+                tf.reduce_all(tf.math.is_finite(t)),
+                f"{fn}: `{arg}` must be finite; it holds NaN or inf.",
             )
 
     def _support_checks(self, x, y, steps, fn):
@@ -314,6 +484,15 @@ class _Program:
             tf.less_equal(steps, self.max_steps),
             f"{fn}: `steps` must be <= {self.max_steps} (max_steps of the export); got", steps,
         )
+        work = tf.cast(_leading_dim(x), tf.int64) * tf.cast(steps, tf.int64)
+        checks.require(
+            tf.less_equal(work, self.max_row_steps),
+            f"{fn}: rows of `x` × `steps` must be <= max_row_steps={self.max_row_steps} of "
+            "the export (the work of one request); use fewer steps or fewer examples. Got",
+            _leading_dim(x), "×", steps,
+        )
+        self._check_finite(checks, x, "x", fn)
+        self._check_finite(checks, y, "y", fn)
         if self.sparse and self.num_classes is not None:
             n = tf.cast(self.num_classes, y.dtype)
             checks.require(
@@ -325,7 +504,8 @@ class _Program:
 
     # -- maths ----------------------------------------------------------------------------
     def _forward(self, theta, x, state):
-        y, _ = self.partition.call(theta, self._phi(), x, state=state, training=False)
+        y, _ = self.partition.call(theta, self._phi(), x, state=state,
+                                   training=self.predict_training)
         return y
 
     def _loop(self, x, y, steps):
@@ -355,6 +535,14 @@ class _Program:
             body,
             (tf.constant(0, steps.dtype), theta0, velocity0, state0),
         )
+        if self.training and self.partition.state_variables:
+            # The adapted model's moving statistics: the support set's at θ_K (after at
+            # least one step; with none, the saved statistics of θ0 stay).
+            state = tf.cond(
+                steps > 0,
+                lambda: batch_statistics(self.partition, theta, phi, x, state),
+                lambda: [tf.identity(s) for s in state],
+            )
         return theta, state
 
     # -- the three entry points (graph functions; inputs already typed) --------------------
@@ -363,7 +551,9 @@ class _Program:
 
     def predict(self, x):
         checks = _Checks()
-        self._check_batch(checks, x, self.x_spec, "x", "serving_default", allow_empty=True)
+        self._check_batch(checks, x, self.x_spec, "x", "serving_default",
+                          min_rows=self.min_query_rows)
+        self._check_finite(checks, x, "x", "serving_default")
         x = checks.guard(x, self._batch_shape(self.x_spec))
         return {"predictions": self._forward(self._theta0(), x, self._state())}
 
@@ -372,25 +562,37 @@ class _Program:
         y = checks.guard(y, self._batch_shape(self.y_spec))
         return x, y, checks.guard(steps, [])
 
-    def adapt(self, x, y, steps):
+    def adapt_with_state(self, x, y, steps):
         checks = self._support_checks(x, y, steps, "adapt")
         x, y, steps = self._guard_support(checks, x, y, steps)
-        theta, _ = self._loop(x, y, steps)
+        return self._loop(x, y, steps)
+
+    def adapt(self, x, y, steps):
+        theta, _ = self.adapt_with_state(x, y, steps)
         return dict(zip(self.names, theta))
 
     def adapt_and_predict(self, x, y, steps, queries):
-        checks = self._support_checks(x, y, steps, "adapt_and_predict")
-        self._check_batch(
-            checks, queries, self.x_spec, "queries", "adapt_and_predict", allow_empty=True
-        )
+        fn = "adapt_and_predict"
+        checks = self._support_checks(x, y, steps, fn)
+        self._check_batch(checks, queries, self.x_spec, "queries", fn,
+                          min_rows=self.min_query_rows)
+        self._check_finite(checks, queries, "queries", fn)
         x, y, steps = self._guard_support(checks, x, y, steps)
         queries = checks.guard(queries, self._batch_shape(self.x_spec))
         theta, state = self._loop(x, y, steps)
         return {"predictions": self._forward(theta, queries, state)}
 
     # -- specs for tf.function (unknown shapes, validated in the graph) -------------------
-    def loose(self, spec):
-        return tf.TensorSpec(None, spec.dtype)
+    def loose(self, spec, name=None):
+        return tf.TensorSpec(None, spec.dtype, name=name)
+
+    def arguments(self, fn):
+        """``[(name, declared dtype)]`` of entry point `fn`, in call order."""
+        args = {"x": self.x_spec.dtype, "y": self.y_spec.dtype, "steps": tf.int32,
+                "queries": self.x_spec.dtype}
+        names = {"predict": ["x"], "adapt": ["x", "y", "steps"],
+                 "adapt_and_predict": ["x", "y", "steps", "queries"]}[fn]
+        return [(n, args[n]) for n in names]
 
     def metadata(self):
         return {
@@ -398,11 +600,15 @@ class _Program:
             "learning_rate": self.learning_rate,
             "momentum": 0.0 if self.momentum is None else self.momentum,
             "training": self.training,
+            "predict_training": self.predict_training,
             "max_steps": self.max_steps,
+            "max_rows": self.max_rows,
+            "max_row_steps": self.max_row_steps,
             "input_shape": str(self.x_spec.shape.as_list()),
             "input_dtype": self.x_spec.dtype.name,
             "label_shape": str(self.y_spec.shape.as_list()),
             "label_dtype": self.y_spec.dtype.name,
+            "steps_dtype": "int32",
             "task_parameters": ",".join(self.names),
         }
 
@@ -411,12 +617,98 @@ def _adapt_function(program):
     x = program.loose(program.x_spec)
     y = program.loose(program.y_spec)
     return tf.function(
-        program.adapt,
+        program.adapt_with_state,
         input_signature=[x, y, tf.TensorSpec([], tf.int32)],
     )
 
 
+def _tolerant(program, fn, typed):
+    """A `tf.function` taking `fn`'s arguments in any dtype of `_castable`, cast and passed
+    to `typed` (the signature function). Concrete functions are traced for every
+    combination of accepted dtypes (``queries`` shares the dtype of ``x``) and for the
+    dtypes of `_refused`, one argument off at a time, which fail with a message naming
+    the argument and the dtype it must have."""
+    args = program.arguments(fn)
+    display = "serving_default" if fn == "predict" else fn
+    accepted = [_castable(dtype, name) for name, dtype in args]
+
+    def call(*values):
+        for (name, dtype), ok, value in zip(args, accepted, values):
+            if value.dtype not in ok:
+                message = (f"{display}: `{name}` must be {_dtype_text(dtype)}; got "
+                           f"{value.dtype.name}. Cast it before sending.")
+                with tf.control_dependencies(
+                    [tf.debugging.Assert(tf.constant(False), [message])]
+                ):
+                    if fn == "adapt":
+                        return {n: tf.identity(t) for n, t in
+                                zip(program.names, program._theta0())}
+                    out = program.out_spec.shape.as_list()[1:]
+                    return {"predictions": tf.zeros([0] + out, program.out_spec.dtype)}
+        cast = []
+        for (name, dtype), value in zip(args, values):
+            if value.dtype != dtype:
+                if name == "steps":  # saturate, so the range checks still see the excess
+                    value = tf.clip_by_value(value, -_INT32_MAX - 1, _INT32_MAX)
+                value = tf.cast(value, dtype)
+            cast.append(value)
+        return typed(*cast)
+
+    named = {
+        "predict": lambda x: call(x),
+        "adapt": lambda x, y, steps: call(x, y, steps),
+        "adapt_and_predict": lambda x, y, steps, queries: call(x, y, steps, queries),
+    }[fn]
+    function = tf.function(named)
+    tied = [i for i, (name, _) in enumerate(args) if name == "queries"]
+    combos = [[]]
+    for i, options in enumerate(accepted):
+        if i in tied:  # x and queries are the same kind of data: they share a dtype
+            combos = [c + [c[0]] for c in combos]
+        else:
+            combos = [c + [d] for c in combos for d in options]
+    for i, (name, dtype) in enumerate(args):
+        for got in _refused(dtype, name):
+            combo = [d for _, d in args]
+            combo[i] = got
+            combos.append(combo)
+    for combo in combos:
+        function.get_concrete_function(
+            *[tf.TensorSpec(None, d, name=n) for (n, _), d in zip(args, combo)]
+        )
+    return function
+
+
 # --- export -------------------------------------------------------------------------------
+def _check_path(path, overwrite, where):
+    if not isinstance(path, (str, os.PathLike)) or isinstance(path, bytes):
+        raise TypeError(
+            f"{where}: path must be a folder path (str or os.PathLike); got "
+            f"{_validation.describe(path)}."
+        )
+    path = os.fspath(path)
+    if not path:
+        raise ValueError(f"{where}: path is empty; give the SavedModel folder to write.")
+    if os.path.exists(path):
+        if not os.path.isdir(path):
+            raise FileExistsError(
+                f"{where}: path {path!r} is a file; choose a folder for the SavedModel."
+            )
+        if os.listdir(path):
+            if not overwrite:
+                raise FileExistsError(
+                    f"{where}: {path!r} already exists and is not empty; pass "
+                    "overwrite=True to replace it, or choose another folder."
+                )
+            if not os.path.exists(os.path.join(path, "saved_model.pb")):
+                raise FileExistsError(
+                    f"{where}: {path!r} exists and is not a SavedModel; refusing to replace "
+                    "it even with overwrite=True. Remove it yourself or choose another "
+                    "folder."
+                )
+    return _validation.check_directory(path, "path", allow_none=False, where=where)
+
+
 def export_adaptive(
     model,
     path,
@@ -430,6 +722,10 @@ def export_adaptive(
     untagged="task",
     training=False,
     max_steps=10000,
+    predict_training=None,
+    max_rows=10000,
+    max_row_steps=1_000_000,
+    overwrite=False,
 ):
     """Exports a meta-learned model as a SavedModel that adapts itself to new tasks.
 
@@ -445,10 +741,29 @@ def export_adaptive(
     * ``adapt_and_predict``: inputs ``x``, ``y``, ``steps``, ``queries``; output
       ``predictions`` of the adapted model on ``queries``.
 
-    The loaded object also has ``metadata()`` (loss, learning rate, default ``steps``, ...).
+    The loaded object also has ``metadata()`` (loss, learning rate, default ``steps``,
+    budgets, modes, dtypes, ...) and dtype-tolerant functions ``predict``, ``adapt`` and
+    ``adapt_and_predict`` for Python clients (see the module docstring).
     Inputs are declared with unknown shapes and checked in the graph, so bad requests
     raise ``InvalidArgumentError`` with a message such as ``adapt: `x` must have shape
     [batch, 4]; got shape [5 3]``.
+
+    **Work per request** is bounded by three limits recorded in the metadata: ``steps``
+    ≤ `max_steps`, at most `max_rows` examples in ``x`` (and in ``queries``), and rows of
+    ``x`` × ``steps`` ≤ `max_row_steps` (an adaptation costs about rows × steps
+    forward-backward passes of one example). Over-budget requests fail with an
+    ``InvalidArgumentError`` naming the limit before any work is done.
+
+    **Modes (batch normalisation, dropout).** Adaptation steps run the model in mode
+    `training`: with True, batch-norm layers normalise with the statistics of the support
+    set; with False they use the saved moving statistics. Predictions run in mode
+    `predict_training` (default: `training`): True normalises with the statistics of the
+    predicted batch (``x`` or ``queries``: send the whole query set in one request; a
+    batch-norm model then needs at least 2 examples), False with moving statistics: after
+    ``steps`` ≥ 1 training-mode steps, the support set's statistics at the adapted
+    parameters (`batch_statistics`), else the saved ones. `MetaTrainer.export` passes
+    ``training=True`` and ``predict_training=eval_training_mode``, so the served
+    predictions equal `MetaTrainer.evaluate`'s.
 
     Example:
 
@@ -461,7 +776,7 @@ def export_adaptive(
         keras.layers.Dense(3),
     ])
     warpkeras.export_adaptive(model, "saved_models/demo", loss="sparse_categorical_crossentropy",
-                              from_logits=True, learning_rate=0.1, steps=5)
+                              from_logits=True, learning_rate=0.1, steps=5, overwrite=True)
     served = tf.saved_model.load("saved_models/demo")
     out = served.signatures["adapt_and_predict"](
         x=tf.random.normal((10, 4)), y=tf.constant(np.arange(10) % 3),
@@ -471,48 +786,65 @@ def export_adaptive(
 
     Args:
         model: a built, meta-learned `keras.Model` with a single input and output tensor.
-        path: the SavedModel directory to write.
+        path: the SavedModel directory to write (str or `os.PathLike`).
         loss: the inner-loop loss: a Keras loss object, a name (``"mse"``,
             ``"sparse_categorical_crossentropy"``, ...) or a traceable function
             ``loss(y_true, y_pred)``; `None` uses the model's compiled loss.
-        learning_rate: α of the inner steps.
-        momentum: μ of heavy-ball inner steps, or `None` for plain SGD.
+        learning_rate: α of the inner steps (a finite number > 0).
+        momentum: μ in [0, 1) of heavy-ball inner steps, or `None` for plain SGD.
         steps: the default number of inner steps, recorded in the metadata (the signatures
-            take the step count as an input).
-        from_logits: for losses given by name: whether predictions are logits.
+            take the step count as an input); an integer in [0, `max_steps`].
+        from_logits: for losses given by name: whether predictions are logits (bool or
+            `None`).
         input_spec: the input batch as a `tf.TensorSpec` (leading dimension `None`) or a
             tuple of per-example dimensions; default: from the model's `keras.Input`.
         label_spec: the label batch, same forms; default: int64 class ids of shape
             ``[batch]`` for sparse cross-entropies, else the model output's shape and dtype.
         untagged: role of untagged layers (see `warpkeras.partition`).
-        training: run the model in training mode during adaptation (dropout, batch-norm
-            batch statistics; the updated state is used for the predictions).
-        max_steps: largest accepted ``steps`` input, so that a request cannot occupy the
-            server indefinitely.
+        training: run the model in training mode during adaptation (bool; see "Modes").
+        max_steps: largest accepted ``steps`` input (an integer in [0, 2³¹ − 1]).
+        predict_training: run predictions in training mode (bool; `None`: `training`).
+        max_rows: most examples accepted in ``x`` and in ``queries`` per request (an
+            integer ≥ 1, or `None` for no limit).
+        max_row_steps: most rows × steps per adaptation request (an integer ≥ 1, or `None`
+            for no limit).
+        overwrite: replace an existing SavedModel at `path` (bool). Without it an existing,
+            non-empty folder is refused; a folder that is not a SavedModel is never
+            replaced.
 
     Returns:
-        The path written.
+        The path written (a str).
+
+    Raises:
+        TypeError, ValueError: a bad argument (the message names it and the fix).
+        FileExistsError: `path` exists (see `overwrite`) or is a file.
     """
-    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 0:
-        raise ValueError(f"steps must be an integer >= 0; got {steps!r}.")
-    if isinstance(max_steps, np.integer):
-        max_steps = int(max_steps)
-    steps = int(steps)
-    if isinstance(max_steps, int) and steps > max_steps:
-        raise ValueError(f"steps={steps} exceeds max_steps={max_steps}.")
+    where = "export_adaptive"
+    overwrite = _validation.check_bool(overwrite, "overwrite", where=where)
+    path = _check_path(path, overwrite, where)
+    max_steps_ok = _validation.check_int(max_steps, "max_steps", minimum=0,
+                                         maximum=_INT32_MAX, where=where, example=10000)
+    steps = _validation.check_int(steps, "steps", minimum=0, maximum=max_steps_ok,
+                                  where=where, example=min(5, max_steps_ok))
     program = _Program(model, loss, from_logits, learning_rate, momentum, training,
-                       input_spec, label_spec, untagged, max_steps)
+                       input_spec, label_spec, untagged, max_steps, predict_training,
+                       max_rows, max_row_steps, where=where)
     module = tf.Module(name="warpkeras_adaptive")
     # Track the model's variables (the underlying tf.Variables) so the saved graphs can
     # capture them: θ0, φ, frozen variables and the non-trainable state.
     module.model_variables = [v.value for v in model.variables]
-    xs, ys = program.loose(program.x_spec), program.loose(program.y_spec)
-    steps_spec = tf.TensorSpec([], tf.int32)
-    module.serve = tf.function(program.predict, input_signature=[xs])
-    module.adapt = tf.function(program.adapt, input_signature=[xs, ys, steps_spec])
-    module.adapt_and_predict = tf.function(
-        program.adapt_and_predict, input_signature=[xs, ys, steps_spec, xs]
+    specs = {fn: [program.loose(tf.TensorSpec(None, d), name=n)
+                  for n, d in program.arguments(fn)]
+             for fn in ("predict", "adapt", "adapt_and_predict")}
+    module.serve = tf.function(program.predict, input_signature=specs["predict"])
+    module.signature_adapt = tf.function(program.adapt, input_signature=specs["adapt"])
+    module.signature_adapt_and_predict = tf.function(
+        program.adapt_and_predict, input_signature=specs["adapt_and_predict"]
     )
+    typed = {"predict": module.serve, "adapt": module.signature_adapt,
+             "adapt_and_predict": module.signature_adapt_and_predict}
+    for fn, target in typed.items():
+        setattr(module, fn, _tolerant(program, fn, target))
     meta = dict(program.metadata(), default_steps=steps)
     constants = {
         k: tf.constant(v if not isinstance(v, bool) else int(v)) for k, v in meta.items()
@@ -520,26 +852,36 @@ def export_adaptive(
     module.metadata = tf.function(lambda: dict(constants), input_signature=[])
     signatures = {
         "serving_default": module.serve.get_concrete_function(),
-        "adapt": module.adapt.get_concrete_function(),
-        "adapt_and_predict": module.adapt_and_predict.get_concrete_function(),
+        "adapt": module.signature_adapt.get_concrete_function(),
+        "adapt_and_predict": module.signature_adapt_and_predict.get_concrete_function(),
     }
-    path = os.fspath(path)
-    tf.saved_model.save(module, path, signatures=signatures)
+    # Written next to `path` first, so that a failed export leaves any old model intact.
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".export-", dir=parent)
+    try:
+        tf.saved_model.save(module, staging, signatures=signatures)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        os.replace(staging, path)
+    finally:
+        if os.path.exists(staging):
+            shutil.rmtree(staging, ignore_errors=True)
     return path
 
 
 # --- in-process adaptation ------------------------------------------------------------------
 def _run_adapt(model, x, y, steps, loss, learning_rate, momentum, from_logits, training,
-               untagged, input_spec, label_spec):
-    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 0:
-        raise ValueError(f"steps must be an integer >= 0; got {steps!r}.")
+               untagged, input_spec, label_spec, where):
+    steps = _validation.check_int(steps, "steps", minimum=0, maximum=_INT32_MAX,
+                                  where=where, example=5)
     program = _Program(model, loss, from_logits, learning_rate, momentum, training,
-                       input_spec, label_spec, untagged, max_steps=max(int(steps), 0))
+                       input_spec, label_spec, untagged, max_steps=steps, where=where)
     fn = _adapt_function(program)
     x = tf.convert_to_tensor(x, dtype=program.x_spec.dtype)
     y = tf.convert_to_tensor(y, dtype=program.y_spec.dtype)
-    values = fn(x, y, tf.constant(int(steps), tf.int32))
-    return program, [values[n] for n in program.names]
+    theta, state = fn(x, y, tf.constant(steps, tf.int32))
+    return program, theta, state
 
 
 def adapt_task_values(model, x, y, steps, loss=None, learning_rate=0.01, momentum=None,
@@ -566,8 +908,9 @@ def adapt_task_values(model, x, y, steps, loss=None, learning_rate=0.01, momentu
     Returns:
         A dict from `task_parameter_names` to tensors.
     """
-    program, theta = _run_adapt(model, x, y, steps, loss, learning_rate, momentum,
-                                from_logits, training, untagged, input_spec, label_spec)
+    program, theta, _ = _run_adapt(model, x, y, steps, loss, learning_rate, momentum,
+                                   from_logits, training, untagged, input_spec, label_spec,
+                                   "adapt_task_values")
     return dict(zip(program.names, theta))
 
 
@@ -607,15 +950,21 @@ def adapt(model, x, y, steps, loss=None, learning_rate=0.01, momentum=None, from
             label_spec: as in `export_adaptive`.
         copy: return a clone (made with `keras.models.clone_model`, tags copied) and leave
             `model` unchanged; with ``copy=False`` the task variables of `model` itself are
-            assigned the adapted values.
+            assigned the adapted values. With ``training=True`` the adapted model also gets
+            the non-trainable state (batch-norm moving statistics) as updated by the
+            adaptation steps, as ``adapt_and_predict`` of `export_adaptive` uses it.
 
     Returns:
         The adapted model.
     """
-    program, theta = _run_adapt(model, x, y, steps, loss, learning_rate, momentum,
-                                from_logits, training, untagged, input_spec, label_spec)
+    copy = _validation.check_bool(copy, "copy", where="adapt")
+    program, theta, state = _run_adapt(model, x, y, steps, loss, learning_rate, momentum,
+                                       from_logits, training, untagged, input_spec,
+                                       label_spec, "adapt")
     if not copy:
         program.partition.assign_task(theta)
+        if program.training:
+            program.partition.assign_state(state)
         return model
     try:
         clone = keras.models.clone_model(model)
@@ -634,4 +983,7 @@ def adapt(model, x, y, steps, loss=None, learning_rate=0.01, momentum=None, from
     trainable = clone.trainable_variables
     for i, t in zip(program.partition.task_indices, theta):
         trainable[i].assign(t)
+    if program.training:
+        for v, t in zip(clone.non_trainable_variables, state):
+            v.assign(t)
     return clone

@@ -220,6 +220,31 @@ class MetaTrainer(TrainingLoop):
     `MAMLTrainer`, `ReptileTrainer`, `FineTuneTrainer`, `NoMetaTrainer`. All share this
     constructor's arguments.
 
+    **Batch-norm statistics.** One rule for every batch-norm layer (Keras'
+    `BatchNormalization` and `warpkeras.layers.ExactBatchNormalization`, in task, warp or
+    frozen layers; a layer with ``trainable=False`` always uses its moving statistics and
+    keeps them): *the moving statistics are the training data's statistics at the
+    parameters they are used with.*
+
+    * *Adaptation* (the inner loop of `fit`, `adapt`, `evaluate`) always runs in training
+      mode: each step normalises with its own batch's statistics.
+    * *Saved statistics (θ0)*: after every meta step the moving mean and variance are set
+      to the batch statistics at θ0 of each task's first training batch, averaged over the
+      meta-batch's tasks (tasks dropped as non-finite excluded). They come from data from
+      the first meta step on, whatever the layers' momentum. MAML / FOMAML without a warp
+      mode and `NoMetaTrainer` leave them unchanged; `FineTuneTrainer` carries them through
+      its tasks by the layers' own moving-average rule.
+    * *Adapted parameters (θ_k, k ≥ 1)*: the statistics of the task's latest adaptation
+      batch at θ_k (one training-mode pass with momentum 0,
+      `warpkeras.export.batch_statistics`).
+    * *Evaluation* (`evaluate`'s test losses) runs in `eval_training_mode`: True (the
+      default, the papers' reference code) normalises with the evaluated batch's own
+      statistics (transductive); False uses the moving statistics above, as a model
+      deployed one example at a time must.
+    * *Export*: `export` adapts in training mode and predicts in `eval_training_mode`,
+      and its ``adapt_and_predict`` uses the same statistics, so the served predictions
+      equal `evaluate`'s (see `warpkeras.export_adaptive`).
+
     Args:
         model: a built `keras.Model` with layers tagged by `warpkeras.warp` /
             `warpkeras.task` (see `warpkeras.partition`).
@@ -258,7 +283,8 @@ class MetaTrainer(TrainingLoop):
             values are re-initialised for every evaluation task (see `FineTuneTrainer`).
         untagged: role of untagged trainable layers (`warpkeras.partition`).
         eval_training_mode: run evaluation forward passes in training mode (batch-norm
-            uses batch statistics, as in the papers' reference code). Default True.
+            uses batch statistics, as in the papers' reference code). Default True. See
+            "Batch-norm statistics" above.
         jit_compile: compile the step functions with XLA.
         parallel: how the tasks of a meta-batch are adapted: ``"sequential"`` (one after
             another), ``"unrolled"`` (all in one graph) or ``"vectorized"``
@@ -989,6 +1015,7 @@ class MetaTrainer(TrainingLoop):
             result["warp_grads"] = tuple(a / float(self.inner_steps) for a in carry["warp_acc"])
             result["hyper_grads"] = carry["hyper_acc"] / float(self.inner_steps)
         result["finite"] = finite
+        result["first_batch"] = first_batch  # for the moving statistics at θ0
         return result
 
     def _store(self, task_ids, k, carry):
@@ -1085,6 +1112,54 @@ class MetaTrainer(TrainingLoop):
         if names:
             self.diverged[int(self.step.numpy())] = list(names)
 
+    def _statistics(self, theta, state, x):
+        """Packed `state` with its moving statistics set to those of batch `x` at packed
+        `theta` (see "Batch-norm statistics" and `warpkeras.export.batch_statistics`)."""
+        if not any(tf.as_dtype(v.dtype).is_floating for v in self.partition.state_variables):
+            return state
+        if getattr(self, "_statistics_fn", None) is None:
+            from warpkeras.export import batch_statistics
+
+            sp, tp = self._state_packer, self._theta_packer
+
+            def statistics(theta, state, x):
+                return sp.pack(batch_statistics(self.partition, tp.unpack(theta), self._phi(),
+                                                x, sp.unpack(state)))
+
+            self._statistics_fn = tf.function(statistics, reduce_retracing=True)
+        return self._statistics_fn(theta, state, x)
+
+    def _statistics_batches(self, res, finite):
+        """The inputs of the first training batch of each finite task of a group (for the
+        moving statistics); none for groups without them (MAML without a warp mode)."""
+        batches = res.get("first_batch")
+        if batches is None or not self.partition.state_variables:
+            return []
+        return [batches[g][0] for g in np.flatnonzero(finite)]
+
+    def _write_moving_statistics(self, inputs):
+        """Sets the model's moving statistics to the mean over `inputs` (one batch per
+        task of the meta-batch) of the batch statistics at the current θ0 and φ (see
+        "Batch-norm statistics" in the class docstring). Only floating state is written
+        (batch-norm moving mean / variance); random-number generator states are left to
+        the seed handling."""
+        if not inputs:
+            return
+        theta, _, state = self._start_values()
+        sums = None
+        for x in inputs:
+            part = [np.asarray(t, dtype=np.float64) if d.is_floating else None
+                    for t, d in zip(self._statistics(theta, state, x),
+                                    self._state_packer.groups)]
+            sums = part if sums is None else [
+                None if a is None else a + b for a, b in zip(sums, part)]
+        values = self._state_packer.unpack(
+            [c if s is None else tf.convert_to_tensor(s / len(inputs), dtype=c.dtype)
+             for s, c in zip(sums, state)])
+        for v, value in zip(self.partition.state_variables, values):
+            if tf.as_dtype(v.dtype).is_floating:
+                v.assign(value)
+
     def train_step(self, tasks, rng):
         """One meta step on a list of tasks.
 
@@ -1114,6 +1189,7 @@ class MetaTrainer(TrainingLoop):
         diverged = []  # names of this step's dropped tasks
         self._nan_points = 0
         stream = self._start_values() if self.warp_mode == "continual" else None
+        moving = []  # batch inputs, for the moving statistics at θ0
         for lo in range(0, len(tasks), size):
             group = tasks[lo:lo + size]
             ids = list(range(lo, lo + len(group)))
@@ -1138,6 +1214,7 @@ class MetaTrainer(TrainingLoop):
                           tuple(s[0] for s in c["state"]))
             if not finite.any():
                 continue
+            moving.extend(self._statistics_batches(res, finite))
             losses.extend(res["losses"][finite, -1].tolist())
             metrics.extend(res["metrics"][finite, -1].tolist())
             if res["metas"] is not None:
@@ -1177,6 +1254,7 @@ class MetaTrainer(TrainingLoop):
         logs["nan_tasks"] = int(self.nan_tasks.numpy())
         if self.warp_mode in ("offline", "continual"):
             logs["nan_points"] = self._nan_points
+        self._write_moving_statistics(moving)  # at the updated θ0 and φ
         self._record_diverged(diverged)
         if self._hyper_vars:
             logs["inner_learning_rate"] = float(self.inner_lr.numpy())
@@ -1202,7 +1280,7 @@ class MetaTrainer(TrainingLoop):
 
     # ------------------------------------------------------------------------------------
     # export
-    def export(self, path, steps=None, **kwargs):
+    def export(self, path, steps=None, overwrite=False, **kwargs):
         """Exports the meta-learned model as an adaptive SavedModel (see
         `warpkeras.export_adaptive`) with this trainer's loss, inner learning rate and
         momentum: `serving_default` predicts with θ0 and φ, `adapt` and `adapt_and_predict`
@@ -1212,17 +1290,30 @@ class MetaTrainer(TrainingLoop):
             path: the SavedModel folder.
             steps: default adaptation steps recorded in the metadata (default
                 `inner_steps`).
+            overwrite: replace an existing SavedModel at `path` (without it an existing,
+                non-empty folder is refused).
             **kwargs: forwarded to `warpkeras.export_adaptive` (e.g. ``from_logits``,
-                ``training``, ``input_spec``).
+                ``input_spec``, ``max_rows``, ``max_row_steps``, ``max_steps``).
+
+        The served model adapts in training mode, as the trainers' inner loop does, and
+        predicts in `eval_training_mode` (``training=True``,
+        ``predict_training=eval_training_mode``; see "Batch-norm statistics" above), so
+        ``adapt_and_predict`` on a task's training set (full batches) and test inputs
+        gives `evaluate`'s test predictions.
+
+        Returns:
+            The path written.
         """
         from warpkeras.export import export_adaptive
 
-        kwargs.setdefault("training", self.eval_training_mode)
+        kwargs.setdefault("training", True)
+        kwargs.setdefault("predict_training", self.eval_training_mode)
         kwargs.setdefault("untagged", self.partition.untagged)
         return export_adaptive(
             self.model, path, loss=self.loss, learning_rate=float(self.inner_lr.numpy()),
             momentum=float(self.inner_mu.numpy()) if self.use_momentum else None,
-            steps=self.inner_steps if steps is None else int(steps), **kwargs)
+            steps=self.inner_steps if steps is None else steps, overwrite=overwrite,
+            **kwargs)
 
     # ------------------------------------------------------------------------------------
     # evaluation
@@ -1255,10 +1346,16 @@ class MetaTrainer(TrainingLoop):
         curves = {"train_loss": [], "train_accuracy": [], "test_steps": [], "test_loss": [],
                   "test_accuracy": [], "path_length": 0.0}
 
+        last = None  # the latest adaptation batch's inputs
+
         def run_test(k):
             if test is None:
                 return
-            loss, metric = self._evaluate_point(theta, state, test[0], test[1])
+            # Inference mode: the statistics of the latest support batch at θ_k (θ0: the
+            # saved ones); see "Batch-norm statistics" in the class docstring.
+            at = (state if self.eval_training_mode or last is None
+                  else self._statistics(theta, state, last))
+            loss, metric = self._evaluate_point(theta, at, test[0], test[1])
             curves["test_steps"].append(k)
             curves["test_loss"].append(float(loss))
             curves["test_accuracy"].append(float(metric))
@@ -1269,6 +1366,7 @@ class MetaTrainer(TrainingLoop):
             x, y = next(batches)
             theta, velocity, state, loss, metric, sq, _ = self._plain_step(
                 theta, velocity, state, x, y)
+            last = x
             losses.append(loss)
             metrics.append(metric)
             sqs.append(sq)
