@@ -26,7 +26,7 @@ def _ids(stream, k):
 def test_streams_of_a_finite_dataset_are_shifted_and_start_anywhere():
     task = warpkeras.Task(train=_dataset(), name="ds")
     starts = set()
-    for s in range(40):
+    for s in range(20):
         rng = np.random.default_rng([0, s])
         train, meta = task.streams(*rng.spawn(2))
         t_ids, m_ids = _ids(train, 12), _ids(meta, 12)
@@ -39,7 +39,7 @@ def test_streams_of_a_finite_dataset_are_shifted_and_start_anywhere():
         rng = np.random.default_rng([0, s])
         again_train, again_meta = task.streams(*rng.spawn(2))
         assert _ids(again_train, 3) == t_ids[:3] and _ids(again_meta, 3) == m_ids[:3]
-    assert len(starts) >= 8, starts  # starts spread over the dataset, not always batch 0
+    assert len(starts) >= 6, starts  # starts spread over the dataset, not always batch 0
 
 
 def test_infinite_dataset_is_read_on_across_calls_not_restarted():
