@@ -256,11 +256,18 @@ def pyplot():
     return plt
 
 
-def save_figure(fig, path):
-    """Saves a figure as PNG (tight layout, 120 dpi), closes it, and returns the path."""
+def save_figure(fig, path, rect=(0, 0, 1, 1)):
+    """Saves a figure as PNG (tight layout, 120 dpi), closes it, and returns the path.
+
+    Args:
+        fig: the figure.
+        path: the PNG file.
+        rect: the part of the figure (left, bottom, right, top, in figure fractions) the
+            axes are laid out in; leave room for a figure legend, e.g. ``(0, 0.08, 1, 1)``.
+    """
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
+    fig.tight_layout(rect=rect)
     fig.savefig(path, dpi=120)
     pyplot().close(fig)
     return path
@@ -276,6 +283,52 @@ def plot_band(ax, x, mean, std=None, label=None, **kwargs):
         ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2,
                         linewidth=0)
     return line
+
+
+def integer_ticks(ax, axis="x"):
+    """Whole-number tick labels on `ax`'s `axis` ("x", "y" or "both"), for counts such as
+    steps (`matplotlib.ticker.MaxNLocator` with ``integer=True``)."""
+    from matplotlib.ticker import MaxNLocator
+
+    for name in ("x", "y") if axis == "both" else (axis,):
+        getattr(ax, f"{name}axis").set_major_locator(MaxNLocator(integer=True))
+
+
+def moving_average(values, window):
+    """Trailing mean over `window` values (fewer at the start); NaNs are skipped.
+
+    Returns:
+        A float array of the same length as `values`.
+    """
+    values = np.asarray(values, dtype=float)
+    window = max(1, int(window))
+    finite = np.isfinite(values)
+    sums = np.cumsum(np.where(finite, values, 0.0))
+    counts = np.cumsum(finite)
+    sums = sums - np.concatenate([np.zeros(window), sums[:-window]])[:len(values)]
+    counts = counts - np.concatenate([np.zeros(window), counts[:-window]])[:len(values)]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+
+
+def plot_smoothed(ax, x, values, label=None, window=None, color=None):
+    """A noisy series as a faint raw line and a bold trailing moving average.
+
+    Args:
+        ax: the matplotlib axes.
+        x, values: the series.
+        label: legend label of the smoothed line (the raw line gets none).
+        window: moving-average length (default: a tenth of the series, at least 1).
+        color: line colour (default: the axes' next colour).
+
+    Returns:
+        The window used.
+    """
+    values = np.asarray(values, dtype=float)
+    window = window or max(1, len(values) // 10)
+    (raw,) = ax.plot(x, values, color=color, lw=0.8, alpha=0.3)
+    ax.plot(x, moving_average(values, window), color=raw.get_color(), lw=1.8, label=label)
+    return window
 
 
 def bar_plot(path, labels, means, errors=None, ylabel="", title="", groups=None):

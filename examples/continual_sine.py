@@ -338,42 +338,57 @@ def summarise(curves, orders, n):
 
 # -- plots ---------------------------------------------------------------------------------------
 def plot_losses(path, summary, orders, n, num_subtasks, title):
-    """Fig. 9: mean log-loss per sub-task vs step; rows WarpGrad / SGD, columns orders."""
+    """Fig. 9: mean validation loss of each sub-task vs step (log axis); rows WarpGrad / SGD,
+    columns the two orders. The diamond at the last step is the final loss of the panel's
+    title: the mean over sub-tasks (and sequences) after all steps."""
     plt = _common.pyplot()
+    from matplotlib.ticker import FormatStrFormatter
+
     colors = plt.get_cmap("viridis")(np.linspace(0.0, 0.9, num_subtasks))
-    fig, axes = plt.subplots(2, len(orders), figsize=(6.0 * len(orders), 7.5), sharey=True,
+    fig, axes = plt.subplots(2, len(orders), figsize=(6.0 * len(orders), 7.8), sharey=True,
                              squeeze=False)
     for col, (order_name, order) in enumerate(orders.items()):
         for row, method in enumerate(("warpgrad", "sgd")):
             ax = axes[row, col]
-            curve = np.asarray(summary[order_name][method]["mean_log_loss_curve"])
+            curve = np.asarray(summary[order_name][method]["mean_loss_curve"])
             steps = np.arange(curve.shape[0])
             for s in range(num_subtasks):
                 ax.plot(steps, curve[:, s], color=colors[s], lw=1.5,
-                        label=f"sub-task {s} [{-5 + 10 * s / num_subtasks:.0f}, "
+                        label=f"sub-task {s}: x in [{-5 + 10 * s / num_subtasks:.0f}, "
                               f"{-5 + 10 * (s + 1) / num_subtasks:.0f}]")
             for position, s in enumerate(order):
                 ax.axvspan(position * n, (position + 1) * n, color=colors[s], alpha=0.08)
                 ax.axvline(position * n, color="grey", lw=0.5, ls=":")
             final = summary[order_name][method]["final_loss"]["mean"]
+            ax.plot([steps[-1]], [final], "D", color="black", ms=6, zorder=5,
+                    label="final loss: mean over sub-tasks")
             ax.set_title(f"{METHOD_LABELS[method]}, {order_name.replace('_', ' ')} {order}: "
                          f"final loss {final:.3f}", fontsize=10)
-            ax.set_xlabel("adaptation step")
+            ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+            ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
+            ax.tick_params(axis="y", which="minor", labelsize=7)
+            ax.set_xlabel("adaptation step (shading: sub-task being trained)")
             if col == 0:
-                ax.set_ylabel("mean log validation loss")
-            ax.grid(alpha=0.3)
-    axes[0, 0].legend(fontsize=8, loc="lower left")
-    fig.suptitle(title)
-    return _common.save_figure(fig, path)
+                ax.set_ylabel("validation loss (half MSE, log scale)")
+            _common.integer_ticks(ax, "x")
+            ax.grid(alpha=0.3, which="both")
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(3, len(labels)), fontsize=8)
+    fig.suptitle(title, fontsize=11)
+    return _common.save_figure(fig, path, rect=(0, 0.08, 1, 1))
 
 
 def plot_predictions(path, item, predictions, grid, orders, n, num_subtasks):
     """Fig. 10: one held-out task; rows: after each presented sub-task; columns: method and
     order. Ground truth black, before adaptation dashed green, after adaptation red."""
     plt = _common.pyplot()
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
     columns = [(o, m) for o in orders for m in ("warpgrad", "sgd")]
     fig, axes = plt.subplots(num_subtasks, len(columns),
-                             figsize=(3.2 * len(columns), 1.9 * num_subtasks),
+                             figsize=(3.2 * len(columns), 1.9 * num_subtasks + 1.2),
                              sharex=True, sharey=True, squeeze=False)
     x = grid[:, 0]
     truth = item["task"](x)
@@ -395,12 +410,22 @@ def plot_predictions(path, item, predictions, grid, orders, n, num_subtasks):
             ax.text(0.02, 0.04, f"after sub-task {subtask}", transform=ax.transAxes,
                     fontsize=7, color="tab:red")
             if col == 0:
-                ax.set_ylabel(f"{position + 1} sub-task{'s' if position else ''} seen",
-                              fontsize=8)
-    fig.suptitle("Held-out task: truth (black), before adaptation (dashed green), after "
-                 "training up to the highlighted sub-task (red); grey: earlier sub-tasks",
-                 fontsize=9)
-    return _common.save_figure(fig, path)
+                ax.set_ylabel(f"{position + 1} sub-task{'s' if position else ''} seen\n"
+                              "y = f(x)", fontsize=8)
+            if position == len(order) - 1:
+                ax.set_xlabel("x", fontsize=8)
+    legend = [
+        Line2D([], [], color="black", lw=1.2, label="truth f(x)"),
+        Line2D([], [], color="tab:green", ls="--", lw=1.0, label="prediction before adaptation"),
+        Line2D([], [], color="tab:red", lw=1.2,
+               label="prediction after training up to the highlighted sub-task"),
+        Patch(color="tab:orange", alpha=0.25, label="sub-task just trained"),
+        Patch(color="grey", alpha=0.12, label="earlier sub-tasks"),
+    ]
+    fig.legend(handles=legend, loc="lower center", ncol=3, fontsize=8)
+    fig.suptitle(f"One held-out task, learned one sub-task at a time ({n} steps each)",
+                 fontsize=10)
+    return _common.save_figure(fig, path, rect=(0, 0.06, 1, 1))
 
 
 def resolve_config(args):

@@ -321,30 +321,39 @@ def _limits(*arrays):
 
 
 def plot_trajectories(path, partition, phi, surfaces, picks):
-    """Fig. 4: three surfaces, GD (black) and WarpGrad (magenta) from the same start."""
+    """Fig. 4: three surfaces, GD (black) and WarpGrad (magenta) from the same start x_0.
+
+    Top row: f over the representation space z, where f is evaluated: GD's points z = x_k
+    and WarpGrad's z = Ω(x_k), which starts at Ω(x_0) (magenta circle), not at x_0. Bottom
+    row: the warped loss f(Ω(x)) over the parameter space, where both methods start at x_0.
+    """
     plt = _common.pyplot()
-    fig, axes = plt.subplots(2, len(picks), figsize=(4.2 * len(picks), 8.0), squeeze=False)
+    fig, axes = plt.subplots(2, len(picks), figsize=(4.6 * len(picks), 9.0), squeeze=False)
     for col, run in enumerate(picks):
         surface = surfaces[run["surface"]]
         gd, wg = run["gd"], run["warpgrad"]
         lim = _limits(gd["points"], wg["points"], wg["representation"])
         x1, x2, z = surface.grid(limits=(-lim, lim), num=121)
         ax = axes[0, col]
-        ax.contourf(x1, x2, z, levels=30, cmap="viridis")
+        filled = ax.contourf(x1, x2, z, levels=30, cmap="viridis")
         ax.contour(x1, x2, z, levels=15, colors="white", linewidths=0.4, alpha=0.6)
-        ax.plot(*gd["points"].T, "-", color="black", lw=1.6, label="gradient descent x_k")
+        fig.colorbar(filled, ax=ax, shrink=0.8, label="loss f(z)")
+        ax.plot(*gd["points"].T, "-", color="black", lw=1.6, label="GD: z = x_k")
         ax.plot(*wg["representation"].T, "-", color="magenta", lw=1.6,
-                label="WarpGrad Ω(x_k)")
+                label="WarpGrad: z = Ω(x_k)")
         ax.plot(*gd["points"][0], "o", color="white", mec="black", ms=7, label="start x_0")
-        ax.plot(*gd["points"][-1], "x", color="black", ms=8, mew=2)
+        ax.plot(*wg["representation"][0], "o", color="white", mec="magenta", ms=7, mew=1.5,
+                label="WarpGrad start Ω(x_0)")
+        ax.plot(*gd["points"][-1], "x", color="black", ms=8, mew=2, label="end")
         ax.plot(*wg["representation"][-1], "x", color="magenta", ms=8, mew=2)
-        ax.set_title(f"f (surface {run['surface']}): GD {gd['losses'][-1]:.2f}, "
+        ax.set_title(f"f (surface {run['surface']}), final loss: GD {gd['losses'][-1]:.2f}, "
                      f"WarpGrad {wg['losses'][-1]:.2f}", fontsize=9)
         ax.set_xlim(-lim, lim)
         ax.set_ylim(-lim, lim)
         ax.set_aspect("equal")
+        ax.set_xlabel("z₁")
+        ax.set_ylabel("representation space: z₂" if col == 0 else "z₂")
         if col == 0:
-            ax.set_ylabel("representation space")
             ax.legend(fontsize=7, loc="lower left")
         # bottom: the warped loss over parameter space
         grid = np.stack([x1, x2], axis=-1).reshape(-1, 2).astype(np.float32)
@@ -352,40 +361,52 @@ def plot_trajectories(path, partition, phi, surfaces, picks):
         rep, _ = partition.call(theta0, phi, tf.constant(grid))
         zw = surface_values(rep, surface_params(surface)[None, :]).numpy().reshape(x1.shape)
         ax = axes[1, col]
-        ax.contourf(x1, x2, zw, levels=30, cmap="viridis")
+        filled = ax.contourf(x1, x2, zw, levels=30, cmap="viridis")
         ax.contour(x1, x2, zw, levels=15, colors="white", linewidths=0.4, alpha=0.6)
-        ax.plot(*gd["points"].T, "-", color="black", lw=1.6, label="gradient descent x_k")
+        fig.colorbar(filled, ax=ax, shrink=0.8, label="warped loss f(Ω(x))")
+        ax.plot(*gd["points"].T, "-", color="black", lw=1.6, label="GD x_k")
         ax.plot(*wg["points"].T, "-", color="magenta", lw=1.6, label="WarpGrad x_k")
-        ax.plot(*gd["points"][0], "o", color="white", mec="black", ms=7)
+        ax.plot(*gd["points"][0], "o", color="white", mec="black", ms=7, label="start x_0")
+        ax.plot(*gd["points"][-1], "x", color="black", ms=8, mew=2)
+        ax.plot(*wg["points"][-1], "x", color="magenta", ms=8, mew=2)
         ax.set_title("f(Ω(x)) over parameter space", fontsize=9)
         ax.set_xlim(-lim, lim)
         ax.set_ylim(-lim, lim)
         ax.set_aspect("equal")
+        ax.set_xlabel("x₁")
+        ax.set_ylabel("parameter space: x₂" if col == 0 else "x₂")
         if col == 0:
-            ax.set_ylabel("parameter space")
             ax.legend(fontsize=7, loc="lower left")
-    fig.suptitle("Gradient descent (black) vs WarpGrad (magenta) from the same start")
+    fig.suptitle("Gradient descent (black) vs WarpGrad (magenta) from the same start x_0; "
+                 "× marks the end")
     return _common.save_figure(fig, path)
 
 
 def plot_curves(path, summary, meta_losses, steps):
+    """Mean held-out loss vs adaptation step; meta-training loss vs meta step (raw, faint,
+    and a moving average)."""
     plt = _common.pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     k = np.arange(steps + 1)
     axes[0].plot(k, summary["gd"]["mean_loss_curve"], color="black", label="gradient descent")
     axes[0].plot(k, summary["warpgrad"]["mean_loss_curve"], color="magenta", label="WarpGrad")
     axes[0].set_xlabel("adaptation step")
-    axes[0].set_ylabel("mean loss on held-out surfaces")
+    axes[0].set_ylabel("mean loss f on held-out surfaces")
+    axes[0].set_title("held-out surfaces")
     axes[0].legend()
     axes[0].grid(alpha=0.3)
+    window = 1
     for seed, curve in meta_losses.items():
-        axes[1].plot(np.arange(1, len(curve) + 1), curve, label=f"seed {seed}", alpha=0.8)
+        window = _common.plot_smoothed(axes[1], np.arange(1, len(curve) + 1), curve,
+                                       label=f"seed {seed}")
     axes[1].set_xlabel("meta step")
     axes[1].set_ylabel("warp meta-loss (mean over steps)")
-    axes[1].set_title("meta-training (each step: a new surface)")
+    axes[1].set_title(f"meta-training (each step a new surface); faint: raw, "
+                      f"bold: {window}-step mean", fontsize=9)
     axes[1].grid(alpha=0.3)
-    if len(meta_losses) > 1:
-        axes[1].legend()
+    axes[1].legend()
+    for ax in axes:
+        _common.integer_ticks(ax, "x")
     return _common.save_figure(fig, path)
 
 
