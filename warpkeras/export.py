@@ -31,10 +31,12 @@ numbers to those dtypes on the way in (so integer images sent as arrays are cast
 ``tf.Tensor`` of another dtype is refused by TensorFlow itself before the graph runs.
 For Python clients, the loaded object also has dtype-tolerant functions ``predict(x)``,
 ``adapt(x, y, steps)`` and ``adapt_and_predict(x, y, steps, queries)``, traced for several
-dtypes each: integer images and float64 arrays are cast to the model's input dtype, int32
-/ uint8 class ids to the label dtype, int64 step counts to int32; other dtypes (bool,
-strings, float class ids or step counts, ...) are refused with an ``InvalidArgumentError``
-naming the argument and the expected dtype.
+dtypes each: integer (uint8, int32, int64) and float32 / float64 images are cast to the
+model's input dtype (``queries`` must then have the dtype of ``x``), int32 / int64 class
+ids to the label dtype, int64 step counts to int32. Float class ids and float step counts
+are refused with an ``InvalidArgumentError`` naming the argument and the expected dtype;
+other dtypes (bool, strings, ...) get TensorFlow's "no matching concrete function"
+message, which lists the dtypes accepted per argument.
 
 **Batch-norm statistics.** Adaptation steps run the model in mode ``training`` (True:
 batch statistics of the support set, dropout on); predictions (``serving_default``,
