@@ -318,21 +318,30 @@ def plot_smoothed(ax, x, values, label=None, window=None, color=None):
         ax: the matplotlib axes.
         x, values: the series.
         label: legend label of the smoothed line (the raw line gets none).
-        window: moving-average length (default: a tenth of the series, at least 1).
+        window: moving-average length (default: an eighth of the series, at least 2
+            values and at most a quarter of them; 1 for very short series).
         color: line colour (default: the axes' next colour).
 
     Returns:
         The window used.
     """
     values = np.asarray(values, dtype=float)
-    window = window or max(1, len(values) // 10)
+    window = window or max(1, min(len(values) // 4, max(2, len(values) // 8)))
     (raw,) = ax.plot(x, values, color=color, lw=0.8, alpha=0.3)
     ax.plot(x, moving_average(values, window), color=raw.get_color(), lw=1.8, label=label)
     return window
 
 
+def _label_bars(ax, bars):
+    """Writes each bar's value at its foot, beside the error bar's centre line."""
+    for bar in bars:
+        ax.annotate(f"{bar.get_height():.1f}", (bar.get_x() + bar.get_width() * 0.5, 0),
+                    xytext=(0, 3), textcoords="offset points", ha="center", va="bottom",
+                    fontsize=8, color="white", fontweight="bold")
+
+
 def bar_plot(path, labels, means, errors=None, ylabel="", title="", groups=None):
-    """A bar chart with error bars, saved as PNG.
+    """A bar chart with error bars and each bar's value written on it, saved as PNG.
 
     Args:
         path: the PNG file.
@@ -349,7 +358,8 @@ def bar_plot(path, labels, means, errors=None, ylabel="", title="", groups=None)
     if groups is None:
         fig, ax = plt.subplots(figsize=(max(5.0, 0.7 * len(labels) + 2), 4.5))
         x = np.arange(len(labels))
-        ax.bar(x, means, yerr=errors, capsize=4, color="tab:blue", alpha=0.85)
+        bars = ax.bar(x, means, yerr=errors, capsize=4, color="tab:blue", alpha=0.85)
+        _label_bars(ax, bars)
         ax.set_xticks(x)
         ax.set_xticklabels(labels, rotation=30 if len(labels) > 4 else 0, ha="right"
                            if len(labels) > 4 else "center")
@@ -359,8 +369,9 @@ def bar_plot(path, labels, means, errors=None, ylabel="", title="", groups=None)
         x = np.arange(len(groups))
         for i, label in enumerate(labels):
             err = None if errors is None else errors[i]
-            ax.bar(x + (i - (len(labels) - 1) / 2) * width, means[i], width, yerr=err,
-                   capsize=4, label=label, alpha=0.85)
+            bars = ax.bar(x + (i - (len(labels) - 1) / 2) * width, means[i], width, yerr=err,
+                          capsize=4, label=label, alpha=0.85)
+            _label_bars(ax, bars)
         ax.set_xticks(x)
         ax.set_xticklabels(groups)
         ax.legend()

@@ -406,6 +406,7 @@ def plot_returns(path, results, cfg):
     ax.set_title(f"Maze navigation ({cfg['maze_size']}x{cfg['maze_size']}), "
                  f"{len(cfg['seeds'])} seed(s); moving average over {window} updates")
     ax.grid(alpha=0.3)
+    _common.integer_ticks(ax, "x")
     ax.legend()
     return _common.save_figure(fig, path)
 

@@ -683,29 +683,33 @@ def plot_curves(results, path, title):
     """Test accuracy and training error vs adaptation step, and the meta-training loss."""
     plt = _common.pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.3))
+    window = 1
     for name, res in results.items():
         curves = res.get("curves")
         if not curves:
             continue
-        _common.plot_band(axes[0], curves["test_steps"], curves["test_accuracy_mean"],
-                          curves["test_accuracy_std"], label=res["label"], marker=".")
+        line = _common.plot_band(axes[0], curves["test_steps"], curves["test_accuracy_mean"],
+                                 curves["test_accuracy_std"], label=res["label"], marker=".")
         _common.plot_band(axes[1], curves["train_steps"], smooth(curves["train_error_mean"]),
-                          smooth(curves["train_error_std"]), label=res["label"])
+                          smooth(curves["train_error_std"]), label=res["label"],
+                          color=line.get_color())
         losses = [r["history"].get("loss") for r in res["per_seed"]]
         losses = [l for l in losses if l]
         if losses:
             n = min(len(l) for l in losses)
-            mean = np.mean([l[:n] for l in losses], axis=0)
-            axes[2].plot(np.arange(1, n + 1), mean, label=res["label"], marker=".")
+            mean = np.nanmean([np.asarray(l[:n], dtype=float) for l in losses], axis=0)
+            window = _common.plot_smoothed(axes[2], np.arange(1, n + 1), mean,
+                                           label=res["label"], color=line.get_color())
     axes[0].set(xlabel="adaptation step", ylabel="test accuracy",
                 title="Held-out tasks: test accuracy")
     axes[1].set(xlabel="adaptation step",
                 ylabel=f"training error (1 - batch accuracy), {SMOOTHING}-step mean",
                 title="Held-out tasks: training error")
     axes[2].set(xlabel="meta step", ylabel="task loss after adaptation",
-                title="Meta-training tasks")
+                title=f"Meta-training tasks (faint: raw, bold: {window}-step mean)")
     for ax in axes:
         ax.grid(alpha=0.3)
+        _common.integer_ticks(ax, "x")
     axes[0].legend(fontsize=8)
     fig.suptitle(title)
     return _common.save_figure(fig, path)
