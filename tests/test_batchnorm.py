@@ -117,3 +117,42 @@ def test_adapted_copy_uses_the_support_statistics(trained):
                                h.var(axis=0), rtol=1e-3, atol=1e-4)
     # ... and the model itself is unchanged.
     assert not np.allclose(model.get_layer("bn").moving_mean.numpy(), h.mean(axis=0))
+
+
+TRAINERS = {
+    "leap": lambda m, kw: warpkeras.LeapTrainer(m, LOSS, **kw),
+    "reptile": lambda m, kw: warpkeras.ReptileTrainer(m, LOSS, **kw),
+    "warp_online_maml": lambda m, kw: warpkeras.WarpTrainer(
+        m, LOSS, mode="online", objective="approx", init_objective="maml", **kw),
+    "warp_offline_leap": lambda m, kw: warpkeras.WarpTrainer(m, LOSS, mode="offline", **kw),
+    "warp_continual": lambda m, kw: warpkeras.WarpTrainer(
+        m, LOSS, mode="continual", init_objective=None, **kw),
+    "finetune": lambda m, kw: warpkeras.FineTuneTrainer(
+        m, LOSS, head_layers=[m.get_layer("head")], **kw),
+}
+
+
+@pytest.mark.parametrize("name", list(TRAINERS))
+def test_every_trainer_saves_the_statistics_at_theta0(name):
+    # Every task has the same inputs (one full batch), so the saved statistics must be
+    # exactly that batch's statistics at the final θ0, whatever the layers' momentum.
+    rng = np.random.default_rng(2)
+    x = (5.0 + 3.0 * rng.normal(size=(12, 4))).astype("float32")
+    tasks = [warpkeras.Task((x, rng.integers(0, 2, size=12)), batch_size=12, name=f"t{i}")
+             for i in range(3)]
+    model = keras.Sequential([
+        keras.Input((4,)),
+        keras.layers.Dense(6, name="dense"),
+        keras.layers.BatchNormalization(name="bn"),
+        keras.layers.ReLU(),
+        warpkeras.warp(keras.layers.Dense(6, name="warp")),
+        keras.layers.Dense(2, name="head"),
+    ])
+    trainer = TRAINERS[name](model, dict(inner_steps=2, meta_batch_size=2,
+                                         inner_learning_rate=0.05))
+    trainer.fit(tasks, 2, verbose=0)
+    h = model.get_layer("dense")(x).numpy()
+    bn = model.get_layer("bn")
+    np.testing.assert_allclose(bn.moving_mean.numpy(), h.mean(axis=0), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(bn.moving_variance.numpy(), h.var(axis=0), rtol=1e-3,
+                               atol=1e-4)

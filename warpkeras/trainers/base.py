@@ -231,9 +231,9 @@ class MetaTrainer(TrainingLoop):
     * *Saved statistics (θ0)*: after every meta step the moving mean and variance are set
       to the batch statistics at θ0 of each task's first training batch, averaged over the
       meta-batch's tasks (tasks dropped as non-finite excluded). They come from data from
-      the first meta step on, whatever the layers' momentum. MAML / FOMAML without a warp
-      mode and `NoMetaTrainer` leave them unchanged; `FineTuneTrainer` carries them through
-      its tasks by the layers' own moving-average rule.
+      the first meta step on, whatever the layers' momentum (`FineTuneTrainer`: at the
+      pre-trained parameters). MAML / FOMAML without a warp mode and `NoMetaTrainer`
+      leave them unchanged.
     * *Adapted parameters (θ_k, k ≥ 1)*: the statistics of the task's latest adaptation
       batch at θ_k (one training-mode pass with momentum 0,
       `warpkeras.export.batch_statistics`).
@@ -1112,10 +1112,14 @@ class MetaTrainer(TrainingLoop):
         if names:
             self.diverged[int(self.step.numpy())] = list(names)
 
+    def _has_statistics(self):
+        """Whether the model has floating state (batch-norm moving statistics)."""
+        return any(tf.as_dtype(v.dtype).is_floating for v in self.partition.state_variables)
+
     def _statistics(self, theta, state, x):
         """Packed `state` with its moving statistics set to those of batch `x` at packed
         `theta` (see "Batch-norm statistics" and `warpkeras.export.batch_statistics`)."""
-        if not any(tf.as_dtype(v.dtype).is_floating for v in self.partition.state_variables):
+        if not self._has_statistics():
             return state
         if getattr(self, "_statistics_fn", None) is None:
             from warpkeras.export import batch_statistics
@@ -1133,7 +1137,7 @@ class MetaTrainer(TrainingLoop):
         """The inputs of the first training batch of each finite task of a group (for the
         moving statistics); none for groups without them (MAML without a warp mode)."""
         batches = res.get("first_batch")
-        if batches is None or not self.partition.state_variables:
+        if batches is None or not self._has_statistics():
             return []
         return [batches[g][0] for g in np.flatnonzero(finite)]
 
@@ -1143,7 +1147,7 @@ class MetaTrainer(TrainingLoop):
         "Batch-norm statistics" in the class docstring). Only floating state is written
         (batch-norm moving mean / variance); random-number generator states are left to
         the seed handling."""
-        if not inputs:
+        if not inputs or not self._has_statistics():
             return
         theta, _, state = self._start_values()
         sums = None

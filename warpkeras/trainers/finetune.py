@@ -54,7 +54,7 @@ class FineTuneTrainer(MetaTrainer):
 
     def train_step(self, tasks, rng):
         packer = self._theta_packer
-        losses, metrics, dropped, diverged = [], [], 0, []
+        losses, metrics, dropped, diverged, firsts = [], [], 0, [], []
         body = [tf.convert_to_tensor(v.value) for v in self.partition.task_variables]
         for task, task_rng in zip(tasks, rng.spawn(len(tasks))):
             theta, velocity, state = self._start_values(task, head=self._heads.get(task.name))
@@ -65,8 +65,10 @@ class FineTuneTrainer(MetaTrainer):
             theta = packer.pack(values)
             batches = self._checked(task, task.batches("train", task_rng), "train")
             ok_all = True
+            first = None  # the first batch's inputs, for the moving statistics
             for _ in range(self.inner_steps):
                 x, y = next(batches)
+                first = x if first is None else first
                 theta, velocity, state, loss, metric, _, ok = self._plain_step(
                     theta, velocity, state, x, y)
                 if not bool(ok):
@@ -85,10 +87,12 @@ class FineTuneTrainer(MetaTrainer):
             if self.multi_headed:
                 self._heads[task.name] = [body[i] for i in self.head_indices]
             self.partition.assign_state(self._state_packer.unpack(state))
+            firsts.append(first)
         values = list(body)
         for i, h in zip(self.head_indices, self._initial_head):
             values[i] = h
         self.partition.assign_task(values)
+        self._write_moving_statistics(firsts)  # batch-norm statistics at the new θ0
         self.nan_tasks.assign_add(dropped)
         self._record_diverged(diverged)
         logs = {"loss": float(np.mean(losses)) if losses else math.nan,
