@@ -122,6 +122,7 @@ def test_adapted_copy_uses_the_support_statistics(trained):
 TRAINERS = {
     "leap": lambda m, kw: warpkeras.LeapTrainer(m, LOSS, **kw),
     "reptile": lambda m, kw: warpkeras.ReptileTrainer(m, LOSS, **kw),
+    "maml": lambda m, kw: warpkeras.MAMLTrainer(m, LOSS, **kw),
     "warp_online_maml": lambda m, kw: warpkeras.WarpTrainer(
         m, LOSS, mode="online", objective="approx", init_objective="maml", **kw),
     "warp_offline_leap": lambda m, kw: warpkeras.WarpTrainer(m, LOSS, mode="offline", **kw),

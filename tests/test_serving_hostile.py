@@ -216,3 +216,20 @@ def test_regression_targets_must_be_finite():
     y[2, 0] = np.inf
     with pytest.raises(tf.errors.InvalidArgumentError, match="`y` must be finite"):
         wexport.adapt(model, x, y, 2, loss="mse")
+
+
+def test_in_process_adaptation_casts_or_names_the_dtype():
+    model = _classifier()
+    rng = np.random.default_rng(4)
+    images = rng.integers(0, 255, size=(9, 6)).astype("uint8")
+    labels = np.arange(9) % 3
+    got = wexport.adapt_task_values(model, images, labels.astype("int32"), 2, **KWARGS)
+    want = wexport.adapt_task_values(model, images.astype("float32"), labels, 2, **KWARGS)
+    for name in want:
+        np.testing.assert_allclose(got[name].numpy(), want[name].numpy(), rtol=1e-6)
+    with pytest.raises(TypeError, match=r"adapt: `x` must be float32 .* got bool"):
+        wexport.adapt(model, images > 100, labels, 2, **KWARGS)
+    with pytest.raises(TypeError, match=r"`y` must be int64 .* got float32"):
+        wexport.adapt(model, images, labels.astype("float32"), 2, **KWARGS)
+    with pytest.raises(TypeError, match=r"adapt: steps='2' is not valid"):
+        wexport.adapt(model, images, labels, "2", **KWARGS)

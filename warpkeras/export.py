@@ -880,10 +880,30 @@ def _run_adapt(model, x, y, steps, loss, learning_rate, momentum, from_logits, t
     program = _Program(model, loss, from_logits, learning_rate, momentum, training,
                        input_spec, label_spec, untagged, max_steps=steps, where=where)
     fn = _adapt_function(program)
-    x = tf.convert_to_tensor(x, dtype=program.x_spec.dtype)
-    y = tf.convert_to_tensor(y, dtype=program.y_spec.dtype)
+    x = _typed_input(x, "x", program.x_spec.dtype, where)
+    y = _typed_input(y, "y", program.y_spec.dtype, where)
     theta, state = fn(x, y, tf.constant(steps, tf.int32))
     return program, theta, state
+
+
+def _typed_input(value, name, dtype, where):
+    """`value` as a tensor of `dtype`, cast from the dtypes `_castable` lists; others are
+    refused with a message naming the argument."""
+    try:
+        t = tf.convert_to_tensor(value)
+    except (TypeError, ValueError) as err:
+        raise TypeError(
+            f"{where}: `{name}` must be an array or tensor of {_dtype_text(dtype)}; could "
+            f"not convert {_validation.describe(value)}: {err}"
+        ) from None
+    if t.dtype == dtype:
+        return t
+    if t.dtype not in _castable(dtype, name):
+        raise TypeError(
+            f"{where}: `{name}` must be {_dtype_text(dtype)}; got {t.dtype.name}. Cast it "
+            "first."
+        )
+    return tf.cast(t, dtype)
 
 
 def adapt_task_values(model, x, y, steps, loss=None, learning_rate=0.01, momentum=None,

@@ -232,8 +232,8 @@ class MetaTrainer(TrainingLoop):
       to the batch statistics at θ0 of each task's first training batch, averaged over the
       meta-batch's tasks (tasks dropped as non-finite excluded). They come from data from
       the first meta step on, whatever the layers' momentum (`FineTuneTrainer`: at the
-      pre-trained parameters). MAML / FOMAML without a warp mode and `NoMetaTrainer`
-      leave them unchanged.
+      pre-trained parameters; MAML: at θ0 on the support batches). `NoMetaTrainer`
+      does not train and leaves them unchanged.
     * *Adapted parameters (θ_k, k ≥ 1)*: the statistics of the task's latest adaptation
       batch at θ_k (one training-mode pass with momentum 0,
       `warpkeras.export.batch_statistics`).
@@ -1033,12 +1033,14 @@ class MetaTrainer(TrainingLoop):
         carry["state"] = self._reseed_stacked(carry["state"],
                                               [(meta_step, tid, 1) for tid in task_ids])
         streams = [self._checked_streams(t, t.streams(a, b)) for t, (a, b) in zip(tasks, pairs)]
+        support = [next(s[0]) for s in streams]
         loss, g, ok = self._by_shape(
             lambda th, st, s, q: self._group_maml(th, st, s[0], s[1], q[0], q[1]), tasks,
             (carry["theta"], carry["state"]),
-            [[next(s[0]) for s in streams], [next(s[1]) for s in streams]])
+            [support, [next(s[1]) for s in streams]])
         return {"finite": np.asarray(ok), "losses": np.asarray(loss)[:, None],
-                "metrics": np.zeros((size, 1)), "metas": None, "init_grads": g}
+                "metrics": np.zeros((size, 1)), "metas": None, "init_grads": g,
+                "first_batch": support}  # for the moving statistics at θ0
 
     def _continual_tick(self, g_phi, g_hyper):
         """Algorithm 3: add this step's warp gradient; apply every η steps."""
@@ -1135,7 +1137,7 @@ class MetaTrainer(TrainingLoop):
 
     def _statistics_batches(self, res, finite):
         """The inputs of the first training batch of each finite task of a group (for the
-        moving statistics); none for groups without them (MAML without a warp mode)."""
+        moving statistics)."""
         batches = res.get("first_batch")
         if batches is None or not self._has_statistics():
             return []
