@@ -25,8 +25,9 @@ WarpGrad (meta-learned warp), sub-tasks in the training order (left to right) an
 paper's random order [1, 3, 4, 2, 0]; the validation loss of every sub-task is recorded at
 every one of the 100 steps. Outputs:
   <output-dir>/continual_sine.json              all numbers and curves, configuration, timings
-  <output-dir>/continual_sine_losses.png        Fig. 9: mean log-loss of each sub-task vs step,
-                                                WarpGrad and SGD, both orders
+  <output-dir>/continual_sine_losses.png        Fig. 9: mean validation loss of each sub-task
+                                                vs step (log axis), WarpGrad and SGD, both
+                                                orders
   <output-dir>/continual_sine_predictions.png   Fig. 10: predictions of one held-out task after
                                                 each sub-task (red), before adaptation
                                                 (dashed green), ground truth (black)
