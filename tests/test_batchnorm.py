@@ -157,3 +157,20 @@ def test_every_trainer_saves_the_statistics_at_theta0(name):
     np.testing.assert_allclose(bn.moving_mean.numpy(), h.mean(axis=0), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(bn.moving_variance.numpy(), h.var(axis=0), rtol=1e-3,
                                atol=1e-4)
+
+
+def test_served_adapt_returns_the_adapted_statistics(trained, tmp_path):
+    model, task = trained["model"], trained["test"][2]
+    (x, y), _ = task.train, task.test_data()
+    path = warpkeras.export_adaptive(model, str(tmp_path / "m"), loss=LOSS, learning_rate=0.1,
+                                     training=True, predict_training=False)
+    served = tf.saved_model.load(path)
+    mean_name, var_name = (f"{model.name}_bn_moving_mean", f"{model.name}_bn_moving_variance")
+    assert served.metadata()["state_parameters"].numpy().decode() == f"{mean_name},{var_name}"
+    out = served.signatures["adapt"](x=tf.constant(x), y=tf.constant(y), steps=tf.constant(K))
+    adapted = warpkeras.adapt(model, x, y, K, loss=LOSS, learning_rate=0.1, training=True)
+    bn = adapted.get_layer("bn")
+    np.testing.assert_allclose(out[mean_name].numpy(), bn.moving_mean.numpy(),
+                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out[var_name].numpy(),
+                               bn.moving_variance.numpy(), rtol=1e-5, atol=1e-5)

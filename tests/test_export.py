@@ -388,12 +388,15 @@ def test_export_argument_errors(tmp_path, case, overrides, error, words):
 
 def test_export_overwrite(tmp_path):
     model = _regressor()
-    path = str(tmp_path / "model")
-    wexport.export_adaptive(model, path, loss="mse", steps=2, max_steps=50)
+    path = tmp_path / "model"
+    path.mkdir()
+    (path / "saved_model.pb").write_text("an older export")
+    (path / "stale.txt").write_text("left over")
     with pytest.raises(FileExistsError, match="overwrite=True"):
-        wexport.export_adaptive(model, path, loss="mse", steps=3, max_steps=50)
-    assert int(tf.saved_model.load(path).metadata()["default_steps"]) == 2
-    wexport.export_adaptive(model, path, loss="mse", steps=3, max_steps=50, overwrite=True)
-    assert int(tf.saved_model.load(path).metadata()["default_steps"]) == 3
+        wexport.export_adaptive(model, str(path), loss="mse", steps=3, max_steps=50)
+    assert (path / "saved_model.pb").read_text() == "an older export"
+    wexport.export_adaptive(model, str(path), loss="mse", steps=3, max_steps=50, overwrite=True)
+    assert not (path / "stale.txt").exists()  # replaced as a whole
+    assert int(tf.saved_model.load(str(path)).metadata()["default_steps"]) == 3
     # No staging folders are left behind.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]

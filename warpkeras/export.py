@@ -421,6 +421,21 @@ class _Program:
         )
         self.num_classes = self.out_spec.shape[-1] if self.sparse else None
         self.names = _names(self.partition.task_variables)
+        # With training-mode adaptation the `adapt` signature also returns the adapted
+        # moving statistics (the model's floating state), which predictions need.
+        self.state_indices = [
+            i for i, v in enumerate(self.partition.state_variables)
+            if self.training and tf.as_dtype(v.dtype).is_floating
+        ]
+        self.state_names = _names(
+            [self.partition.state_variables[i] for i in self.state_indices]
+        )
+        clash = set(self.names) & set(self.state_names)
+        if clash:
+            raise ValueError(
+                f"{where}: task and state variables map to the same output names "
+                f"{sorted(clash)}; rename a layer."
+            )
 
     # -- values of the live model (read inside the traced functions, so captured) ---------
     def _theta0(self):
@@ -569,9 +584,15 @@ class _Program:
         x, y, steps = self._guard_support(checks, x, y, steps)
         return self._loop(x, y, steps)
 
+    def adapt_outputs(self, theta, state):
+        """The ``adapt`` signature's outputs: task parameters, then (training-mode
+        adaptation) the adapted moving statistics."""
+        out = dict(zip(self.names, theta))
+        out.update(zip(self.state_names, [state[i] for i in self.state_indices]))
+        return out
+
     def adapt(self, x, y, steps):
-        theta, _ = self.adapt_with_state(x, y, steps)
-        return dict(zip(self.names, theta))
+        return self.adapt_outputs(*self.adapt_with_state(x, y, steps))
 
     def adapt_and_predict(self, x, y, steps, queries):
         fn = "adapt_and_predict"
@@ -612,6 +633,7 @@ class _Program:
             "label_dtype": self.y_spec.dtype.name,
             "steps_dtype": "int32",
             "task_parameters": ",".join(self.names),
+            "state_parameters": ",".join(self.state_names),
         }
 
 
@@ -643,8 +665,7 @@ def _tolerant(program, fn, typed):
                     [tf.debugging.Assert(tf.constant(False), [message])]
                 ):
                     if fn == "adapt":
-                        return {n: tf.identity(t) for n, t in
-                                zip(program.names, program._theta0())}
+                        return program.adapt_outputs(program._theta0(), program._state())
                     out = program.out_spec.shape.as_list()[1:]
                     return {"predictions": tf.zeros([0] + out, program.out_spec.dtype)}
         cast = []
@@ -739,7 +760,10 @@ def export_adaptive(
     * ``adapt``: inputs ``x``, ``y`` (the support set) and ``steps`` (int32 scalar); runs
       ``steps`` full-batch inner steps θ ← θ − α ∇L(θ; φ) (heavy-ball with `momentum`,
       the rule of `warpkeras.objectives.task_step`) in a ``tf.while_loop`` from θ0;
-      outputs one tensor per task variable, named by `task_parameter_names`.
+      outputs one tensor per task variable, named by `task_parameter_names`, and with
+      ``training=True`` also the adapted moving statistics (one tensor per floating
+      state variable, e.g. ``model_bn_moving_mean``; listed in the metadata's
+      ``state_parameters``).
     * ``adapt_and_predict``: inputs ``x``, ``y``, ``steps``, ``queries``; output
       ``predictions`` of the adapted model on ``queries``.
 
