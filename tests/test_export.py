@@ -153,9 +153,11 @@ def exported(tmp_path_factory):
     cls_kwargs = dict(loss="sparse_categorical_crossentropy", from_logits=True,
                       learning_rate=LR, momentum=MOMENTUM)
     reg_kwargs = dict(loss=keras.losses.MeanSquaredError(), learning_rate=LR)
+    # The dtype-tolerant functions are tested in test_serving_hostile.py.
     wexport.export_adaptive(cls, str(work / "cls-adaptive"), steps=STEPS, max_steps=100,
-                            **cls_kwargs)
-    wexport.export_adaptive(reg, str(work / "reg-adaptive"), steps=STEPS, **reg_kwargs)
+                            dtype_tolerant=False, **cls_kwargs)
+    wexport.export_adaptive(reg, str(work / "reg-adaptive"), steps=STEPS,
+                            dtype_tolerant=False, **reg_kwargs)
     adapted = wexport.adapt(cls, data["x"], data["y"], STEPS, **cls_kwargs)
     adapted.export(str(work / "cls-adapted"), verbose=False)
 
@@ -352,6 +354,7 @@ BAD_EXPORT_ARGUMENTS = [
     ("training_type", dict(training="True"), TypeError, ["training", "True or False"]),
     ("predict_training_type", dict(predict_training=1), TypeError, ["predict_training"]),
     ("overwrite_type", dict(overwrite="yes"), TypeError, ["overwrite", "True or False"]),
+    ("dtype_tolerant_type", dict(dtype_tolerant=None), TypeError, ["dtype_tolerant"]),
     ("untagged_unknown", dict(untagged="tasks"), ValueError, ["untagged", "did you mean"]),
     ("input_spec_type", dict(input_spec="(2,)"), TypeError, ["input_spec"]),
     ("input_spec_rank", dict(input_spec=tf.TensorSpec([], tf.float32)), ValueError,
@@ -395,7 +398,8 @@ def test_export_overwrite(tmp_path):
     with pytest.raises(FileExistsError, match="overwrite=True"):
         wexport.export_adaptive(model, str(path), loss="mse", steps=3, max_steps=50)
     assert (path / "saved_model.pb").read_text() == "an older export"
-    wexport.export_adaptive(model, str(path), loss="mse", steps=3, max_steps=50, overwrite=True)
+    wexport.export_adaptive(model, str(path), loss="mse", steps=3, max_steps=50, overwrite=True,
+                            dtype_tolerant=False)
     assert not (path / "stale.txt").exists()  # replaced as a whole
     assert int(tf.saved_model.load(str(path)).metadata()["default_steps"]) == 3
     # No staging folders are left behind.

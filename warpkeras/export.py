@@ -749,6 +749,7 @@ def export_adaptive(
     max_rows=10000,
     max_row_steps=1_000_000,
     overwrite=False,
+    dtype_tolerant=True,
 ):
     """Exports a meta-learned model as a SavedModel that adapts itself to new tasks.
 
@@ -837,6 +838,9 @@ def export_adaptive(
         overwrite: replace an existing SavedModel at `path` (bool). Without it an existing,
             non-empty folder is refused; a folder that is not a SavedModel is never
             replaced.
+        dtype_tolerant: also save the dtype-tolerant functions ``predict``, ``adapt`` and
+            ``adapt_and_predict`` for Python clients (bool; they about double the export
+            time; the signatures are the same either way).
 
     Returns:
         The path written (a str).
@@ -847,6 +851,7 @@ def export_adaptive(
     """
     where = "export_adaptive"
     overwrite = _validation.check_bool(overwrite, "overwrite", where=where)
+    dtype_tolerant = _validation.check_bool(dtype_tolerant, "dtype_tolerant", where=where)
     path = _check_path(path, overwrite, where)
     max_steps_ok = _validation.check_int(max_steps, "max_steps", minimum=0,
                                          maximum=_INT32_MAX, where=where, example=10000)
@@ -869,8 +874,9 @@ def export_adaptive(
     )
     typed = {"predict": module.serve, "adapt": module.signature_adapt,
              "adapt_and_predict": module.signature_adapt_and_predict}
-    for fn, target in typed.items():
-        setattr(module, fn, _tolerant(program, fn, target))
+    if dtype_tolerant:
+        for fn, target in typed.items():
+            setattr(module, fn, _tolerant(program, fn, target))
     meta = dict(program.metadata(), default_steps=steps)
     constants = {
         k: tf.constant(v if not isinstance(v, bool) else int(v)) for k, v in meta.items()
