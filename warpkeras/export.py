@@ -9,7 +9,8 @@ Two things can be exported:
 
   - ``serving_default(x)``: predictions at (θ0, φ);
   - ``adapt(x, y, steps)``: K = ``steps`` warped SGD steps on the support set (x, y) from
-    θ0, returning the adapted task parameters by name;
+    θ0, returning the adapted task parameters by name (and, after training-mode steps,
+    the adapted moving statistics);
   - ``adapt_and_predict(x, y, steps, queries)``: the same adaptation, then predictions of
     the adapted model on ``queries``.
 
@@ -29,14 +30,16 @@ accepts exactly one dtype per input (recorded in ``metadata()``: ``input_dtype``
 ``label_dtype``, ``steps_dtype``). TensorFlow converts numpy arrays, lists and JSON
 numbers to those dtypes on the way in (so integer images sent as arrays are cast); a
 ``tf.Tensor`` of another dtype is refused by TensorFlow itself before the graph runs.
-For Python clients, the loaded object also has dtype-tolerant functions ``predict(x)``,
+For Python clients, the loaded object also has (unless exported with
+``dtype_tolerant=False``) dtype-tolerant functions ``predict(x)``,
 ``adapt(x, y, steps)`` and ``adapt_and_predict(x, y, steps, queries)``, traced for several
 dtypes each: integer (uint8, int32, int64) and float32 / float64 images are cast to the
 model's input dtype (``queries`` must then have the dtype of ``x``), int32 / int64 class
 ids to the label dtype, int64 step counts to int32. Float class ids and float step counts
 are refused with an ``InvalidArgumentError`` naming the argument and the expected dtype;
 other dtypes (bool, strings, ...) get TensorFlow's "no matching concrete function"
-message, which lists the dtypes accepted per argument.
+message, which lists the dtypes accepted per argument. In-process `adapt` and
+`adapt_task_values` cast and refuse the same way (refusals raise `TypeError`).
 
 **Batch-norm statistics.** Adaptation steps run the model in mode ``training`` (True:
 batch statistics of the support set, dropout on); predictions (``serving_default``,
@@ -703,7 +706,12 @@ def _tolerant(program, fn, typed):
 
 
 # --- export -------------------------------------------------------------------------------
+def _is_url(path):
+    return "://" in path  # gs://, s3://, hdfs://: TensorFlow's file systems
+
+
 def _check_path(path, overwrite, where):
+    """Validates the export folder (local, or a URL TensorFlow's file systems handle)."""
     if not isinstance(path, (str, os.PathLike)) or isinstance(path, bytes):
         raise TypeError(
             f"{where}: path must be a folder path (str or os.PathLike); got "
@@ -712,24 +720,48 @@ def _check_path(path, overwrite, where):
     path = os.fspath(path)
     if not path:
         raise ValueError(f"{where}: path is empty; give the SavedModel folder to write.")
-    if os.path.exists(path):
-        if not os.path.isdir(path):
+    fs = tf.io.gfile
+    if fs.exists(path):
+        if not fs.isdir(path):
             raise FileExistsError(
                 f"{where}: path {path!r} is a file; choose a folder for the SavedModel."
             )
-        if os.listdir(path):
+        if fs.listdir(path):
             if not overwrite:
                 raise FileExistsError(
                     f"{where}: {path!r} already exists and is not empty; pass "
                     "overwrite=True to replace it, or choose another folder."
                 )
-            if not os.path.exists(os.path.join(path, "saved_model.pb")):
+            if not fs.exists(path.rstrip("/") + "/saved_model.pb"):
                 raise FileExistsError(
                     f"{where}: {path!r} exists and is not a SavedModel; refusing to replace "
                     "it even with overwrite=True. Remove it yourself or choose another "
                     "folder."
                 )
+    if _is_url(path):
+        return path
     return _validation.check_directory(path, "path", allow_none=False, where=where)
+
+
+def _save(module, path, signatures):
+    """Saves `module` at `path`, replacing what is there (already checked)."""
+    if _is_url(path):
+        if tf.io.gfile.exists(path):
+            tf.io.gfile.rmtree(path)
+        tf.saved_model.save(module, path, signatures=signatures)
+        return
+    # Written next to `path` first, so that a failed export leaves any old model intact.
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".export-", dir=parent)
+    try:
+        tf.saved_model.save(module, staging, signatures=signatures)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        os.replace(staging, path)
+    finally:
+        if os.path.exists(staging):
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def export_adaptive(
@@ -887,18 +919,7 @@ def export_adaptive(
         "adapt": module.signature_adapt.get_concrete_function(),
         "adapt_and_predict": module.signature_adapt_and_predict.get_concrete_function(),
     }
-    # Written next to `path` first, so that a failed export leaves any old model intact.
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".export-", dir=parent)
-    try:
-        tf.saved_model.save(module, staging, signatures=signatures)
-        if os.path.isdir(path):
-            shutil.rmtree(path)
-        os.replace(staging, path)
-    finally:
-        if os.path.exists(staging):
-            shutil.rmtree(staging, ignore_errors=True)
+    _save(module, path, signatures)
     return path
 
 
