@@ -870,9 +870,10 @@ def export_adaptive(
         overwrite: replace an existing SavedModel at `path` (bool). Without it an existing,
             non-empty folder is refused; a folder that is not a SavedModel is never
             replaced.
-        dtype_tolerant: also save the dtype-tolerant functions ``predict``, ``adapt`` and
-            ``adapt_and_predict`` for Python clients (bool; they about double the export
-            time; the signatures are the same either way).
+        dtype_tolerant: make the loaded object's functions ``predict``, ``adapt`` and
+            ``adapt_and_predict`` (for Python clients) accept several dtypes (bool; this
+            about doubles the export time). With False they take the signatures' dtypes
+            only; the signatures are the same either way.
 
     Returns:
         The path written (a str).
@@ -906,9 +907,8 @@ def export_adaptive(
     )
     typed = {"predict": module.serve, "adapt": module.signature_adapt,
              "adapt_and_predict": module.signature_adapt_and_predict}
-    if dtype_tolerant:
-        for fn, target in typed.items():
-            setattr(module, fn, _tolerant(program, fn, target))
+    for fn, target in typed.items():  # without dtype_tolerant: the signatures' dtypes
+        setattr(module, fn, _tolerant(program, fn, target) if dtype_tolerant else target)
     meta = dict(program.metadata(), default_steps=steps)
     constants = {
         k: tf.constant(v if not isinstance(v, bool) else int(v)) for k, v in meta.items()
