@@ -62,7 +62,6 @@ import shutil
 import tempfile
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 from warpkeras import _validation, objectives, roles
