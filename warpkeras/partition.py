@@ -318,6 +318,62 @@ def exact_moments_available():
     return keras.backend.backend() != "tensorflow" or _tf_nn_backend() is not None
 
 
+def inexact_layers(model):
+    """Layers of `model` whose second derivatives are not those of the function they
+    compute, each with the reason and the replacement.
+
+    Exact meta-gradients (exact WarpGrad, second-order MAML, meta-learned learning rates)
+    differentiate the model twice. Stock normalisation layers are exact here (see
+    `exact_moments`); these layers deliberately treat part of their computation as a
+    constant (`stop_gradient`), so differentiating through them twice gives the derivative
+    of another function:
+
+    * `keras.layers.BatchNormalization` with ``renorm=True`` (the renorm corrections r, d);
+    * `keras.layers.SpectralNormalization` (the power-iteration vectors u, v).
+
+    Returns:
+        A list of ``(layer, message)``.
+    """
+    found = []
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        if isinstance(layer, keras.layers.BatchNormalization) and getattr(layer, "renorm", False):
+            found.append((layer, (
+                f"Layer '{layer.name}' (BatchNormalization with renorm=True) treats its renorm "
+                "corrections as constants, so second derivatives through it are not exact. "
+                "Use renorm=False or warpkeras.layers.ExactBatchNormalization.")))
+        elif isinstance(layer, keras.layers.SpectralNormalization):
+            found.append((layer, (
+                f"Layer '{layer.name}' (SpectralNormalization) treats its power-iteration "
+                "vectors as constants, so second derivatives through it are not exact. "
+                "Remove the wrapper (or regularise the kernel instead).")))
+        elif not exact_moments_available() and isinstance(
+                layer, (keras.layers.BatchNormalization, keras.layers.LayerNormalization,
+                        keras.layers.GroupNormalization)):
+            found.append((layer, (
+                f"Layer '{layer.name}' ({type(layer).__name__}) computes its statistics with "
+                "a gradient shortcut in this Keras version, so second derivatives through it "
+                "are not exact. Use warpkeras.layers.ExactBatchNormalization.")))
+    return found
+
+
+def check_exact(model, why, error=ValueError):
+    """Raises `error` naming the first layer of `model` that `inexact_layers` lists.
+
+    Args:
+        model: a `keras.Model`.
+        why: what needs exact second derivatives, for the message (e.g.
+            ``"warp_objective='exact'"``).
+        error: the exception class raised (a `ValueError` subclass).
+    """
+    found = inexact_layers(model)
+    if found:
+        raise error(
+            f"{why} differentiates through the inner gradient step, which needs exact second "
+            f"derivatives of the model. {found[0][1]} Or use a first-order objective "
+            "(warp_objective='approx', first-order MAML)."
+        )
+
+
 def _assign(variables, values, what):
     if len(values) != len(variables):
         raise ValueError(f"Expected {len(variables)} {what} tensors, got {len(values)}.")

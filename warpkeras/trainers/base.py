@@ -35,7 +35,7 @@ import tensorflow as tf
 from warpkeras import _validation as _v
 from warpkeras import objectives as obj
 from warpkeras.buffer import ReplayBuffer
-from warpkeras.partition import UNTAGGED_POLICIES, Partition
+from warpkeras.partition import UNTAGGED_POLICIES, Partition, check_exact
 from warpkeras.tasks import as_task, as_task_source
 from warpkeras.trainers.loop import TrainingLoop
 from warpkeras.trainers.parallel import PARALLEL_MODES, make_executor
@@ -451,6 +451,12 @@ class MetaTrainer(TrainingLoop):
 
         self.model = model
         self.partition = Partition(model, untagged=untagged, require_warp=warp_mode is not None)
+        for why, second_order in (
+            ("warp_objective='exact'", warp_mode is not None and warp_objective == "exact"),
+            ("init_objective='maml'", init_objective == "maml"),
+        ):
+            if second_order:
+                check_exact(model, why, error=MetaTrainingError)
         self.loss = _resolve_loss(loss, where)
         self.warp_mode = warp_mode
         self.exact = warp_objective == "exact"
