@@ -50,7 +50,8 @@ the numbers in the JSON and the table cover all held-out runs.
 
 Sizes:
   (no flags)       the paper's configuration (100 meta steps x 10 starting points x 100
-                   steps), 20 held-out surfaces x 10 starts: about 2.5 minutes on 2 CPU cores
+                   steps), 20 held-out surfaces x 10 starts: about a minute on 2 CPU cores
+                   (2.5 minutes when they are shared)
   --preset paper   the same
   --smoke          seconds: 3 meta steps of 3 starts x 10 steps, 2 held-out surfaces
 Any explicit flag overrides the preset's value.
