@@ -626,3 +626,14 @@ def test_exact_objectives_refuse_layers_with_inexact_second_derivatives(layer):
     # First-order objectives do not differentiate twice: accepted.
     warpkeras.WarpTrainer(model, LOSS, mode="online", objective="approx", **KW)
     warpkeras.MAMLTrainer(model, LOSS, first_order=True, **KW)
+
+
+def test_float64_continual_weights_are_not_rounded_through_float32(float64):
+    model = keras.Sequential([keras.Input((2,)), L.Dense(1)])
+    p = warpkeras.partition(model)
+    batch = (np.ones((3, 2)), np.zeros((3, 1)))
+    mse = keras.losses.MeanSquaredError(dtype="float64")
+    loss, _ = obj.task_loss(p, mse, p.initial_task_values(), [], batch)
+    # One sub-task seen over 6 steps: weight 1/6, which float32 would round by 1e-8.
+    total = obj.continual_objective(p, mse, p.initial_task_values(), [], [batch], 1, 1, 6)
+    np.testing.assert_allclose(float(total), float(loss) / 6, rtol=1e-15)

@@ -569,6 +569,6 @@ def continual_objective(
     for i, batch in enumerate(validation_batches[: int(num_subtasks)], start=1):
         loss, _ = task_loss(partition, loss_fn, theta, phi, batch, state, training)
         active = tf.cast(tf.less_equal(i, current_subtask), loss.dtype)
-        term = active * tf.cast(weights[i - 1], loss.dtype) * loss
+        term = active * as_dtype(weights[i - 1], loss.dtype) * loss
         total = term if total is None else total + term
     return total

@@ -1,12 +1,17 @@
 """Batch normalisation with exact second-order gradients.
 
-WarpGrad's exact meta-objective (Eq. 3) differentiates through a task-gradient step, so it
-needs second derivatives of the model. `keras.layers.BatchNormalization` on TensorFlow
-computes batch statistics with `tf.nn.moments`, whose variance stops the gradient through
-the batch mean: first derivatives are exact (that gradient term is zero) but second
-derivatives through the variance are not, so meta-gradients through a batch-normalised
-model in training mode come out slightly wrong. `ExactBatchNormalization` computes the
-variance without that shortcut and gives exact derivatives of every order.
+WarpGrad's exact meta-objective (Eq. 3) and second-order MAML differentiate through a
+task-gradient step, so they need second derivatives of the model. TensorFlow's
+`tf.nn.moments`, which Keras' TensorFlow backend uses for the batch statistics of
+`keras.layers.BatchNormalization`, `LayerNormalization` and `GroupNormalization`, stops the
+gradient through the mean inside the variance: first derivatives are exact (that term is
+zero) but second derivatives are not (meta-gradients come out 1-8 % off). Every model call
+made through a `warpkeras.Partition` (all trainers, objectives and exports) therefore runs
+under `warpkeras.partition.exact_moments`, which computes the same statistics with every
+derivative kept, so the stock layers are exact there.
+
+`ExactBatchNormalization` is exact by construction, also when the model is called outside
+warpkeras (e.g. your own `tf.GradientTape` code around ``model(x, training=True)``).
 """
 
 import keras
@@ -23,8 +28,8 @@ class ExactBatchNormalization(keras.layers.Layer):
     mean and (biased) variance in training mode and the moving statistics otherwise — the
     same function, variables (``gamma``, ``beta``, ``moving_mean``, ``moving_variance``) and
     moving-average update as `keras.layers.BatchNormalization` (without masking, renorm or
-    cross-replica statistics). Use it instead of the Keras layer when meta-gradients
-    differentiate through task-gradient steps in training mode (exact WarpGrad, MAML).
+    cross-replica statistics). Inside warpkeras the stock Keras layer is exact as well (see
+    the module documentation); this layer is exact in any code that differentiates twice.
 
     The layer has no role of its own: inside a warp block (e.g. `ResidualWarpBlock`, which
     uses it) its ``gamma`` and ``beta`` are warp variables, in a task layer stack they are
