@@ -637,3 +637,13 @@ def test_float64_continual_weights_are_not_rounded_through_float32(float64):
     # One sub-task seen over 6 steps: weight 1/6, which float32 would round by 1e-8.
     total = obj.continual_objective(p, mse, p.initial_task_values(), [], [batch], 1, 1, 6)
     np.testing.assert_allclose(float(total), float(loss) / 6, rtol=1e-15)
+
+
+def test_dropout_masks_do_not_depend_on_how_tasks_are_batched(eager):
+    """Masks derive from (seed, meta step, task, step), not from the executor."""
+    losses = []
+    for parallel in ("sequential", "unrolled"):
+        model = _model("dropout")
+        trainer = warpkeras.WarpTrainer(model, LOSS, mode="online", parallel=parallel, **KW)
+        losses.append(trainer.fit(_tasks("dropout"), meta_steps=2, verbose=0).history["loss"])
+    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-6)

@@ -291,7 +291,9 @@ class MetaTrainer(TrainingLoop):
             (`tf.vectorized_map`); see `warpkeras.trainers.parallel`.
         strategy: a `tf.distribute.Strategy` to split each meta-batch across replicas
             (`meta_batch_size` must be a multiple of the replica count).
-        seed: seed of task sampling and batches.
+        seed: seed of task sampling, batches and random layers: the draws of `Dropout`
+            and other layers with a `keras.random.SeedGenerator` derive from (seed,
+            meta step, task), and go on from forward pass to forward pass.
 
     Raises:
         TypeError: an argument of the wrong type (``inner_steps="five"``,
