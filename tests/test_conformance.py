@@ -36,9 +36,17 @@ Covering design (cells × property):
   random masks, so its served values can only be checked to run and be finite.
 * ``test_resume`` — every kind: a run interrupted after one meta step and resumed from its
   checkpoint ends with exactly the variables of the uninterrupted run.
-* Fault-specific cells: dropout masks are fresh in every forward pass (steps, tasks, meta
-  steps) and reproducible from the seed; a float64 model keeps α = 0.3 exact in adaptation
-  and export; stock normalisation layers give exact second derivatives.
+* ``test_fit_compiled`` — the multi-input, batch-norm and dropout kinds × Warp-MAML, MAML
+  and offline WarpGrad through the compiled step functions.
+* Single properties: dropout masks are fresh in every forward pass (steps, tasks, meta
+  steps), reproducible from the seed and independent of the executor; a float64 model
+  keeps α = 0.3 (and the continual weights) exact in adaptation and export; stock
+  normalisation layers give exact Hessian-vector products; exact objectives refuse, at
+  construction and by name, layers whose second derivatives are deliberately inexact
+  (`BatchNormalization(renorm=True)`, `SpectralNormalization`).
+
+Multi-input models are refused by `trainer.export` with a message naming the inputs; their
+export cell checks that refusal.
 """
 
 import json
@@ -373,15 +381,19 @@ def test_exact_objectives_match_finite_differences(kind, objective, float64):
     if objective == "warp_exact":
         _, grads, _ = obj.warp_meta_gradient(p, loss, theta, phi, task_batch, meta_batch, lr,
                                              state=state, exact=True)
-        f = lambda ph: obj.warp_objective(p, loss, theta, ph, task_batch, meta_batch, lr,  # noqa: E731
-                                          state=state, exact=True)
-        _directional_check(f, grads, phi, seed=2)
+
+        def warp_loss(ph):
+            return obj.warp_objective(p, loss, theta, ph, task_batch, meta_batch, lr,
+                                      state=state, exact=True)
+        _directional_check(warp_loss, grads, phi, seed=2)
     else:
         _, grads, _ = obj.maml_meta_gradient(p, loss, theta, phi, task_batch, meta_batch, lr, 2,
                                              state=state)
-        f = lambda th: obj.maml_objective(p, loss, th, phi, task_batch, meta_batch, lr, 2,  # noqa: E731
-                                          state=state)[0]
-        _directional_check(f, grads, theta, seed=2)
+
+        def maml_loss(th):
+            return obj.maml_objective(p, loss, th, phi, task_batch, meta_batch, lr, 2,
+                                      state=state)[0]
+        _directional_check(maml_loss, grads, theta, seed=2)
 
 
 def test_stock_batch_statistics_are_exact_to_second_order(float64):
