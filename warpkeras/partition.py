@@ -281,7 +281,7 @@ def _exact_tf_moments(x, axes, keepdims):
     return mean, variance
 
 
-_MOMENTS_LOCK = threading.RLock()
+_EXACT = threading.local()
 
 
 def _tf_nn_backend():
@@ -292,25 +292,44 @@ def _tf_nn_backend():
     return tf_nn if hasattr(tf_nn, "_compute_moments") else None
 
 
+def _install_moments_switch(tf_nn):
+    """Replaces Keras' TensorFlow moments helper, once, by one that computes
+    `_exact_tf_moments` while this thread is inside `exact_moments` and Keras' own
+    computation otherwise."""
+    current = tf_nn._compute_moments
+    if getattr(current, "_warpkeras_switch", False):
+        return
+    keras_moments = current
+
+    def compute_moments(x, axes, keepdims):
+        if getattr(_EXACT, "depth", 0):
+            return _exact_tf_moments(x, axes, keepdims)
+        return keras_moments(x, axes, keepdims)
+
+    compute_moments._warpkeras_switch = True
+    tf_nn._compute_moments = compute_moments
+
+
 @contextlib.contextmanager
 def exact_moments():
-    """While active, Keras' TensorFlow batch statistics are exactly differentiable.
+    """While active (in this thread), Keras' TensorFlow batch statistics are exactly
+    differentiable.
 
     Every model call made by a `Partition` runs inside it, so stock
     `keras.layers.BatchNormalization`, `LayerNormalization` and `GroupNormalization` give
-    exact second derivatives (the forward values are the same).
+    exact second derivatives there (the forward values are the same). Calls of the model
+    outside it (e.g. Keras' own ``fit``) are untouched.
     """
     tf_nn = _tf_nn_backend()
     if tf_nn is None:
         yield
         return
-    with _MOMENTS_LOCK:
-        previous = tf_nn._compute_moments
-        tf_nn._compute_moments = _exact_tf_moments
-        try:
-            yield
-        finally:
-            tf_nn._compute_moments = previous
+    _install_moments_switch(tf_nn)
+    _EXACT.depth = getattr(_EXACT, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _EXACT.depth -= 1
 
 
 def exact_moments_available():
