@@ -35,8 +35,8 @@ Outputs:
                                 adapt, adapt_and_predict)
 
 Sizes:
-  (no flags)       about 9 minutes on 2 CPU cores: 32 filters, 60 meta steps of 4 episodes,
-                   3 adaptation steps, 50 test episodes, 1 seed
+  (no flags)       about 3.5 minutes on 2 CPU cores (9 when they are shared): 32 filters,
+                   60 meta steps of 4 episodes, 3 adaptation steps, 50 test episodes, 1 seed
   --preset paper   the protocol's size: 64 filters, 60000 meta steps, 5 adaptation steps,
                    600 test episodes (hours to days on a CPU)
   --smoke          4 filters, 1-shot only, 2 meta steps, 3 test episodes: a quarter of a

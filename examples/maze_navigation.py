@@ -53,7 +53,7 @@ the batch of 30) at every update: the learning curve of Fig. 8. Outputs:
                                            logits and values)
 
 Sizes:
-  (no flags)       a demonstration of about 9 minutes on 2 CPU cores:
+  (no flags)       a demonstration of about 2 minutes on 2 CPU cores (9 when they are shared):
                    300 updates of 30 episodes x 200 steps per method (the warp is updated 10
                    times), 1 seed. At this size the agents have only begun to learn and one
                    seed cannot separate the methods; the paper's differences appear over far
