@@ -1,10 +1,11 @@
 """The documentation runs as written, and the examples start quickly and quietly.
 
-* Every ```python block of README.md, examples/README.md and saved_models/README.md runs in a
-  fresh interpreter, verbatim. The blocks of one document run in order in one temporary
-  working folder (files a block writes, such as a SavedModel, are there for the next, as
-  for a reader following the document), but each block defines every name it uses. A block
-  fails the test if it raises or prints a NaN.
+* Every ```python block of README.md, examples/README.md and saved_models/README.md runs
+  verbatim, in a namespace of its own (so each block must define every name it uses). The
+  blocks of one document run in order, in one fresh interpreter and one temporary working
+  folder (files a block writes, such as a SavedModel, are there for the next, as for a
+  reader following the document); a block that must make the first TensorFlow call gets an
+  interpreter of its own. A block fails the test if it raises or prints a NaN.
 * ``python examples/<example>.py --help`` answers without importing TensorFlow.
 * ``import warpkeras`` does not print TensorFlow's oneDNN notice that it causes itself.
 """
