@@ -401,6 +401,8 @@ def export_model(model, path, **adaptive_kwargs):
     except ImportError:
         model.export(str(path), verbose=False)
         return {"path": str(path), "format": "keras_export", "signatures": ["serve"]}
+    # An example owns its folder under saved_models/: a re-run replaces its own export.
+    adaptive_kwargs.setdefault("overwrite", True)
     export_adaptive(model, str(path), **adaptive_kwargs)
     return {"path": str(path), "format": "warpkeras.export_adaptive",
             "signatures": list(SIGNATURES), "settings": dict(adaptive_kwargs)}
