@@ -139,3 +139,4 @@ from warpkeras import callbacks, export, optimizers  # noqa: E402
 from warpkeras.callbacks import LeapCallback  # noqa: E402
 from warpkeras.export import adapt, export_adaptive, task_parameter_names  # noqa: E402
 from warpkeras.optimizers import WarpGrad  # noqa: E402
+from warpkeras.kfac import KFAC  # noqa: E402

@@ -289,6 +289,9 @@ class MetaTrainer(TrainingLoop):
         parallel: how the tasks of a meta-batch are adapted: ``"sequential"`` (one after
             another), ``"unrolled"`` (all in one graph) or ``"vectorized"``
             (`tf.vectorized_map`); see `warpkeras.trainers.parallel`.
+        group_size: with ``parallel="unrolled"`` / ``"vectorized"``, the number of tasks
+            adapted together in one call (a positive int); `None` (default): the whole
+            meta-batch. Smaller groups bound the memory of large meta-batches.
         strategy: a `tf.distribute.Strategy` to split each meta-batch across replicas
             (`meta_batch_size` must be a multiple of the replica count).
         seed: seed of task sampling, batches and random layers: the draws of `Dropout`
@@ -352,6 +355,7 @@ class MetaTrainer(TrainingLoop):
         parallel="sequential",
         strategy=None,
         seed=0,
+        group_size=None,
     ):
         where = type(self).__name__
         if not isinstance(model, keras.Model):
@@ -482,7 +486,11 @@ class MetaTrainer(TrainingLoop):
                 "warp_mode='continual' adapts one stream of task parameters: it runs "
                 "sequentially (parallel='sequential', no strategy)."
             )
-        self.executor = make_executor(parallel, strategy, jit_compile=self.jit_compile)
+        try:
+            self.executor = make_executor(parallel, strategy, jit_compile=self.jit_compile,
+                                          group_size=group_size)
+        except ValueError as e:
+            raise MetaTrainingError(f"{where}: {e}") from None
         if strategy is not None:
             self.executor.group_size(self.meta_batch_size)
         self.buffer = (
@@ -1331,7 +1339,8 @@ class MetaTrainer(TrainingLoop):
 
     # ------------------------------------------------------------------------------------
     # evaluation
-    def adapt(self, task, steps=None, seed=0, eval_every=None, record=True):
+    def adapt(self, task, steps=None, seed=0, eval_every=None, record=True,
+              inner_optimizer=None):
         """Adapts θ from θ0 on `task` for `steps` SGD steps with φ frozen.
 
         Args:
@@ -1341,6 +1350,10 @@ class MetaTrainer(TrainingLoop):
             eval_every: evaluate held-out test data every this many steps (and at 0 and
                 the end); `None`: only at 0 and at the end.
             record: keep per-step curves.
+            inner_optimizer: `None` (the trainer's warped SGD step with its inner learning
+                rate and momentum), or an inner optimiser such as `warpkeras.KFAC`, which
+                then makes every step with its own learning rate (and state, reset for
+                each adaptation); φ stays frozen.
 
         Returns:
             ``(theta, curves)``: the adapted task values (a list matching
@@ -1354,6 +1367,14 @@ class MetaTrainer(TrainingLoop):
         batches = self._checked(task, task.batches("train", rng), "train")
         theta, velocity, state = self._start_values(task)
         state = self._reseed(state, 104729, seed)
+        step_fn = self._plain_step
+        if inner_optimizer is not None:
+            if not hasattr(inner_optimizer, "adaptation_step"):
+                raise TypeError(
+                    f"adapt: inner_optimizer={_v.describe(inner_optimizer)} is not valid: "
+                    "expected an inner optimiser such as warpkeras.KFAC(...) or None.")
+            # The optimiser's state travels in the momentum slot of the step.
+            step_fn, velocity = inner_optimizer.adaptation_step(self, theta, seed)
         test = task.test_data()
         if test is not None:
             self._check_labels(task, test[1], "test")
@@ -1378,7 +1399,7 @@ class MetaTrainer(TrainingLoop):
         losses, metrics, sqs = [], [], []
         for k in range(steps):
             x, y = next(batches)
-            theta, velocity, state, loss, metric, sq, _ = self._plain_step(
+            theta, velocity, state, loss, metric, sq, _ = step_fn(
                 theta, velocity, state, x, y)
             last = x
             losses.append(loss)
@@ -1397,7 +1418,8 @@ class MetaTrainer(TrainingLoop):
             curves["train_accuracy"] = [float(v) for v in metrics]
         return self._theta_packer.unpack(theta), curves
 
-    def evaluate(self, tasks, steps=None, eval_every=None, seed=0, verbose=1):
+    def evaluate(self, tasks, steps=None, eval_every=None, seed=0, verbose=1,
+                 inner_optimizer=None):
         """Adapts from θ0 (φ frozen) on each task and summarises (mean and std over tasks).
 
         The report holds per-task learning curves, the final test loss / accuracy, and the
@@ -1410,6 +1432,7 @@ class MetaTrainer(TrainingLoop):
             eval_every: test-set evaluation interval (see `adapt`).
             seed: seed of the batches.
             verbose: 1 shows a progress bar over tasks.
+            inner_optimizer: the adaptation's optimiser (see `adapt`); `None`: warped SGD.
 
         Returns:
             A dict with ``final_test_loss``, ``final_test_accuracy``, ``auc``,
@@ -1427,7 +1450,8 @@ class MetaTrainer(TrainingLoop):
         bar = keras.utils.Progbar(len(tasks), unit_name="task") if verbose else None
         per_task = []
         for i, task in enumerate(tasks):
-            _, curves = self.adapt(task, steps, seed=seed + i, eval_every=eval_every)
+            _, curves = self.adapt(task, steps, seed=seed + i, eval_every=eval_every,
+                                   inner_optimizer=inner_optimizer)
             curves["task"] = str(task.name)
             per_task.append(curves)
             if bar is not None:

@@ -9,8 +9,11 @@ per-task function runs over that axis:
 * `SequentialExecutor` — groups of one task (the default);
 * `UnrolledExecutor` — the whole meta-batch in one graph, one copy of the step per task; TF
   runs the copies concurrently on its inter-op threads;
-* `VectorizedExecutor` — the whole meta-batch through `tf.vectorized_map` (batched kernels;
-  the fast choice on accelerators);
+* `VectorizedExecutor` — the whole meta-batch (or ``group_size`` tasks) through
+  `tf.vectorized_map`: one batched kernel per layer for all tasks of the group (the choice
+  for accelerators). Convolutions with per-task kernels become grouped convolutions (one
+  group per task) rather than `tf.vectorized_map`'s task-by-task while loop, and any op
+  that still falls back to a loop is named in a `VectorizationWarning`;
 * `DistributedExecutor` — the meta-batch split across the replicas of a
   `tf.distribute.Strategy` (`MirroredStrategy` for several GPUs,
   `MultiWorkerMirroredStrategy` across machines), each replica running its share unrolled or
@@ -20,6 +23,12 @@ per-task function runs over that axis:
 
 Trainers choose one with ``parallel=`` and ``strategy=``; the training loop is the same.
 """
+
+import contextlib
+import logging
+import re
+import threading
+import warnings
 
 import tensorflow as tf
 
@@ -65,11 +74,204 @@ def _per_group_size(make):
     return run
 
 
-def _vectorized(fn, on_trace=None):
+class VectorizationWarning(RuntimeWarning):
+    """`tf.vectorized_map` could not batch some ops of a task's step and runs them task by
+    task in a while loop: ``parallel="vectorized"`` is then partly sequential."""
+
+
+# --------------------------------------------------------------------------------------
+# Batched convolutions with per-task kernels.
+#
+# `tf.vectorized_map` ("pfor") batches Conv2D only over its input: with a per-task kernel
+# (every task has its own θ) it falls back to a while loop over the tasks, for the forward
+# pass and for both gradients. T convolutions of the same shape with their own kernels are
+# one grouped convolution with T groups: the task axis is merged into the channel axis
+# (input [T, B, H, W, C] -> [B, H, W, T·C], kernel [T, kh, kw, C, O] -> [kh, kw, C, T·O]),
+# and TF's own Conv2D / Conv2DBackpropInput / Conv2DBackpropFilter kernels (oneDNN, cuDNN,
+# XLA's feature_group_count) compute all tasks in one call. The converters below are
+# installed in pfor's registry only while a vectorised step is traced (`_batched_converters`);
+# every other case is passed on to pfor's own converter.
+
+def _pfor():
+    try:
+        from tensorflow.python.ops.parallel_for import pfor
+    except ImportError:  # pragma: no cover - a TensorFlow without pfor's internals
+        return None
+    needed = ("_pfor_converter_registry", "_create_op", "wrap")
+    return pfor if all(hasattr(pfor, n) for n in needed) else None
+
+
+def _channel_axis(pfor_input):
+    fmt = pfor_input.get_attr("data_format")
+    fmt = fmt.decode() if isinstance(fmt, bytes) else str(fmt)
+    return 1 if fmt.startswith("NC") else 3
+
+
+def _to_groups(x, axis):
+    """[T, B, ..., C, ...] (channels at `axis` of one task's tensor) -> [B, ..., T·C, ...]."""
+    rank = x.shape.rank
+    a = axis + 1  # the channel axis of the stacked tensor
+    perm = list(range(1, a)) + [0] + list(range(a, rank))
+    y = tf.transpose(x, perm)  # [B, ..., T, C, ...]
+    shape = tf.shape(y)
+    new = tf.concat([shape[:a - 1], [-1], shape[a + 1:]], axis=0)
+    return tf.reshape(y, new)
+
+
+def _from_groups(y, axis, n):
+    """Inverse of `_to_groups`: [B, ..., T·C, ...] -> [T, B, ..., C, ...] for `n` = [T]."""
+    shape = tf.shape(y)
+    new = tf.concat([shape[:axis], tf.cast(n, shape.dtype), [-1], shape[axis + 1:]], axis=0)
+    y = tf.reshape(y, new)  # [B, ..., T, C, ...]
+    rank = y.shape.rank
+    perm = [axis] + list(range(axis)) + list(range(axis + 1, rank))
+    return tf.transpose(y, perm)
+
+
+def _kernel_to_groups(w):
+    """[T, kh, kw, C, O] -> [kh, kw, C, T·O] (output channels grouped task-major)."""
+    y = tf.transpose(w, [1, 2, 3, 0, 4])
+    shape = tf.shape(y)
+    return tf.reshape(y, tf.concat([shape[:3], [-1]], axis=0))
+
+
+def _kernel_from_groups(w, n):
+    """Inverse of `_kernel_to_groups` for `n` = [T]."""
+    shape = tf.shape(w)
+    y = tf.reshape(w, tf.concat([shape[:3], tf.cast(n, shape.dtype), [-1]], axis=0))
+    return tf.transpose(y, [3, 0, 1, 2, 4])
+
+
+def _conv2d(pfor_input, original):
+    if not pfor_input.input(1).is_stacked:  # one kernel for all tasks: pfor's own path
+        return original(pfor_input)
+    pfor = _pfor()
+    pfor_input.stack_inputs([0, 1])
+    axis = _channel_axis(pfor_input)
+    x = _to_groups(pfor_input.stacked_input(0), axis)
+    w = _kernel_to_groups(pfor_input.stacked_input(1))
+    out = pfor._create_op("Conv2D", [x, w], [x.dtype],
+                          attrs=pfor_input.op.node_def.attr).outputs[0]
+    return pfor.wrap(_from_groups(out, axis, pfor_input.pfor.loop_len_vector), True)
+
+
+def _conv2d_backprop_input(pfor_input, original):
+    if not pfor_input.input(1).is_stacked or pfor_input.input(0).is_stacked:
+        return original(pfor_input)
+    pfor = _pfor()
+    pfor_input.stack_inputs([1, 2])
+    axis = _channel_axis(pfor_input)
+    n = pfor_input.pfor.loop_len_vector
+    sizes = pfor_input.unstacked_input(0)  # one task's input shape
+    sizes = tf.tensor_scatter_nd_update(sizes, [[axis]], sizes[axis:axis + 1] * tf.cast(n, sizes.dtype))
+    w = _kernel_to_groups(pfor_input.stacked_input(1))
+    dy = _to_groups(pfor_input.stacked_input(2), axis)
+    out = pfor._create_op("Conv2DBackpropInput", [sizes, w, dy], [dy.dtype],
+                          attrs=pfor_input.op.node_def.attr).outputs[0]
+    return pfor.wrap(_from_groups(out, axis, n), True)
+
+
+def _conv2d_backprop_filter(pfor_input, original):
+    if not pfor_input.input(0).is_stacked or pfor_input.input(1).is_stacked:
+        return original(pfor_input)  # pfor batches a shared input without a loop
+    pfor = _pfor()
+    pfor_input.stack_inputs([0, 2])
+    axis = _channel_axis(pfor_input)
+    n = pfor_input.pfor.loop_len_vector
+    sizes = pfor_input.unstacked_input(1)  # one task's kernel shape [kh, kw, C, O]
+    sizes = tf.concat([sizes[:3], sizes[3:] * tf.cast(n, sizes.dtype)], axis=0)
+    x = _to_groups(pfor_input.stacked_input(0), axis)
+    dy = _to_groups(pfor_input.stacked_input(2), axis)
+    out = pfor._create_op("Conv2DBackpropFilter", [x, sizes, dy], [dy.dtype],
+                          attrs=pfor_input.op.node_def.attr).outputs[0]
+    return pfor.wrap(_kernel_from_groups(out, n), True)
+
+
+def _bitcast(pfor_input, original):
+    # Bitcast acts on the trailing axis only, so it maps over the task axis unchanged
+    # (Keras' `signbit`, used by some metrics, emits one; pfor has no converter for it).
+    pfor = _pfor()
+    x = pfor_input.stacked_input(0)
+    return pfor.wrap(tf.bitcast(x, pfor_input.get_attr("type")), True)
+
+
+_CONVERTERS = {"Conv2D": _conv2d, "Conv2DBackpropInput": _conv2d_backprop_input,
+               "Conv2DBackpropFilter": _conv2d_backprop_filter, "Bitcast": _bitcast}
+_REGISTRY_LOCK = threading.RLock()
+
+
+@contextlib.contextmanager
+def _batched_converters():
+    """Installs `_CONVERTERS` in pfor's registry for the duration of one trace (and puts
+    the previous entries back after it)."""
+    pfor = _pfor()
+    if pfor is None:
+        yield
+        return
+    registry = pfor._pfor_converter_registry
+    with _REGISTRY_LOCK:
+        saved = {name: registry.get(name) for name in _CONVERTERS}
+        for name, converter in _CONVERTERS.items():
+            original = saved[name]
+
+            def run(pfor_input, converter=converter, original=original):
+                if original is None and converter is not _bitcast:
+                    raise pfor.ConversionNotImplementedError("no converter")
+                return converter(pfor_input, original)
+
+            registry[name] = run
+        try:
+            yield
+        finally:
+            for name, original in saved.items():
+                if original is None:
+                    registry.pop(name, None)
+                else:
+                    registry[name] = original
+
+
+# pfor logs every op it cannot batch ("Using a while_loop for converting <op> cause ...",
+# or "<op> uses a while_loop"), some at DEBUG level; while a step is traced these records
+# are collected (and DEBUG ones kept from the console).
+_FALLBACK = re.compile(r"while_loop for converting (\w+)|^(\w+) uses a while_loop")
+
+
+class _FallbackRecorder(logging.Filter):
+    def __init__(self, level):
+        super().__init__()
+        self.level = level
+        self.ops = []
+
+    def filter(self, record):
+        match = _FALLBACK.search(record.getMessage())
+        if match:
+            self.ops.append(match.group(1) or match.group(2))
+        return record.levelno >= self.level
+
+
+@contextlib.contextmanager
+def _recording_fallbacks():
+    logger = tf.get_logger()
+    recorder = _FallbackRecorder(logger.getEffectiveLevel())
+    level = logger.level
+    logger.addFilter(recorder)
+    logger.setLevel(logging.DEBUG)
+    try:
+        yield recorder.ops
+    finally:
+        logger.setLevel(level)
+        logger.removeFilter(recorder)
+
+
+def _vectorized(fn, on_trace=None, on_fallback=None):
     def run(*stacked):
         if on_trace is not None:
             on_trace()
-        return tf.vectorized_map(lambda args: fn(*args), stacked)
+        with _recording_fallbacks() as fallbacks, _batched_converters():
+            out = tf.vectorized_map(lambda args: fn(*args), stacked)
+        if fallbacks and on_fallback is not None:
+            on_fallback(sorted(set(fallbacks)))
+        return out
     return run
 
 
@@ -78,7 +280,11 @@ class SequentialExecutor:
 
     name = "sequential"
 
-    def __init__(self, jit_compile=False):
+    def __init__(self, jit_compile=False, group_size=None):
+        if group_size not in (None, 1):
+            raise ValueError(f"group_size={group_size!r}: parallel='sequential' adapts one "
+                             "task at a time; use parallel='vectorized' or 'unrolled' for "
+                             "groups of tasks.")
         self.jit_compile = jit_compile
 
     def group_size(self, meta_batch_size):
@@ -95,22 +301,71 @@ class SequentialExecutor:
 
 
 class UnrolledExecutor(SequentialExecutor):
-    """All tasks of the meta-batch in one graph."""
+    """All tasks of the meta-batch (or groups of ``group_size`` tasks) in one graph.
+
+    Args:
+        jit_compile: compile the group function with XLA.
+        group_size: tasks per group (a positive int); `None`: the whole meta-batch. A
+            meta-batch of M tasks runs as ceil(M / group_size) groups, the last one
+            possibly smaller (one more trace).
+    """
 
     name = "unrolled"
 
+    def __init__(self, jit_compile=False, group_size=None):
+        if group_size is not None and (isinstance(group_size, bool)
+                                       or not isinstance(group_size, int) or group_size < 1):
+            raise ValueError(f"group_size={group_size!r}: expected a positive int (tasks "
+                             "adapted in one call) or None (the whole meta-batch).")
+        self.jit_compile = jit_compile
+        self.max_group = group_size
+
     def group_size(self, meta_batch_size):
-        return meta_batch_size
+        if self.max_group is None:
+            return meta_batch_size
+        return max(1, min(self.max_group, meta_batch_size))
 
 
-class VectorizedExecutor(SequentialExecutor):
-    """All tasks of the meta-batch through `tf.vectorized_map`."""
+class VectorizedExecutor(UnrolledExecutor):
+    """All tasks of the meta-batch (or groups of ``group_size`` tasks) in one batched call.
+
+    The per-task step is mapped over the task axis with `tf.vectorized_map`, so each layer
+    runs one batched kernel for the whole group: matmuls with per-task weights become
+    batched matmuls, convolutions with per-task kernels grouped convolutions (see
+    `_batched_converters`). One compiled call advances the group by one inner step.
+
+    If `tf.vectorized_map` still has to fall back to a while loop over the tasks for some
+    op, a `VectorizationWarning` names the ops when the step is traced, and
+    ``fallback_ops`` lists them (per traced function name).
+
+    Args: as `UnrolledExecutor`.
+    """
 
     name = "vectorized"
 
+    def __init__(self, jit_compile=False, group_size=None):
+        super().__init__(jit_compile, group_size)
+        self.fallback_ops = {}
+
     def compile(self, fn, on_trace=None):
+        name = getattr(fn, "__name__", "step")
+
+        def on_fallback(ops):
+            known = self.fallback_ops.setdefault(name, [])
+            new = [op for op in ops if op not in known]
+            known.extend(new)
+            if new:
+                warnings.warn(
+                    f"parallel='vectorized': tf.vectorized_map cannot batch the op(s) "
+                    f"{', '.join(new)} of the per-task function '{name}' and runs them task "
+                    "by task in a while loop, so this part of the step is not vectorised. "
+                    "Replace the layer emitting them, or use parallel='unrolled' / "
+                    "'sequential' if it dominates the step time.",
+                    VectorizationWarning, stacklevel=2)
+
         return _per_group_size(lambda: tf.function(
-            _vectorized(fn, on_trace), jit_compile=self.jit_compile, reduce_retracing=True))
+            _vectorized(fn, on_trace, on_fallback), jit_compile=self.jit_compile,
+            reduce_retracing=True))
 
 
 def _masked_sum(stacked, mask):
@@ -226,14 +481,24 @@ def _all_gather_tasks(value):
     return tf.nest.pack_sequence_as(value, out)
 
 
-def make_executor(parallel="sequential", strategy=None, jit_compile=False):
-    """The executor for a trainer's ``parallel`` / ``strategy`` arguments."""
+def make_executor(parallel="sequential", strategy=None, jit_compile=False, group_size=None):
+    """The executor for a trainer's ``parallel`` / ``strategy`` / ``group_size`` arguments.
+
+    Raises:
+        ValueError: an unknown `parallel`, a `group_size` that is not a positive int, a
+            `group_size` above 1 with ``parallel="sequential"``, or a `group_size` with a
+            `strategy` (which splits the whole meta-batch across its replicas).
+    """
     if parallel not in PARALLEL_MODES:
         raise ValueError(f"parallel={parallel!r}: expected one of {PARALLEL_MODES}.")
     if strategy is not None:
+        if group_size is not None:
+            raise ValueError(f"group_size={group_size!r} cannot be combined with a strategy: "
+                             "it splits the whole meta-batch across its replicas.")
         return DistributedExecutor(
             strategy, inner="vectorized" if parallel == "vectorized" else "unrolled",
             jit_compile=jit_compile,
         )
     return {"sequential": SequentialExecutor, "unrolled": UnrolledExecutor,
-            "vectorized": VectorizedExecutor}[parallel](jit_compile=jit_compile)
+            "vectorized": VectorizedExecutor}[parallel](jit_compile=jit_compile,
+                                                       group_size=group_size)
