@@ -148,6 +148,7 @@ def _while_ops(fn, *args):
 
 
 def test_ops_that_fall_back_to_a_loop_are_named(monkeypatch):
+    level = tf.get_logger().level
     ex = P.VectorizedExecutor()
     run = ex.compile(lambda x: tf.cast(tf.histogram_fixed_width(x, [-1.0, 1.0], 4), tf.float32)
                      + tf.reduce_sum(x))
@@ -155,6 +156,7 @@ def test_ops_that_fall_back_to_a_loop_are_named(monkeypatch):
         out = run(tf.constant(np.linspace(-1, 1, 12).reshape(3, 4), tf.float32))
     assert out.shape == (3, 4)
     assert list(ex.fallback_ops.values()) == [["HistogramFixedWidth"]]
+    assert tf.get_logger().level == level  # opened to DEBUG only while tracing
     # without the grouped convolutions, per-task kernels would fall back (pfor logs that
     # at DEBUG level): the warning names Conv2D and its gradients
     monkeypatch.setattr(P, "_CONVERTERS", {})

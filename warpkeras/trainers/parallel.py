@@ -89,8 +89,8 @@ class VectorizationWarning(RuntimeWarning):
 # (input [T, B, H, W, C] -> [B, H, W, T·C], kernel [T, kh, kw, C, O] -> [kh, kw, C, T·O]),
 # and TF's own Conv2D / Conv2DBackpropInput / Conv2DBackpropFilter kernels (oneDNN, cuDNN,
 # XLA's feature_group_count) compute all tasks in one call. The converters below are
-# installed in pfor's registry only while a vectorised step is traced (`_batched_converters`);
-# every other case is passed on to pfor's own converter.
+# used by pfor only while a vectorised step is traced (`_batched_converters`); every other
+# case is passed on to pfor's own converter.
 
 def _pfor():
     try:
@@ -197,70 +197,99 @@ def _bitcast(pfor_input, original):
 
 _CONVERTERS = {"Conv2D": _conv2d, "Conv2DBackpropInput": _conv2d_backprop_input,
                "Conv2DBackpropFilter": _conv2d_backprop_filter, "Bitcast": _bitcast}
-_REGISTRY_LOCK = threading.RLock()
+_CONVERTED_OPS = tuple(_CONVERTERS)
+# Per thread: whether a vectorised step is being traced (the converters above apply only
+# then), and the ops pfor fell back on meanwhile. Thread-local rather than a lock held over
+# the trace: a strategy's replica threads trace their steps concurrently.
+_tracing = threading.local()
+_SETUP_LOCK = threading.Lock()
+_installed = []
+
+
+def _install_converters(pfor):
+    """Puts delegating converters for `_CONVERTERS` into pfor's registry (once). Outside
+    `_batched_converters` they behave exactly as pfor's own (or as no converter)."""
+    registry = pfor._pfor_converter_registry
+    with _SETUP_LOCK:
+        if _installed:
+            return
+        for name in _CONVERTED_OPS:
+            original = registry.get(name)
+
+            def run(pfor_input, name=name, original=original):
+                converter = _CONVERTERS.get(name) if getattr(_tracing, "depth", 0) else None
+                if converter is not None:
+                    return converter(pfor_input, original)
+                if original is None:  # pfor's own answer to an op it has no converter for
+                    raise pfor.ConversionNotImplementedError(
+                        f"there is no registered converter for {name}.")
+                return original(pfor_input)
+
+            registry[name] = run
+        _installed.append(True)
 
 
 @contextlib.contextmanager
 def _batched_converters():
-    """Installs `_CONVERTERS` in pfor's registry for the duration of one trace (and puts
-    the previous entries back after it)."""
+    """Within this context (in this thread), pfor batches convolutions with per-task kernels
+    as grouped convolutions and maps Bitcast over the task axis (`_CONVERTERS`)."""
     pfor = _pfor()
-    if pfor is None:
+    if pfor is not None:
+        _install_converters(pfor)
+    _tracing.depth = getattr(_tracing, "depth", 0) + 1
+    try:
         yield
-        return
-    registry = pfor._pfor_converter_registry
-    with _REGISTRY_LOCK:
-        saved = {name: registry.get(name) for name in _CONVERTERS}
-        for name, converter in _CONVERTERS.items():
-            original = saved[name]
-
-            def run(pfor_input, converter=converter, original=original):
-                if original is None and converter is not _bitcast:
-                    raise pfor.ConversionNotImplementedError("no converter")
-                return converter(pfor_input, original)
-
-            registry[name] = run
-        try:
-            yield
-        finally:
-            for name, original in saved.items():
-                if original is None:
-                    registry.pop(name, None)
-                else:
-                    registry[name] = original
+    finally:
+        _tracing.depth -= 1
 
 
 # pfor logs every op it cannot batch ("Using a while_loop for converting <op> cause ...",
-# or "<op> uses a while_loop"), some at DEBUG level; while a step is traced these records
-# are collected (and DEBUG ones kept from the console).
+# or "<op> uses a while_loop"), some at DEBUG level. While a step is traced, TensorFlow's
+# logger is opened to DEBUG and a filter collects these records for the tracing thread;
+# records below the level the logger had are still kept from the console.
 _FALLBACK = re.compile(r"while_loop for converting (\w+)|^(\w+) uses a while_loop")
 
 
 class _FallbackRecorder(logging.Filter):
-    def __init__(self, level):
+    def __init__(self):
         super().__init__()
-        self.level = level
-        self.ops = []
+        self.users = 0
+        self.saved_level = None  # the logger's own level, restored by the last user
+        self.threshold = logging.WARNING  # its effective level: what still gets printed
 
     def filter(self, record):
-        match = _FALLBACK.search(record.getMessage())
-        if match:
-            self.ops.append(match.group(1) or match.group(2))
-        return record.levelno >= self.level
+        ops = getattr(_tracing, "fallbacks", None)
+        if ops is not None:
+            match = _FALLBACK.search(record.getMessage())
+            if match:
+                ops.append(match.group(1) or match.group(2))
+        return record.levelno >= self.threshold
+
+
+_RECORDER = _FallbackRecorder()
 
 
 @contextlib.contextmanager
 def _recording_fallbacks():
     logger = tf.get_logger()
-    recorder = _FallbackRecorder(logger.getEffectiveLevel())
-    level = logger.level
-    logger.addFilter(recorder)
-    logger.setLevel(logging.DEBUG)
+    rec = _RECORDER
+    with _SETUP_LOCK:
+        if rec.users == 0:
+            rec.saved_level, rec.threshold = logger.level, logger.getEffectiveLevel()
+            logger.addFilter(rec)
+            logger.setLevel(logging.DEBUG)
+        rec.users += 1
+    outer = getattr(_tracing, "fallbacks", None)
+    _tracing.fallbacks = ops = [] if outer is None else outer
     try:
-        yield recorder.ops
+        yield ops
     finally:
-        logger.setLevel(level)
-        logger.removeFilter(recorder)
+        _tracing.fallbacks = outer
+        with _SETUP_LOCK:
+            rec.users -= 1
+            if rec.users == 0:
+                logger.setLevel(rec.saved_level)
+                logger.removeFilter(rec)
 
 
 def _vectorized(fn, on_trace=None, on_fallback=None):
