@@ -283,3 +283,20 @@ def test_evaluate_with_kfac_beats_sgd_per_step_on_ill_conditioned_regression():
     # θ0 is untouched by the adaptation.
     np.testing.assert_array_equal(trainer.model.layers[0].kernel.numpy(),
                                   model.layers[0].kernel.numpy())
+
+
+@pytest.mark.parametrize("inverse_every", [1, 2])
+def test_compiled_step_matches_eager_with_one_output_unit(inverse_every):
+    # 1x1 factors inside tf.function (a graph-optimiser folding of 1x1 transposes once
+    # returned empty inverses here).
+    rng = np.random.default_rng(8)
+    model = _dense_model(3, 1)
+    p = warpkeras.partition(model)
+    plan = KFAC(inverse_every=inverse_every, fisher="empirical").bind(p, "mse")
+    x, y = rng.normal(size=(16, 3)).astype("float32"), rng.normal(size=(16, 1)).astype("float32")
+    theta = p.initial_task_values()
+    eager = plan.step(theta, [], (x, y), plan.init())
+    compiled = tf.function(lambda th, s: plan.step(th, [], (x, y), s))(theta, plan.init())
+    for a, b in zip(tf.nest.flatten((eager.theta, eager.opt_state)),
+                    tf.nest.flatten((compiled.theta, compiled.opt_state))):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6)

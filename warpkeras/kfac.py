@@ -619,8 +619,8 @@ class KFACPlan:
         tiny = np.finfo(dt.as_numpy_dtype).tiny
         root = tf.sqrt(tf.constant(self.config.damping, dt))
         if self.config.factored_damping:
-            pi = tf.sqrt(tf.maximum(tf.linalg.trace(a) / da, tiny)
-                         / tf.maximum(tf.linalg.trace(g) / dg, tiny))
+            pi = tf.sqrt(tf.maximum(tf.reduce_sum(tf.linalg.diag_part(a)) / da, tiny)
+                         / tf.maximum(tf.reduce_sum(tf.linalg.diag_part(g)) / dg, tiny))
         else:
             pi = tf.constant(1.0, dt)
 
@@ -629,9 +629,10 @@ class KFACPlan:
             ok = tf.logical_and(tf.reduce_all(tf.math.is_finite(m)),
                                 tf.math.is_finite(shift))
             # A non-finite factor is replaced by I for the factorisation (which would fail
-            # with an error), and the result by NaN. (No `tf.cond`: its folding by
-            # TensorFlow's graph optimiser loses 1x1 results.)
-            sym = tf.where(ok, 0.5 * (m + tf.transpose(m)) + shift * eye, eye)
+            # with an error), and the result by NaN. The Cholesky factorisation reads only
+            # the lower triangle, so the factor is not symmetrised first (a transpose of a
+            # 1x1 matrix inside `tf.cond` is mis-folded by TensorFlow's graph optimiser).
+            sym = tf.where(ok, m + shift * eye, eye)
             inv = tf.linalg.cholesky_solve(tf.linalg.cholesky(sym), eye)
             return tf.where(ok, inv, tf.constant(np.nan, dt) * tf.ones_like(inv))
 
