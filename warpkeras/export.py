@@ -53,9 +53,11 @@ adapts in training mode, as the trainers do, and predicts in the trainer's
 "Batch-norm statistics" in `warpkeras.trainers.MetaTrainer`).
 """
 
+import collections
 import contextlib
 import functools
 import inspect
+import json
 import os
 import re
 import shutil
@@ -161,30 +163,172 @@ def _as_spec(spec, what, default_dtype):
     )
 
 
-def _model_input_spec(model):
+class _Inputs:
+    """The model's inputs as the signatures see them: one flat, named tensor per input.
+
+    `specs` are the per-input batch specs (leading dimension `None`) in the order of
+    ``keras.tree.flatten`` of the model's input structure (``model.inputs``; dict keys
+    sorted), `names` the inputs' names (Keras input-layer names, or dict keys for dict
+    inputs), sanitised to letters, digits and "_". `structure` is the template that
+    ``keras.tree.pack_sequence_as`` rebuilds the model's input from (a list, tuple or
+    dict), or `None` for a single input tensor, which keeps the plain argument names
+    ``x`` and ``queries``.
+    """
+
+    def __init__(self, specs, names, structure):
+        self.specs = list(specs)
+        self.names = list(names)
+        self.structure = structure
+
+    @property
+    def single(self):
+        return self.structure is None
+
+    def argument(self, role, i):
+        """The signature argument of input `i` for `role` ("x" or "queries"): ``x`` /
+        ``queries`` for a single input, else ``x_<name>`` / ``queries_<name>``."""
+        return role if self.single else f"{role}_{self.names[i]}"
+
+    def arguments(self, role):
+        return [self.argument(role, i) for i in range(len(self.specs))]
+
+    def pack(self, flat):
+        """The model's input structure holding the flat tensors `flat`."""
+        flat = list(flat)
+        if self.single:
+            return flat[0]
+        return keras.tree.pack_sequence_as(self.structure, flat)
+
+    def flatten(self, value, arg, where):
+        """The flat list of tensors of `value` given in the model's structure (a list or
+        tuple for list/tuple inputs, a dict with the model's keys for dict inputs)."""
+        if self.single:
+            return [value]
+        if isinstance(self.structure, dict):
+            if not isinstance(value, dict) or set(value) != set(self.structure):
+                raise TypeError(
+                    f"{where}: `{arg}` must be a dict with keys {sorted(self.structure)} "
+                    f"(the model's inputs); got {_validation.describe(value)}."
+                )
+            flat = keras.tree.flatten(dict(value))
+        else:
+            flat = keras.tree.flatten(value) if isinstance(value, (list, tuple)) else None
+            if flat is None or len(flat) != len(self.specs):
+                raise TypeError(
+                    f"{where}: `{arg}` must be a list or tuple of {len(self.specs)} arrays "
+                    f"(the model's inputs {', '.join(self.names)}, in this order); got "
+                    f"{_validation.describe(value)}."
+                )
+        return flat
+
+    def describe(self):
+        """``[{"name", "x", "queries", "shape", "dtype"}]`` per input, for the metadata."""
+        return [
+            {"name": n, "x": self.argument("x", i), "queries": self.argument("queries", i),
+             "shape": s.shape.as_list(), "dtype": s.dtype.name}
+            for i, (n, s) in enumerate(zip(self.names, self.specs))
+        ]
+
+
+def _sanitise(name):
+    name = re.sub(r"[^A-Za-z0-9_]", "_", str(name))
+    return name or "input"
+
+
+def _structured(names, structure, where):
+    names = [_sanitise(n) for n in names]
+    clash = sorted(n for n, c in collections.Counter(names).items() if c > 1)
+    if clash:
+        raise ValueError(
+            f"{where}: several model inputs map to the signature name(s) {clash} (input "
+            "names with characters other than letters, digits and '_' are sanitised); give "
+            "the keras.Input layers distinct names."
+        )
+    return names
+
+
+def _leaf_name(path, tensor, i):
+    """A model input's name: its dict key (path joined by "_" when nested), else its
+    Keras input layer's name."""
+    if any(isinstance(p, str) for p in path):
+        return "_".join(str(p) for p in path)
+    history = getattr(tensor, "_keras_history", None)
+    layer = getattr(history, "operation", None) if history is not None else None
+    return getattr(layer, "name", None) or getattr(tensor, "name", None) or f"input_{i}"
+
+
+def _is_spec_structure(spec):
+    if isinstance(spec, dict):
+        return True
+    return isinstance(spec, (list, tuple)) and bool(spec) and all(
+        isinstance(s, (tf.TensorSpec, list, tuple)) for s in spec
+    )
+
+
+def _model_inputs(model, input_spec, where):
+    """The `_Inputs` of `model`: from `input_spec` where given, else the model's
+    ``keras.Input`` tensors and input structure."""
     try:
-        inputs = model.inputs
+        inputs = list(model.inputs) if model.inputs else None
     except (AttributeError, ValueError):
         inputs = None
+    # A functional model's input structure (a Sequential model has one input tensor).
+    struct = getattr(model, "_inputs_struct", None) if inputs else None
+    if struct is None or len(keras.tree.flatten(struct)) != len(inputs or []):
+        struct = inputs
+    default = keras.config.floatx()
+    if input_spec is not None and _is_spec_structure(input_spec):
+        # One level: a dict of specs (keys sorted, as Keras flattens dicts) or a list or
+        # tuple of specs; each spec is a tf.TensorSpec or a tuple of dimensions.
+        leaves = ([(k,), input_spec[k]] for k in sorted(input_spec)) if isinstance(
+            input_spec, dict) else (((i,), s) for i, s in enumerate(input_spec))
+        leaves = list(leaves)
+        specs = [_as_spec(s, f"input_spec[{p[0]!r}]", default) for p, s in leaves]
+        if inputs is not None and len(inputs) != len(specs):
+            raise ValueError(
+                f"{where}: input_spec describes {len(specs)} inputs but model "
+                f"'{model.name}' has {len(inputs)}; give one spec per model input."
+            )
+        if len(specs) == 1:
+            return _Inputs(specs, ["x"], None)
+        if isinstance(input_spec, dict):
+            names, structure = [p[0] for p, _ in leaves], {k: 0 for k in input_spec}
+        else:
+            names = [
+                s.name if isinstance(s, tf.TensorSpec) and s.name else (
+                    _leaf_name((), inputs[i], i) if inputs is not None else f"input_{i}")
+                for i, (_, s) in enumerate(leaves)
+            ]
+            structure = type(input_spec)([0] * len(specs))
+        return _Inputs(specs, _structured(names, structure, where), structure)
+    if input_spec is not None:
+        spec = _as_spec(input_spec, "input_spec", default)
+        if inputs is not None and len(inputs) > 1:
+            raise ValueError(
+                f"{where}: model '{model.name}' has {len(inputs)} inputs; give input_spec "
+                "as a list, tuple or dict of specs, one per input (or leave it out)."
+            )
+        return _Inputs([spec], ["x"], None)
     if not inputs:
         raise ValueError(
-            f"Cannot infer the input shape of model '{model.name}' (a subclassed model "
-            "without keras.Input); pass input_spec=(features...) or a tf.TensorSpec."
+            f"{where}: cannot infer the input shape of model '{model.name}' (a subclassed "
+            "model without keras.Input); pass input_spec=(features...) or a tf.TensorSpec "
+            "(a list, tuple or dict of them for several inputs)."
         )
-    if len(inputs) != 1:
-        raise ValueError(
-            f"Model '{model.name}' has {len(inputs)} inputs; export_adaptive supports models "
-            "with a single input tensor."
-        )
-    shape = list(inputs[0].shape)
-    return tf.TensorSpec([None] + shape[1:], tf.as_dtype(inputs[0].dtype))
+    specs = [tf.TensorSpec([None] + list(t.shape)[1:], tf.as_dtype(t.dtype)) for t in inputs]
+    if len(inputs) == 1:
+        return _Inputs(specs, ["x"], None)
+    leaves = keras.tree.flatten_with_path(struct)
+    names = [_leaf_name(p, t, i) for i, (p, t) in enumerate(leaves)]
+    structure = keras.tree.map_structure(lambda _: 0, struct)
+    return _Inputs(specs, _structured(names, structure, where), structure)
 
 
-def _output_spec(part, x_spec):
-    dims = [1 if d is None else d for d in x_spec.shape.as_list()[1:]]
+def _output_spec(part, inputs):
+    zeros = [tf.zeros([1] + [1 if d is None else d for d in s.shape.as_list()[1:]], s.dtype)
+             for s in inputs.specs]
     y, _ = part.call(
-        part.initial_task_values(), part.warp_values(), tf.zeros([1] + dims, x_spec.dtype),
-        training=False,
+        part.initial_task_values(), part.warp_values(), inputs.pack(zeros), training=False,
     )
     if not hasattr(y, "shape") or not hasattr(y, "dtype"):
         raise ValueError(
@@ -414,9 +558,8 @@ class _Program:
         self.max_row_steps = 2**62 if max_row_steps is None else max_row_steps
         # Batch statistics of a single example normalise it to beta whatever it is.
         self.min_query_rows = 2 if self.predict_training and _has_batch_norm(model) else 0
-        x_spec = _as_spec(input_spec, "input_spec", keras.config.floatx())
-        self.x_spec = x_spec if x_spec is not None else _model_input_spec(model)
-        self.out_spec = _output_spec(self.partition, self.x_spec)
+        self.inputs = _model_inputs(model, input_spec, where)
+        self.out_spec = _output_spec(self.partition, self.inputs)
         y_spec = _as_spec(label_spec, "label_spec", self.out_spec.dtype)
         self.y_spec = y_spec if y_spec is not None else _default_label_spec(
             self.out_spec, self.sparse
@@ -489,28 +632,55 @@ class _Program:
                 f"{fn}: `{arg}` must be finite; it holds NaN or inf.",
             )
 
-    def _support_checks(self, x, y, steps, fn):
+    def _check_inputs(self, checks, xs, role, fn, min_rows=1):
+        """Shape, row-count and row-limit checks of each input tensor in `xs` (one per
+        model input, named by the signature argument of `role`), and that they all hold
+        the same number of rows."""
+        args = self.inputs.arguments(role)
+        for t, spec, arg in zip(xs, self.inputs.specs, args):
+            self._check_batch(checks, t, spec, arg, fn, min_rows=min_rows)
+        if len(xs) > 1:
+            rows = [_leading_dim(t) for t in xs]
+            checks.require(
+                tf.reduce_all(tf.equal(tf.stack(rows), rows[0])),
+                f"{fn}: the inputs {_listing(args)} must hold the same number of "
+                "examples; got", *_interleave(rows, args),
+            )
+
+    def _support_checks(self, xs, y, steps, fn):
         checks = _Checks()
-        self._check_batch(checks, x, self.x_spec, "x", fn)
+        self._check_inputs(checks, xs, "x", fn)
         self._check_batch(checks, y, self.y_spec, "y", fn)
-        checks.require(
-            tf.equal(_leading_dim(x), _leading_dim(y)),
-            f"{fn}: `x` and `y` must hold the same number of examples; got",
-            _leading_dim(x), "and", _leading_dim(y),
-        )
+        x = xs[0]
+        if self.inputs.single:
+            checks.require(
+                tf.equal(_leading_dim(x), _leading_dim(y)),
+                f"{fn}: `x` and `y` must hold the same number of examples; got",
+                _leading_dim(x), "and", _leading_dim(y),
+            )
+        else:
+            args = self.inputs.arguments("x")
+            checks.require(
+                tf.equal(_leading_dim(x), _leading_dim(y)),
+                f"{fn}: the inputs {_listing(args)} and `y` must hold the same number of "
+                "examples; got", _leading_dim(x), f"in `{args[0]}` and", _leading_dim(y),
+                "in `y`",
+            )
         checks.require(tf.greater_equal(steps, 0), f"{fn}: `steps` must be >= 0; got", steps)
         checks.require(
             tf.less_equal(steps, self.max_steps),
             f"{fn}: `steps` must be <= {self.max_steps} (max_steps of the export); got", steps,
         )
         work = tf.cast(_leading_dim(x), tf.int64) * tf.cast(steps, tf.int64)
+        rows_of = "`x`" if self.inputs.single else "the support set"
         checks.require(
             tf.less_equal(work, self.max_row_steps),
-            f"{fn}: rows of `x` × `steps` must be <= max_row_steps={self.max_row_steps} of "
-            "the export (the work of one request); use fewer steps or fewer examples. Got",
-            _leading_dim(x), "×", steps,
+            f"{fn}: rows of {rows_of} × `steps` must be <= max_row_steps="
+            f"{self.max_row_steps} of the export (the work of one request); use fewer steps "
+            "or fewer examples. Got", _leading_dim(x), "×", steps,
         )
-        self._check_finite(checks, x, "x", fn)
+        for t, arg in zip(xs, self.inputs.arguments("x")):
+            self._check_finite(checks, t, arg, fn)
         self._check_finite(checks, y, "y", fn)
         if self.sparse and self.num_classes is not None:
             n = tf.cast(self.num_classes, y.dtype)
@@ -568,22 +738,40 @@ class _Program:
     def _batch_shape(self, spec):
         return [None] + spec.shape.as_list()[1:]
 
-    def predict(self, x):
+    def _split(self, values, fn):
+        """The flat entry-point arguments `values` of `fn` as ``(xs, y, steps, queries)``
+        (lists of one tensor per model input for ``xs`` and ``queries``)."""
+        k = len(self.inputs.specs)
+        values = list(values)
+        if fn == "predict":
+            return values[:k], None, None, None
+        xs, y, steps = values[:k], values[k], values[k + 1]
+        return xs, y, steps, (values[k + 2:] if fn == "adapt_and_predict" else None)
+
+    def _guard_inputs(self, checks, xs):
+        return [checks.guard(t, self._batch_shape(s)) for t, s in zip(xs, self.inputs.specs)]
+
+    def _check_queries(self, checks, qs, role, fn):
+        self._check_inputs(checks, qs, role, fn, min_rows=self.min_query_rows)
+        for t, arg in zip(qs, self.inputs.arguments(role)):
+            self._check_finite(checks, t, arg, fn)
+
+    def predict(self, *values):
+        xs, _, _, _ = self._split(values, "predict")
         checks = _Checks()
-        self._check_batch(checks, x, self.x_spec, "x", "serving_default",
-                          min_rows=self.min_query_rows)
-        self._check_finite(checks, x, "x", "serving_default")
-        x = checks.guard(x, self._batch_shape(self.x_spec))
+        self._check_queries(checks, xs, "x", "serving_default")
+        x = self.inputs.pack(self._guard_inputs(checks, xs))
         return {"predictions": self._forward(self._theta0(), x, self._state())}
 
-    def _guard_support(self, checks, x, y, steps):
-        x = checks.guard(x, self._batch_shape(self.x_spec))
+    def _guard_support(self, checks, xs, y, steps):
+        x = self.inputs.pack(self._guard_inputs(checks, xs))
         y = checks.guard(y, self._batch_shape(self.y_spec))
         return x, y, checks.guard(steps, [])
 
-    def adapt_with_state(self, x, y, steps):
-        checks = self._support_checks(x, y, steps, "adapt")
-        x, y, steps = self._guard_support(checks, x, y, steps)
+    def adapt_with_state(self, *values):
+        xs, y, steps, _ = self._split(values, "adapt")
+        checks = self._support_checks(xs, y, steps, "adapt")
+        x, y, steps = self._guard_support(checks, xs, y, steps)
         return self._loop(x, y, steps)
 
     def adapt_outputs(self, theta, state):
@@ -593,17 +781,16 @@ class _Program:
         out.update(zip(self.state_names, [state[i] for i in self.state_indices]))
         return out
 
-    def adapt(self, x, y, steps):
-        return self.adapt_outputs(*self.adapt_with_state(x, y, steps))
+    def adapt(self, *values):
+        return self.adapt_outputs(*self.adapt_with_state(*values))
 
-    def adapt_and_predict(self, x, y, steps, queries):
+    def adapt_and_predict(self, *values):
         fn = "adapt_and_predict"
-        checks = self._support_checks(x, y, steps, fn)
-        self._check_batch(checks, queries, self.x_spec, "queries", fn,
-                          min_rows=self.min_query_rows)
-        self._check_finite(checks, queries, "queries", fn)
-        x, y, steps = self._guard_support(checks, x, y, steps)
-        queries = checks.guard(queries, self._batch_shape(self.x_spec))
+        xs, y, steps, qs = self._split(values, fn)
+        checks = self._support_checks(xs, y, steps, fn)
+        self._check_queries(checks, qs, "queries", fn)
+        x, y, steps = self._guard_support(checks, xs, y, steps)
+        queries = self.inputs.pack(self._guard_inputs(checks, qs))
         theta, state = self._loop(x, y, steps)
         return {"predictions": self._forward(theta, queries, state)}
 
@@ -612,12 +799,36 @@ class _Program:
         return tf.TensorSpec(None, spec.dtype, name=name)
 
     def arguments(self, fn):
-        """``[(name, declared dtype)]`` of entry point `fn`, in call order."""
-        args = {"x": self.x_spec.dtype, "y": self.y_spec.dtype, "steps": tf.int32,
-                "queries": self.x_spec.dtype}
-        names = {"predict": ["x"], "adapt": ["x", "y", "steps"],
-                 "adapt_and_predict": ["x", "y", "steps", "queries"]}[fn]
-        return [(n, args[n]) for n in names]
+        """``[(name, declared dtype, role)]`` of entry point `fn`'s flat (signature)
+        arguments, in call order; `role` is "x", "y", "steps" or "queries" (one "x" and
+        one "queries" argument per model input, see `_Inputs.argument`)."""
+        def inputs(role):
+            return [(self.inputs.argument(role, i), s.dtype, role)
+                    for i, s in enumerate(self.inputs.specs)]
+        args = inputs("x")
+        if fn != "predict":
+            args += [("y", self.y_spec.dtype, "y"), ("steps", tf.int32, "steps")]
+        if fn == "adapt_and_predict":
+            args += inputs("queries")
+        return args
+
+    def signature_function(self, fn):
+        """`fn` ("predict", "adapt" or "adapt_and_predict") as a `tf.function` over its
+        flat, named arguments (`arguments`), each declared with unknown shape."""
+        args = self.arguments(fn)
+        body = {"predict": self.predict, "adapt": self.adapt,
+                "adapt_and_predict": self.adapt_and_predict}[fn]
+        return tf.function(
+            _named(body, [n for n, _, _ in args]),
+            input_signature=[tf.TensorSpec(None, d, name=n) for n, d, _ in args],
+        )
+
+    def _structure_name(self):
+        """How the model takes its inputs: "tensor", "list", "tuple" or "dict"."""
+        if self.inputs.single:
+            return "tensor"
+        return {dict: "dict", list: "list", tuple: "tuple"}.get(
+            type(self.inputs.structure), type(self.inputs.structure).__name__)
 
     def metadata(self):
         return {
@@ -629,8 +840,14 @@ class _Program:
             "max_steps": self.max_steps,
             "max_rows": self.max_rows,
             "max_row_steps": self.max_row_steps,
-            "input_shape": str(self.x_spec.shape.as_list()),
-            "input_dtype": self.x_spec.dtype.name,
+            "input_shape": (str(self.inputs.specs[0].shape.as_list()) if self.inputs.single
+                            else json.dumps({n: s.shape.as_list() for n, s in
+                                             zip(self.inputs.names, self.inputs.specs)})),
+            "input_dtype": (self.inputs.specs[0].dtype.name if self.inputs.single
+                            else json.dumps({n: s.dtype.name for n, s in
+                                             zip(self.inputs.names, self.inputs.specs)})),
+            "input_structure": self._structure_name(),
+            "inputs": json.dumps(self.inputs.describe()),
             "label_shape": str(self.y_spec.shape.as_list()),
             "label_dtype": self.y_spec.dtype.name,
             "steps_dtype": "int32",
@@ -640,26 +857,105 @@ class _Program:
 
 
 def _adapt_function(program):
-    x = program.loose(program.x_spec)
-    y = program.loose(program.y_spec)
+    specs = [program.loose(s) for s in program.inputs.specs]
     return tf.function(
         program.adapt_with_state,
-        input_signature=[x, y, tf.TensorSpec([], tf.int32)],
+        input_signature=specs + [program.loose(program.y_spec), tf.TensorSpec([], tf.int32)],
     )
 
 
-def _tolerant(program, fn, typed):
-    """A `tf.function` taking `fn`'s arguments in any dtype of `_castable`, cast and passed
-    to `typed` (the signature function). Concrete functions are traced for every
-    combination of accepted dtypes (``queries`` shares the dtype of ``x``) and for the
-    dtypes of `_refused`, one argument off at a time, which fail with a message naming
-    the argument and the dtype it must have."""
+def _listing(names):
+    """```a`, `b` and `c``` for argument names."""
+    names = [f"`{n}`" for n in names]
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def _interleave(values, names):
+    """``[v0, "in `n0`,", v1, "in `n1`", ...]`` for an assertion message."""
+    out = []
+    for i, (v, n) in enumerate(zip(values, names)):
+        out += [v, f"in `{n}`" + ("," if i < len(values) - 1 else "")]
+    return out
+
+
+def _named(function, names):
+    """`function(*values)` as a function whose parameters are called `names` (so that
+    `tf.function` and the loaded SavedModel accept them as keywords)."""
+    def call(*values):
+        return function(*values)
+
+    call.__signature__ = inspect.Signature(
+        [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in names]
+    )
+    call.__name__ = getattr(function, "__name__", "call")
+    return call
+
+
+_PARAMETERS = {"predict": ["x"], "adapt": ["x", "y", "steps"],
+               "adapt_and_predict": ["x", "y", "steps", "queries"]}
+# The most dtype combinations of the model's inputs traced for the dtype-tolerant
+# functions of a model with several inputs (each combination is a concrete function).
+_MAX_INPUT_COMBINATIONS = 16
+
+
+def _input_dtype_combinations(program):
+    """Dtype combinations of the model's inputs traced by the dtype-tolerant functions:
+    every combination of `_castable` dtypes while there are at most
+    `_MAX_INPUT_COMBINATIONS`; beyond that, one dtype for every input with the same
+    declared dtype, with each input also alone at its declared dtype."""
+    declared = [s.dtype for s in program.inputs.specs]
+    options = [_castable(d, "x") for d in declared]
+    full = 1
+    for o in options:
+        full *= len(o)
+    if full <= _MAX_INPUT_COMBINATIONS:
+        combos = [[]]
+        for o in options:
+            combos = [c + [d] for c in combos for d in o]
+        return combos
+    combos = []
+    for d in options[0]:
+        combo = []
+        for dtype, o in zip(declared, options):
+            combo.append(d if d in o and dtype == declared[0] else dtype)
+        combos.append(combo)
+    for i, o in enumerate(options):
+        for d in o[1:]:
+            combos.append(declared[:i] + [d] + declared[i + 1:])
+    unique = []
+    for c in combos:
+        if c not in unique:
+            unique.append(c)
+    return unique
+
+
+def _tolerant(program, fn, typed, tolerant=True):
+    """The Python-client function of entry point `fn`: a `tf.function` over ``x``, ``y``,
+    ``steps`` and ``queries`` (``x`` and ``queries`` in the model's input structure: a
+    tensor, or a list / tuple / dict of tensors) that checks the dtypes, casts and calls
+    `typed` (the signature function, over flat arguments).
+
+    With `tolerant`, concrete functions are traced for every combination of accepted
+    dtypes of `_castable` (each query input shares the dtype of its ``x`` input; several
+    model inputs: see `_input_dtype_combinations`) and for the dtypes of `_refused`, one
+    argument off at a time, which fail with a message naming the argument and the dtype it
+    must have. Without it (several inputs only), only the declared dtypes are traced.
+    A model with list or tuple inputs accepts both lists and tuples."""
     args = program.arguments(fn)
+    inputs = program.inputs
+    params = _PARAMETERS[fn]
     display = "serving_default" if fn == "predict" else fn
-    accepted = [_castable(dtype, name) for name, dtype in args]
+    accepted = [_castable(dtype, role) for _, dtype, role in args]
+
+    def flat_values(values):
+        flat = []
+        for p, v in zip(params, values):
+            flat += keras.tree.flatten(v) if p in ("x", "queries") else [v]
+        return flat
 
     def call(*values):
-        for (name, dtype), ok, value in zip(args, accepted, values):
+        values = flat_values(values)
+        for (name, dtype, _), ok, value in zip(args, accepted, values):
             if value.dtype not in ok:
                 message = (f"{display}: `{name}` must be {_dtype_text(dtype)}; got "
                            f"{value.dtype.name}. Cast it before sending.")
@@ -671,37 +967,63 @@ def _tolerant(program, fn, typed):
                     out = program.out_spec.shape.as_list()[1:]
                     return {"predictions": tf.zeros([0] + out, program.out_spec.dtype)}
         cast = []
-        for (name, dtype), value in zip(args, values):
+        for (name, dtype, role), value in zip(args, values):
             if value.dtype != dtype:
-                if name == "steps":  # saturate, so the range checks still see the excess
+                if role == "steps":  # saturate, so the range checks still see the excess
                     value = tf.clip_by_value(value, -_INT32_MAX - 1, _INT32_MAX)
                 value = tf.cast(value, dtype)
             cast.append(value)
         return typed(*cast)
 
-    named = {
-        "predict": lambda x: call(x),
-        "adapt": lambda x, y, steps: call(x, y, steps),
-        "adapt_and_predict": lambda x, y, steps, queries: call(x, y, steps, queries),
-    }[fn]
-    function = tf.function(named)
-    tied = [i for i, (name, _) in enumerate(args) if name == "queries"]
-    combos = [[]]
-    for i, options in enumerate(accepted):
-        if i in tied:  # x and queries are the same kind of data: they share a dtype
-            combos = [c + [c[0]] for c in combos]
-        else:
-            combos = [c + [d] for c in combos for d in options]
-    for i, (name, dtype) in enumerate(args):
-        for got in _refused(dtype, name):
-            combo = [d for _, d in args]
-            combo[i] = got
-            combos.append(combo)
+    function = tf.function(_named(call, params))
+    k = len(inputs.specs)
+    others = [i for i, (_, _, role) in enumerate(args) if role in ("y", "steps")]
+    if tolerant:
+        x_combos = (_input_dtype_combinations(program) if k > 1
+                    else [[d] for d in accepted[0]])
+        combos = [[]]
+        for i in others:
+            combos = [c + [d] for c in combos for d in accepted[i]]
+        combos = [x + c + (x if fn == "adapt_and_predict" else [])
+                  for x in x_combos for c in combos]
+        for i, (name, dtype, role) in enumerate(args):
+            for got in _refused(dtype, role):
+                combo = [d for _, d, _ in args]
+                combo[i] = got
+                combos.append(combo)
+    else:
+        combos = [[d for _, d, _ in args]]
     for combo in combos:
-        function.get_concrete_function(
-            *[tf.TensorSpec(None, d, name=n) for (n, _), d in zip(args, combo)]
-        )
+        specs = [tf.TensorSpec(None, d, name=n) for (n, _, _), d in zip(args, combo)]
+        for structured in _structures(inputs, fn, specs):
+            function.get_concrete_function(*structured)
     return function
+
+
+def _structures(inputs, fn, specs):
+    """The Python-client argument structures for the flat `specs` of `fn`: ``x`` and
+    ``queries`` packed into the model's input structure (and, for list/tuple inputs, also
+    the other sequence type)."""
+    k = len(inputs.specs)
+    if inputs.single:
+        return [specs]
+    xs, rest = specs[:k], specs[k:]
+    qs = rest[2:] if fn == "adapt_and_predict" else None
+    variants = [inputs.pack]
+    if not isinstance(inputs.structure, dict):
+        variants.append(lambda flat: _swap_sequences(inputs.pack(flat)))
+    out = []
+    for pack in variants:
+        args = [pack(xs)] + rest[:2]
+        if qs is not None:
+            args.append(pack(qs))
+        out.append(args)
+    return out
+
+
+def _swap_sequences(structure):
+    """`structure` with its outer list as a tuple or its outer tuple as a list."""
+    return tuple(structure) if isinstance(structure, list) else list(structure)
 
 
 # --- export -------------------------------------------------------------------------------
@@ -896,18 +1218,15 @@ def export_adaptive(
     # Track the model's variables (the underlying tf.Variables) so the saved graphs can
     # capture them: θ0, φ, frozen variables and the non-trainable state.
     module.model_variables = [v.value for v in model.variables]
-    specs = {fn: [program.loose(tf.TensorSpec(None, d), name=n)
-                  for n, d in program.arguments(fn)]
-             for fn in ("predict", "adapt", "adapt_and_predict")}
-    module.serve = tf.function(program.predict, input_signature=specs["predict"])
-    module.signature_adapt = tf.function(program.adapt, input_signature=specs["adapt"])
-    module.signature_adapt_and_predict = tf.function(
-        program.adapt_and_predict, input_signature=specs["adapt_and_predict"]
-    )
+    module.serve = program.signature_function("predict")
+    module.signature_adapt = program.signature_function("adapt")
+    module.signature_adapt_and_predict = program.signature_function("adapt_and_predict")
     typed = {"predict": module.serve, "adapt": module.signature_adapt,
              "adapt_and_predict": module.signature_adapt_and_predict}
-    for fn, target in typed.items():  # without dtype_tolerant: the signatures' dtypes
-        setattr(module, fn, _tolerant(program, fn, target) if dtype_tolerant else target)
+    for fn, target in typed.items():
+        if dtype_tolerant or not program.inputs.single:
+            target = _tolerant(program, fn, target, tolerant=dtype_tolerant)
+        setattr(module, fn, target)  # single input without dtype_tolerant: the signature
     meta = dict(program.metadata(), default_steps=steps)
     constants = {
         k: tf.constant(v if not isinstance(v, bool) else int(v)) for k, v in meta.items()
@@ -930,15 +1249,18 @@ def _run_adapt(model, x, y, steps, loss, learning_rate, momentum, from_logits, t
     program = _Program(model, loss, from_logits, learning_rate, momentum, training,
                        input_spec, label_spec, untagged, max_steps=steps, where=where)
     fn = _adapt_function(program)
-    x = _typed_input(x, "x", program.x_spec.dtype, where)
+    inputs = program.inputs
+    xs = [_typed_input(v, name, s.dtype, where, role="x")
+          for v, name, s in zip(inputs.flatten(x, "x", where), inputs.arguments("x"),
+                                inputs.specs)]
     y = _typed_input(y, "y", program.y_spec.dtype, where)
-    theta, state = fn(x, y, tf.constant(steps, tf.int32))
+    theta, state = fn(*xs, y, tf.constant(steps, tf.int32))
     return program, theta, state
 
 
-def _typed_input(value, name, dtype, where):
-    """`value` as a tensor of `dtype`, cast from the dtypes `_castable` lists; others are
-    refused with a message naming the argument."""
+def _typed_input(value, name, dtype, where, role=None):
+    """`value` as a tensor of `dtype`, cast from the dtypes `_castable` lists for `role`
+    (default: `name`); others are refused with a message naming the argument."""
     try:
         t = tf.convert_to_tensor(value)
     except (TypeError, ValueError) as err:
@@ -948,7 +1270,7 @@ def _typed_input(value, name, dtype, where):
         ) from None
     if t.dtype == dtype:
         return t
-    if t.dtype not in _castable(dtype, name):
+    if t.dtype not in _castable(dtype, role or name):
         raise TypeError(
             f"{where}: `{name}` must be {_dtype_text(dtype)}; got {t.dtype.name}. Cast it "
             "first."
