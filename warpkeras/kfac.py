@@ -19,7 +19,7 @@ last row) the gradient block is V = E[ā g^T], and the approximate natural gradi
     F_l^{-1} vec(V) ≈ vec(Ā_l^{-1} V G_l^{-1})                                (M&G Sec. 4.2)
 
 For a convolution, KFC (Grosse & Martens, 2016, "A Kronecker-factored approximate Fisher
-matrix for convolution layers", Sec. 3.1, Thm. 1) makes the same approximation under the
+matrix for convolution layers", Sec. 3) makes the same approximation under the
 assumptions of independent activations and derivatives, spatial homogeneity and spatially
 uncorrelated derivatives, with ā_t the (kh·kw·c_in + 1)-vector of the input patch at output
 location t ∈ T:
@@ -42,13 +42,25 @@ Curvature, damping and averaging as in Martens & Grosse (2015):
 - running averages of the factors, Ā ← ε Ā + (1 − ε) Ā_batch with ε = min(1 − 1/k, decay)
   at the k-th update (M&G Sec. 5), and the inverses recomputed every `inverse_every` steps;
 - an optional norm constraint on the update, ν = min(1, sqrt(c / (α² Σ_l vec(V_l)^T
-  vec(U_l)))) for the preconditioned gradients U_l (Ba, Grosse & Martens 2017, Sec. 5,
-  "KL clipping").
+  vec(U_l)))) for the preconditioned gradients U_l (the "KL clipping" of Ba, Grosse &
+  Martens 2017, "Distributed second-order optimization using Kronecker-factored
+  approximations"); the SGD-updated variables enter the sum with U = V.
 
-The adaptive damping (Levenberg–Marquardt rule) and the quadratic-model choice of the step
-size and momentum of M&G Sec. 6.5–7 are left out: the step is θ ← θ − α ν U with a fixed
-learning rate α, which is how the natural-gradient baselines of WarpGrad (Table 2, App. H)
-are described.
+Left out: the Levenberg–Marquardt adaptation of λ, the re-scaling of the step by the exact
+Fisher and the momentum of M&G Secs. 6–7. The step is θ ← θ − α ν U with a fixed learning
+rate α, as the natural-gradient baselines of WarpGrad (Table 2, App. H) are described.
+
+Exactness: for one `Dense` layer with a linear activation and a Gaussian likelihood of
+fixed isotropic variance (``mean_squared_error``, any number of output units), the Fisher
+is E[ā ā^T ⊗ J^T (2/D) I J] with J = I, i.e. exactly Ā ⊗ (2/D) I: the output Fisher does
+not depend on x, so the Kronecker product is exact and, with ``fisher="exact"`` and λ → 0,
+the K-FAC step is the natural-gradient step (with α = 1 the Newton step, which solves the
+least-squares problem). With a softmax output the output Fisher diag(p) − p p^T depends on
+x, and Ā ⊗ G is only an approximation, even for one layer.
+
+The layers are observed by replacing their ``call`` and ``activation`` on the instances
+while a step is traced (restored afterwards); do not trace other functions of the same
+model from other threads at the same time.
 
 Which parameters get K-FAC: the kernel (and bias) of every `keras.layers.Dense` and
 `keras.layers.Conv2D` (``channels_last``, ``groups=1``, no LoRA, no quantisation, ``call``
