@@ -156,8 +156,13 @@ class _Categorical(_Likelihood):
         return tf.math.log(tf.maximum(f, keras.backend.epsilon()))
 
     def sample(self, f, seed):
+        # Gumbel-max sampling (argmax of log p + Gumbel noise is a draw from p); unlike
+        # `tf.random.stateless_categorical` it also compiles with XLA. (TensorFlow's
+        # stateless generators draw other numbers under XLA: a compiled trainer samples
+        # other targets than an uncompiled one, each deterministically.)
         logits = tf.cast(tf.stop_gradient(self._log_probs(f)), tf.float32)
-        ids = tf.random.stateless_categorical(logits, 1, seed, dtype=tf.int32)[:, 0]
+        u = tf.random.stateless_uniform(tf.shape(logits), seed, minval=1e-20, maxval=1.0)
+        ids = tf.argmax(logits - tf.math.log(-tf.math.log(u)), axis=-1, output_type=tf.int32)
         return self._targets(ids, f)
 
     def exact_terms(self, f):
@@ -365,7 +370,9 @@ class KFAC:
         norm_constraint: `None`, or c > 0 bounding α² ν² Σ_l vec(V_l)^T vec(U_l) by c
             (KL clipping).
         factored_damping: use π of M&G Sec. 6.3 (True) or π = 1 (False).
-        seed: int >= 0; with the adaptation's seed, it fixes the sampled targets.
+        seed: int >= 0; with the adaptation's seed, it fixes the sampled targets (which
+            also depend on whether the step is XLA-compiled: TensorFlow's stateless random
+            generators draw other numbers there).
 
     Raises:
         TypeError / ValueError: an argument of the wrong type or out of range (the message
