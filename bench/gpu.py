@@ -16,8 +16,9 @@ see `_common.py`), for each configuration, meta-batch size, ``jit_compile`` sett
   end to end;
 * ``memory_peak_mb`` (GPU): `tf.config.experimental.get_memory_info` peak over a warm-up
   and a meta step of that mode alone;
-* ``group_size``, ``trace_counts``, ``fallback_ops``: how the executor ran (ops that
-  `tf.vectorized_map` could not batch and ran task by task).
+* ``group_size``, ``trace_counts``, ``fallback_ops``, ``grouped_convolutions``: how the
+  executor ran (ops that `tf.vectorized_map` could not batch and ran task by task; whether
+  per-task convolutions ran as one grouped convolution, see ``--grouped``).
 
 Configurations: ``leap`` (`LeapTrainer`, plain network) and ``warp_leap_online``
 (`WarpTrainer(mode="online", objective="approx", init_objective="leap")`, a WarpConv2D after
@@ -162,6 +163,10 @@ def run_setting(config, mb, jit, modes, args, source, gpu):
         try:
             reset_memory(gpu)
             trainer = build(config, mb, 2, mode, jit, args.seed)
+            if mode == "vectorized":
+                grouped = {"auto": None, "on": True, "off": False}[args.grouped]
+                trainer.executor.grouped_convolutions = grouped
+                run["grouped_convolutions"] = gpu if grouped is None else grouped
             t0 = time.perf_counter()
             meta_step(trainer, source, 0)  # traces / compiles every function
             run["warmup_s"] = round(time.perf_counter() - t0, 2)
@@ -217,6 +222,9 @@ def main():
     p.add_argument("--inner-steps", type=int, default=None,
                    help="K of the timed meta step (default 10, quick 2)")
     p.add_argument("--batch", type=int, default=None, help="task batch (default 20, quick 5)")
+    p.add_argument("--grouped", choices=("auto", "on", "off"), default="auto",
+                   help="vectorized: per-task convolutions as one grouped convolution (on), "
+                        "one per task (off), or grouped on GPUs only (auto, the default)")
     p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 5)")
     p.add_argument("--calls", type=int, default=None, help="calls per sample (default 3)")
     args = p.parse_args()
@@ -267,7 +275,8 @@ def main():
         "config": {"network": "papers' Omniglot network (4 conv blocks, 64 channels)",
                    "tasks": f"synthetic 28x28x1, {C.NUM_CLASSES} classes, batch {args.batch}",
                    "inner_steps_of_meta_step": args.inner_steps, "rounds": args.rounds,
-                   "calls_per_sample": args.calls, "modes": args.modes},
+                   "calls_per_sample": args.calls, "modes": args.modes,
+                   "grouped": args.grouped},
         "runs": runs,
         "ratios": ratios,
         "note": "ratios < 1: the mode is faster than sequential; per-task figures are the "

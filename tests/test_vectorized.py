@@ -97,11 +97,14 @@ def test_sequential_groups_are_single_tasks():
         _trainer("leap", "vectorized", group_size=0)
 
 
-@pytest.mark.parametrize("config", sorted(CONFIGS))
-def test_vectorized_meta_steps_equal_sequential(config):
+@pytest.mark.parametrize("config, grouped", [(c, None) for c in sorted(CONFIGS)]
+                         + [("warp_leap_online", True)])
+def test_vectorized_meta_steps_equal_sequential(config, grouped):
     weights = {}
     for parallel in ("sequential", "vectorized"):
         model, trainer = _trainer(config, parallel)
+        if parallel == "vectorized":
+            trainer.executor.grouped_convolutions = grouped
         with warnings.catch_warnings():
             warnings.simplefilter("error", P.VectorizationWarning)  # nothing falls back
             trainer.fit(_task, meta_steps=2, verbose=0)
@@ -111,11 +114,11 @@ def test_vectorized_meta_steps_equal_sequential(config):
     assert_lists_close(weights["vectorized"], weights["sequential"], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("jit_compile", [False, True])
+@pytest.mark.parametrize("grouped, jit_compile", [(True, False), (True, True), (False, False)])
 @pytest.mark.parametrize("fmt, strides, padding, dilation", [
     ("NHWC", 1, "SAME", 1), ("NHWC", 2, "VALID", 1), ("NHWC", 1, "VALID", 2)])
-def test_per_task_kernels_are_one_grouped_convolution(fmt, strides, padding, dilation,
-                                                      jit_compile):
+def test_per_task_kernels_are_batched_without_a_loop(fmt, strides, padding, dilation, grouped,
+                                                     jit_compile):
     rng = np.random.default_rng(0)
     x = tf.constant(rng.normal(size=(3, 2, 7, 7, 2)), tf.float32)
     w = tf.constant(rng.normal(size=(3, 3, 3, 2, 5)), tf.float32)
@@ -127,24 +130,26 @@ def test_per_task_kernels_are_one_grouped_convolution(fmt, strides, padding, dil
             loss = tf.reduce_sum(tf.sin(y))
         return (y,) + tuple(tape.gradient(loss, [x, w]))
 
-    run = P.VectorizedExecutor(jit_compile=jit_compile).compile(one)
+    run = P.VectorizedExecutor(jit_compile=jit_compile, grouped_convolutions=grouped).compile(one)
     got = run(x, w)
     want = [tf.stack(t) for t in zip(*[one(x[i], w[i]) for i in range(3)])]
     for g, e in zip(got, want):
         np.testing.assert_allclose(g.numpy(), e.numpy(), rtol=1e-5, atol=1e-5)
-    # no while loop left: every convolution is a single (grouped) kernel
-    assert not _while_ops(one, x, w)
+    # no while loop left: one grouped convolution, or one per task
+    # (the graph also keeps the one-task ops that pfor converted, hence `single`)
+    ops = _ops(tf.function(lambda x, w: tf.vectorized_map(lambda a: one(*a), (x, w))),
+               grouped, x, w)
+    single = _ops(tf.function(one), grouped, x[0], w[0])
+    assert not [op for op in ops if "While" in op]
+    for op in ("Conv2D", "Conv2DBackpropInput", "Conv2DBackpropFilter"):
+        assert ops.count(op) - single.count(op) == (1 if grouped else 3), op
 
 
-def _while_ops(fn, *args):
-    """While ops in the graph of `fn` vectorised over the leading axis."""
-    @tf.function
-    def vec(*stacked):
-        with P._batched_converters():
-            return tf.vectorized_map(lambda a: fn(*a), stacked)
-    graph = vec.get_concrete_function(*args).graph.as_graph_def()
-    ops = [n.op for n in graph.node] + [n.op for f in graph.library.function for n in f.node_def]
-    return [op for op in ops if "While" in op]
+def _ops(fn, grouped, *args):
+    """The op types in the graph of the `tf.function` `fn`."""
+    with P._batched_converters(grouped):
+        graph = fn.get_concrete_function(*args).graph.as_graph_def()
+    return [n.op for n in graph.node] + [n.op for f in graph.library.function for n in f.node_def]
 
 
 def test_ops_that_fall_back_to_a_loop_are_named(monkeypatch):

@@ -142,11 +142,43 @@ def _kernel_from_groups(w, n):
     return tf.transpose(y, [3, 0, 1, 2, 4])
 
 
+def _grouped():
+    """Whether this trace batches per-task convolutions as one grouped convolution (True)
+    or as one convolution per task side by side in the graph (False). Auto (`None`): grouped
+    when TensorFlow sees a GPU. On CPUs oneDNN's grouped convolution was measured about 2x
+    slower than the same convolutions run one per task (bench/README.md), and TF runs the
+    per-task kernels concurrently on its inter-op threads."""
+    grouped = getattr(_tracing, "grouped", None)
+    if grouped is None:
+        grouped = bool(tf.config.list_logical_devices("GPU"))
+    return grouped
+
+
+def _per_task(pfor_input, op_type, per_task_inputs):
+    """One `op_type` op per task (inputs: a list over the tasks), stacked on the task axis."""
+    pfor = _pfor()
+    attrs = pfor_input.op.node_def.attr
+    dtype = pfor_input.outputs[0].dtype
+    outs = [pfor._create_op(op_type, list(ins), [dtype], attrs=attrs).outputs[0]
+            for ins in per_task_inputs]
+    return pfor.wrap(tf.stack(outs), True)
+
+
+def _static_tasks(pfor_input):
+    n = tf.get_static_value(pfor_input.pfor.loop_len_vector)
+    return None if n is None else int(n[0])
+
+
 def _conv2d(pfor_input, original):
     if not pfor_input.input(1).is_stacked:  # one kernel for all tasks: pfor's own path
         return original(pfor_input)
     pfor = _pfor()
     pfor_input.stack_inputs([0, 1])
+    tasks = _static_tasks(pfor_input)
+    if tasks is not None and not _grouped():
+        xs = tf.unstack(pfor_input.stacked_input(0), tasks)
+        ws = tf.unstack(pfor_input.stacked_input(1), tasks)
+        return _per_task(pfor_input, "Conv2D", zip(xs, ws))
     axis = _channel_axis(pfor_input)
     x = _to_groups(pfor_input.stacked_input(0), axis)
     w = _kernel_to_groups(pfor_input.stacked_input(1))
@@ -160,6 +192,13 @@ def _conv2d_backprop_input(pfor_input, original):
         return original(pfor_input)
     pfor = _pfor()
     pfor_input.stack_inputs([1, 2])
+    tasks = _static_tasks(pfor_input)
+    if tasks is not None and not _grouped():
+        sizes = pfor_input.unstacked_input(0)
+        ws = tf.unstack(pfor_input.stacked_input(1), tasks)
+        dys = tf.unstack(pfor_input.stacked_input(2), tasks)
+        return _per_task(pfor_input, "Conv2DBackpropInput",
+                         [(sizes, w, dy) for w, dy in zip(ws, dys)])
     axis = _channel_axis(pfor_input)
     n = pfor_input.pfor.loop_len_vector
     sizes = pfor_input.unstacked_input(0)  # one task's input shape
@@ -176,6 +215,13 @@ def _conv2d_backprop_filter(pfor_input, original):
         return original(pfor_input)  # pfor batches a shared input without a loop
     pfor = _pfor()
     pfor_input.stack_inputs([0, 2])
+    tasks = _static_tasks(pfor_input)
+    if tasks is not None and not _grouped():
+        sizes = pfor_input.unstacked_input(1)
+        xs = tf.unstack(pfor_input.stacked_input(0), tasks)
+        dys = tf.unstack(pfor_input.stacked_input(2), tasks)
+        return _per_task(pfor_input, "Conv2DBackpropFilter",
+                         [(x, sizes, dy) for x, dy in zip(xs, dys)])
     axis = _channel_axis(pfor_input)
     n = pfor_input.pfor.loop_len_vector
     sizes = pfor_input.unstacked_input(1)  # one task's kernel shape [kh, kw, C, O]
@@ -230,17 +276,21 @@ def _install_converters(pfor):
 
 
 @contextlib.contextmanager
-def _batched_converters():
+def _batched_converters(grouped=None):
     """Within this context (in this thread), pfor batches convolutions with per-task kernels
-    as grouped convolutions and maps Bitcast over the task axis (`_CONVERTERS`)."""
+    without a while loop (one grouped convolution, or with ``grouped=False`` one
+    convolution per task; `None`: see `_grouped`) and maps Bitcast over the task axis
+    (`_CONVERTERS`)."""
     pfor = _pfor()
     if pfor is not None:
         _install_converters(pfor)
     _tracing.depth = getattr(_tracing, "depth", 0) + 1
+    outer, _tracing.grouped = getattr(_tracing, "grouped", None), grouped
     try:
         yield
     finally:
         _tracing.depth -= 1
+        _tracing.grouped = outer
 
 
 # pfor logs every op it cannot batch ("Using a while_loop for converting <op> cause ...",
@@ -292,11 +342,11 @@ def _recording_fallbacks():
                 logger.removeFilter(rec)
 
 
-def _vectorized(fn, on_trace=None, on_fallback=None):
+def _vectorized(fn, on_trace=None, on_fallback=None, grouped=lambda: None):
     def run(*stacked):
         if on_trace is not None:
             on_trace()
-        with _recording_fallbacks() as fallbacks, _batched_converters():
+        with _recording_fallbacks() as fallbacks, _batched_converters(grouped()):
             out = tf.vectorized_map(lambda args: fn(*args), stacked)
         if fallbacks and on_fallback is not None:
             on_fallback(sorted(set(fallbacks)))
@@ -360,20 +410,28 @@ class VectorizedExecutor(UnrolledExecutor):
 
     The per-task step is mapped over the task axis with `tf.vectorized_map`, so each layer
     runs one batched kernel for the whole group: matmuls with per-task weights become
-    batched matmuls, convolutions with per-task kernels grouped convolutions (see
-    `_batched_converters`). One compiled call advances the group by one inner step.
+    batched matmuls, convolutions with per-task kernels one grouped convolution on GPUs
+    (see `_batched_converters`). One compiled call advances the group by one inner step.
 
     If `tf.vectorized_map` still has to fall back to a while loop over the tasks for some
     op, a `VectorizationWarning` names the ops when the step is traced, and
     ``fallback_ops`` lists them (per traced function name).
 
-    Args: as `UnrolledExecutor`.
+    Args:
+        jit_compile: compile the group function with XLA.
+        group_size: tasks per group (see `UnrolledExecutor`).
+        grouped_convolutions: batch convolutions with per-task kernels as one grouped
+            convolution (True) or as one convolution per task in the same graph (False);
+            `None` (default): grouped when TensorFlow sees a GPU, per task on CPUs, where
+            oneDNN's grouped convolution is the slower of the two. Read when a step is
+            traced (an attribute of the same name).
     """
 
     name = "vectorized"
 
-    def __init__(self, jit_compile=False, group_size=None):
+    def __init__(self, jit_compile=False, group_size=None, grouped_convolutions=None):
         super().__init__(jit_compile, group_size)
+        self.grouped_convolutions = grouped_convolutions
         self.fallback_ops = {}
 
     def compile(self, fn, on_trace=None):
@@ -393,7 +451,8 @@ class VectorizedExecutor(UnrolledExecutor):
                     VectorizationWarning, stacklevel=2)
 
         return _per_group_size(lambda: tf.function(
-            _vectorized(fn, on_trace, on_fallback), jit_compile=self.jit_compile,
+            _vectorized(fn, on_trace, on_fallback, lambda: self.grouped_convolutions),
+            jit_compile=self.jit_compile,
             reduce_retracing=True))
 
 
