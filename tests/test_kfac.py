@@ -321,3 +321,24 @@ def test_kfac_compiles_with_xla(float64):
     np.testing.assert_allclose(runs["exact", True][0], runs["exact", False][0], rtol=1e-9)
     assert runs["sampled", True][0] == runs["sampled", True][1]
     assert runs["sampled", True][0][-1] < runs["sampled", True][0][0]
+
+
+def test_warp_layers_are_not_factored_but_shape_the_curvature():
+    # The Dense layers inside a residual warp hold warp variables φ: K-FAC leaves them out,
+    # and the task layer's G factor sees the warp through the backward pass.
+    rng = np.random.default_rng(10)
+    inp = keras.Input((3,))
+    h = keras.layers.Dense(4, activation="tanh", name="task_in")(inp)
+    h = warpkeras.layers.ResidualWarpDense(hidden_units=5, name="warp")(h)
+    out = keras.layers.Dense(2, name="task_out")(h)
+    model = keras.Model(inp, out)
+    p = warpkeras.partition(model, require_warp=True)
+    plan = KFAC(fisher="exact").bind(p, "mse")
+    assert [b.name for b in plan.blocks] == ["task_in", "task_out"]
+    assert plan.sgd_indices == []
+    x, y = rng.normal(size=(8, 3)), rng.normal(size=(8, 2))
+    theta, phi = p.initial_task_values(), p.warp_values()
+    g_identity = plan.factors(theta, phi, (x, y))[5][0]
+    phi2 = [v + 0.5 * rng.normal(size=v.shape).astype("float32") for v in phi]
+    g_warped = plan.factors(theta, phi2, (x, y))[5][0]
+    assert np.abs(g_warped.numpy() - g_identity.numpy()).max() > 1e-3

@@ -435,12 +435,15 @@ class KFAC:
             state, loss, metric, squared step length, finite)``, the signature of the
             trainer's own SGD step, with the optimiser's state as the carry.
         """
+        # One compiled step per trainer and configuration (the hyper-parameters are
+        # constants of the traced step, so changing one compiles a new step).
         cache = trainer.__dict__.setdefault("_inner_optimizer_steps", {})
-        entry = cache.get(id(self))
-        if entry is None or entry[0] is not self:
-            entry = (self,) + self._compile(trainer)
-            cache[id(self)] = entry
-        _, plan, step_fn = entry
+        key = tuple(sorted(self.get_config().items()))
+        entry = cache.get(key)
+        if entry is None:
+            entry = self._compile(trainer)
+            cache[key] = entry
+        plan, step_fn = entry
         opt_state = plan.init(trainer._theta_packer.unpack(theta), seed=seed)
         return step_fn, opt_state
 
