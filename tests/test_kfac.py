@@ -342,3 +342,35 @@ def test_warp_layers_are_not_factored_but_shape_the_curvature():
     phi2 = [v + 0.5 * rng.normal(size=v.shape).astype("float32") for v in phi]
     g_warped = plan.factors(theta, phi2, (x, y))[5][0]
     assert np.abs(g_warped.numpy() - g_identity.numpy()).max() > 1e-3
+
+
+def test_dense_on_sequences_and_shared_layers_sum_over_locations_and_uses(float64):
+    # A Dense layer on [N, T, d] inputs, applied twice (shared weights): each time step and
+    # each use is a location of the KFC factorisation.
+    rng = np.random.default_rng(11)
+    n, t, d = 5, 4, 3
+    shared = keras.layers.Dense(2, name="shared")
+    inp = keras.Input((t, d))
+    h = keras.layers.Add()([shared(inp), shared(keras.layers.Rescaling(2.0)(inp))])
+    model = keras.Model(inp, keras.layers.Flatten()(h))
+    p = warpkeras.partition(model)
+    plan = KFAC(fisher="empirical").bind(p, "mse")
+    x, y = rng.normal(size=(n, t, d)), rng.normal(size=(n, 2 * t))
+    theta = p.initial_task_values()
+    _, grads, _, _, a, g = plan.factors(theta, [], (x, y))
+    xb = np.concatenate([np.concatenate([x, np.ones((n, t, 1))], -1),
+                         np.concatenate([2 * x, np.ones((n, t, 1))], -1)], 1)  # [N, 2T, d+1]
+    np.testing.assert_allclose(a[0].numpy(), np.einsum("nti,ntj->ij", xb, xb) / n,
+                               rtol=1e-12)
+    kernel, bias = theta
+    with tf.GradientTape(persistent=True) as tape:
+        z1 = tf.constant(x) @ kernel + bias
+        z2 = tf.constant(2 * x) @ kernel + bias
+        tape.watch([z1, z2])
+        total = tf.reduce_sum(keras.losses.mean_squared_error(y, tf.reshape(z1 + z2, [n, -1])))
+    ds = np.concatenate([tape.gradient(total, z1).numpy(), tape.gradient(total, z2).numpy()],
+                        1)
+    np.testing.assert_allclose(g[0].numpy(), np.einsum("nti,ntj->ij", ds, ds) / (n * 2 * t),
+                               rtol=1e-10)
+    np.testing.assert_allclose(np.einsum("nti,ntj->ij", xb, ds)[:-1] / n, grads[0].numpy(),
+                               rtol=1e-10)
