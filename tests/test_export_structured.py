@@ -290,6 +290,12 @@ def test_input_spec_structure_names_the_inputs(tmp_path):
     np.testing.assert_allclose(sig(x_a=x["a"], x_b=x["b"])["predictions"], model(x),
                                rtol=1e-6)
     with pytest.raises(ValueError, match="input_spec describes 3 inputs"):
-        functional = _listed()
-        wexport.export_adaptive(functional, str(tmp_path / "n"),
+        wexport.export_adaptive(_listed(), str(tmp_path / "n"),
                                 input_spec=[(3, 3, 1), (2,), (1,)], **KWARGS)
+    with pytest.raises(ValueError, match=r"structure of model 'keyed''s inputs \(a dict "
+                                         r"with keys \['image', 'vector'\]\); got a list"):
+        wexport.export_adaptive(_keyed(), str(tmp_path / "n"),
+                                input_spec=[(3, 3, 1), (2,)], **KWARGS)
+    with pytest.raises(ValueError, match="has 2 inputs; give input_spec as a list"):
+        wexport.export_adaptive(_listed(), str(tmp_path / "n"), input_spec=(2,), **KWARGS)
+    assert not (tmp_path / "n").exists()

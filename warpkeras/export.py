@@ -18,12 +18,30 @@ Two things can be exported:
   (or adapts it in place), which exports like any Keras model with
   ``model.export(path)``.
 
+**Models with several inputs.** A SavedModel signature takes flat, named tensors, so a
+model with several inputs (a list, tuple or dict of ``keras.Input``, as `model.fit`
+takes them) gets one signature argument per input: ``x_<name>`` (``serving_default``,
+``adapt``, ``adapt_and_predict``) and ``queries_<name>`` (``adapt_and_predict``), where
+``<name>`` is the input's dict key for dict inputs, else its ``keras.Input`` layer name,
+with every character other than letters, digits and "_" replaced by "_". The graph
+rebuilds the model's input structure from them before calling the model. For example, a
+model ``keras.Model([keras.Input((28, 28, 1), name="image"), keras.Input((4,),
+name="meta")], ...)`` serves ``adapt_and_predict(x_image, x_meta, y, steps,
+queries_image, queries_meta)``. A model with a single input keeps the arguments ``x`` and
+``queries``. The Python-client functions of the loaded object (``predict``, ``adapt``,
+``adapt_and_predict``) take ``x`` and ``queries`` in the model's own structure instead
+(a list or tuple, or a dict with the model's keys), as in `model.fit`; so do the
+in-process `adapt` and `adapt_task_values`. The metadata records the inputs
+(``input_structure``: "tensor", "list", "tuple" or "dict"; ``inputs``: a JSON list of
+``{"name", "x", "queries", "shape", "dtype"}`` per input).
+
 Inputs are validated inside the graph: a request with the wrong rank or feature size,
-x and y of different lengths, an empty support set, labels out of range, NaN or inf in
-``x``, ``queries`` or regression targets ``y``, a negative step count, or more work than
-the export's budget (``max_steps``, ``max_rows``, ``max_row_steps``) fails with an
-``InvalidArgumentError`` carrying a readable message that names the input or the limit,
-and the server keeps running.
+x and y of different lengths (with several inputs: any two of the ``x_<name>`` inputs and
+``y``, or two ``queries_<name>`` inputs), an empty support set, labels out of range, NaN
+or inf in ``x``, ``queries`` or regression targets ``y``, a negative step count, or more
+work than the export's budget (``max_steps``, ``max_rows``, ``max_row_steps``, on the row
+count that all inputs share) fails with an ``InvalidArgumentError`` carrying a readable
+message that names the input or the limit, and the server keeps running.
 
 **Input dtypes.** A SavedModel signature is one concrete function, so each signature key
 accepts exactly one dtype per input (recorded in ``metadata()``: ``input_dtype``,
@@ -38,8 +56,12 @@ model's input dtype (``queries`` must then have the dtype of ``x``), int32 / int
 ids to the label dtype, int64 step counts to int32. Float class ids and float step counts
 are refused with an ``InvalidArgumentError`` naming the argument and the expected dtype;
 other dtypes (bool, strings, ...) get TensorFlow's "no matching concrete function"
-message, which lists the dtypes accepted per argument. In-process `adapt` and
-`adapt_task_values` cast and refuse the same way (refusals raise `TypeError`).
+message, which lists the dtypes accepted per argument. With several model inputs each
+input is cast on its own; traced are every combination of accepted input dtypes while
+there are at most 16, else any one input in another accepted dtype with the rest at
+their declared dtypes, or all inputs of one declared dtype in the same other dtype (cast
+other mixes before sending). In-process `adapt` and `adapt_task_values` cast and refuse
+the same way (refusals raise `TypeError`).
 
 **Batch-norm statistics.** Adaptation steps run the model in mode ``training`` (True:
 batch statistics of the support set, dropout on); predictions (``serving_default``,
@@ -235,7 +257,8 @@ def _sanitise(name):
     return name or "input"
 
 
-def _structured(names, structure, where):
+def _unique_names(names, where):
+    """`names` sanitised to signature keys; a clash is refused."""
     names = [_sanitise(n) for n in names]
     clash = sorted(n for n, c in collections.Counter(names).items() if c > 1)
     if clash:
@@ -255,6 +278,14 @@ def _leaf_name(path, tensor, i):
     history = getattr(tensor, "_keras_history", None)
     layer = getattr(history, "operation", None) if history is not None else None
     return getattr(layer, "name", None) or getattr(tensor, "name", None) or f"input_{i}"
+
+
+def _describe_structure(structure):
+    if isinstance(structure, dict):
+        return f"a dict with keys {sorted(structure)}"
+    if isinstance(structure, (list, tuple)):
+        return f"a {type(structure).__name__} of {len(structure)}"
+    return type(structure).__name__
 
 
 def _is_spec_structure(spec):
@@ -291,6 +322,19 @@ def _model_inputs(model, input_spec, where):
             )
         if len(specs) == 1:
             return _Inputs(specs, ["x"], None)
+        if inputs is not None:  # the model's own structure and names, these specs
+            if isinstance(input_spec, dict) != isinstance(struct, dict) or (
+                isinstance(struct, dict) and set(struct) != set(input_spec)
+            ):
+                raise ValueError(
+                    f"{where}: input_spec must have the structure of model "
+                    f"'{model.name}''s inputs ({_describe_structure(struct)}); got "
+                    f"{_describe_structure(input_spec)}."
+                )
+            leaves = keras.tree.flatten_with_path(struct)
+            names = [_leaf_name(p, t, i) for i, (p, t) in enumerate(leaves)]
+            structure = keras.tree.map_structure(lambda _: 0, struct)
+            return _Inputs(specs, _unique_names(names, where), structure)
         if isinstance(input_spec, dict):
             names, structure = [p[0] for p, _ in leaves], {k: 0 for k in input_spec}
         else:
@@ -300,7 +344,7 @@ def _model_inputs(model, input_spec, where):
                 for i, (_, s) in enumerate(leaves)
             ]
             structure = type(input_spec)([0] * len(specs))
-        return _Inputs(specs, _structured(names, structure, where), structure)
+        return _Inputs(specs, _unique_names(names, where), structure)
     if input_spec is not None:
         spec = _as_spec(input_spec, "input_spec", default)
         if inputs is not None and len(inputs) > 1:
@@ -321,7 +365,7 @@ def _model_inputs(model, input_spec, where):
     leaves = keras.tree.flatten_with_path(struct)
     names = [_leaf_name(p, t, i) for i, (p, t) in enumerate(leaves)]
     structure = keras.tree.map_structure(lambda _: 0, struct)
-    return _Inputs(specs, _structured(names, structure, where), structure)
+    return _Inputs(specs, _unique_names(names, where), structure)
 
 
 def _output_spec(part, inputs):
@@ -1121,9 +1165,14 @@ def export_adaptive(
     * ``adapt_and_predict``: inputs ``x``, ``y``, ``steps``, ``queries``; output
       ``predictions`` of the adapted model on ``queries``.
 
+    A model with several inputs takes one argument per input in place of ``x`` and of
+    ``queries``: ``x_<name>`` and ``queries_<name>``, named by the inputs' dict keys or
+    ``keras.Input`` layer names (see the module docstring and the second example).
+
     The loaded object also has ``metadata()`` (loss, learning rate, default ``steps``,
-    budgets, modes, dtypes, ...) and dtype-tolerant functions ``predict``, ``adapt`` and
-    ``adapt_and_predict`` for Python clients (see the module docstring).
+    budgets, modes, dtypes, the inputs' names and specs, ...) and dtype-tolerant functions
+    ``predict``, ``adapt`` and ``adapt_and_predict`` for Python clients, which take ``x``
+    and ``queries`` in the model's input structure (see the module docstring).
     Inputs are declared with unknown shapes and checked in the graph, so bad requests
     raise ``InvalidArgumentError`` with a message such as ``adapt: `x` must have shape
     [batch, 4]; got shape [5 3]``.
@@ -1164,8 +1213,28 @@ def export_adaptive(
     print(out["predictions"].shape)  # (2, 3)
     ```
 
+    A model with two inputs, given as a dict:
+
+    ```python
+    image, meta = keras.Input((8, 8, 1), name="image"), keras.Input((4,), name="meta")
+    h = keras.layers.Concatenate()([keras.layers.Flatten()(image), meta])
+    h = warpkeras.warp(keras.layers.Dense(8, activation="tanh"))(h)
+    model = keras.Model({"image": image, "meta": meta}, keras.layers.Dense(3)(h))
+    warpkeras.export_adaptive(model, "saved_models/two", loss="sparse_categorical_crossentropy",
+                              from_logits=True, learning_rate=0.1, overwrite=True)
+    served = tf.saved_model.load("saved_models/two")
+    x = {"image": tf.random.normal((10, 8, 8, 1)), "meta": tf.random.normal((10, 4))}
+    q = {"image": tf.random.normal((2, 8, 8, 1)), "meta": tf.random.normal((2, 4))}
+    y, steps = tf.constant(np.arange(10) % 3), tf.constant(5)
+    out = served.signatures["adapt_and_predict"](     # flat, named arguments
+        x_image=x["image"], x_meta=x["meta"], y=y, steps=steps,
+        queries_image=q["image"], queries_meta=q["meta"])
+    same = served.adapt_and_predict(x=x, y=y, steps=steps, queries=q)  # the model's structure
+    ```
+
     Args:
-        model: a built, meta-learned `keras.Model` with a single input and output tensor.
+        model: a built, meta-learned `keras.Model` with a single output tensor and one
+            input tensor or several (a list, tuple or dict of inputs).
         path: the SavedModel directory to write (str or `os.PathLike`).
         loss: the inner-loop loss: a Keras loss object, a name (``"mse"``,
             ``"sparse_categorical_crossentropy"``, ...) or a traceable function
@@ -1177,7 +1246,10 @@ def export_adaptive(
         from_logits: for losses given by name: whether predictions are logits (bool or
             `None`).
         input_spec: the input batch as a `tf.TensorSpec` (leading dimension `None`) or a
-            tuple of per-example dimensions; default: from the model's `keras.Input`.
+            tuple of per-example dimensions; for several inputs a list, tuple or dict of
+            those (one level; a dict's keys, or the specs' names, name the inputs, and
+            the model is called with that structure); default: from the model's
+            `keras.Input` tensors.
         label_spec: the label batch, same forms; default: int64 class ids of shape
             ``[batch]`` for sparse cross-entropies, else the model output's shape and dtype.
         untagged: role of untagged layers (see `warpkeras.partition`).
@@ -1193,8 +1265,9 @@ def export_adaptive(
             replaced.
         dtype_tolerant: make the loaded object's functions ``predict``, ``adapt`` and
             ``adapt_and_predict`` (for Python clients) accept several dtypes (bool; this
-            about doubles the export time). With False they take the signatures' dtypes
-            only; the signatures are the same either way.
+            about doubles the export time, and with several inputs about triples it). With
+            False they take the signatures' dtypes only (with several inputs, still in the
+            model's input structure); the signatures are the same either way.
 
     Returns:
         The path written (a str).
@@ -1296,7 +1369,8 @@ def adapt_task_values(model, x, y, steps, loss=None, learning_rate=0.01, momentu
     Args:
         model, loss, learning_rate, momentum, from_logits, training, untagged, input_spec,
             label_spec: as in `export_adaptive`.
-        x, y: the support set (arrays or tensors).
+        x, y: the support set (arrays or tensors; `x` in the model's input structure: an
+            array, or a list / tuple / dict of arrays for a model with several inputs).
         steps: the number of inner steps.
 
     Returns:
@@ -1338,7 +1412,8 @@ def adapt(model, x, y, steps, loss=None, learning_rate=0.01, momentum=None, from
 
     Args:
         model: a built meta-learned `keras.Model`.
-        x, y: the support set.
+        x, y: the support set (`x` in the model's input structure: an array, or a list /
+            tuple / dict of arrays for a model with several inputs).
         steps: the number of full-batch inner steps.
         loss, learning_rate, momentum, from_logits, training, untagged, input_spec,
             label_spec: as in `export_adaptive`.
