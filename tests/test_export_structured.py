@@ -232,7 +232,7 @@ def test_metadata_records_inputs(served):
     [
         ("x_rows", ["the inputs `x_image` and `x_vector` must hold the same number of "
                     "examples; got] [8] [in `x_image`,] [5] [in `x_vector`]"]),
-        ("y_rows", ["the inputs `x_image` and `x_vector` and `y` must hold the same number",
+        ("y_rows", ["`x_image`, `x_vector` and `y` must hold the same number of examples",
                     "[8] [in `x_image` and] [6] [in `y`]"]),
         ("query_rows", ["the inputs `queries_image` and `queries_vector` must hold the same",
                         "[5] [in `queries_image`,] [2] [in `queries_vector`]"]),

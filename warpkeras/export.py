@@ -706,8 +706,8 @@ class _Program:
             args = self.inputs.arguments("x")
             checks.require(
                 tf.equal(_leading_dim(x), _leading_dim(y)),
-                f"{fn}: the inputs {_listing(args)} and `y` must hold the same number of "
-                "examples; got", _leading_dim(x), f"in `{args[0]}` and", _leading_dim(y),
+                f"{fn}: {_listing(args + ['y'])} must hold the same number of examples; "
+                "got", _leading_dim(x), f"in `{args[0]}` and", _leading_dim(y),
                 "in `y`",
             )
         checks.require(tf.greater_equal(steps, 0), f"{fn}: `steps` must be >= 0; got", steps)
