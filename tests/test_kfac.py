@@ -173,16 +173,24 @@ def test_conv_factors_match_explicit_patches(float64, strides, padding, dilation
     np.testing.assert_allclose(vgrad[-1], grads[1].numpy(), rtol=1e-9)
 
 
+class _CustomDense(keras.layers.Dense):
+    def call(self, inputs, training=None):
+        return super().call(inputs) * 1.0
+
+
 def test_unfactored_variables_get_sgd_and_layers_are_restored(float64):
     rng = np.random.default_rng(4)
     inp = keras.Input((3,))
     h = keras.layers.Dense(4, activation="relu")(inp)
     h = keras.layers.LayerNormalization()(h)
+    h = _CustomDense(3, name="custom")(h)
     out = keras.layers.Dense(2)(h)
     model = keras.Model(inp, out)
     p = warpkeras.partition(model)
-    plan = KFAC(learning_rate=0.2).bind(p, "mse")
-    assert plan.sgd_indices == [2, 3]  # the layer norm's scale and offset
+    with pytest.warns(UserWarning, match="'custom' \\(overridden call\\)"):
+        plan = KFAC(learning_rate=0.2).bind(p, "mse")
+    # the layer norm's scale and offset, the custom layer's kernel and bias
+    assert plan.sgd_indices == [2, 3, 4, 5]
     theta = p.initial_task_values()
     x, y = rng.normal(size=(8, 3)), rng.normal(size=(8, 2))
     step = plan.step(theta, [], (x, y), plan.init())

@@ -89,6 +89,7 @@ report = trainer.evaluate(tasks, inner_optimizer=warpkeras.KFAC(learning_rate=0.
 """
 
 import contextlib
+import warnings
 from typing import NamedTuple
 
 import keras
@@ -312,7 +313,7 @@ def _patches(block, inputs):
     return x
 
 
-def _outer(a, b=None):
+def _outer(a):
     """Σ over examples and locations of a a^T for a ``[N, T, d]`` tensor."""
     a2 = tf.reshape(a, [-1, a.shape[-1]])
     return tf.matmul(a2, a2, transpose_a=True)
@@ -516,6 +517,11 @@ class KFACPlan:
             if bias_index is not None:
                 owned.add(bias_index)
         self.sgd_indices = [i for i in range(len(partition.task_variables)) if i not in owned]
+        if self.skipped:
+            warnings.warn(
+                "KFAC: these Dense / Conv2D layers are not Kronecker-factored and get plain "
+                "SGD steps: " + ", ".join(f"'{k}' ({v})" for k, v in self.skipped.items())
+                + ".", UserWarning, stacklevel=3)
         self.dtype = (partition.task_variables[0].dtype if partition.task_variables
                       else keras.config.floatx())
 
