@@ -23,11 +23,18 @@ Adam; θ0 is never meta-learned.
 Evaluation on held-out task sequences, from the same θ0: plain SGD (identity warp) and
 WarpGrad (meta-learned warp), sub-tasks in the training order (left to right) and in the
 paper's random order [1, 3, 4, 2, 0]; the validation loss of every sub-task is recorded at
-every one of the 100 steps. Outputs:
+every one of the 100 steps. Retention (JSON "retention", per order and method): the matrix
+R[i, j] of the loss on sub-task i after the last step on the j-th presented sub-task, and the
+mean loss after the whole sequence on the sub-tasks learned before the last (sub-tasks 1-4,
+1-based by presentation) with its WarpGrad/SGD ratio. Outputs:
   <output-dir>/continual_sine.json              all numbers and curves, configuration, timings
   <output-dir>/continual_sine_losses.png        Fig. 9: mean validation loss of each sub-task
                                                 vs step (log axis), WarpGrad and SGD, both
                                                 orders
+  <output-dir>/continual_sine_retention.png     retention: heat maps of the loss on sub-task i
+                                                after learning the j-th sub-task (SGD,
+                                                WarpGrad; one colour scale), and the losses
+                                                after the whole sequence, both orders
   <output-dir>/continual_sine_predictions.png   Fig. 10: predictions of one held-out task after
                                                 each sub-task (red), before adaptation
                                                 (dashed green), ground truth (black)
@@ -338,6 +345,48 @@ def summarise(curves, orders, n):
     return out
 
 
+def retention(curves, orders, n):
+    """Retention matrices: per order and method, ``R[i, j]`` = the validation loss on sub-task i
+    after the last of the n steps on the j-th presented sub-task, mean over sequences.
+
+    Args:
+        curves: ``{order: {method: [K+1, T] per sequence}}`` (`evaluate`'s raw curves).
+        orders: ``{order name: presentation order}`` (lists of sub-task ids).
+        n: SGD steps per sub-task.
+
+    Returns:
+        Per order: ``loss_on_subtask`` (row i: sub-task ids 0..T-1), ``after_learning``
+        (column j: the sub-task learned j-th, its last step at ``after_step[j]`` = (j+1) n;
+        in the training order column j is sub-task j), ``matrix`` ``{method: [T, T]}``,
+        ``earlier_subtasks`` (all but the last presented), ``earlier_final_loss`` (per method,
+        stats over sequences of the mean loss on those sub-tasks after the whole sequence)
+        and ``ratio_warpgrad_to_sgd`` of their means.
+    """
+    out = {}
+    for order_name, order in orders.items():
+        after_step = [(j + 1) * n for j in range(len(order))]
+        earlier = list(order[:-1])
+        entry = {"loss_on_subtask": list(range(len(order))), "after_learning": list(order),
+                 "after_step": after_step, "earlier_subtasks": earlier, "matrix": {},
+                 "earlier_final_loss": {}}
+        for method, runs in curves[order_name].items():
+            runs = np.asarray(runs)  # [sequences, K+1, T]
+            entry["matrix"][method] = runs[:, after_step, :].mean(axis=0).T  # [T (i), T (j)]
+            entry["earlier_final_loss"][method] = _common.stats(
+                runs[:, -1, earlier].mean(axis=1) if earlier else [])
+        means = {m: entry["earlier_final_loss"][m]["mean"] for m in METHODS}
+        entry["ratio_warpgrad_to_sgd"] = (means["warpgrad"] / means["sgd"]
+                                          if earlier and means["sgd"] else None)
+        out[order_name] = entry
+    return out
+
+
+def earlier_label(order):
+    """'sub-tasks 1–4' style name (1-based, by presentation) of all but the last sub-task."""
+    count = len(order) - 1
+    return "sub-task 1" if count == 1 else f"sub-tasks 1–{count}"
+
+
 # -- plots ---------------------------------------------------------------------------------------
 def plot_losses(path, summary, orders, n, num_subtasks, title):
     """Fig. 9: mean validation loss of each sub-task vs step (log axis); rows WarpGrad / SGD,
@@ -428,6 +477,78 @@ def plot_predictions(path, item, predictions, grid, orders, n, num_subtasks):
     fig.suptitle(f"One held-out task, learned one sub-task at a time ({n} steps each)",
                  fontsize=10)
     return _common.save_figure(fig, path, rect=(0, 0.06, 1, 1))
+
+
+def plot_retention(path, ret, n, title):
+    """Retention matrices as heat maps: rows the orders; columns SGD, WarpGrad (one shared
+    logarithmic colour scale, every cell annotated) and the losses on every sub-task after the
+    whole sequence (the matrices' last column) of both methods side by side."""
+    plt = _common.pyplot()
+    from matplotlib.colors import LogNorm
+    from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
+
+    values = np.concatenate([np.ravel(m) for e in ret.values() for m in e["matrix"].values()])
+    values = values[np.isfinite(values) & (values > 0)]
+    norm = LogNorm(vmin=float(values.min()), vmax=float(values.max())) if values.size else None
+    cmap = plt.get_cmap("viridis")
+    bar_colors = {"sgd": "tab:grey", "warpgrad": "tab:purple"}
+    fig, axes = plt.subplots(len(ret), 4, figsize=(16.5, 5.0 * len(ret)), squeeze=False,
+                             gridspec_kw={"width_ratios": [1, 1, 0.05, 1.1]})
+    image = None
+    for row, (order_name, entry) in enumerate(ret.items()):
+        order, T = entry["after_learning"], len(entry["after_learning"])
+        label = order_name.replace("_", " ")
+        for col, method in enumerate(METHODS):
+            ax = axes[row, col]
+            matrix = np.asarray(entry["matrix"][method], dtype=float)
+            image = ax.imshow(matrix, cmap=cmap, norm=norm, origin="upper")
+            for i in range(T):
+                for j in range(T):
+                    v = matrix[i, j]
+                    shade = norm(v) if norm is not None and np.isfinite(v) and v > 0 else 0.0
+                    ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8,
+                            color="black" if shade > 0.6 else "white",
+                            fontweight="bold" if order[j] == i else "normal")
+            ax.set_xticks(range(T), [f"{s}\n(step {k})" for s, k in zip(order,
+                                                                          entry["after_step"])],
+                          fontsize=8)
+            ax.set_yticks(range(T), [f"{i}: x in [{-5 + 10 * i / T:.0f}, "
+                                     f"{-5 + 10 * (i + 1) / T:.0f}]" for i in range(T)],
+                          fontsize=8)
+            ax.set_xlabel(f"after learning sub-task j ({n} steps each, in presentation order)",
+                          fontsize=9)
+            ax.set_ylabel("loss on sub-task i", fontsize=9)
+            ax.set_title(f"{METHOD_LABELS[method]}, {label} {order}\n"
+                         "bold: sub-task just learned; last column: after the whole sequence",
+                         fontsize=9)
+        bar = fig.colorbar(image, cax=axes[row, 2])
+        bar.set_label("loss on sub-task i: half MSE (Eq. 17); log scale, shared", fontsize=8)
+        bar.ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        bar.ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+        bar.ax.yaxis.set_minor_formatter(NullFormatter())
+        ax = axes[row, 3]
+        width = 0.38
+        for k, method in enumerate(METHODS):
+            final = np.asarray(entry["matrix"][method], dtype=float)[:, -1]
+            bars = ax.bar(np.arange(T) + (k - 0.5) * width, final, width,
+                          color=bar_colors[method], label=METHOD_LABELS[method])
+            ax.bar_label(bars, fmt="%.2f", fontsize=7)
+        ax.set_xticks(range(T), [f"{i}\n(learned last)" if i == order[-1] else str(i)
+                                 for i in range(T)], fontsize=8)
+        ax.set_xlabel("sub-task i", fontsize=9)
+        ax.set_ylabel("loss after the whole sequence (half MSE)", fontsize=9)
+        earlier = entry["earlier_final_loss"]
+        if entry["ratio_warpgrad_to_sgd"] is not None:
+            ax.set_title(f"{label}: loss after the whole sequence (last column)\nmean on "
+                         f"{earlier_label(order)} ({', '.join(map(str, entry['earlier_subtasks']))}"
+                         f"), learned before the last:\nSGD {earlier['sgd']['mean']:.3f}, "
+                         f"WarpGrad "
+                         f"{earlier['warpgrad']['mean']:.3f}, ratio "
+                         f"{entry['ratio_warpgrad_to_sgd']:.2f}", fontsize=9)
+        ax.legend(fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(title, fontsize=11)
+    return _common.save_figure(fig, path)
 
 
 def resolve_config(args):
@@ -554,6 +675,7 @@ def main(argv=None):
     pooled = {o: {m: [c for r in records for c in r["curves"][o][m]] for m in METHODS}
               for o in orders}
     summary = summarise(pooled, orders, n)
+    ret = retention(pooled, orders, n)
 
     title = (f"Continual sine regression: {T} sub-tasks x {n} steps, α = {cfg['inner_lr']}, "
              f"{cfg['meta_steps']} meta steps; mean over "
@@ -563,6 +685,8 @@ def main(argv=None):
                                   title)),
         "predictions": str(plot_predictions(out_dir / f"{EXAMPLE}_predictions.png", first[0],
                                             first[1], first[2], orders, n, T)),
+        "retention": str(plot_retention(out_dir / f"{EXAMPLE}_retention.png", ret, n,
+                                        "Retention: " + title)),
     }
     for r in records:
         r["curves"] = {o: {m: np.asarray(c).mean(axis=0) for m, c in v.items()}
@@ -581,8 +705,18 @@ def main(argv=None):
             "mean_log_loss_curve": "[K+1, T]: mean over sequences of the log validation loss "
                                    "of every sub-task after k steps (Fig. 9)",
             "sgd": "plain SGD: the same model and θ0 with the identity (untrained) warp",
+            "retention": "per order: matrix[method][i][j] = validation loss (half MSE) on "
+                         "sub-task i (row, sub-task id loss_on_subtask[i]) after the last step "
+                         "on the j-th presented sub-task (column, sub-task after_learning[j], "
+                         "step after_step[j]), mean over held-out sequences (and seeds); the "
+                         "last column is after the whole sequence. earlier_final_loss: stats "
+                         "over sequences of the mean loss on all but the last presented "
+                         "sub-task (earlier_subtasks) after the whole sequence; "
+                         "ratio_warpgrad_to_sgd: ratio of their means",
         },
         "results": summary,
+        "retention": {"axes": ["loss_on_subtask", "after_learning"],
+                      "units": "validation loss, half mean squared error (Eq. 17)", **ret},
         "per_seed": records,
         "plots": plots,
         "export": export_info,
@@ -604,6 +738,15 @@ def main(argv=None):
                          _common.format_stat(s["loss_over_sequence"], scale=1.0, digits=3)])
     _common.print_table(["sub-task order", "method", "final loss (all sub-tasks)",
                          "forgetting", "loss over sequence"], rows)
+    for order_name, entry in ret.items():
+        if entry["ratio_warpgrad_to_sgd"] is None:
+            continue
+        earlier = entry["earlier_final_loss"]
+        print(f"{order_name.replace('_', ' ')}: mean loss on "
+              f"{earlier_label(entry['after_learning'])} after the whole sequence: "
+              f"SGD {earlier['sgd']['mean']:.3f}, WarpGrad {earlier['warpgrad']['mean']:.3f}, "
+              f"ratio WarpGrad/SGD {entry['ratio_warpgrad_to_sgd']:.2f} (the sub-tasks learned "
+              f"before the last, {entry['earlier_subtasks']} in 0-based labels)")
     _common.print_written(json_path, plots.values(), export_info, total.seconds)
     return output
 

@@ -78,7 +78,37 @@ def test_continual_sine_smoke(tmp_path):
     # the meta batch (stacked validation data, t as a tensor) never retraces the step
     assert run["trace_counts"] and all(c == 1 for c in run["trace_counts"].values()), \
         run["trace_counts"]
-    for key in ("losses", "predictions"):
+    # retention: R[i, j] = loss on sub-task i after the last step on the j-th presented one
+    ret = data["retention"]
+    assert ret["axes"] == ["loss_on_subtask", "after_learning"]
+    for order in ("training_order", "random_order"):
+        entry, presented = ret[order], data["results"][order]["order"]
+        assert entry["loss_on_subtask"] == list(range(T))
+        assert entry["after_learning"] == presented
+        assert entry["after_step"] == [(j + 1) * n for j in range(T)]
+        assert entry["earlier_subtasks"] == presented[:-1]
+        means = {}
+        for method in ("sgd", "warpgrad"):
+            res = data["results"][order][method]
+            matrix = np.asarray(entry["matrix"][method], dtype=float)
+            assert matrix.shape == (T, T) and np.all(np.isfinite(matrix))
+            curve = np.asarray(res["mean_loss_curve"])  # [K+1, T], row k: after k steps
+            for j, subtask in enumerate(presented):
+                # the diagonal: each sub-task right after its own n steps, as the curves say
+                np.testing.assert_allclose(matrix[subtask, j], curve[(j + 1) * n, subtask],
+                                           rtol=1e-6)
+                np.testing.assert_allclose(matrix[:, j], curve[(j + 1) * n], rtol=1e-6)
+            # ... and, averaged over sub-tasks, the separately computed loss_after_own_steps
+            own = np.mean([matrix[s, j] for j, s in enumerate(presented)])
+            np.testing.assert_allclose(own, res["loss_after_own_steps"]["mean"], rtol=1e-5)
+            np.testing.assert_allclose(matrix[:, -1], res["final_loss_per_subtask"], rtol=1e-6)
+            # the earlier sub-tasks (all but the last presented) after the whole sequence
+            means[method] = entry["earlier_final_loss"][method]["mean"]
+            np.testing.assert_allclose(means[method], matrix[presented[:-1], -1].mean(),
+                                       rtol=1e-5)
+        np.testing.assert_allclose(entry["ratio_warpgrad_to_sgd"],
+                                   means["warpgrad"] / means["sgd"], rtol=1e-6)
+    for key in ("losses", "predictions", "retention"):
         assert_png(data["plots"][key])
     assert_saved_model(export)
     assert data["export"]["check"]["max_abs_difference_vs_keras"] < 1e-4
