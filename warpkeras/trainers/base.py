@@ -385,6 +385,7 @@ class MetaTrainer(TrainingLoop):
                                    allow_none=True, example=100)
         buffer_capacity = integer(buffer_capacity, "buffer_capacity", minimum=1,
                                   allow_none=True, example=1000)
+        group_size = integer(group_size, "group_size", minimum=1, allow_none=True, example=4)
         seed = _v.check_seed(seed, "seed", where=where, error=MetaTrainingError)
         number = functools.partial(_v.check_float, where=where, error=MetaTrainingError)
         inner_learning_rate = number(
