@@ -96,6 +96,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from warpkeras._losses import loss_settings
 from warpkeras import _validation as _v
 from warpkeras import objectives as obj
 
@@ -106,14 +107,6 @@ FISHER_TYPES = ("sampled", "exact", "empirical")
 
 # ------------------------------------------------------------------------------------------
 # likelihoods
-def _loss_name(loss):
-    fn = getattr(loss, "fn", None) or getattr(loss, "func", None) or loss
-    name = str(getattr(loss, "name", None) or getattr(fn, "__name__", "") or "")
-    kwargs = dict(getattr(loss, "keywords", None) or {})
-    kwargs.update(getattr(loss, "_fn_kwargs", None) or {})
-    from_logits = bool(getattr(loss, "from_logits", kwargs.get("from_logits", False)))
-    return name, from_logits
-
 
 class _Likelihood:
     """The predictive distribution p(y | f) whose negative log-likelihood is the loss."""
@@ -196,7 +189,7 @@ class _Gaussian(_Likelihood):
 
 
 def _likelihood(loss):
-    name, from_logits = _loss_name(loss)
+    name, from_logits = loss_settings(loss)
     if "sparse_categorical_crossentropy" in name:
         return _Categorical(from_logits, sparse=True)
     if "categorical_crossentropy" in name and "binary" not in name:
@@ -491,7 +484,7 @@ class KFACPlan:
         self.loss = loss
         self.likelihood = _likelihood(loss)
         if self.likelihood is None and config.fisher != "empirical":
-            name, _ = _loss_name(loss)
+            name, _ = loss_settings(loss)
             raise ValueError(
                 f"KFAC: fisher={config.fisher!r} needs the model's predictive distribution, "
                 f"which is known for the sparse / categorical cross-entropy and mean squared "

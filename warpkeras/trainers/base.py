@@ -32,6 +32,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from warpkeras._losses import loss_settings
 from warpkeras import _validation as _v
 from warpkeras import objectives as obj
 from warpkeras.buffer import ReplayBuffer
@@ -107,16 +108,6 @@ def _loss_is_classification(loss):
     return "categorical" in str(name) or "crossentropy" in str(name)
 
 
-def _loss_settings(loss):
-    """``(name, from_logits)`` of a Keras loss object, loss function or `functools.partial`."""
-    fn = getattr(loss, "fn", None) or getattr(loss, "func", None) or loss
-    name = str(getattr(loss, "name", None) or getattr(fn, "__name__", "") or "")
-    kwargs = dict(getattr(loss, "keywords", None) or {})
-    kwargs.update(getattr(loss, "_fn_kwargs", None) or {})
-    from_logits = bool(getattr(loss, "from_logits", kwargs.get("from_logits", False)))
-    return name, from_logits
-
-
 def accuracy_function(loss, y_true, y_pred):
     """The Keras accuracy function matched to `loss` for these labels and predictions.
 
@@ -138,7 +129,7 @@ def accuracy_function(loss, y_true, y_pred):
     """
     from keras.src.trainers.compile_utils import is_binary_or_sparse_categorical
 
-    name, from_logits = _loss_settings(loss)
+    name, from_logits = loss_settings(loss)
     if "binary" in name:
         return functools.partial(keras.metrics.binary_accuracy,
                                  threshold=0.0 if from_logits else 0.5)
