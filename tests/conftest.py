@@ -11,6 +11,22 @@ import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The start of every serving-process script: a SavedModel must be served by TensorFlow
+# alone, so the process refuses to import warpkeras even where it is installed.
+NO_WARPKERAS = """\
+import importlib.abc
+import sys
+
+
+class _NoWarpkeras(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "warpkeras" or name.startswith("warpkeras."):
+            raise ImportError("warpkeras is not available in this process")
+        return None
+
+
+sys.meta_path.insert(0, _NoWarpkeras())
+"""
 SHARED_OMNIGLOT = os.path.join(os.path.dirname(REPO), "shared", "data", "omniglot")
 
 

@@ -62,6 +62,7 @@ import pytest
 import tensorflow as tf
 
 import warpkeras
+from conftest import NO_WARPKERAS
 from warpkeras import export as wexport
 from warpkeras import objectives as obj
 
@@ -436,17 +437,9 @@ def _representative(model, **kwargs):
                                  init_objective="leap", **{**KW, **kwargs})
 
 
-SERVE_SCRIPT = textwrap.dedent(
+SERVE_SCRIPT = NO_WARPKERAS + textwrap.dedent(
     """
-    import importlib.abc, json, sys
-
-    class _NoWarpkeras(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name == "warpkeras" or name.startswith("warpkeras."):
-                raise ImportError("warpkeras is not available in this process")
-            return None
-
-    sys.meta_path.insert(0, _NoWarpkeras())
+    import json, sys
     import numpy as np
     import tensorflow as tf
 

@@ -18,22 +18,14 @@ import pytest
 import tensorflow as tf
 
 import warpkeras
+from conftest import NO_WARPKERAS
 from warpkeras import export as wexport
 
 STEPS, LR, MOMENTUM = 3, 0.1, 0.5
 
-FRESH_SCRIPT = textwrap.dedent(
+FRESH_SCRIPT = NO_WARPKERAS + textwrap.dedent(
     """
-    import importlib.abc, json, sys
-
-    class _NoWarpkeras(importlib.abc.MetaPathFinder):
-        # The serving process must work without warpkeras, even where it is installed.
-        def find_spec(self, name, path=None, target=None):
-            if name == "warpkeras" or name.startswith("warpkeras."):
-                raise ImportError("warpkeras is not available in this process")
-            return None
-
-    sys.meta_path.insert(0, _NoWarpkeras())
+    import json, sys
     import numpy as np
     result = {}
     try:

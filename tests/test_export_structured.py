@@ -20,6 +20,7 @@ import pytest
 import tensorflow as tf
 
 import warpkeras
+from conftest import NO_WARPKERAS
 from warpkeras import export as wexport
 
 L = keras.layers
@@ -28,17 +29,9 @@ N, NQ = 8, 5
 MAX_ROWS, MAX_ROW_STEPS = 10, 40
 KWARGS = dict(loss="sparse_categorical_crossentropy", from_logits=True, learning_rate=LR)
 
-SERVE = textwrap.dedent(
+SERVE = NO_WARPKERAS + textwrap.dedent(
     """
-    import importlib.abc, json, sys
-
-    class _NoWarpkeras(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name == "warpkeras" or name.startswith("warpkeras."):
-                raise ImportError("warpkeras is not available in this process")
-            return None
-
-    sys.meta_path.insert(0, _NoWarpkeras())
+    import json, sys
     import numpy as np
     import tensorflow as tf
 

@@ -18,21 +18,14 @@ import pytest
 import tensorflow as tf
 
 import warpkeras
+from conftest import NO_WARPKERAS
 from warpkeras import export as wexport
 
 MAX_STEPS, MAX_ROWS, MAX_ROW_STEPS, STEPS = 20, 32, 200, 3
 
-CLIENT = textwrap.dedent(
+CLIENT = NO_WARPKERAS + textwrap.dedent(
     """
-    import importlib.abc, json, sys
-
-    class _NoWarpkeras(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name == "warpkeras" or name.startswith("warpkeras."):
-                raise ImportError("warpkeras is not available in this process")
-            return None
-
-    sys.meta_path.insert(0, _NoWarpkeras())
+    import json, sys
     import numpy as np
     import tensorflow as tf
 
