@@ -199,17 +199,18 @@ def test_offline_meta_step_equals_algorithm_2_by_hand():
     alpha, beta, K = 0.3, 0.2, 2
     trainer = warpkeras.WarpTrainer(
         model, mse, mode="offline", objective="approx", init_objective=None, inner_steps=K,
-        inner_learning_rate=alpha, meta_batch_size=1, meta_interval=K,
+        inner_learning_rate=alpha, meta_batch_size=1, meta_interval=K + 1,
         meta_optimizer=keras.optimizers.SGD(beta),
     )
     trainer.fit([task], meta_steps=1, verbose=0)
-    # adaptation with φ fixed: the buffer holds θ_0 and θ_1
+    # adaptation with φ fixed: the buffer holds θ_0, θ_1 and θ_2 = θ_K (lines 4 and 9)
     points, theta = [], theta0
     for _ in range(K):
         points.append(theta)
         _, g, _ = obj.task_gradient(p, mse, theta, phi0, batch)
         theta = [t - alpha * gi for t, gi in zip(theta, g)]
-    # one warp update on the mean approximate meta-gradient of both points
+    points.append(theta)
+    # one warp update on the mean approximate meta-gradient of the K + 1 points
     total = None
     for th in points:
         _, g, _ = obj.task_gradient(p, mse, th, phi0, batch)
@@ -219,7 +220,7 @@ def test_offline_meta_step_equals_algorithm_2_by_hand():
             m = mse(meta[1], p.call(stepped, phi0, meta[0], training=True)[0])
         gp = tape.gradient(m, phi0)
         total = gp if total is None else [a + b for a, b in zip(total, gp)]
-    expected = [f - beta * g / K for f, g in zip(phi0, total)]
+    expected = [f - beta * g / (K + 1) for f, g in zip(phi0, total)]
     assert_lists_close(p.warp_values(), expected, rtol=1e-5, atol=1e-6)
     assert_lists_close(p.initial_task_values(), theta0)  # no init objective: θ0 unchanged
 

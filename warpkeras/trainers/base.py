@@ -261,6 +261,30 @@ class MetaTrainer(TrainingLoop):
             `WarpTrainer`); continual, inner steps per warp update.
         max_warp_updates: offline, cap on warp updates per meta step (`None`: one per η
             stored points, i.e. every point used once).
+        warp_gradient_reduction: ``"mean"`` (default) or ``"sum"``: how the N warp
+            meta-gradients ∇φ L(φ; θ) (and those of a learned α / μ) that make one warp
+            update are combined. WarpGrad Algorithms 1–3 *sum* them (g_φ ← g_φ + ∇L(φ; θ),
+            then φ ← φ − β g_φ): ``"sum"`` is the paper's choice. ``"mean"`` divides that
+            sum by N, where N is: online, K × the tasks of the meta-batch that stayed
+            finite (Algorithm 1 lines 5–13); offline, the points of the mini-batch (η;
+            fewer for the last mini-batch of a meta step or where non-finite points were
+            skipped; Algorithm 2 lines 15–19); continual, η (Algorithm 3). With a
+            `keras.optimizers.SGD` meta optimizer, ``"mean"`` with learning rate β is
+            exactly ``"sum"`` with β / N; with Adam / RMSprop, which are invariant to a
+            constant scale of the gradient, the two differ only through ε. The default
+            stays ``"mean"`` so that a tuned meta learning rate does not depend on K,
+            η or the meta-batch size.
+        buffer_final_point: offline, also store each task's final θ_K (with its momentum
+            buffer), so that the buffer holds θ_0 … θ_K, K + 1 points per task, as in
+            WarpGrad Algorithm 2 (line 4 starts each task's list with θ_0, line 9 appends
+            θ_{k+1} for k = 0 … K − 1). Default True, the paper's choice. Every stored
+            point's warp gradient is ∇φ of Eq. 3 at that point, i.e. of
+            L_meta(θ − α∇L_task(θ; φ); φ), through one inner step from it on a fresh
+            training batch; for θ_K that step is one more than the adaptation took: Eq. 3
+            treats θ_K as one more Monte-Carlo sample of p(θ | τ), and Algorithm 2 line 15
+            draws it like every other point. False stores θ_0 … θ_{K−1} only, the points
+            whose step the adaptation took (the sum of Algorithm 1, and the behaviour of
+            warpkeras before this option).
         buffer_capacity, buffer_overflow, buffer_spill_dir: bound the offline replay
             buffer (see `warpkeras.ReplayBuffer`).
         leap_norm: ``"length"`` (WarpGrad Eq. 9/12, the reference default) or
@@ -331,6 +355,8 @@ class MetaTrainer(TrainingLoop):
         init_optimizer=None,
         meta_interval=None,
         max_warp_updates=None,
+        warp_gradient_reduction="mean",
+        buffer_final_point=True,
         buffer_capacity=None,
         buffer_overflow="reservoir",
         buffer_spill_dir=None,
@@ -358,6 +384,8 @@ class MetaTrainer(TrainingLoop):
         init_objective = choice(init_objective, "init_objective", INIT_OBJECTIVES)
         leap_norm = choice(leap_norm, "leap_norm", ("length", "energy"))
         buffer_overflow = choice(buffer_overflow, "buffer_overflow", ("reservoir", "spill"))
+        warp_gradient_reduction = choice(warp_gradient_reduction, "warp_gradient_reduction",
+                                         ("mean", "sum"))
         untagged = choice(untagged, "untagged", UNTAGGED_POLICIES)
         parallel = choice(parallel, "parallel", PARALLEL_MODES)
         flag = functools.partial(_v.check_bool, where=where)
@@ -365,6 +393,7 @@ class MetaTrainer(TrainingLoop):
         learn_inner_momentum = flag(learn_inner_momentum, "learn_inner_momentum")
         leap_sign_correction = flag(leap_sign_correction, "leap_sign_correction")
         leap_loss_in_path = flag(leap_loss_in_path, "leap_loss_in_path")
+        buffer_final_point = flag(buffer_final_point, "buffer_final_point")
         accuracy = flag(accuracy, "accuracy", allow_none=True)
         eval_training_mode = flag(eval_training_mode, "eval_training_mode")
         jit_compile = flag(jit_compile, "jit_compile")
@@ -465,6 +494,8 @@ class MetaTrainer(TrainingLoop):
         self.meta_batch_size = int(meta_batch_size)
         self.meta_interval = int(meta_interval) if meta_interval is not None else None
         self.max_warp_updates = max_warp_updates
+        self.warp_gradient_reduction = warp_gradient_reduction
+        self.buffer_final_point = bool(buffer_final_point)
         self.leap_norm = leap_norm
         self.leap_sign_correction = bool(leap_sign_correction)
         self.leap_loss_in_path = bool(leap_loss_in_path)
@@ -567,6 +598,8 @@ class MetaTrainer(TrainingLoop):
             "inner_steps": self.inner_steps,
             "meta_batch_size": self.meta_batch_size,
             "meta_interval": self.meta_interval,
+            "warp_gradient_reduction": self.warp_gradient_reduction,
+            "buffer_final_point": self.buffer_final_point if self.warp_mode == "offline" else None,
             "leap_norm": self.leap_norm,
             "seed": self.seed,
             "meta_optimizer": keras.optimizers.serialize(self.meta_optimizer),
@@ -582,6 +615,11 @@ class MetaTrainer(TrainingLoop):
 
     def _mu(self):
         return self.inner_mu if self.use_momentum else None
+
+    def _warp_scale(self, n):
+        """The factor applied to a sum of `n` warp meta-gradients before one warp update:
+        1 / n for ``warp_gradient_reduction="mean"``, 1 for ``"sum"`` (Algorithms 1–3)."""
+        return 1.0 / float(n) if self.warp_gradient_reduction == "mean" else 1.0
 
     def _meta_value(self, theta, phi, meta_batch, state):
         """L_meta at θ and the model state after its forward pass."""
@@ -997,6 +1035,8 @@ class MetaTrainer(TrainingLoop):
             if self.warp_mode == "continual":
                 self._continual_tick(out["g_phi"], out["g_hyper"])
             outs.append(out)
+        if self.warp_mode == "offline" and self.buffer_final_point:
+            self._store(task_ids, self.inner_steps, carry)  # θ_K (Algorithm 2, line 9)
         finite = np.all([np.asarray(o["finite"]) for o in outs], axis=0)
         result = {"carry": carry,
                   "losses": np.stack([np.asarray(o["loss"]) for o in outs], axis=1),
@@ -1020,14 +1060,17 @@ class MetaTrainer(TrainingLoop):
                 (theta_start, maml_state), [first_batch, queries])
             finite &= np.asarray(ok)
         if self.warp_mode == "online":
-            result["warp_grads"] = tuple(a / float(self.inner_steps) for a in carry["warp_acc"])
-            result["hyper_grads"] = carry["hyper_acc"] / float(self.inner_steps)
+            # summed over the K steps here, and over the tasks in `train_step`
+            scale = self._warp_scale(self.inner_steps)
+            result["warp_grads"] = tuple(a * scale for a in carry["warp_acc"])
+            result["hyper_grads"] = carry["hyper_acc"] * scale
         result["finite"] = finite
         result["first_batch"] = first_batch  # for the moving statistics at θ0
         return result
 
     def _store(self, task_ids, k, carry):
-        """Offline mode: appends every task's θ_k (and momentum buffer) to the buffer."""
+        """Offline mode: appends every task's θ_k (and momentum buffer) to the buffer; called
+        for k = 0 … K − 1 before each step and, with `buffer_final_point`, for θ_K."""
         theta = [np.asarray(t) for t in carry["theta"]]
         velocity = [np.asarray(v) for v in carry["velocity"]] if self.use_momentum else None
         for g, tid in enumerate(task_ids):
@@ -1061,7 +1104,8 @@ class MetaTrainer(TrainingLoop):
         self._stream_count.assign_add(1)
         eta = self.meta_interval or 1
         if int(self._stream_count.numpy()) >= eta:
-            self._apply_warp(self._phi_packer.pack([v / float(eta) for v in self._stream_acc]))
+            scale = self._warp_scale(eta)
+            self._apply_warp(self._phi_packer.pack([v * scale for v in self._stream_acc]))
             for v in self._stream_acc:
                 v.assign(tf.zeros_like(v))
             self._stream_count.assign(0)
@@ -1069,7 +1113,8 @@ class MetaTrainer(TrainingLoop):
     # ------------------------------------------------------------------------------------
     # one meta step
     def _offline_updates(self, tasks, rng):
-        """Algorithm 2, lines 12–23: warp updates from the replay buffer."""
+        """Algorithm 2, lines 12–23: warp updates from the replay buffer, each on the
+        gradients of (up to) η points combined by `warp_gradient_reduction`."""
         eta = self.meta_interval or 1
         batch_iters = {}
         logs = {"warp_updates": 0, "meta_loss": []}
@@ -1079,9 +1124,10 @@ class MetaTrainer(TrainingLoop):
         step = int(self.step.numpy())
 
         def apply():
-            self._apply_warp(tuple(a / float(count) for a in acc))
+            scale = self._warp_scale(count)
+            self._apply_warp(tuple(a * scale for a in acc))
             if self._hyper_vars:
-                self._apply_hyper(hyper / float(count))
+                self._apply_hyper(hyper * scale)
             logs["warp_updates"] += 1
 
         for entry in self.buffer.drain(rng):
@@ -1246,10 +1292,10 @@ class MetaTrainer(TrainingLoop):
         if stream is not None:
             self.partition.assign_task(self._theta_packer.unpack(stream[0]))
         if "warp_grads" in sums:
-            n = float(counts["warp_grads"])
-            self._apply_warp(tuple(g / n for g in sums["warp_grads"]))
+            scale = self._warp_scale(counts["warp_grads"])
+            self._apply_warp(tuple(g * scale for g in sums["warp_grads"]))
             if "hyper" in sums:
-                self._apply_hyper(sums["hyper"] / n)
+                self._apply_hyper(sums["hyper"] * scale)
         if "init_grads" in sums:
             self._apply_init(tuple(g / float(counts["init_grads"]) for g in sums["init_grads"]))
         if self.warp_mode == "offline" and len(self.buffer):

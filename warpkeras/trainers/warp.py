@@ -11,15 +11,26 @@ class WarpTrainer(MetaTrainer):
     The warp objective is L(φ) of WarpGrad Eq. 3, the expected one-step improvement of the
     meta loss over sampled task parameterisations. `mode` picks the meta-training algorithm:
 
-    * ``"online"`` (Algorithm 1): ∇φ L at every adaptation step is accumulated while the
-      tasks adapt; φ is updated once per meta step with the mean. Memory is constant in K.
-    * ``"offline"`` (Algorithm 2): adaptation fills a replay buffer with every θ_k (and
-      momentum buffer); then stored points are drawn without replacement and φ is updated
-      on mini-batches of ``meta_interval`` (η) points, up to one update per point (the
-      Omniglot experiment makes 2000 warp updates per meta step this way).
+    * ``"online"`` (Algorithm 1): ∇φ L at every adaptation step k = 0 … K − 1 is
+      accumulated while the tasks adapt; φ is updated once per meta step. Memory is
+      constant in K.
+    * ``"offline"`` (Algorithm 2): adaptation fills a replay buffer with θ_0 … θ_K of every
+      task (K + 1 points, each with its momentum buffer; ``buffer_final_point=False``
+      leaves out θ_K); then stored points are drawn without replacement and φ is updated
+      on mini-batches of ``meta_interval`` (η) points, up to one update per η points (the
+      Omniglot experiment makes 2000 warp updates per meta step this way). A point's warp
+      gradient is that of Eq. 3 through one inner step from it (for θ_K, one step more
+      than the adaptation took, as in Algorithm 2).
     * ``"continual"`` (Algorithm 3): one stream of task parameters adapts across all tasks
       without resets; the approximate warp meta-gradient is accumulated and applied every
       η inner steps (the maze-navigation experiment uses η = 30).
+
+    The N gradients that make one warp update are averaged by default
+    (``warp_gradient_reduction="mean"``); Algorithms 1–3 sum them
+    (``warp_gradient_reduction="sum"``, the paper's choice). With an SGD meta optimizer the
+    mean with learning rate β is the paper's sum with β / N, where N is K × (finite tasks)
+    online, the mini-batch's points (η) offline and η in continual mode; see
+    `warpkeras.trainers.MetaTrainer`.
 
     ``objective="exact"`` differentiates through the inner step (second order in φ);
     ``"approx"`` stops the inner gradient (App. G).
@@ -55,7 +66,8 @@ class WarpTrainer(MetaTrainer):
             `None` (forced to `None` in continual mode only if you pass it so).
         **kwargs: see `warpkeras.trainers.MetaTrainer` (inner_learning_rate,
             inner_momentum, learn_inner_learning_rate, inner_steps, meta_batch_size,
-            meta_optimizer, init_optimizer, init_weight, meta_interval, buffer_capacity,
+            meta_optimizer, init_optimizer, init_weight, meta_interval,
+            warp_gradient_reduction, buffer_final_point, buffer_capacity,
             leap_norm, meta_loss, seed, jit_compile, ...).
     """
 
