@@ -24,7 +24,23 @@ Methods (--methods):
   finetune   multi-headed fine-tuning: pre-train the body on the meta-training alphabets
              with one head per alphabet, fresh head on each new task (FineTuneTrainer)
   none       no meta-training: adapt from a random initialisation (NoMetaTrainer)
+  sgd_large_batch
+             no meta-training, SGD with a 10x larger task batch and learning rate
+             (WarpGrad Table 2, "SGD‡"; not in the default --methods)
+  kfac       no meta-training, K-FAC (warpkeras.KFAC, Martens & Grosse 2015; KFC for the
+             convolutions) on the same 10x batches, learning rate --kfac-lr, damping
+             --kfac-damping (WarpGrad Table 2, "KFAC‡"; not in the default --methods)
 All methods of one seed start from the same random initialisation of the shared layers.
+
+Protocols (--protocol):
+  default    adaptation batches augmented by random affine transforms; meta-objective
+             batches and test images clean; identity warp initialisation; exact objective
+  reference  the authors' Omniglot code: meta-objective batches drawn with the same random
+             affine augmentation as the adaptation batches, test images augmented (one
+             fixed draw per image and seed, the same for every method), random warp
+             initialisation (--warp-init random, for the conv warps) and the approximate
+             objective (--objective approx). Explicit --augment-meta / --augment-test /
+             --warp-init / --objective flags override the protocol's choice.
 
 Reported per method (mean ± std over held-out tasks and seeds): test accuracy after the
 last adaptation step and AUC, the area under the training-error curve (mean over steps of
@@ -37,6 +53,12 @@ last adaptation step and AUC, the area under the training-error curve (mean over
 With --ablation, the rows of WarpGrad's Table 3 (App. G: warp architectures, offline vs
 online meta-training, exact vs approximate objective, learned learning rate) run at the
 chosen size instead, written to omniglot_ablation.json and omniglot_ablation.png.
+With --ngd-ablation, the rows of WarpGrad's Table 4 (App. H: warped geometry against natural
+gradient descent) run instead, all from the seed's random initialisation (no meta-learned
+θ0) with 10x task batches and a 10x learning rate: SGD, K-FAC, and WarpGrad meta-learning
+only the warp (init_objective=None) with linear 3x3 conv warps or the expressive 2-layer
+conv + BN + residual + ReLU warps; written to omniglot_ngd.json and omniglot_ngd.png with
+the paper's Table 4 figures next to ours.
 
 Sizes:
   (no flags)       a CPU-friendly run of a few minutes: 10 meta steps of 20 adaptation steps,
@@ -59,8 +81,12 @@ Examples:
   python examples/omniglot.py --preset paper --methods warp_leap,leap,none
   python examples/omniglot.py --warp residual2 --methods warp_leap
   python examples/omniglot.py --ablation --seeds 0,1
+  python examples/omniglot.py --protocol reference --methods warp_leap,leap,none --seeds 0,1,2
+  python examples/omniglot.py --methods sgd_large_batch,kfac,none
+  python examples/omniglot.py --ngd-ablation
 """
 
+import argparse
 import dataclasses
 import os
 import sys
@@ -70,13 +96,50 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402  (sets up sys.path, the Keras backend and matplotlib)
 
 EXAMPLE = "omniglot"
-METHODS = ("warp_leap", "leap", "reptile", "finetune", "none")
+METHODS = ("warp_leap", "leap", "reptile", "finetune", "none", "sgd_large_batch", "kfac")
+DEFAULT_METHODS = ("warp_leap", "leap", "reptile", "finetune", "none")
+# Methods that adapt with a LARGE_BATCH x larger task batch and learning rate (WarpGrad
+# Table 2, ‡: "no meta-training, but 10x larger batch sizes (allows 10x larger learning
+# rates)").
+LARGE_BATCH = 10
+LARGE_BATCH_METHODS = ("sgd_large_batch", "kfac")
 METHOD_LABELS = {
     "warp_leap": "Warp-Leap",
     "leap": "Leap",
     "reptile": "Reptile",
     "finetune": "Fine-tuning (multi-headed)",
     "none": "No meta-training",
+    "sgd_large_batch": "SGD, 10x batch and learning rate",
+    "kfac": "KFAC, 10x batch",
+}
+
+# WarpGrad Table 2, 5 meta-training tasks (the nearest to the 5 meta-training alphabets of
+# the shared 7-alphabet subset): test accuracy (%) after 100 steps on held-out alphabets of
+# the full data set; KFAC and SGD (10x batch and learning rate) have no meta-training.
+PAPER_TABLE2 = {"warp_leap": 75.0, "leap": 59.5, "reptile": 58.3, "finetune": 67.7,
+                "kfac": 56.0, "sgd_large_batch": 51.0}
+# The authors' Omniglot code on the shared 7-alphabet subset (its reference protocol, 50
+# meta steps, seed 0): test accuracy (%) after 100 steps on the 2 held-out alphabets.
+AUTHORS_CODE_SUBSET = {"warp_leap": 59.6, "leap": 53.2, "none": 20.2}
+
+# The protocols of --protocol: the choices each switches on (explicit flags win).
+PROTOCOLS = {
+    "default": {"augment_meta": False, "augment_test": False, "warp_init": "identity",
+                "objective": "exact"},
+    "reference": {"augment_meta": True, "augment_test": True, "warp_init": "random",
+                  "objective": "approx"},
+}
+
+# WarpGrad Table 4 (App. H): name -> (label, preconditioning, settings, the paper's
+# accuracy mean and std in %, 4 seeds, 10x batch (200) and learning rate (1.0), no θ0
+# meta-learning).
+NGD_ROWS = {
+    "sgd": ("SGD", "none", {"method": "sgd_large_batch"}, (40.1, 6.1)),
+    "kfac": ("KFAC (NGD)", "linear (block-diagonal)", {"method": "kfac"}, (58.2, 3.2)),
+    "warp_linear": ("WarpGrad, linear warps", "linear (block-diagonal)",
+                    {"method": "warp_only", "warp": "conv3x3"}, (68.0, 4.4)),
+    "warp_expressive": ("WarpGrad, 2-layer conv + BN + Res + ReLU warps", "non-linear (full)",
+                        {"method": "warp_only", "warp": "residual2"}, (81.3, 4.0)),
 }
 WARPS = ("conv3x3", "conv1x1", "scaling", "conv_relu", "conv_bn", "conv_bn_relu", "residual",
          "residual2", "film")
@@ -160,12 +223,25 @@ def build_parser():
     g.add_argument("--preset", choices=("default", "paper"), default="default",
                    help="size of the run; explicit flags override its values")
     g.add_argument("--methods", type=_common.choice_list(METHODS),
-                   default=",".join(METHODS), help="comma-separated methods to compare")
+                   default=",".join(DEFAULT_METHODS),
+                   help="comma-separated methods to compare (default: "
+                        + ",".join(DEFAULT_METHODS) + "; also: sgd_large_batch, kfac)")
+    g.add_argument("--protocol", choices=tuple(PROTOCOLS), default="default",
+                   help="default: clean meta batches and test images, identity warp init, "
+                        "exact objective; reference: the authors' protocol, i.e. augmented "
+                        "meta batches and test images, --warp-init random and --objective "
+                        "approx together. Explicit --augment-meta/--augment-test/"
+                        "--warp-init/--objective flags win over the protocol's choice")
     g.add_argument("--ablation", action="store_true",
                    help="run the rows of WarpGrad's Table 3 (App. G) instead of --methods")
     g.add_argument("--ablation-rows", type=_common.choice_list(tuple(ABLATION_ROWS)),
                    default=None, help="subset of ablation rows (default: all): "
                                       + ", ".join(ABLATION_ROWS))
+    g.add_argument("--ngd-ablation", action="store_true",
+                   help="run the rows of WarpGrad's Table 4 (App. H: SGD, KFAC, linear and "
+                        "expressive warps from a random initialisation) instead of --methods")
+    g.add_argument("--ngd-rows", type=_common.choice_list(tuple(NGD_ROWS)), default=None,
+                   help="subset of --ngd-ablation rows (default: all): " + ", ".join(NGD_ROWS))
 
     g = parser.add_argument_group("data")
     g.add_argument("--data-dir", default=None,
@@ -183,6 +259,12 @@ def build_parser():
     g.add_argument("--image-size", type=int, default=None, help="image side (28)")
     g.add_argument("--no-augment", action="store_true",
                    help="no random affine augmentation of adaptation batches")
+    g.add_argument("--augment-meta", action=argparse.BooleanOptionalAction, default=None,
+                   help="draw the meta-objective batches with the random affine "
+                        "augmentation too (default: from --protocol; off for default)")
+    g.add_argument("--augment-test", action=argparse.BooleanOptionalAction, default=None,
+                   help="augment the test images (one fixed draw per image and seed; "
+                        "default: from --protocol; off for default)")
 
     g = parser.add_argument_group("meta-training (defaults: default preset; paper preset)")
     g.add_argument("--meta-steps", type=int, default=None, help="meta steps (10; 50)")
@@ -216,14 +298,17 @@ def build_parser():
     g.add_argument("--warp", choices=WARPS, default="conv3x3",
                    help="warp layer after each block: " + "; ".join(
                        f"{k} = {v}" for k, v in WARP_LABELS.items()))
-    g.add_argument("--warp-init", choices=("identity", "random"), default="identity",
+    g.add_argument("--warp-init", choices=("identity", "random"), default=None,
                    help="initial kernels of the conv warps (conv3x3, conv1x1, conv_relu): "
                         "identity, or random like PyTorch's default conv initialisation "
-                        "(uniform in ±1/sqrt(fan-in), bias too), as in the authors' code")
+                        "(uniform in ±1/sqrt(fan-in), bias too), as in the authors' code "
+                        "(default: from --protocol: identity; reference: random, for the "
+                        "conv warps)")
     g.add_argument("--meta-training", choices=("offline", "online"), default="offline",
                    help="WarpGrad Algorithm 2 (replay buffer) or Algorithm 1")
-    g.add_argument("--objective", choices=("exact", "approx"), default="exact",
-                   help="warp meta-objective: Eq. 3, or with the inner gradient stopped")
+    g.add_argument("--objective", choices=("exact", "approx"), default=None,
+                   help="warp meta-objective: Eq. 3, or with the inner gradient stopped "
+                        "(default: from --protocol: exact; reference: approx)")
     g.add_argument("--learn-lr", action="store_true",
                    help="meta-learn the scalar inner learning rate α (exact objective)")
     g.add_argument("--learn-momentum", action="store_true",
@@ -242,6 +327,11 @@ def build_parser():
                    help="adaptation steps on each held-out task (100; 100)")
     g.add_argument("--eval-every", type=int, default=None,
                    help="test-set evaluation interval along adaptation (10; 5)")
+    g.add_argument("--kfac-lr", type=float, default=0.3,
+                   help="learning rate of the kfac method (0.3; 1.0, the 10x rate of the "
+                        "paper, was unstable in a quick test)")
+    g.add_argument("--kfac-damping", type=float, default=1e-2,
+                   help="Tikhonov damping λ of the kfac method (1e-2)")
     return parser
 
 
@@ -266,15 +356,35 @@ def resolve_config(args):
         value = getattr(args, key, None)
         if value is not None:
             cfg[key] = value
+    protocol = PROTOCOLS[args.protocol]
+    chosen = {}  # protocol choice -> where it came from
+    for key in protocol:
+        explicit = getattr(args, key)
+        chosen[key] = "flag" if explicit is not None else f"protocol {args.protocol}"
+    warp_init = args.warp_init
+    if warp_init is None:
+        # the protocol's random warp initialisation applies to the conv warps only
+        warp_init = protocol["warp_init"] if args.warp in CONV_WARPS else "identity"
     cfg.update(
         preset=preset,
+        protocol=args.protocol,
+        protocol_sources=chosen,
+        augment_meta=protocol["augment_meta"] if args.augment_meta is None
+        else bool(args.augment_meta),
+        augment_test=protocol["augment_test"] if args.augment_test is None
+        else bool(args.augment_test),
         methods=list(args.methods),
         ablation=bool(args.ablation),
         ablation_rows=list(args.ablation_rows or ABLATION_ROWS),
+        ngd_ablation=bool(args.ngd_ablation),
+        ngd_rows=list(args.ngd_rows or NGD_ROWS),
+        large_batch=LARGE_BATCH,
+        kfac_lr=args.kfac_lr,
+        kfac_damping=args.kfac_damping,
         warp=args.warp,
-        warp_init=args.warp_init,
+        warp_init=warp_init,
         meta_training=args.meta_training,
-        objective=args.objective,
+        objective=args.objective if args.objective is not None else protocol["objective"],
         learn_lr=bool(args.learn_lr),
         learn_momentum=bool(args.learn_momentum),
         inner_momentum=args.inner_momentum,
@@ -302,7 +412,15 @@ def resolve_config(args):
                         f"{', '.join(CONV_WARPS)}, not --warp {cfg['warp']}")
     if cfg["learn_lr"] and cfg["objective"] != "exact":
         problems.append("--learn-lr needs --objective exact (the approximate objective "
-                        "gives the learning rate no meta-gradient)")
+                        "gives the learning rate no meta-gradient"
+                        + ("; --protocol reference chooses approx unless --objective exact "
+                           "is given" if args.objective is None else "") + ")")
+    if cfg["ablation"] and cfg["ngd_ablation"]:
+        problems.append("--ablation and --ngd-ablation are separate runs: give one of them")
+    if not cfg["kfac_lr"] > 0:
+        problems.append(f"--kfac-lr must be > 0 (got {cfg['kfac_lr']})")
+    if not cfg["kfac_damping"] > 0:
+        problems.append(f"--kfac-damping must be > 0 (got {cfg['kfac_damping']})")
     if problems:
         raise SystemExit("omniglot.py: error: " + "; ".join(problems))
     return cfg
@@ -399,7 +517,7 @@ def shared_initialisation(cfg, seed):
 def model_for(spec, cfg, seed, init):
     """Builds the model of one run and loads the seed's shared initialisation."""
     keras.utils.set_random_seed(seed + 7919)  # random parts of warp blocks
-    warp = spec["warp"] if spec["method"] == "warp_leap" else None
+    warp = spec["warp"] if spec["method"] in ("warp_leap", "warp_only") else None
     model, head = build_model(cfg["num_classes"], cfg["image_size"], cfg["filters"], warp,
                               warp_init=spec.get("warp_init", "identity"))
     for layer in model.layers:
@@ -420,6 +538,20 @@ def make_trainer(spec, cfg, model, head, seed):
         seed=seed,
     )
     method = spec["method"]
+    if method in LARGE_BATCH_METHODS or method == "warp_only":
+        # WarpGrad Table 2 ‡ and App. H: 10x task batch (the tasks) and learning rate
+        common["inner_learning_rate"] = cfg["large_batch"] * cfg["inner_lr"]
+    if method in LARGE_BATCH_METHODS:
+        # no meta-training; kfac adapts with `inner_optimizer(cfg)` in `run_one`
+        return warpkeras.NoMetaTrainer(model, LOSS, **common)
+    if method == "warp_only":
+        # WarpGrad App. H: λC(θ0) = 0, only the warp is meta-learned; θ0 stays random
+        cap = cfg["max_warp_updates"] or None
+        warp_lr = cfg["warp_lr"] if cfg["warp_lr"] is not None else cfg["meta_lr"]
+        return warpkeras.WarpTrainer(
+            model, LOSS, mode="offline", objective=spec["objective"], init_objective=None,
+            meta_optimizer=keras.optimizers.SGD(warp_lr),
+            meta_interval=cfg["meta_interval"], max_warp_updates=cap, **common)
     if method == "warp_leap":
         online = spec["meta_training"] == "online"
         warp_lr = cfg["warp_lr"] if cfg["warp_lr"] is not None else (
@@ -458,6 +590,15 @@ def make_trainer(spec, cfg, model, head, seed):
     raise ValueError(f"unknown method {method!r}")
 
 
+def inner_optimizer(spec, cfg, seed):
+    """The adaptation optimiser of a run: `warpkeras.KFAC` for ``kfac``, else `None` (the
+    trainer's SGD step)."""
+    if spec["method"] != "kfac":
+        return None
+    return warpkeras.KFAC(learning_rate=cfg["kfac_lr"], damping=cfg["kfac_damping"],
+                          seed=seed)
+
+
 # ------------------------------------------------------------------------------------------
 # data
 def default_data_dir():
@@ -485,11 +626,12 @@ def split_tasks(data, cfg, seed):
     n_test = cfg["num_test_alphabets"]
     if n_test is None:
         n_test = 2 if len(usable) < 20 else 10
+    any_augment = cfg["augment"] or cfg["augment_meta"] or cfg["augment_test"]
     try:
         tasks = OmniglotTasks(
             data, num_classes=cfg["num_classes"], num_meta_val=0, num_meta_test=n_test,
             num_meta_train=cfg["num_train_alphabets"], seed=seed,
-            augmentation=None if cfg["augment"] else False,
+            augmentation=None if any_augment else False,
         )
     except ValueError as err:
         raise SystemExit(f"omniglot.py: {err} (usable alphabets: {len(usable)})")
@@ -498,9 +640,51 @@ def split_tasks(data, cfg, seed):
             f"omniglot.py: need at least one meta-training and one held-out alphabet; "
             f"{len(usable)} alphabets have >= {cfg['num_classes']} characters"
         )
-    batch = cfg["task_batch_size"]
-    return tasks, [t.to_task(batch_size=batch) for t in tasks.meta_train], \
-        [t.to_task(batch_size=batch) for t in tasks.meta_test]
+    return tasks, task_sets(tasks, cfg, seed)
+
+
+def augmented_test_images(task, seed, index):
+    """The test images of a `ClassificationTask`, each transformed once by the task's
+    random affine augmentation; the draw depends only on (seed, index), so every method
+    and batch size of a seed sees the same augmented test set."""
+    rng = np.random.default_rng([seed, index, 7])
+    return task.numpy_augment(task.x_test, rng)
+
+
+def make_task(task, cfg, batch_size, test_x=None):
+    """A trainer `warpkeras.Task` from a `ClassificationTask`, under the run's protocol.
+
+    Adaptation batches are augmented unless --no-augment. With ``cfg["augment_meta"]``
+    the meta-objective batches are drawn, by the trainer's meta-batch generator, from a
+    second augmented stream of the same images (``Task(meta=rng -> iterator)``): other
+    batches, transformed independently, as in the authors' code, where every training
+    image passes the augmentation. `test_x` replaces the clean test images (augmented
+    ones, see `augmented_test_images`).
+    """
+    base = task.to_task(batch_size=batch_size, augment=cfg["augment"])
+    meta = None
+    if cfg["augment_meta"]:
+        augmented = task.to_task(batch_size=batch_size, augment=True)
+        meta = lambda rng, _task=augmented: _task.batches("train", rng)  # noqa: E731
+    test = base.test
+    if test_x is not None:
+        test = (test_x, task.y_test)
+    return warpkeras.Task(train=base.train, meta=meta, test=test, batch_size=batch_size,
+                          augment=base.augment, name=base.name, info=base.info)
+
+
+def task_sets(tasks, cfg, seed):
+    """``scale -> (meta-training tasks, held-out tasks)`` with task batches of
+    ``scale * --task-batch-size`` for scale 1 and `LARGE_BATCH`; the sets share their
+    (augmented, under --augment-test) test images."""
+    tests = [augmented_test_images(t, seed, i) if cfg["augment_test"] else None
+             for i, t in enumerate(tasks.meta_test)]
+    out = {}
+    for scale in (1, cfg["large_batch"]):
+        batch = scale * cfg["task_batch_size"]
+        out[scale] = ([make_task(t, cfg, batch) for t in tasks.meta_train],
+                      [make_task(t, cfg, batch, x) for t, x in zip(tasks.meta_test, tests)])
+    return out
 
 
 # ------------------------------------------------------------------------------------------
@@ -511,6 +695,18 @@ def run_specs(cfg):
                 meta_training=cfg["meta_training"], objective=cfg["objective"],
                 learn_lr=cfg["learn_lr"], learn_momentum=cfg["learn_momentum"])
     specs = []
+    if cfg["ngd_ablation"]:
+        for name in cfg["ngd_rows"]:
+            label, preconditioning, override, paper = NGD_ROWS[name]
+            spec = dict(base, meta_training="offline", learn_lr=False, learn_momentum=False)
+            spec.update(override)
+            if spec.get("warp") not in CONV_WARPS:
+                spec["warp_init"] = "identity"
+            spec.update(name=name, label=label, preconditioning=preconditioning,
+                        paper_accuracy={"mean": paper[0], "std": paper[1]},
+                        batch_scale=cfg["large_batch"])
+            specs.append(spec)
+        return specs
     if cfg["ablation"]:
         for name in cfg["ablation_rows"]:
             label, override = ABLATION_ROWS[name]
@@ -531,7 +727,9 @@ def run_specs(cfg):
                      f"{base['objective']}{', learned α' if base['learn_lr'] else ''})"
         if method == "warp_leap" and base["warp_init"] != "identity":
             label += f" ({base['warp_init']} warp init)"
-        specs.append(dict(base, method=method, name=method, label=label))
+        specs.append(dict(base, method=method, name=method, label=label,
+                          batch_scale=cfg["large_batch"] if method in LARGE_BATCH_METHODS
+                          else 1))
     return specs
 
 
@@ -539,6 +737,7 @@ def run_one(spec, cfg, seed, init, train_tasks, test_tasks):
     """Meta-trains and evaluates one run on one seed. Returns ``(record, trainer)``."""
     model, head = model_for(spec, cfg, seed, init)
     trainer = make_trainer(spec, cfg, model, head, seed)
+    optimizer = inner_optimizer(spec, cfg, seed)
     if cfg["verbose"]:
         print(f"\n[{spec['label']}] seed {seed}: meta-training "
               f"({cfg['meta_steps']} meta steps)", flush=True)
@@ -551,7 +750,8 @@ def run_one(spec, cfg, seed, init, train_tasks, test_tasks):
     with _common.Stopwatch() as eval_time:
         report = trainer.evaluate(test_tasks, steps=cfg["eval_steps"],
                                   eval_every=cfg["eval_every"], seed=seed,
-                                  verbose=1 if cfg["verbose"] else 0)
+                                  verbose=1 if cfg["verbose"] else 0,
+                                  inner_optimizer=optimizer)
     hist = {k: [float(v) for v in vals] for k, vals in (history.history or {}).items()}
     step_seconds = hist.get("seconds", [])
     record = {
@@ -575,7 +775,10 @@ def run_one(spec, cfg, seed, init, train_tasks, test_tasks):
         "eval_seconds_per_adaptation_step": eval_time.seconds
         / max(1, len(test_tasks) * cfg["eval_steps"]),
         "trainer": trainer.get_config(),
+        "task_batch_size": test_tasks[0].batch_size if test_tasks else None,
     }
+    if optimizer is not None:
+        record["inner_optimizer"] = optimizer.get_config()
     if trainer.learn_lr:
         record["learned_inner_learning_rate"] = float(trainer.inner_lr.numpy())
     if trainer.learn_mu:
@@ -596,6 +799,7 @@ def summarise(spec, records):
         "label": spec["label"],
         "settings": {k: spec[k] for k in ("method", "warp", "warp_init", "meta_training",
                                           "objective", "learn_lr", "learn_momentum")},
+        "task_batch_scale": spec.get("batch_scale", 1),
         "final_test_accuracy": _common.stats(acc),
         "final_test_loss": _common.stats([v for r in records for v in r["final_test_loss"]]),
         "auc": _common.stats([v for r in records for v in r["auc"]]),
@@ -715,6 +919,59 @@ def plot_curves(results, path, title):
     return _common.save_figure(fig, path)
 
 
+def paper_figures(mode):
+    """The papers' figures that the results of `mode` are compared with (JSON)."""
+    if mode == "ngd_ablation":
+        return {"source": "WarpGrad App. H, Table 4: test accuracy (%) after 100 steps, mean "
+                          "± std over 4 seeds, 25 meta-training tasks, batch 200, lr 1.0",
+                "rows": {k: {"label": v[0], "preconditioning": v[1], "mean": v[3][0],
+                             "std": v[3][1]} for k, v in NGD_ROWS.items()}}
+    if mode == "comparison":
+        return {"table2": {"source": "WarpGrad Table 2, 5 meta-training tasks: test "
+                                     "accuracy (%) after 100 steps",
+                           "accuracy": PAPER_TABLE2},
+                "authors_code_subset": {
+                    "source": "the authors' Omniglot code on the shared 7-alphabet subset, "
+                              "reference protocol, 50 meta steps, seed 0",
+                    "accuracy": AUTHORS_CODE_SUBSET}}
+    return None
+
+
+def result_table(mode, specs, results):
+    """The printed summary table: ``(headers, rows)``, with the papers' figures."""
+    timing = ["s / meta step", "meta-train s"]
+
+    def times(r):
+        return [f"{r['seconds_per_meta_step']:.2f}" if r["seconds_per_meta_step"] else "-",
+                f"{r['meta_train_seconds']:.0f}"]
+
+    if mode == "ngd_ablation":
+        headers = ["method", "preconditioning", "test accuracy (%)",
+                   "paper Table 4 (%)", *timing]
+        rows = [[r["label"], spec["preconditioning"],
+                 _common.format_stat(r["final_test_accuracy"]),
+                 f"{spec['paper_accuracy']['mean']:.1f} ± {spec['paper_accuracy']['std']:.1f}",
+                 *times(r)] for spec, r in ((s, results[s["name"]]) for s in specs)]
+        return headers, rows
+    headers = ["method", "test accuracy (%)", "AUC (train error)", *timing]
+    if mode == "comparison":
+        headers[2:2] = ["paper Table 2 (%)", "authors' code, subset (%)"]
+    rows = []
+    for spec in specs:
+        r = results[spec["name"]]
+        row = [r["label"], _common.format_stat(r["final_test_accuracy"]),
+               _common.format_stat(r["auc"], scale=1.0, digits=3), *times(r)]
+        if mode == "comparison":
+            row[2:2] = [_paper(PAPER_TABLE2, spec["method"]),
+                        _paper(AUTHORS_CODE_SUBSET, spec["method"])]
+        rows.append(row)
+    return headers, rows
+
+
+def _paper(table, method):
+    return f"{table[method]:.1f}" if method in table else "-"
+
+
 def main(argv=None):
     """Runs the example; returns the results dict (also written as JSON).
 
@@ -725,7 +982,10 @@ def main(argv=None):
     cfg = resolve_config(args)
     out_dir, export_dir = _common.output_dirs(args, EXAMPLE)
     specs = run_specs(cfg)
-    name = "omniglot_ablation" if cfg["ablation"] else "omniglot"
+    mode = "ablation" if cfg["ablation"] else "ngd_ablation" if cfg["ngd_ablation"] \
+        else "comparison"
+    name = {"ablation": "omniglot_ablation", "ngd_ablation": "omniglot_ngd"}.get(mode,
+                                                                               "omniglot")
     json_path = out_dir / f"{name}.json"
     records = {spec["name"]: [] for spec in specs}
     splits, state = {}, {"export": None, "plots": {}}
@@ -735,9 +995,18 @@ def main(argv=None):
                    for spec in specs if records[spec["name"]]}
         output = {
             "example": EXAMPLE,
-            "mode": "ablation" if cfg["ablation"] else "comparison",
+            "mode": mode,
             "complete": complete,
             "config": cfg,
+            "protocol": {
+                "name": cfg["protocol"],
+                "augment_adaptation_batches": cfg["augment"],
+                "augment_meta_batches": cfg["augment_meta"],
+                "augment_test_images": cfg["augment_test"],
+                "warp_init": cfg["warp_init"],
+                "objective": cfg["objective"],
+                "sources": cfg["protocol_sources"],
+            },
             "data": {"source": data.source, "usable_alphabets":
                      data.usable_alphabets(cfg["num_classes"]), "splits": splits},
             "metric_notes": {
@@ -748,6 +1017,7 @@ def main(argv=None):
                        "(area under the training-error curve); lower is better",
             },
             "results": results,
+            "paper": paper_figures(mode),
             "plots": state["plots"],
             "export": state["export"],
             "wall_time_seconds": seconds,
@@ -762,7 +1032,7 @@ def main(argv=None):
             print(f"Omniglot: {data}; usable alphabets "
                   f"{data.usable_alphabets(cfg['num_classes'])}", flush=True)
         for seed in cfg["seeds"]:
-            tasks, train_tasks, test_tasks = split_tasks(data, cfg, seed)
+            tasks, sets = split_tasks(data, cfg, seed)
             splits[seed] = {"meta_train": tasks.meta_train_alphabets,
                             "held_out": tasks.meta_test_alphabets}
             if cfg["verbose"]:
@@ -770,9 +1040,10 @@ def main(argv=None):
                       f"held-out {tasks.meta_test_alphabets}", flush=True)
             init = shared_initialisation(cfg, seed)
             for spec in specs:
+                train_tasks, test_tasks = sets[spec.get("batch_scale", 1)]
                 record, trainer = run_one(spec, cfg, seed, init, train_tasks, test_tasks)
                 records[spec["name"]].append(record)
-                if (spec["method"] == "warp_leap" and not cfg["ablation"]
+                if (spec["method"] == "warp_leap" and mode == "comparison"
                         and state["export"] is None and not args.no_export):
                     info = export_warp_leap(trainer.model, trainer, cfg, export_dir,
                                             train_tasks, test_tasks[0])
@@ -799,18 +1070,23 @@ def main(argv=None):
             out_dir / f"{name}.png", labels, [m * 100 for m in means], [s * 100 for s in stds],
             ylabel=f"test accuracy after {cfg['eval_steps']} steps (%)",
             title="WarpGrad ablation (App. G, Table 3)"))
+    if mode == "ngd_ablation":
+        labels = [r["label"] for r in results.values()]
+        means = [r["final_test_accuracy"]["mean"] or 0.0 for r in results.values()]
+        stds = [r["final_test_accuracy"]["std"] or 0.0 for r in results.values()]
+        plots["ngd_ablation"] = str(_common.bar_plot(
+            out_dir / f"{name}.png", labels, [m * 100 for m in means], [s * 100 for s in stds],
+            ylabel=f"test accuracy after {cfg['eval_steps']} steps (%)",
+            title="Warped geometry vs natural gradient (App. H, Table 4)"))
     output = write(total.seconds, complete=True)
     export_info = state["export"]
 
-    print(f"\nOmniglot multi-shot ({cfg['preset']} size), seeds {cfg['seeds']}, "
-          f"{cfg['eval_steps']} adaptation steps on held-out alphabets:")
-    _common.print_table(
-        ["method", "test accuracy (%)", "AUC (train error)", "s / meta step", "meta-train s"],
-        [[r["label"], _common.format_stat(r["final_test_accuracy"]),
-          _common.format_stat(r["auc"], scale=1.0, digits=3),
-          f"{r['seconds_per_meta_step']:.2f}" if r["seconds_per_meta_step"] else "-",
-          f"{r['meta_train_seconds']:.0f}"] for r in results.values()],
-    )
+    print(f"\nOmniglot multi-shot ({cfg['preset']} size, {cfg['protocol']} protocol), seeds "
+          f"{cfg['seeds']}, {cfg['eval_steps']} adaptation steps on held-out alphabets:")
+    headers, rows = result_table(mode, specs, results)
+    _common.print_table(headers, rows)
+    output["table"] = {"headers": headers, "rows": rows}
+    _common.write_json(json_path, output)
     _common.print_written(json_path, plots.values(), export_info, total.seconds)
     return output
 
