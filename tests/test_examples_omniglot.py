@@ -12,6 +12,7 @@ import pathlib
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -125,6 +126,162 @@ def test_every_ablation_row_builds_a_trainer():
                                       init["conv1"][0])
         if spec["warp"] == "film":  # FiLM task embeddings inside the warp blocks adapt
             assert any("film" in v.path for v in trainer.partition.task_variables)
+
+
+@needs_omniglot
+def test_omniglot_reference_protocol_and_large_batch_methods_smoke(tmp_path):
+    """--protocol reference switches on its four choices (recorded in the JSON); the
+    large-batch baselines adapt with 10x batches and learning rate, kfac with KFAC."""
+    out, export = run_example("omniglot.py", tmp_path, "--protocol", "reference",
+                              "--methods", "warp_leap,sgd_large_batch,kfac",
+                              "--kfac-lr", "0.2", "--no-export")
+    report = json.loads((out / "omniglot.json").read_text())
+    assert report["protocol"] == {
+        "name": "reference", "augment_adaptation_batches": True,
+        "augment_meta_batches": True, "augment_test_images": True, "warp_init": "random",
+        "objective": "approx",
+        "sources": dict.fromkeys(("augment_meta", "augment_test", "warp_init", "objective"),
+                                 "protocol reference")}
+    results = report["results"]
+    assert set(results) == {"warp_leap", "sgd_large_batch", "kfac"}
+    warp = results["warp_leap"]
+    assert warp["settings"]["objective"] == "approx"
+    assert warp["settings"]["warp_init"] == "random"
+    assert warp["per_seed"][0]["trainer"]["warp_objective"] == "approx"
+    batch = report["config"]["task_batch_size"]
+    assert warp["per_seed"][0]["task_batch_size"] == batch
+    for name in ("sgd_large_batch", "kfac"):
+        record = results[name]["per_seed"][0]
+        assert record["task_batch_size"] == 10 * batch, name
+        assert_stat(results[name]["final_test_accuracy"])
+    sgd = results["sgd_large_batch"]["per_seed"][0]
+    np.testing.assert_allclose(sgd["trainer"]["inner_learning_rate"],
+                               10 * report["config"]["inner_lr"], rtol=1e-6)
+    assert "inner_optimizer" not in sgd
+    kfac = results["kfac"]["per_seed"][0]["inner_optimizer"]
+    assert kfac["class"] == "KFAC" and kfac["learning_rate"] == 0.2
+    assert kfac["damping"] == 1e-2
+    # a different optimiser on the same tasks: different curves
+    assert (results["kfac"]["curves"]["train_error_mean"]
+            != results["sgd_large_batch"]["curves"]["train_error_mean"])
+    assert report["paper"]["table2"]["accuracy"]["kfac"] == 56.0
+    headers, rows = report["table"]["headers"], report["table"]["rows"]
+    assert "paper Table 2 (%)" in headers
+    assert [r[headers.index("paper Table 2 (%)")] for r in rows] == ["75.0", "51.0", "56.0"]
+    assert not export.exists()
+
+
+@needs_omniglot
+def test_omniglot_ngd_ablation_smoke(tmp_path):
+    """--ngd-ablation: the warp rows of Table 4 meta-learn only the warp (θ0 stays the
+    random one) with 10x batches; the paper's figures stand next to ours. (The SGD and KFAC
+    rows run the methods of the test above; their specs are checked below.)"""
+    out, export = run_example("omniglot.py", tmp_path, "--ngd-ablation", "--meta-steps", "1",
+                              "--ngd-rows", "warp_linear,warp_expressive")
+    report = json.loads((out / "omniglot_ngd.json").read_text())
+    assert report["mode"] == "ngd_ablation"
+    results = report["results"]
+    assert list(results) == ["warp_linear", "warp_expressive"]
+    assert results["warp_linear"]["settings"]["warp"] == "conv3x3"
+    assert results["warp_expressive"]["settings"]["warp"] == "residual2"
+    for name, result in results.items():
+        assert result["task_batch_scale"] == 10, name
+        assert_stat(result["final_test_accuracy"])
+        record = result["per_seed"][0]
+        assert record["task_batch_size"] == 10 * report["config"]["task_batch_size"]
+        assert record["trainer"]["init_objective"] is None, name
+        assert record["history"]["warp_updates"], name
+    assert report["paper"]["rows"]["warp_expressive"]["mean"] == 81.3
+    headers, rows = report["table"]["headers"], report["table"]["rows"]
+    assert [r[headers.index("paper Table 4 (%)")] for r in rows] == ["68.0 ± 4.4",
+                                                                      "81.3 ± 4.0"]
+    assert_png(out / "omniglot_ngd.png")
+    assert report["export"] is None and not export.exists()
+
+
+def test_ngd_ablation_rows():
+    omniglot = _import_example("omniglot")
+    args = omniglot.build_parser().parse_args(["--smoke", "--ngd-ablation"])
+    specs = omniglot.run_specs(omniglot.resolve_config(args))
+    assert [(s["name"], s["method"], s["batch_scale"]) for s in specs] == [
+        ("sgd", "sgd_large_batch", 10), ("kfac", "kfac", 10), ("warp_linear", "warp_only", 10),
+        ("warp_expressive", "warp_only", 10)]
+    assert [s["paper_accuracy"]["mean"] for s in specs] == [40.1, 58.2, 68.0, 81.3]
+    assert [s["paper_accuracy"]["std"] for s in specs] == [6.1, 3.2, 4.4, 4.0]
+
+
+def test_protocol_choices_and_explicit_flags_win():
+    omniglot = _import_example("omniglot")
+
+    def cfg(*flags):
+        return omniglot.resolve_config(omniglot.build_parser().parse_args(["--smoke", *flags]))
+
+    default = cfg()
+    assert (default["augment_meta"], default["augment_test"], default["warp_init"],
+            default["objective"]) == (False, False, "identity", "exact")
+    ref = cfg("--protocol", "reference")
+    assert (ref["augment_meta"], ref["augment_test"], ref["warp_init"],
+            ref["objective"]) == (True, True, "random", "approx")
+    mixed = cfg("--protocol", "reference", "--no-augment-test", "--objective", "exact",
+                "--warp-init", "identity")
+    assert (mixed["augment_meta"], mixed["augment_test"], mixed["warp_init"],
+            mixed["objective"]) == (True, False, "identity", "exact")
+    assert mixed["protocol_sources"]["objective"] == "flag"
+    assert mixed["protocol_sources"]["augment_meta"] == "protocol reference"
+    # the protocol's random initialisation only applies to the conv warps
+    assert cfg("--protocol", "reference", "--warp", "residual")["warp_init"] == "identity"
+    assert cfg("--augment-meta")["augment_meta"] is True
+    with pytest.raises(SystemExit) as err:
+        cfg("--protocol", "reference", "--learn-lr")
+    assert "--objective exact" in str(err.value)
+    with pytest.raises(SystemExit) as err:
+        cfg("--ablation", "--ngd-ablation")
+    assert "--ngd-ablation" in str(err.value)
+    with pytest.raises(SystemExit) as err:
+        cfg("--kfac-lr", "0")
+    assert "--kfac-lr" in str(err.value)
+
+
+def test_reference_protocol_augments_meta_batches_and_test_images():
+    """Under the reference protocol the meta-objective batches are augmented images (not
+    rows of the adaptation set) and the test images are a fixed augmented draw shared by
+    the normal and the 10x-batch task sets; the default protocol keeps both clean."""
+    import numpy as np
+    from warpkeras.data import ClassificationTask, random_affine
+
+    omniglot = _import_example("omniglot")
+    rng = np.random.default_rng(0)
+    images = (rng.random((30, 16, 16, 1)) > 0.7).astype("float32")
+    task = ClassificationTask(images[:20], np.arange(20) % 4, images[20:], np.arange(10) % 4,
+                              name="toy", augmentation=random_affine)
+
+    class Split:
+        meta_train, meta_test = [task], [task]
+
+    def rows_of(batch, data):
+        return [any(np.array_equal(b, d) for d in data) for b in batch]
+
+    base = dict(augment=True, task_batch_size=5, large_batch=10)
+    ref = omniglot.task_sets(Split, dict(base, augment_meta=True, augment_test=True), 3)
+    clean = omniglot.task_sets(Split, dict(base, augment_meta=False, augment_test=False), 3)
+    (train_ref,), (test_ref,) = ref[1]
+    (train_clean,), (test_clean,) = clean[1]
+    x_meta, y_meta = next(train_ref.batches("meta", np.random.default_rng(1)))
+    assert x_meta.shape == (5, 16, 16, 1) and not any(rows_of(x_meta, task.x_train))
+    x_meta, _ = next(train_clean.batches("meta", np.random.default_rng(1)))
+    assert all(rows_of(x_meta, task.x_train))
+    # adaptation batches are augmented under both protocols
+    x_train, _ = next(train_clean.batches("train", np.random.default_rng(1)))
+    assert not any(rows_of(x_train, task.x_train))
+    # the trainer's (adaptation, meta) streams of one step
+    _, meta_stream = train_ref.streams(np.random.default_rng(2), np.random.default_rng(3))
+    assert not any(rows_of(next(meta_stream)[0], task.x_train))
+    np.testing.assert_array_equal(test_clean.test[0], task.x_test)
+    assert not any(rows_of(test_ref.test[0], task.x_test))
+    np.testing.assert_array_equal(test_ref.test[1], task.y_test)
+    (_,), (test_large,) = ref[10]
+    assert test_large.batch_size == 50 and test_ref.batch_size == 5
+    np.testing.assert_array_equal(test_large.test[0], test_ref.test[0])
 
 
 def test_random_warp_init_matches_pytorch_default_conv_law(tmp_path):
