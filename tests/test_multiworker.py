@@ -162,4 +162,5 @@ def test_two_workers_match_each_other_and_one_device(tmp_path):
         assert any(moved("theta0", fresh.partition.task_variables)), name
         if fresh.warp_mode is not None:
             assert any(moved("phi", fresh.partition.warp_variables)), name
-    assert single["warp_leap_offline"]["log_warp_updates"].tolist() == [4.0] * META_STEPS
+    # 4 tasks × (K + 1 = 4) stored points θ_0 … θ_K, in mini-batches of η = 3: 5 full + 1
+    assert single["warp_leap_offline"]["log_warp_updates"].tolist() == [6.0] * META_STEPS

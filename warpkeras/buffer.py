@@ -46,11 +46,14 @@ class ReplayBuffer:
     """Stores points (θ_k, momentum buffer) of task trajectories for offline warp updates.
 
     Offline meta-training (WarpGrad Algorithm 2) first adapts a meta-batch of tasks,
-    appending every visited θ_k to the buffer, then samples the stored points without
-    replacement and takes warp-parameter steps on mini-batches of them. The buffer is a
-    Monte-Carlo sample of the joint task-parameter distribution p(τ, θ) of Eq. 3.
+    appending every visited θ_k to the buffer (θ_0 … θ_K, K + 1 points per task, lines 4
+    and 9; `MetaTrainer`'s ``buffer_final_point=False`` leaves out θ_K), then samples the
+    stored points without replacement and takes warp-parameter steps on mini-batches of
+    them. The buffer is a Monte-Carlo sample of the joint task-parameter distribution
+    p(τ, θ) of Eq. 3.
 
-    Memory is K × |θ| × tasks floats when every point is kept. Two ways bound it:
+    Memory is (K + 1) × |θ| × tasks floats (twice that with a momentum buffer) when every
+    point is kept. Two ways bound it:
 
     * ``capacity`` with ``overflow="reservoir"``: keep a uniform random sample of
       `capacity` points of the stream (reservoir sampling), in memory;
