@@ -37,7 +37,7 @@ from warpkeras import _validation as _v
 from warpkeras import objectives as obj
 from warpkeras.buffer import ReplayBuffer
 from warpkeras.partition import UNTAGGED_POLICIES, Partition, check_exact
-from warpkeras.tasks import as_task, as_task_source
+from warpkeras.tasks import Task, as_task, as_task_source
 from warpkeras.trainers.loop import TrainingLoop
 from warpkeras.trainers.parallel import PARALLEL_MODES, make_executor
 
@@ -978,16 +978,82 @@ class MetaTrainer(TrainingLoop):
             "y = np.unique(y, return_inverse=True)[1]) or give the head enough units."
         )
 
+    def _check_inputs(self, task, x, which):
+        """Refuses inputs whose structure or feature shapes cannot feed the model (a
+        one-input task for a two-input model, dict keys that are not the model's input
+        names, a wrong feature size), naming the task, what it holds and what the model
+        takes. Models without a known input structure (subclassed) are not checked."""
+        expected = getattr(self.model, "_inputs_struct", None)
+        if expected is None:
+            return
+        name = getattr(task, "name", "task")
+
+        def describe(structure):
+            return str(tf.nest.map_structure(
+                lambda t: tuple(getattr(t, "shape", np.shape(t))), structure))
+
+        def refuse(detail):
+            raise ValueError(
+                f"Task '{name}': its {which} inputs do not fit the model '{self.model.name}': "
+                f"{detail}. The task holds x of shape {describe(x)}; the model takes "
+                f"{describe(expected)} (batch dimension first). Give the task's x the "
+                "model's input structure: one array for one input, a tuple/list in the "
+                "order of model.inputs, or a dict keyed by the input names.")
+
+        try:
+            if isinstance(expected, dict) and isinstance(x, dict):
+                if set(expected) != set(x):
+                    refuse(f"its dict keys {sorted(x)} are not the model's input names "
+                           f"{sorted(expected)}")
+                pairs = [(expected[k], x[k]) for k in expected]
+            else:
+                tf.nest.assert_same_structure(expected, x, check_types=False)
+                pairs = list(zip(tf.nest.flatten(expected), tf.nest.flatten(x)))
+        except (ValueError, TypeError) as e:
+            if isinstance(e, ValueError) and str(e).startswith(f"Task '{name}'"):
+                raise
+            refuse("the number or nesting of its inputs differs")
+        for spec, value in pairs:
+            want, got = tuple(spec.shape)[1:], tuple(np.shape(value))[1:]
+            # Keras adds or drops a trailing axis of size 1 (`_adjust_input_rank`).
+            if len(got) == len(want) - 1 and want[-1] in (1, None):
+                got = got + (1,)
+            elif len(got) == len(want) + 1 and got[-1] == 1:
+                got = got[:-1]
+            if len(want) != len(got) or any(
+                    w is not None and w != g for w, g in zip(want, got)):
+                refuse(f"an input of feature shape {got} where the model takes {want}")
+
+    def _check_label_layout(self, task, y, which):
+        """Refuses one-hot labels given to a sparse categorical loss (which takes class
+        ids), naming the task and the two fixes."""
+        if self._label_limit() is None or isinstance(y, (dict, list, tuple)):
+            return
+        out_rank = len(self.model.outputs[0].shape)
+        shape = np.shape(y)
+        if len(shape) == out_rank and shape[-1] not in (1, None):
+            raise ValueError(
+                f"Task '{getattr(task, 'name', 'task')}': its {which} labels have shape "
+                f"{shape}, one value per class (one-hot), but the sparse categorical loss "
+                "takes one class id per example. Use loss='categorical_crossentropy', or "
+                "give class ids (y = np.argmax(y, axis=-1)).")
+
     def _checked(self, task, batches, which):
-        """`batches` (an iterator of (x, y)) with every label batch checked by
-        `_check_labels`; `batches` itself when there is nothing to check."""
-        if self._label_limit() is None:
-            return batches
+        """`batches` (an iterator of (x, y)): its first batch's inputs checked by
+        `_check_inputs` and label layout by `_check_label_layout`, and every label batch
+        by `_check_labels`."""
+        limit = self._label_limit()
 
         def checked():
+            first = True
             for batch in batches:
                 if isinstance(batch, (tuple, list)) and len(batch) == 2:
-                    self._check_labels(task, batch[1], which)
+                    if first:
+                        self._check_inputs(task, batch[0], which)
+                        self._check_label_layout(task, batch[1], which)
+                        first = False
+                    if limit is not None:
+                        self._check_labels(task, batch[1], which)
                 yield batch
 
         return checked()
@@ -1415,6 +1481,8 @@ class MetaTrainer(TrainingLoop):
             step_fn, velocity = inner_optimizer.adaptation_step(self, theta, seed)
         test = task.test_data()
         if test is not None:
+            self._check_inputs(task, test[0], "test")
+            self._check_label_layout(task, test[1], "test")
             self._check_labels(task, test[1], "test")
         curves = {"train_loss": [], "train_accuracy": [], "test_steps": [], "test_loss": [],
                   "test_accuracy": [], "path_length": 0.0}
@@ -1465,7 +1533,8 @@ class MetaTrainer(TrainingLoop):
         of 1 − accuracy for classification, of the loss otherwise).
 
         Args:
-            tasks: a list of `warpkeras.Task` (held-out tasks).
+            tasks: a list of `warpkeras.Task` (held-out tasks), a `TaskSampler`, or one
+                `Task`.
             steps: adaptation steps (default `inner_steps`).
             eval_every: test-set evaluation interval (see `adapt`).
             seed: seed of the batches.
@@ -1483,6 +1552,8 @@ class MetaTrainer(TrainingLoop):
         Warns:
             RuntimeWarning: naming the tasks that diverged.
         """
+        if isinstance(tasks, Task):
+            tasks = [tasks]
         tasks = [as_task(t) for t in (tasks.tasks if hasattr(tasks, "sample") else tasks)]
         steps = self.inner_steps if steps is None else int(steps)
         bar = keras.utils.Progbar(len(tasks), unit_name="task") if verbose else None
