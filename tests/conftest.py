@@ -48,6 +48,21 @@ def float64():
     keras.config.set_dtype_policy(old_policy)
 
 
+def linear_warp_model():
+    """x (4 features) -> linear warp (identity at init, φ) -> linear head (zeros, θ)."""
+    return keras.Sequential([
+        keras.Input((4,)),
+        warpkeras.warp(keras.layers.Dense(4, use_bias=False, kernel_initializer="identity",
+                                          name="warp")),
+        keras.layers.Dense(1, use_bias=False, kernel_initializer="zeros", name="task"),
+    ])
+
+
+def plain_model():
+    """x (4 features) -> a linear head with bias (θ); no warp layers."""
+    return keras.Sequential([keras.Input((4,)), keras.layers.Dense(1, name="task")])
+
+
 def assert_lists_close(a, b, rtol=1e-6, atol=1e-8):
     assert len(a) == len(b)
     for x, y in zip(a, b):

@@ -13,7 +13,7 @@ import tensorflow as tf
 import warpkeras
 from warpkeras.trainers.loop import FitModel
 
-from conftest import assert_lists_close
+from conftest import assert_lists_close, linear_warp_model, plain_model
 
 
 def regression_task(rng, n=40):
@@ -40,23 +40,10 @@ def diverging_from(step):
     return source
 
 
-def warp_model():
-    return keras.Sequential([
-        keras.Input((4,)),
-        warpkeras.warp(keras.layers.Dense(4, use_bias=False, kernel_initializer="identity",
-                                          name="warp")),
-        keras.layers.Dense(1, use_bias=False, kernel_initializer="zeros", name="task"),
-    ])
-
-
-def plain_model():
-    return keras.Sequential([keras.Input((4,)), keras.layers.Dense(1, name="task")])
-
-
 def warp_leap(model=None, **kw):
     """Both φ (meta_optimizer) and θ0 (init_optimizer) are meta-learned."""
     kw.setdefault("meta_optimizer", keras.optimizers.SGD(0.1))
-    return warpkeras.WarpTrainer(model or warp_model(), "mse", mode="online",
+    return warpkeras.WarpTrainer(model or linear_warp_model(), "mse", mode="online",
                                  init_objective="leap", inner_steps=1, meta_batch_size=1,
                                  inner_learning_rate=0.1, **kw)
 
@@ -150,7 +137,7 @@ def test_terminate_on_nan_stops_a_diverged_run():
 
 
 def test_learning_rate_scheduler_sets_both_meta_optimizers():
-    model = warp_model()
+    model = linear_warp_model()
     trainer = warp_leap(model)
     schedule = keras.callbacks.LearningRateScheduler(lambda epoch, lr: 0.1 / (epoch + 1))
     history = trainer.fit(regression_task, epochs=3, verbose=0, callbacks=[schedule])
@@ -281,7 +268,7 @@ def test_remote_monitor_posts_each_meta_step(monkeypatch):
 
 
 def test_swap_ema_weights_and_ema_optimizers_end_with_the_average():
-    model = warp_model()
+    model = linear_warp_model()
     trainer = warpkeras.WarpTrainer(
         model, "mse", mode="online", init_objective=None, inner_steps=1, meta_batch_size=1,
         meta_optimizer=keras.optimizers.SGD(0.1, use_ema=True, ema_momentum=0.5))

@@ -12,7 +12,7 @@ import tensorflow as tf
 import warpkeras
 from warpkeras import objectives as obj
 
-from conftest import assert_lists_close
+from conftest import assert_lists_close, linear_warp_model, plain_model
 
 SCALES = np.array([2.0, 1.0, 0.5, 0.25], "float32")
 
@@ -32,19 +32,6 @@ def shared_solution_task(rng, n=120):
     x = rng.normal(size=(n, 4)).astype("float32")
     y = x @ w
     return warpkeras.Task(train=(x[:100], y[:100]), test=(x[100:], y[100:]), batch_size=20)
-
-
-def linear_warp_model():
-    return keras.Sequential([
-        keras.Input((4,)),
-        warpkeras.warp(keras.layers.Dense(4, use_bias=False, kernel_initializer="identity",
-                                          name="warp")),
-        keras.layers.Dense(1, use_bias=False, kernel_initializer="zeros", name="task"),
-    ])
-
-
-def plain_model():
-    return keras.Sequential([keras.Input((4,)), keras.layers.Dense(1, name="task")])
 
 
 HELD_OUT = [ill_conditioned_task(np.random.default_rng(1000 + i)) for i in range(4)]
