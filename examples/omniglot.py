@@ -332,6 +332,12 @@ def build_parser():
                         "paper, was unstable in a quick test)")
     g.add_argument("--kfac-damping", type=float, default=1e-2,
                    help="Tikhonov damping λ of the kfac method (1e-2)")
+    g.add_argument("--precision", choices=("float32", "bfloat16", "auto"), default="float32",
+                   help="layer compute precision: bfloat16 builds the models under Keras's "
+                        "mixed_bfloat16 policy (float32 variables, θ0, φ and meta-gradients; "
+                        "bfloat16 convolutions) where the hardware computes in bfloat16, else "
+                        "float32 with a warning; auto: bfloat16 where supported "
+                        "(warpkeras.precision; default float32)")
     return parser
 
 
@@ -345,6 +351,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from warpkeras import layers as wl  # noqa: E402
+from warpkeras import precision as wprecision  # noqa: E402
 from warpkeras.data import OmniglotNotFoundError, OmniglotTasks, load_omniglot  # noqa: E402
 
 
@@ -394,6 +401,8 @@ def resolve_config(args):
         warp_leap_path_loss=bool(args.warp_leap_path_loss),
         augment=not args.no_augment,
         verbose=args.verbose,
+        precision=args.precision,
+        dtype_policy=wprecision.compute_policy(args.precision),
     )
     problems = []
     for key in ("meta_batch_size", "inner_steps", "task_batch_size", "eval_steps", "eval_every",
@@ -510,7 +519,8 @@ def build_model(num_classes=20, image_size=28, filters=64, warp=None, blocks=4,
 def shared_initialisation(cfg, seed):
     """Random initial weights of the task layers for `seed`, by layer name."""
     keras.utils.set_random_seed(seed)
-    model, _ = build_model(cfg["num_classes"], cfg["image_size"], cfg["filters"])
+    with wprecision.policy_scope(cfg["dtype_policy"]):
+        model, _ = build_model(cfg["num_classes"], cfg["image_size"], cfg["filters"])
     return {layer.name: layer.get_weights() for layer in model.layers if layer.weights}
 
 
@@ -518,8 +528,9 @@ def model_for(spec, cfg, seed, init):
     """Builds the model of one run and loads the seed's shared initialisation."""
     keras.utils.set_random_seed(seed + 7919)  # random parts of warp blocks
     warp = spec["warp"] if spec["method"] in ("warp_leap", "warp_only") else None
-    model, head = build_model(cfg["num_classes"], cfg["image_size"], cfg["filters"], warp,
-                              warp_init=spec.get("warp_init", "identity"))
+    with wprecision.policy_scope(cfg["dtype_policy"]):
+        model, head = build_model(cfg["num_classes"], cfg["image_size"], cfg["filters"],
+                                  warp, warp_init=spec.get("warp_init", "identity"))
     for layer in model.layers:
         if layer.name in init:
             layer.set_weights(init[layer.name])

@@ -170,12 +170,36 @@ def compute_policy(precision="auto"):
 
 
 @contextlib.contextmanager
+def policy_scope(policy):
+    """Builds the layers created inside under the Keras dtype policy `policy`.
+
+    Sets Keras's global dtype policy and restores the previous one on exit (also on
+    error). Layers keep the policy they were created with, so a model built inside trains
+    and runs under it afterwards.
+
+    Args:
+        policy: a Keras dtype policy or its name, e.g. ``compute_policy("auto")``.
+
+    Yields:
+        The policy name in force.
+
+    Raises:
+        ValueError: `policy` is not a Keras dtype policy (raised by Keras).
+    """
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(policy)
+    try:
+        yield keras.config.dtype_policy().name
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
+@contextlib.contextmanager
 def precision_scope(precision="auto"):
     """Builds the layers created inside under the dtype policy of `precision`.
 
-    Sets Keras's global dtype policy to ``compute_policy(precision)`` and restores the
-    previous policy on exit (also on error). Layers keep the policy they were created
-    with, so a model built inside trains and runs under it afterwards.
+    ``policy_scope(compute_policy(precision))``: Keras's global dtype policy is set for the
+    duration of the block and the previous one restored on exit.
 
     Args:
         precision: ``"auto"``, ``"float32"`` or ``"bfloat16"``; see `compute_policy`.
@@ -191,14 +215,9 @@ def precision_scope(precision="auto"):
     >>> with precision.precision_scope("bfloat16") as policy:
     ...     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
     """
-    policy = compute_policy(precision)
-    previous = keras.config.dtype_policy()
-    keras.config.set_dtype_policy(policy)
-    try:
+    with policy_scope(compute_policy(precision)) as policy:
         yield policy
-    finally:
-        keras.config.set_dtype_policy(previous)
 
 
 __all__ = ["Bfloat16UnsupportedWarning", "CPU_BF16_FLAGS", "PRECISIONS", "bf16_supported",
-           "compute_policy", "cpu_bf16_flags", "precision_scope"]
+           "compute_policy", "cpu_bf16_flags", "policy_scope", "precision_scope"]
