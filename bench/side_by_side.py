@@ -40,6 +40,7 @@ import argparse
 import datetime
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -106,10 +107,13 @@ def run_side(side, method, args, tmpdir, round_index):
                "--worker-out", out, "--meta-batch", str(args.meta_batch),
                "--inner-steps", str(args.inner_steps), "--repeats", str(args.repeats),
                "--warmup-inner-steps", str(args.warmup_inner_steps), "--seed", str(args.seed)]
+    waited = C.wait_idle(args.wait_idle) if args.wait_idle else None
     load_before = C.load()
+    cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - t
+    cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     load_after = C.load()
     if proc.returncode != 0:
         raise SystemExit(f"{side} {method} failed (exit {proc.returncode}):\n"
@@ -120,6 +124,9 @@ def run_side(side, method, args, tmpdir, round_index):
         res = {"harness": {k: v for k, v in res.items() if k not in ("leap", "warp_leap")},
                **res[method]}
     res["process_wall_s"] = wall
+    # CPU seconds of the whole subprocess (imports, warm-up and timed meta steps)
+    res["process_cpu_s"] = (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime)
+    res["wait_idle"] = waited
     res["load_before"] = load_before
     res["load_after"] = load_after
     return res
@@ -152,6 +159,9 @@ def main(argv=None):
     p.add_argument("--methods", nargs="+", choices=("leap", "warp_leap"),
                    default=["leap", "warp_leap"])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--wait-idle", type=float, default=0, metavar="SECONDS",
+                   help="before each side, wait up to SECONDS for the 1-minute load average "
+                        "to drop below 1.5 (default 0: no wait)")
     p.add_argument("--smoke", action="store_true",
                    help="one round at K = 5: checks that both sides run (figures meaningless)")
     p.add_argument("--out", default=None,
@@ -195,6 +205,8 @@ def main(argv=None):
                     "warpkeras_s": r3(wk["meta_step_s_mean"]),
                     "warpkeras_over_reference": r3(wk["meta_step_s_mean"] / ref_net),
                     "speedup": r3(ref_net / wk["meta_step_s_mean"]),
+                    "process_cpu_s": {"reference": r3(ref["process_cpu_s"]),
+                                      "warpkeras": r3(wk["process_cpu_s"])},
                     "load_1m_range": [min(ref["load_before"]["loadavg_1m"],
                                           wk["load_before"]["loadavg_1m"],
                                           ref["load_after"]["loadavg_1m"],
