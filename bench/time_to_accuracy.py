@@ -29,7 +29,8 @@ Usage::
     python bench/time_to_accuracy.py --eval-every 2 --max-meta-steps 30 --precision bfloat16
 
 Prints one JSON object and writes it to ``bench/results/time_to_accuracy_<method>.json``
-(``--smoke``: ``..._smoke.json``; ``--out -``: stdout only).
+(``--smoke``: ``..._smoke.json``; ``--out -``: stdout only), rewritten after every
+evaluation with ``"complete": false`` until the end.
 """
 
 import argparse
@@ -122,6 +123,50 @@ def main(argv=None):
         return float(np.mean(per_task)), per_task, time.perf_counter() - t
 
     curve, train_s, eval_s, reached = [], 0.0, 0.0, None
+    ref_min = REFERENCE_MINUTES.get(args.method)
+    out = args.out or os.path.join(
+        BENCH, "results",
+        f"time_to_accuracy_{args.method}{'_smoke' if args.smoke else ''}.json")
+
+    def write(complete):
+        result = {
+            "benchmark": "time_to_accuracy",
+            "complete": complete,
+            "smoke": args.smoke,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "method": args.method,
+            "seed": args.seed,
+            "target_accuracy_pct": target,
+            "target_source": "the authors' Omniglot code on this 7-alphabet subset, "
+                             "reference protocol, 50 meta steps, seed 0",
+            "reached": reached is not None,
+            "meta_steps_to_target": reached["meta_step"] if reached else None,
+            "time_to_target_min": round(reached["train_wall_s"] / 60, 2) if reached else None,
+            "reference_min_for_50_meta_steps": ref_min,
+            "time_to_target_over_reference": (
+                round(reached["train_wall_s"] / 60 / ref_min, 3) if reached and ref_min
+                else None),
+            "best_accuracy_pct": max(c["accuracy"] for c in curve),
+            "curve": curve,
+            "train_wall_s": round(train_s, 2),
+            "eval_wall_s": round(eval_s, 2),
+            "eval_every": every,
+            "config": {k: cfg[k] for k in (
+                "preset", "protocol", "meta_batch_size", "inner_steps", "task_batch_size",
+                "inner_lr", "meta_lr", "eval_steps", "max_warp_updates", "meta_interval",
+                "filters", "warp", "warp_init", "objective", "meta_training", "augment_meta",
+                "augment_test", "precision")},
+            "held_out_tasks": [t.name for t in test_tasks],
+            "load_1m_at_end": load_1m(),
+            "wall_seconds": round(time.time() - started, 1),
+        }
+        text = json.dumps(result, indent=1, default=str)
+        if out != "-":
+            os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+            with open(out, "w") as f:
+                f.write(text + "\n")
+        return text
+
     acc, per_task, seconds = evaluate()  # meta step 0: the shared random initialisation
     eval_s += seconds
     curve.append({"meta_step": 0, "train_wall_s": 0.0, "accuracy": round(acc, 2),
@@ -130,13 +175,14 @@ def main(argv=None):
     while step < max_steps:
         step = min(step + every, max_steps)
         t = time.perf_counter()
-        trainer.fit(train_tasks, meta_steps=step, verbose=0)
+        history = trainer.fit(train_tasks, meta_steps=step, verbose=0)
         train_s += time.perf_counter() - t
+        step_seconds = [round(float(v), 2) for v in (history.history or {}).get("seconds", [])]
         acc, per_task, seconds = evaluate()
         eval_s += seconds
         curve.append({"meta_step": step, "train_wall_s": round(train_s, 2),
                       "accuracy": round(acc, 2), "per_task": [round(a, 1) for a in per_task],
-                      "load_1m": load_1m()})
+                      "load_1m": load_1m(), "meta_step_seconds": step_seconds})
         print(f"# {args.method} meta step {step}: {acc:.1f}% held-out after "
               f"{train_s / 60:.2f} min of meta-training (load {load_1m()})",
               file=sys.stderr, flush=True)
@@ -144,46 +190,8 @@ def main(argv=None):
             reached = curve[-1]
             if not args.no_stop:
                 break
-
-    ref_min = REFERENCE_MINUTES.get(args.method)
-    result = {
-        "benchmark": "time_to_accuracy",
-        "smoke": args.smoke,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "method": args.method,
-        "seed": args.seed,
-        "target_accuracy_pct": target,
-        "target_source": "the authors' Omniglot code on this 7-alphabet subset, reference "
-                         "protocol, 50 meta steps, seed 0",
-        "reached": reached is not None,
-        "meta_steps_to_target": reached["meta_step"] if reached else None,
-        "time_to_target_min": round(reached["train_wall_s"] / 60, 2) if reached else None,
-        "reference_min_for_50_meta_steps": ref_min,
-        "time_to_target_over_reference": (round(reached["train_wall_s"] / 60 / ref_min, 3)
-                                          if reached and ref_min else None),
-        "best_accuracy_pct": max(c["accuracy"] for c in curve),
-        "curve": curve,
-        "train_wall_s": round(train_s, 2),
-        "eval_wall_s": round(eval_s, 2),
-        "eval_every": every,
-        "config": {k: cfg[k] for k in ("preset", "protocol", "meta_batch_size", "inner_steps",
-                                       "task_batch_size", "inner_lr", "meta_lr", "eval_steps",
-                                       "max_warp_updates", "meta_interval", "filters",
-                                       "warp", "warp_init", "objective", "meta_training",
-                                       "augment_meta", "augment_test", "precision")},
-        "held_out_tasks": [t.name for t in test_tasks],
-        "load_1m_at_end": load_1m(),
-        "wall_seconds": round(time.time() - started, 1),
-    }
-    text = json.dumps(result, indent=1, default=str)
-    out = args.out or os.path.join(
-        BENCH, "results",
-        f"time_to_accuracy_{args.method}{'_smoke' if args.smoke else ''}.json")
-    if out != "-":
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        with open(out, "w") as f:
-            f.write(text + "\n")
-    print(text)
+        write(complete=False)  # a run stopped early still leaves its curve
+    print(write(complete=True))
 
 
 if __name__ == "__main__":
