@@ -30,6 +30,12 @@ Usage::
     python bench/inner_step.py               # ~3 minutes on an idle machine
     python bench/inner_step.py --quick       # < 1 minute (no XLA, fewer rounds)
     python bench/inner_step.py --onednn 3    # + TF_ENABLE_ONEDNN_OPTS=0 vs 1 (3 pairs)
+    python bench/inner_step.py --quick --precision both   # + bfloat16 variants, same rounds
+
+``--precision bfloat16`` builds every model under Keras's ``mixed_bfloat16`` policy
+(`warpkeras.precision.compute_policy`: float32 with a warning where the hardware has no
+bfloat16); ``--precision both`` adds ``*_bf16`` variants of the trainer, meta, bare and
+plain steps and of the matmul to the same interleaved rounds and reports bf16 / fp32 ratios.
 
 Prints one JSON object and writes it to ``bench/results/inner_step.json``.
 """
@@ -167,6 +173,8 @@ def main():
     p.add_argument("--no-eager", action="store_true", help="skip the eager variants")
     p.add_argument("--no-xla", action="store_true", help="skip the jit_compile=True variants")
     p.add_argument("--no-profile", action="store_true", help="skip the tf.profiler breakdown")
+    p.add_argument("--precision", choices=("float32", "bfloat16", "both"), default="float32",
+                   help="layer compute precision; both: bfloat16 variants in the same rounds")
     p.add_argument("--onednn", type=int, default=0, metavar="PAIRS",
                    help="also compare TF_ENABLE_ONEDNN_OPTS=0 vs 1 over PAIRS alternating "
                         "child processes (~40 s per pair on an idle machine)")
@@ -182,8 +190,13 @@ def main():
     import tensorflow as tf
 
     import warpkeras
+    from warpkeras import precision as wprecision
 
     info = C.machine_info(args.wait_idle)
+    bf16_policy = (wprecision.compute_policy("bfloat16")
+                   if args.precision in ("bfloat16", "both") else None)
+    if args.precision == "bfloat16":
+        keras.config.set_dtype_policy(bf16_policy)
     lr = 0.1
     loss = C.loss_fn()
     rng = np.random.default_rng(args.seed)
@@ -260,6 +273,22 @@ def main():
     b = tf.random.normal((2048, 2048), seed=2)
     matmul = tf.function(lambda a, b: tf.matmul(a, b))
     variants["matmul_2048"] = lambda: matmul(a, b)
+    bf16_pairs = {}
+    if args.precision == "both":
+        # the same steps on models built under mixed_bfloat16, in the same rounds
+        with wprecision.policy_scope(bf16_policy):
+            e16, plain16 = engine(True), engine(False)
+            model16 = C.omniglot_model(warp=True, bn=args.bn, seed=args.seed)
+        bare16 = make_bare(model16, warpkeras.partition(model16).task_variables, loss, lr, False)
+        bf16_pairs = {"trainer_function": e16.inner, "plain_trainer_function": plain16.inner,
+                      "bare_function": lambda: bare16(x, y)}
+        if e16.meta_inner is not None:
+            bf16_pairs["trainer_meta_step_leap_function"] = e16.meta_inner
+        if plain16.meta_inner is not None:
+            bf16_pairs["plain_trainer_meta_step_leap_function"] = plain16.meta_inner
+        a16, b16 = tf.cast(a, tf.bfloat16), tf.cast(b, tf.bfloat16)
+        bf16_pairs["matmul_2048"] = lambda: matmul(a16, b16)
+        variants.update({k + "_bf16": v for k, v in bf16_pairs.items()})
 
     # eager variants are several times slower: fewer calls for them keeps the run short;
     # they are compared with the compiled references re-timed in their own rounds
@@ -401,6 +430,13 @@ def main():
             "met": ratios["meta_step_leap_over_bare"] <= 1.1}
 
     onednn = onednn_ab(args.onednn, 5, 4) if args.onednn else None
+    precision = {"requested": args.precision, "bf16_policy": bf16_policy,
+                 "bf16_supported": wprecision.bf16_supported(),
+                 "cpu_bf16_flags": list(wprecision.cpu_bf16_flags())}
+    if bf16_pairs:
+        precision["bf16_over_fp32"] = {k: C.ratio(t(k + "_bf16"), t(k)) for k in bf16_pairs}
+        precision["bf16_over_fp32_from_fastest_samples"] = C.min_ratios(
+            timings, {k: (k + "_bf16", k) for k in bf16_pairs})
 
     result = {
         "benchmark": "inner_step",
@@ -432,6 +468,7 @@ def main():
         "targets": targets,
         "profile": profile,
         "onednn_ab": onednn,
+        "precision": precision,
         "notes": notes,
         "samples": {k: v["samples_s"] for k, v in timings.items()},
     }

@@ -32,6 +32,12 @@ Usage::
     python bench/meta_step.py --meta-batch 5 20  # also meta-batch 20 (~20 minutes)
     python bench/meta_step.py --quick            # K=10, meta-batch 5, extrapolated; ~1 minute
     python bench/meta_step.py --max-warp-updates 100 --meta-batch 20
+    python bench/meta_step.py --quick --precision both   # float32 and bfloat16 runs
+
+``--precision bfloat16`` builds the models under Keras's ``mixed_bfloat16`` policy
+(`warpkeras.precision.compute_policy`: float32 with a warning where the hardware has no
+bfloat16); ``--precision both`` runs each configuration in float32 and then in bfloat16,
+back to back, and reports the bf16 / fp32 ratios (``precision_ratios``).
 
 Prints one JSON object and writes it to ``bench/results/meta_step.json``.
 """
@@ -107,10 +113,17 @@ def supports_parallel():
     return "parallel" in inspect.signature(warpkeras.MetaTrainer.__init__).parameters
 
 
-def build(config, meta_batch, inner_steps, objective, max_warp_updates, parallel, seed):
+def build(config, meta_batch, inner_steps, objective, max_warp_updates, parallel, seed,
+          policy=None):
     import keras
 
     import warpkeras
+    from warpkeras import precision
+
+    if policy is not None:
+        with precision.policy_scope(policy):
+            return build(config, meta_batch, inner_steps, objective, max_warp_updates,
+                         parallel, seed)
 
     extra = {"parallel": parallel} if parallel is not None else {}
     common = dict(inner_learning_rate=0.1, inner_steps=inner_steps, meta_batch_size=meta_batch,
@@ -215,6 +228,9 @@ def main():
                         "leap.meta_step_s_mean, warp_leap.meta_step_s_mean, and optionally "
                         ".inner_step_ms / warp_leap.warp_update_ms, .heldout_eval_s_per_meta_step); "
                         "adds the ratios against it as vs_reference_same_machine")
+    p.add_argument("--precision", choices=("float32", "bfloat16", "both"), default="float32",
+                   help="layer compute precision; both: each configuration in float32, then "
+                        "in bfloat16")
     p.add_argument("--profile", action="store_true",
                    help="one more meta step of each configuration under cProfile")
     args = p.parse_args()
@@ -230,18 +246,21 @@ def main():
     import numpy as np  # noqa: F401
 
     import warpkeras
+    from warpkeras import precision as wprecision
 
     info = C.machine_info(args.wait_idle)
+    precisions = ["float32", "bfloat16"] if args.precision == "both" else [args.precision]
+    policies = {p: wprecision.compute_policy(p) for p in precisions}
     source = warpkeras.TaskSampler(C.synthetic_tasks(20, seed=args.seed))
     unit_rounds, unit_calls = (2, 3) if args.quick else (3, 5)
     runs = []
     for mb in mbs:
         for config in args.configs:
-            for mode in modes:
+            for mode, prec in ((m, p) for m in modes for p in precisions):
                 if mode not in (None, "sequential") and config == "warp_leap_offline" and mb == 1:
                     continue
                 trainer = build(config, mb, K, args.objective, args.max_warp_updates, mode,
-                                args.seed)
+                                args.seed, policy=policies[prec])
                 # warm-up: one short meta step traces every function of this configuration
                 trainer.inner_steps = 2
                 t0 = time.perf_counter()
@@ -270,6 +289,7 @@ def main():
                     components = n_inner * inner_s
                 run = {
                     "config": config, "meta_batch": mb, "inner_steps": K,
+                    "precision": prec, "dtype_policy": policies[prec],
                     "parallel": mode, "objective": args.objective if config != "leap" else None,
                     "max_warp_updates": args.max_warp_updates if config == "warp_leap_offline" else None,
                     "warp_updates": n_warp,
@@ -294,15 +314,17 @@ def main():
                         lambda t=trainer: meta_step(t, source, 101), 1,
                         "/tmp/warpkeras_bench_profile")
                 runs.append(run)
-                print(f"# {config} mb={mb} parallel={mode}: {s:.2f} s "
+                print(f"# {config} mb={mb} parallel={mode} {prec}: {s:.2f} s "
                       f"({s / inner_s:.0f} inner steps of {inner_s * 1e3:.1f} ms)",
                       file=sys.stderr, flush=True)
                 del trainer
 
-    def find(config, mb=5, mode=None):
+    def find(config, mb=5, mode=None, prec=None):
         mode = mode if mode is not None else ("sequential" if has_parallel else None)
+        prec = prec or precisions[0]
         for r in runs:
-            if r["config"] == config and r["meta_batch"] == mb and r["parallel"] == mode:
+            if (r["config"] == config and r["meta_batch"] == mb and r["parallel"] == mode
+                    and r["precision"] == prec):
                 return r
         return None
 
@@ -331,12 +353,27 @@ def main():
     if has_parallel:
         for r in runs:
             if r["parallel"] not in (None, "sequential"):
-                seq = find(r["config"], r["meta_batch"], "sequential")
+                seq = find(r["config"], r["meta_batch"], "sequential", r["precision"])
                 if seq:
                     parallel_ratios[f"{r['config']}_mb{r['meta_batch']}_{r['parallel']}_over_sequential"] = {
                         "wall": C.ratio(r["meta_step_s"], seq["meta_step_s"]),
                         "in_inner_steps": C.ratio(r["meta_step_in_inner_steps"],
                                                   seq["meta_step_in_inner_steps"])}
+
+    precision_ratios = {}
+    if args.precision == "both":
+        for r in runs:
+            if r["precision"] == "bfloat16":
+                f32 = find(r["config"], r["meta_batch"], r["parallel"], "float32")
+                if f32:
+                    precision_ratios[f"{r['config']}_mb{r['meta_batch']}_{r['parallel']}"] = {
+                        "meta_step_bf16_over_fp32": C.ratio(r["meta_step_s"], f32["meta_step_s"]),
+                        "inner_step_bf16_over_fp32": C.ratio(r["inner_step_ms_same_time"],
+                                                             f32["inner_step_ms_same_time"]),
+                        "warp_step_bf16_over_fp32": C.ratio(r["warp_step_ms_same_time"],
+                                                            f32["warp_step_ms_same_time"])
+                        if r["warp_step_ms_same_time"] else None,
+                        "load_after": [f32["load_after"], r["load_after"]]}
 
     # the floor: FLOPs of a meta step at the matmul rate measured now
     mm = C.matmul_rate(2.0 if args.quick else 4.0)
@@ -366,6 +403,10 @@ def main():
         "vs_reference": vs_reference,
         "vs_reference_same_machine": same_machine,
         "parallel_ratios": parallel_ratios,
+        "precision": {"requested": args.precision, "policies": policies,
+                      "bf16_supported": wprecision.bf16_supported(),
+                      "cpu_bf16_flags": list(wprecision.cpu_bf16_flags())},
+        "precision_ratios": precision_ratios,
         "floor_at_matmul_rate": floor,
         "targets": targets,
     }
