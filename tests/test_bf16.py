@@ -190,3 +190,39 @@ def test_masters_stay_float32_after_meta_steps():
     slots = [v for opt in (trainer.meta_optimizer, trainer.init_optimizer) for v in opt.variables]
     assert slots and all(v.dtype in ("float32", "int64") for v in slots)
     assert all(np.all(np.isfinite(v.numpy())) for v in model.variables)
+
+
+# --- the Omniglot example's flag -----------------------------------------------------------
+def _omniglot():
+    import pathlib
+    import sys
+
+    examples = str(pathlib.Path(__file__).resolve().parent.parent / "examples")
+    sys.path.insert(0, examples)
+    try:
+        import omniglot
+    finally:
+        sys.path.remove(examples)
+    return omniglot
+
+
+def test_omniglot_precision_flag_builds_bf16_models(cpu):
+    cpu(ZEN4)
+    omniglot = _omniglot()
+
+    def cfg(*flags):
+        return omniglot.resolve_config(omniglot.build_parser().parse_args(["--smoke", *flags]))
+
+    assert cfg()["dtype_policy"] == "float32"
+    config = cfg("--precision", "bfloat16")
+    assert config["dtype_policy"] == "mixed_bfloat16"
+    before = keras.config.dtype_policy().name
+    spec = next(s for s in omniglot.run_specs(config) if s["method"] == "warp_leap")
+    model, _ = omniglot.model_for(spec, config, 0, omniglot.shared_initialisation(config, 0))
+    assert keras.config.dtype_policy().name == before
+    convs = [layer for layer in model.layers if isinstance(layer, L.Conv2D)]
+    assert convs and all(layer.compute_dtype == "bfloat16" for layer in convs)
+    assert {v.dtype for v in model.variables} == {"float32"}
+    cpu(SKYLAKE)
+    with pytest.warns(precision.Bfloat16UnsupportedWarning):
+        assert cfg("--precision", "bfloat16")["dtype_policy"] == "float32"
