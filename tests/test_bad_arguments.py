@@ -141,6 +141,9 @@ OWN = {
         ("warp_mode", True, ValueError, r"warp_mode=True.*one of None, 'online'"),
         ("warp_objective", "exactly", ValueError, r"warp_objective='exactly'.*'exact', 'approx'"),
         ("init_objective", "leapp", ValueError, r"init_objective='leapp'.*'leap'"),
+        ("objectives", "leap", TypeError, r"objectives='leap'.*warpkeras\.meta\.MetaObjective"),
+        ("objectives", [warpkeras.meta.Leap()], ValueError,
+         r"init_objective, warp_mode choose objectives, but objectives= is given"),
     ],
     "WarpTrainer": [
         ("mode", "onlin", ValueError, r"WarpTrainer: mode='onlin'.*did you mean mode='online'"),

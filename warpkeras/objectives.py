@@ -164,6 +164,7 @@ def task_step(
     state=None,
     stop_inner_gradient=False,
     training=True,
+    update=None,
 ):
     """One inner step θ_{k+1} = θ_k − α ∇L_task(θ_k; φ) (WarpGrad Alg. 1 line 8).
 
@@ -194,6 +195,9 @@ def task_step(
         state: non-trainable model state.
         stop_inner_gradient: treat ∇L_task as a constant (the approximate objective).
         training: run the model in training mode.
+        update: optional ``update(theta, grads, velocity) -> (new_theta, new_velocity)``
+            replacing the SGD rule (e.g. Meta-SGD's per-parameter learning rates); then
+            `learning_rate` and `momentum` are not used.
 
     Returns:
         A `StepResult`.
@@ -204,7 +208,10 @@ def task_step(
     )
     if stop_inner_gradient:
         grads = [tf.stop_gradient(g) for g in grads]
-    new_theta, new_velocity = sgd_update(theta, grads, learning_rate, momentum, velocity)
+    if update is not None:
+        new_theta, new_velocity = update(theta, grads, velocity)
+    else:
+        new_theta, new_velocity = sgd_update(theta, grads, learning_rate, momentum, velocity)
     return StepResult(new_theta, new_velocity, loss, grads, new_state, outputs)
 
 
@@ -423,6 +430,7 @@ def maml_objective(
     first_order=False,
     state=None,
     training=True,
+    update=None,
 ):
     """The MAML objective over K unrolled inner steps (WarpGrad Eq. 1, P given by the warp):
 
@@ -444,6 +452,7 @@ def maml_objective(
         learning_rate: α.
         steps: K.
         first_order: stop the inner gradients.
+        update: optional inner rule replacing SGD (see `task_step`).
 
     Returns:
         ``(query_loss, theta_K)``.
@@ -460,6 +469,7 @@ def maml_objective(
             state=state,
             stop_inner_gradient=first_order,
             training=training,
+            update=update,
         )
         theta = step.theta
         # The model state goes on from call to call (random-number-generator seeds advance,

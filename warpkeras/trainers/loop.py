@@ -25,8 +25,6 @@ that names the file, and intact checkpoints are never deleted or overwritten bec
 
 import math
 import os
-import re
-import shutil
 import time
 import warnings
 
@@ -35,254 +33,15 @@ import numpy as np
 import tensorflow as tf
 
 from warpkeras.tasks import as_task_source
+from warpkeras.trainers.checkpoints import (_CHECKPOINT_NAME, _STATE_FILE,
+                                            CheckpointError, CheckpointWarning,
+                                            _checkpoint_files, _first_line,
+                                            _state_file_problem, _unreadable_file,
+                                            remove_checkpoint_leftovers)
+from warpkeras.trainers.fitmodel import (FitModel, MetaHistory, MetaProgbarLogger,
+                                         _MetaOptimizers, _NamedOptimizer)
 
 __all__ = ["TrainingLoop", "FitModel", "CheckpointWarning", "CheckpointError"]
-
-_CHECKPOINT_NAME = "ckpt"
-_CHECKPOINT_RE = re.compile(r"^" + _CHECKPOINT_NAME + r"-(\d+)\.(index|data-\d+-of-\d+)$")
-_TEMP_RE = re.compile(r"^" + _CHECKPOINT_NAME + r"-\d+_temp(_[0-9a-f]+)?$")
-_STATE_FILE = "checkpoint"
-
-
-class CheckpointWarning(UserWarning):
-    """A checkpoint file could not be read and an older checkpoint is used instead."""
-
-
-class CheckpointError(RuntimeError):
-    """No checkpoint in a checkpoint folder can be read, or one belongs to another model."""
-
-
-# ----------------------------------------------------------------------------------------
-# what Keras callbacks see as `self.model`
-class _NamedOptimizer:
-    """One meta optimiser under the name its learning rate is logged with
-    (``learning_rate_<name>``); reads and writes go to the optimiser itself."""
-
-    def __init__(self, name, optimizer):
-        self.name = name
-        self._optimizer = optimizer
-
-    @property
-    def learning_rate(self):
-        return self._optimizer.learning_rate
-
-    @learning_rate.setter
-    def learning_rate(self, value):
-        self._optimizer.learning_rate = value
-
-    def __getattr__(self, name):
-        return getattr(self.__dict__["_optimizer"], name)
-
-
-class _MetaOptimizers:
-    """Several meta optimisers as one, the way Keras callbacks handle a multi-optimiser
-    (an ``optimizers`` list); ``iterations`` counts meta steps."""
-
-    def __init__(self, members, iterations):
-        self.optimizers = members
-        self.iterations = iterations
-        self.built = True
-        self.name = "meta_optimizers"
-
-    def build(self, variables):  # noqa: ARG002 - built with the trainer
-        return None
-
-
-class FitModel:
-    """The object Keras callbacks get as ``self.model`` in `MetaTrainer.fit`.
-
-    Attribute reads that it does not define go to the trainer's Keras model (``layers``,
-    ``get_weights``, ``set_weights``, ``save``, ``built``, ...), so `EarlyStopping`
-    (``restore_best_weights``), `ModelCheckpoint` and `TensorBoard` histograms act on the
-    meta-learned model. It adds:
-
-    * ``optimizer``: the meta optimiser(s) the learning-rate callbacks act on. With one
-      active meta optimiser (φ's ``meta_optimizer`` for warp-only trainers, θ0's
-      ``init_optimizer`` for Leap / MAML / Reptile) it is that optimiser, and its rate is
-      logged as ``learning_rate``; when both φ and θ0 are meta-learned it holds both, named
-      ``meta_optimizer`` and ``init_optimizer`` (logged as ``learning_rate_meta_optimizer``
-      and ``learning_rate_init_optimizer``), and `ReduceLROnPlateau` /
-      `LearningRateScheduler` change both;
-    * ``stop_training``: set it to end `fit` after the current meta step;
-    * ``save_weights(path)`` / ``load_weights(path)``: the model's weights (a Keras
-      ``.weights.h5`` file that ``model.load_weights`` reads as usual) plus the trainer's
-      own state (optimiser slots, meta step, inner learning rate and momentum, counters) in
-      ``path + ".trainer.npz"``, so `BackupAndRestore` resumes a run exactly.
-    """
-
-    def __init__(self, trainer):
-        self.__dict__["_trainer"] = trainer
-        self.__dict__["_model"] = trainer.model
-        self.stop_training = False
-        self.history = None
-        self._initial_epoch = None
-        self._state_loaded = False
-        self.optimizer = trainer._callback_optimizer()
-
-    def __getattr__(self, name):
-        return getattr(self.__dict__["_model"], name)
-
-    @property
-    def metrics(self):
-        """Which way each logged value improves, for ``mode="auto"`` of `EarlyStopping`,
-        `ModelCheckpoint` and `ReduceLROnPlateau`: ``loss``, ``meta_loss`` and ``auc`` (the
-        area under the training-error curve) down, ``accuracy`` up."""
-        from keras.src.trainers.compile_utils import MetricsList
-
-        tracked = []
-        for name, direction in (("loss", "down"), ("meta_loss", "down"), ("auc", "down"),
-                                ("accuracy", "up")):
-            metric = keras.metrics.Mean(name=name)
-            metric._direction = direction
-            tracked.append(metric)
-        return [MetricsList(tracked)]
-
-    @property
-    def model(self):
-        """The trainer's Keras model."""
-        return self._model
-
-    @property
-    def trainer(self):
-        """The `MetaTrainer` being fitted."""
-        return self._trainer
-
-    def save_weights(self, filepath, overwrite=True, **kwargs):
-        self._model.save_weights(filepath, overwrite=overwrite, **kwargs)
-        values = {f"v{i}": np.asarray(v.numpy())
-                  for i, v in enumerate(self._trainer._trainer_state_variables())}
-        tmp = f"{filepath}.trainer.tmp.npz"
-        np.savez(tmp, **values)
-        os.replace(tmp, f"{filepath}.trainer.npz")
-
-    def load_weights(self, filepath, **kwargs):
-        self._model.load_weights(filepath, **kwargs)
-        extra = f"{filepath}.trainer.npz"
-        if not os.path.exists(extra):
-            return
-        variables = self._trainer._trainer_state_variables()
-        with np.load(extra) as data:
-            if len(data.files) != len(variables):
-                raise CheckpointError(
-                    f"'{extra}' holds {len(data.files)} trainer values, this trainer has "
-                    f"{len(variables)}: it was written by a differently configured trainer.")
-            for i, v in enumerate(variables):
-                v.assign(data[f"v{i}"])
-        self._state_loaded = True
-
-
-# ----------------------------------------------------------------------------------------
-# History and progress output
-class MetaHistory(keras.callbacks.History):
-    """`keras.callbacks.History` with one entry per meta step for every key: a value missing
-    at a step (a key that appears later, or validation between validation steps) is NaN."""
-
-    def on_epoch_end(self, epoch, logs=None):
-        logs = dict(logs or {})
-        n = len(self.epoch)
-        self.epoch.append(epoch)
-        for key, value in logs.items():
-            if key not in self.history:
-                self.history[key] = [math.nan] * n
-            self.history[key].append(value)
-        for key, values in self.history.items():
-            if len(values) == n:
-                values.append(math.nan)
-
-
-class MetaProgbarLogger(keras.callbacks.ProgbarLogger):
-    """Keras's `ProgbarLogger` (``verbose=1`` bar, ``verbose=2`` one line per epoch, in
-    Keras's formats), showing the step's own values (never earlier ones: a meta step with
-    no finite task shows ``nan``), without ``seconds`` and the integer counters
-    (``nan_tasks``, ``diverged_tasks``, ``warp_updates``, ...), which stay in History."""
-
-    def __init__(self):
-        super().__init__()
-        self.hidden = {"seconds"}  # `fit` adds the keys of integer counters
-
-    def _shown(self, logs):
-        return {k: v for k, v in (logs or {}).items() if k not in self.hidden}
-
-    def on_train_batch_end(self, batch, logs=None):
-        super().on_train_batch_end(batch, self._shown(logs))
-
-    def on_epoch_end(self, epoch, logs=None):
-        super().on_epoch_end(epoch, self._shown(logs))
-
-
-# ----------------------------------------------------------------------------------------
-# checkpoint files
-def _checkpoint_files(directory):
-    """``{number: [file names]}`` of the ``ckpt-N`` checkpoints in `directory`."""
-    found = {}
-    for name in os.listdir(directory):
-        m = _CHECKPOINT_RE.match(name)
-        if m:
-            found.setdefault(int(m.group(1)), []).append(name)
-    return found
-
-
-def _unreadable_file(directory, number, names):
-    """The file of checkpoint ``ckpt-<number>`` that cannot be read and why, or None."""
-    prefix = os.path.join(directory, f"{_CHECKPOINT_NAME}-{number}")
-    index = f"{_CHECKPOINT_NAME}-{number}.index"
-    if index not in names:
-        return f"{prefix}.index", "missing"
-    data = sorted(n for n in names if n != index)
-    for name in [index] + data:
-        if os.path.getsize(os.path.join(directory, name)) == 0:
-            return os.path.join(directory, name), "empty"
-    try:
-        reader = tf.train.load_checkpoint(prefix)
-    except (tf.errors.OpError, ValueError, IndexError) as e:
-        return f"{prefix}.index", _first_line(e)
-    shards = re.findall(r"of-(\d+)$", data[0]) if data else []
-    if not data or len(data) != int(shards[0]):
-        return f"{prefix}.data-*", "missing data shard"
-    try:
-        for name in reader.get_variable_to_shape_map():
-            reader.get_tensor(name)  # reads every byte: catches truncation and bad checksums
-    except (tf.errors.OpError, ValueError, IndexError) as e:
-        return os.path.join(directory, data[0]) if len(data) == 1 else f"{prefix}.data-*", \
-            _first_line(e)
-    return None
-
-
-def _first_line(error):
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}"
-
-
-def _state_file_problem(directory):
-    """Why the ``checkpoint`` state file of `directory` cannot be used, or None."""
-    path = os.path.join(directory, _STATE_FILE)
-    if not os.path.exists(path):
-        return None
-    try:
-        state = tf.train.get_checkpoint_state(directory)
-    except (tf.errors.OpError, ValueError, UnicodeDecodeError) as e:
-        return _first_line(e)
-    if state is None or not state.model_checkpoint_path:
-        return "not a checkpoint state (unparsable or empty)"
-    latest = os.path.basename(state.model_checkpoint_path)
-    if not os.path.exists(os.path.join(directory, latest + ".index")):
-        return f"it names '{latest}', which is not in the folder"
-    return None
-
-
-def remove_checkpoint_leftovers(directory):
-    """Removes the ``ckpt-N_temp`` folders that a run killed while writing a checkpoint
-    leaves in `directory`. Returns the removed paths."""
-    removed = []
-    if not os.path.isdir(directory):
-        return removed
-    for name in os.listdir(directory):
-        path = os.path.join(directory, name)
-        if _TEMP_RE.match(name) and os.path.isdir(path):
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
-    return removed
-
 
 def _resolve_epochs(epochs, meta_steps):
     if epochs is not None and meta_steps is not None and epochs != meta_steps:
@@ -310,8 +69,10 @@ class TrainingLoop:
 
     Needs from the class it is mixed into: ``model``, ``step`` (an int64 `tf.Variable`, the
     meta step reached), ``seed``, ``meta_batch_size``, ``accuracy``, ``buffer``,
-    ``train_step(tasks, rng) -> logs``, ``evaluate(tasks, steps, verbose) -> report`` and
-    ``_checkpoint_items() -> dict`` of the trackables a checkpoint holds.
+    ``train_step(tasks, rng) -> logs``, ``evaluate(tasks, steps, verbose) -> report``,
+    ``_checkpoint_items() -> dict`` of the trackables a checkpoint holds, ``objectives``
+    (each with ``optimizer_name``, ``optimizer``, ``variables(trainer)``),
+    ``meta_optimizer`` and ``_reports_accuracy()``.
     """
 
     # ------------------------------------------------------------------------------------
@@ -339,9 +100,8 @@ class TrainingLoop:
     def _callback_optimizer(self):
         """What Keras callbacks see as ``model.optimizer`` (see `FitModel`)."""
         members = []
-        for optimizer, _ in self._meta_optimizer_variables():
+        for name, optimizer, _ in self._meta_optimizer_variables():
             if all(o is not optimizer for _, o in members):
-                name = "init_optimizer" if optimizer is self.init_optimizer else "meta_optimizer"
                 members.append((name, optimizer))
         if not members:
             return self.meta_optimizer
@@ -589,7 +349,7 @@ class TrainingLoop:
                 break
         # as `model.fit`: optimisers with `use_ema=True` leave their moving averages
         if epoch_logs is not None:
-            for optimizer, variables in self._meta_optimizer_variables():
+            for _, optimizer, variables in self._meta_optimizer_variables():
                 optimizer.finalize_variable_values(variables)
         cb.on_train_end(logs=epoch_logs)
         self.history = history
@@ -610,17 +370,13 @@ class TrainingLoop:
         return {f"val_{k}": v for k, v in logs.items()}
 
     def _meta_optimizer_variables(self):
-        """``(optimizer, variables)`` of the active meta optimisers."""
-        pairs = []
-        if self.warp_mode is not None and self.partition.warp_variables:
-            pairs.append((self.meta_optimizer, self.partition.warp_variables))
-        if self._learns_init():
-            pairs.append((self.init_optimizer, self.partition.task_variables))
-        return pairs
+        """``(name, optimizer, variables)`` of the objectives' optimisers."""
+        return [(o.optimizer_name, o.optimizer, o.variables(self)) for o in self.objectives
+                if o.optimizer is not None and o.variables(self)]
 
     def _expected_log_keys(self):
         """Keys every meta step's logs carry (NaN when a step has no value for one)."""
         keys = ["loss"]
-        if self.accuracy and self.init_objective not in ("maml", "fomaml"):
+        if self._reports_accuracy():
             keys.append("accuracy")
         return keys

@@ -1,8 +1,9 @@
 """`WarpTrainer`: WarpGrad meta-training (Algorithms 1–3), alone or with an initialisation."""
 
 from warpkeras import _validation as _v
-from warpkeras.trainers.base import (INIT_OBJECTIVES, WARP_OBJECTIVES, MetaTrainer,
-                                     MetaTrainingError)
+from warpkeras.meta import MetaTrainingError
+from warpkeras.trainers.base import MetaTrainer
+from warpkeras.trainers.presets import INIT_OBJECTIVES, WARP_OBJECTIVES
 
 
 class WarpTrainer(MetaTrainer):

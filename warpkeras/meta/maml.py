@@ -1,0 +1,127 @@
+"""`MAML`: the initialisation meta-learned through K unrolled inner steps."""
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from warpkeras import _validation as _v
+from warpkeras import objectives as obj
+from warpkeras.meta.base import MetaTrainingError, all_finite
+from warpkeras.meta.leap import InitObjective, default_optimizer
+from warpkeras.partition import check_exact
+
+
+class MAML(InitObjective):
+    """Model-Agnostic Meta-Learning (Finn et al.; WarpGrad Eq. 1,
+    `warpkeras.objectives.maml_objective`).
+
+    For each task, K inner steps from θ0 on a support batch (the task's first training
+    batch, reused at every step), then the loss on a query batch (the task's meta data);
+    the meta-gradient is the gradient of that loss through the K steps (second order) or,
+    with ``first_order=True``, with the inner gradients stopped (FOMAML). The steps are
+    unrolled in the graph (MAML is a few-shot method) and use the trainer's inner rule
+    (`engine.inner_update`: SGD with α, or an objective's own rule such as Meta-SGD's).
+
+    Alone, MAML needs no K-step adaptation loop (``adapts`` is False); with a warp
+    objective (Warp-MAML) it closes each task after the warp objective's adaptation.
+
+    Subclasses meta-learn more variables with the same query loss by overriding
+    `meta_variables` (e.g. ANIL: the body, given as the model's warp layers; Meta-SGD:
+    per-parameter learning rates read by `inner_update`).
+
+    Args:
+        first_order: FOMAML (default False).
+        weight: λ (default 1).
+        optimizer: Keras optimizer for θ0 and `meta_variables` (default: a copy of the
+            trainer's ``meta_optimizer``).
+    """
+
+    adapts = False
+    reports_accuracy = False
+
+    def __init__(self, first_order=False, weight=1.0, optimizer=None):
+        super().__init__(weight, optimizer)
+        self.first_order = _v.check_bool(first_order, "first_order", where=type(self).__name__)
+
+    def meta_variables(self, engine):
+        """Variables meta-learned besides θ0 by the query loss (default none). Warp
+        variables of the model (`engine.partition.warp_variables`) are differentiated as
+        the φ the model is called with; any other variable (`tf.Variable` or Keras
+        variable) must be read by a hook inside the steps, e.g. `inner_update`."""
+        return []
+
+    def variables(self, engine):
+        return list(engine.partition.task_variables) + list(self.meta_variables(engine))
+
+    def build(self, engine):
+        if not self.first_order:
+            check_exact(engine.model, "init_objective='maml'", error=MetaTrainingError)
+        self.optimizer = default_optimizer(engine, self.optimizer)
+        p, tp, sp = engine.partition, engine.theta_packer, engine.state_packer
+        extras = list(self.meta_variables(engine))
+        variables = list(p.task_variables) + extras
+        self.optimizer.build(variables)
+        warp_index = {id(v): i for i, v in enumerate(p.warp_variables)}
+        n_theta = len(tp.groups)
+        extra_packer = type(tp)(extras) if extras else None
+
+        def maml(theta0, state, sx, sy, qx, qy):
+            theta0, phi = tp.unpack(theta0), engine.phi()
+            kwargs = dict(first_order=self.first_order, state=sp.unpack(state))
+            if engine.custom_update:
+                kwargs["update"] = engine.inner_update
+            if not extras:
+                loss, grads, _ = obj.maml_meta_gradient(
+                    p, engine.loss, theta0, phi, (sx, sy), (qx, qy), engine.inner_lr,
+                    engine.inner_steps, **kwargs)
+                grads = tp.pack(grads)
+            else:
+                sources = [phi[warp_index[id(v)]] if id(v) in warp_index
+                           else v.value if isinstance(v, keras.Variable) else v
+                           for v in extras]
+                with tf.GradientTape() as tape:
+                    tape.watch(theta0)
+                    tape.watch(phi)
+                    loss, _ = obj.maml_objective(p, engine.loss, theta0, phi, (sx, sy),
+                                                 (qx, qy), engine.inner_lr,
+                                                 engine.inner_steps, **kwargs)
+                g_theta, g_extra = tape.gradient(
+                    loss, [theta0, sources],
+                    unconnected_gradients=tf.UnconnectedGradients.ZERO)
+                grads = tp.pack(g_theta) + extra_packer.pack(g_extra)
+            return loss, grads, tf.logical_and(tf.math.is_finite(loss), all_finite(grads))
+
+        def apply(grads):
+            values = tp.unpack(grads[:n_theta])
+            if extras:
+                values += extra_packer.unpack(grads[n_theta:])
+            self.optimizer.apply([g * self.weight for g in values], variables)
+
+        self._maml = engine.compile_group(maml, "group_maml")
+        self._apply = engine.compile_apply(apply)
+
+    def close(self, engine, group):
+        meta_step, tasks, size = group.meta_step, group.tasks, len(group.tasks)
+        state = engine.reseed_stacked(group.state_start,
+                                      [(meta_step, tid, 1) for tid in group.task_ids])
+
+        def run(support, queries):
+            return engine.by_shape(
+                lambda th, st, s, q: self._maml(th, st, s[0], s[1], q[0], q[1]), tasks,
+                (group.theta_start, state), [support, queries])
+
+        if group.carry is None:  # no adaptation: support and query from the task streams
+            streams = [engine.checked_streams(t, t.streams(a, b))
+                       for t, (a, b) in zip(tasks, group.rngs)]
+            support = [next(s[0]) for s in streams]
+            loss, grads, ok = run(support, [next(s[1]) for s in streams])
+            return {"grads": grads, "finite": np.asarray(ok),
+                    "losses": np.asarray(loss)[:, None], "metrics": np.zeros((size, 1)),
+                    "first_batch": support}  # for the moving statistics at θ0
+        queries = [next(engine.checked(t, t.batches("meta", b), "meta"))
+                   for t, (_, b) in zip(tasks, group.rngs)]
+        _, grads, ok = run(group.first_batch, queries)
+        return {"grads": grads, "finite": np.asarray(ok)}
+
+    def get_config(self):
+        return dict(super().get_config(), first_order=self.first_order)

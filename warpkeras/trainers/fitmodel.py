@@ -1,0 +1,165 @@
+"""What Keras callbacks see during `fit`: the `FitModel` standing in for ``self.model``,
+the meta optimisers under their names, History and the progress bar."""
+
+import math
+import os
+
+import keras
+import numpy as np
+
+# ----------------------------------------------------------------------------------------
+# what Keras callbacks see as `self.model`
+class _NamedOptimizer:
+    """One meta optimiser under the name its learning rate is logged with
+    (``learning_rate_<name>``); reads and writes go to the optimiser itself."""
+
+    def __init__(self, name, optimizer):
+        self.name = name
+        self._optimizer = optimizer
+
+    @property
+    def learning_rate(self):
+        return self._optimizer.learning_rate
+
+    @learning_rate.setter
+    def learning_rate(self, value):
+        self._optimizer.learning_rate = value
+
+    def __getattr__(self, name):
+        return getattr(self.__dict__["_optimizer"], name)
+
+
+class _MetaOptimizers:
+    """Several meta optimisers as one, the way Keras callbacks handle a multi-optimiser
+    (an ``optimizers`` list); ``iterations`` counts meta steps."""
+
+    def __init__(self, members, iterations):
+        self.optimizers = members
+        self.iterations = iterations
+        self.built = True
+        self.name = "meta_optimizers"
+
+    def build(self, variables):  # noqa: ARG002 - built with the trainer
+        return None
+
+
+class FitModel:
+    """The object Keras callbacks get as ``self.model`` in `MetaTrainer.fit`.
+
+    Attribute reads that it does not define go to the trainer's Keras model (``layers``,
+    ``get_weights``, ``set_weights``, ``save``, ``built``, ...), so `EarlyStopping`
+    (``restore_best_weights``), `ModelCheckpoint` and `TensorBoard` histograms act on the
+    meta-learned model. It adds:
+
+    * ``optimizer``: the meta optimiser(s) the learning-rate callbacks act on. With one
+      active meta optimiser (φ's ``meta_optimizer`` for warp-only trainers, θ0's
+      ``init_optimizer`` for Leap / MAML / Reptile) it is that optimiser, and its rate is
+      logged as ``learning_rate``; when both φ and θ0 are meta-learned it holds both, named
+      ``meta_optimizer`` and ``init_optimizer`` (logged as ``learning_rate_meta_optimizer``
+      and ``learning_rate_init_optimizer``), and `ReduceLROnPlateau` /
+      `LearningRateScheduler` change both;
+    * ``stop_training``: set it to end `fit` after the current meta step;
+    * ``save_weights(path)`` / ``load_weights(path)``: the model's weights (a Keras
+      ``.weights.h5`` file that ``model.load_weights`` reads as usual) plus the trainer's
+      own state (optimiser slots, meta step, inner learning rate and momentum, counters) in
+      ``path + ".trainer.npz"``, so `BackupAndRestore` resumes a run exactly.
+    """
+
+    def __init__(self, trainer):
+        self.__dict__["_trainer"] = trainer
+        self.__dict__["_model"] = trainer.model
+        self.stop_training = False
+        self.history = None
+        self._initial_epoch = None
+        self._state_loaded = False
+        self.optimizer = trainer._callback_optimizer()
+
+    def __getattr__(self, name):
+        return getattr(self.__dict__["_model"], name)
+
+    @property
+    def metrics(self):
+        """Which way each logged value improves, for ``mode="auto"`` of `EarlyStopping`,
+        `ModelCheckpoint` and `ReduceLROnPlateau`: ``loss``, ``meta_loss`` and ``auc`` (the
+        area under the training-error curve) down, ``accuracy`` up."""
+        from keras.src.trainers.compile_utils import MetricsList
+
+        tracked = []
+        for name, direction in (("loss", "down"), ("meta_loss", "down"), ("auc", "down"),
+                                ("accuracy", "up")):
+            metric = keras.metrics.Mean(name=name)
+            metric._direction = direction
+            tracked.append(metric)
+        return [MetricsList(tracked)]
+
+    @property
+    def model(self):
+        """The trainer's Keras model."""
+        return self._model
+
+    @property
+    def trainer(self):
+        """The `MetaTrainer` being fitted."""
+        return self._trainer
+
+    def save_weights(self, filepath, overwrite=True, **kwargs):
+        self._model.save_weights(filepath, overwrite=overwrite, **kwargs)
+        values = {f"v{i}": np.asarray(v.numpy())
+                  for i, v in enumerate(self._trainer._trainer_state_variables())}
+        tmp = f"{filepath}.trainer.tmp.npz"
+        np.savez(tmp, **values)
+        os.replace(tmp, f"{filepath}.trainer.npz")
+
+    def load_weights(self, filepath, **kwargs):
+        self._model.load_weights(filepath, **kwargs)
+        extra = f"{filepath}.trainer.npz"
+        if not os.path.exists(extra):
+            return
+        variables = self._trainer._trainer_state_variables()
+        with np.load(extra) as data:
+            if len(data.files) != len(variables):
+                raise CheckpointError(
+                    f"'{extra}' holds {len(data.files)} trainer values, this trainer has "
+                    f"{len(variables)}: it was written by a differently configured trainer.")
+            for i, v in enumerate(variables):
+                v.assign(data[f"v{i}"])
+        self._state_loaded = True
+
+
+# ----------------------------------------------------------------------------------------
+# History and progress output
+class MetaHistory(keras.callbacks.History):
+    """`keras.callbacks.History` with one entry per meta step for every key: a value missing
+    at a step (a key that appears later, or validation between validation steps) is NaN."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = dict(logs or {})
+        n = len(self.epoch)
+        self.epoch.append(epoch)
+        for key, value in logs.items():
+            if key not in self.history:
+                self.history[key] = [math.nan] * n
+            self.history[key].append(value)
+        for key, values in self.history.items():
+            if len(values) == n:
+                values.append(math.nan)
+
+
+class MetaProgbarLogger(keras.callbacks.ProgbarLogger):
+    """Keras's `ProgbarLogger` (``verbose=1`` bar, ``verbose=2`` one line per epoch, in
+    Keras's formats), showing the step's own values (never earlier ones: a meta step with
+    no finite task shows ``nan``), without ``seconds`` and the integer counters
+    (``nan_tasks``, ``diverged_tasks``, ``warp_updates``, ...), which stay in History."""
+
+    def __init__(self):
+        super().__init__()
+        self.hidden = {"seconds"}  # `fit` adds the keys of integer counters
+
+    def _shown(self, logs):
+        return {k: v for k, v in (logs or {}).items() if k not in self.hidden}
+
+    def on_train_batch_end(self, batch, logs=None):
+        super().on_train_batch_end(batch, self._shown(logs))
+
+    def on_epoch_end(self, epoch, logs=None):
+        super().on_epoch_end(epoch, self._shown(logs))
