@@ -125,6 +125,8 @@ from warpkeras.tasks import Task, TaskSampler, as_task  # noqa: E402
 from warpkeras import data  # noqa: E402
 from warpkeras import envs  # noqa: E402
 from warpkeras.buffer import ReplayBuffer  # noqa: E402
+from warpkeras import meta  # noqa: E402
+from warpkeras.meta import MetaObjective  # noqa: E402
 from warpkeras.trainers import (  # noqa: E402
     FineTuneTrainer,
     LeapTrainer,
