@@ -49,6 +49,11 @@ each sub-task and visibly forgets it, and 40 meta steps with Adam 0.0005 (0.001 
 steps moves the zero-initialised warps far from the identity at once and makes some
 sequences unstable). --preset paper restores α = 0.001, Adam 0.001 and 20 000 meta steps.
 
+Options outside App. K's text, each off by default: --warp-init random draws the warp
+blocks like PyTorch's nn.Linear default instead of starting them at the identity (App. K
+does not say how they start; SGD is always the identity warp), and --meta-lr-schedule cosine
+decays Adam's rate to 0 over meta-training (App. K: constant Adam 0.001).
+
 The meta-objective only scores parameters after an update (θ_{k+1}), never θ0 itself, so a
 meta-learned warp is free to change what the model predicts at θ0: after meta-training the
 loss at step 0 can be higher than plain SGD's, with the first update making a large jump.
@@ -84,6 +89,10 @@ METHOD_LABELS = {"sgd": "SGD", "warpgrad": "WarpGrad"}
 # The sub-task weightings of Eq. 18 (`warpkeras.objectives.CONTINUAL_WEIGHTINGS`), named
 # here so that --help needs no TensorFlow.
 EQ18_WEIGHTINGS = ("appearances", "printed")
+# How the residual warp blocks start (--warp-init).
+WARP_INITS = ("identity", "random")
+# The meta learning rate over meta-training (--meta-lr-schedule).
+META_LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,6 +155,16 @@ def build_parser():
     g.add_argument("--eq18-weighting", choices=EQ18_WEIGHTINGS, default="appearances",
                    help="sub-task weights of the meta-objective: 1/(n(T-i+1)), App. K's "
                         "normalisation by appearances, or 1/(n(T-t+1)) as Eq. 18 prints it")
+    g.add_argument("--meta-lr-schedule", choices=META_LR_SCHEDULES, default="constant",
+                   help="constant: Adam at --meta-lr throughout (App. K); cosine: decayed from "
+                        "--meta-lr to 0 over the meta steps (keras CosineDecay)")
+    g.add_argument("--warp-init", choices=WARP_INITS, default="identity",
+                   help="identity: every residual warp block starts as the identity (zero "
+                        "last map), so meta-training starts from plain SGD; random: all dense "
+                        "maps of the blocks drawn like PyTorch's nn.Linear default, "
+                        "U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (App. K does not state the "
+                        "initialisation; the authors' code is PyTorch). SGD is always the "
+                        "identity warp")
     return parser
 
 
@@ -180,6 +199,20 @@ def build_model(hidden_units, warp_units, hidden_layers, seed):
                                         activation="tanh", name=f"warp{i + 1}"))
     layers.append(keras.layers.Dense(1, name="output"))
     return keras.Sequential(layers, name="continual_sine_learner")
+
+
+def randomise_warps(model, seed):
+    """Draws every dense map of the model's residual warp blocks like PyTorch's
+    ``nn.Linear`` default: kernel and bias ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fixed by
+    `seed`. The blocks then no longer start as the identity (``--warp-init random``)."""
+    rng = np.random.default_rng([seed, 1905])
+    for layer in model.layers:
+        if isinstance(layer, ResidualWarpDense):
+            for linear in layer.linears:
+                bound = 1.0 / np.sqrt(linear.kernel.shape[0])
+                for var in (linear.kernel, linear.bias):
+                    if var is not None:
+                        var.assign(rng.uniform(-bound, bound, var.shape).astype(var.dtype))
 
 
 def make_meta_loss(num_subtasks, steps_per_subtask, weighting="appearances"):
@@ -558,7 +591,7 @@ def resolve_config(args):
     for key in ("meta_steps", "meta_batch_size", "inner_lr", "meta_lr", "hidden_units",
                 "warp_units", "hidden_layers", "subtasks", "steps_per_subtask", "batch_size",
                 "meta_val_points", "eval_tasks", "eval_points", "random_order", "parallel",
-                "seeds", "eq18_weighting"):
+                "seeds", "eq18_weighting", "warp_init", "meta_lr_schedule"):
         value = getattr(args, key, None)
         if value is not None:
             cfg[key] = value
@@ -583,6 +616,15 @@ def resolve_config(args):
     return cfg
 
 
+def meta_learning_rate(cfg):
+    """Adam's learning rate: ``cfg["meta_lr"]`` (constant, App. K), or with
+    ``meta_lr_schedule="cosine"`` a `keras.optimizers.schedules.CosineDecay` from it to 0 over
+    ``cfg["meta_steps"]`` warp updates."""
+    if cfg.get("meta_lr_schedule", "constant") == "cosine":
+        return keras.optimizers.schedules.CosineDecay(cfg["meta_lr"], cfg["meta_steps"])
+    return cfg["meta_lr"]
+
+
 def run_seed(cfg, seed, orders):
     """Meta-trains the warp for one seed and evaluates SGD and WarpGrad."""
     T, n = cfg["subtasks"], cfg["steps_per_subtask"]
@@ -591,12 +633,14 @@ def run_seed(cfg, seed, orders):
         model, loss=half_mse, mode="online", objective="exact", init_objective=None,
         inner_learning_rate=cfg["inner_lr"], inner_steps=T * n,
         meta_batch_size=cfg["meta_batch_size"],
-        meta_optimizer=keras.optimizers.Adam(cfg["meta_lr"]),
+        meta_optimizer=keras.optimizers.Adam(meta_learning_rate(cfg)),
         meta_loss=make_meta_loss(T, n, cfg.get("eq18_weighting", "appearances")),
         parallel=cfg["parallel"], seed=seed,
     )
     partition = trainer.partition
     phi_sgd = partition.warp_values()  # identity warps: plain SGD
+    if cfg.get("warp_init", "identity") == "random":
+        randomise_warps(model, seed)
     source = SequenceSource(ContinualSineDistribution(num_subtasks=T), cfg)
     verbose = cfg["verbose"]
     if verbose:

@@ -135,6 +135,58 @@ def test_continual_meta_loss_matches_objective():
         np.testing.assert_allclose(float(got), want, rtol=1e-5)
 
 
+def test_continual_sine_smoke_random_warps_cosine_meta_lr(tmp_path):
+    _, _, data, _, _ = run_smoke("continual_sine", tmp_path, "--warp-init", "random",
+                                 "--meta-lr-schedule", "cosine", "--no-export")
+    assert data["config"]["warp_init"] == "random"
+    assert data["config"]["meta_lr_schedule"] == "cosine"
+    assert len(data["per_seed"][0]["meta_loss"]) == data["config"]["meta_steps"]
+    curves = data["results"]["training_order"]
+    # random warps change the model at θ0: WarpGrad's step-0 losses are not SGD's
+    sgd0 = np.asarray(curves["sgd"]["mean_loss_curve"])[0]
+    warp0 = np.asarray(curves["warpgrad"]["mean_loss_curve"])[0]
+    assert np.all(np.isfinite(warp0)) and np.max(np.abs(warp0 - sgd0)) > 1e-3
+
+
+def test_continual_randomise_warps():
+    """--warp-init random: every dense map of the warp blocks ~ U(±1/sqrt(fan_in)), by seed;
+    the task learner's own layers are left alone."""
+    module = importlib.import_module("continual_sine")
+    model = module.build_model(8, 4, 2, seed=0)
+    theta = [w.copy() for layer in model.layers if layer.name.startswith(("dense", "output"))
+             for w in layer.get_weights()]
+    x = np.linspace(-5, 5, 7, dtype="float32")[:, None]
+    before = model(x).numpy()
+    module.randomise_warps(model, seed=3)
+    warps = [layer for layer in model.layers if isinstance(layer, module.ResidualWarpDense)]
+    assert len(warps) == 2
+    for warp in warps:
+        for linear in warp.linears:
+            bound = 1.0 / np.sqrt(linear.kernel.shape[0])
+            for var in (linear.kernel, linear.bias):
+                values = np.asarray(var)
+                assert np.all(np.abs(values) <= bound) and np.std(values) > 0.3 * bound
+    after = [w for layer in model.layers if layer.name.startswith(("dense", "output"))
+             for w in layer.get_weights()]
+    for a, b in zip(theta, after):
+        np.testing.assert_array_equal(a, b)
+    assert np.max(np.abs(model(x).numpy() - before)) > 1e-3  # no longer the identity
+    first = [np.asarray(v) for w in warps for v in w.trainable_variables]
+    module.randomise_warps(model, seed=3)
+    for a, w in zip(first, [v for w in warps for v in w.trainable_variables]):
+        np.testing.assert_array_equal(a, np.asarray(w))
+
+
+def test_continual_meta_lr_schedule():
+    """--meta-lr-schedule cosine decays Adam's rate from --meta-lr to 0 over the meta steps."""
+    module = importlib.import_module("continual_sine")
+    cfg = {"meta_lr": 0.002, "meta_steps": 10}
+    assert module.meta_learning_rate(dict(cfg, meta_lr_schedule="constant")) == 0.002
+    schedule = module.meta_learning_rate(dict(cfg, meta_lr_schedule="cosine"))
+    np.testing.assert_allclose([float(schedule(k)) for k in (0, 5, 10)], [0.002, 0.001, 0.0],
+                               atol=1e-9)
+
+
 def test_synthetic_surfaces_smoke(tmp_path):
     module, _, data, out, export = run_smoke("synthetic_surfaces", tmp_path)
     cfg = data["config"]
