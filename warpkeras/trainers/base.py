@@ -25,7 +25,7 @@ import numpy as np
 import tensorflow as tf
 
 from warpkeras import _validation as _v
-from warpkeras.meta import MetaTrainingError, WarpObjective
+from warpkeras.meta import MetaTrainingError
 from warpkeras.meta.base import all_finite as _all_finite  # noqa: F401 (kept importable)
 from warpkeras.partition import UNTAGGED_POLICIES, Partition
 from warpkeras.trainers.checks import (InputChecks, _check_head_layers, _check_objectives,
@@ -38,7 +38,7 @@ from warpkeras.trainers.metrics import batch_accuracy as _accuracy  # noqa: F401
 from warpkeras.trainers.metrics import loss_is_classification
 from warpkeras.trainers.parallel import PARALLEL_MODES, make_executor
 from warpkeras.trainers.presets import (INIT_OBJECTIVES, OBJECTIVE_OPTIONS,  # noqa: F401
-                                        WARP_MODES, WARP_OBJECTIVES, objective_name,
+                                        WARP_MODES, WARP_OBJECTIVES, KeywordViews,
                                         objectives_from_options)
 
 ENGINE_OPTIONS = {"accuracy": None, "head_layers": None, "untagged": "task",
@@ -58,7 +58,7 @@ def _owning_strategy(strategy, partition):
     return None
 
 
-class MetaTrainer(TrainingLoop, Evaluation, InputChecks, AdaptationEngine):
+class MetaTrainer(KeywordViews, TrainingLoop, Evaluation, InputChecks, AdaptationEngine):
     """Meta-trains a tagged Keras model with a list of meta-objectives.
 
     Example (Warp-Leap: WarpGrad Algorithm 2 and Leap's initialisation):
@@ -228,87 +228,8 @@ class MetaTrainer(TrainingLoop, Evaluation, InputChecks, AdaptationEngine):
             self.stop_training = False
             self._build_engine()
 
-    # ------------------------------------------------------------------ the objectives
-    def _find(self, kind):
-        return next((o for o in self.objectives if isinstance(o, kind)), None)
-
-    @property
-    def _warp(self):
-        return self._find(WarpObjective)
-
-    @property
-    def warp_mode(self):
-        """The warp objective's mode (``"online"``, ``"offline"``, ``"continual"``) or None."""
-        return self._warp.mode if self._warp is not None else None
-
-    @property
-    def warp_objective(self):
-        return ("exact" if self._warp.exact else "approx") if self._warp is not None else None
-
-    @property
-    def init_objective(self):
-        """``"leap"``, ``"maml"``, ``"fomaml"``, ``"reptile"`` or None (θ0 fixed)."""
-        return next((n for n in map(objective_name, self.objectives) if n), None)
-
-    @property
-    def buffer(self):
-        """The offline warp objective's replay buffer (None otherwise)."""
-        return getattr(self._warp, "buffer", None)
-
-    @property
-    def learn_lr(self):
-        return bool(self._warp is not None and self._warp.learn_lr)
-
-    @property
-    def learn_mu(self):
-        return bool(self._warp is not None and self._warp.learn_mu)
-
-    @property
-    def _hyper_vars(self):
-        return self._warp.hyper_vars if self._warp is not None else []
-
-    @property
-    def init_optimizer(self):
-        """The optimiser of θ0 (of the first objective meta-learning it)."""
-        init = next((o for o in self.objectives if objective_name(o)), None)
-        return init.optimizer if init is not None else None
-
-    def _warp_point(self, *args):
-        return self._warp.warp_point(*args)
-
-    def _offline_updates(self, tasks, rng):
-        from warpkeras.meta.offline import offline_updates
-
-        return offline_updates(self._warp, self, tasks, rng)
-
-    def _learns_init(self):
-        return self.init_objective is not None
-
     def _reports_accuracy(self):
         return self.accuracy and all(o.reports_accuracy for o in self.objectives)
-
-    def get_config(self):
-        """The trainer's hyper-parameters (for logs and results files)."""
-        warp = self._warp
-        return {
-            "class": type(self).__name__,
-            "objectives": [o.get_config() for o in self.objectives],
-            "warp_mode": self.warp_mode,
-            "warp_objective": self.warp_objective,
-            "init_objective": self.init_objective,
-            "init_weight": next((o.weight for o in self.objectives if objective_name(o)), 1.0),
-            "inner_learning_rate": float(self.inner_lr.numpy()),
-            "inner_momentum": float(self.inner_mu.numpy()) if self.use_momentum else None,
-            "inner_steps": self.inner_steps,
-            "meta_batch_size": self.meta_batch_size,
-            "meta_interval": warp.interval if warp is not None else None,
-            "warp_gradient_reduction": warp.reduction if warp is not None else "mean",
-            "buffer_final_point": (warp.final_point if self.warp_mode == "offline" else None),
-            "leap_norm": next((o.norm for o in self.objectives if hasattr(o, "norm")),
-                              "length"),
-            "seed": self.seed,
-            "meta_optimizer": keras.optimizers.serialize(self.meta_optimizer),
-        }
 
     # ------------------------------------------------------------------ one meta step
     def _record_diverged(self, names):

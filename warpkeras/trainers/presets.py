@@ -5,9 +5,12 @@ turned into `warpkeras.meta` objectives."""
 
 import functools
 
+import keras
+
 from warpkeras import _validation as _v
 from warpkeras.buffer import ReplayBuffer
 from warpkeras.meta import MAML, Leap, MetaTrainingError, Reptile, WarpObjective
+from warpkeras.meta.offline import offline_updates
 
 WARP_MODES = (None, "online", "offline", "continual")
 WARP_OBJECTIVES = ("exact", "approx")
@@ -150,8 +153,6 @@ def objectives_from_options(where, options, meta_optimizer, inner_momentum, seed
             "from, e.g. inner_momentum=0.9.")
     objectives = []
     if warp_mode is not None:
-        import keras
-
         buffer = (ReplayBuffer(capacity, overflow, spill_dir, seed=seed)
                   if warp_mode == "offline" else None)
         hyper = keras.optimizers.SGD(hyper_lr, clipvalue=hyper_clip)
@@ -179,3 +180,85 @@ def objective_name(objective):
     if isinstance(objective, Reptile):
         return "reptile"
     return None
+
+
+class KeywordViews:
+    """The trainer's objectives seen through the keyword arguments that choose them
+    (``trainer.warp_mode``, ``trainer.init_objective``, ``trainer.buffer``, ...), and its
+    configuration for logs and results files."""
+
+    def _find(self, kind):
+        return next((o for o in self.objectives if isinstance(o, kind)), None)
+
+    @property
+    def _warp(self):
+        return self._find(WarpObjective)
+
+    @property
+    def warp_mode(self):
+        """The warp objective's mode (``"online"``, ``"offline"``, ``"continual"``) or None."""
+        return self._warp.mode if self._warp is not None else None
+
+    @property
+    def warp_objective(self):
+        return ("exact" if self._warp.exact else "approx") if self._warp is not None else None
+
+    @property
+    def init_objective(self):
+        """``"leap"``, ``"maml"``, ``"fomaml"``, ``"reptile"`` or None (θ0 fixed)."""
+        return next((n for n in map(objective_name, self.objectives) if n), None)
+
+    @property
+    def buffer(self):
+        """The offline warp objective's replay buffer (None otherwise)."""
+        return getattr(self._warp, "buffer", None)
+
+    @property
+    def learn_lr(self):
+        return bool(self._warp is not None and self._warp.learn_lr)
+
+    @property
+    def learn_mu(self):
+        return bool(self._warp is not None and self._warp.learn_mu)
+
+    @property
+    def _hyper_vars(self):
+        return self._warp.hyper_vars if self._warp is not None else []
+
+    @property
+    def init_optimizer(self):
+        """The optimiser of θ0 (of the first objective meta-learning it)."""
+        init = next((o for o in self.objectives if objective_name(o)), None)
+        return init.optimizer if init is not None else None
+
+    def _warp_point(self, *args):
+        return self._warp.warp_point(*args)
+
+    def _offline_updates(self, tasks, rng):
+        return offline_updates(self._warp, self, tasks, rng)
+
+    def _learns_init(self):
+        return self.init_objective is not None
+
+    def get_config(self):
+        """The trainer's hyper-parameters (for logs and results files)."""
+        warp = self._warp
+        return {
+            "class": type(self).__name__,
+            "objectives": [o.get_config() for o in self.objectives],
+            "warp_mode": self.warp_mode,
+            "warp_objective": self.warp_objective,
+            "init_objective": self.init_objective,
+            "init_weight": next((o.weight for o in self.objectives if objective_name(o)), 1.0),
+            "inner_learning_rate": float(self.inner_lr.numpy()),
+            "inner_momentum": float(self.inner_mu.numpy()) if self.use_momentum else None,
+            "inner_steps": self.inner_steps,
+            "meta_batch_size": self.meta_batch_size,
+            "meta_interval": warp.interval if warp is not None else None,
+            "warp_gradient_reduction": warp.reduction if warp is not None else "mean",
+            "buffer_final_point": (warp.final_point if self.warp_mode == "offline" else None),
+            "leap_norm": next((o.norm for o in self.objectives if hasattr(o, "norm")),
+                              "length"),
+            "seed": self.seed,
+            "meta_optimizer": keras.optimizers.serialize(self.meta_optimizer),
+        }
