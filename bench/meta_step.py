@@ -36,8 +36,9 @@ Usage::
 
 ``--precision bfloat16`` builds the models under Keras's ``mixed_bfloat16`` policy
 (`warpkeras.precision.compute_policy`: float32 with a warning where the hardware has no
-bfloat16); ``--precision both`` runs each configuration in float32 and then in bfloat16,
-back to back, and reports the bf16 / fp32 ratios (``precision_ratios``).
+bfloat16); ``--precision both`` builds each configuration in both, times their meta steps
+alternately (``--repeats`` of each) and reports the bf16 / fp32 ratios
+(``precision_ratios``).
 
 Prints one JSON object and writes it to ``bench/results/meta_step.json``.
 """
@@ -150,6 +151,36 @@ def meta_step(trainer, source, step):
     return seconds, logs
 
 
+def interleaved_meta_steps(args, config, mb, K, mode, policies, source, rounds, calls):
+    """Builds and warms up one trainer of this configuration per precision of `policies`,
+    then times their meta steps alternately (so that a change of load hits all alike).
+
+    Returns:
+        ``{precision: (trainer, warm-up seconds, unit costs before, meta-step seconds,
+        logs of the last meta step, unit costs after)}``.
+    """
+    out = {}
+    for prec, policy in policies.items():
+        trainer = build(config, mb, K, args.objective, args.max_warp_updates, mode,
+                        args.seed, policy=policy)
+        # warm-up: one short meta step traces every function of this configuration
+        trainer.inner_steps = 2
+        t0 = time.perf_counter()
+        meta_step(trainer, source, 0)
+        warmup_s = time.perf_counter() - t0
+        trainer.inner_steps = K
+        out[prec] = [trainer, warmup_s, None, [], None, None]
+    for entry in out.values():
+        entry[2] = unit_costs(entry[0], rounds, calls)
+    for r in range(args.repeats):
+        for entry in out.values():
+            seconds, entry[4] = meta_step(entry[0], source, 1 + r)
+            entry[3].append(seconds)
+    for entry in out.values():
+        entry[5] = unit_costs(entry[0], rounds, calls)
+    return {prec: tuple(entry) for prec, entry in out.items()}
+
+
 def unit_costs(trainer, rounds, calls):
     """Median time of the trainer's compiled adaptation step (for online Warp-Leap that
     step includes the warp gradient) and of its warp gradient at a stored point."""
@@ -229,8 +260,8 @@ def main():
                         ".inner_step_ms / warp_leap.warp_update_ms, .heldout_eval_s_per_meta_step); "
                         "adds the ratios against it as vs_reference_same_machine")
     p.add_argument("--precision", choices=("float32", "bfloat16", "both"), default="float32",
-                   help="layer compute precision; both: each configuration in float32, then "
-                        "in bfloat16")
+                   help="layer compute precision; both: each configuration in float32 and "
+                        "in bfloat16, meta steps alternating")
     p.add_argument("--profile", action="store_true",
                    help="one more meta step of each configuration under cProfile")
     args = p.parse_args()
@@ -253,26 +284,16 @@ def main():
     policies = {p: wprecision.compute_policy(p) for p in precisions}
     source = warpkeras.TaskSampler(C.synthetic_tasks(20, seed=args.seed))
     unit_rounds, unit_calls = (2, 3) if args.quick else (3, 5)
-    runs = []
+    runs, timed = [], {}
     for mb in mbs:
         for config in args.configs:
             for mode, prec in ((m, p) for m in modes for p in precisions):
                 if mode not in (None, "sequential") and config == "warp_leap_offline" and mb == 1:
                     continue
-                trainer = build(config, mb, K, args.objective, args.max_warp_updates, mode,
-                                args.seed, policy=policies[prec])
-                # warm-up: one short meta step traces every function of this configuration
-                trainer.inner_steps = 2
-                t0 = time.perf_counter()
-                meta_step(trainer, source, 0)
-                warmup_s = time.perf_counter() - t0
-                trainer.inner_steps = K
-                before = unit_costs(trainer, unit_rounds, unit_calls)
-                steps = []
-                for r in range(args.repeats):
-                    seconds, logs = meta_step(trainer, source, 1 + r)
-                    steps.append(seconds)
-                after = unit_costs(trainer, unit_rounds, unit_calls)
+                if (config, mb, mode) not in timed:
+                    timed[config, mb, mode] = interleaved_meta_steps(
+                        args, config, mb, K, mode, policies, source, unit_rounds, unit_calls)
+                trainer, warmup_s, before, steps, logs, after = timed[config, mb, mode].pop(prec)
                 inner_s = (before["inner_step"] + after["inner_step"]) / 2
                 warp_s = ((before["warp_step"] + after["warp_step"]) / 2
                           if "warp_step" in before else None)
