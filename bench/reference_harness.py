@@ -70,7 +70,13 @@ def parse_args(argv=None):
                    help="torch intra- and inter-op threads (default 2)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="also write the JSON here")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    # their warp objective draws two batches per stored point from the task's K batches
+    for name in ("inner_steps", "warmup_inner_steps"):
+        if getattr(args, name) < 2:
+            p.error(f"--{name.replace('_', '-')} must be >= 2 (their warp update draws two "
+                    f"batches from the task's K; got {getattr(args, name)})")
+    return args
 
 
 def stub_torchvision():

@@ -3,11 +3,19 @@
 Each round runs, in this order and each in its own subprocess, so that no side inherits
 another's threads, caches or memory:
 
-1. reference Leap (``reference_harness.py --methods leap``, under the PyTorch venv),
+1. reference Leap (``reference_harness.py --methods leap``, under the PyTorch venv), once
+   per ``--ref-variants`` entry: ``as_is`` (the authors' code as it is) and ``passive``
+   (``OMP_WAIT_POLICY=PASSIVE``, see below),
 2. warpkeras Leap (`LeapTrainer`, built by ``meta_step.py``'s ``build``),
-3. reference Warp-Leap (``reference_harness.py --methods warp_leap``),
+3. reference Warp-Leap (``reference_harness.py --methods warp_leap``), per variant,
 4. warpkeras Warp-Leap (`WarpTrainer`, offline, ``init_objective="leap"``,
    ``meta_interval=1``, one warp update per stored point, ``objective="approx"``).
+
+torch's OpenMP threads spin while they wait for each other; when other processes hold the
+cores, that makes a 2-thread torch step many times slower (measured here at a load average
+of 11: Warp-Leap inner step 1664 ms as is, 105 ms with ``OMP_WAIT_POLICY=PASSIVE``).
+The ``passive`` variant is the authors' code in its best setting on a shared machine; the
+ratios are given against ``as_is`` and against the faster variant of each round.
 
 Same work on both sides: the papers' Omniglot network (4 x [3x3 conv 64, max-pool, batch
 norm, ReLU], 20 classes; Warp-Leap: a 3x3 conv warp layer after each block), meta-batch 5,
@@ -29,7 +37,7 @@ rounds.
 Usage::
 
     python bench/side_by_side.py --ref-repo /work/ref/warpgrad --ref-python /work/refvenv/bin/python
-    python bench/side_by_side.py --smoke     # K = 5, one round: checks that both sides run
+    python bench/side_by_side.py --smoke     # K = 2, one round: checks that both sides run
 
 Writes ``bench/results/side_by_side.json`` (``--smoke``: ``side_by_side_smoke.json``). Its
 top-level ``leap`` / ``warp_leap`` entries hold the reference's medians in the form
@@ -51,8 +59,21 @@ BENCH = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, BENCH)
 import _common as C  # noqa: E402  (stdlib only at import; TensorFlow loads in the workers)
 
-SIDES = (("reference", "leap"), ("warpkeras", "leap"),
-         ("reference", "warp_leap"), ("warpkeras", "warp_leap"))
+# reference variants: the environment each reference subprocess runs under
+REF_VARIANTS = {"as_is": {}, "passive": {"OMP_WAIT_POLICY": "PASSIVE"}}
+
+
+def sides(methods, variants):
+    """(key, kind, method, extra environment) in the order of one round."""
+    out = []
+    for method in ("leap", "warp_leap"):
+        if method not in methods:
+            continue
+        for v in variants:
+            key = "reference" if v == "as_is" else f"reference_{v}"
+            out.append((key, "reference", method, REF_VARIANTS[v]))
+        out.append(("warpkeras", "warpkeras", method, {}))
+    return out
 
 
 # ----------------------------------------------------------------------------------------
@@ -94,8 +115,8 @@ def warpkeras_worker(args):
 # driver
 
 
-def run_side(side, method, args, tmpdir, round_index):
-    out = os.path.join(tmpdir, f"{side}_{method}_{round_index}.json")
+def run_side(key, side, method, env, args, tmpdir, round_index):
+    out = os.path.join(tmpdir, f"{key}_{method}_{round_index}.json")
     if side == "reference":
         cmd = [args.ref_python, os.path.join(BENCH, "reference_harness.py"),
                "--repo", args.ref_repo, "--methods", method,
@@ -111,12 +132,15 @@ def run_side(side, method, args, tmpdir, round_index):
     load_before = C.load()
     cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    base = dict(os.environ)
+    if side == "reference":
+        base.pop("OMP_WAIT_POLICY", None)  # as_is: torch's default
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**base, **env})
     wall = time.perf_counter() - t
     cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     load_after = C.load()
     if proc.returncode != 0:
-        raise SystemExit(f"{side} {method} failed (exit {proc.returncode}):\n"
+        raise SystemExit(f"{key} {method} failed (exit {proc.returncode}):\n"
                          f"{' '.join(cmd)}\n{proc.stderr[-4000:]}")
     with open(out) as f:
         res = json.load(f)
@@ -127,6 +151,7 @@ def run_side(side, method, args, tmpdir, round_index):
     # CPU seconds of the whole subprocess (imports, warm-up and timed meta steps)
     res["process_cpu_s"] = (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime)
     res["wait_idle"] = waited
+    res["extra_environment"] = env
     res["load_before"] = load_before
     res["load_after"] = load_after
     return res
@@ -156,6 +181,14 @@ def main(argv=None):
     p.add_argument("--ref-python", default="/work/refvenv/bin/python",
                    help="a Python with torch (the reference's environment)")
     p.add_argument("--ref-threads", type=int, default=2, help="torch threads (default 2)")
+    p.add_argument("--ref-variants", nargs="+", choices=tuple(REF_VARIANTS),
+                   default=["as_is", "passive"],
+                   help="environments of the reference runs, each timed every round: as_is "
+                        "(the authors' code as it is) and passive (OMP_WAIT_POLICY=PASSIVE: "
+                        "torch's OpenMP threads sleep instead of spinning while they wait, "
+                        "which keeps torch from collapsing when other processes share the "
+                        "cores); default both. Ratios are given against as_is and against "
+                        "the faster of the variants in each round")
     p.add_argument("--methods", nargs="+", choices=("leap", "warp_leap"),
                    default=["leap", "warp_leap"])
     p.add_argument("--seed", type=int, default=0)
@@ -163,7 +196,7 @@ def main(argv=None):
                    help="before each side, wait up to SECONDS for the 1-minute load average "
                         "to drop below 1.5 (default 0: no wait)")
     p.add_argument("--smoke", action="store_true",
-                   help="one round at K = 5: checks that both sides run (figures meaningless)")
+                   help="one round at K = 2: checks that both sides run (figures meaningless)")
     p.add_argument("--out", default=None,
                    help="JSON path (default bench/results/side_by_side.json; "
                         "--smoke: side_by_side_smoke.json); '-' for stdout only")
@@ -173,8 +206,10 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.worker:
         return warpkeras_worker(args)
+    if "as_is" not in args.ref_variants:
+        p.error("--ref-variants must include as_is (the authors' code as it is)")
     if args.smoke:
-        args.rounds, args.inner_steps = 1, 5
+        args.rounds, args.inner_steps = 1, 2
     out_path = args.out or os.path.join(
         C.RESULTS_DIR, "side_by_side_smoke.json" if args.smoke else "side_by_side.json")
     if not os.path.exists(args.ref_python):
@@ -183,38 +218,41 @@ def main(argv=None):
 
     started = time.time()
     cpu = C.cpu_info()
+    order = sides(args.methods, args.ref_variants)
     rounds = []
     with tempfile.TemporaryDirectory() as tmpdir:
         for i in range(args.rounds):
             entry = {"round": i}
-            for side, method in SIDES:
-                if method not in args.methods:
-                    continue
-                res = run_side(side, method, args, tmpdir, i)
-                entry[f"{side}_{method}"] = res
-                print(f"# round {i} {side} {method}: {res['meta_step_s_mean']:.2f} s "
+            for key, side, method, env in order:
+                res = run_side(key, side, method, env, args, tmpdir, i)
+                entry[f"{key}_{method}"] = res
+                print(f"# round {i} {key} {method}: {res['meta_step_s_mean']:.2f} s "
                       f"(load {res['load_before']['loadavg_1m']} -> "
                       f"{res['load_after']['loadavg_1m']})", file=sys.stderr, flush=True)
             for method in args.methods:
                 ref, wk = entry[f"reference_{method}"], entry[f"warpkeras_{method}"]
                 ref_net = ref["meta_step_s_mean"] - ref["heldout_eval_s_per_meta_step"]
+                variants = {v: entry[("reference" if v == "as_is" else f"reference_{v}")
+                                     + f"_{method}"] for v in args.ref_variants}
+                nets = {v: x["meta_step_s_mean"] - x["heldout_eval_s_per_meta_step"]
+                        for v, x in variants.items()}
+                best = min(nets, key=nets.get)
+                loads = [x[k]["loadavg_1m"] for x in [*variants.values(), wk]
+                         for k in ("load_before", "load_after")]
                 entry[f"{method}_summary"] = {
+                    "reference_net_s_by_variant": {v: r3(n) for v, n in nets.items()},
+                    "fastest_reference_variant": best,
+                    "speedup_vs_fastest_reference": r3(nets[best] / wk["meta_step_s_mean"]),
                     "reference_s": r3(ref["meta_step_s_mean"]),
                     "reference_heldout_eval_s": r3(ref["heldout_eval_s_per_meta_step"]),
                     "reference_net_s": r3(ref_net),
                     "warpkeras_s": r3(wk["meta_step_s_mean"]),
                     "warpkeras_over_reference": r3(wk["meta_step_s_mean"] / ref_net),
                     "speedup": r3(ref_net / wk["meta_step_s_mean"]),
-                    "process_cpu_s": {"reference": r3(ref["process_cpu_s"]),
+                    "process_cpu_s": {**{f"reference_{v}": r3(x["process_cpu_s"])
+                                         for v, x in variants.items()},
                                       "warpkeras": r3(wk["process_cpu_s"])},
-                    "load_1m_range": [min(ref["load_before"]["loadavg_1m"],
-                                          wk["load_before"]["loadavg_1m"],
-                                          ref["load_after"]["loadavg_1m"],
-                                          wk["load_after"]["loadavg_1m"]),
-                                      max(ref["load_before"]["loadavg_1m"],
-                                          wk["load_before"]["loadavg_1m"],
-                                          ref["load_after"]["loadavg_1m"],
-                                          wk["load_after"]["loadavg_1m"])],
+                    "load_1m_range": [min(loads), max(loads)],
                 }
             rounds.append(entry)
 
@@ -230,6 +268,11 @@ def main(argv=None):
             "speedup_median": r3(median([x["speedup"] for x in s])),
             "speedup_of_medians": r3(median([x["reference_net_s"] for x in s])
                                      / median([x["warpkeras_s"] for x in s])),
+            "speedup_vs_fastest_reference_per_round": [x["speedup_vs_fastest_reference"]
+                                                       for x in s],
+            "speedup_vs_fastest_reference_median": r3(median(
+                [x["speedup_vs_fastest_reference"] for x in s])),
+            "fastest_reference_variant_per_round": [x["fastest_reference_variant"] for x in s],
             "load_1m_per_round": [x["load_1m_range"] for x in s],
         }
         # the reference medians in reference_harness.py's form (meta_step.py --reference-json)
@@ -257,7 +300,8 @@ def main(argv=None):
                    "task_batch": C.TASK_BATCH, "inner_lr": 0.1, "rounds": args.rounds,
                    "repeats_per_side_per_round": args.repeats,
                    "warmup_inner_steps": args.warmup_inner_steps,
-                   "order": [f"{s} {m}" for s, m in SIDES if m in args.methods],
+                   "order": [f"{k} {m}" for k, _, m, _ in order],
+                   "reference_variants": {v: REF_VARIANTS[v] for v in args.ref_variants},
                    "warpkeras_warp_objective": "approx (the reference's effective gradient)",
                    "warpkeras_warp_leap": "WarpTrainer offline, init_objective=leap, "
                                           "meta_interval=1, one warp update per stored point",
