@@ -15,6 +15,8 @@ class LeapTrainer(MetaTrainer):
     any, are left untouched (they act as fixed preconditioners); use `WarpTrainer` with
     ``init_objective="leap"`` for Warp-Leap.
 
+    A preset for ``MetaTrainer(model, loss, objectives=[warpkeras.meta.Leap(norm, ...)])``.
+
     Example:
 
     ```python

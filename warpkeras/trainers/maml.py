@@ -13,6 +13,8 @@ class MAMLTrainer(MetaTrainer):
     ``first_order=True``, with the inner gradients stopped (FOMAML). The K steps are
     unrolled in the graph: MAML is a few-shot method.
 
+    A preset for ``MetaTrainer(model, loss, objectives=[warpkeras.meta.MAML(first_order)])``.
+
     Example:
 
     ```python

@@ -8,6 +8,8 @@ class ReptileTrainer(MetaTrainer):
     θ0 ← θ0 − β (θ0 − θ_K) averaged over the meta-batch
     (`warpkeras.objectives.reptile_direction`).
 
+    A preset for ``MetaTrainer(model, loss, objectives=[warpkeras.meta.Reptile()])``.
+
     Example:
 
     ```python

@@ -33,6 +33,10 @@ class WarpTrainer(MetaTrainer):
     online, the mini-batch's points (η) offline and η in continual mode; see
     `warpkeras.trainers.MetaTrainer`.
 
+    A preset: ``WarpTrainer(model, loss, mode="offline", init_objective="leap")`` is
+    ``MetaTrainer(model, loss, objectives=[warpkeras.meta.WarpObjective("offline"),
+    warpkeras.meta.Leap()])`` (see `warpkeras.trainers.presets`).
+
     ``objective="exact"`` differentiates through the inner step (second order in φ);
     ``"approx"`` stops the inner gradient (App. G).
 
