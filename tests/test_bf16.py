@@ -72,12 +72,6 @@ def test_visible_gpus_decide(cpu, monkeypatch):
     assert precision.bf16_supported() is True
 
 
-def test_onednn_check_matches_tensorflow():
-    from tensorflow.python.util import _pywrap_util_port
-
-    assert precision._onednn_enabled() == bool(_pywrap_util_port.IsMklEnabled())
-
-
 # --- policy and its fallback ----------------------------------------------------------------
 def test_compute_policy_falls_back_with_a_warning(cpu):
     cpu(SKYLAKE)
