@@ -82,13 +82,14 @@ def feature_task(rng, features, shots=10, queries=10, test=100, name="task"):
                           batch_size=max(shots, queries), name=name)
 
 
-def make_model(inputs=4, width=32, seed=0):
-    """A body of two tanh layers (tagged warp) and a linear head."""
+def make_model(inputs=4, width=32, seed=0, body_role=warpkeras.warp):
+    """A body of two tanh layers, tagged with `body_role` (`warpkeras.warp` for ANIL,
+    `warpkeras.task` to adapt every layer), and a linear head."""
     keras.utils.set_random_seed(seed)
     return keras.Sequential([
         keras.Input((inputs,)),
-        warpkeras.warp(keras.layers.Dense(width, activation="tanh", name="body_1")),
-        warpkeras.warp(keras.layers.Dense(width, activation="tanh", name="body_2")),
+        body_role(keras.layers.Dense(width, activation="tanh", name="body_1")),
+        body_role(keras.layers.Dense(width, activation="tanh", name="body_2")),
         keras.layers.Dense(1, name="head")])
 
 
@@ -103,6 +104,8 @@ def main(argv=None):
     parser.add_argument("--shots", type=int, default=10)
     parser.add_argument("--test-tasks", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--maml", action="store_true",
+                        help="also meta-train MAML (every layer adapts) from the same start")
     parser.add_argument("--smoke", action="store_true", help="5 meta steps, 5 test tasks")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -110,25 +113,29 @@ def main(argv=None):
     start = time.perf_counter()
     rng = np.random.default_rng([args.seed, 0])
     features = (rng.normal(size=(4, 8)), rng.normal(size=8))
-    trainer = warpkeras.MetaTrainer(
-        make_model(seed=args.seed), "mse",
-        objectives=[ANIL(optimizer=keras.optimizers.Adam(args.meta_lr))],
-        inner_steps=args.inner_steps, meta_batch_size=args.meta_batch_size,
-        inner_learning_rate=args.inner_lr, seed=args.seed)
     held_out = [feature_task(rng, features, args.shots, name=f"test{i}")
                 for i in range(args.test_tasks)]
 
-    def held_out_loss():
-        return trainer.evaluate(held_out, verbose=0)["final_test_loss"]["mean"]
+    def run(objective, body_role):
+        """Held-out query loss after K steps, before and after meta-training."""
+        trainer = warpkeras.MetaTrainer(
+            make_model(seed=args.seed, body_role=body_role), "mse", objectives=[objective],
+            inner_steps=args.inner_steps, meta_batch_size=args.meta_batch_size,
+            inner_learning_rate=args.inner_lr, seed=args.seed)
+        before = trainer.evaluate(held_out, verbose=0)["final_test_loss"]["mean"]
+        trainer.fit(lambda r: feature_task(r, features, args.shots), epochs=args.meta_steps,
+                    verbose=0)
+        return before, trainer.evaluate(held_out, verbose=0)["final_test_loss"]["mean"]
 
-    before = held_out_loss()
-    trainer.fit(lambda r: feature_task(r, features, args.shots), epochs=args.meta_steps,
-                verbose=0)
+    before, after = run(ANIL(optimizer=keras.optimizers.Adam(args.meta_lr)), warpkeras.warp)
     result = {"example": "anil", "meta_steps": args.meta_steps,
               "inner_steps": args.inner_steps, "shots": args.shots,
               "test_tasks": args.test_tasks, "held_out_loss_before": before,
-              "held_out_loss_after": held_out_loss(),
-              "seconds": round(time.perf_counter() - start, 1)}
+              "held_out_loss_after": after}
+    if args.maml:
+        result["maml_held_out_loss_after"] = run(
+            MAML(optimizer=keras.optimizers.Adam(args.meta_lr)), warpkeras.task)[1]
+    result["seconds"] = round(time.perf_counter() - start, 1)
     print(json.dumps(result))
     return result
 
