@@ -66,6 +66,38 @@ def make_bare(model, task_vars, loss_fn, lr, jit):
     return tf.function(step, jit_compile=jit)
 
 
+def cpu_time_ratios(pairs, rounds, calls, sync):
+    """bf16 / fp32 ratios of the process CPU time per call (all threads), rounds alternating.
+
+    On a machine shared with other jobs, wall time per call varies several-fold with their
+    load, while the CPU time a call consumes barely moves (within a few % between rounds):
+    it is the steadier measure of the work each precision costs. (TensorFlow's threads do
+    not spin long when idle, so waiting adds little CPU time.)
+
+    Args:
+        pairs: ``{name: (fp32_fn, bf16_fn)}``, zero-argument callables.
+        rounds, calls: rounds, and calls per sample.
+        sync: called on a call's result to wait for it.
+
+    Returns:
+        ``{name: {"fp32_cpu_ms": median, "bf16_cpu_ms": median, "bf16_over_fp32": median of
+        the per-round ratios}}``.
+    """
+    samples = {k: ([], []) for k in pairs}
+    for _ in range(rounds):
+        for name, fns in pairs.items():
+            for fn, out in zip(fns, samples[name]):
+                start = time.process_time()
+                for _ in range(calls):
+                    result = fn()
+                sync(result)
+                out.append((time.process_time() - start) / calls)
+    return {name: {"fp32_cpu_ms": round(1e3 * C.median(a), 2),
+                   "bf16_cpu_ms": round(1e3 * C.median(b), 2),
+                   "bf16_over_fp32": C.ratio(C.median([y / x for x, y in zip(a, b)]), 1.0)}
+            for name, (a, b) in samples.items()}
+
+
 def tf_flops(fn, *args):
     """FLOPs of a tf.function's graph by TensorFlow's cost model (float_operation)."""
     import tensorflow as tf
@@ -437,6 +469,15 @@ def main():
         precision["bf16_over_fp32"] = {k: C.ratio(t(k + "_bf16"), t(k)) for k in bf16_pairs}
         precision["bf16_over_fp32_from_fastest_samples"] = C.min_ratios(
             timings, {k: (k + "_bf16", k) for k in bf16_pairs})
+        # each round times both precisions within seconds: the ratio within a round is the
+        # one least moved by other jobs' load
+        precision["cpu_time"] = cpu_time_ratios(
+            {k: (variants[k], variants[k + "_bf16"]) for k in bf16_pairs}, max(rounds, 8), calls,
+            C.sync_numpy)
+        precision["bf16_over_fp32_median_of_round_ratios"] = {
+            k: C.ratio(C.median([b / a for a, b in zip(timings[k]["samples_s"],
+                                                       timings[k + "_bf16"]["samples_s"])]), 1.0)
+            for k in bf16_pairs}
 
     result = {
         "benchmark": "inner_step",

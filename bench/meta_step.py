@@ -157,7 +157,8 @@ def interleaved_meta_steps(args, config, mb, K, mode, policies, source, rounds, 
 
     Returns:
         ``{precision: (trainer, warm-up seconds, unit costs before, meta-step seconds,
-        logs of the last meta step, unit costs after)}``.
+        logs of the last meta step, unit costs after, meta-step CPU seconds)}``: CPU time of
+        the process, all threads, which moves far less than wall time with other jobs' load.
     """
     out = {}
     for prec, policy in policies.items():
@@ -169,12 +170,14 @@ def interleaved_meta_steps(args, config, mb, K, mode, policies, source, rounds, 
         meta_step(trainer, source, 0)
         warmup_s = time.perf_counter() - t0
         trainer.inner_steps = K
-        out[prec] = [trainer, warmup_s, None, [], None, None]
+        out[prec] = [trainer, warmup_s, None, [], None, None, []]
     for entry in out.values():
         entry[2] = unit_costs(entry[0], rounds, calls)
     for r in range(args.repeats):
         for entry in out.values():
+            cpu = time.process_time()
             seconds, entry[4] = meta_step(entry[0], source, 1 + r)
+            entry[6].append(time.process_time() - cpu)
             entry[3].append(seconds)
     for entry in out.values():
         entry[5] = unit_costs(entry[0], rounds, calls)
@@ -293,7 +296,8 @@ def main():
                 if (config, mb, mode) not in timed:
                     timed[config, mb, mode] = interleaved_meta_steps(
                         args, config, mb, K, mode, policies, source, unit_rounds, unit_calls)
-                trainer, warmup_s, before, steps, logs, after = timed[config, mb, mode].pop(prec)
+                trainer, warmup_s, before, steps, logs, after, cpu_steps = timed[
+                    config, mb, mode].pop(prec)
                 inner_s = (before["inner_step"] + after["inner_step"]) / 2
                 warp_s = ((before["warp_step"] + after["warp_step"]) / 2
                           if "warp_step" in before else None)
@@ -315,6 +319,8 @@ def main():
                     "max_warp_updates": args.max_warp_updates if config == "warp_leap_offline" else None,
                     "warp_updates": n_warp,
                     "meta_step_s": round(s, 3), "samples_s": [round(v, 3) for v in steps],
+                    "meta_step_cpu_s": round(C.median(cpu_steps), 3),
+                    "cpu_samples_s": [round(v, 3) for v in cpu_steps],
                     "warmup_s": round(warmup_s, 2),
                     "unit": "this configuration's compiled adaptation step (_group_step, one "
                             "task; online: includes the warp gradient)",
@@ -389,6 +395,11 @@ def main():
                 if f32:
                     precision_ratios[f"{r['config']}_mb{r['meta_batch']}_{r['parallel']}"] = {
                         "meta_step_bf16_over_fp32": C.ratio(r["meta_step_s"], f32["meta_step_s"]),
+                        "meta_step_cpu_time_bf16_over_fp32": C.ratio(r["meta_step_cpu_s"],
+                                                                     f32["meta_step_cpu_s"]),
+                        "meta_step_cpu_time_bf16_over_fp32_per_repeat": [
+                            C.ratio(b, a) for a, b in zip(f32["cpu_samples_s"],
+                                                          r["cpu_samples_s"])],
                         "inner_step_bf16_over_fp32": C.ratio(r["inner_step_ms_same_time"],
                                                              f32["inner_step_ms_same_time"]),
                         "warp_step_bf16_over_fp32": C.ratio(r["warp_step_ms_same_time"],
