@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import warpkeras  # noqa: E402  (first: it picks TensorFlow's CPU kernels)
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-from warpkeras.meta import MAML  # noqa: E402
+from warpkeras.meta import MAML, MetaTrainingError  # noqa: E402
 
 
 class MetaSGD(MAML):
@@ -43,12 +43,17 @@ class MetaSGD(MAML):
     gradient elementwise by α, one `keras.Variable` per task variable (same shape and
     dtype), meta-learned with θ0 by the same query loss through the K unrolled steps and
     updated by the same optimiser. The rates are used wherever the trainer adapts (`fit`,
-    `adapt`, `evaluate`); the trainer's momentum is ignored.
+    `adapt`, `evaluate`), are saved in the trainer's checkpoints, and their mean is logged
+    as ``alpha_mean``.
 
     Args:
         alpha_initializer: Keras initializer of α (e.g. ``keras.initializers.RandomUniform(
             0.005, 0.1)`` as in the paper); default: the trainer's inner learning rate.
         first_order, weight, optimizer: as in `warpkeras.meta.MAML`.
+
+    Raises:
+        MetaTrainingError: (at trainer construction) the trainer has an inner momentum,
+            which this rule has no place for.
     """
 
     def __init__(self, alpha_initializer=None, first_order=False, weight=1.0, optimizer=None):
@@ -57,7 +62,11 @@ class MetaSGD(MAML):
         self.alpha = None
 
     def build(self, engine):
-        init = self.alpha_initializer or keras.initializers.Constant(float(engine.inner_lr.numpy()))
+        if engine.use_momentum:
+            raise MetaTrainingError("MetaSGD: the update θ − α ⊙ ∇L has no momentum; "
+                                    "create the trainer with inner_momentum=None.")
+        lr = float(engine.inner_lr.numpy())
+        init = self.alpha_initializer or keras.initializers.Constant(lr)
         self.alpha = [keras.Variable(init, shape=v.shape, dtype=v.dtype, name=f"alpha_{i}")
                       for i, v in enumerate(engine.partition.task_variables)]
         super().build(engine)  # after α exists: MAML's optimiser covers θ0 and α
@@ -67,6 +76,10 @@ class MetaSGD(MAML):
 
     def inner_update(self, engine, theta, grads, velocity):
         return [t - a * g for t, a, g in zip(theta, self.alpha, grads)], velocity
+
+    def checkpoint_items(self, engine):  # α is no model variable: checkpoint it too
+        return dict(super().checkpoint_items(engine),
+                    **{f"meta_sgd_alpha_{i}": a for i, a in enumerate(self.alpha)})
 
     def logs(self, engine):
         values = np.concatenate([np.ravel(a.numpy()) for a in self.alpha])

@@ -152,6 +152,38 @@ def test_meta_sgd_gradients_match_finite_differences(float64):
     assert_close([np.asarray(t) for t in theta_k], expected, rtol=1e-10, atol=1e-12)
 
 
+def test_meta_sgd_rates_are_checkpointed_and_logged(tmp_path):
+    def trainer():
+        objective = meta_sgd.MetaSGD(optimizer=keras.optimizers.SGD(META_LR))
+        return trainer_for(make_model(), objective), objective
+
+    def backup():
+        return keras.callbacks.BackupAndRestore(str(tmp_path / "backup"),
+                                                delete_checkpoint=False)
+
+    first, trained = trainer()
+    history = first.fit(make_tasks(), epochs=2, verbose=0, callbacks=[backup()],
+                        checkpoint_dir=str(tmp_path / "ckpt"))
+    alpha = values(trained.alpha)
+    np.testing.assert_allclose(history.history["alpha_mean"][-1],
+                               np.mean(np.concatenate([a.ravel() for a in alpha])), rtol=1e-6)
+    # tf.train.Checkpoint (checkpoint_dir, restore) and Keras's BackupAndRestore (weights
+    # files) both bring the learned rates back.
+    resumed, fresh = trainer()
+    assert not np.allclose(values(fresh.alpha)[0], alpha[0])  # α did train
+    resumed.restore(str(tmp_path / "ckpt"))
+    assert_close(values(fresh.alpha), alpha, rtol=0, atol=0)
+    resumed, fresh = trainer()
+    resumed.fit(make_tasks(), epochs=2, verbose=0, callbacks=[backup()])  # nothing left to do
+    assert_close(values(fresh.alpha), alpha, rtol=0, atol=0)
+
+
+def test_meta_sgd_with_momentum_is_refused():
+    with pytest.raises(MetaTrainingError, match="MetaSGD: .*inner_momentum=None"):
+        warpkeras.MetaTrainer(make_model(), "mse", objectives=[meta_sgd.MetaSGD()],
+                              inner_momentum=0.9)
+
+
 # ---------------------------------------------------------------------- ANIL
 def test_anil_adaptation_freezes_the_body_and_adapts_the_head(float64):
     trainer = trainer_for(make_model(warpkeras.warp),
