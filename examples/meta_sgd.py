@@ -18,6 +18,8 @@ the meta-learned ones (`after`).
 Examples:
   python examples/meta_sgd.py            # about half a minute on 2 CPU cores
   python examples/meta_sgd.py --smoke    # a few seconds (the tests run it)
+  python examples/meta_sgd.py --maml     # and MAML from the same start, for comparison
+  python examples/meta_sgd.py --output-dir results/meta_sgd   # also writes meta_sgd.json
 """
 
 import argparse
@@ -26,9 +28,36 @@ import os
 import sys
 import time
 
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common  # noqa: E402  (the repository on sys.path, the Keras backend; no TensorFlow)
+
+EXAMPLE = "meta_sgd"
+
+
+def parse_args(argv=None):
+    """The command line (parsed before TensorFlow loads, so ``--help`` answers at once)."""
+    parser = argparse.ArgumentParser(prog="python examples/meta_sgd.py", description=__doc__,
+                                     formatter_class=_common.HelpFormatter)
+    parser.add_argument("--meta-steps", type=int, default=600)
+    parser.add_argument("--inner-steps", type=int, default=1, help="K (the paper uses 1)")
+    parser.add_argument("--inner-lr", type=float, default=0.01, help="initial α")
+    parser.add_argument("--meta-lr", type=float, default=1e-3, help="Adam, θ0 and α")
+    parser.add_argument("--meta-batch-size", type=int, default=4)
+    parser.add_argument("--shots", type=int, default=10)
+    parser.add_argument("--test-tasks", type=int, default=50)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--maml", action="store_true",
+                        help="also meta-train MAML (a fixed α) from the same start")
+    parser.add_argument("--smoke", action="store_true", help="5 meta steps, 5 test tasks")
+    parser.add_argument("--verbose", type=int, choices=(0, 1, 2), default=0,
+                        help="meta-training progress: 0 quiet, 1 bar, 2 a line per step")
+    parser.add_argument("--output-dir", default=None,
+                        help=f"also write the result to <output-dir>/{EXAMPLE}.json")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    parse_args()  # --help and bad flags answer before TensorFlow loads
 
 import warpkeras  # noqa: E402  (first: it picks TensorFlow's CPU kernels)
 import keras  # noqa: E402
@@ -107,20 +136,7 @@ def make_model(width=32, seed=0):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--meta-steps", type=int, default=600)
-    parser.add_argument("--inner-steps", type=int, default=1, help="K (the paper uses 1)")
-    parser.add_argument("--inner-lr", type=float, default=0.01, help="initial α")
-    parser.add_argument("--meta-lr", type=float, default=1e-3, help="Adam, θ0 and α")
-    parser.add_argument("--meta-batch-size", type=int, default=4)
-    parser.add_argument("--shots", type=int, default=10)
-    parser.add_argument("--test-tasks", type=int, default=50)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--maml", action="store_true",
-                        help="also meta-train MAML (a fixed α) from the same start")
-    parser.add_argument("--smoke", action="store_true", help="5 meta steps, 5 test tasks")
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
     if args.smoke:
         args.meta_steps, args.test_tasks = 5, 5
     start = time.perf_counter()
@@ -134,7 +150,8 @@ def main(argv=None):
             inner_steps=args.inner_steps, meta_batch_size=args.meta_batch_size,
             inner_learning_rate=args.inner_lr, seed=args.seed)
         before = trainer.evaluate(held_out, verbose=0)["final_test_loss"]["mean"]
-        trainer.fit(lambda rng: sine_task(rng, args.shots), epochs=args.meta_steps, verbose=0)
+        trainer.fit(lambda rng: sine_task(rng, args.shots), epochs=args.meta_steps,
+                    verbose=args.verbose)
         return before, trainer.evaluate(held_out, verbose=0)["final_test_loss"]["mean"]
 
     meta_sgd = MetaSGD(optimizer=keras.optimizers.Adam(args.meta_lr))
@@ -150,6 +167,8 @@ def main(argv=None):
         result["maml_held_out_loss_after"] = run(
             MAML(optimizer=keras.optimizers.Adam(args.meta_lr)))[1]
     result["seconds"] = round(time.perf_counter() - start, 1)
+    if args.output_dir:
+        _common.write_json(os.path.join(args.output_dir, f"{EXAMPLE}.json"), result)
     print(json.dumps(result))
     return result
 

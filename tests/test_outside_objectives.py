@@ -237,9 +237,10 @@ def test_anil_without_a_body_is_refused():
 
 # ---------------------------------------------------------------------- the demos
 @pytest.mark.parametrize("module", [meta_sgd, anil], ids=["meta_sgd", "anil"])
-def test_example_smoke(module, capsys):
-    result = module.main(["--smoke"])
+def test_example_smoke(module, capsys, tmp_path):
+    result = module.main(["--smoke", "--output-dir", str(tmp_path)])
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert printed == result and result["meta_steps"] == 5
+    assert printed == result == json.loads((tmp_path / f"{result['example']}.json").read_text())
+    assert result["meta_steps"] == 5
     assert np.isfinite(result["held_out_loss_before"])
     assert np.isfinite(result["held_out_loss_after"])
