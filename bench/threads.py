@@ -61,11 +61,8 @@ SETTINGS = {
                           (None, None)),
     "onednn_off": ({"TF_ENABLE_ONEDNN_OPTS": "0"}, (None, None)),
     "onednn_off_inter1": ({"TF_ENABLE_ONEDNN_OPTS": "0"}, (1, None)),
-    # what `import warpkeras` sets by default (warpkeras/_threads.py), for the record
-    "warpkeras_default": ({"WARPKERAS_SET_THREADS": "1"}, (None, None)),
 }
-QUICK_SETTINGS = ("default", "inter1", "inter1_intra1", "inter2_intra1", "env_omp1",
-                  "warpkeras_default")
+QUICK_SETTINGS = ("default", "inter1", "inter1_intra1", "inter2_intra1", "env_omp1")
 PERTASK_SETTINGS = ("default", "inter1", "inter2_intra1")
 PERTASK_MODES = ("sequential", "unrolled", "vectorized")
 
@@ -73,11 +70,8 @@ PERTASK_MODES = ("sequential", "unrolled", "vectorized")
 def child_env(name):
     env, _ = SETTINGS[name]
     out = dict(os.environ)
-    for key in ("TF_NUM_INTEROP_THREADS", "TF_NUM_INTRAOP_THREADS", "OMP_NUM_THREADS",
-                "WARPKERAS_SET_THREADS"):
+    for key in ("TF_NUM_INTEROP_THREADS", "TF_NUM_INTRAOP_THREADS", "OMP_NUM_THREADS"):
         out.pop(key, None)
-    # every setting but warpkeras's own leaves the thread pools to TensorFlow / the setting
-    out["WARPKERAS_SET_THREADS"] = "0"
     out.update(env)
     return out
 

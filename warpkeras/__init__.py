@@ -117,12 +117,6 @@ if _keras.backend.backend() != "tensorflow":
         f"the active backend is {_keras.backend.backend()!r}."
     )
 
-# before any submodule can run an op: thread pools are fixed when TensorFlow's runtime
-# starts (warpkeras/_threads.py: what is set, when, and how to override it)
-from warpkeras import _threads  # noqa: E402
-
-_threads.apply_default()
-
 from warpkeras.roles import RoleError, role_of, tag, task, untag, warp  # noqa: E402
 from warpkeras.partition import Partition, partition  # noqa: E402
 from warpkeras import objectives  # noqa: E402
