@@ -88,9 +88,10 @@ def values(variables):
     return [np.array(v.numpy()) for v in variables]
 
 
-def trainer_for(model, objective):
+def trainer_for(model, objective, parallel="sequential"):
     return warpkeras.MetaTrainer(model, "mse", objectives=[objective], inner_steps=K,
-                                 meta_batch_size=2, inner_learning_rate=INNER_LR, seed=0)
+                                 meta_batch_size=2, inner_learning_rate=INNER_LR, seed=0,
+                                 parallel=parallel)
 
 
 def meta_step(trainer, tasks):
@@ -113,11 +114,12 @@ class RecordingMetaSGD(meta_sgd.MetaSGD):
 
 
 # ---------------------------------------------------------------------- Meta-SGD
-def test_meta_sgd_gradients_match_finite_differences(float64):
+@pytest.mark.parametrize("parallel", ["sequential", "vectorized"])
+def test_meta_sgd_gradients_match_finite_differences(float64, parallel):
     objective = RecordingMetaSGD(
         alpha_initializer=keras.initializers.RandomUniform(0.05, 0.4, seed=1),
         optimizer=keras.optimizers.SGD(META_LR))
-    trainer = trainer_for(make_model(), objective)
+    trainer = trainer_for(make_model(), objective, parallel)
     theta_vars = trainer.partition.task_variables
     assert [tuple(v.shape) for v in theta_vars] == [(2, 3), (3,), (3, 1), (1,)]
     theta0, alpha = values(theta_vars), values(objective.alpha)
@@ -211,9 +213,10 @@ def test_anil_adaptation_freezes_the_body_and_adapts_the_head(float64):
                - test_loss) > 1e-6
 
 
-def test_anil_meta_step_moves_body_and_head_by_the_query_gradient(float64):
+@pytest.mark.parametrize("parallel", ["sequential", "vectorized"])
+def test_anil_meta_step_moves_body_and_head_by_the_query_gradient(float64, parallel):
     trainer = trainer_for(make_model(warpkeras.warp),
-                          anil.ANIL(optimizer=keras.optimizers.SGD(META_LR)))
+                          anil.ANIL(optimizer=keras.optimizers.SGD(META_LR)), parallel)
     body, head = trainer.model.layers[0], trainer.model.layers[1]
     params = values(body.weights) + values(head.weights)
     tasks = make_tasks()
