@@ -4,12 +4,13 @@ TensorFlow runs independent ops of a graph at once on its inter-op threads, and 
 oneDNN kernel splits its own work over the intra-op threads. By default both pools have
 one thread per core. On a 2-core CPU the inner step of the papers' Omniglot model then
 runs a layer's input-gradient and weight-gradient convolutions at the same time, each
-wanting both cores: the cores are oversubscribed and the convolutions take 1.5-2x their
-bare-loop time. This benchmark measures the alternatives.
+wanting both cores, and a profile showed the convolutions taking 1.5-2x their bare-loop
+time. This benchmark measures the alternatives.
 
-Thread pools are fixed when TensorFlow's runtime starts, so every setting runs in a fresh
-child process. The parent runs the children round-robin (A B C ... then C B A ...), each
-child timing, with its own interleaved samples and medians:
+Thread pools are fixed when TensorFlow's runtime starts, so every setting runs in its own
+persistent child process. The children build and warm every measured step one after the
+other; then the parent asks them for one sample of each metric in turn (A B C ... then
+C B A ...), so that a change in the machine's load hits every setting alike. Metrics:
 
 * ``warp_inner``: one inner step of the Warp-Leap model with φ frozen (the trainer's
   compiled ``_plain_step``, see `_common.Engine`), batch 20;
@@ -18,11 +19,12 @@ child timing, with its own interleaved samples and medians:
 * ``bare_leap``: the step written directly (``tf.GradientTape`` + ``assign_sub`` in a
   ``tf.function``), to see whether the setting acts on the kernels or on the trainer;
 * ``leap_meta_step``: one whole `LeapTrainer.train_step` (meta-batch 5, K inner steps,
-  default K = 10), the median of a few after a warm-up.
+  default K = 10), one call per sample.
 
-``ratios_to_default`` are medians over rounds of (setting / default) for the children of
-the same round, so a load change between rounds cancels. The load average is recorded at
-every child.
+``ratios_to_default`` are medians over rounds of (setting / default) in the same round,
+with ``of_minima`` (the ratio of the fastest samples, the steadier estimate under bursty
+interference) and the number of rounds in which the setting was faster. The load average
+is recorded every round. Results and conclusions: ``bench/README.md``, "Threads".
 
 ``--pertask`` adds the per-task cost of one inner step of a Leap meta-batch of 5 and 20
 tasks for ``parallel="sequential"``, ``"unrolled"`` and ``"vectorized"`` under a few
@@ -32,11 +34,13 @@ core.
 
 Usage::
 
-    python bench/threads.py --quick              # ~5 minutes on an idle 2-core machine
-    python bench/threads.py --pertask            # + per-task cost (~10 more minutes)
+    python bench/threads.py --quick              # 5 settings, 7 rounds
+    python bench/threads.py --pertask            # + per-task cost (long: unrolled
+                                                 #   traces 20 tasks for minutes)
     python bench/threads.py --settings default inter1 --rounds 5
 
-Prints one JSON object and writes it to ``bench/results/threads.json``.
+Prints one JSON object and writes it to ``bench/results/threads.json`` (the stored file
+combines three such runs, see ``commands`` in it).
 """
 
 import json
