@@ -19,7 +19,7 @@ loss after adapting the head from the initial model (`before`) and from the meta
 one (`after`).
 
 Examples:
-  python examples/anil.py            # about half a minute on 2 CPU cores
+  python examples/anil.py            # about 15 s of CPU time (longer on shared cores)
   python examples/anil.py --smoke    # a few seconds (the tests run it)
   python examples/anil.py --maml     # and MAML from the same start, for comparison
   python examples/anil.py --output-dir results/anil   # also writes anil.json

@@ -16,7 +16,7 @@ with the held-out query loss after adapting from the initial θ0, α (`before`) 
 the meta-learned ones (`after`).
 
 Examples:
-  python examples/meta_sgd.py            # about half a minute on 2 CPU cores
+  python examples/meta_sgd.py            # about 20 s of CPU time (longer on shared cores)
   python examples/meta_sgd.py --smoke    # a few seconds (the tests run it)
   python examples/meta_sgd.py --maml     # and MAML from the same start, for comparison
   python examples/meta_sgd.py --output-dir results/meta_sgd   # also writes meta_sgd.json
@@ -77,7 +77,8 @@ class MetaSGD(MAML):
 
     Args:
         alpha_initializer: Keras initializer of α (e.g. ``keras.initializers.RandomUniform(
-            0.005, 0.1)`` as in the paper); default: the trainer's inner learning rate.
+            0.005, 0.1)``; the paper draws α at random); default: the trainer's inner
+            learning rate.
         first_order, weight, optimizer: as in `warpkeras.meta.MAML`.
 
     Raises:
