@@ -73,6 +73,7 @@ def test_continual_sine_smoke(tmp_path):
             curve = np.asarray(res["mean_log_loss_curve"])
             assert curve.shape == (T * n + 1, T)
             assert np.all(np.isfinite(curve))
+    assert cfg["warp_init"] == "random" and cfg["meta_lr_schedule"] == "constant"
     run = data["per_seed"][0]
     assert len(run["meta_loss"]) == cfg["meta_steps"]
     # the meta batch (stacked validation data, t as a tensor) never retraces the step
@@ -135,17 +136,14 @@ def test_continual_meta_loss_matches_objective():
         np.testing.assert_allclose(float(got), want, rtol=1e-5)
 
 
-def test_continual_sine_smoke_random_warps_cosine_meta_lr(tmp_path):
-    _, _, data, _, _ = run_smoke("continual_sine", tmp_path, "--warp-init", "random",
+def test_continual_sine_smoke_identity_warps_cosine_meta_lr(tmp_path):
+    _, _, data, _, _ = run_smoke("continual_sine", tmp_path, "--warp-init", "identity",
                                  "--meta-lr-schedule", "cosine", "--no-export")
-    assert data["config"]["warp_init"] == "random"
+    assert data["config"]["warp_init"] == "identity"
     assert data["config"]["meta_lr_schedule"] == "cosine"
     assert len(data["per_seed"][0]["meta_loss"]) == data["config"]["meta_steps"]
-    curves = data["results"]["training_order"]
-    # random warps change the model at θ0: WarpGrad's step-0 losses are not SGD's
-    sgd0 = np.asarray(curves["sgd"]["mean_loss_curve"])[0]
-    warp0 = np.asarray(curves["warpgrad"]["mean_loss_curve"])[0]
-    assert np.all(np.isfinite(warp0)) and np.max(np.abs(warp0 - sgd0)) > 1e-3
+    for method in ("sgd", "warpgrad"):
+        assert np.all(np.isfinite(data["results"]["training_order"][method]["mean_loss_curve"]))
 
 
 def test_continual_randomise_warps():
