@@ -14,6 +14,7 @@ import tensorflow as tf
 
 import warpkeras
 from warpkeras.trainers import parallel as P
+from warpkeras.trainers import pfor
 
 from conftest import REPO, assert_lists_close
 
@@ -164,7 +165,7 @@ def test_ops_that_fall_back_to_a_loop_are_named(monkeypatch):
     assert tf.get_logger().level == level  # opened to DEBUG only while tracing
     # without the grouped convolutions, per-task kernels would fall back (pfor logs that
     # at DEBUG level): the warning names Conv2D and its gradients
-    monkeypatch.setattr(P, "_CONVERTERS", {})
+    monkeypatch.setattr(pfor, "_CONVERTERS", {})
     ex = P.VectorizedExecutor()
 
     def conv(x, w):
