@@ -292,25 +292,19 @@ class AdaptationEngine:
 
     def by_shape(self, fn, tasks, stacked, batches):
         """``fn(*stacked, *stacked_batches)`` for a group of tasks whose batches may differ
-        in shape (e.g. a 10-example and a 6-example task).
-
-        Tasks whose batches share shapes are stacked and run together; a group with several
-        shapes runs as one sub-group per shape (in order of first appearance), each with
-        its slice of `stacked` along the task axis, and the results are put back in task
-        order. One shape (the usual case) is a single call.
+        in shape: tasks with equal shapes run together (one call in the usual case), one
+        sub-group per shape otherwise, and the results come back in task order.
 
         Args:
             fn: a group function (`compile_group`); every leaf of its result has the task
                 axis first.
             tasks: the group's tasks (for error messages).
             stacked: a tuple of structures with a leading task axis.
-            batches: a list of per-task lists of batch structures (one list per batch
-                argument of `fn`).
+            batches: per batch argument of `fn`, a list of per-task batch structures.
 
         Raises:
-            ValueError: the shapes differ under a `tf.distribute.Strategy`, whose replicas
-                need equal shares of equally shaped tasks; the message names the tasks and
-                their shapes.
+            ValueError: shapes that differ under a `tf.distribute.Strategy` (whose replicas
+                need equally shaped tasks), naming the tasks and their shapes.
         """
         size = len(tasks)
         if size == 1:
