@@ -223,6 +223,11 @@ class MetaTrainer(KeywordViews, TrainingLoop, Evaluation, InputChecks, Adaptatio
                                   for i in self.head_indices]
             self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="meta_step")
             self.nan_tasks = tf.Variable(0, dtype=tf.int64, trainable=False, name="nan_tasks")
+            # Checkpoints of every trainer hold a `stream_count` (the continual warp
+            # objective's counter, which replaces this one): checkpoints written by any
+            # trainer keep the same layout, and older ones restore unchanged.
+            self._stream_count = tf.Variable(0, dtype=tf.int64, trainable=False,
+                                             name="stream_count")
             self.nan_points = 0
             self.history = None
             self.stop_training = False
@@ -327,7 +332,8 @@ class MetaTrainer(KeywordViews, TrainingLoop, Evaluation, InputChecks, Adaptatio
     def _checkpoint_items(self):
         """The trackables a checkpoint holds (`warpkeras.trainers.loop`)."""
         items = {"model": self.model, "step": self.step, "nan_tasks": self.nan_tasks,
-                 "inner_lr": self.inner_lr, "inner_mu": self.inner_mu}
+                 "inner_lr": self.inner_lr, "inner_mu": self.inner_mu,
+                 "stream_count": self._stream_count}
         for o in self.objectives:
             items.update(o.checkpoint_items(self))
         return items
