@@ -107,10 +107,6 @@ class MetaSGD(MAML):
     def inner_update(self, engine, theta, grads, velocity):
         return [t - a * g for t, a, g in zip(theta, self.alpha, grads)], velocity
 
-    def checkpoint_items(self, engine):  # α is no model variable: checkpoint it too
-        return dict(super().checkpoint_items(engine),
-                    **{f"meta_sgd_alpha_{i}": a for i, a in enumerate(self.alpha)})
-
     def logs(self, engine):
         values = np.concatenate([np.ravel(a.numpy()) for a in self.alpha])
         return {"alpha_mean": float(values.mean())}

@@ -173,11 +173,28 @@ class MetaObjective:
         """Extra logs at the end of a meta step (e.g. a meta-learned learning rate)."""
         return {}
 
+    def own_variables(self, engine):
+        """The variables of `variables` that are not the model's (e.g. Meta-SGD's rates):
+        the default `checkpoint_items` saves them."""
+        model = {id(v) for v in engine.model.variables}
+        return [v for v in self.variables(engine) if id(v) not in model]
+
     def checkpoint_items(self, engine):
-        """Trackables a checkpoint must hold (optimisers, accumulators), by name."""
+        """Trackables a checkpoint must hold, by name: values are trackables (optimisers,
+        variables) or lists of variables.
+
+        Default: the optimiser (as ``optimizer_name``) and, as
+        ``"<ClassName>_variables"``, the objective's own variables (`own_variables`:
+        those of `variables` that are not the model's), so that `restore`,
+        ``fit(checkpoint_dir=...)`` and Keras' `BackupAndRestore` bring them back.
+        Override (calling ``super()``) to add accumulators or counters."""
+        items = {}
         if self.optimizer is not None and self.variables(engine):
-            return {self.optimizer_name: self.optimizer}
-        return {}
+            items[self.optimizer_name] = self.optimizer
+        own = self.own_variables(engine)
+        if own:
+            items[f"{type(self).__name__}_variables"] = list(own)
+        return items
 
     def get_config(self):
         """The objective's settings (for logs and results files)."""

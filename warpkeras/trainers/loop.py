@@ -64,6 +64,22 @@ def _count(name, value, minimum=0):
     return int(value)
 
 
+def _flat_variables(item):
+    """The variables of a checkpoint item: an optimiser's (its slots and counters), those
+    of a list / tuple / dict of items, a module's ``variables``, or the item itself."""
+    if isinstance(item, keras.optimizers.Optimizer):
+        return list(item.variables)
+    if isinstance(item, (list, tuple)):
+        return [v for i in item for v in _flat_variables(i)]
+    if isinstance(item, dict):
+        return [v for k in sorted(item) for v in _flat_variables(item[k])]
+    if isinstance(item, (tf.Variable, keras.Variable)):
+        return [item]
+    if hasattr(item, "variables"):
+        return list(item.variables)
+    return [item]
+
+
 class TrainingLoop:
     """The `fit` / `restore` half of `MetaTrainer` (see the module docstring).
 
@@ -89,9 +105,7 @@ class TrainingLoop:
         for key in sorted(items):
             if key == "model":
                 continue
-            obj = items[key]
-            variables = obj.variables if isinstance(obj, keras.optimizers.Optimizer) else [obj]
-            for v in variables:
+            for v in _flat_variables(items[key]):
                 if id(v) not in seen:
                     seen.add(id(v))
                     out.append(v)

@@ -1,0 +1,148 @@
+"""What the trainer does for objectives written against `warpkeras.meta`: their own
+variables are checkpointed, checkpoints of the earlier layout restore, an inner rule that
+ignores momentum is refused, MAML subclasses may create meta-variables in any order, the
+meta-gradient unpacks per variable, and plain-function losses run in float32 under mixed
+precision."""
+
+import os
+import warnings
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import warpkeras
+from warpkeras.meta import MAML, MetaObjective, MetaTrainingError
+from warpkeras.trainers import MetaTrainer
+
+COMMON = dict(inner_steps=2, meta_batch_size=2, inner_learning_rate=0.05, seed=1)
+
+
+def _model(seed=0, warp=False):
+    keras.utils.set_random_seed(seed)
+    first = keras.layers.Dense(4, activation="tanh")
+    return keras.Sequential([keras.Input((3,)), warpkeras.warp(first) if warp else first,
+                             keras.layers.Dense(1)])
+
+
+def _tasks():
+    rng = np.random.default_rng(0)
+    tasks = []
+    for i in range(2):
+        x = rng.normal(size=(8, 3)).astype("float32")
+        y = (x @ rng.normal(size=(3, 1))).astype("float32")
+        tasks.append(warpkeras.Task(train=(x, y), meta=(x, y), batch_size=8, name=f"t{i}"))
+    return tasks
+
+
+class ScaledReptile(MetaObjective):
+    """Reptile with its own variable (`scale`, no model variable) that every meta step
+    changes, and no `checkpoint_items` override."""
+
+    optimizer_name = "init_optimizer"
+
+    def __init__(self):
+        self.optimizer = keras.optimizers.SGD(0.5)
+
+    def build(self, engine):
+        self.scale = keras.Variable(1.0, name="scale")
+        self.optimizer.build(engine.partition.task_variables)
+
+    def variables(self, engine):
+        return list(engine.partition.task_variables) + [self.scale]
+
+    def close(self, engine, group):
+        return {"grads": tuple(a - b for a, b in zip(group.theta_start, group.carry["theta"]))}
+
+    def apply(self, engine, grads, count):
+        self.scale.assign(self.scale * 1.5)
+        self.optimizer.apply(engine.theta_packer.unpack([g / count for g in grads]),
+                             engine.partition.task_variables)
+
+
+def _scaled():
+    objective = ScaledReptile()
+    return MetaTrainer(_model(), "mse", objectives=[objective], **COMMON), objective
+
+
+def test_own_variables_are_checkpointed_by_default(tmp_path):
+    def backup():
+        return keras.callbacks.BackupAndRestore(str(tmp_path / "backup"),
+                                                delete_checkpoint=False)
+
+    first, objective = _scaled()
+    first.fit(_tasks(), epochs=2, verbose=0, callbacks=[backup()],
+              checkpoint_dir=str(tmp_path / "ckpt"))
+    assert float(objective.scale.numpy()) == 2.25
+    # tf.train.Checkpoint (restore / checkpoint_dir)
+    resumed, fresh = _scaled()
+    assert resumed.restore(str(tmp_path / "ckpt")) == 2
+    assert float(fresh.scale.numpy()) == 2.25
+    # Keras's BackupAndRestore (the weights files of the fit model)
+    resumed, fresh = _scaled()
+    resumed.fit(_tasks(), epochs=2, verbose=0, callbacks=[backup()])  # nothing left to do
+    assert int(resumed.step.numpy()) == 2
+    assert float(fresh.scale.numpy()) == 2.25
+
+
+def test_checkpoint_items_may_be_lists_of_variables(tmp_path):
+    class Listed(ScaledReptile):
+        def checkpoint_items(self, engine):
+            return {"init_optimizer": self.optimizer, "listed": [self.scale, self.extra]}
+
+        def build(self, engine):
+            super().build(engine)
+            self.extra = tf.Variable([1.0, 2.0])
+
+    objective = Listed()
+    trainer = MetaTrainer(_model(), "mse", objectives=[objective], **COMMON)
+    state = trainer._trainer_state_variables()
+    assert any(v is objective.scale for v in state)
+    assert any(v is objective.extra for v in state)
+    objective.extra.assign([3.0, 4.0])
+    trainer._checkpoint().write(str(tmp_path / "c"))
+    again = Listed()
+    restored = MetaTrainer(_model(), "mse", objectives=[again], **COMMON)
+    restored._checkpoint().read(str(tmp_path / "c")).assert_existing_objects_matched()
+    np.testing.assert_array_equal(again.extra.numpy(), [3.0, 4.0])
+
+
+# Checkpoint keys of the earlier trainers (one trainer class holding every counter).
+EARLIER_KEYS = {
+    "leap": ["init_optimizer", "inner_lr", "inner_mu", "nan_tasks", "step", "stream_count"],
+    "maml": ["init_optimizer", "inner_lr", "inner_mu", "nan_tasks", "step", "stream_count"],
+    "reptile": ["init_optimizer", "inner_lr", "inner_mu", "nan_tasks", "step",
+                "stream_count"],
+    "warp_leap": ["init_optimizer", "inner_lr", "inner_mu", "meta_optimizer", "nan_tasks",
+                  "step", "stream_count"],
+}
+
+
+def _preset(name):
+    kw = dict(COMMON)
+    if name == "leap":
+        return warpkeras.LeapTrainer(_model(), "mse", **kw)
+    if name == "maml":
+        return warpkeras.MAMLTrainer(_model(), "mse", **kw)
+    if name == "reptile":
+        return warpkeras.ReptileTrainer(_model(), "mse", **kw)
+    return warpkeras.WarpTrainer(_model(warp=True), "mse", mode="offline",
+                                 init_objective="leap", **kw)
+
+
+@pytest.mark.parametrize("name", sorted(EARLIER_KEYS))
+def test_checkpoints_of_the_earlier_layout_restore(name, tmp_path):
+    trainer = _preset(name)
+    assert sorted(k for k in trainer._checkpoint_items() if k != "model") == EARLIER_KEYS[name]
+    # A checkpoint as the earlier trainers wrote it: every trainer held `stream_count`.
+    items = dict(trainer._checkpoint_items())
+    items["step"] = tf.Variable(5, dtype=tf.int64)
+    items["stream_count"] = tf.Variable(0, dtype=tf.int64)
+    tf.train.CheckpointManager(tf.train.Checkpoint(**items), str(tmp_path),
+                               max_to_keep=1, checkpoint_name="ckpt").save(5)
+    fresh = _preset(name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert fresh.restore(str(tmp_path)) == 5
+    assert os.path.exists(tmp_path / "ckpt-5.index")
