@@ -62,7 +62,7 @@ if __name__ == "__main__":
 import warpkeras  # noqa: E402  (first: it picks TensorFlow's CPU kernels)
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-from warpkeras.meta import MAML, MetaTrainingError  # noqa: E402
+from warpkeras.meta import MAML  # noqa: E402
 
 
 class MetaSGD(MAML):
@@ -92,9 +92,6 @@ class MetaSGD(MAML):
         self.alpha = None
 
     def build(self, engine):
-        if engine.use_momentum:
-            raise MetaTrainingError("MetaSGD: the update θ − α ⊙ ∇L has no momentum; "
-                                    "create the trainer with inner_momentum=None.")
         lr = float(engine.inner_lr.numpy())
         init = self.alpha_initializer or keras.initializers.Constant(lr)
         self.alpha = [keras.Variable(init, shape=v.shape, dtype=v.dtype, name=f"alpha_{i}")

@@ -146,3 +146,44 @@ def test_checkpoints_of_the_earlier_layout_restore(name, tmp_path):
         warnings.simplefilter("error")
         assert fresh.restore(str(tmp_path)) == 5
     assert os.path.exists(tmp_path / "ckpt-5.index")
+
+
+# ---------------------------------------------------------------------- inner rule and μ
+class HalfStep(MAML):
+    """An inner rule that ignores momentum: θ − α/2 ∇L."""
+
+    def inner_update(self, engine, theta, grads, velocity):
+        return [t - 0.5 * engine.inner_lr * g for t, g in zip(theta, grads)], velocity
+
+
+def test_inner_rule_without_momentum_is_refused_with_inner_momentum():
+    with pytest.raises(MetaTrainingError, match=r"^HalfStep: .*inner_momentum=0\.9.*"
+                                                r"inner_momentum=None"):
+        MetaTrainer(_model(), "mse", objectives=[HalfStep()], inner_momentum=0.9, **COMMON)
+    MetaTrainer(_model(), "mse", objectives=[HalfStep()], **COMMON)  # without μ: fine
+
+
+def test_inner_rule_that_supports_momentum_is_accepted():
+    class HeavyBall(HalfStep):
+        supports_momentum = True
+
+        def inner_update(self, engine, theta, grads, velocity):
+            velocity = [engine.inner_mu * v + g for v, g in zip(velocity, grads)]
+            return [t - engine.inner_lr * v for t, v in zip(theta, velocity)], velocity
+
+    trainer = MetaTrainer(_model(), "mse", objectives=[HeavyBall()], inner_momentum=0.9,
+                          **COMMON)
+    theta, _ = trainer.adapt(_tasks()[0], steps=2)
+    # Two heavy-ball steps on the task's one batch, by hand.
+    model, (x, y) = _model(), _tasks()[0].train
+    w, v = [tf.Variable(a) for a in model.get_weights()], None
+    for _ in range(2):
+        with tf.GradientTape() as tape:
+            h = tf.tanh(x @ w[0] + w[1])
+            loss = tf.reduce_mean(tf.square(h @ w[2] + w[3] - y))
+        g = tape.gradient(loss, w)
+        v = g if v is None else [0.9 * a + b for a, b in zip(v, g)]
+        for a, b in zip(w, v):
+            a.assign_sub(0.05 * b)
+    for got, want in zip(theta, w):
+        np.testing.assert_allclose(np.asarray(got), want.numpy(), rtol=1e-5, atol=1e-6)

@@ -70,6 +70,9 @@ class MetaObjective:
         reports_accuracy: the trainer's logs carry the adaptation accuracy.
         requires_warp: the model must have warp layers.
         optimizer_name: the checkpoint / callback name of the objective's optimiser.
+        supports_momentum: an overridden `inner_update` uses the velocity (heavy-ball μ)
+            it is given. When False (default), a trainer with ``inner_momentum`` set
+            refuses the objective at construction (`MetaTrainingError`).
     """
 
     adapts = True
@@ -77,6 +80,7 @@ class MetaObjective:
     continues_stream = False
     reports_accuracy = True
     requires_warp = False
+    supports_momentum = False
     optimizer_name = "meta_optimizer"
     optimizer = None
 
@@ -117,7 +121,9 @@ class MetaObjective:
     def inner_update(self, engine, theta, grads, velocity):
         """Override to change the inner update rule (at most one objective may): lists
         θ_k and ∇L(θ_k) in, ``(θ_{k+1}, velocity)`` out. Used by every adaptation (meta
-        training, `adapt`, `evaluate`) and inside MAML's unrolled steps."""
+        training, `adapt`, `evaluate`) and inside MAML's unrolled steps. ``velocity`` is
+        `None` unless the trainer has ``inner_momentum``, which it accepts only when the
+        class sets ``supports_momentum = True`` (then ``engine.inner_mu`` is μ)."""
         raise NotImplementedError
 
     def step(self, engine, carry, new, out, result):

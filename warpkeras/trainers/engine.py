@@ -147,6 +147,14 @@ class AdaptationEngine:
         self._state_packer = _Packer(self.partition.state_variables)
         self._stepper = _only_one(self.objectives, "inner_step")
         self._updater = _only_one(self.objectives, "inner_update")
+        if (self._updater is not None and self.use_momentum
+                and not getattr(self._updater, "supports_momentum", False)):
+            name = type(self._updater).__name__
+            raise MetaTrainingError(
+                f"{name}: its inner_update replaces the inner SGD rule and does not use "
+                f"momentum, but the trainer has inner_momentum={float(self.inner_mu.numpy()):g}: "
+                f"create the trainer with inner_momentum=None, or set "
+                f"{name}.supports_momentum = True if the rule uses the velocity it is given.")
         self._adapts = any(o.adapts for o in self.objectives) or not self.objectives
         self._meta_batches = any(o.meta_batches for o in self.objectives)
         self._stream = any(o.continues_stream for o in self.objectives)
