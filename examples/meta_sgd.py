@@ -96,7 +96,7 @@ class MetaSGD(MAML):
         init = self.alpha_initializer or keras.initializers.Constant(lr)
         self.alpha = [keras.Variable(init, shape=v.shape, dtype=v.dtype, name=f"alpha_{i}")
                       for i, v in enumerate(engine.partition.task_variables)]
-        super().build(engine)  # after α exists: MAML's optimiser covers θ0 and α
+        super().build(engine)
 
     def meta_variables(self, engine):
         return self.alpha

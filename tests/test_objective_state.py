@@ -187,3 +187,89 @@ def test_inner_rule_that_supports_momentum_is_accepted():
             a.assign_sub(0.05 * b)
     for got, want in zip(theta, w):
         np.testing.assert_allclose(np.asarray(got), want.numpy(), rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------- MAML subclasses
+class RatesBefore(MAML):
+    """Meta-SGD-like: per-parameter rates created before ``super().build``."""
+
+    def build(self, engine):
+        self.make_rates(engine)
+        super().build(engine)
+
+    def make_rates(self, engine):
+        self.alpha = [keras.Variable(np.full(v.shape, 0.05, "float32"), name="alpha")
+                      for v in engine.partition.task_variables]
+
+    def meta_variables(self, engine):
+        return self.alpha
+
+    def inner_update(self, engine, theta, grads, velocity):
+        return [t - a * g for t, a, g in zip(theta, self.alpha, grads)], velocity
+
+
+class RatesAfter(RatesBefore):
+    """The same, with the rates created after ``super().build``."""
+
+    def build(self, engine):
+        MAML.build(self, engine)
+        self.make_rates(engine)
+
+
+def _fit_maml(objective, steps=2):
+    trainer = MetaTrainer(_model(), "mse", objectives=[objective], **COMMON)
+    trainer.fit(_tasks(), epochs=steps, verbose=0)
+    return trainer
+
+
+def test_maml_meta_variables_may_be_created_after_super_build():
+    before, after = RatesBefore(optimizer="sgd"), RatesAfter(optimizer="sgd")
+    a, b = _fit_maml(before), _fit_maml(after)
+    assert not np.allclose(after.alpha[0].numpy(), 0.05)  # the rates did train
+    for x, y in zip(a.model.get_weights() + [v.numpy() for v in before.alpha],
+                    b.model.get_weights() + [v.numpy() for v in after.alpha]):
+        np.testing.assert_allclose(y, x, rtol=1e-6, atol=1e-7)
+    assert len(after.optimizer.variables) == len(before.optimizer.variables)
+
+
+def test_maml_meta_variables_that_change_after_build_are_refused():
+    class Changing(RatesBefore):
+        def meta_variables(self, engine):
+            return self.alpha[:1] if getattr(self, "late", False) else self.alpha
+
+    objective = Changing(optimizer="sgd")
+    trainer = MetaTrainer(_model(), "mse", objectives=[objective], **COMMON)
+    objective.late = True
+    with pytest.raises(MetaTrainingError, match="Changing: meta_variables"):
+        trainer.fit(_tasks(), epochs=1, verbose=0)
+
+
+def test_unpack_gradients_gives_one_gradient_per_variable():
+    seen = {}
+
+    def recording(cls):
+        class Recording(cls):
+            def apply(self, engine, grads, count):
+                seen[cls] = [np.asarray(g) / count for g in
+                             self.unpack_gradients(engine, grads)]
+                seen[cls, "shapes"] = [tuple(v.shape) for v in self.variables(engine)]
+                super().apply(engine, grads, count)
+        return Recording(optimizer="sgd")
+
+    _fit_maml(recording(MAML), steps=1)
+    _fit_maml(recording(RatesBefore), steps=1)
+    plain, rates = seen[MAML], seen[RatesBefore]
+    assert [g.shape for g in plain] == seen[MAML, "shapes"] == [(3, 4), (4,), (4, 1), (1,)]
+    assert [g.shape for g in rates] == seen[RatesBefore, "shapes"] == [
+        (3, 4), (4,), (4, 1), (1,)] * 2
+    # With every rate equal to α, Meta-SGD's θ0 gradient is MAML's; the rates get theirs.
+    for a, b in zip(plain, rates[:4]):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
+    assert all(np.abs(g).max() > 0 for g in rates[4:])
+    # pack / unpack round trip of mixed dtypes and shapes
+    engine = _fit_maml(MAML(optimizer="sgd"), steps=0)
+    values = [tf.ones((2, 3)), tf.zeros((4,), tf.float64), tf.fill((1,), 7.0)]
+    packer = engine.packer(values)
+    assert len(packer.pack(values)) == 2
+    for a, b in zip(packer.unpack(packer.pack(values)), values):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())

@@ -8,6 +8,8 @@ with hooks, called by the trainer (the *engine*, passed as the first argument):
 hook                      what it does                                            where
 ========================  ======================================================  ==========
 ``build``                 create its variables and optimiser; check the model     once
+``after_build``           (optional) work needing every variable, once all        once
+                          objectives are built (MAML builds its optimiser here)
 ``initial_carry``         its entries of the per-task carry and their start       Python
 ``inner_step``            (optional) the inner step itself, e.g. under a tape     compiled
 ``inner_update``          (optional) the update rule θ, ∇ → θ'                    compiled
@@ -90,9 +92,27 @@ class MetaObjective:
         packing is set up: create variables, build the optimiser, check the model.
         Raise `MetaTrainingError` (a `ValueError`) for a combination that cannot work."""
 
+    def after_build(self, engine):
+        """Called once after every objective's `build` (in the same scope): work that
+        needs `variables` complete, such as building the optimiser on them (MAML does it
+        here, so that subclasses may create meta-variables after ``super().build``)."""
+
     def variables(self, engine):
         """The variables this objective meta-learns (what ``optimizer`` updates)."""
         return []
+
+    def pack_gradients(self, engine, grads):
+        """Packs one gradient per variable of `variables` (a list aligned with it) into
+        the layout ``close`` returns and ``apply`` receives: one flat tensor per dtype
+        (``engine.packer(self.variables(engine))``). For objectives whose `variables`
+        are the task variables this is ``engine.theta_packer.pack``. Traceable."""
+        return engine.packer(self.variables(engine)).pack(grads)
+
+    def unpack_gradients(self, engine, grads):
+        """The inverse of `pack_gradients`: packed gradients (e.g. ``apply``'s `grads`)
+        to a list of tensors aligned with `variables`, each of its variable's shape.
+        Traceable."""
+        return engine.packer(self.variables(engine)).unpack(grads)
 
     # ------------------------------------------------------------------ traced hooks
     def initial_carry(self, engine, size, theta):

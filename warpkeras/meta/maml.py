@@ -54,16 +54,22 @@ class MAML(InitObjective):
         return list(engine.partition.task_variables) + list(self.meta_variables(engine))
 
     def build(self, engine):
+        """Checks the model (second order needs layers with exact derivatives) and picks
+        the optimiser. The optimiser is built on `variables` (θ0 and `meta_variables`),
+        and the unrolled steps compiled, in `after_build`, once every objective's
+        `build` has run: a subclass may create its meta-variables before or after
+        calling ``super().build(engine)``."""
         if not self.first_order:
             check_exact(engine.model, "init_objective='maml'", error=MetaTrainingError)
         self.optimizer = default_optimizer(engine, self.optimizer)
+
+    def after_build(self, engine):
         p, tp, sp = engine.partition, engine.theta_packer, engine.state_packer
         extras = list(self.meta_variables(engine))
         variables = list(p.task_variables) + extras
+        self._built_variables = [id(v) for v in variables]
         self.optimizer.build(variables)
         warp_index = {id(v): i for i, v in enumerate(p.warp_variables)}
-        n_theta = len(tp.groups)
-        extra_packer = type(tp)(extras) if extras else None
 
         def maml(theta0, state, sx, sy, qx, qy):
             theta0, phi = tp.unpack(theta0), engine.phi()
@@ -74,7 +80,6 @@ class MAML(InitObjective):
                 loss, grads, _ = obj.maml_meta_gradient(
                     p, engine.loss, theta0, phi, (sx, sy), (qx, qy), engine.inner_lr,
                     engine.inner_steps, **kwargs)
-                grads = tp.pack(grads)
             else:
                 sources = [phi[warp_index[id(v)]] if id(v) in warp_index
                            else v.value if isinstance(v, keras.Variable) else v
@@ -88,17 +93,24 @@ class MAML(InitObjective):
                 g_theta, g_extra = tape.gradient(
                     loss, [theta0, sources],
                     unconnected_gradients=tf.UnconnectedGradients.ZERO)
-                grads = tp.pack(g_theta) + extra_packer.pack(g_extra)
+                grads = list(g_theta) + list(g_extra)
+            grads = self.pack_gradients(engine, grads)
             return loss, grads, tf.logical_and(tf.math.is_finite(loss), all_finite(grads))
 
         def apply(grads):
-            values = tp.unpack(grads[:n_theta])
-            if extras:
-                values += extra_packer.unpack(grads[n_theta:])
-            self.optimizer.apply([g * self.weight for g in values], variables)
+            self.optimizer.apply(
+                [g * self.weight for g in self.unpack_gradients(engine, grads)], variables)
 
         self._maml = engine.compile_group(maml, "group_maml")
         self._apply = engine.compile_apply(apply)
+
+    def apply(self, engine, grads, count):
+        if [id(v) for v in self.variables(engine)] != self._built_variables:
+            raise MetaTrainingError(
+                f"{type(self).__name__}: meta_variables() returns other variables than when "
+                "the trainer was built: create them in build() (before or after "
+                "super().build(engine)) and return the same list every time.")
+        super().apply(engine, grads, count)
 
     def close(self, engine, group):
         meta_step, tasks, size = group.meta_step, group.tasks, len(group.tasks)

@@ -86,6 +86,15 @@ class AdaptationEngine:
     def executor_name(self):
         return getattr(self.executor, "name", "sequential")
 
+    def packer(self, variables):
+        """The packer of a list of variables (or tensors): ``pack(list) -> tuple`` of one
+        flat tensor per dtype, in order of first appearance, and ``unpack(tuple) -> list``
+        of tensors of the variables' shapes. The same list gives the same packer."""
+        key = tuple(id(v) for v in variables)
+        if key not in self._packers:
+            self._packers[key] = _Packer(variables)
+        return self._packers[key]
+
     def phi(self):
         """Current warp values φ (list of tensors)."""
         return [v.value for v in self.partition.warp_variables]
@@ -161,8 +170,11 @@ class AdaptationEngine:
         steppers = [o for o in self.objectives if type(o).overrides("step")]
         self._before = [o for o in self.objectives if type(o).overrides("before_step")]
         self._after = [o for o in self.objectives if type(o).overrides("after_step")]
+        self._packers = {}
         for o in self.objectives:
             o.build(self)
+        for o in self.objectives:
+            o.after_build(self)
         tp, sp, p = self._theta_packer, self._state_packer, self.partition
         stop = tf.stop_gradient
 
