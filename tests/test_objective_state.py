@@ -273,3 +273,44 @@ def test_unpack_gradients_gives_one_gradient_per_variable():
     assert len(packer.pack(values)) == 2
     for a, b in zip(packer.unpack(packer.pack(values)), values):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+# ---------------------------------------------------------------------- mixed precision
+def _bf16_model():
+    keras.utils.set_random_seed(3)
+    return keras.Sequential([
+        keras.Input((3,)), keras.layers.Dense(8, activation="tanh", dtype="mixed_bfloat16"),
+        keras.layers.Dense(1, dtype="mixed_bfloat16")])
+
+
+def plain_mse(y_true, y_pred):
+    return tf.reduce_mean(tf.square(y_true - y_pred))
+
+
+def test_plain_function_loss_is_float32_under_mixed_bfloat16():
+    model = _bf16_model()
+    assert model.layers[0].compute_dtype == "bfloat16"
+    part = warpkeras.partition(model)
+    x, y = _tasks()[0].train
+    theta = [v.value for v in part.task_variables]
+    plain, _, outputs = warpkeras.objectives.task_loss(part, plain_mse, theta, [], (x, y),
+                                                       return_outputs=True)
+    keras_loss, _ = warpkeras.objectives.task_loss(part, keras.losses.MeanSquaredError(),
+                                                   theta, [], (x, y))
+    assert outputs.dtype == tf.bfloat16  # the model did compute in bfloat16
+    assert plain.dtype == tf.float32
+    np.testing.assert_allclose(plain.numpy(), keras_loss.numpy(), rtol=1e-6)
+    # ... and in bfloat16 it would have lost digits
+    low = plain_mse(tf.cast(y, tf.bfloat16), outputs)
+    assert abs(float(low) - float(keras_loss)) > 1e-5 * abs(float(keras_loss))
+
+    # Meta-training with the plain function equals meta-training with the Keras loss.
+    def fitted(loss):
+        trainer = warpkeras.ReptileTrainer(_bf16_model(), loss, **COMMON)
+        history = trainer.fit(_tasks(), epochs=1, verbose=0)
+        return history.history["loss"][0], trainer.model.get_weights()
+
+    (a, wa), (b, wb) = fitted(plain_mse), fitted(keras.losses.MeanSquaredError())
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+    for p, q in zip(wa, wb):
+        np.testing.assert_allclose(p, q, rtol=1e-6, atol=1e-7)

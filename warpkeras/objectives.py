@@ -64,6 +64,24 @@ def _scalar(loss):
     return tf.reduce_mean(loss) if loss.shape.rank else loss
 
 
+def _loss_inputs(loss_fn, y, y_pred, dtype):
+    """``(y, y_pred)`` as `loss_fn` should see them. A Keras `Loss` object casts both to
+    its own dtype (float32 unless configured); a plain function gets the model's outputs
+    as computed, bfloat16 / float16 under a mixed-precision policy, so their 16-bit
+    floating leaves (and those of ``y``) are cast up to `dtype` (the variables' dtype)
+    and the loss is computed, like Keras's, in full precision."""
+    import keras  # noqa: PLC0415 (after TensorFlow's kernels are picked)
+
+    if isinstance(loss_fn, keras.losses.Loss):
+        return y, y_pred
+
+    def up(t):
+        if isinstance(t, (tf.Tensor, tf.Variable)) and t.dtype in (tf.bfloat16, tf.float16):
+            return tf.cast(t, dtype)
+        return t
+    return tf.nest.map_structure(up, y), tf.nest.map_structure(up, y_pred)
+
+
 def task_loss(partition, loss_fn, theta, phi, batch, state=None, training=True,
               return_outputs=False):
     """L_task(θ; φ) on one batch: the loss of the model run at (θ, φ).
@@ -72,7 +90,9 @@ def task_loss(partition, loss_fn, theta, phi, batch, state=None, training=True,
 
     Args:
         partition: a `warpkeras.Partition`.
-        loss_fn: ``loss_fn(y_true, y_pred) -> scalar``.
+        loss_fn: ``loss_fn(y_true, y_pred) -> scalar``. A plain function (not a Keras
+            `Loss`) receives bfloat16 / float16 outputs of a mixed-precision model cast
+            to the dtype of `theta` (float32), as a Keras `Loss` casts them.
         theta: task values (list of tensors).
         phi: warp values (list of tensors).
         batch: ``(x, y)``.
@@ -88,7 +108,9 @@ def task_loss(partition, loss_fn, theta, phi, batch, state=None, training=True,
     y_pred, new_state, losses = partition.call(
         theta, phi, x, state=state, training=training, return_losses=True
     )
-    loss = _scalar(loss_fn(y, y_pred))
+    dtype = theta[0].dtype if len(theta) else tf.float32
+    dtype = dtype if dtype in (tf.float32, tf.float64) else tf.float32
+    loss = _scalar(loss_fn(*_loss_inputs(loss_fn, y, y_pred, dtype)))
     if losses:
         loss = loss + tf.add_n([tf.cast(l, loss.dtype) for l in losses])
     if return_outputs:
