@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 import warpkeras
-from warpkeras.trainers.base import _accuracy
+from warpkeras.trainers.metrics import batch_accuracy as _accuracy
 
 RNG = np.random.default_rng(0)
 N = 12

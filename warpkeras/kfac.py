@@ -442,7 +442,7 @@ class KFAC:
         return step_fn, opt_state
 
     def _compile(self, trainer):
-        from warpkeras.trainers.base import _all_finite
+        from warpkeras.meta.base import all_finite as _all_finite
 
         plan = self.bind(trainer.partition, trainer.loss)
         tp, sp = trainer._theta_packer, trainer._state_packer

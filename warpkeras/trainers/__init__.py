@@ -7,7 +7,8 @@ compiled step, `parallel` executors) → `loop` (`fit`, callbacks, checkpoints) 
 """
 
 from warpkeras.meta import MAML, Leap, MetaObjective, Reptile, WarpObjective
-from warpkeras.trainers.base import MetaTrainer, MetaTrainingError, summarize
+from warpkeras.trainers.base import MetaTrainer, MetaTrainingError
+from warpkeras.trainers.evaluation import summarize
 from warpkeras.trainers.finetune import FineTuneTrainer, NoMetaTrainer
 from warpkeras.trainers.leap import LeapTrainer
 from warpkeras.trainers.loop import CheckpointError, CheckpointWarning

@@ -26,20 +26,15 @@ import tensorflow as tf
 
 from warpkeras import _validation as _v
 from warpkeras.meta import MetaTrainingError
-from warpkeras.meta.base import all_finite as _all_finite  # noqa: F401 (kept importable)
 from warpkeras.partition import UNTAGGED_POLICIES, Partition
 from warpkeras.trainers.checks import (InputChecks, _check_head_layers, _check_objectives,
                                        _resolve_loss)
-from warpkeras.trainers.engine import AdaptationEngine, _Packer  # noqa: F401
-from warpkeras.trainers.evaluation import Evaluation, summarize  # noqa: F401
+from warpkeras.trainers.engine import AdaptationEngine
+from warpkeras.trainers.evaluation import Evaluation
 from warpkeras.trainers.loop import TrainingLoop
-from warpkeras.trainers.metrics import accuracy_function  # noqa: F401
-from warpkeras.trainers.metrics import batch_accuracy as _accuracy  # noqa: F401
 from warpkeras.trainers.metrics import loss_is_classification
 from warpkeras.trainers.parallel import PARALLEL_MODES, make_executor
-from warpkeras.trainers.presets import (INIT_OBJECTIVES, OBJECTIVE_OPTIONS,  # noqa: F401
-                                        WARP_MODES, WARP_OBJECTIVES, KeywordViews,
-                                        objectives_from_options)
+from warpkeras.trainers.presets import OBJECTIVE_OPTIONS, KeywordViews, objectives_from_options
 
 ENGINE_OPTIONS = {"accuracy": None, "head_layers": None, "untagged": "task",
                   "eval_training_mode": True, "jit_compile": False, "strategy": None,
