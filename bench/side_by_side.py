@@ -89,7 +89,7 @@ def warpkeras_worker(args):
 
     info = C.machine_info()
     config = "leap" if args.worker == "leap" else "warp_leap_offline"
-    parallel = "sequential" if M.supports_parallel() else None
+    parallel = args.parallel if M.supports_parallel() else None
     trainer = M.build(config, args.meta_batch, args.inner_steps, "approx", None, parallel,
                       args.seed)
     source = warpkeras.TaskSampler(C.synthetic_tasks(20, seed=args.seed))
@@ -127,7 +127,8 @@ def run_side(key, side, method, env, args, tmpdir, round_index):
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", method,
                "--worker-out", out, "--meta-batch", str(args.meta_batch),
                "--inner-steps", str(args.inner_steps), "--repeats", str(args.repeats),
-               "--warmup-inner-steps", str(args.warmup_inner_steps), "--seed", str(args.seed)]
+               "--warmup-inner-steps", str(args.warmup_inner_steps), "--seed", str(args.seed),
+               "--parallel", args.parallel]
     waited = C.wait_idle(args.wait_idle) if args.wait_idle else None
     load_before = C.load()
     cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -192,6 +193,9 @@ def main(argv=None):
     p.add_argument("--methods", nargs="+", choices=("leap", "warp_leap"),
                    default=["leap", "warp_leap"])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--parallel", choices=("sequential", "unrolled", "vectorized"),
+                   default="sequential",
+                   help="warpkeras's meta-batch mode (default sequential, the trainers' default)")
     p.add_argument("--wait-idle", type=float, default=0, metavar="SECONDS",
                    help="before each side, wait up to SECONDS for the 1-minute load average "
                         "to drop below 1.5 (default 0: no wait)")
@@ -304,6 +308,7 @@ def main(argv=None):
                    "order": [f"{k} {m}" for k, _, m, _ in order],
                    "reference_variants": {v: REF_VARIANTS[v] for v in args.ref_variants},
                    "reference_s_and_speedup_refer_to": primary,
+                   "warpkeras_parallel": args.parallel,
                    "warpkeras_warp_objective": "approx (the reference's effective gradient)",
                    "warpkeras_warp_leap": "WarpTrainer offline, init_objective=leap, "
                                           "meta_interval=1, one warp update per stored point",
