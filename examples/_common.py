@@ -85,6 +85,54 @@ def make_parser(example, description):
     return parser
 
 
+def demo_parser(example, description, meta_steps, inner_steps, inner_lr, meta_lr,
+                inner_steps_help=None, inner_lr_help=None, meta_lr_help=None, maml_help=None):
+    """An `argparse.ArgumentParser` for a small one-seed demo of a meta-objective against
+    MAML (``examples/meta_sgd.py``, ``examples/anil.py``), with its default sizes.
+
+    Unlike `make_parser`, it has one ``--seed``, no export and a quiet default; the demo
+    prints one JSON line and writes it with `finish_demo`.
+
+    Args:
+        example: the demo's name (``"anil"``).
+        description: the text shown by ``--help``.
+        meta_steps, inner_steps: default meta steps and adaptation steps K (ints).
+        inner_lr, meta_lr: default inner learning rate α and meta (Adam) learning rate.
+        inner_steps_help, inner_lr_help, meta_lr_help, maml_help: help texts (str or None).
+
+    Returns:
+        The parser.
+    """
+    parser = argparse.ArgumentParser(prog=f"python examples/{example}.py",
+                                     description=description, formatter_class=HelpFormatter)
+    parser.add_argument("--meta-steps", type=int, default=meta_steps)
+    parser.add_argument("--inner-steps", type=int, default=inner_steps, help=inner_steps_help)
+    parser.add_argument("--inner-lr", type=float, default=inner_lr, help=inner_lr_help)
+    parser.add_argument("--meta-lr", type=float, default=meta_lr, help=meta_lr_help)
+    parser.add_argument("--meta-batch-size", type=int, default=4)
+    parser.add_argument("--shots", type=int, default=10)
+    parser.add_argument("--test-tasks", type=int, default=50)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--maml", action="store_true", help=maml_help)
+    parser.add_argument("--smoke", action="store_true", help="5 meta steps, 5 test tasks")
+    parser.add_argument("--verbose", type=int, choices=(0, 1, 2), default=0,
+                        help="meta-training progress: 0 quiet, 1 bar, 2 a line per step")
+    parser.add_argument("--output-dir", default=None,
+                        help=f"also write the result to <output-dir>/{example}.json")
+    return parser
+
+
+def finish_demo(example, args, result, start):
+    """Adds the elapsed seconds to `result` (a JSON-able dict), writes it to
+    ``<args.output_dir>/<example>.json`` when an output folder was given, prints it as one
+    JSON line and returns it. `start` is a `time.perf_counter()` reading, in seconds."""
+    result["seconds"] = round(time.perf_counter() - start, 1)
+    if args.output_dir:
+        write_json(os.path.join(args.output_dir, f"{example}.json"), result)
+    print(json.dumps(result))
+    return result
+
+
 def int_list(text):
     """Parses ``"0,1,2"`` into ``[0, 1, 2]`` (an argparse ``type``)."""
     try:

@@ -25,8 +25,6 @@ Examples:
   python examples/anil.py --output-dir results/anil   # also writes anil.json
 """
 
-import argparse
-import json
 import os
 import sys
 import time
@@ -39,23 +37,10 @@ EXAMPLE = "anil"
 
 def parse_args(argv=None):
     """The command line (parsed before TensorFlow loads, so ``--help`` answers at once)."""
-    parser = argparse.ArgumentParser(prog="python examples/anil.py", description=__doc__,
-                                     formatter_class=_common.HelpFormatter)
-    parser.add_argument("--meta-steps", type=int, default=400)
-    parser.add_argument("--inner-steps", type=int, default=5)
-    parser.add_argument("--inner-lr", type=float, default=0.1)
-    parser.add_argument("--meta-lr", type=float, default=3e-3, help="Adam, body and head θ0")
-    parser.add_argument("--meta-batch-size", type=int, default=4)
-    parser.add_argument("--shots", type=int, default=10)
-    parser.add_argument("--test-tasks", type=int, default=50)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--maml", action="store_true",
-                        help="also meta-train MAML (every layer adapts) from the same start")
-    parser.add_argument("--smoke", action="store_true", help="5 meta steps, 5 test tasks")
-    parser.add_argument("--verbose", type=int, choices=(0, 1, 2), default=0,
-                        help="meta-training progress: 0 quiet, 1 bar, 2 a line per step")
-    parser.add_argument("--output-dir", default=None,
-                        help=f"also write the result to <output-dir>/{EXAMPLE}.json")
+    parser = _common.demo_parser(
+        EXAMPLE, __doc__, meta_steps=400, inner_steps=5, inner_lr=0.1, meta_lr=3e-3,
+        meta_lr_help="Adam, body and head θ0",
+        maml_help="also meta-train MAML (every layer adapts) from the same start")
     return parser.parse_args(argv)
 
 
@@ -151,11 +136,7 @@ def main(argv=None):
     if args.maml:
         result["maml_held_out_loss_after"] = run(
             MAML(optimizer=keras.optimizers.Adam(args.meta_lr)), warpkeras.task)[1]
-    result["seconds"] = round(time.perf_counter() - start, 1)
-    if args.output_dir:
-        _common.write_json(os.path.join(args.output_dir, f"{EXAMPLE}.json"), result)
-    print(json.dumps(result))
-    return result
+    return _common.finish_demo(EXAMPLE, args, result, start)
 
 
 if __name__ == "__main__":

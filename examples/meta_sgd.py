@@ -22,8 +22,6 @@ Examples:
   python examples/meta_sgd.py --output-dir results/meta_sgd   # also writes meta_sgd.json
 """
 
-import argparse
-import json
 import os
 import sys
 import time
@@ -36,23 +34,11 @@ EXAMPLE = "meta_sgd"
 
 def parse_args(argv=None):
     """The command line (parsed before TensorFlow loads, so ``--help`` answers at once)."""
-    parser = argparse.ArgumentParser(prog="python examples/meta_sgd.py", description=__doc__,
-                                     formatter_class=_common.HelpFormatter)
-    parser.add_argument("--meta-steps", type=int, default=600)
-    parser.add_argument("--inner-steps", type=int, default=1, help="K (the paper uses 1)")
-    parser.add_argument("--inner-lr", type=float, default=0.01, help="initial α")
-    parser.add_argument("--meta-lr", type=float, default=1e-3, help="Adam, θ0 and α")
-    parser.add_argument("--meta-batch-size", type=int, default=4)
-    parser.add_argument("--shots", type=int, default=10)
-    parser.add_argument("--test-tasks", type=int, default=50)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--maml", action="store_true",
-                        help="also meta-train MAML (a fixed α) from the same start")
-    parser.add_argument("--smoke", action="store_true", help="5 meta steps, 5 test tasks")
-    parser.add_argument("--verbose", type=int, choices=(0, 1, 2), default=0,
-                        help="meta-training progress: 0 quiet, 1 bar, 2 a line per step")
-    parser.add_argument("--output-dir", default=None,
-                        help=f"also write the result to <output-dir>/{EXAMPLE}.json")
+    parser = _common.demo_parser(
+        EXAMPLE, __doc__, meta_steps=600, inner_steps=1, inner_lr=0.01, meta_lr=1e-3,
+        inner_steps_help="K (the paper uses 1)", inner_lr_help="initial α",
+        meta_lr_help="Adam, θ0 and α",
+        maml_help="also meta-train MAML (a fixed α) from the same start")
     return parser.parse_args(argv)
 
 
@@ -160,11 +146,7 @@ def main(argv=None):
     if args.maml:
         result["maml_held_out_loss_after"] = run(
             MAML(optimizer=keras.optimizers.Adam(args.meta_lr)))[1]
-    result["seconds"] = round(time.perf_counter() - start, 1)
-    if args.output_dir:
-        _common.write_json(os.path.join(args.output_dir, f"{EXAMPLE}.json"), result)
-    print(json.dumps(result))
-    return result
+    return _common.finish_demo(EXAMPLE, args, result, start)
 
 
 if __name__ == "__main__":
