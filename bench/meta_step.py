@@ -19,8 +19,9 @@ in units of the inner step measured at the same time: that ratio is what survive
 jobs loading the machine. ``--profile`` runs one extra meta step under cProfile and splits
 its time into the compiled calls and the Python around them.
 
-When the installed trainer takes ``parallel=`` (sequential / unrolled / vectorized
-meta-batches), the modes given by ``--parallel`` are timed side by side.
+When the installed trainer takes ``parallel=`` (auto / sequential / unrolled / vectorized
+meta-batches), the modes given by ``--parallel`` are timed side by side (default: auto,
+the trainers' default).
 
 Reference (the authors' PyTorch code on a 2-core AMD EPYC, 2 threads, meta-batch 5, K=100,
 batch 20, with BN): Warp-Leap offline 18.6 s (inner step ~12 ms, warp update ~24 ms),
@@ -254,8 +255,9 @@ def main():
                    help="cap on offline warp updates per meta step (default: one per stored "
                         "point, K x meta-batch)")
     p.add_argument("--parallel", nargs="+", default=None,
+                   choices=("auto", "sequential", "unrolled", "vectorized"),
                    help="parallel modes to time when the trainer supports them (default "
-                        "sequential vectorized; quick: sequential)")
+                        "auto, the trainers' default)")
     p.add_argument("--repeats", type=int, default=1, help="timed meta steps per configuration")
     p.add_argument("--reference-json", default=None,
                    help="timings of the authors' PyTorch code measured on this machine (JSON with "
@@ -273,7 +275,7 @@ def main():
     K = args.inner_steps or (10 if args.quick else 100)
     has_parallel = supports_parallel()
     if has_parallel:
-        modes = args.parallel or (["sequential"] if args.quick else ["sequential", "vectorized"])
+        modes = args.parallel or ["auto"]
     else:
         modes = [None]
 
@@ -347,7 +349,7 @@ def main():
                 del trainer
 
     def find(config, mb=5, mode=None, prec=None):
-        mode = mode if mode is not None else ("sequential" if has_parallel else None)
+        mode = mode if mode is not None else modes[0]  # targets: the first mode timed
         prec = prec or precisions[0]
         for r in runs:
             if (r["config"] == config and r["meta_batch"] == mb and r["parallel"] == mode

@@ -193,9 +193,9 @@ def main(argv=None):
     p.add_argument("--methods", nargs="+", choices=("leap", "warp_leap"),
                    default=["leap", "warp_leap"])
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--parallel", choices=("sequential", "unrolled", "vectorized"),
-                   default="sequential",
-                   help="warpkeras's meta-batch mode (default sequential, the trainers' default)")
+    p.add_argument("--parallel", choices=("auto", "sequential", "unrolled", "vectorized"),
+                   default="auto",
+                   help="warpkeras's meta-batch mode (default auto, the trainers' default)")
     p.add_argument("--wait-idle", type=float, default=0, metavar="SECONDS",
                    help="before each side, wait up to SECONDS for the 1-minute load average "
                         "to drop below 1.5 (default 0: no wait)")

@@ -116,7 +116,6 @@ COMMON = [
     ("strategy", "mirrored", TypeError, r"strategy='mirrored'.*tf\.distribute\.Strategy"),
     ("group_size", "4", TypeError, r"group_size='4'.*group_size=4"),
     ("group_size", 0, ValueError, r"group_size=0.*>= 1"),
-    ("group_size", 4, ValueError, r"group_size=4.*parallel='sequential' adapts one task"),
     ("seed", "abc", TypeError, r"seed='abc'.*an integer >= 0.*e\.g\. seed=0"),
     ("seed", -1, ValueError, r"seed=-1.*>= 0"),
     ("seed", 1.5, TypeError, r"seed=1\.5"),
@@ -144,6 +143,8 @@ OWN = {
         ("objectives", "leap", TypeError, r"objectives='leap'.*warpkeras\.meta\.MetaObjective"),
         ("objectives", [warpkeras.meta.Leap()], ValueError,
          r"init_objective, warp_mode choose objectives, but objectives= is given"),
+        ("group_size", 4, ValueError, r"group_size=4.*parallel='sequential' adapts one task",
+         {"parallel": "sequential"}),
     ],
     "WarpTrainer": [
         ("mode", "onlin", ValueError, r"WarpTrainer: mode='onlin'.*did you mean mode='online'"),

@@ -33,7 +33,7 @@ from warpkeras.trainers.engine import AdaptationEngine
 from warpkeras.trainers.evaluation import Evaluation
 from warpkeras.trainers.loop import TrainingLoop
 from warpkeras.trainers.metrics import loss_is_classification
-from warpkeras.trainers.parallel import PARALLEL_MODES, make_executor
+from warpkeras.trainers.parallel import PARALLEL_MODES, make_executor, resolve_parallel
 from warpkeras.trainers.presets import OBJECTIVE_OPTIONS, KeywordViews, objectives_from_options
 
 ENGINE_OPTIONS = {"accuracy": None, "head_layers": None, "untagged": "task",
@@ -83,9 +83,25 @@ class MetaTrainer(KeywordViews, TrainingLoop, Evaluation, InputChecks, Adaptatio
         meta_batch_size: tasks per meta step.
         meta_optimizer: Keras optimizer of objectives given without one (default
             SGD(0.1); the warp objective uses it, θ0 objectives a copy).
-        parallel: how the tasks of a meta-batch are adapted: ``"sequential"`` (one after
-            another), ``"unrolled"`` (all in one graph) or ``"vectorized"``
-            (`tf.vectorized_map`); see `warpkeras.trainers.parallel`.
+        parallel: how the tasks of a meta-batch are adapted: ``"auto"`` (default),
+            ``"sequential"`` (one after another), ``"unrolled"`` (all in one graph, one
+            copy of the step per task, run concurrently on TensorFlow's inter-op threads)
+            or ``"vectorized"`` (`tf.vectorized_map`: one batched kernel per layer for the
+            whole group); see `warpkeras.trainers.parallel`. ``"auto"`` is resolved once,
+            here: with a `strategy`, each replica runs its tasks unrolled; with an
+            objective that continues one stream of task parameters
+            (``WarpObjective("continual")``), or in `FineTuneTrainer` / `NoMetaTrainer`,
+            ``"sequential"``; otherwise ``"unrolled"`` in groups of at most 8 tasks, with
+            as few distinct group sizes as possible, each traced once
+            (`warpkeras.trainers.parallel.balanced_group_sizes`: meta-batch 5 → one group
+            of 5, 9 → 5 + 4, 20 → four groups of 5). An explicit `group_size` wins.
+            Unrolled was the fastest on a 2-core CPU (per-task step 0.45–0.68x the
+            sequential one at meta-batches 5 and 20; vectorised was slower than
+            sequential); its cost is a longer trace of the first meta step (about 2x at 5
+            tasks), which the group bound keeps in check. On GPUs try ``"vectorized"``
+            (``bench/gpu.py`` measures it). The resolved mode is ``trainer.parallel``
+            (and ``get_config()["parallel"]``). Results match ``"sequential"`` to float32
+            rounding.
         seed: seed of task sampling, batches and random layers: the draws of `Dropout`
             and other layers with a `keras.random.SeedGenerator` derive from (seed,
             meta step, task), and go on from forward pass to forward pass.
@@ -98,15 +114,13 @@ class MetaTrainer(KeywordViews, TrainingLoop, Evaluation, InputChecks, Adaptatio
                 uses batch statistics, as in the papers' reference code). Default True. See
                 "Batch-norm statistics" in `warpkeras.trainers.evaluation.Evaluation`.
             jit_compile: compile the step functions with XLA.
-                another), ``"unrolled"`` (all in one graph) or ``"vectorized"``
-                (`tf.vectorized_map`); see `warpkeras.trainers.parallel`.
-            group_size: with ``parallel="unrolled"`` / ``"vectorized"``, the number of tasks
-                adapted together in one call (a positive int); `None` (default): the whole
-                meta-batch. Smaller groups bound the memory of large meta-batches.
+            group_size: with ``parallel="unrolled"`` / ``"vectorized"`` / ``"auto"``, the
+                number of tasks adapted together in one call (a positive int): groups of
+                that size, the last one possibly smaller. `None` (default): the whole
+                meta-batch (``"auto"``: groups of at most 8, as above). Smaller groups
+                bound the memory and tracing time of large meta-batches.
             strategy: a `tf.distribute.Strategy` to split each meta-batch across replicas
                 (`meta_batch_size` must be a multiple of the replica count).
-                and other layers with a `keras.random.SeedGenerator` derive from (seed,
-                meta step, task), and go on from forward pass to forward pass.
 
     Raises:
         TypeError: an argument of the wrong type (``inner_steps="five"``,
@@ -126,10 +140,13 @@ class MetaTrainer(KeywordViews, TrainingLoop, Evaluation, InputChecks, Adaptatio
     config.
     """
 
+    # Subclasses whose meta step carries parameters from task to task set this:
+    # ``parallel="auto"`` then resolves to "sequential".
+    _adapts_one_task_at_a_time = False
 
     def __init__(self, model, loss, objectives=None, *, inner_learning_rate=0.1,
                  inner_momentum=None, inner_steps=100, meta_batch_size=5, meta_optimizer=None,
-                 parallel="sequential", seed=0, **options):
+                 parallel="auto", seed=0, **options):
         where = type(self).__name__
         objectives = _check_objectives(objectives, where)
         unknown = sorted(set(options) - set(ENGINE_OPTIONS) - set(OBJECTIVE_OPTIONS))
@@ -187,8 +204,11 @@ class MetaTrainer(KeywordViews, TrainingLoop, Evaluation, InputChecks, Adaptatio
         self.jit_compile = bool(jit_compile)
         self.seed = int(seed)
         try:
+            one_stream = (self._adapts_one_task_at_a_time
+                          or any(o.continues_stream for o in objectives))
+            self.parallel = resolve_parallel(parallel, strategy, one_stream)
             self.executor = make_executor(parallel, strategy, jit_compile=self.jit_compile,
-                                          group_size=group_size)
+                                          group_size=group_size, continues_stream=one_stream)
         except ValueError as err:
             raise MetaTrainingError(f"{where}: {err}") from None
         if strategy is not None:
@@ -261,7 +281,9 @@ class MetaTrainer(KeywordViews, TrainingLoop, Evaluation, InputChecks, Adaptatio
         """
         for o in self.objectives:
             o.begin_meta_step(self)
-        size = 1 if self._stream else self.executor.group_size(len(tasks))
+        sizes = ([1] * len(tasks) if self._stream
+                 else self.executor.group_sizes(len(tasks)))
+        starts = np.cumsum([0] + sizes[:-1]).tolist()
         rngs = rng.spawn(len(tasks))
         sums, counts = {}, {}
         losses, metrics, metas, dropped = [], [], [], 0
@@ -269,7 +291,7 @@ class MetaTrainer(KeywordViews, TrainingLoop, Evaluation, InputChecks, Adaptatio
         self.nan_points = 0
         stream = self._start_values() if self._stream else None
         moving = []  # batch inputs, for the moving statistics at θ0
-        for lo in range(0, len(tasks), size):
+        for lo, size in zip(starts, sizes):
             group = tasks[lo:lo + size]
             ids = list(range(lo, lo + len(group)))
             res = self._adapt_group(group, ids, rngs[lo:lo + len(group)], start=stream)
@@ -322,6 +344,15 @@ class MetaTrainer(KeywordViews, TrainingLoop, Evaluation, InputChecks, Adaptatio
         for o in self.objectives:
             logs.update(o.logs(self))
         return logs
+
+    def get_config(self):
+        """The trainer's hyper-parameters (for logs and results files), with the resolved
+        ``parallel`` mode (what ``"auto"`` stood for) and ``group_size`` (the largest
+        group of a meta-batch of `meta_batch_size` tasks)."""
+        config = super().get_config()
+        config["parallel"] = self.parallel
+        config["group_size"] = self.executor.group_size(self.meta_batch_size)
+        return config
 
     # ------------------------------------------------------------------ checkpoints
     def _checkpoint_items(self):

@@ -35,8 +35,11 @@ class FineTuneTrainer(MetaTrainer):
         loss: the task loss.
         head_layers: the layers forming the head (required with `multi_headed`).
         multi_headed: one head per task.
-        **kwargs: see `warpkeras.trainers.MetaTrainer`.
+        **kwargs: see `warpkeras.trainers.MetaTrainer`. Tasks are trained one after
+            another, so ``parallel="auto"`` (the default) resolves to ``"sequential"``.
     """
+
+    _adapts_one_task_at_a_time = True  # parallel="auto" → "sequential"
 
     def __init__(self, model, loss, head_layers=None, multi_headed=True, **kwargs):
         multi_headed = _v.check_bool(multi_headed, "multi_headed", where=type(self).__name__)
@@ -113,6 +116,8 @@ class NoMetaTrainer(MetaTrainer):
         loss: the task loss.
         **kwargs: see `warpkeras.trainers.MetaTrainer`.
     """
+
+    _adapts_one_task_at_a_time = True  # no meta step: parallel="auto" → "sequential"
 
     def __init__(self, model, loss, **kwargs):
         super().__init__(model, loss, warp_mode=None, init_objective=None, **kwargs)
