@@ -18,20 +18,12 @@ approximate (inner gradient stopped). This script times, interleaved in one proc
 
 and profiles the exact warp step (kernel time per op type vs the rest).
 
-The offline loop processes the drained points in chunks, one compiled call per chunk
-(``WarpObjective.chunk_size``, default 32). With ``--chunk N`` the ``warp_update_*``
-variants use chunks of N over ``--points`` stored points (default 2N; e.g. 105 for a
-meta-batch of 5 tasks at K = 20 with the final point), and ``warp_update_*_per_point``
-(one compiled call per point, ``chunk_size=1``) is timed alongside, interleaved; the
-ratios ``warp_update_*_chunk_over_per_point`` compare the two.
-
 Targets: approximate update ≤ 2.2x an inner step, exact ≤ 4x.
 
 Usage::
 
     python bench/warp_update.py            # ~2-3 minutes
     python bench/warp_update.py --quick    # ~40 seconds
-    python bench/warp_update.py --chunk 32 --points 105 --no-profile --calls 1
 
 Prints one JSON object and writes it to ``bench/results/warp_update.json``.
 """
@@ -54,11 +46,6 @@ def main():
                    help="batch-norm layer (default: warpkeras ExactBatchNormalization)")
     p.add_argument("--jit", action="store_true", help="also time jit_compile=True trainers")
     p.add_argument("--no-profile", action="store_true", help="skip the tf.profiler breakdown")
-    p.add_argument("--chunk", type=int, default=None,
-                   help="points per compiled call of the offline loop; also time one call "
-                        "per point (default: the objective's chunk_size, no comparison)")
-    p.add_argument("--points", type=int, default=None,
-                   help="stored points per warp_update sample (default 2 x --chunk, or 4/6)")
     args = p.parse_args()
     rounds = args.rounds or (3 if args.quick else 9)
     calls = args.calls or (3 if args.quick else 6)
@@ -100,14 +87,11 @@ def main():
         e.warp_point = (lambda tr=tr: tr._warp_point(theta, vel, state, x, y, meta_batch))
     notes = {"engine_functions": base.names}
 
-    per_call = args.points or (2 * args.chunk if args.chunk else (4 if args.quick else 6))
+    per_call = 4 if args.quick else 6
 
-    def offline_updates(tr, counter, chunk=None):
+    def offline_updates(tr, counter):
         """`per_call` updates of the trainer's own offline loop (meta_interval=1) over a
-        buffer holding the stored point, in chunks of `chunk` points (`None`: the
-        objective's default); returns after the last update is applied."""
-        if chunk is not None:
-            tr._warp.chunk_size = chunk
+        buffer holding the stored point; returns after the last update is applied."""
         tr.buffer.clear()
         for i in range(per_call):
             tr.buffer.add(0, i, stored_theta, stored_vel)
@@ -124,10 +108,7 @@ def main():
         variants[f"warp_step_{name}"] = e.warp_point
         counter = [0]
         variants[f"warp_update_{name}"] = (
-            lambda tr=e.trainer, c=counter: offline_updates(tr, c, args.chunk))
-        if args.chunk:
-            variants[f"warp_update_{name}_per_point"] = (
-                lambda tr=e.trainer, c=counter: offline_updates(tr, c, 1))
+            lambda tr=e.trainer, c=counter: offline_updates(tr, c))
     if args.jit:
         variants["inner_step_xla"] = engines["exact_xla"].inner
 
@@ -143,10 +124,6 @@ def main():
     if "meta_inner_step_leap" in timings:
         for k in ("warp_update_approx", "warp_update_exact"):
             ratios[f"{k}_over_meta_inner_step_leap"] = C.ratio(t(k), t("meta_inner_step_leap"))
-    if args.chunk:
-        for name in engines:
-            ratios[f"warp_update_{name}_chunk_over_per_point"] = C.ratio(
-                t(f"warp_update_{name}"), t(f"warp_update_{name}_per_point"))
     if args.jit:
         ratios = {k: v for k, v in ratios.items() if "xla" not in k}
         for k in ("warp_step_approx_xla", "warp_step_exact_xla"):
@@ -189,7 +166,6 @@ def main():
                    "batch_norm": args.bn, "batch": C.TASK_BATCH, "meta_interval": 1,
                    "rounds": rounds, "calls_per_sample": calls,
                    "updates_per_warp_update_call": per_call,
-                   "offline_chunk_size": args.chunk,
                    "statistic": "median over interleaved rounds of the mean time per call"},
         "ms": {k: round(v["median_s"] * 1e3, 2) for k, v in timings.items()},
         "ratios": ratios,

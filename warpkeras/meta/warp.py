@@ -47,24 +47,13 @@ class WarpObjective(MetaObjective):
         meta_loss: optional ``meta_loss(partition, loss_fn, theta, phi, meta_batch, state)
             -> scalar`` replacing the loss on the meta batch.
         optimizer: Keras optimizer for φ (default: the trainer's ``meta_optimizer``).
-        chunk_size: offline, stored points per compiled call of the warp updates (int >= 1,
-            or `None`, the default: 32 with the approximate objective, 1 with the exact
-            one; also settable as the attribute ``chunk_size``). One call loops over the
-            points, computing each point's warp gradient at the current φ and applying
-            every η-th update inside, which removes the per-point host overhead (about 10 %
-            of the CPU time of an approximate update on the Omniglot model); inside such a
-            loop the exact objective's second-order graph ran about 6 % slower per point
-            on CPU than as its own function, hence one call per point for it by default.
-            The updates equal those of one call per point (``chunk_size=1``); see
-            `warpkeras.meta.offline.offline_updates`.
     """
 
     requires_warp = True
 
     def __init__(self, mode="offline", exact=True, interval=None, max_updates=None,
                  reduction="mean", final_point=True, buffer=None, learn_learning_rate=False,
-                 learn_momentum=False, hyper_optimizer=None, meta_loss=None, optimizer=None,
-                 chunk_size=None):
+                 learn_momentum=False, hyper_optimizer=None, meta_loss=None, optimizer=None):
         where = type(self).__name__
         self.mode = _v.check_choice(mode, "mode", WARP_MODES, where=where,
                                     error=MetaTrainingError)
@@ -75,9 +64,6 @@ class WarpObjective(MetaObjective):
         self.reduction = _v.check_choice(reduction, "reduction", ("mean", "sum"),
                                          where=where, error=MetaTrainingError)
         self.final_point = _v.check_bool(final_point, "final_point", where=where)
-        self.chunk_size = _v.check_int(chunk_size, "chunk_size", where=where,
-                                       error=MetaTrainingError, minimum=1, example=32,
-                                       allow_none=True)
         if buffer is not None and not isinstance(buffer, ReplayBuffer):
             raise TypeError(f"{where}: buffer={_v.describe(buffer)} is not valid: expected a "
                             "warpkeras.ReplayBuffer(capacity, overflow, spill_dir) or None.")
@@ -187,9 +173,6 @@ class WarpObjective(MetaObjective):
             engine.inner_mu.assign(tf.clip_by_value(engine.inner_mu, 0.0, 0.999))
 
         self._warp_step = warp_step
-        # traced into the chunked offline loop (`warpkeras.meta.offline`)
-        self._chunk_parts = (warp_point, apply_warp, apply_hyper)
-        self._chunk_functions = {}
         self.warp_point = engine.compile_single(warp_point, "warp_point")
         self._apply_warp = engine.compile_apply(apply_warp)
         self._apply_hyper = engine.compile_apply(apply_hyper)
