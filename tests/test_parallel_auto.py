@@ -4,6 +4,7 @@ sequential loop does."""
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import warpkeras
 from warpkeras.trainers import MetaTrainer
@@ -88,6 +89,10 @@ def test_auto_resolves_by_objective_and_meta_batch():
     assert t.executor.group_sizes(20) == [20]
     t = warpkeras.LeapTrainer(_model(), "mse", meta_batch_size=5, parallel="sequential")
     assert isinstance(t.executor, SequentialExecutor) and t.parallel == "sequential"
+    # a strategy: the distributed executor, replicas running their tasks unrolled
+    t = warpkeras.LeapTrainer(_model(), "mse", meta_batch_size=2,
+                              strategy=tf.distribute.OneDeviceStrategy("/cpu:0"))
+    assert t.executor_name == "distributed" and t.parallel == "unrolled"
     # a meta-batch of one: a group of one task, as sequential
     t = warpkeras.LeapTrainer(_model(), "mse", meta_batch_size=1)
     assert t.executor.group_sizes(1) == [1]

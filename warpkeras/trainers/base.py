@@ -100,8 +100,8 @@ class MetaTrainer(KeywordViews, TrainingLoop, Evaluation, InputChecks, Adaptatio
             sequential); its cost is a longer trace of the first meta step (about 2x at 5
             tasks), which the group bound keeps in check. On GPUs try ``"vectorized"``
             (``bench/gpu.py`` measures it). The resolved mode is ``trainer.parallel``
-            (and ``get_config()["parallel"]``). Results match ``"sequential"`` to float32
-            rounding.
+            (and ``get_config()["parallel"]``; with a strategy, how each replica runs its
+            tasks). Results match ``"sequential"`` to float32 rounding.
         seed: seed of task sampling, batches and random layers: the draws of `Dropout`
             and other layers with a `keras.random.SeedGenerator` derive from (seed,
             meta step, task), and go on from forward pass to forward pass.
@@ -206,9 +206,11 @@ class MetaTrainer(KeywordViews, TrainingLoop, Evaluation, InputChecks, Adaptatio
         try:
             one_stream = (self._adapts_one_task_at_a_time
                           or any(o.continues_stream for o in objectives))
-            self.parallel = resolve_parallel(parallel, strategy, one_stream)
             self.executor = make_executor(parallel, strategy, jit_compile=self.jit_compile,
                                           group_size=group_size, continues_stream=one_stream)
+            # How tasks are run (with a strategy: within each replica).
+            self.parallel = (self.executor.inner if strategy is not None
+                             else resolve_parallel(parallel, strategy, one_stream))
         except ValueError as err:
             raise MetaTrainingError(f"{where}: {err}") from None
         if strategy is not None:
