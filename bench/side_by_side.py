@@ -89,9 +89,13 @@ def warpkeras_worker(args):
 
     info = C.machine_info()
     config = "leap" if args.worker == "leap" else "warp_leap_offline"
+    from warpkeras import precision
+
     parallel = args.parallel if M.supports_parallel() else None
+    # float32, or mixed_bfloat16 where the CPU has bfloat16 (else float32 with a warning)
+    policy = precision.compute_policy(args.precision)
     trainer = M.build(config, args.meta_batch, args.inner_steps, "approx", None, parallel,
-                      args.seed)
+                      args.seed, policy=policy)
     source = warpkeras.TaskSampler(C.synthetic_tasks(20, seed=args.seed))
     trainer.inner_steps = args.warmup_inner_steps
     t0 = time.perf_counter()
@@ -106,6 +110,7 @@ def warpkeras_worker(args):
     out = {"meta_step_s_all": samples, "meta_step_s_mean": sum(samples) / len(samples),
            "warmup_s": warmup_s, "warp_updates_per_meta_step": warp_updates,
            "objective": "approx" if config != "leap" else None, "parallel": parallel,
+           "precision": args.precision, "dtype_policy": policy,
            "config": config, "machine": info}
     with open(args.worker_out, "w") as f:
         json.dump(out, f, default=C._json_default)
@@ -128,7 +133,7 @@ def run_side(key, side, method, env, args, tmpdir, round_index):
                "--worker-out", out, "--meta-batch", str(args.meta_batch),
                "--inner-steps", str(args.inner_steps), "--repeats", str(args.repeats),
                "--warmup-inner-steps", str(args.warmup_inner_steps), "--seed", str(args.seed),
-               "--parallel", args.parallel]
+               "--parallel", args.parallel, "--precision", args.precision]
     waited = C.wait_idle(args.wait_idle) if args.wait_idle else None
     load_before = C.load()
     cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -196,6 +201,11 @@ def main(argv=None):
     p.add_argument("--parallel", choices=("auto", "sequential", "unrolled", "vectorized"),
                    default="auto",
                    help="warpkeras's meta-batch mode (default auto, the trainers' default)")
+    p.add_argument("--precision", choices=("float32", "bfloat16"), default="float32",
+                   help="warpkeras's layer compute precision: bfloat16 builds its models "
+                        "under Keras's mixed_bfloat16 policy where the CPU has bfloat16 "
+                        "(AVX512_BF16 or AMX; float32 master weights and meta-gradients), "
+                        "float32 with a warning elsewhere; the reference stays float32")
     p.add_argument("--wait-idle", type=float, default=0, metavar="SECONDS",
                    help="before each side, wait up to SECONDS for the 1-minute load average "
                         "to drop below 1.5 (default 0: no wait)")
@@ -309,6 +319,7 @@ def main(argv=None):
                    "reference_variants": {v: REF_VARIANTS[v] for v in args.ref_variants},
                    "reference_s_and_speedup_refer_to": primary,
                    "warpkeras_parallel": args.parallel,
+                   "warpkeras_precision": args.precision,
                    "warpkeras_warp_objective": "approx (the reference's effective gradient)",
                    "warpkeras_warp_leap": "WarpTrainer offline, init_objective=leap, "
                                           "meta_interval=1, one warp update per stored point",
