@@ -63,6 +63,24 @@ def plain_model():
     return keras.Sequential([keras.Input((4,)), keras.layers.Dense(1, name="task")])
 
 
+def tanh_regression_task(rng, n=40):
+    """A 3 → 2 regression task y = tanh(x W), `n` points, batches of 8."""
+    w = rng.normal(size=(3, 2)).astype("float32")
+    x = rng.normal(size=(n, 3)).astype("float32")
+    return warpkeras.Task(train=(x, np.tanh(x @ w)), batch_size=8)
+
+
+def small_warp_model(hidden=6):
+    """Dense(hidden, tanh) → WarpDense(tanh) → Dense(2) on 3 inputs, seeded."""
+    keras.utils.set_random_seed(3)
+    return keras.Sequential([
+        keras.Input((3,)),
+        keras.layers.Dense(hidden, activation="tanh"),
+        warpkeras.layers.WarpDense(activation="tanh"),
+        keras.layers.Dense(2),
+    ])
+
+
 def assert_lists_close(a, b, rtol=1e-6, atol=1e-8):
     assert len(a) == len(b)
     for x, y in zip(a, b):

@@ -11,23 +11,15 @@ from warpkeras.trainers import MetaTrainer
 from warpkeras.trainers.parallel import (AUTO_GROUP_SIZE, SequentialExecutor,
                                          UnrolledExecutor, balanced_group_sizes)
 
-from conftest import assert_lists_close
+from conftest import small_warp_model, tanh_regression_task, assert_lists_close
 
 
 def _task(rng):
-    w = rng.normal(size=(3, 2)).astype("float32")
-    x = rng.normal(size=(24, 3)).astype("float32")
-    return warpkeras.Task(train=(x, np.tanh(x @ w)), batch_size=8)
+    return tanh_regression_task(rng, n=24)
 
 
 def _model():
-    keras.utils.set_random_seed(3)
-    return keras.Sequential([
-        keras.Input((3,)),
-        keras.layers.Dense(4, activation="tanh"),
-        warpkeras.layers.WarpDense(activation="tanh"),
-        keras.layers.Dense(2),
-    ])
+    return small_warp_model(hidden=4)
 
 
 def _kw():
