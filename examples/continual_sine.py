@@ -162,6 +162,9 @@ def build_parser():
     g.add_argument("--meta-lr-schedule", choices=META_LR_SCHEDULES, default="constant",
                    help="constant: Adam at --meta-lr throughout (App. K); cosine: decayed from "
                         "--meta-lr to 0 over the meta steps (keras CosineDecay)")
+    g.add_argument("--meta-clipnorm", type=float, default=None,
+                   help="clip each meta-gradient to this global L2 norm before Adam's update "
+                        "(keras Adam global_clipnorm; default: no clipping, as in App. K)")
     g.add_argument("--warp-init", choices=WARP_INITS, default="random",
                    help="random (default): all dense maps of the warp blocks drawn like "
                         "PyTorch's nn.Linear default, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), as "
@@ -595,7 +598,7 @@ def resolve_config(args):
     for key in ("meta_steps", "meta_batch_size", "inner_lr", "meta_lr", "hidden_units",
                 "warp_units", "hidden_layers", "subtasks", "steps_per_subtask", "batch_size",
                 "meta_val_points", "eval_tasks", "eval_points", "random_order", "parallel",
-                "seeds", "eq18_weighting", "warp_init", "meta_lr_schedule"):
+                "seeds", "eq18_weighting", "warp_init", "meta_lr_schedule", "meta_clipnorm"):
         value = getattr(args, key, None)
         if value is not None:
             cfg[key] = value
@@ -604,7 +607,9 @@ def resolve_config(args):
                 "eval_points"):
         if cfg[key] < 1:
             raise SystemExit(f"--{key.replace('_', '-')} must be >= 1, got {cfg[key]}")
-    for key in ("inner_lr", "meta_lr"):
+    cfg.setdefault("meta_clipnorm", None)
+    for key in ("inner_lr", "meta_lr") + (("meta_clipnorm",) if cfg["meta_clipnorm"]
+                                          is not None else ()):
         if not cfg[key] > 0:
             raise SystemExit(f"--{key.replace('_', '-')} must be > 0, got {cfg[key]}")
     T = cfg["subtasks"]
@@ -629,6 +634,13 @@ def meta_learning_rate(cfg):
     return cfg["meta_lr"]
 
 
+def meta_optimizer(cfg):
+    """The warp's meta optimiser: Adam at `meta_learning_rate`, the meta-gradient clipped to
+    the global L2 norm ``cfg["meta_clipnorm"]`` first when it is set (not in App. K)."""
+    return keras.optimizers.Adam(meta_learning_rate(cfg),
+                                 global_clipnorm=cfg.get("meta_clipnorm"))
+
+
 def run_seed(cfg, seed, orders):
     """Meta-trains the warp for one seed and evaluates SGD and WarpGrad."""
     T, n = cfg["subtasks"], cfg["steps_per_subtask"]
@@ -637,7 +649,7 @@ def run_seed(cfg, seed, orders):
         model, loss=half_mse, mode="online", objective="exact", init_objective=None,
         inner_learning_rate=cfg["inner_lr"], inner_steps=T * n,
         meta_batch_size=cfg["meta_batch_size"],
-        meta_optimizer=keras.optimizers.Adam(meta_learning_rate(cfg)),
+        meta_optimizer=meta_optimizer(cfg),
         meta_loss=make_meta_loss(T, n, cfg.get("eq18_weighting", "appearances")),
         parallel=cfg["parallel"], seed=seed,
     )

@@ -216,9 +216,17 @@ def test_protocol_choices_and_explicit_flags_win():
     def cfg(*flags):
         return omniglot.resolve_config(omniglot.build_parser().parse_args(["--smoke", *flags]))
 
+    # the default protocol: augmented meta batches, clean test images, random conv warps,
+    # approximate objective (Warp-Leap +11.5 points over Leap, examples/README.md)
     default = cfg()
     assert (default["augment_meta"], default["augment_test"], default["warp_init"],
-            default["objective"]) == (False, False, "identity", "exact")
+            default["objective"]) == (True, False, "random", "approx")
+    assert default["protocol_sources"] == dict.fromkeys(
+        ("augment_meta", "augment_test", "warp_init", "objective"), "protocol default")
+    previous = cfg("--no-augment-meta", "--warp-init", "identity", "--objective", "exact")
+    assert (previous["augment_meta"], previous["warp_init"], previous["objective"]) == (
+        False, "identity", "exact")
+    assert cfg("--warp", "scaling")["warp_init"] == "identity"
     ref = cfg("--protocol", "reference")
     assert (ref["augment_meta"], ref["augment_test"], ref["warp_init"],
             ref["objective"]) == (True, True, "random", "approx")
@@ -230,10 +238,13 @@ def test_protocol_choices_and_explicit_flags_win():
     assert mixed["protocol_sources"]["augment_meta"] == "protocol reference"
     # the protocol's random initialisation only applies to the conv warps
     assert cfg("--protocol", "reference", "--warp", "residual")["warp_init"] == "identity"
-    assert cfg("--augment-meta")["augment_meta"] is True
-    with pytest.raises(SystemExit) as err:
-        cfg("--protocol", "reference", "--learn-lr")
-    assert "--objective exact" in str(err.value)
+    assert cfg("--no-augment-meta")["augment_meta"] is False
+    for protocol in ("default", "reference"):
+        with pytest.raises(SystemExit) as err:
+            cfg("--protocol", protocol, "--learn-lr")
+        assert "--objective exact" in str(err.value)
+        assert f"--protocol {protocol} chooses approx" in str(err.value)
+    assert cfg("--learn-lr", "--objective", "exact")["learn_lr"] is True
     with pytest.raises(SystemExit) as err:
         cfg("--ablation", "--ngd-ablation")
     assert "--ngd-ablation" in str(err.value)
@@ -295,7 +306,7 @@ def test_random_warp_init_matches_pytorch_default_conv_law(tmp_path):
         ["--smoke", "--filters", "64", "--warp-init", "random", "--methods", "warp_leap"])
     cfg = omniglot.resolve_config(args)
     (spec,) = omniglot.run_specs(cfg)
-    assert spec["warp_init"] == "random" and "random warp init" in spec["label"]
+    assert spec["warp_init"] == "random" and spec["label"] == "Warp-Leap"
     init = omniglot.shared_initialisation(cfg, 0)
     model, _ = omniglot.model_for(spec, cfg, 0, init)
     bound = 1.0 / np.sqrt(9 * 64)
@@ -305,6 +316,12 @@ def test_random_warp_init_matches_pytorch_default_conv_law(tmp_path):
         assert np.abs(kernel).max() <= bound and np.abs(bias).max() <= bound
         np.testing.assert_allclose(kernel.std(), bound / np.sqrt(3.0), rtol=0.02)
         assert abs(kernel.mean()) < 0.1 * bound
+    (spec_identity,) = omniglot.run_specs(omniglot.resolve_config(
+        omniglot.build_parser().parse_args(["--smoke", "--warp-init", "identity",
+                                            "--objective", "exact", "--methods",
+                                            "warp_leap"])))
+    assert spec_identity["label"] == ("Warp-Leap (3x3 conv, offline, exact) "
+                                      "(identity warp init)")
     identity, _ = omniglot.model_for(dict(spec, warp_init="identity"), cfg, 0, init)
     centre = identity.get_layer("warp1").get_weights()[0][1, 1]
     np.testing.assert_array_equal(centre, np.eye(64, dtype=centre.dtype))

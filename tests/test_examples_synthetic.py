@@ -13,6 +13,7 @@ import json
 import pathlib
 import sys
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -183,6 +184,27 @@ def test_continual_meta_lr_schedule():
     schedule = module.meta_learning_rate(dict(cfg, meta_lr_schedule="cosine"))
     np.testing.assert_allclose([float(schedule(k)) for k in (0, 5, 10)], [0.002, 0.001, 0.0],
                                atol=1e-9)
+
+
+def test_continual_meta_clipnorm():
+    """--meta-clipnorm clips the warp's meta-gradient (Adam global_clipnorm); off by default,
+    and a non-positive norm is refused."""
+    module = importlib.import_module("continual_sine")
+
+    def cfg(*flags):
+        return module.resolve_config(module.build_parser().parse_args(["--smoke", *flags]))
+
+    assert cfg()["meta_clipnorm"] is None
+    assert module.meta_optimizer(cfg()).global_clipnorm is None
+    clipped = module.meta_optimizer(cfg("--meta-clipnorm", "0.5"))
+    assert clipped.global_clipnorm == 0.5
+    # a gradient of norm 10 enters Adam's moments at norm 0.5
+    var = keras.Variable(np.zeros(4, "float32"))
+    clipped.apply([np.full(4, 5.0, "float32")], [var])
+    np.testing.assert_allclose(np.linalg.norm(clipped._momentums[0].numpy()),
+                               (1 - clipped.beta_1) * 0.5, rtol=1e-5)
+    with pytest.raises(SystemExit, match="--meta-clipnorm"):
+        cfg("--meta-clipnorm", "0")
 
 
 def test_synthetic_surfaces_smoke(tmp_path):

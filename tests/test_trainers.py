@@ -137,6 +137,34 @@ def mse(y, p):
     return tf.reduce_mean(tf.square(y - p))
 
 
+@pytest.mark.parametrize("make, reads_meta", [
+    (lambda m: warpkeras.LeapTrainer(m, mse, inner_steps=2, meta_batch_size=2), False),
+    (lambda m: warpkeras.ReptileTrainer(m, mse, inner_steps=2, meta_batch_size=2), False),
+    (lambda m: warpkeras.WarpTrainer(m, mse, mode="offline", objective="approx",
+                                     init_objective="leap", inner_steps=2,
+                                     meta_batch_size=2), True),
+], ids=["leap", "reptile", "warp_leap"])
+def test_only_the_warp_objective_reads_the_meta_objective_batches(make, reads_meta):
+    """A task's `meta` stream (WarpGrad's L_meta batches) feeds the warp objective only:
+    Leap and Reptile never draw from it, so augmenting it (the Omniglot example's default
+    protocol) leaves their results as they are."""
+    _, batch, meta = _fixed_task()
+    drawn = []
+
+    def meta_stream(rng):
+        while True:
+            drawn.append(1)
+            yield meta
+
+    def train_stream(rng):
+        while True:
+            yield batch
+
+    task = warpkeras.Task(train=train_stream, meta=meta_stream)
+    make(_tiny_model()).fit([task], meta_steps=2, verbose=0)
+    assert bool(drawn) == reads_meta, len(drawn)
+
+
 def test_online_meta_step_equals_algorithm_1_by_hand():
     task, batch, meta = _fixed_task()
     model = _tiny_model()

@@ -33,7 +33,7 @@ from warpkeras.trainers.engine import AdaptationEngine
 from warpkeras.trainers.evaluation import Evaluation
 from warpkeras.trainers.loop import TrainingLoop
 from warpkeras.trainers.metrics import loss_is_classification
-from warpkeras.trainers.parallel import PARALLEL_MODES, make_executor, resolve_parallel
+from warpkeras.trainers.parallel import PARALLEL_MODES, make_executor
 from warpkeras.trainers.presets import OBJECTIVE_OPTIONS, KeywordViews, objectives_from_options
 
 ENGINE_OPTIONS = {"accuracy": None, "head_layers": None, "untagged": "task",
@@ -210,7 +210,7 @@ class MetaTrainer(KeywordViews, TrainingLoop, Evaluation, InputChecks, Adaptatio
                                           group_size=group_size, continues_stream=one_stream)
             # How tasks are run (with a strategy: within each replica).
             self.parallel = (self.executor.inner if strategy is not None
-                             else resolve_parallel(parallel, strategy, one_stream))
+                             else self.executor.name)
         except ValueError as err:
             raise MetaTrainingError(f"{where}: {err}") from None
         if strategy is not None:
