@@ -161,9 +161,11 @@ class ExactBatchNormalization(keras.layers.Layer):
             "float16",
             "bfloat16",
         )
+        if training and self.trainable and self._fused_applies(inputs):
+            # float16/bfloat16 inputs go in as they are: the kernel keeps its statistics
+            # and scale/offset in float32
+            return self._fused_training_call(inputs)
         x = ops.cast(inputs, "float32") if low_precision else inputs
-        if training and self.trainable and self._fused_applies(x):
-            return ops.cast(self._fused_training_call(x), compute_dtype)
         if training and self.trainable:
             mean = ops.mean(x, axis=self._reduction_axes, keepdims=True)
             # E[(x - mean)^2] with the gradient through the mean kept: its first-order
@@ -201,10 +203,12 @@ class ExactBatchNormalization(keras.layers.Layer):
         import tensorflow as tf
 
         channels = x.shape[-1]
-        gamma = (ops.cast(self.gamma, x.dtype) if self.gamma is not None
-                 else tf.ones([channels], x.dtype))
-        beta = (ops.cast(self.beta, x.dtype) if self.beta is not None
-                else tf.zeros([channels], x.dtype))
+        # scale and offset in float32 for float16/bfloat16 inputs, else in x's dtype
+        dtype = x.dtype if x.dtype == tf.float32 else tf.float32
+        gamma = (ops.cast(self.gamma, dtype) if self.gamma is not None
+                 else tf.ones([channels], dtype))
+        beta = (ops.cast(self.beta, dtype) if self.beta is not None
+                else tf.zeros([channels], dtype))
         outputs, mean, variance = tf.compat.v1.nn.fused_batch_norm(
             x, gamma, beta, epsilon=self.epsilon, is_training=True)
         # The kernel returns the Bessel-corrected variance; the moving average takes the
