@@ -56,7 +56,8 @@ initialisation (measured over 5 seeds: WarpGrad's loss on the earlier sub-tasks 
 0.62 of SGD's against 0.69 from the identity); --warp-init identity starts them at the
 identity, so that the untrained model is the plain network. The SGD baseline is always the
 plain network (identity warps). --meta-lr-schedule cosine decays Adam's rate to 0 over
-meta-training (App. K: constant).
+meta-training (App. K: constant); --meta-clipnorm clips each meta-gradient to a global L2
+norm before Adam's update (App. K: no clipping).
 
 The meta-objective only scores parameters after an update (θ_{k+1}), never θ0 itself, so a
 meta-learned warp is free to change what the model predicts at θ0: after meta-training the
