@@ -78,11 +78,11 @@ class ExactBatchNormalization(keras.layers.Layer):
             float rounding; third derivatives are exact only with `False` (TensorFlow's
             second derivative of the kernel stops the gradient through the mean inside
             the variance).
+        **kwargs: standard `keras.layers.Layer` arguments (``name``, ``dtype``, ...).
 
     Raises:
         ValueError: `axis` is not an int, `momentum` is outside [0, 1], or `fused` is
             neither None nor False.
-        **kwargs: standard `keras.layers.Layer` arguments (``name``, ``dtype``, ...).
     """
 
     def __init__(
