@@ -416,8 +416,10 @@ def retention(curves, orders, n):
             entry["earlier_final_loss"][method] = _common.stats(
                 runs[:, -1, earlier].mean(axis=1) if earlier else [])
         means = {m: entry["earlier_final_loss"][m]["mean"] for m in METHODS}
+        # None when a method has no finite sequence (its mean is None) or SGD's mean is 0
         entry["ratio_warpgrad_to_sgd"] = (means["warpgrad"] / means["sgd"]
-                                          if earlier and means["sgd"] else None)
+                                          if earlier and means["sgd"]
+                                          and means["warpgrad"] is not None else None)
         out[order_name] = entry
     return out
 
@@ -609,10 +611,13 @@ def resolve_config(args):
         if cfg[key] < 1:
             raise SystemExit(f"--{key.replace('_', '-')} must be >= 1, got {cfg[key]}")
     cfg.setdefault("meta_clipnorm", None)
-    for key in ("inner_lr", "meta_lr") + (("meta_clipnorm",) if cfg["meta_clipnorm"]
-                                          is not None else ()):
+    for key in ("inner_lr", "meta_lr"):
         if not cfg[key] > 0:
             raise SystemExit(f"--{key.replace('_', '-')} must be > 0, got {cfg[key]}")
+    clip = cfg["meta_clipnorm"]
+    if clip is not None and not (np.isfinite(clip) and clip > 0):
+        raise SystemExit(f"--meta-clipnorm must be a finite number > 0, got {clip} (leave "
+                         "the flag out for no clipping)")
     T = cfg["subtasks"]
     order = cfg["random_order"]
     if args.random_order is not None and sorted(order) != list(range(T)):

@@ -318,8 +318,9 @@ def build_parser():
                    help="meta-learn the scalar inner learning rate α (needs --objective "
                         "exact)")
     g.add_argument("--learn-momentum", action="store_true",
-                   help="meta-learn a scalar inner momentum μ too (starts at "
-                        "--inner-momentum, default 1e-4)")
+                   help="meta-learn a scalar inner momentum μ (starts at "
+                        "--inner-momentum, default 1e-4; needs --objective exact; with or "
+                        "without --learn-lr)")
     g.add_argument("--inner-momentum", type=float, default=None,
                    help="heavy-ball momentum of Warp-Leap's adaptation (default: none)")
     g.add_argument("--warp-leap-path-loss", action="store_true",
@@ -425,9 +426,12 @@ def resolve_config(args):
             and not cfg["ablation"]):
         problems.append(f"--warp-init {cfg['warp_init']} applies to the conv warps "
                         f"{', '.join(CONV_WARPS)}, not --warp {cfg['warp']}")
-    if cfg["learn_lr"] and cfg["objective"] != "exact":
-        problems.append("--learn-lr needs --objective exact (the approximate objective "
-                        "gives the learning rate no meta-gradient"
+    learned = [flag for flag, on in (("--learn-lr", cfg["learn_lr"]),
+                                     ("--learn-momentum", cfg["learn_momentum"])) if on]
+    if learned and cfg["objective"] != "exact":
+        problems.append(f"{' and '.join(learned)} need{'s' if len(learned) == 1 else ''} "
+                        "--objective exact (the approximate objective gives the learning "
+                        "rate and momentum no meta-gradient"
                         + (f"; --protocol {args.protocol} chooses approx unless --objective "
                            "exact is given" if args.objective is None else "") + ")")
     if cfg["ablation"] and cfg["ngd_ablation"]:
@@ -1099,7 +1103,11 @@ def main(argv=None):
     output = write(total.seconds, complete=True)
     export_info = state["export"]
 
-    print(f"\nOmniglot multi-shot ({cfg['preset']} size, {cfg['protocol']} protocol), seeds "
+    overridden = [k for k, source in cfg["protocol_sources"].items() if source == "flag"]
+    protocol = f"{cfg['protocol']} protocol" + (
+        "; set by flags: " + ", ".join(f"{k}={cfg[k]}" for k in overridden) if overridden
+        else "")
+    print(f"\nOmniglot multi-shot ({cfg['preset']} size, {protocol}), seeds "
           f"{cfg['seeds']}, {cfg['eval_steps']} adaptation steps on held-out alphabets:")
     headers, rows = result_table(mode, specs, results)
     _common.print_table(headers, rows)

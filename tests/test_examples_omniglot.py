@@ -246,6 +246,12 @@ def test_protocol_choices_and_explicit_flags_win():
         assert f"--protocol {protocol} chooses approx" in str(err.value)
     assert cfg("--learn-lr", "--objective", "exact")["learn_lr"] is True
     with pytest.raises(SystemExit) as err:
+        cfg("--learn-momentum")
+    assert "--learn-momentum needs --objective exact" in str(err.value)
+    with pytest.raises(SystemExit) as err:
+        cfg("--learn-lr", "--learn-momentum")
+    assert "--learn-lr and --learn-momentum need --objective exact" in str(err.value)
+    with pytest.raises(SystemExit) as err:
         cfg("--ablation", "--ngd-ablation")
     assert "--ngd-ablation" in str(err.value)
     with pytest.raises(SystemExit) as err:

@@ -203,8 +203,22 @@ def test_continual_meta_clipnorm():
     clipped.apply([np.full(4, 5.0, "float32")], [var])
     np.testing.assert_allclose(np.linalg.norm(clipped._momentums[0].numpy()),
                                (1 - clipped.beta_1) * 0.5, rtol=1e-5)
-    with pytest.raises(SystemExit, match="--meta-clipnorm"):
-        cfg("--meta-clipnorm", "0")
+    for bad in ("0", "-1", "inf", "nan"):
+        with pytest.raises(SystemExit, match="--meta-clipnorm must be a finite number"):
+            cfg("--meta-clipnorm", bad)
+
+
+def test_continual_retention_without_finite_warpgrad_runs():
+    """A method whose every sequence diverged has no mean: the ratio is None, not an
+    error."""
+    module = importlib.import_module("continual_sine")
+    T, n = 3, 2
+    finite = np.ones((4, T * n + 1, T))
+    curves = {"training_order": {"sgd": finite, "warpgrad": np.full_like(finite, np.nan)}}
+    out = module.retention(curves, {"training_order": [0, 1, 2]}, n)["training_order"]
+    assert out["earlier_final_loss"]["sgd"]["mean"] == 1.0
+    assert out["earlier_final_loss"]["warpgrad"]["mean"] is None
+    assert out["ratio_warpgrad_to_sgd"] is None
 
 
 def test_synthetic_surfaces_smoke(tmp_path):

@@ -102,8 +102,8 @@ class ExactBatchNormalization(keras.layers.Layer):
         super().__init__(**kwargs)
         if fused not in (None, False):
             raise ValueError(
-                f"ExactBatchNormalization: `fused` must be None (automatic) or False, got "
-                f"{fused!r}."
+                f"ExactBatchNormalization: `fused` must be None (automatic: the fused "
+                f"kernel wherever it applies) or False (the formula), got {fused!r}."
             )
         self.fused = fused
         if isinstance(axis, bool) or not isinstance(axis, int):
