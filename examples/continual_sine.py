@@ -93,7 +93,7 @@ METHODS = ("sgd", "warpgrad")
 METHOD_LABELS = {"sgd": "SGD", "warpgrad": "WarpGrad"}
 # The sub-task weightings of Eq. 18 (`warpkeras.objectives.CONTINUAL_WEIGHTINGS`), named
 # here so that --help needs no TensorFlow.
-EQ18_WEIGHTINGS = ("appearances", "printed")
+EQ18_WEIGHTINGS = ("appearances", "printed", "average")
 # How the residual warp blocks start (--warp-init).
 WARP_INITS = ("identity", "random")
 # The meta learning rate over meta-training (--meta-lr-schedule).
@@ -159,7 +159,9 @@ def build_parser():
                    help="how the sequences of a meta-batch are adapted (WarpTrainer parallel=)")
     g.add_argument("--eq18-weighting", choices=EQ18_WEIGHTINGS, default="appearances",
                    help="sub-task weights of the meta-objective: 1/(n(T-i+1)), App. K's "
-                        "normalisation by appearances, or 1/(n(T-t+1)) as Eq. 18 prints it")
+                        "normalisation by appearances; 1/(n(T-t+1)) as Eq. 18 prints it; or "
+                        "1/t, the average over the current and earlier sub-tasks of App. D "
+                        "(t: the current sub-task)")
     g.add_argument("--meta-lr-schedule", choices=META_LR_SCHEDULES, default="constant",
                    help="constant: Adam at --meta-lr throughout (App. K); cosine: decayed from "
                         "--meta-lr to 0 over the meta steps (keras CosineDecay)")

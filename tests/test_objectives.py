@@ -285,6 +285,9 @@ def test_printed_continual_weights_share_the_current_subtasks_weight():
     np.testing.assert_allclose([float(w) for w in as_tensor], [1 / 10] * 4)
     with pytest.raises(ValueError, match="current_subtask"):
         obj.continual_weights(4, 5, "printed")
+    with pytest.raises(ValueError, match="current_subtask"):
+        obj.continual_weights(4, 5, "average")
+    assert obj.continual_weights(4, 5, "average", current_subtask=4) == [1 / 4] * 4
     with pytest.raises(ValueError, match="weighting"):
         obj.continual_weights(4, 5, "uniform")
 
@@ -302,6 +305,11 @@ def test_continual_objective_sums_current_and_earlier_subtasks(float64):
     printed = obj.continual_objective(p, mse, theta, phi, vals, tf.constant(2), 3, 2,
                                       weighting="printed")
     np.testing.assert_allclose(float(printed), (losses[0] + losses[1]) / (2 * (3 - 2 + 1)))
+    # App. D: the average of the current and earlier sub-tasks' losses
+    for t in (1, 2, 3):
+        average = obj.continual_objective(p, mse, theta, phi, vals, tf.constant(t), 3, 2,
+                                          weighting="average")
+        np.testing.assert_allclose(float(average), np.mean(losses[:t]), rtol=1e-6)
     # usable as the meta-loss of the warp objective
     task_b = vals[1]
     m = obj.warp_objective(

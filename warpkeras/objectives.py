@@ -520,7 +520,7 @@ def reptile_direction(theta0, theta_k):
     return [a - b for a, b in zip(_as_list(theta0), _as_list(theta_k))]
 
 
-CONTINUAL_WEIGHTINGS = ("appearances", "printed")
+CONTINUAL_WEIGHTINGS = ("appearances", "printed", "average")
 
 
 def continual_weights(num_subtasks, steps_per_subtask, weighting="appearances", current_subtask=None):
@@ -534,32 +534,42 @@ def continual_weights(num_subtasks, steps_per_subtask, weighting="appearances", 
     * ``"printed"``: Eq. 18 as printed, w_i = 1 / (n(T − t + 1)) for every i ≤ t, where t is
       the current sub-task: all active sub-tasks share one weight, which grows as the
       sequence goes on. Needs ``current_subtask``.
+    * ``"average"``: w_i = 1 / t for every i ≤ t, the average loss over the current and
+      earlier sub-tasks (WarpGrad App. D, before Eq. 14, and Sec. 4): within a phase every
+      active sub-task weighs the same, so the first sub-task, active in every phase, gets
+      the largest total weight. Needs ``current_subtask``.
 
     Args:
         num_subtasks: T.
         steps_per_subtask: n.
-        weighting: ``"appearances"`` or ``"printed"``.
-        current_subtask: t (1-based; a number or a scalar tensor), for ``"printed"``.
+        weighting: one of `CONTINUAL_WEIGHTINGS`.
+        current_subtask: t (1-based; a number or a scalar tensor), for ``"printed"`` and
+            ``"average"``.
 
     Returns:
-        A list of T weights (Python floats; scalar tensors when ``"printed"`` gets a tensor t).
+        A list of T weights (Python floats; scalar tensors when t is a tensor).
+
+    Raises:
+        ValueError: an unknown `weighting`, or no `current_subtask` where it is needed.
 
     Example:
         >>> continual_weights(3, 2)
         [0.16666666666666666, 0.25, 0.5]
         >>> continual_weights(3, 2, "printed", current_subtask=2)
         [0.25, 0.25, 0.25]
+        >>> continual_weights(3, 2, "average", current_subtask=2)
+        [0.5, 0.5, 0.5]
     """
     T, n = int(num_subtasks), int(steps_per_subtask)
     if weighting == "appearances":
         return [1.0 / (n * (T - i + 1)) for i in range(1, T + 1)]
-    if weighting == "printed":
+    if weighting in ("printed", "average"):
         if current_subtask is None:
-            raise ValueError('continual_weights(weighting="printed") needs current_subtask')
-        if isinstance(current_subtask, (int, float)):
-            return [1.0 / (n * (T - current_subtask + 1))] * T
-        t = tf.cast(current_subtask, tf.float64)
-        return [1.0 / (n * (T - t + 1.0))] * T
+            raise ValueError(f'continual_weights(weighting="{weighting}") needs current_subtask')
+        number = isinstance(current_subtask, (int, float))
+        t = current_subtask if number else tf.cast(current_subtask, tf.float64)
+        weight = 1.0 / (n * (T - t + 1.0)) if weighting == "printed" else 1.0 / t
+        return [float(weight) if number else weight] * T
     raise ValueError(f"weighting must be one of {CONTINUAL_WEIGHTINGS}, got {weighting!r}")
 
 
@@ -584,14 +594,16 @@ def continual_objective(
     update that helps the current sub-task but makes the model forget earlier ones is
     penalised. Use it as `meta_loss` of `warp_objective`. The weights w_i are those of
     `continual_weights`: 1 / (n(T − i + 1)) by default (App. K's normalisation by the number
-    of appearances), or with ``weighting="printed"`` 1 / (n(T − t + 1)) as Eq. 18 prints it.
+    of appearances), with ``weighting="printed"`` 1 / (n(T − t + 1)) as Eq. 18 prints it, or
+    with ``weighting="average"`` 1 / t (the average of App. D).
 
     Args:
         validation_batches: list of T batches, one per sub-task (in presentation order).
         current_subtask: t, 1-based (may be a tensor).
         num_subtasks: T.
         steps_per_subtask: n.
-        weighting: ``"appearances"`` or ``"printed"`` (see `continual_weights`).
+        weighting: ``"appearances"``, ``"printed"`` or ``"average"`` (see
+            `continual_weights`).
 
     Returns:
         The scalar meta-loss.
