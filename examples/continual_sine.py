@@ -119,6 +119,7 @@ class Preset:
     eval_points: int = 100
     random_order: list = dataclasses.field(default_factory=lambda: list(PAPER_RANDOM_ORDER))
     parallel: str = "unrolled"
+    meta_clipnorm: float = None  # no clipping (App. K)
     seeds: list = dataclasses.field(default_factory=lambda: [0])
 
 
@@ -612,7 +613,6 @@ def resolve_config(args):
                 "eval_points"):
         if cfg[key] < 1:
             raise SystemExit(f"--{key.replace('_', '-')} must be >= 1, got {cfg[key]}")
-    cfg.setdefault("meta_clipnorm", None)
     for key in ("inner_lr", "meta_lr"):
         if not cfg[key] > 0:
             raise SystemExit(f"--{key.replace('_', '-')} must be > 0, got {cfg[key]}")

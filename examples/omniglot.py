@@ -741,13 +741,14 @@ def run_specs(cfg):
         return specs
     for method in cfg["methods"]:
         label = METHOD_LABELS[method]
+        default = PROTOCOLS["default"]
         if method == "warp_leap" and (base["warp"] != "conv3x3" or base["meta_training"]
-                                      != "offline" or base["objective"] != "approx"
+                                      != "offline" or base["objective"] != default["objective"]
                                       or base["learn_lr"]):
             label += f" ({WARP_LABELS[base['warp']]}, {base['meta_training']}, " \
                      f"{base['objective']}{', learned α' if base['learn_lr'] else ''})"
         if (method == "warp_leap" and base["warp"] in CONV_WARPS
-                and base["warp_init"] != "random"):
+                and base["warp_init"] != default["warp_init"]):
             label += f" ({base['warp_init']} warp init)"
         specs.append(dict(base, method=method, name=method, label=label,
                           batch_scale=cfg["large_batch"] if method in LARGE_BATCH_METHODS

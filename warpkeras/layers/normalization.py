@@ -173,15 +173,8 @@ class ExactBatchNormalization(keras.layers.Layer):
             variance = ops.mean(
                 ops.square(x - mean), axis=self._reduction_axes, keepdims=True
             )
-            mean_c = ops.reshape(mean, (-1,))
-            variance_c = ops.reshape(variance, (-1,))
-            m = self.momentum
-            self.moving_mean.assign(
-                self.moving_mean * m + ops.cast(mean_c, self.moving_mean.dtype) * (1 - m)
-            )
-            self.moving_variance.assign(
-                self.moving_variance * m
-                + ops.cast(variance_c, self.moving_variance.dtype) * (1 - m)
+            self._update_moving_statistics(
+                ops.reshape(mean, (-1,)), ops.reshape(variance, (-1,))
             )
         else:
             mean = ops.reshape(ops.cast(self.moving_mean, x.dtype), self._broadcast)
@@ -203,25 +196,29 @@ class ExactBatchNormalization(keras.layers.Layer):
         import tensorflow as tf
 
         channels = x.shape[-1]
-        # scale and offset in float32 for float16/bfloat16 inputs, else in x's dtype
-        dtype = x.dtype if x.dtype == tf.float32 else tf.float32
-        gamma = (ops.cast(self.gamma, dtype) if self.gamma is not None
-                 else tf.ones([channels], dtype))
-        beta = (ops.cast(self.beta, dtype) if self.beta is not None
-                else tf.zeros([channels], dtype))
+        # the kernel takes scale and offset in float32 for every input dtype it accepts
+        gamma = (ops.cast(self.gamma, "float32") if self.gamma is not None
+                 else tf.ones([channels], tf.float32))
+        beta = (ops.cast(self.beta, "float32") if self.beta is not None
+                else tf.zeros([channels], tf.float32))
         outputs, mean, variance = tf.compat.v1.nn.fused_batch_norm(
             x, gamma, beta, epsilon=self.epsilon, is_training=True)
         # The kernel returns the Bessel-corrected variance; the moving average takes the
         # biased one, as the decomposed formula and keras.layers.BatchNormalization do.
         n = tf.cast(tf.reduce_prod(tf.shape(x)[:3]), variance.dtype)
-        variance = variance * (n - 1.0) / tf.maximum(n, 1.0)
+        self._update_moving_statistics(mean, variance * (n - 1.0) / tf.maximum(n, 1.0))
+        return outputs
+
+    def _update_moving_statistics(self, mean, variance):
+        """Moving averages with this batch's per-channel mean and biased variance."""
         m = self.momentum
         self.moving_mean.assign(
-            self.moving_mean * m + ops.cast(mean, self.moving_mean.dtype) * (1 - m))
+            self.moving_mean * m + ops.cast(mean, self.moving_mean.dtype) * (1 - m)
+        )
         self.moving_variance.assign(
             self.moving_variance * m
-            + ops.cast(variance, self.moving_variance.dtype) * (1 - m))
-        return outputs
+            + ops.cast(variance, self.moving_variance.dtype) * (1 - m)
+        )
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape)
