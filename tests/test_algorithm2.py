@@ -9,6 +9,8 @@ gradient is a constant, ∇_Φ = 2/n (x_m W')ᵀ (x_m W' Φ − y_m); with ``"ex
 by central differences of that function of Φ.
 """
 
+import itertools
+
 import keras
 import numpy as np
 import pytest
@@ -120,3 +122,58 @@ def test_sum_reduction_is_number_of_terms_times_mean(float64, mode):
     by_point = [_warp_gradient(w, "approx") for w in _trajectory()]
     hand = np.sum(by_point if mode == "offline" else by_point[:K], axis=0)
     np.testing.assert_allclose(total, hand, rtol=1e-7, atol=1e-10)
+
+
+def _approx_gradient_at(w, phi):
+    stepped = w - ALPHA * _grad_w(w, phi, X, Y)
+    return 2.0 / YM.size * (XM @ stepped).T @ (XM @ stepped @ phi - YM)
+
+
+def _trainer_phi(fused, tasks, **kwargs):
+    model = _model()
+    trainer = warpkeras.WarpTrainer(
+        model, mse, init_objective=None, inner_steps=K, inner_learning_rate=ALPHA,
+        meta_batch_size=len(tasks), meta_optimizer=keras.optimizers.SGD(BETA),
+        mode="offline", objective="approx", meta_interval=1, seed=3, **kwargs)
+    if not fused:
+        trainer._warp.warp_point_update = None  # the general path: gradient, then update
+    logs = trainer.train_step(tasks, np.random.default_rng(0))
+    return model.get_layer("warp").get_weights()[0], logs
+
+
+def test_one_point_updates_run_in_one_call_and_follow_algorithm_2(float64):
+    # η = 1: Algorithm 2 lines 14–20 with a mini-batch of one point: φ ← φ − β ∇φ at each
+    # drawn point in turn, each gradient at the φ left by the update before it.
+    phi, logs = _trainer_phi(True, [_task()])
+    assert logs["warp_updates"] == K + 1
+    points = _trajectory()
+    by_order = []
+    for order in itertools.permutations(range(K + 1)):
+        p = PHI0.copy()
+        for k in order:
+            p = p - BETA * _approx_gradient_at(points[k], p)
+        by_order.append(p)
+    assert min(np.max(np.abs(phi - p)) for p in by_order) < 1e-10
+    # the orders give different φ, so the match above is not a coincidence of the order
+    assert np.max(np.abs(by_order[0] - by_order[-1])) > 1e-6
+    general, general_logs = _trainer_phi(False, [_task()])
+    np.testing.assert_allclose(phi, general, rtol=1e-12, atol=1e-14)
+    assert general_logs["warp_updates"] == logs["warp_updates"]
+    np.testing.assert_allclose(logs["meta_loss"], general_logs["meta_loss"], rtol=1e-12)
+
+
+def test_one_point_updates_skip_non_finite_points_like_the_general_path(float64):
+    def exploding():
+        def forever(rng):
+            while True:
+                yield X * 1e200, Y
+        return warpkeras.Task(train=forever, meta=_task().meta, name="exploding")
+    results = []
+    for fused in (True, False):
+        with pytest.warns(RuntimeWarning, match="exploding"):
+            results.append(_trainer_phi(fused, [_task(), exploding()]))
+    (phi, logs), (general, general_logs) = results
+    assert logs["nan_points"] == general_logs["nan_points"] >= 1
+    assert logs["warp_updates"] == general_logs["warp_updates"] == K + 1
+    assert np.all(np.isfinite(phi))
+    np.testing.assert_allclose(phi, general, rtol=1e-12, atol=1e-14)

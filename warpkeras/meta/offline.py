@@ -21,6 +21,8 @@ def offline_updates(objective, engine, tasks, rng):
     acc, hyper, count = None, None, 0
     updates_left = objective.max_updates
     state = engine.start_values()[2]
+    # η = 1: gradient and update in one compiled call (same values as the general path)
+    fused = eta == 1 and getattr(objective, "warp_point_update", None) is not None
     step = int(engine.step.numpy())
 
     def apply():
@@ -40,22 +42,29 @@ def offline_updates(objective, engine, tasks, rng):
         meta_batch = next(meta_it)
         velocity = tuple(entry["velocity"]) if engine.use_momentum else ()
         point_state = engine.reseed(state, step, tid, 2, entry["step"])
-        meta, g_phi, g_hyper, ok = objective.warp_point(tuple(entry["theta"]), velocity,
-                                                        point_state, x, y, meta_batch)
+        args = (tuple(entry["theta"]), velocity, point_state, x, y, meta_batch)
+        if fused:  # the update is applied inside the call when the gradient is finite
+            meta, ok = objective.warp_point_update(*args)
+        else:
+            meta, g_phi, g_hyper, ok = objective.warp_point(*args)
         if not bool(ok):
             engine.nan_points += 1  # a point, not a task
             continue
-        acc = g_phi if acc is None else tuple(a + g for a, g in zip(acc, g_phi))
-        hyper = g_hyper if hyper is None else hyper + g_hyper
-        count += 1
         logs["meta_loss"].append(float(meta))
-        if count == eta:
+        if fused:
+            logs["warp_updates"] += 1
+        else:
+            acc = g_phi if acc is None else tuple(a + g for a, g in zip(acc, g_phi))
+            hyper = g_hyper if hyper is None else hyper + g_hyper
+            count += 1
+            if count < eta:
+                continue
             apply()
             acc, hyper, count = None, None, 0
-            if updates_left is not None:
-                updates_left -= 1
-                if updates_left <= 0:
-                    break
+        if updates_left is not None:
+            updates_left -= 1
+            if updates_left <= 0:
+                break
     if count and (updates_left is None or updates_left > 0):
         apply()
     objective.buffer.clear()

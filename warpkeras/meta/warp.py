@@ -172,10 +172,28 @@ class WarpObjective(MetaObjective):
             engine.inner_lr.assign(tf.maximum(engine.inner_lr, 0.0))
             engine.inner_mu.assign(tf.clip_by_value(engine.inner_mu, 0.0, 0.999))
 
+        def warp_point_update(theta, velocity, state, x, y, meta_batch):
+            """`warp_point`, then one warp update on its gradient alone if it is finite
+            (η = 1: a mini-batch of one point, whose reduction is the gradient itself)."""
+            meta, g_phi, g_hyper, finite = warp_point(theta, velocity, state, x, y,
+                                                      meta_batch)
+
+            def update():
+                apply_warp(g_phi)
+                if self.hyper_vars:
+                    apply_hyper(g_hyper)
+                return tf.constant(True)
+            tf.cond(finite, update, lambda: tf.constant(False))
+            return meta, finite
+
         self._warp_step = warp_step
         self.warp_point = engine.compile_single(warp_point, "warp_point")
         self._apply_warp = engine.compile_apply(apply_warp)
         self._apply_hyper = engine.compile_apply(apply_hyper)
+        # one compiled call per warp update where nothing needs combining across replicas
+        self.warp_point_update = (
+            engine.compile_single(warp_point_update, "warp_point_update")
+            if getattr(engine, "_variables_strategy", None) is None else None)
 
     def _meta_value(self, engine, theta, phi, meta_batch, state):
         """L_meta at θ and the model state after its forward pass."""
