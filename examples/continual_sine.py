@@ -120,6 +120,8 @@ class Preset:
     random_order: list = dataclasses.field(default_factory=lambda: list(PAPER_RANDOM_ORDER))
     parallel: str = "unrolled"
     meta_clipnorm: float = None  # no clipping (App. K)
+    select_every: int = 0  # 0: keep the last φ (App. K); N: the best by validation Eq. 18
+    select_sequences: int = 20
     seeds: list = dataclasses.field(default_factory=lambda: [0])
 
 
@@ -169,6 +171,16 @@ def build_parser():
     g.add_argument("--meta-clipnorm", type=float, default=None,
                    help="clip each meta-gradient to this global L2 norm before Adam's update "
                         "(keras Adam global_clipnorm; default: no clipping, as in App. K)")
+    g.add_argument("--select-every", type=int, default=None, metavar="N",
+                   help="every N meta steps (and at the last) score the warp by the "
+                        "meta-objective (Eq. 18, the chosen weighting) on validation "
+                        "sequences of their own, and keep the best-scoring warp "
+                        "(keras.callbacks.EarlyStopping(restore_best_weights=True), without "
+                        "stopping early; logged as val_eq18). Default 0: the warp of the "
+                        "last meta step, as App. K")
+    g.add_argument("--select-sequences", type=int, default=None, metavar="M",
+                   help="validation sequences for --select-every (default 20; drawn apart "
+                        "from the meta-training and the held-out evaluation sequences)")
     g.add_argument("--warp-init", choices=WARP_INITS, default="random",
                    help="random (default): all dense maps of the warp blocks drawn like "
                         "PyTorch's nn.Linear default, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), as "
@@ -367,6 +379,92 @@ def evaluate(cfg, evaluator, phis, data, orders, verbose):
                 if bar is not None:
                     bar.update(done)
     return curves
+
+
+def eq18_along_curve(curve, num_subtasks, steps_per_subtask, weighting="appearances"):
+    """The continual meta-objective (Eq. 18) of one run, averaged over its K steps.
+
+    Args:
+        curve: ``[K+1, T]`` validation losses of every sub-task after k steps (row k), in
+            the training order (`make_evaluator`'s ``losses``).
+        num_subtasks: T.
+        steps_per_subtask: n (K = n T).
+        weighting: as `warpkeras.objectives.continual_weights`.
+
+    Returns:
+        float: the mean over k = 1..K of Σ_{i ≤ t} w_i L_i(θ_k), with t = ⌈k / n⌉ the
+        sub-task step k was taken on: what the meta-objective scores after each inner step
+        in meta-training (a half MSE, weighted).
+    """
+    curve = np.asarray(curve)
+    total = 0.0
+    K = curve.shape[0] - 1
+    for k in range(1, K + 1):
+        t = min((k - 1) // steps_per_subtask + 1, num_subtasks)
+        w = obj.continual_weights(num_subtasks, steps_per_subtask, weighting, current_subtask=t)
+        total += sum(w[i] * curve[k, i] for i in range(t))
+    return total / K
+
+
+class SelectWarpByEq18(keras.callbacks.Callback):
+    """Scores the current warp every `every` meta steps (and at meta step `last`) by the
+    Eq. 18 meta-objective on validation sequences, as ``logs["val_eq18"]`` (NaN at the
+    other meta steps), for a `keras.callbacks.EarlyStopping` placed after it.
+
+    Args:
+        score: ``() -> float``, the validation meta-objective of the current warp.
+        every: int >= 1, meta steps between scores.
+        last: int, the last meta step (1-based), always scored.
+    """
+
+    def __init__(self, score, every, last):
+        super().__init__()
+        self.score, self.every, self.last = score, every, last
+        self.scores = []
+
+    def on_epoch_end(self, epoch, logs=None):
+        step = epoch + 1
+        value = float("nan")
+        if step % self.every == 0 or step == self.last:
+            value = float(self.score())
+            self.scores.append((step, value))
+        if logs is not None:
+            logs["val_eq18"] = value
+
+
+def selection_callbacks(cfg, seed, partition, evaluator):
+    """With ``cfg["select_every"]`` > 0: the callbacks that keep the warp with the lowest
+    validation meta-objective (`SelectWarpByEq18`, then Keras's `EarlyStopping` with
+    ``restore_best_weights`` and a patience that never stops the run); else ``[]``.
+
+    The validation sequences come from their own random stream (seed, 13, 2019), apart from
+    the meta-training sequences and the held-out evaluation sequences (seed, 7, 2019); they
+    are learned in the training order, as in meta-training.
+    """
+    if not cfg.get("select_every"):
+        return []
+    T, n = cfg["subtasks"], cfg["steps_per_subtask"]
+    rng = np.random.default_rng([seed, 13, 2019])
+    distribution = ContinualSineDistribution(num_subtasks=T)
+    runs = []
+    for _ in range(cfg["select_sequences"]):
+        task = distribution.sample(rng)
+        xv, yv = task.validation_data(cfg["eval_points"], rng)
+        xs, ys, _ = task.training_batches(rng, n, cfg["batch_size"], order=list(range(T)))
+        runs.append(tuple(tf.constant(a) for a in (xs, ys, xv, yv)))
+    losses_fn = evaluator[0]
+    weighting = cfg.get("eq18_weighting", "appearances")
+
+    def score():
+        phi = partition.warp_values()
+        return float(np.mean([eq18_along_curve(losses_fn(phi, *run).numpy(), T, n, weighting)
+                              for run in runs]))
+
+    select = SelectWarpByEq18(score, cfg["select_every"], cfg["meta_steps"])
+    keep = keras.callbacks.EarlyStopping(monitor="val_eq18", mode="min",
+                                         patience=cfg["meta_steps"] + 1,
+                                         restore_best_weights=True)
+    return [select, keep]
 
 
 def summarise(curves, orders, n):
@@ -604,7 +702,8 @@ def resolve_config(args):
     for key in ("meta_steps", "meta_batch_size", "inner_lr", "meta_lr", "hidden_units",
                 "warp_units", "hidden_layers", "subtasks", "steps_per_subtask", "batch_size",
                 "meta_val_points", "eval_tasks", "eval_points", "random_order", "parallel",
-                "seeds", "eq18_weighting", "warp_init", "meta_lr_schedule", "meta_clipnorm"):
+                "seeds", "eq18_weighting", "warp_init", "meta_lr_schedule", "meta_clipnorm",
+                "select_every", "select_sequences"):
         value = getattr(args, key, None)
         if value is not None:
             cfg[key] = value
@@ -616,6 +715,11 @@ def resolve_config(args):
     for key in ("inner_lr", "meta_lr"):
         if not cfg[key] > 0:
             raise SystemExit(f"--{key.replace('_', '-')} must be > 0, got {cfg[key]}")
+    if cfg["select_every"] < 0:
+        raise SystemExit(f"--select-every must be >= 0 (0: no selection), got "
+                         f"{cfg['select_every']}")
+    if cfg["select_sequences"] < 1:
+        raise SystemExit(f"--select-sequences must be >= 1, got {cfg['select_sequences']}")
     clip = cfg["meta_clipnorm"]
     if clip is not None and not (np.isfinite(clip) and clip > 0):
         raise SystemExit(f"--meta-clipnorm must be a finite number > 0, got {clip} (leave "
@@ -671,11 +775,21 @@ def run_seed(cfg, seed, orders):
         print(f"\nSeed {seed}: meta-training the warp, {cfg['meta_steps']} meta steps x "
               f"{cfg['meta_batch_size']} sequences x {T * n} steps (α = {cfg['inner_lr']})",
               flush=True)
+    evaluator = make_evaluator(partition, T, cfg["inner_lr"])
+    callbacks = selection_callbacks(cfg, seed, partition, evaluator)
     with _common.Stopwatch() as train_time:
-        history = trainer.fit(source, meta_steps=cfg["meta_steps"], verbose=verbose)
+        history = trainer.fit(source, meta_steps=cfg["meta_steps"], verbose=verbose,
+                              callbacks=callbacks)
+    selection = None
+    if callbacks:
+        select, keep = callbacks
+        selection = {"scores": select.scores, "selected_meta_step": keep.best_epoch + 1,
+                     "selected_val_eq18": keep.best}
+        if verbose:
+            print(f"Selected the warp of meta step {selection['selected_meta_step']} "
+                  f"(validation Eq. 18: {keep.best:.4f})", flush=True)
     phis = {"sgd": phi_sgd, "warpgrad": partition.warp_values()}
     data = evaluation_data(cfg, seed, orders)
-    evaluator = make_evaluator(partition, T, cfg["inner_lr"])
     if verbose:
         print(f"Evaluating on {len(data)} held-out sequences x {len(orders)} orders x "
               f"{len(phis)} methods", flush=True)
@@ -695,6 +809,7 @@ def run_seed(cfg, seed, orders):
         "meta_loss": [float(v) for v in history.history.get("meta_loss", [])],
         "train_loss": [float(v) for v in history.history.get("loss", [])],
         "nan_tasks": int(trainer.nan_tasks.numpy()),
+        "warp_selection": selection,
         "trace_counts": dict(trainer.trace_counts),
         "meta_train_seconds": train_time.seconds,
         "seconds_per_meta_step": train_time.seconds / max(1, cfg["meta_steps"]),
