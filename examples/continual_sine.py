@@ -174,10 +174,8 @@ def build_parser():
     g.add_argument("--select-every", type=int, default=None, metavar="N",
                    help="every N meta steps (and at the last) score the warp by the "
                         "meta-objective (Eq. 18, the chosen weighting) on validation "
-                        "sequences of their own, and keep the best-scoring warp "
-                        "(keras.callbacks.EarlyStopping(restore_best_weights=True), without "
-                        "stopping early; logged as val_eq18). Default 0: the warp of the "
-                        "last meta step, as App. K")
+                        "sequences of their own, and keep the best-scoring warp (logged as "
+                        "val_eq18). Default 0: the warp of the last meta step, as App. K")
     g.add_argument("--select-sequences", type=int, default=None, metavar="M",
                    help="validation sequences for --select-every (default 20; drawn apart "
                         "from the meta-training and the held-out evaluation sequences)")
@@ -407,39 +405,53 @@ def eq18_along_curve(curve, num_subtasks, steps_per_subtask, weighting="appearan
 
 
 class SelectWarpByEq18(keras.callbacks.Callback):
-    """Scores the current warp every `every` meta steps (and at meta step `last`) by the
-    Eq. 18 meta-objective on validation sequences, as ``logs["val_eq18"]`` (NaN at the
-    other meta steps), for a `keras.callbacks.EarlyStopping` placed after it.
+    """Keeps the warp with the lowest validation meta-objective: scores the current warp
+    every `every` meta steps and at meta step `last`, logs the score as ``val_eq18`` (only
+    at those steps, as `fit` logs its ``val_*``), and sets φ back to the best-scoring warp
+    when training ends.
 
     Args:
         score: ``() -> float``, the validation meta-objective of the current warp.
+        partition: the trainer's `warpkeras.Partition` (φ is read and restored there).
         every: int >= 1, meta steps between scores.
         last: int, the last meta step (1-based), always scored.
+
+    Attributes:
+        scores: ``[(meta step, score)]``; best_step, best: the selected meta step and its
+        score (``None`` / inf before any score).
     """
 
-    def __init__(self, score, every, last):
+    def __init__(self, score, partition, every, last):
         super().__init__()
-        self.score, self.every, self.last = score, every, last
-        self.scores = []
+        self.score, self.partition, self.every, self.last = score, partition, every, last
+        self.scores, self.best_step, self.best, self._best_phi = [], None, float("inf"), None
 
     def on_epoch_end(self, epoch, logs=None):
         step = epoch + 1
-        value = float("nan")
-        if step % self.every == 0 or step == self.last:
-            value = float(self.score())
-            self.scores.append((step, value))
+        if step % self.every and step != self.last:
+            return
+        value = float(self.score())
+        self.scores.append((step, value))
         if logs is not None:
             logs["val_eq18"] = value
+        if value < self.best:  # a NaN score is never selected
+            self.best, self.best_step = value, step
+            self._best_phi = [np.array(v) for v in self.partition.warp_values()]
+
+    def on_train_end(self, logs=None):
+        if self._best_phi is not None:
+            for var, value in zip(self.partition.warp_variables, self._best_phi):
+                var.assign(value)
 
 
 def selection_callbacks(cfg, seed, partition, evaluator):
-    """With ``cfg["select_every"]`` > 0: the callbacks that keep the warp with the lowest
-    validation meta-objective (`SelectWarpByEq18`, then Keras's `EarlyStopping` with
-    ``restore_best_weights`` and a patience that never stops the run); else ``[]``.
+    """With ``cfg["select_every"]`` > 0: ``[SelectWarpByEq18]`` scoring the warp on
+    ``cfg["select_sequences"]`` validation sequences; else ``[]``.
 
     The validation sequences come from their own random stream (seed, 13, 2019), apart from
     the meta-training sequences and the held-out evaluation sequences (seed, 7, 2019); they
-    are learned in the training order, as in meta-training.
+    are learned in the training order, as in meta-training, and scored with the
+    meta-training weighting of Eq. 18 (`eq18_along_curve`).
     """
     if not cfg.get("select_every"):
         return []
@@ -460,11 +472,7 @@ def selection_callbacks(cfg, seed, partition, evaluator):
         return float(np.mean([eq18_along_curve(losses_fn(phi, *run).numpy(), T, n, weighting)
                               for run in runs]))
 
-    select = SelectWarpByEq18(score, cfg["select_every"], cfg["meta_steps"])
-    keep = keras.callbacks.EarlyStopping(monitor="val_eq18", mode="min",
-                                         patience=cfg["meta_steps"] + 1,
-                                         restore_best_weights=True)
-    return [select, keep]
+    return [SelectWarpByEq18(score, partition, cfg["select_every"], cfg["meta_steps"])]
 
 
 def summarise(curves, orders, n):
@@ -782,12 +790,12 @@ def run_seed(cfg, seed, orders):
                               callbacks=callbacks)
     selection = None
     if callbacks:
-        select, keep = callbacks
-        selection = {"scores": select.scores, "selected_meta_step": keep.best_epoch + 1,
-                     "selected_val_eq18": keep.best}
+        select = callbacks[0]
+        selection = {"scores": select.scores, "selected_meta_step": select.best_step,
+                     "selected_val_eq18": select.best}
         if verbose:
-            print(f"Selected the warp of meta step {selection['selected_meta_step']} "
-                  f"(validation Eq. 18: {keep.best:.4f})", flush=True)
+            print(f"Selected the warp of meta step {select.best_step} "
+                  f"(validation Eq. 18: {select.best:.4f})", flush=True)
     phis = {"sgd": phi_sgd, "warpgrad": partition.warp_values()}
     data = evaluation_data(cfg, seed, orders)
     if verbose:

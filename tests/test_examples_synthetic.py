@@ -208,6 +208,62 @@ def test_continual_meta_clipnorm():
             cfg("--meta-clipnorm", bad)
 
 
+def test_continual_eq18_along_curve_by_hand():
+    """The validation meta-objective of a run: Eq. 18 after each of the K steps, averaged."""
+    module = importlib.import_module("continual_sine")
+    T, n = 2, 2
+    curve = np.array([[9.0, 9.0], [1.0, 2.0], [3.0, 4.0], [5.0, 6.0], [7.0, 8.0]])
+    # appearances: w = [1/(n T), 1/n] = [1/4, 1/2]; steps 1-2 on sub-task 1, 3-4 on 2
+    want = (1.0 / 4 + 3.0 / 4 + (5.0 / 4 + 6.0 / 2) + (7.0 / 4 + 8.0 / 2)) / 4
+    np.testing.assert_allclose(module.eq18_along_curve(curve, T, n), want)
+    # average (1/t): steps on sub-task 1 score it alone, then the mean of both
+    want = (1.0 + 3.0 + 5.5 + 7.5) / 4
+    np.testing.assert_allclose(module.eq18_along_curve(curve, T, n, "average"), want)
+
+
+def test_continual_select_every_keeps_the_best_scored_warp():
+    """--select-every: the warp restored after fit is the one of the meta step with the
+    lowest validation score, not the last one; scores only every N steps and at the end."""
+    module = importlib.import_module("continual_sine")
+    import warpkeras
+
+    cfg = module.resolve_config(module.build_parser().parse_args(
+        ["--smoke", "--meta-steps", "4", "--select-every", "2"]))
+    model = module.build_model(cfg["hidden_units"], cfg["warp_units"], cfg["hidden_layers"], 0)
+    module.randomise_warps(model, 0)
+    trainer = warpkeras.WarpTrainer(
+        model, loss=module.half_mse, mode="online", objective="exact", init_objective=None,
+        inner_learning_rate=0.01, inner_steps=cfg["subtasks"] * cfg["steps_per_subtask"],
+        meta_batch_size=2, meta_optimizer=keras.optimizers.Adam(0.05),
+        meta_loss=module.make_meta_loss(cfg["subtasks"], cfg["steps_per_subtask"]), seed=0)
+    partition = trainer.partition
+    evaluator = module.make_evaluator(partition, cfg["subtasks"], cfg["inner_lr"])
+    (select,) = module.selection_callbacks(cfg, 0, partition, evaluator)
+    assert select.every == 2 and select.last == 4
+    real_score = select.score
+    scripted = iter([0.5, 0.9])  # meta step 2 is the best of the two scored
+    select.score = lambda: (real_score(), next(scripted))[1]
+    phis = []
+    record = keras.callbacks.LambdaCallback(
+        on_epoch_end=lambda e, logs: phis.append([np.asarray(v) for v in
+                                                  partition.warp_values()]))
+    source = module.SequenceSource(module.ContinualSineDistribution(num_subtasks=5), cfg)
+    history = trainer.fit(source, meta_steps=4, verbose=0, callbacks=[record, select])
+    assert select.scores == [(2, 0.5), (4, 0.9)] and select.best_step == 2
+    np.testing.assert_array_equal(history.history["val_eq18"], [np.nan, 0.5, np.nan, 0.9])
+    final = [np.asarray(v) for v in partition.warp_values()]
+    assert max(np.max(np.abs(a - b)) for a, b in zip(phis[-1], phis[1])) > 1e-6
+    for got, want in zip(final, phis[1]):
+        np.testing.assert_array_equal(got, want)
+    # the real score is Eq. 18 over the validation runs: finite and positive
+    assert 0 < real_score() < np.inf
+    assert module.selection_callbacks(dict(cfg, select_every=0), 0, partition, evaluator) == []
+    for flag, bad, message in (("--select-every", "-1", ">= 0"),
+                               ("--select-sequences", "0", ">= 1")):
+        with pytest.raises(SystemExit, match=message):
+            module.resolve_config(module.build_parser().parse_args(["--smoke", flag, bad]))
+
+
 def test_continual_retention_without_finite_warpgrad_runs():
     """A method whose every sequence diverged has no mean: the ratio is None, not an
     error."""
