@@ -14,7 +14,10 @@ approximate (inner gradient stopped). This script times, interleaved in one proc
 * ``warp_update_{approx,exact}``: updates made by the trainer's own offline loop
   (``MetaTrainer._offline_updates`` with ``meta_interval=1`` over a buffer of stored
   points: draining the buffer, numpy θ to tensors, a task batch and a meta batch drawn from
-  a `warpkeras.Task`, the warp gradient, the finite check, ``_apply_warp``), per update;
+  a `warpkeras.Task`, the warp gradient, the finite check and the update, in one compiled
+  call per point since η = 1), per update; with ``--compare-unfused`` also
+  ``warp_update_{approx,exact}_unfused``: the same loop with the gradient and the update
+  as two calls (the general path for η > 1), and their ratio;
 
 and profiles the exact warp step (kernel time per op type vs the rest).
 
@@ -46,6 +49,9 @@ def main():
                    help="batch-norm layer (default: warpkeras ExactBatchNormalization)")
     p.add_argument("--jit", action="store_true", help="also time jit_compile=True trainers")
     p.add_argument("--no-profile", action="store_true", help="skip the tf.profiler breakdown")
+    p.add_argument("--compare-unfused", action="store_true",
+                   help="also time the offline loop with the gradient and the update as two "
+                        "compiled calls (the η > 1 path) against the one-call path of η = 1")
     args = p.parse_args()
     rounds = args.rounds or (3 if args.quick else 9)
     calls = args.calls or (3 if args.quick else 6)
@@ -69,6 +75,10 @@ def main():
             meta_optimizer=keras.optimizers.SGD(1e-3), jit_compile=jit, seed=args.seed)
 
     trainers = {"approx": trainer("approx"), "exact": trainer("exact")}
+    if args.compare_unfused:
+        for name in ("approx", "exact"):
+            trainers[f"{name}_unfused"] = tr = trainer(name)
+            tr._warp.warp_point_update = None  # gradient, then `_apply_warp`: two calls
     if args.jit:
         trainers["approx_xla"] = trainer("approx", True)
         trainers["exact_xla"] = trainer("exact", True)
@@ -105,7 +115,8 @@ def main():
     if base.meta_inner is not None:
         variants["meta_inner_step_leap"] = base.meta_inner
     for name, e in engines.items():
-        variants[f"warp_step_{name}"] = e.warp_point
+        if not name.endswith("_unfused"):  # the same compiled gradient as its fused twin
+            variants[f"warp_step_{name}"] = e.warp_point
         counter = [0]
         variants[f"warp_update_{name}"] = (
             lambda tr=e.trainer, c=counter: offline_updates(tr, c))
@@ -124,6 +135,11 @@ def main():
     if "meta_inner_step_leap" in timings:
         for k in ("warp_update_approx", "warp_update_exact"):
             ratios[f"{k}_over_meta_inner_step_leap"] = C.ratio(t(k), t("meta_inner_step_leap"))
+    if args.compare_unfused:
+        ratios = {k: v for k, v in ratios.items() if "unfused" not in k}
+        for name in ("approx", "exact"):
+            ratios[f"warp_update_{name}_over_unfused"] = C.ratio(
+                t(f"warp_update_{name}"), t(f"warp_update_{name}_unfused"))
     if args.jit:
         ratios = {k: v for k, v in ratios.items() if "xla" not in k}
         for k in ("warp_step_approx_xla", "warp_step_exact_xla"):

@@ -289,7 +289,7 @@ def print_written(json_path, plots, export_info, seconds):
         export_info: the dict `export_model` returned, or ``None`` when nothing was exported.
         seconds: wall time of the whole run.
     """
-    print(f"\nWrote {json_path}, " + ", ".join(str(p) for p in plots)
+    print("\nWrote " + ", ".join(str(p) for p in [json_path, *plots])
           + (f"; SavedModel in {export_info['path']}" if export_info else "")
           + f" ({seconds:.0f}s)")
 
