@@ -22,7 +22,8 @@ meta-training, and reports how well the two agree:
   for g_traj exactly).
 
 Meta-training is continual_sine.py's (same flags and presets), seed by --seeds (the first).
-Outputs <output-dir>/continual_sine_gradients.json.
+Outputs <output-dir>/continual_sine_gradients.json; nothing is exported (--export-dir and
+--no-export have no effect here).
 
 Examples:
   python examples/continual_sine_gradients.py --meta-steps 40 --check-every 10
@@ -30,18 +31,18 @@ Examples:
   python examples/continual_sine_gradients.py --smoke
 """
 
+import os
 import sys
 
-import _common  # sets up sys.path, the Keras backend and matplotlib
-import continual_sine as cs
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common  # noqa: E402  (sets up sys.path, the Keras backend and matplotlib)
+from _continual_sine_config import add_experiment_arguments, resolve_config  # noqa: E402
 
 EXAMPLE = "continual_sine_gradients"
 
 
 def build_parser():
-    parser = cs.build_parser()
-    parser.prog = f"python examples/{EXAMPLE}.py"
-    parser.description = __doc__
+    parser = add_experiment_arguments(_common.make_parser(EXAMPLE, __doc__))
     g = parser.add_argument_group("gradient check")
     g.add_argument("--check-every", type=int, default=10, metavar="N",
                    help="compare the gradients before meta-training and every N meta steps "
@@ -51,6 +52,11 @@ def build_parser():
     return parser
 
 
+if __name__ == "__main__":
+    # --help and flag errors are answered here, before TensorFlow loads (seconds).
+    build_parser().parse_args()
+
+import continual_sine as cs  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
@@ -129,7 +135,7 @@ def check_sequences(cfg, seed, count):
 def main(argv=None):
     """Runs the comparison; returns the results dict (also written as JSON)."""
     args = build_parser().parse_args(argv)
-    cfg = cs.resolve_config(args)
+    cfg = resolve_config(args)
     if args.check_every < 1:
         raise SystemExit(f"--check-every must be >= 1, got {args.check_every}")
     count = args.check_sequences or (2 if args.smoke else 5)
