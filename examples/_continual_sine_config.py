@@ -38,6 +38,7 @@ class Preset:
     random_order: list = dataclasses.field(default_factory=lambda: list(PAPER_RANDOM_ORDER))
     parallel: str = "unrolled"
     meta_clipnorm: float = None  # no clipping (App. K)
+    eq18_weighting: str = "appearances"  # App. K's normalisation by appearances
     select_every: int = 0  # 0: keep the last φ (App. K); N: the best by validation Eq. 18
     select_sequences: int = 20
     seeds: list = dataclasses.field(default_factory=lambda: [0])
@@ -46,6 +47,10 @@ class Preset:
 PRESETS = {
     "default": Preset(),
     "paper": Preset(meta_steps=20_000, inner_lr=0.001, meta_lr=0.001, eval_tasks=100),
+    # the retention table's best setting (examples/README.md): wider warp blocks, App. D's
+    # average weighting, twice the meta steps, the warp kept by its validation Eq. 18
+    "retention": Preset(meta_steps=80, warp_units=200, eq18_weighting="average",
+                        select_every=5, seeds=[0, 1, 2]),
     "smoke": Preset(meta_steps=2, meta_batch_size=2, meta_lr=0.001, hidden_units=16,
                     warp_units=8, hidden_layers=2, steps_per_subtask=3, meta_val_points=5,
                     eval_tasks=2, eval_points=10),
@@ -56,8 +61,10 @@ def add_experiment_arguments(parser):
     """Adds continual_sine.py's experiment flags (sizes, rates, warps, selection) to
     `parser`, an `argparse.ArgumentParser` from `_common.make_parser`; returns it."""
     g = parser.add_argument_group("experiment (defaults: the preset's)")
-    g.add_argument("--preset", choices=("default", "paper"), default="default",
-                   help="size preset (--smoke overrides it)")
+    g.add_argument("--preset", choices=("default", "paper", "retention"), default="default",
+                   help="size preset (--smoke overrides it); retention: 200-unit warp blocks, "
+                        "--eq18-weighting average, 80 meta steps, --select-every 5, seeds "
+                        "0,1,2 (about 15 minutes on 2 idle cores)")
     g.add_argument("--meta-steps", type=int, help="meta-training steps")
     g.add_argument("--meta-batch-size", type=int, help="task sequences per meta step")
     g.add_argument("--inner-lr", type=float, help="SGD learning rate α of the task learner")
@@ -78,7 +85,7 @@ def add_experiment_arguments(parser):
                         "for 5 sub-tasks, else a permutation drawn from the seed)")
     g.add_argument("--parallel", choices=("sequential", "unrolled", "vectorized"),
                    help="how the sequences of a meta-batch are adapted (WarpTrainer parallel=)")
-    g.add_argument("--eq18-weighting", choices=EQ18_WEIGHTINGS, default="appearances",
+    g.add_argument("--eq18-weighting", choices=EQ18_WEIGHTINGS, default=None,
                    help="sub-task weights of the meta-objective: 1/(n(T-i+1)), App. K's "
                         "normalisation by appearances; 1/(n(T-t+1)) as Eq. 18 prints it; or "
                         "1/t, the average over the current and earlier sub-tasks of App. D "

@@ -354,3 +354,20 @@ def test_discounted_returns():
     for n in (1, 2, 6, 10):
         np.testing.assert_allclose(module.discounted_returns(rewards, values, gamma, n),
                                    reference(n), rtol=1e-5, atol=1e-5)
+
+
+def test_continual_retention_preset():
+    """--preset retention is the retention table's best row; explicit flags still win."""
+    module = importlib.import_module("continual_sine")
+
+    def cfg(*flags):
+        return module.resolve_config(module.build_parser().parse_args(list(flags)))
+
+    got = cfg("--preset", "retention")
+    assert (got["warp_units"], got["eq18_weighting"], got["meta_steps"], got["select_every"],
+            got["seeds"]) == (200, "average", 80, 5, [0, 1, 2])
+    assert got["inner_lr"] == 0.01 and got["warp_init"] == "random"
+    assert cfg()["eq18_weighting"] == "appearances" and cfg()["select_every"] == 0
+    mixed = cfg("--preset", "retention", "--eq18-weighting", "printed", "--seeds", "4")
+    assert mixed["eq18_weighting"] == "printed" and mixed["seeds"] == [4]
+    assert mixed["warp_units"] == 200
