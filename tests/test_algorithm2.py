@@ -129,11 +129,11 @@ def _approx_gradient_at(w, phi):
     return 2.0 / YM.size * (XM @ stepped).T @ (XM @ stepped @ phi - YM)
 
 
-def _trainer_phi(fused, tasks, **kwargs):
+def _trainer_phi(fused, tasks, optimizer=None, **kwargs):
     model = _model()
     trainer = warpkeras.WarpTrainer(
         model, mse, init_objective=None, inner_steps=K, inner_learning_rate=ALPHA,
-        meta_batch_size=len(tasks), meta_optimizer=keras.optimizers.SGD(BETA),
+        meta_batch_size=len(tasks), meta_optimizer=optimizer or keras.optimizers.SGD(BETA),
         mode="offline", objective="approx", meta_interval=1, seed=3, **kwargs)
     if not fused:
         trainer._warp.warp_point_update = None  # the general path: gradient, then update
@@ -177,3 +177,12 @@ def test_one_point_updates_skip_non_finite_points_like_the_general_path(float64)
     assert logs["warp_updates"] == general_logs["warp_updates"] == K + 1
     assert np.all(np.isfinite(phi))
     np.testing.assert_allclose(phi, general, rtol=1e-12, atol=1e-14)
+
+
+def test_one_point_updates_with_adam_equal_the_general_path(float64):
+    # the optimiser's own state (Adam's moments and step count) is updated inside the call
+    fused, logs = _trainer_phi(True, [_task()], keras.optimizers.Adam(0.1))
+    general, _ = _trainer_phi(False, [_task()], keras.optimizers.Adam(0.1))
+    assert logs["warp_updates"] == K + 1
+    np.testing.assert_allclose(fused, general, rtol=1e-12, atol=1e-14)
+    assert np.max(np.abs(fused - PHI0)) > 1e-3
