@@ -18,16 +18,20 @@ meta-training, and reports how well the two agree:
 
   cosine (mean over sequences of the per-sequence cosine, and the cosine of the two
   gradients summed over the sequences, i.e. of the meta-batch gradients), the norm ratio
-  |g_warp| / |g_traj|, and Eq. 18 along the trajectory (the value both are gradients of,
-  for g_traj exactly).
+  |g_warp| / |g_traj|, and Eq. 18 along the trajectory as a mean over the K steps (the
+  sum both are gradients of, divided by K).
 
-Meta-training is continual_sine.py's (same flags and presets), seed by --seeds (the first).
-Outputs <output-dir>/continual_sine_gradients.json; nothing is exported (--export-dir and
---no-export have no effect here).
+Meta-training is continual_sine.py's (same flags, presets and seeds; each seed repeats the
+whole run), but every warp is kept: --select-every is refused, and a preset's selection is
+switched off. continual_sine.py's evaluation and export flags (--eval-tasks,
+--eval-points, --random-order, --export-dir, --no-export) have no effect here. Outputs
+<output-dir>/continual_sine_gradients.json and continual_sine_gradients.png (the cosines
+and Eq. 18 against the meta step, one line per seed).
 
 Examples:
-  python examples/continual_sine_gradients.py --meta-steps 40 --check-every 10
-  python examples/continual_sine_gradients.py --warp-units 200 --eq18-weighting average
+  python examples/continual_sine_gradients.py --meta-steps 120 --check-every 20
+  python examples/continual_sine_gradients.py --warp-units 200 --eq18-weighting average \
+      --meta-steps 80 --check-every 20
   python examples/continual_sine_gradients.py --smoke
 """
 
@@ -79,7 +83,8 @@ def trajectory_gradients(partition, loss_fn, meta_loss, learning_rate, num_subta
     The returned function takes φ (list of tensors, `warp_variables` order), the training
     batches ``xs``, ``ys`` ``[K, batch, 1]`` and the validation data ``xv``, ``yv``
     ``[T, points, 1]``, and returns ``g_warp`` and ``g_traj`` (lists shaped like φ, see the
-    module docstring) and ``eq18``, Σ_k L_meta(θ_{k+1}; φ) / K (a scalar, half MSE).
+    module docstring) and ``eq18``, Σ_k L_meta(θ_{k+1}; φ) / K, the mean over the K steps
+    (a scalar; weighted half MSE).
     """
     theta0 = partition.initial_task_values()
     T, n = num_subtasks, steps_per_subtask
@@ -132,17 +137,11 @@ def check_sequences(cfg, seed, count):
     return out
 
 
-def main(argv=None):
-    """Runs the comparison; returns the results dict (also written as JSON)."""
-    args = build_parser().parse_args(argv)
-    cfg = resolve_config(args)
-    if args.check_every < 1:
-        raise SystemExit(f"--check-every must be >= 1, got {args.check_every}")
-    count = args.check_sequences or (2 if args.smoke else 5)
-    if count < 1:
-        raise SystemExit(f"--check-sequences must be >= 1, got {count}")
-    out_dir, _ = _common.output_dirs(args, EXAMPLE)
-    T, n, seed = cfg["subtasks"], cfg["steps_per_subtask"], cfg["seeds"][0]
+def run_seed(cfg, seed, check_every, count):
+    """Meta-trains the warp for one seed as continual_sine.py does, comparing the two
+    gradients before meta-training and every `check_every` meta steps; returns the list of
+    comparison records."""
+    T, n = cfg["subtasks"], cfg["steps_per_subtask"]
     model = cs.build_model(cfg["hidden_units"], cfg["warp_units"], cfg["hidden_layers"], seed)
     meta_loss = cs.make_meta_loss(T, n, cfg["eq18_weighting"])
     trainer = warpkeras.WarpTrainer(
@@ -176,22 +175,79 @@ def main(argv=None):
                   "eq18_along_trajectory": _common.stats(eq18)}
         checks.append(record)
         if cfg["verbose"]:
-            print(f"meta step {step:5d}: cosine(g_warp, g_traj) per sequence "
+            print(f"seed {seed}, meta step {step:5d}: cosine(g_warp, g_traj) per sequence "
                   f"{record['cosine_per_sequence']['mean']:+.3f}, of the sums "
                   f"{record['cosine_of_sums']:+.3f}; |g_warp|/|g_traj| "
-                  f"{record['norm_ratio_warp_to_trajectory']['mean']:.3g}; Eq. 18 "
-                  f"{record['eq18_along_trajectory']['mean']:.4f}", flush=True)
+                  f"{record['norm_ratio_warp_to_trajectory']['mean']:.3g}; Eq. 18 (mean "
+                  f"over the steps) {record['eq18_along_trajectory']['mean']:.4f}",
+                  flush=True)
 
     def on_epoch_end(epoch, logs=None):
         step = epoch + 1
-        if step % args.check_every == 0 or step == cfg["meta_steps"]:
+        if step % check_every == 0 or step == cfg["meta_steps"]:
             check(step)
 
+    check(0)
+    trainer.fit(cs.SequenceSource(cs.ContinualSineDistribution(num_subtasks=T), cfg),
+                meta_steps=cfg["meta_steps"], verbose=2 if cfg["verbose"] == 2 else 0,
+                callbacks=[keras.callbacks.LambdaCallback(on_epoch_end=on_epoch_end)])
+    return checks
+
+
+def plot(path, per_seed, title):
+    """The per-sequence and meta-batch cosines and Eq. 18 against the meta step."""
+    plt = _common.pyplot()
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4))
+    for record in per_seed:
+        steps = [c["meta_step"] for c in record["checks"]]
+        line, = ax.plot(steps, [c["cosine_per_sequence"]["mean"] for c in record["checks"]],
+                        marker="o", label=f"seed {record['seed']}: mean over sequences")
+        ax.plot(steps, [c["cosine_of_sums"] for c in record["checks"]], marker="s",
+                linestyle="--", color=line.get_color(),
+                label=f"seed {record['seed']}: of the meta-batch sums")
+        bx.plot(steps, [c["eq18_along_trajectory"]["mean"] for c in record["checks"]],
+                marker="o", color=line.get_color(), label=f"seed {record['seed']}")
+    ax.axhline(0.0, color="grey", linewidth=0.8)
+    ax.set_ylim(-1.05, 1.05)
+    ax.set_xlabel("meta step")
+    ax.set_ylabel("cosine(g_warp, g_traj)")
+    ax.set_title("WarpGrad's meta-gradient (Eq. 3) vs\nthe gradient of Eq. 18 along the trajectory")
+    ax.legend(fontsize=7)
+    bx.set_xlabel("meta step")
+    bx.set_ylabel("Eq. 18 along the trajectory (mean over the K steps)")
+    bx.set_title("the meta-objective on the same sequences")
+    bx.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(argv=None):
+    """Runs the comparison; returns the results dict (also written as JSON and a plot)."""
+    args = build_parser().parse_args(argv)
+    if args.select_every:
+        raise SystemExit("--select-every has no effect in continual_sine_gradients.py: the "
+                         "gradients are compared along meta-training and no warp is kept "
+                         "back; leave the flag out")
+    cfg = resolve_config(args)
+    cfg["select_every"] = 0  # a preset's selection, switched off (see the docstring)
+    cfg.pop("select_sequences", None)
+    if args.check_every < 1:
+        raise SystemExit(f"--check-every must be >= 1, got {args.check_every}")
+    count = args.check_sequences if args.check_sequences is not None else (
+        2 if args.smoke else 5)
+    if count < 1:
+        raise SystemExit(f"--check-sequences must be >= 1, got {count}")
+    out_dir, _ = _common.output_dirs(args, EXAMPLE)
     with _common.Stopwatch() as total:
-        check(0)
-        trainer.fit(cs.SequenceSource(cs.ContinualSineDistribution(num_subtasks=T), cfg),
-                    meta_steps=cfg["meta_steps"], verbose=0,
-                    callbacks=[keras.callbacks.LambdaCallback(on_epoch_end=on_epoch_end)])
+        per_seed = [{"seed": seed, "checks": run_seed(cfg, seed, args.check_every, count)}
+                    for seed in cfg["seeds"]]
+    title = (f"Continual sine: {cfg['hidden_layers']} x {cfg['hidden_units']} learner, "
+             f"{cfg['warp_units']}-unit warp blocks, Eq. 18 weighting "
+             f"{cfg['eq18_weighting']}, α = {cfg['inner_lr']}; {count} sequences per check")
+    png = plot(out_dir / f"{EXAMPLE}.png", per_seed, title)
     output = {
         "example": EXAMPLE,
         "config": dict(cfg, check_every=args.check_every, check_sequences=count),
@@ -201,14 +257,16 @@ def main(argv=None):
             "g_traj": "∇φ Σ_k L_meta(θ_{k+1}; φ) with θ_{k+1} a function of φ through every "
                       "earlier inner step (backpropagation through the adaptation)",
             "cosine_of_sums": "cosine of the two gradients summed over the sequences",
-            "eq18_along_trajectory": "Σ_k L_meta(θ_{k+1}; φ) / K per sequence",
+            "eq18_along_trajectory": "Σ_k L_meta(θ_{k+1}; φ) / K per sequence: the mean "
+                                     "over the K steps",
         },
-        "checks": checks,
+        "per_seed": per_seed,
+        "plot": str(png),
         "wall_time_seconds": total.seconds,
         "environment": _common.environment(),
     }
     json_path = _common.write_json(out_dir / f"{EXAMPLE}.json", output)
-    _common.print_written(json_path, [], None, total.seconds)
+    _common.print_written(json_path, [png], None, total.seconds)
     return output
 
 

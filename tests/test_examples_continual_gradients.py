@@ -134,11 +134,18 @@ def test_continual_sine_gradients_smoke(tmp_path):
                             "--check-every", "1"])
     data = json.loads((out / "continual_sine_gradients.json").read_text())
     assert data["example"] == returned["example"] == "continual_sine_gradients"
-    steps = [c["meta_step"] for c in data["checks"]]
-    assert steps == list(range(data["config"]["meta_steps"] + 1))
-    for c in data["checks"]:
+    assert [r["seed"] for r in data["per_seed"]] == data["config"]["seeds"] == [0]
+    checks = data["per_seed"][0]["checks"]
+    assert [c["meta_step"] for c in checks] == list(range(data["config"]["meta_steps"] + 1))
+    for c in checks:
         assert -1 <= c["cosine_of_sums"] <= 1
         assert len(c["cosine_per_sequence"]["values"]) == data["config"]["check_sequences"]
         assert np.isfinite(c["eq18_along_trajectory"]["mean"])
-    with pytest.raises(SystemExit, match="--check-every must be >= 1"):
-        module.main(["--smoke", "--check-every", "0", "--output-dir", str(out)])
+    png = (out / "continual_sine_gradients.png").read_bytes()
+    assert len(png) > 1000 and png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert data["config"]["select_every"] == 0
+    for flags, message in ((["--check-every", "0"], "--check-every must be >= 1"),
+                           (["--check-sequences", "0"], "--check-sequences must be >= 1"),
+                           (["--select-every", "5"], "--select-every has no effect")):
+        with pytest.raises(SystemExit, match=message):
+            module.main(["--smoke", "--output-dir", str(out), *flags])
