@@ -294,6 +294,23 @@ def evaluate(cfg, evaluator, phis, data, orders, verbose):
     return curves
 
 
+def sequence_runs(cfg, key, count, points):
+    """``count`` task sequences in the training order from their own random stream
+    ``np.random.default_rng(key)``, as ``[(xs, ys, xv, yv)]`` tensors: the training batches
+    ``[K, batch, 1]`` and ``points`` validation points per sub-task ``[T, points, 1]``, the
+    arguments of `make_evaluator`'s ``losses`` after φ."""
+    T, n = cfg["subtasks"], cfg["steps_per_subtask"]
+    rng = np.random.default_rng(list(key))
+    distribution = ContinualSineDistribution(num_subtasks=T)
+    runs = []
+    for _ in range(count):
+        task = distribution.sample(rng)
+        xv, yv = task.validation_data(points, rng)
+        xs, ys, _ = task.training_batches(rng, n, cfg["batch_size"], order=list(range(T)))
+        runs.append(tuple(tf.constant(a) for a in (xs, ys, xv, yv)))
+    return runs
+
+
 def eq18_along_curve(curve, num_subtasks, steps_per_subtask, weighting="appearances"):
     """The continual meta-objective (Eq. 18) of one run, averaged over its K steps.
 
@@ -371,14 +388,7 @@ def selection_callbacks(cfg, seed, partition, evaluator):
     if not cfg.get("select_every"):
         return []
     T, n = cfg["subtasks"], cfg["steps_per_subtask"]
-    rng = np.random.default_rng([seed, 13, 2019])
-    distribution = ContinualSineDistribution(num_subtasks=T)
-    runs = []
-    for _ in range(cfg["select_sequences"]):
-        task = distribution.sample(rng)
-        xv, yv = task.validation_data(cfg["eval_points"], rng)
-        xs, ys, _ = task.training_batches(rng, n, cfg["batch_size"], order=list(range(T)))
-        runs.append(tuple(tf.constant(a) for a in (xs, ys, xv, yv)))
+    runs = sequence_runs(cfg, (seed, 13, 2019), cfg["select_sequences"], cfg["eval_points"])
     losses_fn = evaluator[0]
     weighting = cfg.get("eq18_weighting", "appearances")
 

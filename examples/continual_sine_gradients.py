@@ -122,21 +122,6 @@ def compare(g_warp, g_traj):
     return float(a @ b / (na * nb)) if na > 0 and nb > 0 else float("nan"), float(na / nb)
 
 
-def check_sequences(cfg, seed, count):
-    """``count`` task sequences (training order) for the comparisons, from their own random
-    stream (seed, 17, 2019): ``[(xs, ys, xv, yv)]`` as tensors."""
-    T, n = cfg["subtasks"], cfg["steps_per_subtask"]
-    rng = np.random.default_rng([seed, 17, 2019])
-    distribution = cs.ContinualSineDistribution(num_subtasks=T)
-    out = []
-    for _ in range(count):
-        task = distribution.sample(rng)
-        xv, yv = task.validation_data(cfg["meta_val_points"], rng)
-        xs, ys, _ = task.training_batches(rng, n, cfg["batch_size"])
-        out.append(tuple(tf.constant(v) for v in (xs, ys, xv, yv)))
-    return out
-
-
 def run_seed(cfg, seed, check_every, count):
     """Meta-trains the warp for one seed as continual_sine.py does, comparing the two
     gradients before meta-training and every `check_every` meta steps; returns the list of
@@ -153,7 +138,7 @@ def run_seed(cfg, seed, check_every, count):
         cs.randomise_warps(model, seed)
     partition = trainer.partition
     gradients = trajectory_gradients(partition, cs.half_mse, meta_loss, cfg["inner_lr"], T, n)
-    sequences = check_sequences(cfg, seed, count)
+    sequences = cs.sequence_runs(cfg, (seed, 17, 2019), count, cfg["meta_val_points"])
     checks = []
 
     def check(step):
@@ -218,10 +203,7 @@ def plot(path, per_seed, title):
     bx.set_title("the meta-objective on the same sequences")
     bx.legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _common.save_figure(fig, path)
 
 
 def main(argv=None):
