@@ -47,10 +47,11 @@ class Preset:
 PRESETS = {
     "default": Preset(),
     "paper": Preset(meta_steps=20_000, inner_lr=0.001, meta_lr=0.001, eval_tasks=100),
-    # the retention table's best setting (examples/README.md): wider warp blocks, App. D's
-    # average weighting, twice the meta steps, the warp kept by its validation Eq. 18
-    "retention": Preset(meta_steps=80, warp_units=200, eq18_weighting="average",
-                        select_every=5, seeds=[0, 1, 2]),
+    # the retention table's best setting (examples/README.md): the paper's α, wider warp
+    # blocks, App. D's average weighting, twice the meta steps, the warp kept by its
+    # validation Eq. 18
+    "retention": Preset(meta_steps=80, inner_lr=0.001, warp_units=200,
+                        eq18_weighting="average", select_every=5, seeds=[0, 1, 2]),
     "smoke": Preset(meta_steps=2, meta_batch_size=2, meta_lr=0.001, hidden_units=16,
                     warp_units=8, hidden_layers=2, steps_per_subtask=3, meta_val_points=5,
                     eval_tasks=2, eval_points=10),
@@ -62,9 +63,9 @@ def add_experiment_arguments(parser):
     `parser`, an `argparse.ArgumentParser` from `_common.make_parser`; returns it."""
     g = parser.add_argument_group("experiment (defaults: the preset's)")
     g.add_argument("--preset", choices=("default", "paper", "retention"), default="default",
-                   help="size preset (--smoke overrides it); retention: 200-unit warp blocks, "
-                        "--eq18-weighting average, 80 meta steps, --select-every 5, seeds "
-                        "0,1,2 (about 15 minutes on 2 idle cores)")
+                   help="size preset (--smoke overrides it); retention: the paper's α = "
+                        "0.001, 200-unit warp blocks, --eq18-weighting average, 80 meta "
+                        "steps, --select-every 5, seeds 0,1,2 (about 15 minutes on 2 cores)")
     g.add_argument("--meta-steps", type=int, help="meta-training steps")
     g.add_argument("--meta-batch-size", type=int, help="task sequences per meta step")
     g.add_argument("--inner-lr", type=float, help="SGD learning rate α of the task learner")

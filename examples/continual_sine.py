@@ -71,10 +71,11 @@ Sizes:
                    held-out sequences
   --preset paper   App. K: α = 0.001, meta Adam 0.001, 20 000 meta steps x 5 sequences,
                    evaluation on 100 held-out sequences (about 8 hours on 2 CPU cores)
-  --preset retention  the retention goal's setting: the default size with 200-unit warp
+  --preset retention  the retention goal's setting: the paper's α = 0.001, 200-unit warp
                    blocks, App. D's average weighting (--eq18-weighting average), 80 meta
-                   steps and the warp kept by its validation Eq. 18 every 5 steps
-                   (--select-every 5), seeds 0, 1, 2 (about 15 minutes on 2 CPU cores)
+                   steps of Adam 0.0005, the warp kept by its validation Eq. 18 every 5
+                   steps (--select-every 5), seeds 0, 1, 2 (about 15 minutes on 2 CPU
+                   cores)
   --smoke          seconds: a small net, 2 meta steps of 2 sequences x 5 sub-tasks x 3 steps
 Any explicit flag overrides the preset's value.
 

@@ -366,7 +366,7 @@ def test_continual_retention_preset():
     got = cfg("--preset", "retention")
     assert (got["warp_units"], got["eq18_weighting"], got["meta_steps"], got["select_every"],
             got["seeds"]) == (200, "average", 80, 5, [0, 1, 2])
-    assert got["inner_lr"] == 0.01 and got["warp_init"] == "random"
+    assert got["inner_lr"] == 0.001 and got["warp_init"] == "random"
     assert cfg()["eq18_weighting"] == "appearances" and cfg()["select_every"] == 0
     mixed = cfg("--preset", "retention", "--eq18-weighting", "printed", "--seeds", "4")
     assert mixed["eq18_weighting"] == "printed" and mixed["seeds"] == [4]
