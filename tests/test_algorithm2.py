@@ -186,3 +186,10 @@ def test_one_point_updates_with_adam_equal_the_general_path(float64):
     assert logs["warp_updates"] == K + 1
     np.testing.assert_allclose(fused, general, rtol=1e-12, atol=1e-14)
     assert np.max(np.abs(fused - PHI0)) > 1e-3
+
+
+def test_one_point_updates_compile_with_xla(float64):
+    # jit_compile=True: the update (and its skip branch) inside the one XLA-compiled call
+    fused, _ = _trainer_phi(True, [_task()], keras.optimizers.Adam(0.1), jit_compile=True)
+    general, _ = _trainer_phi(False, [_task()], keras.optimizers.Adam(0.1))
+    np.testing.assert_allclose(fused, general, rtol=1e-10, atol=1e-12)
