@@ -100,14 +100,14 @@ def trajectory_gradients(partition, loss_fn, meta_loss, learning_rate, num_subta
             for k in range(T * n):
                 t = tf.constant(min(k // n + 1, T), tf.int32)
                 batch = (xs[k], ys[k])
-                with tf.GradientTape() as at_point:  # Eq. 3 at θ_k, θ_k a constant
+                # One step serves both: this tape starts at θ_k, so to it θ_k is a
+                # constant (Eq. 3), while `along` sees θ_k's dependence on φ as well.
+                with tf.GradientTape() as at_point:
                     at_point.watch(phi)
-                    fixed = [tf.stop_gradient(v) for v in theta]
-                    stepped = obj.task_step(partition, loss_fn, fixed, phi, batch, lr).theta
-                    point = meta_loss(partition, loss_fn, stepped, phi, (xv, yv, t), None)
+                    theta = obj.task_step(partition, loss_fn, theta, phi, batch, lr).theta
+                    point = meta_loss(partition, loss_fn, theta, phi, (xv, yv, t), None)
                 g_warp = [a + b for a, b in zip(g_warp, at_point.gradient(point, phi))]
-                theta = obj.task_step(partition, loss_fn, theta, phi, batch, lr).theta
-                total += meta_loss(partition, loss_fn, theta, phi, (xv, yv, t), None)
+                total += point
         g_traj = along.gradient(total, phi)
         return g_warp, g_traj, total / (T * n)
 
