@@ -123,7 +123,6 @@ from warpkeras import objectives  # noqa: E402
 from warpkeras import layers  # noqa: E402
 from warpkeras.tasks import Task, TaskSampler, as_task  # noqa: E402
 from warpkeras import data  # noqa: E402
-from warpkeras import envs  # noqa: E402
 from warpkeras.buffer import ReplayBuffer  # noqa: E402
 from warpkeras import meta  # noqa: E402
 from warpkeras.meta import MetaObjective  # noqa: E402
@@ -142,3 +141,13 @@ from warpkeras.callbacks import LeapCallback  # noqa: E402
 from warpkeras.export import adapt, export_adaptive, task_parameter_names  # noqa: E402
 from warpkeras.optimizers import WarpGrad  # noqa: E402
 from warpkeras.kfac import KFAC  # noqa: E402
+
+
+def __getattr__(name):
+    """Loads `warpkeras.envs` on first use, so that ``import warpkeras`` does not import
+    gymnasium (``pip install "warpkeras[rl]"``)."""
+    if name == "envs":
+        import importlib
+
+        return importlib.import_module("warpkeras.envs")
+    raise AttributeError(f"module 'warpkeras' has no attribute {name!r}")

@@ -336,12 +336,18 @@ def load_image_folder(
         CorruptFileError: (a ``ValueError`` and ``OSError``) an image cannot be read; the
             message names the file. Not raised with ``skip_corrupt=True``.
         TypeError, ValueError: a bad argument; the message names it.
+        ImportError: Pillow is not installed (``pip install "warpkeras[data]"``).
 
     Example:
         >>> x, y, names = load_image_folder("miniimagenet/train", image_size=84)   # doctest: +SKIP
         >>> sampler = EpisodeSampler(x, y, num_ways=5, num_shots=5, num_queries=15)  # doctest: +SKIP
     """
-    from PIL import Image
+    try:
+        from PIL import Image
+    except ImportError as e:
+        raise ImportError(
+            'load_image_folder needs Pillow to decode images: pip install "warpkeras[data]"'
+        ) from e
 
     if not isinstance(mode, str) or mode not in ("RGB", "L"):
         raise ValueError(f"mode must be 'RGB' or 'L', got {mode!r}")

@@ -297,7 +297,7 @@ def _resize_grey(image, image_size):
     """Resize a 2-D uint8/float array (0..255) with area averaging; returns float32 0..255."""
     try:
         from PIL import Image
-    except ImportError:  # pragma: no cover - pillow ships with matplotlib
+    except ImportError:  # pragma: no cover - pillow comes with warpkeras[data]
         Image = None
     if Image is not None:
         pil = Image.fromarray(np.ascontiguousarray(image, dtype=np.float32))
@@ -531,7 +531,14 @@ def _network_reachable(host, port, timeout):
 def _decode_tfds(splits, image_size, invert, tfds_data_dir, download):
     import hashlib
 
-    import tensorflow_datasets as tfds
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError as e:
+        raise ImportError(
+            "Reading Omniglot through tensorflow-datasets needs the package "
+            "tensorflow-datasets: pip install \"warpkeras[data]\" (or pass a folder of the "
+            "original Omniglot files)."
+        ) from e
 
     split = "+".join(splits)
     if download:

@@ -6,7 +6,12 @@ Importing this package registers ``warpkeras/Maze-v0`` with gymnasium, so
 (the numpy-batched :class:`MazeVectorEnv`) work.
 """
 
-import gymnasium
+try:
+    import gymnasium
+except ImportError as e:
+    raise ImportError(
+        'warpkeras.envs needs gymnasium: pip install "warpkeras[rl]"'
+    ) from e
 
 from warpkeras.envs.maze import NUM_ACTIONS, MazeEnv, MazeVectorEnv, make_maze
 
