@@ -52,17 +52,21 @@ def _env(**extra):
 
 # Runs blocks in order, each in a fresh namespace (its own globals: every name it uses must
 # be defined in it), and reports per block whether it raised and what it printed. One
-# interpreter serves the blocks of a document so that TensorFlow is imported once.
+# interpreter serves the blocks of a document so that TensorFlow is imported once. Each
+# block's source is registered with `linecache`, as a script's would be on disk, so that
+# AutoGraph can read the functions it defines.
 _RUNNER = """
-import contextlib, io, json, sys, traceback
+import contextlib, io, json, linecache, sys, traceback
 blocks = json.load(open(sys.argv[1]))
 results = []
 for line, code in blocks:
     out = io.StringIO()
     error = None
+    name = f"<block at line {line}>"
+    linecache.cache[name] = (len(code), None, code.splitlines(True), name)
     try:
         with contextlib.redirect_stdout(out):
-            exec(compile(code, f"<block at line {line}>", "exec"), {"__name__": "__main__"})
+            exec(compile(code, name, "exec"), {"__name__": "__main__"})
     except BaseException:
         error = traceback.format_exc()
     results.append({"line": line, "stdout": out.getvalue(), "error": error})
@@ -80,7 +84,15 @@ def _run_blocks(blocks, folder):
     results = {r["line"]: r for r in json.loads(report.read_text())}
     spec.unlink()
     report.unlink()
+    results["stderr"] = results.get("stderr", "") + proc.stderr
     return results
+
+
+def _merge(into, results):
+    """Adds `results` of `_run_blocks` to `into`, concatenating their ``"stderr"``."""
+    stderr = into.get("stderr", "") + results.pop("stderr", "")
+    into.update(results)
+    into["stderr"] = stderr
 
 
 @pytest.fixture(scope="module")
@@ -101,13 +113,13 @@ def doc_results(tmp_path_factory):
             for line, code in python_blocks(doc):
                 if "MultiWorkerMirroredStrategy()" in code:
                     if shared:
-                        cache[doc].update(_run_blocks(shared, folder))
+                        _merge(cache[doc], _run_blocks(shared, folder))
                         shared = []
-                    cache[doc].update(_run_blocks([(line, code)], folder))
+                    _merge(cache[doc], _run_blocks([(line, code)], folder))
                 else:
                     shared.append((line, code))
             if shared:
-                cache[doc].update(_run_blocks(shared, folder))
+                _merge(cache[doc], _run_blocks(shared, folder))
         return cache[doc]
 
     return results
@@ -124,6 +136,21 @@ def test_python_block_runs_verbatim(doc, line, doc_results):
     assert result["error"] is None, f"{doc}, block at line {line}:\n{result['error']}"
     assert not re.search(r"\bnan\b", result["stdout"], re.I), \
         f"{doc}, block at line {line} printed NaN:\n{result['stdout'][-3000:]}"
+
+
+# What TensorFlow itself may print while README blocks run, explained in README.md
+# ("Messages from TensorFlow"): its CPU-feature notice at the first op, and the absl banner.
+_TENSORFLOW_OWN = re.compile(r"cpu_feature_guard|^To enable the following instructions|"
+                             r"^WARNING: All log messages before absl::InitializeLog")
+
+
+def test_readme_blocks_print_no_warnings(doc_results):
+    """No warning the library could avoid: Python warnings, TensorFlow's and Keras's
+    ``WARNING`` log lines and errors; only TensorFlow's own notices remain."""
+    stderr = doc_results("README.md")["stderr"]
+    lines = [l for l in stderr.splitlines() if l.strip() and not _TENSORFLOW_OWN.search(l)]
+    warned = [l for l in lines if re.search(r"warn|error", l, re.I)]
+    assert not warned, "\n".join(lines[-60:])
 
 
 def test_meta_training_block_learns(doc_results):
