@@ -239,7 +239,7 @@ def load_data(args):
     try:
         return load_omniglot(source=args.source, data_dir=data_dir)
     except OmniglotNotFoundError as err:
-        raise SystemExit(f"few_shot.py: {err}")
+        raise SystemExit(f"few_shot.py: {err}") from err
 
 
 def split_alphabets(data, cfg, seed):
@@ -276,7 +276,7 @@ def samplers(data, cfg, seed, shots):
         train = EpisodeSampler(x_tr, y_tr, seed=seed, **kwargs)
         test = EpisodeSampler(x_te, y_te, seed=seed + 100003, **kwargs)
     except ValueError as err:
-        raise SystemExit(f"few_shot.py: {err}")
+        raise SystemExit(f"few_shot.py: {err}") from err
     return train, test, train_alphabets, test_alphabets
 
 
@@ -466,7 +466,7 @@ def main(argv=None):
           f"{cfg['test_episodes']} test episodes, {cfg['eval_steps']} adaptation steps:")
     rows = []
     for setting, per_method in results.items():
-        for method, r in per_method.items():
+        for r in per_method.values():
             ci = f"± {r['ci95'] * 100:.1f}" if r["ci95"] is not None else ""
             rows.append([setting, r["label"], f"{r['accuracy']['mean'] * 100:.1f} {ci}",
                          f"{r['seconds_per_meta_step']:.3f}" if r["seconds_per_meta_step"]

@@ -442,7 +442,7 @@ def export_agent(model, export_dir):
     ref_logits, ref_values = model(probe)
     diff = float(max(np.max(np.abs(logits - ref_logits)), np.max(np.abs(values - ref_values))))
     return {"path": str(export_dir), "format": "keras_export", "signatures": ["serve"],
-            "inputs": "observations [batch, time, %d] float32" % model.input_shape[-1],
+            "inputs": f"observations [batch, time, {model.input_shape[-1]}] float32",
             "outputs": ["policy logits [batch, time, 4]", "values [batch, time, 1]"],
             "check": {"max_abs_difference_vs_keras": diff}}
 

@@ -148,20 +148,21 @@ def test_readme_blocks_print_no_warnings(doc_results):
     """No warning the library could avoid: Python warnings, TensorFlow's and Keras's
     ``WARNING`` log lines and errors; only TensorFlow's own notices remain."""
     stderr = doc_results("README.md")["stderr"]
-    lines = [l for l in stderr.splitlines() if l.strip() and not _TENSORFLOW_OWN.search(l)]
-    warned = [l for l in lines if re.search(r"warn|error", l, re.I)]
+    lines = [row for row in stderr.splitlines()
+             if row.strip() and not _TENSORFLOW_OWN.search(row)]
+    warned = [row for row in lines if re.search(r"warn|error", row, re.I)]
     assert not warned, "\n".join(lines[-60:])
 
 
 def test_meta_training_block_learns(doc_results):
     """The README's meta-training block leaves a finite, small loss in its CSV log."""
     results = doc_results("README.md")
-    line = next(l for l, c in python_blocks("README.md") if "CSVLogger" in c)
+    line = next(n for n, code in python_blocks("README.md") if "CSVLogger" in code)
     assert results[line]["error"] is None, results[line]["error"]
     with (results["folder"] / "log.csv").open() as f:
         losses = [float(r["loss"]) for r in csv.DictReader(f)]
     assert len(losses) == 20
-    assert all(l == l and l < 1.0 for l in losses), losses  # no NaN, no divergence
+    assert all(v == v and v < 1.0 for v in losses), losses  # no NaN, no divergence
 
 
 @pytest.mark.parametrize("script", EXAMPLES)

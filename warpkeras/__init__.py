@@ -142,6 +142,43 @@ from warpkeras.export import adapt, export_adaptive, task_parameter_names  # noq
 from warpkeras.optimizers import WarpGrad  # noqa: E402
 from warpkeras.kfac import KFAC  # noqa: E402
 
+__all__ = [
+    "FineTuneTrainer",
+    "KFAC",
+    "LeapCallback",
+    "LeapTrainer",
+    "MAMLTrainer",
+    "MetaObjective",
+    "MetaTrainer",
+    "MetaTrainingError",
+    "NoMetaTrainer",
+    "Partition",
+    "ReplayBuffer",
+    "ReptileTrainer",
+    "RoleError",
+    "Task",
+    "TaskSampler",
+    "WarpGrad",
+    "WarpTrainer",
+    "adapt",
+    "as_task",
+    "callbacks",
+    "data",
+    "export",
+    "export_adaptive",
+    "layers",
+    "meta",
+    "objectives",
+    "optimizers",
+    "partition",
+    "role_of",
+    "tag",
+    "task",
+    "task_parameter_names",
+    "untag",
+    "warp",
+]
+
 
 def __getattr__(name):
     """Loads `warpkeras.envs` on first use, so that ``import warpkeras`` does not import

@@ -1011,7 +1011,7 @@ def _tolerant(program, fn, typed, tolerant=True):
                     out = program.out_spec.shape.as_list()[1:]
                     return {"predictions": tf.zeros([0] + out, program.out_spec.dtype)}
         cast = []
-        for (name, dtype, role), value in zip(args, values):
+        for (_, dtype, role), value in zip(args, values):
             if value.dtype != dtype:
                 if role == "steps":  # saturate, so the range checks still see the excess
                     value = tf.clip_by_value(value, -_INT32_MAX - 1, _INT32_MAX)
@@ -1030,7 +1030,7 @@ def _tolerant(program, fn, typed, tolerant=True):
             combos = [c + [d] for c in combos for d in accepted[i]]
         combos = [x + c + (x if fn == "adapt_and_predict" else [])
                   for x in x_combos for c in combos]
-        for i, (name, dtype, role) in enumerate(args):
+        for i, (_, dtype, role) in enumerate(args):
             for got in _refused(dtype, role):
                 combo = [d for _, d, _ in args]
                 combo[i] = got

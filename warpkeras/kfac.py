@@ -596,7 +596,7 @@ class KFACPlan:
             terms = self._fisher_terms(batch[1], outputs, seed)
         grads = tape.gradient(loss, theta, unconnected_gradients=tf.UnconnectedGradients.ZERO)
         dt = self.dtype
-        a_list, g_list = [], []
+        a_list = []
         zs, shapes = [], []
         for b in self.blocks:
             calls = records[id(b.layer)]

@@ -112,7 +112,7 @@ def task_loss(partition, loss_fn, theta, phi, batch, state=None, training=True,
     dtype = dtype if dtype in (tf.float32, tf.float64) else tf.float32
     loss = _scalar(loss_fn(*_loss_inputs(loss_fn, y, y_pred, dtype)))
     if losses:
-        loss = loss + tf.add_n([tf.cast(l, loss.dtype) for l in losses])
+        loss = loss + tf.add_n([tf.cast(term, loss.dtype) for term in losses])
     if return_outputs:
         return loss, new_state, y_pred
     return loss, new_state

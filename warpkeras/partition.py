@@ -357,9 +357,10 @@ def inexact_layers(model):
     for layer in model._flatten_layers(include_self=False, recursive=True):
         if isinstance(layer, keras.layers.BatchNormalization) and getattr(layer, "renorm", False):
             found.append((layer, (
-                f"Layer '{layer.name}' (BatchNormalization with renorm=True) treats its renorm "
-                "corrections as constants, so second derivatives through it are not exact. "
-                "Use renorm=False or warpkeras.layers.ExactBatchNormalization.")))
+                f"Layer '{layer.name}' (BatchNormalization with renorm=True) treats "
+                "its renorm corrections as constants, so second derivatives through "
+                "it are not exact. Use renorm=False or "
+                "warpkeras.layers.ExactBatchNormalization.")))
         elif isinstance(layer, keras.layers.SpectralNormalization):
             found.append((layer, (
                 f"Layer '{layer.name}' (SpectralNormalization) treats its power-iteration "
@@ -369,9 +370,10 @@ def inexact_layers(model):
                 layer, (keras.layers.BatchNormalization, keras.layers.LayerNormalization,
                         keras.layers.GroupNormalization)):
             found.append((layer, (
-                f"Layer '{layer.name}' ({type(layer).__name__}) computes its statistics with "
-                "a gradient shortcut in this Keras version, so second derivatives through it "
-                "are not exact. Use warpkeras.layers.ExactBatchNormalization.")))
+                f"Layer '{layer.name}' ({type(layer).__name__}) computes its "
+                "statistics with a gradient shortcut in this Keras version, so second "
+                "derivatives through it are not exact. Use "
+                "warpkeras.layers.ExactBatchNormalization.")))
     return found
 
 

@@ -230,7 +230,7 @@ def _array_batches(data, batch_size, rng, augment):
         order = rng.permutation(n)
         for start in range(0, n - batch_size + 1, batch_size):
             idx = order[start : start + batch_size]
-            xb = tf.nest.map_structure(lambda t: t[idx], x)
+            xb = tf.nest.map_structure(lambda t, idx=idx: t[idx], x)
             if augment is not None:
                 xb = augment(xb, rng)
             yield xb, y[idx]

@@ -49,8 +49,8 @@ class Episode(
         classes: the original class labels of the ``N`` episode classes.
 
     Example:
-        >>> ep = EpisodeSampler(x, y, num_ways=5, num_shots=1, num_queries=5).sample(0)  # doctest: +SKIP
-        >>> task = ep.as_task()                                                          # doctest: +SKIP
+        >>> sampler = EpisodeSampler(x, y, num_ways=5, num_shots=1, num_queries=5)  # doctest: +SKIP
+        >>> task = sampler.sample(0).as_task()                                      # doctest: +SKIP
     """
 
     __slots__ = ()
@@ -339,8 +339,9 @@ def load_image_folder(
         ImportError: Pillow is not installed (``pip install "warpkeras[data]"``).
 
     Example:
-        >>> x, y, names = load_image_folder("miniimagenet/train", image_size=84)   # doctest: +SKIP
-        >>> sampler = EpisodeSampler(x, y, num_ways=5, num_shots=5, num_queries=15)  # doctest: +SKIP
+        >>> x, y, names = load_image_folder("miniimagenet/train", image_size=84)  # doctest: +SKIP
+        >>> sampler = EpisodeSampler(x, y, num_ways=5, num_shots=5,               # doctest: +SKIP
+        ...                          num_queries=15)
     """
     try:
         from PIL import Image

@@ -731,7 +731,8 @@ def load_omniglot(
                 return cached(
                     "local",
                     items,
-                    lambda: _decode_local(zips, pngs, image_size, invert, str(root), skip_corrupt),
+                    functools.partial(_decode_local, zips, pngs, image_size, invert, str(root),
+                                      skip_corrupt),
                 )
         if source == "local":
             raise OmniglotNotFoundError(_not_found_message(searched, None))
@@ -1006,8 +1007,8 @@ class OmniglotTasks:
         pool = self.split(split)
         if not pool:
             raise ValueError(
-                f"split {split!r} has no tasks; give it alphabets (num_meta_{split.replace('meta_', '')}"
-                " when building OmniglotTasks)"
+                f"split {split!r} has no tasks; give it alphabets "
+                f"(num_meta_{split.replace('meta_', '')} when building OmniglotTasks)"
             )
         if not replace and num_tasks > len(pool):
             raise ValueError(

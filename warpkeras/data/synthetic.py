@@ -304,7 +304,7 @@ class ContinualSineTask:
         return order
 
     def training_batches(self, rng=None, steps_per_subtask=20, batch_size=5, order=None):
-        """The online training stream: ``steps_per_subtask`` batches per sub-task, sub-tasks in order.
+        """The online training stream: ``steps_per_subtask`` batches per sub-task, in order.
 
         Args:
             rng: numpy ``Generator`` or int seed.
@@ -376,7 +376,9 @@ class ContinualSineTask:
 
 
 class ContinualSineDistribution(_TaskDistribution):
-    """Distribution over :class:`ContinualSineTask`: ``a_i ~ U[0.1, 5]``, ``b_i ~ U[0, pi]``, ``o ~ U[-5, 5]``.
+    """Distribution over :class:`ContinualSineTask`.
+
+    ``a_i ~ U[0.1, 5]``, ``b_i ~ U[0, pi]``, ``o ~ U[-5, 5]``.
 
     Args:
         amplitude_range: range of ``a1, a2``.
@@ -487,7 +489,8 @@ class LossSurface:
             Loss values of shape ``(...)``.
 
         Example:
-            >>> float(LossSurface(2, (1, 0, -1), (3, -2, 1))(np.array([0.0, 1.0])))  # doctest: +ELLIPSIS
+            >>> surface = LossSurface(2, (1, 0, -1), (3, -2, 1))
+            >>> float(surface(np.array([0.0, 1.0])))  # doctest: +ELLIPSIS
             0.0...
         """
         x = _prepare(x)
@@ -528,7 +531,9 @@ class LossSurface:
 
 
 class LossSurfaceDistribution(_TaskDistribution):
-    """Distribution over :class:`LossSurface`: ``s ~ Cat(1..10)``, ``a_i ~ Cat(-1, 0, 1)``, ``b_i ~ Cat(-5..5)``.
+    """Distribution over :class:`LossSurface`.
+
+    ``s ~ Cat(1..10)``, ``a_i ~ Cat(-1, 0, 1)``, ``b_i ~ Cat(-5..5)``.
 
     Starting points are ``x ~ U(-3, 3)^2``.
 

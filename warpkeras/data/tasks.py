@@ -217,7 +217,8 @@ class ClassificationTask:
 
         Example:
             >>> import numpy as np
-            >>> out = task.numpy_augment(task.x_train[:4], np.random.default_rng(0))  # doctest: +SKIP
+            >>> rng = np.random.default_rng(0)
+            >>> out = task.numpy_augment(task.x_train[:4], rng)  # doctest: +SKIP
         """
         seed = rng.integers(0, 2**31 - 1, size=2)
         return self.augment(images, seed).numpy()

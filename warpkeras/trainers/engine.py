@@ -350,7 +350,7 @@ class AdaptationEngine:
             )
         outs, order = [], []
         for idx in groups.values():
-            part = tf.nest.map_structure(lambda t: tf.gather(t, idx), stacked)
+            part = tf.nest.map_structure(lambda t, idx=idx: tf.gather(t, idx), stacked)
             outs.append(fn(*part, *[self._stack_batches([arg[i] for i in idx])
                                     for arg in batches]))
             order.extend(idx)

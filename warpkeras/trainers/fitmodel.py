@@ -7,6 +7,8 @@ import os
 import keras
 import numpy as np
 
+from warpkeras.trainers.checkpoints import CheckpointError
+
 # ----------------------------------------------------------------------------------------
 # what Keras callbacks see as `self.model`
 class _NamedOptimizer:
@@ -140,7 +142,7 @@ class MetaHistory(keras.callbacks.History):
             if key not in self.history:
                 self.history[key] = [math.nan] * n
             self.history[key].append(value)
-        for key, values in self.history.items():
+        for values in self.history.values():
             if len(values) == n:
                 values.append(math.nan)
 
