@@ -111,7 +111,7 @@ FISHER_TYPES = ("sampled", "exact", "empirical")
 class _Likelihood:
     """The predictive distribution p(y | f) whose negative log-likelihood is the loss."""
 
-    kind = None
+    kind: str | None = None
 
     def __init__(self, from_logits=False):
         self.from_logits = from_logits

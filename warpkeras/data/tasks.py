@@ -9,7 +9,7 @@ from warpkeras.data._cache import seed_pair
 # Compiled versions of augmentation callables, keyed by the callable's id (the callable is
 # kept in the value so the id stays valid). Tasks that share an augmentation (all tasks of an
 # OmniglotTasks, all episodes of a sampler) share one traced graph.
-_COMPILED_AUGMENTATIONS = {}
+_COMPILED_AUGMENTATIONS: dict = {}
 _MAX_COMPILED_AUGMENTATIONS = 64
 
 

@@ -30,10 +30,8 @@ from gymnasium.utils import seeding
 from gymnasium.vector import VectorEnv
 from gymnasium.vector.utils import batch_space
 
-try:  # gymnasium >= 1.0
-    from gymnasium.vector import AutoresetMode
-except ImportError:  # pragma: no cover
-    AutoresetMode = None
+# gymnasium >= 1.1 declares how vector environments autoreset; earlier versions have no enum.
+AutoresetMode = getattr(gym.vector, "AutoresetMode", None)
 
 NUM_ACTIONS = 4
 _MOVES = np.array([[-1, 0], [1, 0], [0, -1], [0, 1]], dtype=np.int64)
