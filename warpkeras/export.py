@@ -541,7 +541,8 @@ def batch_statistics(partition, theta, phi, x, state):
 
     Args:
         partition: a `warpkeras.Partition`.
-        theta, phi: task and warp values (lists of tensors).
+        theta: task values (list of tensors).
+        phi: warp values (list of tensors).
         x: a batch of inputs (any structure the model takes).
         state: the model's non-trainable values (list of tensors).
 
@@ -1367,10 +1368,18 @@ def adapt_task_values(model, x, y, steps, loss=None, learning_rate=0.01, momentu
     ```
 
     Args:
-        model, loss, learning_rate, momentum, from_logits, training, untagged, input_spec,
-            label_spec: as in `export_adaptive`.
-        x, y: the support set (arrays or tensors; `x` in the model's input structure: an
+        model: as in `export_adaptive`.
+        loss: as in `export_adaptive`.
+        learning_rate: as in `export_adaptive`.
+        momentum: as in `export_adaptive`.
+        from_logits: as in `export_adaptive`.
+        training: as in `export_adaptive`.
+        untagged: as in `export_adaptive`.
+        input_spec: as in `export_adaptive`.
+        label_spec: as in `export_adaptive`.
+        x: the support inputs (an array or tensor in the model's input structure: an
             array, or a list / tuple / dict of arrays for a model with several inputs).
+        y: the support labels (an array or tensor).
         steps: the number of inner steps.
 
     Returns:
@@ -1412,11 +1421,18 @@ def adapt(model, x, y, steps, loss=None, learning_rate=0.01, momentum=None, from
 
     Args:
         model: a built meta-learned `keras.Model`.
-        x, y: the support set (`x` in the model's input structure: an array, or a list /
+        x: the support inputs, in the model's input structure (an array, or a list /
             tuple / dict of arrays for a model with several inputs).
+        y: the support labels.
         steps: the number of full-batch inner steps.
-        loss, learning_rate, momentum, from_logits, training, untagged, input_spec,
-            label_spec: as in `export_adaptive`.
+        loss: as in `export_adaptive`.
+        learning_rate: as in `export_adaptive`.
+        momentum: as in `export_adaptive`.
+        from_logits: as in `export_adaptive`.
+        training: as in `export_adaptive`.
+        untagged: as in `export_adaptive`.
+        input_spec: as in `export_adaptive`.
+        label_spec: as in `export_adaptive`.
         copy: return a clone (made with `keras.models.clone_model`, tags copied) and leave
             `model` unchanged; with ``copy=False`` the task variables of `model` itself are
             assigned the adapted values. With ``training=True`` the adapted model also gets

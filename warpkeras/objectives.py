@@ -464,7 +464,11 @@ def maml_objective(
     so keep `steps` small (MAML is a few-shot method).
 
     Args:
-        partition, loss_fn, phi, state, training: as in `task_step`.
+        partition: as in `task_step`.
+        loss_fn: as in `task_step`.
+        phi: as in `task_step`.
+        state: as in `task_step`.
+        training: as in `task_step`.
         theta0: the initialisation θ0.
         support: a batch ``(x, y)`` (a tuple; `x` may be any structure the model takes,
             e.g. ``((x_image, x_vector), y)`` or ``({"image": ..., "vector": ...}, y)``)

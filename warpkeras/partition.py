@@ -187,16 +187,41 @@ class Partition:
         return state
 
     def frozen_values(self):
+        """The values of the frozen variables (trainable, but neither task nor warp)."""
         return [tf.convert_to_tensor(v.value) for v in self.frozen_variables]
 
     # -- writing values back ---------------------------------------------------------------
     def assign_task(self, theta):
+        """Assigns `theta` to the task variables.
+
+        Args:
+            theta: θ, one tensor per task variable (`task_variables`' order).
+
+        Raises:
+            ValueError: `theta` does not hold one value per task variable.
+        """
         _assign(self.task_variables, theta, "task")
 
     def assign_warp(self, phi):
+        """Assigns `phi` to the warp variables.
+
+        Args:
+            phi: φ, one tensor per warp variable (`warp_variables`' order).
+
+        Raises:
+            ValueError: `phi` does not hold one value per warp variable.
+        """
         _assign(self.warp_variables, phi, "warp")
 
     def assign_state(self, state):
+        """Assigns `state` to the state variables.
+
+        Args:
+            state: one tensor per state variable (`state_variables`' order).
+
+        Raises:
+            ValueError: `state` does not hold one value per state variable.
+        """
         _assign(self.state_variables, state, "state")
 
     # -- running the model ---------------------------------------------------------------

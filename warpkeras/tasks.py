@@ -169,7 +169,8 @@ class Task:
         meta batches are likewise other batches.
 
         Args:
-            train_rng, meta_rng: `numpy.random.Generator`s of the two streams.
+            train_rng: the `numpy.random.Generator` of the training stream.
+            meta_rng: the `numpy.random.Generator` of the meta stream.
 
         Returns:
             ``(train_iterator, meta_iterator)``; both are lazy (nothing is read until
@@ -278,6 +279,19 @@ class TaskSampler:
         self.replace = replace
 
     def sample(self, rng, n):
+        """Draws `n` tasks.
+
+        Args:
+            rng: a `numpy.random.Generator`; passed to the task callable, or drawing from
+                the list of tasks.
+            n: the number of tasks.
+
+        Returns:
+            A list of `n` `Task`s.
+
+        Raises:
+            ValueError: more tasks than the list holds, drawn without replacement.
+        """
         if callable(self.tasks):
             return [as_task(self.tasks(rng)) for _ in range(n)]
         if not self.replace and n > len(self.tasks):

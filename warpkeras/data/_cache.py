@@ -20,9 +20,6 @@ def default_cache_dir():
     The location is ``$WARPKERAS_CACHE_DIR`` when that variable is set and
     ``~/.cache/warpkeras`` otherwise. The directory is not created here.
 
-    Args:
-        None.
-
     Returns:
         A ``pathlib.Path``.
 
@@ -41,9 +38,6 @@ def default_data_dir():
 
     The location is ``$WARPKERAS_DATA_DIR`` when that variable is set and
     ``~/.cache/warpkeras/data`` otherwise.
-
-    Args:
-        None.
 
     Returns:
         A ``pathlib.Path``.

@@ -41,7 +41,7 @@ class Episode(
 ):
     """One few-shot episode as numpy arrays.
 
-    Args:
+    Attributes:
         support_x: support inputs ``(N*K, ...)``.
         support_y: support labels in ``0..N-1``, shape ``(N*K,)``.
         query_x: query inputs ``(N*L, ...)``.

@@ -60,9 +60,6 @@ _logger = logging.getLogger(__name__)
 class OmniglotNotFoundError(FileNotFoundError):
     """Raised when no Omniglot source can be found; the message says what to download and where.
 
-    Args:
-        *args: the message, as for ``FileNotFoundError``.
-
     Example:
         >>> try:
         ...     load_omniglot(source="local", data_dir="/nonexistent")
@@ -76,9 +73,6 @@ def default_omniglot_dir():
     """Directory searched for a local Omniglot copy when none is given.
 
     ``$WARPKERAS_OMNIGLOT_DIR`` if set, else ``<default_data_dir()>/omniglot``.
-
-    Args:
-        None.
 
     Returns:
         A ``pathlib.Path`` (it may not exist).

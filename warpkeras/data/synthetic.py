@@ -222,7 +222,10 @@ class ContinualSineTask:
     (sub-task ``t`` covers the ``t``-th from the left); a learner sees them one at a time.
 
     Args:
-        a1, b1, a2, b2: amplitudes and phases of the two sines.
+        a1: amplitude of the first sine.
+        b1: phase of the first sine.
+        a2: amplitude of the second sine.
+        b2: phase of the second sine.
         offset: gate offset ``o``.
         num_subtasks: number of sub-intervals (5 in the protocol).
         x_range: the full input interval.

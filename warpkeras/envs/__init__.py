@@ -21,9 +21,6 @@ MAZE_ENV_ID = "warpkeras/Maze-v0"
 def register_envs():
     """Register the package's environments with gymnasium (safe to call repeatedly).
 
-    Args:
-        None.
-
     Returns:
         list of registered environment ids.
 

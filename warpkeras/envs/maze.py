@@ -249,10 +249,7 @@ class MazeEnv(gym.Env):
         return self._observation(), reward, False, truncated, self._info(reached)
 
     def render(self):
-        """Render the current state.
-
-        Args:
-            None (the mode is the ``render_mode`` given at construction).
+        """Render the current state, in the ``render_mode`` given at construction.
 
         Returns:
             ``"ansi"``: a text picture (``#`` wall, ``A`` agent, ``G`` goal, ``.`` free);
@@ -298,7 +295,11 @@ class MazeVectorEnv(VectorEnv):
 
     Args:
         num_envs: number of parallel mazes.
-        size, episode_length, goal_reward, wall_penalty, start: as in :class:`MazeEnv`.
+        size: as in :class:`MazeEnv`.
+        episode_length: as in :class:`MazeEnv`.
+        goal_reward: as in :class:`MazeEnv`.
+        wall_penalty: as in :class:`MazeEnv`.
+        start: as in :class:`MazeEnv`.
         autoreset: ``True`` for next-step autoreset; ``False`` to require an explicit
             ``reset()`` once episodes end (stepping a finished maze then raises).
 

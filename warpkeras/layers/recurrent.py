@@ -200,8 +200,23 @@ class TaskRNNCell(_RNNCellBase):
         **kwargs: standard `keras.layers.Layer` arguments (``name``, ``dtype``, ...).
     """
 
-    def __init__(self, units, **kwargs):
-        super().__init__(units, **kwargs)
+    def __init__(
+        self,
+        units,
+        activation="tanh",
+        kernel_initializer="glorot_uniform",
+        recurrent_initializer="orthogonal",
+        bias_initializer="zeros",
+        **kwargs,
+    ):
+        super().__init__(
+            units,
+            activation=activation,
+            kernel_initializer=kernel_initializer,
+            recurrent_initializer=recurrent_initializer,
+            bias_initializer=bias_initializer,
+            **kwargs,
+        )
         self.state_size = self.units
 
     def get_initial_state(self, batch_size=None):
@@ -255,8 +270,24 @@ class LinearWarpRNNCell(_RNNCellBase):
 
     warpkeras_role = "warp"
 
-    def __init__(self, units, transform_initializer=None, **kwargs):
-        super().__init__(units, **kwargs)
+    def __init__(
+        self,
+        units,
+        activation="tanh",
+        kernel_initializer="glorot_uniform",
+        recurrent_initializer="orthogonal",
+        bias_initializer="zeros",
+        transform_initializer=None,
+        **kwargs,
+    ):
+        super().__init__(
+            units,
+            activation=activation,
+            kernel_initializer=kernel_initializer,
+            recurrent_initializer=recurrent_initializer,
+            bias_initializer=bias_initializer,
+            **kwargs,
+        )
         self.state_size = self.units
         self.transform_initializer = _common.get_kernel_initializer(transform_initializer)
 
@@ -365,12 +396,23 @@ class WarpRNNCell(_RNNCellBase):
         self,
         units,
         meta_units=None,
+        activation="tanh",
+        kernel_initializer="glorot_uniform",
+        recurrent_initializer="orthogonal",
+        bias_initializer="zeros",
         meta_kernel_initializer="glorot_uniform",
         meta_recurrent_initializer="orthogonal",
         projection_initializer="zeros",
         **kwargs,
     ):
-        super().__init__(units, **kwargs)
+        super().__init__(
+            units,
+            activation=activation,
+            kernel_initializer=kernel_initializer,
+            recurrent_initializer=recurrent_initializer,
+            bias_initializer=bias_initializer,
+            **kwargs,
+        )
         self.meta_units = _common.check_positive_int(
             type(self), "meta_units", meta_units, allow_none=True
         )
