@@ -8,6 +8,8 @@ callback observes them around each training batch of ``fit`` and, between tasks,
 with a meta-optimiser and restarts the task variables from it.
 """
 
+from __future__ import annotations
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -114,15 +116,15 @@ class LeapCallback(keras.callbacks.Callback):
 
     def __init__(
         self,
-        meta_optimizer=None,
-        norm="energy",
-        sign_correction=True,
-        loss_in_path=True,
-        tasks_per_update=1,
-        update_on_train_end=True,
-        reset_inner_state=True,
-        untagged=None,
-    ):
+        meta_optimizer: keras.optimizers.Optimizer | str | None = None,
+        norm: str = "energy",
+        sign_correction: bool = True,
+        loss_in_path: bool = True,
+        tasks_per_update: int = 1,
+        update_on_train_end: bool = True,
+        reset_inner_state: bool = True,
+        untagged: str | None = None,
+    ) -> None:
         super().__init__()
         where = "LeapCallback"
         norm = _v.check_choice(norm, "norm", ("energy", "length"), where=where)
@@ -154,7 +156,7 @@ class LeapCallback(keras.callbacks.Callback):
         # The summed meta-gradient of the last finished task (numpy arrays).
         self.last_task_gradient = None
         # Per finished task: the path's energy (norm="energy") or length ("length").
-        self.path_lengths = []
+        self.path_lengths: list[float] = []
         # Number of finished tasks.
         self.num_tasks = 0
 
@@ -335,7 +337,7 @@ class LeapCallback(keras.callbacks.Callback):
             self.next_task()
 
     # -- between tasks ----------------------------------------------------------------------
-    def next_task(self):
+    def next_task(self) -> None:
         """Closes the current task: folds its meta-gradient into the meta-batch, updates θ0
         after every ``tasks_per_update`` tasks, and resets the task variables to θ0.
 
@@ -365,7 +367,7 @@ class LeapCallback(keras.callbacks.Callback):
                 m.assign(tf.zeros(m.shape, m.dtype))
         self._zero_accumulators()
 
-    def initial_values(self):
+    def initial_values(self) -> list[np.ndarray]:
         """θ0 as a list of numpy arrays (in task-variable order)."""
         if self.theta0 is None:
             raise ValueError("LeapCallback has not seen any training yet.")
