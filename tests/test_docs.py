@@ -144,10 +144,11 @@ _TENSORFLOW_OWN = re.compile(r"cpu_feature_guard|^To enable the following instru
                              r"^WARNING: All log messages before absl::InitializeLog")
 
 
-def test_readme_blocks_print_no_warnings(doc_results):
+@pytest.mark.parametrize("doc", DOCS)
+def test_blocks_print_no_warnings(doc, doc_results):
     """No warning the library could avoid: Python warnings, TensorFlow's and Keras's
     ``WARNING`` log lines and errors; only TensorFlow's own notices remain."""
-    stderr = doc_results("README.md")["stderr"]
+    stderr = doc_results(doc).get("stderr", "")
     lines = [row for row in stderr.splitlines()
              if row.strip() and not _TENSORFLOW_OWN.search(row)]
     warned = [row for row in lines if re.search(r"warn|error", row, re.I)]
