@@ -29,8 +29,9 @@ EXAMPLES_DIR = os.path.join(_common.REPO, "examples")
 
 def available_examples():
     """The example scripts (``examples/<name>.py``, not the ``_`` helpers), by name."""
-    return sorted(f[:-3] for f in os.listdir(EXAMPLES_DIR)
-                  if f.endswith(".py") and not f.startswith("_"))
+    return sorted(
+        f[:-3] for f in os.listdir(EXAMPLES_DIR) if f.endswith(".py") and not f.startswith("_")
+    )
 
 
 def time_example(name, extra_args, workdir):
@@ -47,13 +48,18 @@ def time_example(name, extra_args, workdir):
         end of its error output when it failed).
     """
     script = os.path.join(EXAMPLES_DIR, f"{name}.py")
-    out_args = ["--output-dir", os.path.join(workdir, "results", name),
-                "--export-dir", os.path.join(workdir, "saved_models", name)]
+    out_args = [
+        "--output-dir",
+        os.path.join(workdir, "results", name),
+        "--export-dir",
+        os.path.join(workdir, "saved_models", name),
+    ]
     command = [sys.executable, script, *extra_args, *out_args]
     before = os.getloadavg()[0]
     start = time.perf_counter()
-    proc = subprocess.run(command, cwd=_common.REPO, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE, text=True)
+    proc = subprocess.run(
+        command, cwd=_common.REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     wall = time.perf_counter() - start
     after = os.getloadavg()[0]
     return {
@@ -80,11 +86,17 @@ def _installed_version(*distributions):
 
 def main():
     p = _common.parser(__doc__.split("\n\n")[0], "example_times")
-    p.add_argument("examples", nargs="+", metavar="EXAMPLE",
-                   help=f"example names: {', '.join(available_examples())}")
-    p.add_argument("--args", default="",
-                   help="flags for every example, as one string (default: none, the "
-                        "example's default run)")
+    p.add_argument(
+        "examples",
+        nargs="+",
+        metavar="EXAMPLE",
+        help=f"example names: {', '.join(available_examples())}",
+    )
+    p.add_argument(
+        "--args",
+        default="",
+        help="flags for every example, as one string (default: none, the example's default run)",
+    )
     args = p.parse_args()
     unknown = sorted(set(args.examples) - set(available_examples()))
     if unknown:
@@ -97,7 +109,8 @@ def main():
         "cpu_model": cpu["model"],
         "avx2": "avx2" in cpu["flags"],
         "avx512f": "avx512f" in cpu["flags"],
-        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+        "cores": len(os.sched_getaffinity(0))
+        if hasattr(os, "sched_getaffinity")
         else os.cpu_count(),
         "hypervisor": cpu["hypervisor"],
         "python": sys.version.split()[0],
@@ -111,9 +124,12 @@ def main():
         for name in args.examples:
             run = time_example(name, extra, workdir)
             result["runs"].append(run)
-            print(f"{run['command']}: {run['wall_s']} s (exit {run['returncode']}, load "
-                  f"{run['load_1m_before']} -> {run['load_1m_after']})", file=sys.stderr,
-                  flush=True)
+            print(
+                f"{run['command']}: {run['wall_s']} s (exit {run['returncode']}, load "
+                f"{run['load_1m_before']} -> {run['load_1m_after']})",
+                file=sys.stderr,
+                flush=True,
+            )
     _common.finish("example_times", result, args.out, started)
     if any(r["returncode"] for r in result["runs"]):
         sys.exit(1)

@@ -39,8 +39,13 @@ print(json.dumps({{"seconds": seconds, "modules": sorted(set(sys.modules) - befo
 
 
 def _time_import(what, env):
-    proc = subprocess.run([sys.executable, "-c", _TIMED.format(what=what)], env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", _TIMED.format(what=what)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"`import {what}` failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -49,8 +54,11 @@ def _time_import(what, env):
 def main():
     p = _common.parser(__doc__.split("\n\n")[0], "import_time")
     p.add_argument("--rounds", type=int, default=7, help="interpreter pairs (default: 7)")
-    p.add_argument("--onednn", choices=("0", "1"),
-                   help="set TF_ENABLE_ONEDNN_OPTS for both imports (default: as inherited)")
+    p.add_argument(
+        "--onednn",
+        choices=("0", "1"),
+        help="set TF_ENABLE_ONEDNN_OPTS for both imports (default: as inherited)",
+    )
     args = p.parse_args()
     rounds = 3 if args.quick else args.rounds
     started = time.time()
@@ -58,7 +66,8 @@ def main():
 
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([_common.REPO, env.get("PYTHONPATH", "")]).rstrip(
-        os.pathsep)
+        os.pathsep
+    )
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     env.setdefault("KERAS_BACKEND", "tensorflow")
     for key in ("WARPKERAS_SET_ONEDNN",):
@@ -105,7 +114,8 @@ def main():
     third_party = sorted({m.split(".")[0] for m in added} - {"warpkeras"})
     result["top_level_modules_added_besides_warpkeras"] = third_party
     result["optional_modules_loaded"] = sorted(
-        m for m in OPTIONAL if any(a == m or a.startswith(m + ".") for a in added))
+        m for m in OPTIONAL if any(a == m or a.startswith(m + ".") for a in added)
+    )
     _common.finish("import_time", result, args.out, started)
 
 

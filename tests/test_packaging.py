@@ -59,8 +59,13 @@ def test_pyproject_is_the_only_metadata():
 
 def test_optional_packages_are_extras_not_requirements():
     core = " ".join(PYPROJECT["project"]["dependencies"])
-    for name in ("tensorflow-datasets", "gymnasium", "matplotlib", "tensorflow-probability",
-                 "tf-keras"):
+    for name in (
+        "tensorflow-datasets",
+        "gymnasium",
+        "matplotlib",
+        "tensorflow-probability",
+        "tf-keras",
+    ):
         assert name not in core, name
     extras = PYPROJECT["project"]["optional-dependencies"]
     assert any("tensorflow-datasets" in r for r in extras["data"])

@@ -26,8 +26,8 @@ def _section(text, title, source, top):
     match = re.search(rf"^## {re.escape(title)}\n", text, re.M)
     if match is None:
         raise ValueError(f"{source} has no section '## {title}'")
-    end = re.search(r"^## ", text[match.end():], re.M)
-    body = text[match.end(): match.end() + end.start() if end else len(text)]
+    end = re.search(r"^## ", text[match.end() :], re.M)
+    body = text[match.end() : match.end() + end.start() if end else len(text)]
     return f"{'#' if top else '##'} {title}\n{body}"
 
 
@@ -46,12 +46,34 @@ def on_page_markdown(markdown, page, config, files):
 # Methods a class overrides from its Keras base class (layer, callback, optimizer), whose
 # documentation is Keras's.
 _KERAS_OVERRIDES = {
-    "build", "call", "compute_output_shape", "compute_output_spec", "get_config",
-    "from_config", "get_initial_state", "build_from_config", "get_build_config",
-    "set_weights", "get_weights", "stateless_apply", "finalize_variable_values", "update_step",
-    "on_train_begin", "on_train_end", "on_epoch_begin", "on_epoch_end", "on_train_batch_begin",
-    "on_train_batch_end", "on_test_begin", "on_test_end", "on_test_batch_begin",
-    "on_test_batch_end", "on_predict_begin", "on_predict_end", "set_model", "set_params",
+    "build",
+    "call",
+    "compute_output_shape",
+    "compute_output_spec",
+    "get_config",
+    "from_config",
+    "get_initial_state",
+    "build_from_config",
+    "get_build_config",
+    "set_weights",
+    "get_weights",
+    "stateless_apply",
+    "finalize_variable_values",
+    "update_step",
+    "on_train_begin",
+    "on_train_end",
+    "on_epoch_begin",
+    "on_epoch_end",
+    "on_train_batch_begin",
+    "on_train_batch_end",
+    "on_test_begin",
+    "on_test_end",
+    "on_test_batch_begin",
+    "on_test_batch_end",
+    "on_predict_begin",
+    "on_predict_end",
+    "set_model",
+    "set_params",
 }
 
 
@@ -67,9 +89,15 @@ def _documented_in_base(cls, name):
 
 
 def _public_members(module):
-    names = module.exports if module.exports is not None else [
-        n for n, m in module.members.items()
-        if not n.startswith("_") and not m.is_alias and not m.is_module]
+    names = (
+        module.exports
+        if module.exports is not None
+        else [
+            n
+            for n, m in module.members.items()
+            if not n.startswith("_") and not m.is_alias and not m.is_module
+        ]
+    )
     for name in names:
         member = module.members.get(str(name))
         if member is None:
@@ -99,8 +127,9 @@ def _missing_docstrings(obj):
 def on_post_build(config):
     package = griffe.load("warpkeras", search_paths=[str(ROOT)])
     pages = (ROOT / "docs" / "api").glob("*.md")
-    modules = sorted({m.group(1) for page in pages
-                      for m in re.finditer(r"^::: (\S+)", page.read_text(), re.M)})
+    modules = sorted(
+        {m.group(1) for page in pages for m in re.finditer(r"^::: (\S+)", page.read_text(), re.M)}
+    )
     seen = set()
     for path in modules:
         module = package if path == "warpkeras" else package[path.removeprefix("warpkeras.")]
