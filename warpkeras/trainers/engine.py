@@ -55,6 +55,11 @@ class _Packer:
         return out
 
 
+def _leaves(structure):
+    """The tensors of a rule state (none for `None`)."""
+    return [] if structure is None else tf.nest.flatten(structure)
+
+
 def _only_one(objectives, hook):
     found = [o for o in objectives if type(o).overrides(hook)]
     if len(found) > 1:
@@ -305,7 +310,7 @@ class AdaptationEngine:
         self.inner_rule.build(self.partition, self.loss)
         self._rule_structure = self.inner_rule.init(
             [tf.convert_to_tensor(v.value) for v in self.partition.task_variables])
-        leaves = tf.nest.flatten(self._rule_structure)
+        leaves = _leaves(self._rule_structure)
         self._rule_empty = self._rule_structure if not leaves else None
         self._rule_packer = _Packer(leaves)
 
@@ -320,7 +325,7 @@ class AdaptationEngine:
         tp, sp = self._theta_packer, self._state_packer
         theta0 = [tf.convert_to_tensor(v.value) for v in self.partition.task_variables]
         structure = rule.init(theta0)
-        leaves = tf.nest.flatten(structure)
+        leaves = _leaves(structure)
         packer = _Packer(leaves)
 
         def plain_step_fn(theta, velocity, state, x, y):
