@@ -366,6 +366,7 @@ class MetaTrainer(KeywordViews, TrainingLoop, Evaluation, InputChecks, Adaptatio
         ``parallel`` mode (what ``"auto"`` stood for) and ``group_size`` (the largest
         group of a meta-batch of `meta_batch_size` tasks)."""
         config = super().get_config()
+        config["inner_rule"] = self.inner_rule.get_config()
         config["parallel"] = self.parallel
         config["group_size"] = self.executor.group_size(self.meta_batch_size)
         return config
@@ -378,4 +379,6 @@ class MetaTrainer(KeywordViews, TrainingLoop, Evaluation, InputChecks, Adaptatio
                  "stream_count": self._stream_count}
         for o in self.objectives:
             items.update(o.checkpoint_items(self))
+        if self.inner_rule.variables:  # e.g. Meta-SGD's α, learned or not
+            items["inner_rule_variables"] = list(self.inner_rule.variables)
         return items
