@@ -232,6 +232,9 @@ def test_meta_sgd_meta_training_adapt_and_served(tmp_path):
     values, loaded = served(trainer, tmp_path, 3)
     close(values, hand)
     assert '"MetaSGD"' in loaded.metadata()["inner_rule"].numpy().decode()
+    in_process = warpkeras.export.adapt_task_values(model, X, Y, 3, loss="mse", rule=rule,
+                                                    training=True)
+    close([in_process[n] for n in warpkeras.task_parameter_names(model)], hand)
 
 
 def test_kfac_rule_adapt_equals_served_and_plan(tmp_path):
