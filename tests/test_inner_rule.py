@@ -267,6 +267,12 @@ def test_rules_refused_where_they_cannot_work(tmp_path):
                               inner_momentum=0.9)
     with pytest.raises(TypeError, match="inner_rule"):
         warpkeras.MAMLTrainer(make_model(), "mse", inner_rule="sgd")
+    with pytest.raises(TypeError, match="learning_rate='0.1'"):
+        rules.SGD("0.1")
+    with pytest.raises(ValueError, match="momentum=1.5"):
+        rules.SGD(0.1, momentum=1.5)
+    with pytest.raises(ValueError, match="not built"):
+        rules.MetaSGD().update([tf.ones([2])], (), [tf.ones([2])])
 
     class HookSGD(MAML):
         def inner_update(self, engine, theta, grads, velocity):

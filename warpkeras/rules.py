@@ -164,10 +164,17 @@ class SGD(InnerRule):
         momentum: μ in [0, 1), or `None` for plain SGD.
 
     Raises:
+        TypeError: α or μ is not a number, tensor or variable.
         ValueError: a Python-number α ≤ 0 or μ outside [0, 1).
     """
 
     def __init__(self, learning_rate=0.01, momentum=None):
+        for name, value in (("learning_rate", learning_rate), ("momentum", momentum)):
+            if value is not None and (isinstance(value, (bool, str)) or not (
+                    isinstance(value, (int, float, np.number)) or hasattr(value, "dtype"))):
+                raise TypeError(f"SGD: {name}={value!r} is not valid: expected a number, a "
+                                "scalar tensor or a variable" + (
+                                    " (or None)." if name == "momentum" else "."))
         if isinstance(learning_rate, (int, float)) and not learning_rate > 0:
             raise ValueError(f"SGD: learning_rate={learning_rate!r} must be > 0, e.g. 0.01.")
         if isinstance(momentum, (int, float)) and not 0 <= momentum < 1:
@@ -194,7 +201,9 @@ class SGD(InnerRule):
 
     def get_config(self):
         def number(v):
-            return float(v) if isinstance(v, (int, float)) else float(np.asarray(v))
+            if isinstance(v, (int, float, np.number)):
+                return float(v)
+            return float(tf.convert_to_tensor(v).numpy())
         return {"class": "SGD", "learning_rate": number(self.learning_rate),
                 "momentum": None if self.momentum is None else number(self.momentum)}
 
