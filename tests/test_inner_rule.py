@@ -2,7 +2,10 @@
 hand-stepped value; the one step in every path (meta-training, `adapt`, the exported
 SavedModel, `warpkeras.adapt`); constraints after every inner step."""
 
+import json
 import os
+import subprocess
+import sys
 
 import warpkeras  # noqa: F401  (first: it picks TensorFlow's CPU kernels)
 import keras
@@ -259,6 +262,36 @@ def test_kfac_rule_adapt_equals_served_and_plan(tmp_path):
     close(other.adapt(task(), steps=3, inner_optimizer=kfac)[0], got, rtol=1e-4, atol=1e-6)
 
 
+_LOAD_WITHOUT_WARPKERAS = """
+import json, sys
+import numpy as np, tensorflow as tf
+x = np.asarray(json.loads(sys.argv[2]), "float32"); y = np.asarray(json.loads(sys.argv[3]), "float32")
+out = tf.saved_model.load(sys.argv[1]).signatures["adapt"](x=x, y=y, steps=tf.constant(3))
+assert "warpkeras" not in sys.modules
+print(json.dumps({k: v.numpy().tolist() for k, v in out.items()}))
+"""
+
+
+def test_served_rules_adapt_in_a_process_without_warpkeras(tmp_path):
+    """Meta-SGD's α and K-FAC's factored step are in the SavedModel's graph."""
+    for name, rule in (("meta_sgd", rules.MetaSGD(
+            keras.initializers.RandomUniform(0.02, 0.1, seed=5))),
+            ("kfac", warpkeras.KFAC(learning_rate=0.3, fisher="exact", damping=1e-2))):
+        model = make_model()
+        trainer = warpkeras.MetaTrainer(model, "mse", objectives=[MAML(first_order=True)],
+                                        inner_rule=rule, inner_steps=3, meta_batch_size=1)
+        path = trainer.export(os.path.join(str(tmp_path), name), dtype_tolerant=False)
+        env = dict(os.environ, PYTHONPATH="")
+        proc = subprocess.run(
+            [sys.executable, "-c", _LOAD_WITHOUT_WARPKERAS, path, json.dumps(X.tolist()),
+             json.dumps(Y.tolist())], capture_output=True, text=True, env=env, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        out = json.loads(proc.stdout.strip().splitlines()[-1])
+        names = warpkeras.task_parameter_names(model)
+        close([np.asarray(out[n]) for n in names], trainer.adapt(task(), steps=3)[0],
+              rtol=1e-4, atol=1e-6)
+
+
 def test_rules_refused_where_they_cannot_work(tmp_path):
     with pytest.raises(MetaTrainingError, match="not differentiable"):
         warpkeras.MAMLTrainer(make_model(), "mse", inner_rule=warpkeras.KFAC())
@@ -267,6 +300,14 @@ def test_rules_refused_where_they_cannot_work(tmp_path):
                               inner_momentum=0.9)
     with pytest.raises(TypeError, match="inner_rule"):
         warpkeras.MAMLTrainer(make_model(), "mse", inner_rule="sgd")
+    with pytest.raises(MetaTrainingError, match="not differentiable"):
+        warpkeras.MetaTrainer(make_model(), "mse", inner_rule=warpkeras.KFAC(),
+                              objectives=[warpkeras.meta.WarpObjective("online", exact=True)])
+    warpkeras.MetaTrainer(make_model(), "mse", inner_rule=warpkeras.KFAC(),
+                          objectives=[warpkeras.meta.WarpObjective("online", exact=False)])
+    with pytest.raises(MetaTrainingError, match="learn_inner_learning_rate"):
+        warpkeras.MetaTrainer(make_model(), "mse", inner_rule=rules.MetaSGD(), objectives=[
+            warpkeras.meta.WarpObjective("online", learn_learning_rate=True)])
     with pytest.raises(TypeError, match="learning_rate='0.1'"):
         rules.SGD("0.1")
     with pytest.raises(ValueError, match="momentum=1.5"):
