@@ -393,3 +393,21 @@ def test_warpgrad_optimizer_keeps_constraints():
     model.compile(optimizer=warpkeras.WarpGrad(learning_rate=0.5, model=model), loss="mse")
     model.fit(X, _negative_pull_task().train[1], batch_size=12, epochs=3, verbose=0)
     assert float(np.min(model.get_layer("head").kernel.numpy())) >= 0.0
+
+
+def test_rule_variables_are_checkpointed(tmp_path):
+    """Meta-SGD's α are saved and restored with the trainer, learned or not (Leap does
+    not learn them)."""
+    def make(seed):
+        rule = rules.MetaSGD(keras.initializers.RandomUniform(0.01, 0.1, seed=seed))
+        return rule, warpkeras.LeapTrainer(make_model(), "mse", inner_rule=rule,
+                                           inner_steps=2, meta_batch_size=1)
+
+    rule, trainer = make(1)
+    trainer.fit([task()], epochs=1, verbose=0, checkpoint_dir=str(tmp_path / "ckpt"))
+    other_rule, other = make(2)
+    assert not np.allclose(other_rule.alpha[0].numpy(), rule.alpha[0].numpy())
+    assert other.restore(str(tmp_path / "ckpt")) == 1
+    close([a.numpy() for a in other_rule.alpha], [a.numpy() for a in rule.alpha], rtol=0,
+          atol=0)
+    assert trainer.get_config()["inner_rule"]["class"] == "MetaSGD"
