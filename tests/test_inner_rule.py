@@ -411,3 +411,24 @@ def test_rule_variables_are_checkpointed(tmp_path):
     close([a.numpy() for a in other_rule.alpha], [a.numpy() for a in rule.alpha], rtol=0,
           atol=0)
     assert trainer.get_config()["inner_rule"]["class"] == "MetaSGD"
+
+
+def test_meta_sgd_keeps_float64(float64, tmp_path):
+    model = make_model()
+    rule = rules.MetaSGD(0.05)
+    trainer = warpkeras.MetaTrainer(model, "mse", objectives=[MAML(first_order=True)],
+                                    inner_rule=rule, inner_steps=2, meta_batch_size=1)
+    assert all(a.dtype == "float64" for a in rule.alpha)
+    theta0 = [v.numpy() for v in trainer.partition.task_variables]
+    x64, y64 = X.astype("float64"), Y.astype("float64")
+    t = warpkeras.Task(train=(x64, y64), batch_size=12)
+    got, _ = trainer.adapt(t, steps=2)
+    assert all(np.asarray(g).dtype == np.float64 for g in got)
+    phi = [v.value for v in model.trainable_variables[:2]]
+    theta = [tf.constant(v) for v in theta0]
+    for _ in range(2):
+        with tf.GradientTape() as tape:
+            tape.watch(theta)
+            loss = mse(model, phi + theta, x64, y64)
+        theta = [a - 0.05 * g for a, g in zip(theta, tape.gradient(loss, theta))]
+    close(got, theta, rtol=1e-12, atol=1e-14)

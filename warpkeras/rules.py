@@ -223,24 +223,35 @@ class MetaSGD(InnerRule):
     Args:
         initializer: a Keras initializer (or its name / config) of α, e.g.
             ``keras.initializers.RandomUniform(0.005, 0.1)`` as the paper draws α; a
-            Python number is a constant. Default: 0.01.
+            Python number > 0 is a constant, exact in each parameter's dtype (float64
+            included). Default: 0.01.
 
     Raises:
-        ValueError: (in `build`) the partition has no task variables.
+        ValueError: a constant ≤ 0; (in `update`) the rule is not built.
     """
 
     def __init__(self, initializer=0.01):
-        if isinstance(initializer, (int, float)):
-            initializer = keras.initializers.Constant(float(initializer))
+        self.constant = None
+        if isinstance(initializer, (int, float, np.number)) and not isinstance(initializer, bool):
+            if not initializer > 0:
+                raise ValueError(f"MetaSGD: initializer={initializer!r} must be > 0 as a "
+                                 "constant learning rate, e.g. 0.01.")
+            # filled in each variable's own dtype (Keras's Constant rounds through float32)
+            self.constant = float(initializer)
+            initializer = keras.initializers.Constant(self.constant)
         self.initializer = keras.initializers.get(initializer)
         self.alpha = None
 
     def build(self, partition, loss=None):
         if self.alpha is not None:
             return
-        self.alpha = [keras.Variable(self.initializer, shape=tuple(v.shape), dtype=v.dtype,
-                                     name=f"meta_sgd_alpha_{i}")
-                      for i, v in enumerate(partition.task_variables)]
+        self.alpha = []
+        for i, v in enumerate(partition.task_variables):
+            shape, dtype = tuple(v.shape), tf.as_dtype(v.dtype)
+            init = (self.initializer if self.constant is None
+                    else np.full(shape, self.constant, dtype.as_numpy_dtype))
+            self.alpha.append(keras.Variable(init, shape=shape, dtype=dtype,
+                                             name=f"meta_sgd_alpha_{i}"))
         self.built = True
 
     @property
