@@ -146,8 +146,9 @@ class StepResult(NamedTuple):
 
     theta: list
     """θ_{k+1}."""
-    velocity: list
-    """Momentum buffer after the step (`None` without momentum)."""
+    velocity: object
+    """The inner rule's state after the step: the momentum buffer of heavy-ball SGD
+    (`None` for plain SGD given by α alone), or a `warpkeras.rules.InnerRule`'s state."""
     loss: tf.Tensor
     """L_task(θ_k; φ) on the step's batch (before the step)."""
     gradients: list
