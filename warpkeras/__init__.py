@@ -119,7 +119,7 @@ if _keras.backend.backend() != "tensorflow":
 
 from warpkeras.roles import RoleError, role_of, tag, task, untag, warp  # noqa: E402
 from warpkeras.partition import Partition, partition  # noqa: E402
-from warpkeras import objectives  # noqa: E402
+from warpkeras import objectives, rules  # noqa: E402
 from warpkeras import layers  # noqa: E402
 from warpkeras.tasks import Task, TaskSampler, as_task  # noqa: E402
 from warpkeras import data  # noqa: E402

@@ -40,7 +40,7 @@ def offline_updates(objective, engine, tasks, rng):
         train_it, meta_it = batch_iters[tid]
         x, y = next(train_it)
         meta_batch = next(meta_it)
-        velocity = tuple(entry["velocity"]) if engine.use_momentum else ()
+        velocity = tuple(entry["velocity"]) if engine.has_rule_state else ()
         point_state = engine.reseed(state, step, tid, 2, entry["step"])
         args = (tuple(entry["theta"]), velocity, point_state, x, y, meta_batch)
         if fused:  # the update is applied inside the call when the gradient is finite
