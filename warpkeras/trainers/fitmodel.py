@@ -7,6 +7,8 @@ import os
 import keras
 import numpy as np
 
+from warpkeras.trainers.checkpoints import CheckpointError
+
 # ----------------------------------------------------------------------------------------
 # what Keras callbacks see as `self.model`
 class _NamedOptimizer:
@@ -82,8 +84,13 @@ class FitModel:
         """Which way each logged value improves, for ``mode="auto"`` of `EarlyStopping`,
         `ModelCheckpoint` and `ReduceLROnPlateau`: ``loss``, ``meta_loss`` and ``auc`` (the
         area under the training-error curve) down, ``accuracy`` up."""
-        from keras.src.trainers.compile_utils import MetricsList
-
+        try:
+            # Keras reads the direction of ``mode="auto"`` from these private pieces and
+            # has no public way to declare it; without them (another Keras), Keras asks
+            # for mode="min" / "max" by name instead of guessing.
+            from keras.src.trainers.compile_utils import MetricsList
+        except ImportError:
+            return []
         tracked = []
         for name, direction in (("loss", "down"), ("meta_loss", "down"), ("auc", "down"),
                                 ("accuracy", "up")):
