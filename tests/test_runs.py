@@ -276,7 +276,8 @@ def test_lock_is_held_while_training(tmp_path):
 def test_another_seed_is_refused_unless_told_to_take_the_folder_over(half_run, tmp_path):
     folder = copy_of(half_run, tmp_path)
     before = sorted(os.listdir(folder))
-    with pytest.raises(CheckpointError, match=r"another run: seed 0 -> 1.*take_over_checkpoint_dir"):
+    with pytest.raises(CheckpointError,
+                       match=r"another run: seed 0 -> 1.*take_over_checkpoint_dir"):
         make_trainer(seed=1).fit(regression_task, epochs=4, verbose=0, checkpoint_dir=folder)
     assert sorted(os.listdir(folder)) == before
 

@@ -297,7 +297,7 @@ class TrainingLoop:
             return members[0][1]
         return _MetaOptimizers([_NamedOptimizer(n, o) for n, o in members], self.step)
 
-    def _find_readable_checkpoint(self, directory):
+    def _find_readable_checkpoint(self, directory, stacklevel=3):
         """The prefix of the newest readable checkpoint in `directory` (None if it holds
         none), warning about every damaged file passed over; repairs the state file when it
         was damaged or named a damaged checkpoint."""
@@ -305,12 +305,12 @@ class TrainingLoop:
             return None
         problem = _state_file_problem(directory)
         state_path = os.path.join(directory, _STATE_FILE)
-        if problem is not None:
+        files = _checkpoint_files(directory)
+        if problem is not None and files:
             warnings.warn(
                 f"Checkpoint state file '{state_path}' cannot be used ({problem}); resuming "
                 "from the newest readable checkpoint in the folder instead.",
-                CheckpointWarning, stacklevel=3)
-        files = _checkpoint_files(directory)
+                CheckpointWarning, stacklevel=stacklevel)
         chosen, readable, damaged = None, [], []
         for number in sorted(files, reverse=True):
             bad = _unreadable_file(directory, number, files[number])
@@ -324,12 +324,13 @@ class TrainingLoop:
             if newer_ok:
                 warnings.warn(
                     f"Checkpoint file '{path}' cannot be read ({why}); a newer checkpoint "
-                    "is used, so this one is ignored.", CheckpointWarning, stacklevel=3)
+                    "is used, so this one is ignored.", CheckpointWarning,
+                    stacklevel=stacklevel)
             elif chosen is not None:
                 warnings.warn(
                     f"Checkpoint file '{path}' cannot be read ({why}); falling back to the "
                     f"older checkpoint '{_CHECKPOINT_NAME}-{chosen}'.",
-                    CheckpointWarning, stacklevel=3)
+                    CheckpointWarning, stacklevel=stacklevel)
         if chosen is None:
             if damaged:
                 listing = "; ".join(f"'{p}': {w}" for _, (p, w) in damaged)
@@ -402,7 +403,7 @@ class TrainingLoop:
         checkpoints aside), restores, and lets this run's hyperparameters win with one
         warning. Returns the prefix restored, or None."""
         passed = self._passed_settings = self._run_settings()
-        prefix = self._find_readable_checkpoint(directory)
+        prefix = self._find_readable_checkpoint(directory, stacklevel=4)
         if prefix is None:
             listed = listed_checkpoints(directory)
             if listed:
@@ -410,7 +411,7 @@ class TrainingLoop:
                 warnings.warn(
                     f"Checkpoint state file '{os.path.join(directory, _STATE_FILE)}' lists "
                     f"{where}, but none of them is in the folder.", CheckpointWarning,
-                    stacklevel=4)
+                    stacklevel=3)
                 if not take_over:
                     raise CheckpointError(
                         f"Every checkpoint listed in '{directory}' is missing ({where}): "
@@ -419,7 +420,7 @@ class TrainingLoop:
                         "(the state file is moved aside, nothing is deleted).")
                 aside = move_aside(directory)
                 warnings.warn(f"Starting afresh in '{directory}'; its state file was moved "
-                              f"to '{aside}'.", CheckpointWarning, stacklevel=4)
+                              f"to '{aside}'.", CheckpointWarning, stacklevel=3)
             return None
         recorded = read_settings(prefix)
         if recorded is None:  # written before settings were recorded
@@ -440,7 +441,7 @@ class TrainingLoop:
                 f"Checkpoint folder '{directory}' belonged to another run "
                 f"({'; '.join(identity)}); its checkpoints were moved to '{aside}' and this "
                 "run starts afresh (take_over_checkpoint_dir=True).", CheckpointWarning,
-                stacklevel=4)
+                stacklevel=3)
             return None
         # a value the user passed wins where it differs from what the earlier run was
         # given (values that training itself changed, e.g. by ReduceLROnPlateau, go on)
@@ -457,7 +458,7 @@ class TrainingLoop:
                     values[key]()
             warnings.warn(
                 f"Resuming '{prefix}' with changed settings; the values of this run are "
-                f"used: {'; '.join(changed)}.", CheckpointWarning, stacklevel=4)
+                f"used: {'; '.join(changed)}.", CheckpointWarning, stacklevel=3)
         return prefix
 
     def _save_checkpoint(self, manager, number):
