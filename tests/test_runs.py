@@ -457,6 +457,8 @@ def test_steps_per_epoch_runs_epochs_times_steps_as_keras():
     np.testing.assert_allclose(history.history["loss"],
                                [np.mean(per_step[:3]), np.mean(per_step[3:])], rtol=1e-6)
     assert history.history["nan_tasks"] == [0, 0]
+    # every meta step's own logs are kept as well
+    assert history.steps == list(range(6)) and history.step_history["loss"] == per_step
     # the same meta steps as epochs=6 without steps_per_epoch
     same = make_trainer()
     same.fit(regression_task, epochs=6, verbose=0)

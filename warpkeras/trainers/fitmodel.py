@@ -135,21 +135,43 @@ class FitModel:
 
 # ----------------------------------------------------------------------------------------
 # History and progress output
+def _append(table, n, logs):
+    """Appends `logs` as row `n` of ``{key: [values]}``, NaN where a key has no value."""
+    for key, value in logs.items():
+        if key not in table:
+            table[key] = [math.nan] * n
+        table[key].append(value)
+    for values in table.values():
+        if len(values) == n:
+            values.append(math.nan)
+
+
 class MetaHistory(keras.callbacks.History):
-    """`keras.callbacks.History` with one entry per meta step for every key: a value missing
-    at a step (a key that appears later, or validation between validation steps) is NaN."""
+    """`keras.callbacks.History` with one entry per epoch for every key: a value missing
+    at an epoch (a key that appears later, or validation between validations) is NaN.
+
+    It also keeps every meta step's own logs (not the epoch's running means), whatever
+    ``steps_per_epoch`` is: ``step_history[key]`` has one value per meta step run (NaN
+    where a step has none) and ``steps`` lists those meta steps (0-based). Without
+    ``steps_per_epoch`` they equal ``history`` and ``epoch`` but for the ``val_*`` keys.
+
+    Attributes:
+        step_history: dict of lists, ``{key: [value per meta step]}``.
+        steps: list of int, the meta steps run.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.step_history, self.steps = {}, []
 
     def on_epoch_end(self, epoch, logs=None):
-        logs = dict(logs or {})
-        n = len(self.epoch)
+        _append(self.history, len(self.epoch), dict(logs or {}))
         self.epoch.append(epoch)
-        for key, value in logs.items():
-            if key not in self.history:
-                self.history[key] = [math.nan] * n
-            self.history[key].append(value)
-        for key, values in self.history.items():
-            if len(values) == n:
-                values.append(math.nan)
+
+    def record_step(self, step, logs):
+        """Records meta step `step`'s own logs (called by `fit`)."""
+        _append(self.step_history, len(self.steps), dict(logs))
+        self.steps.append(step)
 
 
 class MetaProgbarLogger(keras.callbacks.ProgbarLogger):

@@ -564,7 +564,9 @@ class TrainingLoop:
             ``{"verbose", "epochs", "steps"}``. With `steps_per_epoch`, an epoch's value
             of a float log is its mean over the epoch's meta steps (as the logs that the
             batch hooks receive: running means since the epoch began), of an integer
-            counter its sum (``nan_tasks``, a running total: its last value).
+            counter its sum (``nan_tasks``, a running total: its last value). The default
+            History also keeps each meta step's own logs: ``history.step_history[key]``,
+            one value per meta step run (`MetaHistory`).
 
         Raises:
             TypeError: `epochs` and `meta_steps` (or `validation_data` and
@@ -701,6 +703,8 @@ class TrainingLoop:
                 for key in expected:
                     logs.setdefault(key, math.nan)
                 self.step.assign(s + 1)
+                if isinstance(history, MetaHistory):
+                    history.record_step(s, logs)
                 running.add(logs)
                 cb.on_train_batch_end(batch, running.value())
                 last = s + 1 == total
