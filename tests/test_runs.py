@@ -360,6 +360,82 @@ def test_sigint_finishes_the_step_writes_a_checkpoint_then_interrupts(tmp_path):
     assert_bit_equal(weights(resumed), weights(uninterrupted))
 
 
+KILLED = textwrap.dedent("""
+    import os, signal, sys
+    sys.path.insert(0, {tests!r})
+    import keras
+    import tensorflow as tf
+    from test_runs import make_trainer, regression_task
+
+    where = {where!r}
+    if where == "saving":  # fault injection: killed after ckpt-3's files, before the state
+        manager = tf.train.CheckpointManager
+        record = manager._record_state
+
+        def killed(self):
+            if self.latest_checkpoint and self.latest_checkpoint.endswith("ckpt-3"):
+                os.kill(os.getpid(), signal.SIGKILL)
+            record(self)
+        manager._record_state = killed
+
+    class Kill(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            if where == "stepping" and self.model.trainer.step.numpy() == 3:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    make_trainer().fit(regression_task, epochs=6, verbose=0, checkpoint_dir={folder!r},
+                       callbacks=[Kill()])
+""")
+
+
+@pytest.mark.parametrize("where", ["stepping", "saving"])
+def test_sigkill_loses_no_saved_step_and_resume_is_exact(tmp_path, where):
+    folder = str(tmp_path / "ckpt")
+    script = KILLED.format(tests=os.path.join(REPO, "tests"), where=where, folder=folder)
+    child = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                           timeout=300)
+    assert child.returncode == -signal.SIGKILL, child.stderr[-2000:]
+    assert os.path.exists(os.path.join(folder, "ckpt-3.index"))
+    assert os.path.exists(os.path.join(folder, "writer.lock"))  # left by the killed run
+    resumed = make_trainer()
+    with pytest.warns(CheckpointWarning, match="taking over the lock of a run that has ended"):
+        history = resumed.fit(regression_task, epochs=6, verbose=0, checkpoint_dir=folder)
+    assert history.epoch == [3, 4, 5]  # nothing saved was lost: it resumes at step 3
+    uninterrupted = make_trainer()
+    uninterrupted.fit(regression_task, epochs=6, verbose=0)
+    assert_bit_equal(weights(resumed), weights(uninterrupted))
+
+
+def test_disk_full_while_checkpointing_is_an_error_and_earlier_checkpoints_stay(
+        tmp_path, monkeypatch):
+    folder = str(tmp_path / "ckpt")
+    save = warpkeras.trainers.loop.tf.train.CheckpointManager.save
+
+    def full(self, checkpoint_number=None, **kw):
+        if checkpoint_number == 3:
+            os.makedirs(os.path.join(folder, "ckpt-3_temp"))  # what a failed write leaves
+            raise OSError(28, "No space left on device")
+        return save(self, checkpoint_number=checkpoint_number, **kw)
+
+    monkeypatch.setattr(warpkeras.trainers.loop.tf.train.CheckpointManager, "save", full)
+    with pytest.raises(OSError, match="No space left on device"):
+        make_trainer().fit(regression_task, epochs=6, verbose=0, checkpoint_dir=folder)
+    monkeypatch.undo()
+    intact = {n: open(os.path.join(folder, n), "rb").read() for n in os.listdir(folder)
+              if n.startswith("ckpt-") and not n.endswith("_temp")}
+    assert sorted(n for n in intact if n.endswith(".index")) == ["ckpt-1.index", "ckpt-2.index"]
+    assert not os.path.exists(os.path.join(folder, "writer.lock"))  # released on the error
+    resumed = make_trainer()
+    assert resumed.fit(regression_task, epochs=6, verbose=0, checkpoint_dir=folder,
+                       max_checkpoints=10).epoch == [2, 3, 4, 5]
+    assert not os.path.exists(os.path.join(folder, "ckpt-3_temp"))
+    for name, data in intact.items():  # the earlier checkpoints, byte for byte
+        assert open(os.path.join(folder, name), "rb").read() == data
+    uninterrupted = make_trainer()
+    uninterrupted.fit(regression_task, epochs=6, verbose=0)
+    assert_bit_equal(weights(resumed), weights(uninterrupted))
+
+
 # ----------------------------------------------------------------------------------------
 # streams that end, folders that are not what they should be
 def test_a_generator_task_that_runs_out_names_the_task():

@@ -5,22 +5,47 @@ meta-learning algorithms: it calls ``train_step(tasks, rng)`` once per meta step
 ``evaluate`` for validation, and drives everything around them the way ``keras.Model.fit``
 drives its epochs.
 
-**One meta step is one Keras epoch.** For every stock callback in `keras.callbacks`:
+**One meta step is one Keras batch; an epoch is ``steps_per_epoch`` of them** (default one,
+so that without it a meta step is an epoch). For every stock callback in `keras.callbacks`:
 
-* ``on_epoch_begin(s)`` / ``on_epoch_end(s, logs)`` run around meta step ``s`` (0-based);
+* ``on_epoch_begin(e)`` / ``on_epoch_end(e, logs)`` run around epoch ``e`` (0-based), meta
+  steps ``e * S`` to ``e * S + S - 1``; the epoch's logs are the means of its meta steps'
+  logs (integer counters: their sum), and validation runs every ``validation_freq`` epochs;
 * the batch hooks (``on_train_batch_begin/end``, ``on_batch_begin/end``) fire **once per
-  meta step** with batch index 0 (``params["steps"] == 1``): one meta step is one batch of
-  tasks, and its logs are the step's logs (so `TerminateOnNaN` sees a diverged step at once);
+  meta step** with its index in the epoch (``params["steps"] == S``), with Keras's batch
+  logs: running means since the epoch began (without ``steps_per_epoch``, the step's own
+  logs, so `TerminateOnNaN` sees a diverged step at once; a NaN also makes the running
+  mean NaN); `MetaHistory.step_history` keeps each meta step's own logs;
 * ``self.model`` is a `FitModel`: it forwards to the trainer's Keras model (weights, layers,
   ``save``...) and adds what `model.fit` would provide: ``optimizer`` (the meta
-  optimiser(s), see `FitModel`), ``stop_training`` and whole-trainer ``save_weights`` /
-  ``load_weights`` for `BackupAndRestore`.
+  optimiser(s), see `FitModel`), ``stop_training`` (checked after every meta step) and
+  whole-trainer ``save_weights`` / ``load_weights`` for `BackupAndRestore`.
 
 Checkpoints are `tf.train.Checkpoint`s of everything a resumed run needs (θ0, φ, optimiser
-slots, the meta step, the inner learning rate and momentum, counters). Resuming reads the
-newest checkpoint that can be read: a damaged ``checkpoint`` state file or a damaged
-``.index`` / ``.data`` file makes it fall back to an older intact checkpoint with a warning
-that names the file, and intact checkpoints are never deleted or overwritten because of it.
+slots, the meta step, the inner learning rate and momentum, counters), written every
+``checkpoint_every`` meta steps (whatever the epoch length), after the last one and when
+SIGTERM or SIGINT asks the process to stop. Resuming reads the newest checkpoint that can
+be read: a damaged ``checkpoint`` state file or a damaged ``.index`` / ``.data`` file makes
+it fall back to an older intact checkpoint with a warning that names the file, and intact
+checkpoints are never deleted or overwritten because of it.
+
+**Runs and their folders.** One process writes a checkpoint folder at a time (the lock file
+``writer.lock`` names it; `checkpoints.FolderLock`). Every checkpoint records the run's
+settings (`get_config`, the model's variables, each optimiser's class, config and slots);
+a resumed run is compared with them before anything is restored or written:
+
+* another trainer class, other objectives, other model variables, another optimiser class
+  or other slots cannot continue: `CheckpointError`, naming each difference;
+* another seed or configuration is another run: refused unless
+  ``take_over_checkpoint_dir=True``, which moves the folder's checkpoints aside;
+* changed hyperparameters (learning rates, steps, batch sizes, ``parallel``): the values
+  of the resumed run win, with one `CheckpointWarning` listing each change. Values that
+  training itself changed (a `LearningRateScheduler`, `ReduceLROnPlateau`) go on as
+  saved when the resumed run was built as the first one.
+
+Optimiser slots are restored by the model variable they belong to (a slot's checkpoint
+key names the variable's index and the slot kind), not by their position in the
+optimiser.
 """
 
 import json
