@@ -145,6 +145,24 @@ def test_no_private_keras_attribute_in_the_loop_and_examples():
     assert not found, found
 
 
+def test_backup_of_another_trainer_configuration_is_a_checkpoint_error(tmp_path):
+    backup = str(tmp_path / "backup")
+
+    class Interrupt(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            if epoch == 1:
+                raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError, match="interrupted"):
+        make_trainer().fit(regression_task, epochs=2, verbose=0, callbacks=[
+            keras.callbacks.BackupAndRestore(backup), Interrupt()])
+    other = warpkeras.WarpTrainer(make_model(), "mse", mode="online", init_objective=None,
+                                  inner_steps=1, meta_batch_size=1)
+    with pytest.raises(CheckpointError, match="differently configured trainer"):
+        other.fit(regression_task, epochs=2, verbose=0,
+                  callbacks=[keras.callbacks.BackupAndRestore(backup)])
+
+
 # ----------------------------------------------------------------------------------------
 # settings on resume
 def test_changed_hyperparameters_win_with_one_warning(half_run, tmp_path):
@@ -436,6 +454,24 @@ def test_disk_full_while_checkpointing_is_an_error_and_earlier_checkpoints_stay(
     uninterrupted = make_trainer()
     uninterrupted.fit(regression_task, epochs=6, verbose=0)
     assert_bit_equal(weights(resumed), weights(uninterrupted))
+
+
+def test_a_second_signal_abandons_the_step_at_once(tmp_path):
+    folder = str(tmp_path / "ckpt")
+
+    def twice(batch, logs):
+        if trainer.step.numpy() == 1:
+            signal.raise_signal(signal.SIGINT)  # finish the step...
+            signal.raise_signal(signal.SIGINT)  # ...no: stop now
+
+    trainer = make_trainer()
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit(regression_task, epochs=4, verbose=0, checkpoint_dir=folder,
+                    callbacks=[keras.callbacks.LambdaCallback(on_train_batch_begin=twice)])
+    assert int(trainer.step.numpy()) == 1  # the step was abandoned before it ran
+    assert sorted(n for n in os.listdir(folder) if n.endswith(".index")) == ["ckpt-1.index"]
+    assert not os.path.exists(os.path.join(folder, "writer.lock"))
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 # ----------------------------------------------------------------------------------------
