@@ -58,6 +58,11 @@ def assert_bit_equal(a, b):
         np.testing.assert_array_equal(x, y)
 
 
+def read_bytes(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
 def slots(optimizer):
     return [np.asarray(v.numpy()) for v in optimizer.variables]
 
@@ -139,7 +144,9 @@ def test_no_private_keras_attribute_in_the_loop_and_examples():
             files += [os.path.join(root, n) for n in names if n.endswith(".py")]
     found = []
     for path in files:
-        for number, line in enumerate(open(path, encoding="utf-8"), 1):
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+        for number, line in enumerate(lines, 1):
             if any(p in line for p in pattern) and "MetricsList" not in line:
                 found.append(f"{path}:{number}: {line.strip()}")
     assert not found, found
@@ -205,7 +212,7 @@ def test_values_changed_by_training_go_on_without_a_warning(tmp_path, recwarn):
 def test_what_cannot_continue_is_refused_by_name_before_anything_is_written(
         half_run, tmp_path, change):
     folder = copy_of(half_run, tmp_path)
-    before = {n: open(os.path.join(folder, n), "rb").read() for n in os.listdir(folder)}
+    before = {n: read_bytes(os.path.join(folder, n)) for n in os.listdir(folder)}
     if change == "optimizer":  # same slot count and shapes as Adam: positions would fit
         trainer, match = (make_trainer(meta_optimizer=keras.optimizers.Adamax(0.01)),
                           "meta_optimizer class Adam -> Adamax")
@@ -219,7 +226,7 @@ def test_what_cannot_continue_is_refused_by_name_before_anything_is_written(
         match = "objectives"
     with pytest.raises(CheckpointError, match=match):
         trainer.fit(regression_task, epochs=4, verbose=0, checkpoint_dir=folder)
-    after = {n: open(os.path.join(folder, n), "rb").read() for n in os.listdir(folder)}
+    after = {n: read_bytes(os.path.join(folder, n)) for n in os.listdir(folder)}
     assert after == before  # nothing written, the lock released
 
 
@@ -286,7 +293,7 @@ def test_lock_is_held_while_training(tmp_path):
     folder = str(tmp_path / "ckpt")
     seen = []
     probe = keras.callbacks.LambdaCallback(on_epoch_end=lambda e, logs: seen.append(
-        json.load(open(os.path.join(folder, "writer.lock")))))
+        json.loads(read_bytes(os.path.join(folder, "writer.lock")))))
     make_trainer().fit(regression_task, epochs=1, verbose=0, checkpoint_dir=folder,
                        callbacks=[probe])
     assert seen[0]["pid"] == os.getpid() and seen[0]["host"] == socket.gethostname()
@@ -311,8 +318,8 @@ def test_another_seed_is_refused_unless_told_to_take_the_folder_over(half_run, t
     aside = [n for n in os.listdir(folder) if n.startswith("superseded-")]
     assert len(aside) == 1  # the first run's checkpoints are kept, byte for byte
     for name in before:
-        assert open(os.path.join(folder, aside[0], name), "rb").read() == \
-            open(os.path.join(half_run, name), "rb").read()
+        assert read_bytes(os.path.join(folder, aside[0], name)) == \
+            read_bytes(os.path.join(half_run, name))
 
 
 # ----------------------------------------------------------------------------------------
@@ -441,7 +448,7 @@ def test_disk_full_while_checkpointing_is_an_error_and_earlier_checkpoints_stay(
     with pytest.raises(OSError, match="No space left on device"):
         make_trainer().fit(regression_task, epochs=6, verbose=0, checkpoint_dir=folder)
     monkeypatch.undo()
-    intact = {n: open(os.path.join(folder, n), "rb").read() for n in os.listdir(folder)
+    intact = {n: read_bytes(os.path.join(folder, n)) for n in os.listdir(folder)
               if n.startswith("ckpt-") and not n.endswith("_temp")}
     assert sorted(n for n in intact if n.endswith(".index")) == ["ckpt-1.index", "ckpt-2.index"]
     assert not os.path.exists(os.path.join(folder, "writer.lock"))  # released on the error
@@ -450,7 +457,7 @@ def test_disk_full_while_checkpointing_is_an_error_and_earlier_checkpoints_stay(
                        max_checkpoints=10).epoch == [2, 3, 4, 5]
     assert not os.path.exists(os.path.join(folder, "ckpt-3_temp"))
     for name, data in intact.items():  # the earlier checkpoints, byte for byte
-        assert open(os.path.join(folder, name), "rb").read() == data
+        assert read_bytes(os.path.join(folder, name)) == data
     uninterrupted = make_trainer()
     uninterrupted.fit(regression_task, epochs=6, verbose=0)
     assert_bit_equal(weights(resumed), weights(uninterrupted))
@@ -512,10 +519,15 @@ def test_every_listed_checkpoint_missing_is_named_and_a_fresh_start_needs_consen
             make_trainer().fit(regression_task, epochs=4, verbose=0, checkpoint_dir=folder)
     assert sorted(os.listdir(folder)) == ["checkpoint"]
     trainer = make_trainer()
-    with pytest.warns(CheckpointWarning, match="Starting afresh"):
+    with pytest.warns(CheckpointWarning) as caught:
         history = trainer.fit(regression_task, epochs=1, verbose=0, checkpoint_dir=folder,
                               take_over_checkpoint_dir=True)
+    messages = [str(w.message) for w in caught]
+    assert any("none of them is in the folder" in m for m in messages)
+    assert any("Starting afresh" in m for m in messages)
     assert history.epoch == [0]
+    aside = [n for n in os.listdir(folder) if n.startswith("superseded-")]
+    assert os.listdir(os.path.join(folder, aside[0])) == ["checkpoint"]
 
 
 def test_checkpoint_dir_naming_a_file_is_a_named_error(tmp_path):
