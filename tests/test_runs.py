@@ -263,20 +263,35 @@ def dead_pid():
                               capture_output=True, text=True, check=True).stdout)
 
 
+HOLDER = textwrap.dedent("""
+    import sys, time
+    from warpkeras.trainers.checkpoints import FolderLock
+    FolderLock({folder!r}).acquire()
+    print("locked", flush=True)
+    time.sleep(120)
+""")
+
+
 def test_a_running_writer_is_refused_by_name(tmp_path):
     folder = str(tmp_path / "ckpt")
-    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    os.makedirs(folder)
+    other = subprocess.Popen([sys.executable, "-c", HOLDER.format(folder=folder)],
+                             stdout=subprocess.PIPE, text=True)
     try:
-        write_lock(folder, socket.gethostname(), other.pid)
-        with pytest.raises(CheckpointLockError, match=rf"pid {other.pid}, started 2026-01-01"):
+        assert other.stdout.readline().strip() == "locked"
+        with pytest.raises(CheckpointLockError,
+                           match=rf"in use by another run \(host '{socket.gethostname()}', "
+                                 rf"pid {other.pid}, started "):
             make_trainer().fit(regression_task, epochs=1, verbose=0, checkpoint_dir=folder)
         assert sorted(os.listdir(folder)) == ["writer.lock"]  # nothing written
-        write_lock(folder, "another-host", other.pid)
-        with pytest.raises(CheckpointLockError, match="another machine.*'another-host'"):
-            make_trainer().fit(regression_task, epochs=1, verbose=0, checkpoint_dir=folder)
     finally:
         other.kill()
         other.wait()
+        other.stdout.close()
+    # a lock file of another machine is refused even when no process here holds it
+    write_lock(folder, "another-host", 12345)
+    with pytest.raises(CheckpointLockError, match="another machine.*'another-host'"):
+        make_trainer().fit(regression_task, epochs=1, verbose=0, checkpoint_dir=folder)
 
 
 def test_a_stale_lock_is_taken_over_with_a_warning_and_released_at_the_end(tmp_path):

@@ -9,6 +9,11 @@ import shutil
 import socket
 import warnings
 
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+
 import tensorflow as tf
 
 _CHECKPOINT_NAME = "ckpt"
@@ -121,83 +126,141 @@ def _process_alive(pid):
 class FolderLock:
     """The lock that makes one process the only writer of a checkpoint folder.
 
-    The lock is the file ``<folder>/writer.lock``, created exclusively (``O_EXCL``), holding
-    its holder as JSON: ``{"host", "pid", "started"}`` (``started``: UTC, ISO 8601). A lock
-    held by a process that still runs (or by another host, where that cannot be checked)
-    refuses the folder, naming the holder; a lock left by a process of this host that has
-    ended (a killed run) is taken over with a `CheckpointWarning`.
+    The lock is the file ``<folder>/writer.lock``: its holder keeps an exclusive
+    `fcntl.flock` on it and writes itself into it as JSON, ``{"host", "pid", "started"}``
+    (``started``: UTC, ISO 8601). The operating system drops the flock when the holder
+    ends, however it ends (SIGKILL included), so a lock file whose flock is free was left by
+    a run that has ended: it is taken over, with a `CheckpointWarning` naming that run. A
+    lock file naming another host is refused even so (its flock may not reach this host on
+    a network file system); delete it once that run has ended. Where `fcntl` is missing
+    (Windows), the file is created exclusively and its holder's process is checked by pid.
 
     Args:
         folder: the checkpoint folder (it exists).
     """
 
     def __init__(self, folder):
+        self.folder = folder
         self.path = os.path.join(folder, _LOCK_FILE)
         self.holder = {"host": socket.gethostname(), "pid": os.getpid(),
                        "started": datetime.datetime.now(datetime.timezone.utc)
                        .isoformat(timespec="seconds")}
-        self._text = json.dumps(self.holder)
+        self._fd = None
 
-    def _create(self):
-        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        with os.fdopen(fd, "w") as f:
-            f.write(self._text)
+    @staticmethod
+    def _describe(holder):
+        if not holder:
+            return "an unreadable or empty lock"
+        return (f"host {holder.get('host')!r}, pid {holder.get('pid')}, started "
+                f"{holder.get('started')}")
+
+    def _read(self):
+        try:
+            with open(self.path) as f:
+                holder = json.loads(f.read() or "{}")
+            return holder if isinstance(holder, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    def _in_use(self, holder):
+        return CheckpointLockError(
+            f"Checkpoint folder '{self.folder}' is in use by another run "
+            f"({self._describe(holder)}; lock file '{self.path}'). Two runs writing one "
+            "folder would overwrite each other's checkpoints: give this run its own "
+            "checkpoint_dir, or stop the other run first.")
+
+    def _other_host(self, holder):
+        return CheckpointLockError(
+            f"Checkpoint folder '{self.folder}' is locked by a run on another machine "
+            f"({self._describe(holder)}; lock file '{self.path}'), whose process cannot be "
+            "checked from here. Give this run its own checkpoint_dir, or, if that run has "
+            "ended, delete the lock file.")
+
+    def _taken_over(self, holder):
+        warnings.warn(
+            f"Checkpoint folder '{self.folder}': taking over the lock of a run that has "
+            f"ended ({self._describe(holder)}); its checkpoints are kept.",
+            CheckpointWarning, stacklevel=4)
 
     def acquire(self):
         """Takes the lock.
 
+        Returns:
+            self.
+
         Raises:
             CheckpointLockError: a running process (named by host, pid and start time)
-                holds it.
+                holds it, or a lock file names another host.
         """
+        if fcntl is None:
+            return self._acquire_by_pid()
+        for _ in range(10):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                raise self._in_use(self._read()) from None
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:  # the holder removed the file while this run opened it: again
+                os.close(fd)
+                continue
+            holder = self._read()
+            if holder.get("host") not in (None, self.holder["host"]):
+                os.close(fd)
+                raise self._other_host(holder)
+            if holder:
+                self._taken_over(holder)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(self.holder).encode(), 0)
+            os.fsync(fd)
+            self._fd = fd
+            return self
+        raise CheckpointLockError(f"Could not take the lock file '{self.path}' (other runs "
+                                  "keep replacing it).")
+
+    def _acquire_by_pid(self):
         for _ in range(3):
             try:
-                self._create()
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                with os.fdopen(fd, "w") as f:
+                    f.write(json.dumps(self.holder))
                 return self
             except FileExistsError:
                 pass
-            try:
-                with open(self.path) as f:
-                    holder = json.loads(f.read() or "{}")
-                host, pid = holder.get("host"), int(holder.get("pid", -1))
-            except (OSError, ValueError, TypeError, AttributeError):
-                holder, host, pid = {}, None, -1
-            described = (f"host {holder.get('host')!r}, pid {holder.get('pid')}, started "
-                         f"{holder.get('started')}" if holder else "an unreadable lock")
-            if host is not None and host == self.holder["host"] and pid > 0 \
-                    and pid != os.getpid() and _process_alive(pid):
-                raise CheckpointLockError(
-                    f"Checkpoint folder '{os.path.dirname(self.path)}' is in use by another "
-                    f"run ({described}; lock file '{self.path}'). Two runs writing one folder "
-                    "would overwrite each other's checkpoints: give this run its own "
-                    "checkpoint_dir, or stop the other run first.")
-            if host is not None and host != self.holder["host"]:
-                raise CheckpointLockError(
-                    f"Checkpoint folder '{os.path.dirname(self.path)}' is locked by a run on "
-                    f"another machine ({described}; lock file '{self.path}'), whose process "
-                    "cannot be checked from here. Give this run its own checkpoint_dir, or, "
-                    "if that run has ended, delete the lock file.")
-            if pid != os.getpid():
-                warnings.warn(
-                    f"Checkpoint folder '{os.path.dirname(self.path)}': taking over the lock "
-                    f"of a run that has ended ({described}); its checkpoints are kept.",
-                    CheckpointWarning, stacklevel=3)
+            holder = self._read()
+            if holder.get("host") not in (None, self.holder["host"]):
+                raise self._other_host(holder)
+            pid = holder.get("pid")
+            if isinstance(pid, int) and pid != os.getpid() and _process_alive(pid):
+                raise self._in_use(holder)
+            self._taken_over(holder)
             try:
                 os.remove(self.path)
             except FileNotFoundError:
                 pass
-        raise CheckpointLockError(f"Could not take the lock file '{self.path}' (other runs "
-                                  "keep creating it).")
+        raise CheckpointLockError(f"Could not take the lock file '{self.path}'.")
 
     def release(self):
-        """Removes the lock file if it is still this process's."""
+        """Removes the lock file (if it is still this run's) and drops the lock."""
+        if self._fd is None:
+            if self._read() == self.holder:
+                try:
+                    os.remove(self.path)
+                except OSError:
+                    pass
+            return
         try:
-            with open(self.path) as f:
-                if f.read() != self._text:
-                    return
-            os.remove(self.path)
+            if os.stat(self.path).st_ino == os.fstat(self._fd).st_ino:
+                os.remove(self.path)
         except OSError:
             pass
+        finally:
+            os.close(self._fd)
+            self._fd = None
 
 
 # ----------------------------------------------------------------------------------------
