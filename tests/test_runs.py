@@ -635,3 +635,18 @@ def test_steps_per_epoch_resumes_mid_epoch_exactly(tmp_path):
     uninterrupted = make_trainer()
     uninterrupted.fit(regression_task, epochs=3, steps_per_epoch=3, verbose=0)
     assert_bit_equal(weights(resumed), weights(uninterrupted))
+
+
+def test_steps_per_epoch_tensorboard_writes_epochs_and_checkpoints_count_meta_steps(tmp_path):
+    from test_fit_loop import _events
+
+    folder = str(tmp_path / "ckpt")
+    history = make_trainer().fit(regression_task, epochs=2, steps_per_epoch=3, verbose=0,
+                                 log_dir=str(tmp_path / "tb"), checkpoint_dir=folder,
+                                 checkpoint_every=2, max_checkpoints=10)
+    train = _events(str(tmp_path / "tb" / "train"))
+    assert [s for s, _ in train["epoch_loss"]] == [0, 1]
+    np.testing.assert_allclose([v for _, v in train["epoch_loss"]], history.history["loss"],
+                               rtol=1e-6)
+    assert sorted(n for n in os.listdir(folder) if n.endswith(".index")) == [
+        "ckpt-2.index", "ckpt-4.index", "ckpt-6.index"]
