@@ -650,3 +650,24 @@ def test_steps_per_epoch_tensorboard_writes_epochs_and_checkpoints_count_meta_st
                                rtol=1e-6)
     assert sorted(n for n in os.listdir(folder) if n.endswith(".index")) == [
         "ckpt-2.index", "ckpt-4.index", "ckpt-6.index"]
+
+
+def test_backup_and_restore_with_save_freq_resumes_mid_epoch_exactly(tmp_path):
+    backup = str(tmp_path / "backup")
+
+    class Interrupt(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            if self.model.trainer.step.numpy() == 4:
+                raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError, match="interrupted"):
+        make_trainer().fit(regression_task, epochs=3, steps_per_epoch=3, verbose=0,
+                           callbacks=[keras.callbacks.BackupAndRestore(backup, save_freq=1),
+                                      Interrupt()])
+    resumed = make_trainer(model=make_model(seed=5))  # other weights until restored
+    history = resumed.fit(regression_task, epochs=3, steps_per_epoch=3, verbose=0,
+                          callbacks=[keras.callbacks.BackupAndRestore(backup, save_freq=1)])
+    assert history.epoch == [1, 2] and history.steps == [4, 5, 6, 7, 8]
+    uninterrupted = make_trainer()
+    uninterrupted.fit(regression_task, epochs=3, steps_per_epoch=3, verbose=0)
+    assert_bit_equal(weights(resumed), weights(uninterrupted))
