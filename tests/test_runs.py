@@ -250,6 +250,31 @@ def test_optimizer_slots_are_matched_by_variable_not_position(tmp_path):
     assert_bit_equal(weights(resumed), weights(first))
 
 
+def test_backup_and_restore_matches_optimizer_slots_by_variable(tmp_path):
+    backup = str(tmp_path / "backup")
+
+    class Interrupt(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            if epoch == 2:
+                raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError, match="interrupted"):
+        make_trainer(model=make_model(warps=2)).fit(
+            regression_task, epochs=4, verbose=0,
+            callbacks=[keras.callbacks.BackupAndRestore(backup), Interrupt()])
+    uninterrupted = make_trainer(model=make_model(warps=2))
+    uninterrupted.fit(regression_task, epochs=4, verbose=0)
+
+    model = make_model(warps=2)
+    optimizer = keras.optimizers.Adam(0.01)
+    optimizer.build([v for layer in model.layers if layer.name.startswith("warp")
+                     for v in layer.trainable_variables][::-1])
+    resumed = make_trainer(model=model, meta_optimizer=optimizer)
+    resumed.fit(regression_task, epochs=4, verbose=0,
+                callbacks=[keras.callbacks.BackupAndRestore(backup)])
+    assert_bit_equal(weights(resumed), weights(uninterrupted))
+
+
 # ----------------------------------------------------------------------------------------
 # one writer per folder
 def write_lock(folder, host, pid):

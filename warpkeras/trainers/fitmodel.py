@@ -112,7 +112,8 @@ class FitModel:
     def save_weights(self, filepath, overwrite=True, **kwargs):
         self._model.save_weights(filepath, overwrite=overwrite, **kwargs)
         values = {f"v{i}": np.asarray(v.numpy())
-                  for i, v in enumerate(self._trainer._trainer_state_variables())}
+                  for i, (_, v) in enumerate(self._trainer._trainer_state_named())}
+        values["keys"] = np.asarray([k for k, _ in self._trainer._trainer_state_named()])
         tmp = f"{filepath}.trainer.tmp.npz"
         np.savez(tmp, **values)
         os.replace(tmp, f"{filepath}.trainer.npz")
@@ -122,14 +123,29 @@ class FitModel:
         extra = f"{filepath}.trainer.npz"
         if not os.path.exists(extra):
             return
-        variables = self._trainer._trainer_state_variables()
+        named = self._trainer._trainer_state_named()
         with np.load(extra) as data:
-            if len(data.files) != len(variables):
-                raise CheckpointError(
-                    f"'{extra}' holds {len(data.files)} trainer values, this trainer has "
-                    f"{len(variables)}: it was written by a differently configured trainer.")
-            for i, v in enumerate(variables):
-                v.assign(data[f"v{i}"])
+            if "keys" in data.files:  # values matched by name (optimiser slots: by variable)
+                stored = {str(k): data[f"v{i}"] for i, k in enumerate(data["keys"])}
+                missing = sorted({k for k, _ in named} ^ set(stored))
+                if missing:
+                    raise CheckpointError(
+                        f"'{extra}' was written by a differently configured trainer: "
+                        f"{', '.join(missing[:5])} {'are' if len(missing) > 1 else 'is'} in "
+                        "one of them only.")
+                values = [stored[k] for k, _ in named]
+            else:  # written before values were named: by position
+                values = [data[f"v{i}"] for i in range(len(data.files))]
+                if len(values) != len(named):
+                    raise CheckpointError(
+                        f"'{extra}' holds {len(values)} trainer values, this trainer has "
+                        f"{len(named)}: it was written by a differently configured trainer.")
+            for (key, v), value in zip(named, values):
+                if tuple(v.shape) != tuple(np.shape(value)):
+                    raise CheckpointError(
+                        f"'{extra}': '{key}' has shape {np.shape(value)}, this trainer's "
+                        f"{tuple(v.shape)}: written by a differently configured trainer.")
+                v.assign(value)
         self._state_loaded = True
 
 

@@ -299,15 +299,26 @@ class TrainingLoop:
     def _trainer_state_variables(self):
         """The trainer's variables outside the model (optimiser slots, counters), in a fixed
         order (`FitModel.save_weights`)."""
+        return [v for _, v in self._trainer_state_named()]
+
+    def _trainer_state_named(self):
+        """``[(key, variable)]`` of `_trainer_state_variables`: an optimiser's variables
+        keyed ``<item>/<slot key>`` (`_slot_keys`: by the model variable a slot belongs
+        to), the others ``<item>/<index>``."""
         items = self._checkpoint_items()
         out, seen = [], set()
         for key in sorted(items):
             if key == "model":
                 continue
-            for v in _flat_variables(items[key]):
+            item = items[key]
+            keyed = (_by_variable(item, self.model)
+                     if isinstance(item, keras.optimizers.Optimizer) else None)
+            pairs = (list(keyed.items()) if keyed is not None
+                     else list(enumerate(_flat_variables(item))))
+            for name, v in pairs:
                 if id(v) not in seen:
                     seen.add(id(v))
-                    out.append(v)
+                    out.append((f"{key}/{name}", v))
         return out
 
     def _callback_optimizer(self):
