@@ -538,6 +538,21 @@ def test_a_generator_task_that_runs_out_names_the_task():
         trainer.fit([task], epochs=1, verbose=0)
 
 
+def test_a_generator_task_that_runs_out_during_offline_warp_updates_names_the_task():
+    """Offline warp updates read more batches after adaptation (one per stored point)."""
+    def two_batches(rng):  # enough for 2 adaptation steps, not for 3 stored points
+        for _ in range(2):
+            x = rng.normal(size=(10, 4)).astype("float32")
+            yield x, x[:, :1]
+
+    task = warpkeras.Task(train=two_batches, test=regression_task(
+        np.random.default_rng(0)).test, name="short")
+    trainer = warpkeras.WarpTrainer(make_model(), "mse", mode="offline", init_objective=None,
+                                    inner_steps=2, meta_batch_size=1, meta_interval=1)
+    with pytest.raises(TaskDataExhaustedError, match="Task 'short': its (train|meta) batches"):
+        trainer.fit([task], epochs=1, verbose=0)
+
+
 def test_an_iterator_source_that_runs_dry_raises_or_warns_with_the_step():
     tasks = [regression_task(np.random.default_rng(i)) for i in range(3)]
     with pytest.raises(TasksExhaustedError, match="at meta step 3 of 10"):
