@@ -590,6 +590,8 @@ def test_checkpoint_dir_naming_a_file_is_a_named_error(tmp_path):
     path.write_text("keep me")
     with pytest.raises(NotADirectoryError, match="checkpoint_dir=.*notes.txt' is a file"):
         make_trainer().fit(regression_task, epochs=1, verbose=0, checkpoint_dir=str(path))
+    with pytest.raises(NotADirectoryError, match="log_dir=.*notes.txt' is a file"):
+        make_trainer().fit(regression_task, epochs=1, verbose=0, log_dir=path)
     assert path.read_text() == "keep me"
 
 

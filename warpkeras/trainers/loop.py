@@ -608,7 +608,7 @@ class TrainingLoop:
             TypeError: `epochs` and `meta_steps` (or `validation_data` and
                 `validation_tasks`) disagree, or an argument has the wrong type.
             ValueError: a negative count.
-            NotADirectoryError: `checkpoint_dir` names a file.
+            NotADirectoryError: `checkpoint_dir` or `log_dir` names a file.
             CheckpointError: see `restore`; also: the checkpoints were written for another
                 model, trainer class, objectives or optimiser class (named), or by another
                 run (seed or configuration, named) without `take_over_checkpoint_dir`; the
@@ -639,12 +639,13 @@ class TrainingLoop:
             initial_epoch = _count("initial_epoch", initial_epoch)
         if validation_steps is not None:
             validation_steps = _count("validation_steps", validation_steps, 1)
+        for name, folder in (("checkpoint_dir", checkpoint_dir), ("log_dir", log_dir)):
+            if folder is not None and os.path.exists(folder) and not os.path.isdir(folder):
+                raise NotADirectoryError(
+                    f"fit: {name}='{os.fspath(folder)}' is a file, not a folder: give a "
+                    "folder path (it is created if missing).")
         if checkpoint_dir is not None:
             checkpoint_dir = os.fspath(checkpoint_dir)
-            if os.path.exists(checkpoint_dir) and not os.path.isdir(checkpoint_dir):
-                raise NotADirectoryError(
-                    f"fit: checkpoint_dir='{checkpoint_dir}' is a file, not a folder: give "
-                    "a folder path (it is created if missing).")
         source = as_task_source(tasks)
         total = epochs * per_epoch
 
