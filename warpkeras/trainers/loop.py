@@ -206,15 +206,18 @@ def _slot_keys(optimizer, model):
     is named by the index of the model variable it belongs to and its kind
     (``variable_3:momentum``), other variables by their name (``iteration``)."""
     prefix = optimizer.name + "/"
-    refs = sorted(((v.path.replace("/", "_"), i) for i, v in enumerate(model.variables)),
-                  key=lambda t: -len(t[0]))
+    refs = {}
+    for i, v in enumerate(model.variables):
+        refs.setdefault(v.path.replace("/", "_"), i)
     keys = []
     for v in optimizer.variables:
         rest = v.path[len(prefix):] if v.path.startswith(prefix) else v.path
-        for ref, i in refs:
-            if rest.startswith(ref + "_"):
-                rest = f"variable_{i}:{rest[len(ref) + 1:]}"
+        cut = rest.rfind("_")
+        while cut > 0:  # the longest variable path the slot name starts with
+            if rest[:cut] in refs:
+                rest = f"variable_{refs[rest[:cut]]}:{rest[cut + 1:]}"
                 break
+            cut = rest.rfind("_", 0, cut)
         keys.append(rest.replace("/", "|"))
     return keys
 
