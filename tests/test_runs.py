@@ -503,6 +503,18 @@ def test_disk_full_while_checkpointing_is_an_error_and_earlier_checkpoints_stay(
     assert_bit_equal(weights(resumed), weights(uninterrupted))
 
 
+def test_a_signal_between_meta_steps_starts_no_other_step(tmp_path):
+    folder = str(tmp_path / "ckpt")
+    at_epoch_end = keras.callbacks.LambdaCallback(
+        on_epoch_end=lambda e, logs: signal.raise_signal(signal.SIGINT) if e == 1 else None)
+    trainer = make_trainer()
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit(regression_task, epochs=4, verbose=0, checkpoint_dir=folder,
+                    checkpoint_every=100, callbacks=[at_epoch_end])
+    assert int(trainer.step.numpy()) == 2
+    assert sorted(n for n in os.listdir(folder) if n.endswith(".index")) == ["ckpt-2.index"]
+
+
 def test_a_second_signal_abandons_the_step_at_once(tmp_path):
     folder = str(tmp_path / "ckpt")
 

@@ -717,6 +717,12 @@ class TrainingLoop:
             for batch in range(start - epoch * per_epoch if epoch == start // per_epoch
                                else 0, per_epoch):
                 s = epoch * per_epoch + batch
+                if signals is not None and signals.received is not None:
+                    # asked to stop between meta steps (validation, callbacks): stop here
+                    if saved != s:
+                        self._save_checkpoint(manager, s)
+                    self.history = history
+                    raise _Preempted()
                 rng = np.random.default_rng([self.seed, s])
                 try:
                     tasks = source.sample(rng, self.meta_batch_size)
