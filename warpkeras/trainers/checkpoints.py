@@ -23,11 +23,16 @@ _STATE_FILE = "checkpoint"
 
 
 class CheckpointWarning(UserWarning):
-    """A checkpoint file could not be read and an older checkpoint is used instead."""
+    """A run goes on despite something in its checkpoint folder: a damaged file passed over
+    for an older checkpoint, settings changed on resume (the new values win), the lock of an
+    ended run taken over, or another run's checkpoints moved aside."""
 
 
 class CheckpointError(RuntimeError):
-    """No checkpoint in a checkpoint folder can be read, or one belongs to another model."""
+    """A checkpoint folder cannot be resumed: no checkpoint in it can be read, its newest
+    checkpoint belongs to another model, trainer, objectives or optimiser, or to another
+    run (another seed or configuration), or every checkpoint its state file lists is
+    missing. The message names the cause; nothing in the folder was written."""
 
 
 # ----------------------------------------------------------------------------------------
