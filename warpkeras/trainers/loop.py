@@ -712,13 +712,19 @@ class TrainingLoop:
         progbars = [c for c in cb.callbacks if isinstance(c, MetaProgbarLogger)]
         epoch_logs, saved, stop = None, start, False
         for epoch in range(start // per_epoch, epochs):
+            first = start - epoch * per_epoch if epoch == start // per_epoch else 0
+            if signals is not None and signals.received is not None:
+                # asked to stop between meta steps (validation, callbacks): stop here
+                if saved != epoch * per_epoch + first:
+                    self._save_checkpoint(manager, epoch * per_epoch + first)
+                self.history = history
+                raise _Preempted()
             cb.on_epoch_begin(epoch)
             running = _RunningLogs()
-            for batch in range(start - epoch * per_epoch if epoch == start // per_epoch
-                               else 0, per_epoch):
+            for batch in range(first, per_epoch):
                 s = epoch * per_epoch + batch
                 if signals is not None and signals.received is not None:
-                    # asked to stop between meta steps (validation, callbacks): stop here
+                    # asked to stop just after the previous step was checked
                     if saved != s:
                         self._save_checkpoint(manager, s)
                     self.history = history
