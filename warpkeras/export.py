@@ -77,13 +77,17 @@ adapts in training mode, as the trainers do, and predicts in the trainer's
 
 import collections
 import contextlib
+import ctypes
 import functools
 import inspect
 import json
 import os
 import re
+import secrets
 import shutil
-import tempfile
+import socket
+import sys
+import warnings
 
 import keras
 import tensorflow as tf
@@ -98,9 +102,14 @@ __all__ = [
     "adapt_task_values",
     "task_parameter_names",
     "batch_statistics",
+    "load",
+    "read_metadata",
+    "recover",
 ]
 
 SIGNATURES = ("serving_default", "adapt", "adapt_and_predict")
+# The metadata as JSON (Python values) in the SavedModel's ``assets.extra/`` folder.
+METADATA_FILE = "warpkeras_metadata.json"
 
 
 # --- losses ----------------------------------------------------------------------------
@@ -1076,7 +1085,8 @@ def _is_url(path):
 
 
 def _check_path(path, overwrite, where):
-    """Validates the export folder (local, or a URL TensorFlow's file systems handle)."""
+    """Validates the export folder (local, or a URL TensorFlow's file systems handle),
+    after recovering a model that a killed export left beside it (`recover`)."""
     if not isinstance(path, (str, os.PathLike)) or isinstance(path, bytes):
         raise TypeError(
             f"{where}: path must be a folder path (str or os.PathLike); got "
@@ -1086,47 +1096,271 @@ def _check_path(path, overwrite, where):
     if not path:
         raise ValueError(f"{where}: path is empty; give the SavedModel folder to write.")
     fs = tf.io.gfile
-    if fs.exists(path):
-        if not fs.isdir(path):
+    if fs.exists(path) and not fs.isdir(path):
+        raise FileExistsError(
+            f"{where}: path {path!r} is a file; choose a folder for the SavedModel."
+        )
+    recover(path, where=where)
+    if fs.exists(path) and fs.listdir(path):
+        if not overwrite:
             raise FileExistsError(
-                f"{where}: path {path!r} is a file; choose a folder for the SavedModel."
+                f"{where}: {path!r} already exists and is not empty; pass "
+                "overwrite=True to replace it, or choose another folder."
             )
-        if fs.listdir(path):
-            if not overwrite:
-                raise FileExistsError(
-                    f"{where}: {path!r} already exists and is not empty; pass "
-                    "overwrite=True to replace it, or choose another folder."
-                )
-            if not fs.exists(path.rstrip("/") + "/saved_model.pb"):
-                raise FileExistsError(
-                    f"{where}: {path!r} exists and is not a SavedModel; refusing to replace "
-                    "it even with overwrite=True. Remove it yourself or choose another "
-                    "folder."
-                )
+        if not _is_saved_model(path):
+            raise FileExistsError(
+                f"{where}: {path!r} exists and is not a SavedModel; refusing to replace "
+                "it even with overwrite=True. Remove it yourself or choose another "
+                "folder."
+            )
     if _is_url(path):
         return path
     return _validation.check_directory(path, "path", allow_none=False, where=where)
 
 
-def _save(module, path, signatures):
-    """Saves `module` at `path`, replacing what is there (already checked)."""
+# --- atomic replacement of an export folder -----------------------------------------------
+# An export is written to a staging folder beside `path`, renamed to a "ready" folder once
+# complete, and then swapped with `path` (one atomic exchange of the two names where the
+# system has one, else: old model aside, new model in); the old model is deleted last.
+# Every name is `.<folder name>.warpkeras-<kind>-<host>-<pid>-<token>`, so the next export
+# or `load` can tell a killed process's leftovers from a running export's folders.
+_STAGING, _READY, _OLD = "staging", "ready", "old"
+_MARK = ".warpkeras-"
+
+
+def _export_step(step):
+    """Called at each step of replacing an export folder ("ready", "aside", "moved_in",
+    "swapped", "removing_old"); a no-op (fault-injection tests replace it)."""
+
+
+def _is_saved_model(path):
+    return tf.io.gfile.exists(_join(path, "saved_model.pb"))
+
+
+def _join(parent, name):
+    return parent.rstrip("/") + "/" + name if _is_url(parent) else os.path.join(parent, name)
+
+
+def _split_path(path):
+    path = path.rstrip("/") or path
     if _is_url(path):
-        if tf.io.gfile.exists(path):
-            tf.io.gfile.rmtree(path)
-        tf.saved_model.save(module, path, signatures=signatures)
-        return
-    # Written next to `path` first, so that a failed export leaves any old model intact.
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".export-", dir=parent)
+        parent, _, base = path.rpartition("/")
+        return parent, base
+    path = os.path.abspath(path)
+    return os.path.dirname(path), os.path.basename(path)
+
+
+def _sibling(path, kind):
+    parent, base = _split_path(path)
+    host = re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname()) or "host"
+    token = secrets.token_hex(4)
+    return _join(parent, f".{base}{_MARK}{kind}-{host}-{os.getpid()}-{token}")
+
+
+def _leftovers(path):
+    """``[(folder, kind, live)]``: the staging, ready and old folders of exports to `path`
+    (``live``: made by a running process on this host, or on another host)."""
+    parent, base = _split_path(path)
+    prefix = f".{base}{_MARK}"
+    fs = tf.io.gfile
+    if not fs.isdir(parent):
+        return []
+    host = re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname()) or "host"
+    out = []
+    for name in fs.listdir(parent):
+        name = name.rstrip("/")
+        if not name.startswith(prefix):
+            continue
+        m = re.fullmatch(r"(staging|ready|old)-(.+)-(\d+)-([0-9a-f]+)", name[len(prefix):])
+        if m is None:
+            continue
+        kind, owner, pid = m.group(1), m.group(2), int(m.group(3))
+        out.append((_join(parent, name), kind, owner != host or _alive(pid)))
+    return out
+
+
+def _alive(pid):
+    if pid == os.getpid():
+        return True
     try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _rmtree(path):
+    if tf.io.gfile.exists(path):
+        if _is_url(path):
+            tf.io.gfile.rmtree(path)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _mtime(path):
+    try:
+        return tf.io.gfile.stat(path).mtime_nsec
+    except tf.errors.OpError:
+        return 0
+
+
+def recover(path, where="recover"):
+    """Completes or undoes an export to `path` that was killed part-way.
+
+    An export writes the new SavedModel into a staging folder beside `path` and then
+    replaces `path` in one step (see `export_adaptive`), so a killed export leaves `path`
+    holding the old or the new model, and at most a folder beside it. On systems without an
+    atomic exchange of two folders there is an instant in which `path` does not exist; if
+    the process is killed then, this function moves the new model (or, if it was not
+    complete, the old one) back to `path`. Leftovers of processes that have ended (on this
+    host) are then removed. Each action gives a `UserWarning` naming the folders.
+    `export_adaptive`, `MetaTrainer.export` and `load` call it first; folders of running
+    exports and of other hosts are left alone.
+
+    Args:
+        path: the SavedModel folder (str or `os.PathLike`).
+        where: the function named in warnings.
+
+    Returns:
+        The path (a str).
+    """
+    path = os.fspath(path)
+    stale = [(f, kind) for f, kind, live in _leftovers(path) if not live]
+    if not stale:
+        return path
+    fs = tf.io.gfile
+    if not fs.exists(path):
+        for kind in (_READY, _OLD):
+            candidates = sorted((f for f, k in stale if k == kind), key=_mtime, reverse=True)
+            candidates = [f for f in candidates if _is_saved_model(f)]
+            if candidates:
+                fs.rename(candidates[0], path)
+                stale = [(f, k) for f, k in stale if f != candidates[0]]
+                what = "new" if kind == _READY else "previous"
+                warnings.warn(
+                    f"{where}: {path!r} was missing after an export was interrupted; "
+                    f"restored the {what} model from {candidates[0]!r}.", stacklevel=3,
+                )
+                break
+    if not stale:
+        return path
+    for f, _ in stale:
+        _rmtree(f)
+    warnings.warn(
+        f"{where}: removed what an interrupted export to {path!r} left behind: "
+        + ", ".join(repr(os.path.basename(f)) for f, _ in stale) + ".", stacklevel=3,
+    )
+    return path
+
+
+def _exchange(a, b):
+    """Atomically swaps the names of folders `a` and `b` (Linux ``renameat2`` with
+    ``RENAME_EXCHANGE``); False where the system or file system does not support it."""
+    if _RENAMEAT2 is None:
+        return False
+    if _RENAMEAT2(-100, os.fsencode(a), -100, os.fsencode(b), 2) == 0:  # AT_FDCWD
+        return True
+    return False
+
+
+def _find_renameat2():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
+                   ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_RENAMEAT2 = _find_renameat2()
+
+
+def _save(module, path, signatures, metadata):
+    """Saves `module` at `path`, replacing what is there (already checked).
+
+    The SavedModel (and ``assets.extra/warpkeras_metadata.json``) is written to a staging
+    folder beside `path`, created by TensorFlow's file system as Keras's `model.export`
+    creates its folder (so the modes follow the process umask alike). Once complete, it replaces `path` in one atomic exchange (Linux),
+    or else the old model is moved aside and the new one in; the old one is deleted last.
+    """
+    fs = tf.io.gfile
+    parent, _ = _split_path(path)
+    fs.makedirs(parent)
+    staging = _sibling(path, _STAGING)
+    try:
+        fs.makedirs(staging)  # TensorFlow's modes and the umask, as Keras's export
         tf.saved_model.save(module, staging, signatures=signatures)
-        if os.path.isdir(path):
-            shutil.rmtree(path)
-        os.replace(staging, path)
-    finally:
-        if os.path.exists(staging):
-            shutil.rmtree(staging, ignore_errors=True)
+        extra = _join(staging, "assets.extra")
+        fs.makedirs(extra)
+        with fs.GFile(_join(extra, METADATA_FILE), "w") as f:
+            f.write(json.dumps(metadata, indent=1, sort_keys=True) + "\n")
+        ready = _sibling(path, _READY)
+        fs.rename(staging, ready)
+    except BaseException:
+        _rmtree(staging)
+        raise
+    _export_step("ready")
+    if fs.exists(path):
+        if not _is_url(path) and _exchange(ready, path):
+            old = ready
+            _export_step("swapped")
+        else:
+            old = _sibling(path, _OLD)
+            fs.rename(path, old)
+            _export_step("aside")
+            fs.rename(ready, path)
+            _export_step("moved_in")
+        _export_step("removing_old")
+        _rmtree(old)
+    else:
+        fs.rename(ready, path)
+        _export_step("moved_in")
+
+
+def load(path):
+    """Loads a SavedModel written by `export_adaptive`, after `recover`.
+
+    Equivalent to ``tf.saved_model.load(path)`` once an interrupted export to `path` (if
+    any) is completed or undone.
+
+    Args:
+        path: the SavedModel folder (str or `os.PathLike`).
+
+    Returns:
+        The loaded object (signatures, ``metadata()``, ``predict``, ``adapt``, ...).
+
+    Raises:
+        FileNotFoundError: there is no SavedModel at `path`.
+    """
+    path = recover(path, where="load")
+    if not _is_saved_model(path):
+        raise FileNotFoundError(f"load: no SavedModel at {path!r} (no saved_model.pb).")
+    return tf.saved_model.load(path)
+
+
+def read_metadata(path):
+    """The metadata of a SavedModel written by `export_adaptive`, as Python values.
+
+    Reads ``assets.extra/warpkeras_metadata.json`` in the SavedModel folder (no TensorFlow
+    needed): strings are `str`, flags `bool`, counts `int`, rates `float`, and ``inputs`` a
+    list of dicts. The loaded object's ``metadata()`` holds the same values as tensors
+    (strings as ``tf.string``, whose ``.numpy()`` is `bytes`; flags as int32).
+
+    Args:
+        path: the SavedModel folder (str or `os.PathLike`).
+
+    Returns:
+        A dict.
+    """
+    with tf.io.gfile.GFile(_join(os.fspath(path), "assets.extra/" + METADATA_FILE)) as f:
+        return json.load(f)
 
 
 def export_adaptive(
@@ -1310,8 +1544,18 @@ def export_adaptive(
         "adapt": module.signature_adapt.get_concrete_function(),
         "adapt_and_predict": module.signature_adapt_and_predict.get_concrete_function(),
     }
-    _save(module, path, signatures)
+    _save(module, path, signatures, _json_metadata(meta))
     return path
+
+
+def _json_metadata(meta):
+    """`meta` with the JSON-encoded values decoded (for `METADATA_FILE`)."""
+    out = {}
+    for k, v in meta.items():
+        if k == "inputs" or (k in ("input_shape", "input_dtype") and v.startswith("{")):
+            v = json.loads(v)
+        out[k] = v
+    return out
 
 
 # --- in-process adaptation ------------------------------------------------------------------
