@@ -39,9 +39,11 @@ Inputs are validated inside the graph: a request with the wrong rank or feature 
 x and y of different lengths (with several inputs: any two of the ``x_<name>`` inputs and
 ``y``, or two ``queries_<name>`` inputs), an empty support set, labels out of range, NaN
 or inf in ``x``, ``queries`` or regression targets ``y``, a negative step count, or more
-work than the export's budget (``max_steps``, ``max_rows``, ``max_row_steps``, on the row
-count that all inputs share) fails with an ``InvalidArgumentError`` carrying a readable
-message that names the input or the limit, and the server keeps running.
+work than the export's budget (``max_steps``; ``max_elements`` numbers per request and
+``max_element_steps`` numbers × steps, over all inputs; optionally ``max_rows`` and
+``max_row_steps`` on the row count that all inputs share) fails with an
+``InvalidArgumentError`` carrying a readable message that names the input or the limit,
+and the server keeps running.
 
 **Input dtypes.** A SavedModel signature is one concrete function, so each signature key
 accepts exactly one dtype per input (recorded in ``metadata()``: ``input_dtype``,
@@ -378,11 +380,15 @@ def _model_inputs(model, input_spec, where):
 
 
 def _output_spec(part, inputs):
-    zeros = [tf.zeros([1] + [1 if d is None else d for d in s.shape.as_list()[1:]], s.dtype)
-             for s in inputs.specs]
-    y, _ = part.call(
-        part.initial_task_values(), part.warp_values(), inputs.pack(zeros), training=False,
-    )
+    """The output's batch spec, traced from the input specs (unknown dimensions of the
+    inputs stay unknown in the output, e.g. the time axis of a sequence output)."""
+    theta, phi = part.initial_task_values(), part.warp_values()
+
+    def call(*xs):
+        return part.call(theta, phi, inputs.pack(list(xs)), training=False)[0]
+
+    specs = [tf.TensorSpec([None] + s.shape.as_list()[1:], s.dtype) for s in inputs.specs]
+    y = tf.function(call).get_concrete_function(*specs).structured_outputs
     if not hasattr(y, "shape") or not hasattr(y, "dtype"):
         raise ValueError(
             f"Model '{part.model.name}' returns {type(y).__name__}; export_adaptive "
@@ -460,6 +466,34 @@ class _Checks:
         )
         out.set_shape(shape)
         return out
+
+
+# Default work limits (see `export_adaptive`): per request, the input numbers of
+# `_DEFAULT_ROWS` examples, and input numbers × steps of `_DEFAULT_ROW_STEPS` example-steps,
+# or of `_DEFAULT_VARIABLE_ROW_STEPS` when an example's size is not fixed by the input
+# spec (a sequence, an image of any size), its unknown dimensions counted as 1.
+_DEFAULT_ROWS = 10_000
+_DEFAULT_ROW_STEPS = 1_000_000
+_DEFAULT_VARIABLE_ROW_STEPS = 10_000
+_ELEMENTS_MAX = 2**62
+
+
+def _example_elements(specs):
+    """``(numbers in one example of all inputs, whether some dimension is unknown)`` for
+    the batch specs of the model's inputs (unknown dimensions counted as 1)."""
+    total, variable = 0, False
+    for spec in specs:
+        n = 1
+        for d in spec.shape.as_list()[1:]:
+            variable = variable or d is None
+            n *= 1 if d is None else d
+        total += n
+    return max(total, 1), variable
+
+
+def _elements(xs):
+    """The numbers held by the tensors `xs` together (int64; never fails)."""
+    return tf.add_n([tf.size(t, out_type=tf.int64) for t in xs])
 
 
 def _leading_dim(t):
@@ -570,7 +604,8 @@ class _Program:
 
     def __init__(self, model, loss, from_logits, learning_rate, momentum, training,
                  input_spec, label_spec, untagged, max_steps, predict_training=None,
-                 max_rows=None, max_row_steps=None, where="export_adaptive"):
+                 max_rows=None, max_row_steps=None, max_elements=None,
+                 max_element_steps=None, where="export_adaptive"):
         v = _validation
         if not isinstance(model, keras.Model):
             raise TypeError(
@@ -598,6 +633,12 @@ class _Program:
         max_row_steps = v.check_int(max_row_steps, "max_row_steps", minimum=1,
                                     maximum=2**62, allow_none=True, where=where,
                                     example=10**6)
+        max_elements = v.check_int(max_elements, "max_elements", minimum=1,
+                                   maximum=_ELEMENTS_MAX, allow_none=True, where=where,
+                                   example=10**6)
+        max_element_steps = v.check_int(max_element_steps, "max_element_steps", minimum=1,
+                                        maximum=_ELEMENTS_MAX, allow_none=True, where=where,
+                                        example=10**7)
         v.check_choice(untagged, "untagged", UNTAGGED_POLICIES, where=where)
         self.model = model
         self.partition = _partition(model, untagged=untagged, require_task=True)
@@ -612,6 +653,13 @@ class _Program:
         # Batch statistics of a single example normalise it to beta whatever it is.
         self.min_query_rows = 2 if self.predict_training and _has_batch_norm(model) else 0
         self.inputs = _model_inputs(model, input_spec, where)
+        self.example_elements, self.variable_size = _example_elements(self.inputs.specs)
+        rows, row_steps = ((_DEFAULT_ROWS, _DEFAULT_VARIABLE_ROW_STEPS) if self.variable_size
+                           else (_DEFAULT_ROWS, _DEFAULT_ROW_STEPS))
+        self.max_elements = (min(rows * self.example_elements, _ELEMENTS_MAX)
+                             if max_elements is None else max_elements)
+        self.max_element_steps = (min(row_steps * self.example_elements, _ELEMENTS_MAX)
+                                  if max_element_steps is None else max_element_steps)
         self.out_spec = _output_spec(self.partition, self.inputs)
         y_spec = _as_spec(label_spec, "label_spec", self.out_spec.dtype)
         self.y_spec = y_spec if y_spec is not None else _default_label_spec(
@@ -699,6 +747,13 @@ class _Program:
                 f"{fn}: the inputs {_listing(args)} must hold the same number of "
                 "examples; got", *_interleave(rows, args),
             )
+        what = f"`{args[0]}`" if len(args) == 1 else _listing(args) + " together"
+        checks.require(
+            tf.less_equal(_elements(xs), self.max_elements),
+            f"{fn}: {what} must hold at most max_elements={self.max_elements} numbers "
+            "(the export's limit per request); send smaller or fewer examples. Got",
+            _elements(xs),
+        )
 
     def _support_checks(self, xs, y, steps, fn):
         checks = _Checks()
@@ -731,6 +786,14 @@ class _Program:
             f"{fn}: rows of {rows_of} × `steps` must be <= max_row_steps="
             f"{self.max_row_steps} of the export (the work of one request); use fewer steps "
             "or fewer examples. Got", _leading_dim(x), "×", steps,
+        )
+        support = "`x`" if self.inputs.single else "the support set"
+        checks.require(
+            tf.less_equal(_elements(xs), self.max_element_steps // tf.maximum(
+                tf.cast(steps, tf.int64), 1)),
+            f"{fn}: the numbers in {support} × `steps` must be <= max_element_steps="
+            f"{self.max_element_steps} of the export (the work of one request); use fewer "
+            "steps or a smaller support set. Got", _elements(xs), "×", steps,
         )
         for t, arg in zip(xs, self.inputs.arguments("x")):
             self._check_finite(checks, t, arg, fn)
@@ -893,6 +956,9 @@ class _Program:
             "max_steps": self.max_steps,
             "max_rows": self.max_rows,
             "max_row_steps": self.max_row_steps,
+            "max_elements": self.max_elements,
+            "max_element_steps": self.max_element_steps,
+            "example_elements": self.example_elements,
             "input_shape": (str(self.inputs.specs[0].shape.as_list()) if self.inputs.single
                             else json.dumps({n: s.shape.as_list() for n, s in
                                              zip(self.inputs.names, self.inputs.specs)})),
@@ -1377,8 +1443,10 @@ def export_adaptive(
     training=False,
     max_steps=10000,
     predict_training=None,
-    max_rows=10000,
-    max_row_steps=1_000_000,
+    max_elements=None,
+    max_element_steps=None,
+    max_rows=None,
+    max_row_steps=None,
     overwrite=False,
     dtype_tolerant=True,
 ):
@@ -1411,11 +1479,20 @@ def export_adaptive(
     raise ``InvalidArgumentError`` with a message such as ``adapt: `x` must have shape
     [batch, 4]; got shape [5 3]``.
 
-    **Work per request** is bounded by three limits recorded in the metadata: ``steps``
-    ≤ `max_steps`, at most `max_rows` examples in ``x`` (and in ``queries``), and rows of
-    ``x`` × ``steps`` ≤ `max_row_steps` (an adaptation costs about rows × steps
-    forward-backward passes of one example). Over-budget requests fail with an
-    ``InvalidArgumentError`` naming the limit before any work is done.
+    **Work per request** is bounded in numbers (tensor elements), not rows, since one row
+    of a sequence or image model of unknown size can be any size. The limits, recorded
+    in the metadata: ``steps`` ≤ `max_steps`; ``x`` (all inputs together) and ``queries``
+    each hold at most `max_elements` numbers; and the numbers in ``x`` × ``steps`` ≤
+    `max_element_steps` (an adaptation costs about that many forward-backward passes of
+    one number). The defaults follow from the model's input spec, with E the numbers in
+    one example of all inputs (``example_elements`` in the metadata; unknown dimensions
+    counted as 1): `max_elements` = 10 000 × E; `max_element_steps` = 1 000 000 × E when
+    E is fixed by the spec (10 000 examples, 10⁶ example-steps), but 10 000 × E when a
+    dimension is unknown (an LSTM over ``keras.Input((None, 8))``: 80 000 numbers × steps,
+    one sequence of 1 000 time steps adapted for 10 steps, about 2 s on one CPU core).
+    Over-budget requests fail with an ``InvalidArgumentError`` naming the limit and the
+    request's size before any work is done. The row limits `max_rows` and
+    `max_row_steps` of earlier versions still apply where given.
 
     **Modes (batch normalisation, dropout).** Adaptation steps run the model in mode
     `training`: with True, batch-norm layers normalise with the statistics of the support
@@ -1490,10 +1567,15 @@ def export_adaptive(
         training: run the model in training mode during adaptation (bool; see "Modes").
         max_steps: largest accepted ``steps`` input (an integer in [0, 2³¹ − 1]).
         predict_training: run predictions in training mode (bool; `None`: `training`).
-        max_rows: most examples accepted in ``x`` and in ``queries`` per request (an
-            integer ≥ 1, or `None` for no limit).
-        max_row_steps: most rows × steps per adaptation request (an integer ≥ 1, or `None`
-            for no limit).
+        max_elements: most numbers (tensor elements) in ``x`` (all inputs together) and in
+            ``queries`` per request (an integer ≥ 1; `None`: 10 000 examples' worth, see
+            "Work per request").
+        max_element_steps: most numbers in ``x`` × ``steps`` per adaptation request (an
+            integer ≥ 1; `None`: the default of "Work per request").
+        max_rows: optionally, most examples in ``x`` and in ``queries`` per request too (an
+            integer ≥ 1, or `None` for no row limit).
+        max_row_steps: optionally, most rows × steps per adaptation request too (an
+            integer ≥ 1, or `None` for no such limit).
         overwrite: replace an existing SavedModel at `path` (bool). Without it an existing,
             non-empty folder is refused; a folder that is not a SavedModel is never
             replaced.
@@ -1520,7 +1602,8 @@ def export_adaptive(
                                   where=where, example=min(5, max_steps_ok))
     program = _Program(model, loss, from_logits, learning_rate, momentum, training,
                        input_spec, label_spec, untagged, max_steps, predict_training,
-                       max_rows, max_row_steps, where=where)
+                       max_rows, max_row_steps, max_elements, max_element_steps,
+                       where=where)
     module = tf.Module(name="warpkeras_adaptive")
     # Track the model's variables (the underlying tf.Variables) so the saved graphs can
     # capture them: θ0, φ, frozen variables and the non-trainable state.
@@ -1564,7 +1647,9 @@ def _run_adapt(model, x, y, steps, loss, learning_rate, momentum, from_logits, t
     steps = _validation.check_int(steps, "steps", minimum=0, maximum=_INT32_MAX,
                                   where=where, example=5)
     program = _Program(model, loss, from_logits, learning_rate, momentum, training,
-                       input_spec, label_spec, untagged, max_steps=steps, where=where)
+                       input_spec, label_spec, untagged, max_steps=steps,
+                       max_elements=_ELEMENTS_MAX, max_element_steps=_ELEMENTS_MAX,
+                       where=where)
     fn = _adapt_function(program)
     inputs = program.inputs
     xs = [_typed_input(v, name, s.dtype, where, role="x")
