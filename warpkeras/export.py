@@ -1608,6 +1608,10 @@ def export_adaptive(
     # Track the model's variables (the underlying tf.Variables) so the saved graphs can
     # capture them: θ0, φ, frozen variables and the non-trainable state.
     module.model_variables = [v.value for v in model.variables]
+    # The model itself, as Keras's `model.export` tracks it: the resources of its layers
+    # that are not variables (the tables of StringLookup, IntegerLookup, Hashing, ...)
+    # are saved with it.
+    module.keras_model = model
     module.serve = program.signature_function("predict")
     module.signature_adapt = program.signature_function("adapt")
     module.signature_adapt_and_predict = program.signature_function("adapt_and_predict")
