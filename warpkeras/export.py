@@ -1488,8 +1488,9 @@ def export_adaptive(
     one example of all inputs (``example_elements`` in the metadata; unknown dimensions
     counted as 1): `max_elements` = 10 000 × E; `max_element_steps` = 1 000 000 × E when
     E is fixed by the spec (10 000 examples, 10⁶ example-steps), but 10 000 × E when a
-    dimension is unknown (an LSTM over ``keras.Input((None, 8))``: 80 000 numbers × steps,
-    one sequence of 1 000 time steps adapted for 10 steps, about 2 s on one CPU core).
+    dimension is unknown (an LSTM(32) over ``keras.Input((None, 8))``: 80 000 numbers ×
+    steps, e.g. one sequence of 1 000 time steps adapted for 10 steps, which took 1.9 s on
+    a shared 2-core Xeon).
     Over-budget requests fail with an ``InvalidArgumentError`` naming the limit and the
     request's size before any work is done. The row limits `max_rows` and
     `max_row_steps` of earlier versions still apply where given.
