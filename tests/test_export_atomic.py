@@ -221,3 +221,35 @@ def test_metadata_reads_back_as_python_values(tmp_path):
             assert value == int(meta[key]), key
         else:
             assert np.isclose(value, meta[key]), key
+
+
+def test_url_export_is_complete_or_recovered(monkeypatch):
+    """On a URL file system (here TensorFlow's ``ram://``), where folders are not renamed
+    as a whole, the new model is copied in with ``saved_model.pb`` last; a copy cut short
+    is redone from the complete staging folder."""
+    fs = tf.io.gfile
+    path = "ram://atomic/model"
+    wexport.export_adaptive(_model(), path, loss="mse", steps=1, dtype_tolerant=False)
+    wexport.export_adaptive(_model(), path, loss="mse", steps=2, dtype_tolerant=False,
+                            overwrite=True)
+    assert _steps(path) == 2 and fs.listdir("ram://atomic") == ["model"]
+    copy, copied = fs.copy, []
+
+    def dies(src, dst, overwrite=False):
+        if len(copied) == 2:
+            raise SystemExit("killed")
+        copied.append(dst)
+        copy(src, dst, overwrite=overwrite)
+
+    monkeypatch.setattr(tf.io.gfile, "copy", dies)
+    with pytest.raises(SystemExit):
+        wexport.export_adaptive(_model(), path, loss="mse", steps=3, dtype_tolerant=False,
+                                overwrite=True)
+    monkeypatch.setattr(tf.io.gfile, "copy", copy)
+    assert not fs.exists(path + "/saved_model.pb")  # not a SavedModel until complete
+    assert len([n for n in fs.listdir("ram://atomic") if ".model.warpkeras-staging-" in n]) == 1
+    monkeypatch.setattr(wexport, "_alive", lambda pid: False)  # as if the process had died
+    with pytest.warns(UserWarning, match="copied the new model"):
+        served = wexport.load(path)
+    assert int(served.metadata()["default_steps"]) == 3
+    assert fs.listdir("ram://atomic") == ["model"]

@@ -1260,7 +1260,17 @@ def _alive(pid):
 def _rmtree(path):
     if tf.io.gfile.exists(path):
         if _is_url(path):
-            tf.io.gfile.rmtree(path)
+            try:
+                tf.io.gfile.rmtree(path)
+            except tf.errors.NotFoundError:  # a listing artefact of a flat object store
+                for folder, _, files in list(tf.io.gfile.walk(path, topdown=False)):
+                    for name in files + [""]:
+                        with contextlib.suppress(tf.errors.OpError):
+                            target = _join(folder, name) if name else folder
+                            if tf.io.gfile.isdir(target):
+                                tf.io.gfile.rmtree(target)
+                            else:
+                                tf.io.gfile.remove(target)
         else:
             shutil.rmtree(path, ignore_errors=True)
 
@@ -1280,8 +1290,10 @@ def recover(path, where="recover"):
     holding the old or the new model, and at most a folder beside it. On systems without an
     atomic exchange of two folders there is an instant in which `path` does not exist; if
     the process is killed then, this function moves the new model (or, if it was not
-    complete, the old one) back to `path`. Leftovers of processes that have ended (on this
-    host) are then removed. Each action gives a `UserWarning` naming the folders.
+    complete, the old one) back to `path`. On a URL (``gs://``, ...; object stores rename
+    file by file) `path` is a SavedModel only once copied in full; a copy cut short is
+    done again from the complete staging folder. Leftovers of processes that have ended
+    (on this host) are then removed. Each action gives a `UserWarning` naming the folders.
     `export_adaptive`, `MetaTrainer.export` and `load` call it first; folders of running
     exports and of other hosts are left alone.
 
@@ -1293,11 +1305,23 @@ def recover(path, where="recover"):
         The path (a str).
     """
     path = os.fspath(path)
+    if not _is_url(path) and os.path.islink(path.rstrip("/")):
+        path = os.path.realpath(path)
     stale = [(f, kind) for f, kind, live in _leftovers(path) if not live]
     if not stale:
         return path
     fs = tf.io.gfile
-    if not fs.exists(path):
+    if _is_url(path):
+        done = [f for f, k in stale if k == _STAGING and fs.exists(_join(f, _COMPLETE))]
+        if done and not _is_saved_model(path):
+            newest = max(done, key=_mtime)
+            _replace_url(newest, path)
+            stale = [(f, k) for f, k in stale if f != newest]
+            warnings.warn(
+                f"{where}: {path!r} was incomplete after an export was interrupted; "
+                f"copied the new model from {newest!r}.", stacklevel=3,
+            )
+    elif not fs.exists(path):
         for kind in (_READY, _OLD):
             candidates = sorted((f for f, k in stale if k == kind), key=_mtime, reverse=True)
             candidates = [f for f in candidates if _is_saved_model(f)]
@@ -1353,10 +1377,14 @@ def _save(module, path, signatures, metadata):
 
     The SavedModel (and ``assets.extra/warpkeras_metadata.json``) is written to a staging
     folder beside `path`, created by TensorFlow's file system as Keras's `model.export`
-    creates its folder (so the modes follow the process umask alike). Once complete, it replaces `path` in one atomic exchange (Linux),
-    or else the old model is moved aside and the new one in; the old one is deleted last.
+    creates its folder (so the modes follow the process umask alike). Once complete, on a
+    local file system it is renamed "ready" and then replaces `path` in one atomic exchange
+    (Linux), or else the old model is moved aside and the new one in; the old one is
+    deleted last. On a URL (object stores rename file by file), see `_replace_url`.
     """
     fs = tf.io.gfile
+    if not _is_url(path) and os.path.islink(path.rstrip("/")):
+        path = os.path.realpath(path)  # replace the folder a link points to, not the link
     parent, _ = _split_path(path)
     fs.makedirs(parent)
     staging = _sibling(path, _STAGING)
@@ -1367,14 +1395,21 @@ def _save(module, path, signatures, metadata):
         fs.makedirs(extra)
         with fs.GFile(_join(extra, METADATA_FILE), "w") as f:
             f.write(json.dumps(metadata, indent=1, sort_keys=True) + "\n")
-        ready = _sibling(path, _READY)
-        fs.rename(staging, ready)
+        if _is_url(path):
+            with fs.GFile(_join(staging, _COMPLETE), "w") as f:
+                f.write("")
+        else:
+            ready = _sibling(path, _READY)
+            fs.rename(staging, ready)
     except BaseException:
         _rmtree(staging)
         raise
+    if _is_url(path):
+        _replace_url(staging, path)
+        return
     _export_step("ready")
     if fs.exists(path):
-        if not _is_url(path) and _exchange(ready, path):
+        if _exchange(ready, path):
             old = ready
             _export_step("swapped")
         else:
@@ -1388,6 +1423,35 @@ def _save(module, path, signatures, metadata):
     else:
         fs.rename(ready, path)
         _export_step("moved_in")
+
+
+# Written last into a complete staging folder on a URL.
+_COMPLETE = ".warpkeras-complete"
+
+
+def _replace_url(staging, path):
+    """Replaces the SavedModel at URL `path` by the complete one in `staging`: the old
+    ``saved_model.pb`` is deleted first and the new one copied last, so `path` is a
+    SavedModel only when complete, and `recover` copies `staging` again after a crash."""
+    fs = tf.io.gfile
+    if fs.exists(path):
+        if _is_saved_model(path):
+            fs.remove(_join(path, "saved_model.pb"))
+        _rmtree(path)
+    last = None
+    for folder, _, files in fs.walk(staging):
+        rel = folder[len(staging):].lstrip("/")
+        target = _join(path, rel) if rel else path
+        fs.makedirs(target)
+        for name in files:
+            if not fs.exists(_join(folder, name)):
+                continue  # a listing artefact of a flat object store
+            if rel == "" and name == "saved_model.pb":
+                last = (_join(folder, name), _join(target, name))
+            elif not (rel == "" and name == _COMPLETE):
+                fs.copy(_join(folder, name), _join(target, name), overwrite=True)
+    fs.copy(*last, overwrite=True)
+    _rmtree(staging)
 
 
 def load(path):
