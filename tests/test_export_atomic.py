@@ -253,3 +253,50 @@ def test_url_export_is_complete_or_recovered(monkeypatch):
         served = wexport.load(path)
     assert int(served.metadata()["default_steps"]) == 3
     assert fs.listdir("ram://atomic") == ["model"]
+
+
+# --- the examples' result files and plots are replaced whole too --------------------------
+def _examples_common():
+    import importlib
+    import pathlib
+    folder = str(pathlib.Path(__file__).resolve().parent.parent / "examples")
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    return importlib.import_module("_common")
+
+
+def test_results_and_plots_replace_files_whole(tmp_path):
+    common = _examples_common()
+    path = tmp_path / "out" / "results.json"
+    common.write_json(path, {"loss": 1.5})
+    old = os.umask(0o027)
+    try:
+        def dies(f):
+            f.write('{"loss": ')
+            raise KeyboardInterrupt  # killed part-way through writing
+        with pytest.raises(KeyboardInterrupt):
+            common.replace_file(path, dies)
+        assert json.loads(path.read_text()) == {"loss": 1.5}  # the earlier file, intact
+        assert os.listdir(path.parent) == ["results.json"]
+        common.write_json(path, {"loss": np.float32(0.5), "bad": float("nan")})
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o640  # 0o666 less the umask
+    finally:
+        os.umask(old)
+    assert json.loads(path.read_text()) == {"loss": 0.5, "bad": None}
+    plt = common.pyplot()
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    png = common.save_figure(fig, tmp_path / "out" / "plot.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(os.listdir(path.parent)) == ["plot.png", "results.json"]
+
+
+def test_a_linked_export_folder_is_replaced_where_it_points(tmp_path):
+    wexport.export_adaptive(_model(), str(tmp_path / "v1"), loss="mse", steps=1,
+                            dtype_tolerant=False)
+    (tmp_path / "current").symlink_to("v1")
+    wexport.export_adaptive(_model(), str(tmp_path / "current"), loss="mse", steps=2,
+                            overwrite=True, dtype_tolerant=False)
+    assert (tmp_path / "current").is_symlink()
+    assert _steps(tmp_path / "v1") == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["current", "v1"]
