@@ -300,3 +300,14 @@ def test_a_linked_export_folder_is_replaced_where_it_points(tmp_path):
     assert (tmp_path / "current").is_symlink()
     assert _steps(tmp_path / "v1") == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["current", "v1"]
+
+
+def test_a_half_replaced_folder_is_refused_with_the_reason(tmp_path):
+    """What the earlier remove-then-move re-export could leave: no saved_model.pb."""
+    path = tmp_path / "model"
+    (path / "variables").mkdir(parents=True)
+    (path / "fingerprint.pb").write_bytes(b"\0")
+    with pytest.raises(FileExistsError, match="except saved_model.pb") as info:
+        wexport.export_adaptive(_model(), str(path), loss="mse", overwrite=True)
+    assert "not a SavedModel" in str(info.value)
+    assert sorted(p.name for p in path.iterdir()) == ["fingerprint.pb", "variables"]

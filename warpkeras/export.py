@@ -1174,10 +1174,17 @@ def _check_path(path, overwrite, where):
                 "overwrite=True to replace it, or choose another folder."
             )
         if not _is_saved_model(path):
+            names = set(n.rstrip("/") for n in fs.listdir(path))
+            hint = ""
+            if names and names <= {"variables", "fingerprint.pb", "assets", "assets.extra"}:
+                hint = (" It holds what a SavedModel holds except saved_model.pb, as a "
+                        "replacement cut short by an earlier warpkeras version leaves it; "
+                        "that version's staging folder (.export-*) beside it may hold the "
+                        "complete new model.")
             raise FileExistsError(
                 f"{where}: {path!r} exists and is not a SavedModel; refusing to replace "
                 "it even with overwrite=True. Remove it yourself or choose another "
-                "folder."
+                "folder." + hint
             )
     if _is_url(path):
         return path
