@@ -65,6 +65,15 @@ their declared dtypes, or all inputs of one declared dtype in the same other dty
 other mixes before sending). In-process `adapt` and `adapt_task_values` cast and refuse
 the same way (refusals raise `TypeError`).
 
+**Files.** An export is written to a staging folder beside the path and replaces the
+path as a whole (an atomic exchange on Linux), so a reader, or TF Serving polling the
+folder, finds the old or the new model at every instant; a process killed part-way
+leaves a complete model, and the next export, `load` or `recover` finishes or undoes the
+interrupted one (see `recover`). Folders and files get the modes that Keras's
+`model.export` gives them under the process umask. Besides ``metadata()`` (tensors), the
+metadata is written as JSON with Python values to ``assets.extra/warpkeras_metadata.json``
+(`read_metadata`).
+
 **Batch-norm statistics.** Adaptation steps run the model in mode ``training`` (True:
 batch statistics of the support set, dropout on); predictions (``serving_default``,
 ``adapt_and_predict``) run in mode ``predict_training`` (default: the same as
@@ -1650,7 +1659,8 @@ def export_adaptive(
             integer ≥ 1, or `None` for no such limit).
         overwrite: replace an existing SavedModel at `path` (bool). Without it an existing,
             non-empty folder is refused; a folder that is not a SavedModel is never
-            replaced.
+            replaced. The new model replaces the old one as a whole, once complete (see
+            "Files" in the module docstring).
         dtype_tolerant: make the loaded object's functions ``predict``, ``adapt`` and
             ``adapt_and_predict`` (for Python clients) accept several dtypes (bool; this
             about doubles the export time, and with several inputs about triples it). With
