@@ -134,3 +134,28 @@ def test_lookup_model_serves_as_in_process(served, kind, how):
         np.testing.assert_allclose(got[f"{name}/adapt/{param}"], value, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(got[f"{name}/adapt_fn/{param}"], value, rtol=1e-5,
                                    atol=1e-6)
+
+
+def test_adapted_vocabulary_exports_and_adapts(tmp_path):
+    """A vocabulary learnt by ``TextVectorization.adapt`` (in no config) is served, and kept
+    by the adapted copy that `warpkeras.adapt` returns."""
+    keras.utils.set_random_seed(12)
+    text = L.TextVectorization(max_tokens=20, output_sequence_length=4)
+    text.adapt(["the cat sat", "a dog ran far away", "the dog", "a cat"])
+    inp = keras.Input((1,), dtype="string")
+    h = L.Flatten()(L.Embedding(20, 4)(text(inp)))
+    h = warpkeras.warp(L.Dense(4, activation="tanh"))(h)
+    model = keras.Model(inp, L.Dense(3)(h))
+    x = tf.constant([["the cat"], ["dog ran"], ["a dog"], ["far away cat"]])
+    y = tf.constant([0, 1, 2, 1], tf.int64)
+    path = str(tmp_path / "text")
+    wexport.export_adaptive(model, path, steps=STEPS, dtype_tolerant=False, **LOSS)
+    served = tf.saved_model.load(path)
+    np.testing.assert_allclose(served.signatures["serving_default"](x=x)["predictions"],
+                               model.predict(x, verbose=0), rtol=1e-5, atol=1e-6)
+    adapted = wexport.adapt(model, x, y, STEPS, **LOSS)
+    assert adapted.layers[1].get_vocabulary() == text.get_vocabulary()
+    got = served.signatures["adapt_and_predict"](x=x, y=y, steps=tf.constant(STEPS),
+                                                 queries=x)["predictions"].numpy()
+    np.testing.assert_allclose(got, adapted.predict(x, verbose=0), rtol=1e-5, atol=1e-6)
+    assert np.abs(got - model.predict(x, verbose=0)).max() > 1e-4

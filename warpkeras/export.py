@@ -98,6 +98,7 @@ import secrets
 import shutil
 import socket
 import sys
+import tempfile
 import warnings
 
 import keras
@@ -1797,6 +1798,28 @@ def adapt_task_values(model, x, y, steps, loss=None, learning_rate=0.01, momentu
     return dict(zip(program.names, theta))
 
 
+def _layers(model):
+    """Every layer of `model`, nested models' layers included, in order."""
+    out = []
+    for layer in model.layers:
+        out.append(layer)
+        if isinstance(layer, keras.Model):
+            out += _layers(layer)
+    return out
+
+
+def _copy_assets(source, target):
+    """Copies what layers keep outside variables and config (the vocabulary that
+    `TextVectorization`, `StringLookup` or `IntegerLookup` learnt by ``adapt``) from the
+    layers of `source` to those of its clone `target`, through Keras's saving hooks
+    ``save_assets`` / ``load_assets``."""
+    for a, b in zip(_layers(source), _layers(target)):
+        if hasattr(a, "save_assets") and hasattr(b, "load_assets"):
+            with tempfile.TemporaryDirectory() as folder:
+                a.save_assets(folder)
+                b.load_assets(folder)
+
+
 def _copy_roles(source, target):
     src = list(source._flatten_layers(include_self=True, recursive=True))
     dst = list(target._flatten_layers(include_self=True, recursive=True))
@@ -1863,6 +1886,7 @@ def adapt(model, x, y, steps, loss=None, learning_rate=0.01, momentum=None, from
             "with copy=False instead."
         )
     clone.set_weights(model.get_weights())
+    _copy_assets(model, clone)
     _copy_roles(model, clone)
     trainable = clone.trainable_variables
     for i, t in zip(program.partition.task_indices, theta):
