@@ -297,3 +297,23 @@ def test_element_budget_defaults_and_overrides(tmp_path):
         with pytest.raises((TypeError, ValueError)) as info:
             wexport.export_adaptive(model, str(tmp_path / "bad"), **bad, **KWARGS)
         assert all(w in str(info.value) for w in words), str(info.value)
+
+
+def test_image_of_any_size_is_bounded(tmp_path):
+    """A conv model over ``keras.Input((None, None, 1))`` exports (its output spec traced
+    with the unknown sizes), and one 4000 × 4000 image is refused by size."""
+    keras.utils.set_random_seed(6)
+    model = keras.Sequential([keras.Input((None, None, 1)),
+                              keras.layers.Conv2D(4, 3, activation="relu"),
+                              warpkeras.warp(keras.layers.Conv2D(4, 3)),
+                              keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(1)])
+    path = str(tmp_path / "conv")
+    wexport.export_adaptive(model, path, loss="mse", dtype_tolerant=False)
+    meta = wexport.read_metadata(path)
+    assert (meta["max_elements"], meta["max_element_steps"]) == (10_000, 10_000)
+    served = tf.saved_model.load(path)
+    text = _error(served.signatures["serving_default"], x=tf.zeros((1, 4000, 4000, 1)))
+    assert "max_elements=10000" in text and "[16000000]" in text, text
+    x = np.random.default_rng(0).normal(size=(2, 20, 30, 1)).astype("float32")
+    np.testing.assert_allclose(served.signatures["serving_default"](x=x)["predictions"],
+                               model.predict(x, verbose=0), rtol=1e-5, atol=1e-6)
