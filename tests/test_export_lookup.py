@@ -7,7 +7,6 @@ the SavedModels written by `trainer.export` and `export_adaptive` and runs
 the answers equal Keras's `model.predict` and warpkeras's in-process `adapt`.
 """
 
-import json
 import os
 import subprocess
 import sys
