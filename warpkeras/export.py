@@ -1176,7 +1176,7 @@ def _check_path(path, overwrite, where):
         raise FileExistsError(
             f"{where}: path {path!r} is a file; choose a folder for the SavedModel."
         )
-    recover(path, where=where)
+    recover(path, where=where, _stacklevel=4)  # the warning points at the caller
     if fs.exists(path) and fs.listdir(path):
         if not overwrite:
             raise FileExistsError(
@@ -1299,7 +1299,7 @@ def _mtime(path):
         return 0
 
 
-def recover(path, where="recover"):
+def recover(path, where="recover", *, _stacklevel=2):
     """Completes or undoes an export to `path` that was killed part-way.
 
     An export writes the new SavedModel into a staging folder beside `path` and then
@@ -1321,6 +1321,7 @@ def recover(path, where="recover"):
     Returns:
         The path (a str).
     """
+    stacklevel = _stacklevel
     path = os.fspath(path)
     if not _is_url(path) and os.path.islink(path.rstrip("/")):
         path = os.path.realpath(path)
@@ -1336,7 +1337,7 @@ def recover(path, where="recover"):
             stale = [(f, k) for f, k in stale if f != newest]
             warnings.warn(
                 f"{where}: {path!r} was incomplete after an export was interrupted; "
-                f"copied the new model from {newest!r}.", stacklevel=3,
+                f"copied the new model from {newest!r}.", stacklevel=stacklevel,
             )
     elif not fs.exists(path):
         for kind in (_READY, _OLD):
@@ -1348,7 +1349,8 @@ def recover(path, where="recover"):
                 what = "new" if kind == _READY else "previous"
                 warnings.warn(
                     f"{where}: {path!r} was missing after an export was interrupted; "
-                    f"restored the {what} model from {candidates[0]!r}.", stacklevel=3,
+                    f"restored the {what} model from {candidates[0]!r}.",
+                    stacklevel=stacklevel,
                 )
                 break
     if not stale:
@@ -1357,7 +1359,8 @@ def recover(path, where="recover"):
         _rmtree(f)
     warnings.warn(
         f"{where}: removed what an interrupted export to {path!r} left behind: "
-        + ", ".join(repr(os.path.basename(f)) for f, _ in stale) + ".", stacklevel=3,
+        + ", ".join(repr(os.path.basename(f)) for f, _ in stale) + ".",
+        stacklevel=stacklevel,
     )
     return path
 
@@ -1486,7 +1489,7 @@ def load(path):
     Raises:
         FileNotFoundError: there is no SavedModel at `path`.
     """
-    path = recover(path, where="load")
+    path = recover(path, where="load", _stacklevel=3)
     if not _is_saved_model(path):
         raise FileNotFoundError(f"load: no SavedModel at {path!r} (no saved_model.pb).")
     return tf.saved_model.load(path)
