@@ -158,3 +158,19 @@ def test_adapted_vocabulary_exports_and_adapts(tmp_path):
                                                  queries=x)["predictions"].numpy()
     np.testing.assert_allclose(got, adapted.predict(x, verbose=0), rtol=1e-5, atol=1e-6)
     assert np.abs(got - model.predict(x, verbose=0)).max() > 1e-4
+
+
+def test_tracking_the_tables_saves_no_optimizer_slots(tmp_path):
+    """Only the model's variables and tables are saved: a compiled model's optimiser
+    slots stay out of the SavedModel."""
+    model = _model("string")
+    model.compile(keras.optimizers.Adam(), keras.losses.SparseCategoricalCrossentropy(
+        from_logits=True))
+    x, y = _data("string", 12, 0)
+    model.fit(tf.constant(x), y, verbose=0)
+    path = str(tmp_path / "compiled")
+    wexport.export_adaptive(model, path, dtype_tolerant=False, **LOSS)
+    saved = tf.train.list_variables(path + "/variables/variables")
+    numbers = sum(int(np.prod(shape)) for name, shape in saved
+                  if name.endswith("VARIABLE_VALUE") and "table" not in name.lower())
+    assert numbers == sum(int(np.prod(v.shape)) for v in model.variables), saved

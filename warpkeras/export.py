@@ -1694,10 +1694,11 @@ def export_adaptive(
     # Track the model's variables (the underlying tf.Variables) so the saved graphs can
     # capture them: θ0, φ, frozen variables and the non-trainable state.
     module.model_variables = [v.value for v in model.variables]
-    # The model itself, as Keras's `model.export` tracks it: the resources of its layers
-    # that are not variables (the tables of StringLookup, IntegerLookup, Hashing, ...)
-    # are saved with it.
-    module.keras_model = model
+    # And the resources of its layers that are not variables (the lookup tables of
+    # StringLookup, IntegerLookup, TextVectorization, ...), which Keras's `model.export`
+    # saves by tracking the whole model; tracking only these keeps the optimiser's slots
+    # of a compiled model out of the SavedModel.
+    module.model_resources = _resources(model)
     module.serve = program.signature_function("predict")
     module.signature_adapt = program.signature_function("adapt")
     module.signature_adapt_and_predict = program.signature_function("adapt_and_predict")
@@ -1719,6 +1720,15 @@ def export_adaptive(
     }
     _save(module, path, signatures, _json_metadata(meta))
     return path
+
+
+def _resources(model):
+    """The `tf.saved_model.experimental.TrackableResource` objects (lookup tables, ...)
+    reachable from `model`, in TensorFlow's tracking order."""
+    return [
+        r for r in tf.train.TrackableView(model).descendants()
+        if isinstance(r, tf.saved_model.experimental.TrackableResource)
+    ]
 
 
 def _json_metadata(meta):
