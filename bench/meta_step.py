@@ -211,7 +211,7 @@ def python_profile(trainer, source, step, top=25):
     prof.disable()
     stats = pstats.Stats(prof)
     rows, raw = [], {}
-    for (filename, line, func), (cc, nc, tt, ct, _) in stats.stats.items():
+    for (filename, line, func), (_, nc, tt, ct, _) in stats.stats.items():
         name = f"{os.path.basename(filename)}:{line}:{func}"
         raw[name] = (nc, tt, ct)
         rows.append({"function": name, "calls": nc, "tottime_s": round(tt, 3),

@@ -82,7 +82,8 @@ def section(name, d):
         out.append("")
         out.append("ratios: " + ", ".join(f"{k} {fmt(v)}" for k, v in d["ratios"].items()))
     elif name.startswith("meta_step"):
-        out += ["| config | meta-batch | parallel | meta step (s) | in unit steps | unit (ms) | warp updates |",
+        out += ["| config | meta-batch | parallel | meta step (s) | in unit steps | unit (ms) "
+                "| warp updates |",
                 "|---|---|---|---|---|---|---|"]
         for r in d["runs"]:
             out.append(f"| {r['config']} | {r['meta_batch']} | {r['parallel']} | {r['meta_step_s']} | "

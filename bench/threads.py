@@ -291,16 +291,16 @@ def summarise_pertask(results):
         rows = {}
         for r in out["runs"]:
             rows.setdefault(f"mb{r['meta_batch']}", {})[r["parallel"]] = r
-        for mb, modes in rows.items():
+        for modes in rows.values():
             seq = modes.get("sequential", {}).get("per_task_step_ms")
-            for mode, r in modes.items():
+            for r in modes.values():
                 if seq and "per_task_step_ms" in r:
                     r["over_sequential_same_child"] = C.ratio(r["per_task_step_ms"], seq)
         table[name] = {"rows": rows, "pools": out["pools"],
                        "loadavg_1m_at_start": out["loadavg_1m_at_start"]}
     # every (setting, mode) against sequential under TensorFlow's default threads
     base = table.get("default", {}).get("rows", {})
-    for name, t in table.items():
+    for t in table.values():
         for mb, modes in t.get("rows", {}).items():
             seq = base.get(mb, {}).get("sequential", {}).get("per_task_step_ms")
             for r in modes.values():

@@ -134,12 +134,25 @@ def finish_demo(example, args, result, start):
     return result
 
 
+def fit_epochs(meta_steps, lines=50):
+    """Keras-style ``fit`` arguments for exactly `meta_steps` meta steps in at most about
+    `lines` epochs (one progress bar each): ``{"epochs": E, "steps_per_epoch": S}`` with
+    E * S == `meta_steps`, S the smallest divisor of `meta_steps` that is at least
+    ``meta_steps / lines`` (``{"epochs": 0}`` for no meta step)."""
+    if meta_steps <= 0:
+        return {"epochs": 0}
+    for size in range(max(1, math.ceil(meta_steps / lines)), meta_steps + 1):
+        if meta_steps % size == 0:
+            return {"epochs": meta_steps // size, "steps_per_epoch": size}
+
+
 def int_list(text):
     """Parses ``"0,1,2"`` into ``[0, 1, 2]`` (an argparse ``type``)."""
     try:
         values = [int(v) for v in str(text).split(",") if v.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}") from None
     if not values:
         raise argparse.ArgumentTypeError("expected at least one integer")
     return values

@@ -11,9 +11,10 @@ The task learner is a feed-forward net with 3 hidden layers of 200 ReLU units an
 output (4 layers); every non-linearity is followed by a residual warp block, a two-layer
 tanh network with 100 hidden units (`warpkeras.layers.ResidualWarpDense`). The warp blocks
 start random (below); with --warp-init identity they start as the identity, and the
-untrained model is then the plain network with plain SGD updates. They are meta-learned with the continual-learning objective of
-Eq. 18 (`warpkeras.objectives.continual_objective`): after every inner step on sub-task t,
-the weighted validation loss of sub-tasks 1..t, weights 1 / (n (T - i + 1)). The meta batch
+untrained model is then the plain network with plain SGD updates. They are meta-learned
+with the continual-learning objective of Eq. 18 (`warpkeras.objectives.continual_objective`):
+after every inner step on sub-task t, the weighted validation loss of sub-tasks 1..t, weights
+1 / (n (T - i + 1)). The meta batch
 of every step carries the validation sets of all sub-tasks (stacked, [T, points, 1]) and t
 as an integer tensor, so one compiled step serves the whole sequence. The warp meta-gradient
 (exact, Eq. 3) is accumulated online over the task sequences of a meta-batch (Algorithm 1,
@@ -52,10 +53,10 @@ sequences unstable). --preset paper restores α = 0.001, Adam 0.001 and 20 000 m
 Warp initialisation (--warp-init): App. K does not say how the warp blocks start. By default
 every dense map of a block is drawn like PyTorch's nn.Linear default, U(±1/sqrt(fan_in)), as
 in the authors' released WarpGrad code, whose Omniglot warp layers keep PyTorch's default
-initialisation (measured over 5 seeds: WarpGrad's loss on the earlier sub-tasks after the whole sequence is
-0.62 of SGD's against 0.69 from the identity); --warp-init identity starts them at the
-identity, so that the untrained model is the plain network. The SGD baseline is always the
-plain network (identity warps). --meta-lr-schedule cosine decays Adam's rate to 0 over
+initialisation (measured over 5 seeds: WarpGrad's loss on the earlier sub-tasks after the
+whole sequence is 0.62 of SGD's against 0.69 from the identity); --warp-init identity starts
+them at the identity, so that the untrained model is the plain network. The SGD baseline is
+always the plain network (identity warps). --meta-lr-schedule cosine decays Adam's rate to 0 over
 meta-training (App. K: constant); --meta-clipnorm clips each meta-gradient to a global L2
 norm before Adam's update (App. K: no clipping).
 

@@ -239,7 +239,7 @@ def load_data(args):
     try:
         return load_omniglot(source=args.source, data_dir=data_dir)
     except OmniglotNotFoundError as err:
-        raise SystemExit(f"few_shot.py: {err}")
+        raise SystemExit(f"few_shot.py: {err}") from err
 
 
 def split_alphabets(data, cfg, seed):
@@ -276,7 +276,7 @@ def samplers(data, cfg, seed, shots):
         train = EpisodeSampler(x_tr, y_tr, seed=seed, **kwargs)
         test = EpisodeSampler(x_te, y_te, seed=seed + 100003, **kwargs)
     except ValueError as err:
-        raise SystemExit(f"few_shot.py: {err}")
+        raise SystemExit(f"few_shot.py: {err}") from err
     return train, test, train_alphabets, test_alphabets
 
 
@@ -307,14 +307,14 @@ def run_setting(cfg, data, seed, shots, export_dir):
             print(f"\n[{label}] seed {seed}: meta-training ({cfg['meta_steps']} meta steps)",
                   flush=True)
         with _common.Stopwatch() as fit_time:
-            history = trainer.fit(sample_train_task, meta_steps=cfg["meta_steps"],
+            history = trainer.fit(sample_train_task, **_common.fit_epochs(cfg["meta_steps"]),
                                   verbose=cfg["verbose"])
         if cfg["verbose"]:
             print(f"[{label}] seed {seed}: {len(test_tasks)} test episodes", flush=True)
         with _common.Stopwatch() as eval_time:
             report = trainer.evaluate(test_tasks, steps=cfg["eval_steps"], seed=seed,
                                       verbose=1 if cfg["verbose"] else 0)
-        hist = {k: [float(v) for v in vals] for k, vals in history.history.items()}
+        hist = {k: [float(v) for v in vals] for k, vals in history.step_history.items()}
         step_seconds = hist.get("seconds", [])
         accuracies = report["final_test_accuracy"]["values"]
         records[method] = {
@@ -466,7 +466,7 @@ def main(argv=None):
           f"{cfg['test_episodes']} test episodes, {cfg['eval_steps']} adaptation steps:")
     rows = []
     for setting, per_method in results.items():
-        for method, r in per_method.items():
+        for r in per_method.values():
             ci = f"± {r['ci95'] * 100:.1f}" if r["ci95"] is not None else ""
             rows.append([setting, r["label"], f"{r['accuracy']['mean'] * 100:.1f} {ci}",
                          f"{r['seconds_per_meta_step']:.3f}" if r["seconds_per_meta_step"]

@@ -8,7 +8,7 @@ returns to it as often as it can. Learning where the goal is happens inside an e
 the RNN's hidden state; learning *how* to do that happens across episodes, in the weights.
 
 The learner is advantage actor-critic (A2C) with a basic RNN (100 tanh units) whose hidden
-state feeds a policy head (logits of a `tfp.distributions.Categorical` over the 4 moves) and
+state feeds a policy head (logits of a categorical distribution over the 4 moves) and
 a value head. The loss of a batch of 30 episodes is
 
     L = -mean(log π(a_t | h_t) · sg[A_t]) + c_v · mean(A_t²) - c_e · mean(H[π(· | h_t)]),
@@ -153,12 +153,9 @@ import warpkeras  # noqa: E402  (before TensorFlow: it chooses TensorFlow's CPU 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
-import tensorflow_probability as tfp  # noqa: E402
 
 from warpkeras.envs import NUM_ACTIONS, MazeVectorEnv  # noqa: E402
 from warpkeras.layers import LinearWarpRNNCell, TaskRNNCell, WarpRNNCell  # noqa: E402
-
-tfd = tfp.distributions
 
 
 # -- the agent ---------------------------------------------------------------------------------
@@ -250,7 +247,7 @@ class A2C:
             observations = observations.write(t, obs)
             h, states = self.cell(obs, states)
             seed = tf.stack([tf.constant(self.seed, tf.int32), base + t])
-            action = tf.cast(tfd.Categorical(logits=self.policy(h)).sample(seed=seed),
+            action = tf.cast(tf.random.stateless_categorical(self.policy(h), 1, seed)[:, 0],
                              tf.int32)
             obs, reward = tf.numpy_function(self._env_step, [action],
                                             [tf.float32, tf.float32], stateful=True)
@@ -284,17 +281,24 @@ class A2C:
             values = values[..., 0]
             returns = discounted_returns(rewards, tf.stop_gradient(values), gamma, n)
             advantages = returns - values
-            dist = tfd.Categorical(logits=logits)
-            policy_loss = -tf.reduce_mean(dist.log_prob(actions)
-                                          * tf.stop_gradient(advantages))
+            log_prob = -tf.nn.sparse_softmax_cross_entropy_with_logits(labels=actions,
+                                                                        logits=logits)
+            policy_loss = -tf.reduce_mean(log_prob * tf.stop_gradient(advantages))
             value_loss = tf.reduce_mean(tf.square(advantages))
-            entropy = tf.reduce_mean(dist.entropy())
+            entropy = tf.reduce_mean(categorical_entropy(logits))
             loss = policy_loss + cfg["value_coef"] * value_loss - cfg["entropy_coef"] * entropy
         variables = self.model.trainable_variables
         grads = tape.gradient(loss, variables)
         self.optimizer.apply(grads, variables)
         return {"loss": loss, "policy_loss": policy_loss, "value_loss": value_loss,
                 "entropy": entropy}
+
+
+def categorical_entropy(logits):
+    """Entropy of the categorical distributions with these `logits` (last axis: classes),
+    ``-sum(p log p)``, computed as in TensorFlow Probability's ``Categorical.entropy``."""
+    log_p = tf.nn.log_softmax(logits)
+    return -tf.reduce_sum(tf.math.multiply_no_nan(log_p, tf.math.exp(log_p)), axis=-1)
 
 
 def discounted_returns(rewards, values, gamma, n):
@@ -438,7 +442,7 @@ def export_agent(model, export_dir):
     ref_logits, ref_values = model(probe)
     diff = float(max(np.max(np.abs(logits - ref_logits)), np.max(np.abs(values - ref_values))))
     return {"path": str(export_dir), "format": "keras_export", "signatures": ["serve"],
-            "inputs": "observations [batch, time, %d] float32" % model.input_shape[-1],
+            "inputs": f"observations [batch, time, {model.input_shape[-1]}] float32",
             "outputs": ["policy logits [batch, time, 4]", "values [batch, time, 1]"],
             "check": {"max_abs_difference_vs_keras": diff}}
 

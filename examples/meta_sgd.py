@@ -10,6 +10,11 @@ steps, min_{θ0, α} E_τ [L_query(θ_K(θ0, α))], differentiating through the 
 order). In WarpGrad's terms (Flennerhag et al., Eq. 1) it is MAML with a diagonal
 preconditioner P = diag(α).
 
+This file writes the rule as an objective's `inner_update` hook, against the public
+`warpkeras.meta` interface only. The same rule ships as a value,
+``MetaTrainer(..., objectives=[MAML()], inner_rule=warpkeras.rules.MetaSGD())``, which
+`trainer.export` also serves (a hook reads the trainer, so `export` refuses it by name).
+
 The demo meta-trains a small MLP on sine waves (Finn et al., 2017: amplitude in [0.1, 5],
 phase in [0, π], x in [−5, 5]; K-shot support and query sets) and prints one JSON line
 with the held-out query loss after adapting from the initial θ0, α (`before`) and from
@@ -130,8 +135,8 @@ def main(argv=None):
             inner_steps=args.inner_steps, meta_batch_size=args.meta_batch_size,
             inner_learning_rate=args.inner_lr, seed=args.seed)
         before = trainer.evaluate(held_out, verbose=0)["final_test_loss"]["mean"]
-        trainer.fit(lambda rng: sine_task(rng, args.shots), epochs=args.meta_steps,
-                    verbose=args.verbose)
+        trainer.fit(lambda rng: sine_task(rng, args.shots),
+                    **_common.fit_epochs(args.meta_steps), verbose=args.verbose)
         return before, trainer.evaluate(held_out, verbose=0)["final_test_loss"]["mean"]
 
     meta_sgd = MetaSGD(optimizer=keras.optimizers.Adam(args.meta_lr))

@@ -638,7 +638,7 @@ def load_data(args, cfg):
         return load_omniglot(source=args.source, data_dir=data_dir,
                              image_size=cfg["image_size"])
     except OmniglotNotFoundError as err:
-        raise SystemExit(f"omniglot.py: {err}")
+        raise SystemExit(f"omniglot.py: {err}") from err
 
 
 def split_tasks(data, cfg, seed):
@@ -655,7 +655,7 @@ def split_tasks(data, cfg, seed):
             augmentation=None if any_augment else False,
         )
     except ValueError as err:
-        raise SystemExit(f"omniglot.py: {err} (usable alphabets: {len(usable)})")
+        raise SystemExit(f"omniglot.py: {err} (usable alphabets: {len(usable)})") from err
     if not tasks.meta_train or not tasks.meta_test:
         raise SystemExit(
             f"omniglot.py: need at least one meta-training and one held-out alphabet; "
@@ -911,7 +911,7 @@ def plot_curves(results, path, title):
     plt = _common.pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.3))
     window = 1
-    for name, res in results.items():
+    for res in results.values():
         curves = res.get("curves")
         if not curves:
             continue
@@ -921,10 +921,11 @@ def plot_curves(results, path, title):
                           smooth(curves["train_error_std"]), label=res["label"],
                           color=line.get_color())
         losses = [r["history"].get("loss") for r in res["per_seed"]]
-        losses = [l for l in losses if l]
+        losses = [seed_losses for seed_losses in losses if seed_losses]
         if losses:
-            n = min(len(l) for l in losses)
-            mean = np.nanmean([np.asarray(l[:n], dtype=float) for l in losses], axis=0)
+            n = min(len(seed_losses) for seed_losses in losses)
+            mean = np.nanmean([np.asarray(seed_losses[:n], dtype=float) for seed_losses in losses],
+                              axis=0)
             window = _common.plot_smoothed(axes[2], np.arange(1, n + 1), mean,
                                            label=res["label"], color=line.get_color())
     axes[0].set(xlabel="adaptation step", ylabel="test accuracy",

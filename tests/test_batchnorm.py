@@ -121,7 +121,7 @@ def test_served_prediction_equals_evaluate(trained, tmp_path, eval_training_mode
 
 def test_adapted_copy_uses_the_support_statistics(trained):
     model, task = trained["model"], trained["test"][1]
-    (x, y), (xq, _) = task.train, task.test_data()
+    (x, y), _ = task.train, task.test_data()
     kwargs = dict(loss=LOSS, learning_rate=0.1, training=True)
     adapted = warpkeras.adapt(model, x, y, K, **kwargs)
     # The adapted copy's statistics are the support set's at the adapted parameters.

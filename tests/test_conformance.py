@@ -304,8 +304,8 @@ def test_fit(kind, learner, eager):
             assert not changed, f"{learner} changed the {key} variables"
 
 
-COMPILED_FIT = [(k, l) for k in MULTI_INPUT + ("batchnorm", "dropout")
-                for l in ("warp_maml", "maml", "warp_offline_exact")]
+COMPILED_FIT = [(k, trainer) for k in MULTI_INPUT + ("batchnorm", "dropout")
+                for trainer in ("warp_maml", "maml", "warp_offline_exact")]
 
 
 @pytest.mark.parametrize("kind,learner", COMPILED_FIT)
@@ -410,10 +410,10 @@ def test_stock_batch_statistics_are_exact_to_second_order(float64):
         model = keras.Sequential([keras.Input((3,)), layer])
         p = warpkeras.partition(model)
 
-        def by_layer(x):
+        def by_layer(x, p=p):
             return p.call(p.initial_task_values(), [], x, training=True)[0]
 
-        def by_hand(x):
+        def by_hand(x, axes=axes):
             mean = tf.reduce_mean(x, axes, keepdims=True)
             var = tf.reduce_mean(tf.square(x - mean), axes, keepdims=True)
             return (x - mean) / tf.sqrt(var + 1e-3)

@@ -48,7 +48,7 @@ def test_episodes_deterministic_and_dataset_matches_sample():
     assert a.sample(2).support_x.tolist() == b.sample(2).support_x.tolist()
     assert a.sample(2).support_x.tolist() != a.sample(3).support_x.tolist()
     assert a.sample(2).support_x.tolist() != c.sample(2).support_x.tolist()
-    for j, ((sx, sy), (qx, qy)) in enumerate(a.dataset(num_episodes=3, start=5)):
+    for j, ((sx, _), (_, qy)) in enumerate(a.dataset(num_episodes=3, start=5)):
         ep = a.sample(5 + j)
         np.testing.assert_array_equal(sx.numpy(), ep.support_x)
         np.testing.assert_array_equal(qy.numpy(), ep.query_y)

@@ -52,17 +52,21 @@ def _env(**extra):
 
 # Runs blocks in order, each in a fresh namespace (its own globals: every name it uses must
 # be defined in it), and reports per block whether it raised and what it printed. One
-# interpreter serves the blocks of a document so that TensorFlow is imported once.
+# interpreter serves the blocks of a document so that TensorFlow is imported once. Each
+# block's source is registered with `linecache`, as a script's would be on disk, so that
+# AutoGraph can read the functions it defines.
 _RUNNER = """
-import contextlib, io, json, sys, traceback
+import contextlib, io, json, linecache, sys, traceback
 blocks = json.load(open(sys.argv[1]))
 results = []
 for line, code in blocks:
     out = io.StringIO()
     error = None
+    name = f"<block at line {line}>"
+    linecache.cache[name] = (len(code), None, code.splitlines(True), name)
     try:
         with contextlib.redirect_stdout(out):
-            exec(compile(code, f"<block at line {line}>", "exec"), {"__name__": "__main__"})
+            exec(compile(code, name, "exec"), {"__name__": "__main__"})
     except BaseException:
         error = traceback.format_exc()
     results.append({"line": line, "stdout": out.getvalue(), "error": error})
@@ -80,7 +84,15 @@ def _run_blocks(blocks, folder):
     results = {r["line"]: r for r in json.loads(report.read_text())}
     spec.unlink()
     report.unlink()
+    results["stderr"] = results.get("stderr", "") + proc.stderr
     return results
+
+
+def _merge(into, results):
+    """Adds `results` of `_run_blocks` to `into`, concatenating their ``"stderr"``."""
+    stderr = into.get("stderr", "") + results.pop("stderr", "")
+    into.update(results)
+    into["stderr"] = stderr
 
 
 @pytest.fixture(scope="module")
@@ -101,13 +113,13 @@ def doc_results(tmp_path_factory):
             for line, code in python_blocks(doc):
                 if "MultiWorkerMirroredStrategy()" in code:
                     if shared:
-                        cache[doc].update(_run_blocks(shared, folder))
+                        _merge(cache[doc], _run_blocks(shared, folder))
                         shared = []
-                    cache[doc].update(_run_blocks([(line, code)], folder))
+                    _merge(cache[doc], _run_blocks([(line, code)], folder))
                 else:
                     shared.append((line, code))
             if shared:
-                cache[doc].update(_run_blocks(shared, folder))
+                _merge(cache[doc], _run_blocks(shared, folder))
         return cache[doc]
 
     return results
@@ -126,15 +138,45 @@ def test_python_block_runs_verbatim(doc, line, doc_results):
         f"{doc}, block at line {line} printed NaN:\n{result['stdout'][-3000:]}"
 
 
+# What TensorFlow itself may print while README blocks run, explained in README.md
+# ("Messages from TensorFlow"): its CPU-feature notice at the first op, and the absl banner.
+_TENSORFLOW_OWN = re.compile(r"cpu_feature_guard|^To enable the following instructions|"
+                             r"^WARNING: All log messages before absl::InitializeLog")
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_blocks_print_no_warnings(doc, doc_results):
+    """No warning the library could avoid: Python warnings, TensorFlow's and Keras's
+    ``WARNING`` log lines and errors; only TensorFlow's own notices remain."""
+    stderr = doc_results(doc).get("stderr", "")
+    lines = [row for row in stderr.splitlines()
+             if row.strip() and not _TENSORFLOW_OWN.search(row)]
+    warned = [row for row in lines if re.search(r"warn|error", row, re.I)]
+    assert not warned, "\n".join(lines[-60:])
+
+
 def test_meta_training_block_learns(doc_results):
     """The README's meta-training block leaves a finite, small loss in its CSV log."""
     results = doc_results("README.md")
-    line = next(l for l, c in python_blocks("README.md") if "CSVLogger" in c)
+    line = next(n for n, code in python_blocks("README.md") if "CSVLogger" in code)
     assert results[line]["error"] is None, results[line]["error"]
     with (results["folder"] / "log.csv").open() as f:
         losses = [float(r["loss"]) for r in csv.DictReader(f)]
-    assert len(losses) == 20
-    assert all(l == l and l < 1.0 for l in losses), losses  # no NaN, no divergence
+    assert len(losses) == 2  # epochs=2 of steps_per_epoch=10 meta steps
+    assert all(v == v and v < 1.0 for v in losses), losses  # no NaN, no divergence
+
+
+def test_meta_training_block_run_again_resumes(doc_results, tmp_path):
+    """Run a second time (with its progress output on), the block resumes from the
+    checkpoint the first run wrote."""
+    import shutil
+
+    results = doc_results("README.md")
+    line, code = next((n, c) for n, c in python_blocks("README.md") if "CSVLogger" in c)
+    shutil.copytree(results["folder"] / "runs", tmp_path / "runs")
+    again = _run_blocks([(line, code)], tmp_path)[line]
+    assert again["error"] is None, again["error"]
+    assert "Resumed from runs/demo/ckpt/ckpt-20 at meta step 20." in again["stdout"]
 
 
 @pytest.mark.parametrize("script", EXAMPLES)

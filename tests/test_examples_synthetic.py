@@ -172,7 +172,7 @@ def test_continual_randomise_warps():
     assert np.max(np.abs(model(x).numpy() - before)) > 1e-3  # no longer the identity
     first = [np.asarray(v) for w in warps for v in w.trainable_variables]
     module.randomise_warps(model, seed=3)
-    for a, w in zip(first, [v for w in warps for v in w.trainable_variables]):
+    for a, w in zip(first, [v for warp in warps for v in warp.trainable_variables]):
         np.testing.assert_array_equal(a, np.asarray(w))
 
 
@@ -317,7 +317,7 @@ def test_maze_navigation_smoke(tmp_path):
     module, _, data, out, export = run_smoke("maze_navigation", tmp_path)
     cfg = data["config"]
     assert set(data["results"]) == set(cfg["methods"]) == {"warp_rnn", "rnn", "tnets"}
-    for method, res in data["results"].items():
+    for res in data["results"].values():
         assert_stat(res["final_return"])
         assert_stat(res["mean_return"])
         assert len(res["mean_curve"]) == cfg["updates"]

@@ -706,7 +706,7 @@ def test_warp_rnn_second_order_through_while_loop_in_tf_function():
         theta = p.initial_task_values()
         x_task, x_meta = _sequences("float64", seed=1), _sequences("float64", seed=2)
 
-        def meta_gradient(phi):
+        def meta_gradient(phi, p=p, theta=theta, x_task=x_task, x_meta=x_meta):
             with tf.GradientTape() as outer:
                 outer.watch(phi)
                 with tf.GradientTape() as inner:

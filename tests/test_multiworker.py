@@ -156,7 +156,7 @@ def test_two_workers_match_each_other_and_one_device(tmp_path):
                                        err_msg=f"{name}: worker 0 vs worker 1, {key}")
         # the meta-updates did move θ0 (and φ, with a warp mode): the check is not vacuous
         fresh = _configs()[name](None)
-        moved = lambda prefix, variables: [  # noqa: E731
+        moved = lambda prefix, variables, ref=ref: [  # noqa: E731
             not np.allclose(ref[f"{prefix}_{i}"], v.numpy(), rtol=0, atol=1e-6)
             for i, v in enumerate(variables)]
         assert any(moved("theta0", fresh.partition.task_variables)), name

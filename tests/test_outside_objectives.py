@@ -130,9 +130,9 @@ def test_meta_sgd_gradients_match_finite_differences(float64, parallel):
         return loss_and_grads(unroll(th, al, task.train), *task.meta)[0]
 
     fd_theta = [np.mean(g, 0) for g in zip(*[central_differences(
-        lambda th: query_loss(t, th, alpha), theta0) for t in tasks])]
+        lambda th, t=t: query_loss(t, th, alpha), theta0) for t in tasks])]
     fd_alpha = [np.mean(g, 0) for g in zip(*[central_differences(
-        lambda al: query_loss(t, theta0, al), alpha) for t in tasks])]
+        lambda al, t=t: query_loss(t, theta0, al), alpha) for t in tasks])]
 
     meta_step(trainer, tasks)
     d_theta = [b - a for a, b in zip(theta0, values(theta_vars))]
@@ -226,7 +226,7 @@ def test_anil_meta_step_moves_body_and_head_by_the_query_gradient(float64, paral
                               *task.meta)[0]
 
     fd = [np.mean(g, 0) for g in zip(*[central_differences(
-        lambda p: query_loss(t, p), params) for t in tasks])]
+        lambda p, t=t: query_loss(t, p), params) for t in tasks])]
     meta_step(trainer, tasks)
     new = values(body.weights) + values(head.weights)
     assert_close([(a - b) / META_LR for a, b in zip(params, new)], fd)

@@ -79,7 +79,8 @@ MIRRORED = textwrap.dedent(
     from test_parallel import _model, _task
     out = {{}}
     for name in ("single", "mirrored", "model_in_scope"):
-        strategy = None if name == "single" else tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+        strategy = (None if name == "single"
+                    else tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]))
         if name == "model_in_scope":  # the README's pattern: mirrored model, trainer outside
             with strategy.scope():
                 model = _model()
@@ -105,7 +106,7 @@ def test_mirrored_strategy_on_two_logical_cpus_equals_one_device():
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT")][-1]
+    line = [row for row in proc.stdout.splitlines() if row.startswith("RESULT")][-1]
     out = json.loads(line[len("RESULT"):])
     assert out["replicas"] == 2
     # the all-reduce sums in another order: 1e-5 relative in float32

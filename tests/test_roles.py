@@ -107,7 +107,7 @@ def test_error_unbuilt_model():
 
 
 def _roles(model):
-    return {l.name: warpkeras.role_of(l) for l in model.layers}
+    return {layer.name: warpkeras.role_of(layer) for layer in model.layers}
 
 
 def test_tags_survive_save_and_load(tmp_path):

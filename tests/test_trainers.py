@@ -180,7 +180,7 @@ def test_online_meta_step_equals_algorithm_1_by_hand():
     # Algorithm 1 by hand, with explicit tapes
     theta, g_phi, leap = theta0, [tf.zeros_like(f) for f in phi0], [tf.zeros_like(t) for t in theta0]
     path = []
-    for k in range(K):
+    for _ in range(K):
         with tf.GradientTape() as outer:
             outer.watch(phi0)
             with tf.GradientTape() as inner:

@@ -119,11 +119,10 @@ if _keras.backend.backend() != "tensorflow":
 
 from warpkeras.roles import RoleError, role_of, tag, task, untag, warp  # noqa: E402
 from warpkeras.partition import Partition, partition  # noqa: E402
-from warpkeras import objectives  # noqa: E402
+from warpkeras import objectives, rules  # noqa: E402
 from warpkeras import layers  # noqa: E402
 from warpkeras.tasks import Task, TaskSampler, as_task  # noqa: E402
 from warpkeras import data  # noqa: E402
-from warpkeras import envs  # noqa: E402
 from warpkeras.buffer import ReplayBuffer  # noqa: E402
 from warpkeras import meta  # noqa: E402
 from warpkeras.meta import MetaObjective  # noqa: E402
@@ -142,3 +141,50 @@ from warpkeras.callbacks import LeapCallback  # noqa: E402
 from warpkeras.export import adapt, export_adaptive, task_parameter_names  # noqa: E402
 from warpkeras.optimizers import WarpGrad  # noqa: E402
 from warpkeras.kfac import KFAC  # noqa: E402
+
+__all__ = [
+    "FineTuneTrainer",
+    "KFAC",
+    "LeapCallback",
+    "LeapTrainer",
+    "MAMLTrainer",
+    "MetaObjective",
+    "MetaTrainer",
+    "MetaTrainingError",
+    "NoMetaTrainer",
+    "Partition",
+    "ReplayBuffer",
+    "ReptileTrainer",
+    "RoleError",
+    "Task",
+    "TaskSampler",
+    "WarpGrad",
+    "WarpTrainer",
+    "adapt",
+    "as_task",
+    "callbacks",
+    "data",
+    "export",
+    "export_adaptive",
+    "layers",
+    "meta",
+    "objectives",
+    "optimizers",
+    "partition",
+    "role_of",
+    "tag",
+    "task",
+    "task_parameter_names",
+    "untag",
+    "warp",
+]
+
+
+def __getattr__(name):
+    """Loads `warpkeras.envs` on first use, so that ``import warpkeras`` does not import
+    gymnasium (``pip install "warpkeras[rl]"``)."""
+    if name == "envs":
+        import importlib
+
+        return importlib.import_module("warpkeras.envs")
+    raise AttributeError(f"module 'warpkeras' has no attribute {name!r}")

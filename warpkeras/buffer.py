@@ -1,10 +1,13 @@
 """Replay buffer of task parameterisations for offline WarpGrad (Algorithm 2)."""
 
+from __future__ import annotations
+
 import os
 import re
 import shutil
 import socket
 import tempfile
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
@@ -17,12 +20,12 @@ def _spill_prefix():
     return f"warpkeras-buffer-{host}-{os.getpid()}-"
 
 
-def remove_stale_spill_dirs(root):
+def remove_stale_spill_dirs(root: str | os.PathLike) -> list[str]:
     """Removes ``warpkeras-buffer-<host>-<pid>-*`` spill folders in `root` whose process, on
     this host, has ended (a run killed before it could clean up). Folders of running
     processes, of other hosts, or not named this way are left alone. Returns the removed
     paths."""
-    removed = []
+    removed: list[str] = []
     if not os.path.isdir(root):
         return removed
     host = _spill_prefix().split("-")[2]
@@ -77,7 +80,13 @@ class ReplayBuffer:
         seed: seed of the reservoir's generator.
     """
 
-    def __init__(self, capacity=None, overflow="reservoir", spill_dir=None, seed=0):
+    def __init__(
+        self,
+        capacity: int | None = None,
+        overflow: str = "reservoir",
+        spill_dir: str | os.PathLike | None = None,
+        seed: int = 0,
+    ) -> None:
         if overflow not in ("reservoir", "spill"):
             raise ValueError(f"overflow={overflow!r}: expected 'reservoir' or 'spill'.")
         if capacity is not None and capacity < 1:
@@ -89,27 +98,33 @@ class ReplayBuffer:
         self._rng = np.random.default_rng(seed)
         self.clear()
 
-    def clear(self):
+    def clear(self) -> None:
         """Empties the buffer (and removes spilled files)."""
-        self._memory = []
-        self._spilled = []
+        self._memory: list[dict] = []
+        self._spilled: list[dict] = []
         self.seen = 0
         if self._spill_dir is not None and os.path.isdir(self._spill_dir):
             shutil.rmtree(self._spill_dir, ignore_errors=True)
         self._spill_dir = None
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self._memory) + len(self._spilled)
 
     @property
-    def nbytes(self):
+    def nbytes(self) -> int:
         """Bytes of parameter data held in memory."""
         return sum(
             sum(a.nbytes for a in e["theta"]) + sum(a.nbytes for a in e["velocity"] or [])
             for e in self._memory
         )
 
-    def add(self, task_id, step, theta, velocity=None):
+    def add(
+        self,
+        task_id: int,
+        step: int,
+        theta: Sequence[np.ndarray],
+        velocity: Sequence[np.ndarray] | None = None,
+    ) -> None:
         """Appends θ_k (and its momentum buffer) of task `task_id` at step `step`."""
         entry = {
             "task_id": int(task_id),
@@ -127,7 +142,7 @@ class ReplayBuffer:
         else:
             self._spilled.append(self._spill(entry))
 
-    def remove_stale_spills(self):
+    def remove_stale_spills(self) -> None:
         """Removes the spill folders that killed runs left in this buffer's spill root
         (see `remove_stale_spill_dirs`); only with ``overflow="spill"``."""
         if self.overflow == "spill":
@@ -155,7 +170,7 @@ class ReplayBuffer:
         return {"task_id": ref["task_id"], "step": ref["step"], "theta": theta,
                 "velocity": velocity}
 
-    def drain(self, rng):
+    def drain(self, rng: np.random.Generator) -> Iterator[dict]:
         """Yields every stored point once, in random order (sampling without replacement,
         Algorithm 2 line 14)."""
         n_mem = len(self._memory)

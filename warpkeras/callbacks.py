@@ -8,6 +8,8 @@ callback observes them around each training batch of ``fit`` and, between tasks,
 with a meta-optimiser and restarts the task variables from it.
 """
 
+from __future__ import annotations
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -22,6 +24,26 @@ __all__ = ["LeapCallback"]
 
 def _numpy(x):
     return np.asarray(keras.ops.convert_to_numpy(x))
+
+
+def _loss_mean(model):
+    """The model's running mean of the training loss (the `keras.metrics.Mean` named
+    ``"loss"`` among ``model.metrics``, with its ``total`` and ``count``), or None."""
+    for metric in getattr(model, "metrics", None) or []:
+        if metric.name == "loss" and hasattr(metric, "total") and hasattr(metric, "count"):
+            return metric
+    return None
+
+
+def _momentum_of(rule, variable):
+    """The momentum slot of `variable` in the built SGD optimizer `rule` (Keras names it
+    ``<variable path with / as _>_momentum``)."""
+    name = variable.path.replace("/", "_") + "_momentum"
+    found = [m for m in rule.momentums if m.path.split("/")[-1] == name]
+    if len(found) != 1:
+        raise ValueError(f"LeapCallback: cannot find the momentum of '{variable.path}' in "
+                         f"optimizer '{rule.name}' ({len(found)} slots named '{name}').")
+    return found[0]
 
 
 class LeapCallback(keras.callbacks.Callback):
@@ -114,15 +136,15 @@ class LeapCallback(keras.callbacks.Callback):
 
     def __init__(
         self,
-        meta_optimizer=None,
-        norm="energy",
-        sign_correction=True,
-        loss_in_path=True,
-        tasks_per_update=1,
-        update_on_train_end=True,
-        reset_inner_state=True,
-        untagged=None,
-    ):
+        meta_optimizer: keras.optimizers.Optimizer | str | None = None,
+        norm: str = "energy",
+        sign_correction: bool = True,
+        loss_in_path: bool = True,
+        tasks_per_update: int = 1,
+        update_on_train_end: bool = True,
+        reset_inner_state: bool = True,
+        untagged: str | None = None,
+    ) -> None:
         super().__init__()
         where = "LeapCallback"
         norm = _v.check_choice(norm, "norm", ("energy", "length"), where=where)
@@ -154,7 +176,7 @@ class LeapCallback(keras.callbacks.Callback):
         # The summed meta-gradient of the last finished task (numpy arrays).
         self.last_task_gradient = None
         # Per finished task: the path's energy (norm="energy") or length ("length").
-        self.path_lengths = []
+        self.path_lengths: list[float] = []
         # Number of finished tasks.
         self.num_tasks = 0
 
@@ -231,7 +253,7 @@ class LeapCallback(keras.callbacks.Callback):
                 )
         self._task_variables = variables
         self._rule = rule
-        if getattr(model, "_loss_tracker", None) is None:
+        if _loss_mean(model) is None:
             raise ValueError(
                 "LeapCallback reads each batch's loss from the model's loss tracker, which "
                 f"model '{model.name}' does not have (compile it with a loss)."
@@ -262,12 +284,12 @@ class LeapCallback(keras.callbacks.Callback):
         if not rule.built:
             return [tf.zeros(v.shape, v.dtype) for v in self._task_variables]
         return [
-            tf.convert_to_tensor(rule.momentums[rule._get_variable_index(v)].value)
+            tf.convert_to_tensor(_momentum_of(rule, v).value)
             for v in self._task_variables
         ]
 
     def _loss_totals(self):
-        tracker = self.model._loss_tracker
+        tracker = _loss_mean(self.model)
         return float(_numpy(tracker.total)), float(_numpy(tracker.count))
 
     def on_train_batch_begin(self, batch, logs=None):
@@ -335,7 +357,7 @@ class LeapCallback(keras.callbacks.Callback):
             self.next_task()
 
     # -- between tasks ----------------------------------------------------------------------
-    def next_task(self):
+    def next_task(self) -> None:
         """Closes the current task: folds its meta-gradient into the meta-batch, updates θ0
         after every ``tasks_per_update`` tasks, and resets the task variables to θ0.
 
@@ -361,11 +383,11 @@ class LeapCallback(keras.callbacks.Callback):
             v.assign(t.value)
         if self.reset_inner_state and self._rule.momentum != 0 and self._rule.built:
             for v in self._task_variables:
-                m = self._rule.momentums[self._rule._get_variable_index(v)]
+                m = _momentum_of(self._rule, v)
                 m.assign(tf.zeros(m.shape, m.dtype))
         self._zero_accumulators()
 
-    def initial_values(self):
+    def initial_values(self) -> list[np.ndarray]:
         """θ0 as a list of numpy arrays (in task-variable order)."""
         if self.theta0 is None:
             raise ValueError("LeapCallback has not seen any training yet.")

@@ -104,7 +104,7 @@ import warnings
 import keras
 import tensorflow as tf
 
-from warpkeras import _validation, objectives, roles
+from warpkeras import _validation, objectives, roles, rules
 from warpkeras.partition import UNTAGGED_POLICIES
 from warpkeras.partition import partition as _partition
 
@@ -594,7 +594,8 @@ def batch_statistics(partition, theta, phi, x, state):
 
     Args:
         partition: a `warpkeras.Partition`.
-        theta, phi: task and warp values (lists of tensors).
+        theta: task values (list of tensors).
+        phi: warp values (list of tensors).
         x: a batch of inputs (any structure the model takes).
         state: the model's non-trainable values (list of tensors).
 
@@ -609,13 +610,32 @@ def batch_statistics(partition, theta, phi, x, state):
     ]
 
 
+def _served_rule(rule, learning_rate, momentum, where):
+    """The inner rule the program traces: `rule`, or SGD with α and μ (plain SGD for
+    μ None or 0); a rule that cannot be served is refused by name."""
+    if rule is None:
+        use_momentum = momentum is not None and momentum > 0
+        return rules.SGD(learning_rate, momentum if use_momentum else None)
+    rule = rules.get(rule, where=f"{where}: rule")
+    if not rule.exportable:
+        raise ValueError(
+            f"{where}: the inner rule {rule!r} cannot be traced into a SavedModel "
+            "(exportable = False; an objective's inner_update hook reads the trainer): "
+            "write it as a warpkeras.rules.InnerRule (e.g. warpkeras.rules.MetaSGD for "
+            "per-parameter learning rates) and give it to the trainer as inner_rule=.")
+    if not getattr(rule, "built", False):
+        raise ValueError(f"{where}: the inner rule {rule!r} is not built: give it to a "
+                         "trainer (inner_rule=...) or call rule.build(partition, loss).")
+    return rule
+
+
 class _Program:
     """The pure adaptation/prediction maths for one model, with input validation."""
 
     def __init__(self, model, loss, from_logits, learning_rate, momentum, training,
                  input_spec, label_spec, untagged, max_steps, predict_training=None,
                  max_rows=None, max_row_steps=None, max_elements=None,
-                 max_element_steps=None, where="export_adaptive"):
+                 max_element_steps=None, where="export_adaptive", rule=None):
         v = _validation
         if not isinstance(model, keras.Model):
             raise TypeError(
@@ -655,6 +675,7 @@ class _Program:
         self.loss_fn, self.sparse, self.loss_name = _resolve_loss(loss, from_logits, model)
         self.learning_rate = lr
         self.momentum = momentum
+        self.rule = _served_rule(rule, lr, momentum, where)
         self.training = training
         self.predict_training = training if predict_training is None else predict_training
         self.max_steps = max_steps
@@ -824,26 +845,24 @@ class _Program:
         return y
 
     def _loop(self, x, y, steps):
-        """K warped SGD steps from θ0 on (x, y), inside a tf.while_loop."""
+        """K full-batch steps of the inner rule from θ0 on (x, y), inside a tf.while_loop:
+        each `warpkeras.objectives.task_step` (the rule's update, then the task
+        variables' constraints), the rule's state from ``rule.init(θ0)``."""
         phi = self._phi()
         theta0 = self._theta0()
         state0 = self._state()
-        use_momentum = self.momentum is not None and self.momentum > 0
-        velocity0 = [tf.zeros_like(t) for t in theta0] if use_momentum else []
+        rule = self.rule
+        velocity0 = rule.init(theta0)
 
         def body(i, theta, velocity, state):
-            _, grads, new_state = objectives.task_gradient(
-                self.partition, self.loss_fn, theta, phi, (x, y), state=state,
-                training=self.training,
-            )
-            theta, new_velocity = objectives.sgd_update(
-                theta, grads, self.learning_rate,
-                momentum=self.momentum if use_momentum else None,
-                velocity=velocity if use_momentum else None,
-            )
+            step = objectives.task_step(
+                self.partition, self.loss_fn, theta, phi, (x, y), None, velocity=velocity,
+                state=state, training=self.training, rule=rule)
             if self.training:
-                state = [tf.cast(s, s0.dtype) for s, s0 in zip(new_state, state)]
-            return i + 1, theta, (new_velocity if use_momentum else velocity), state
+                state = [tf.cast(s, s0.dtype) for s, s0 in zip(step.state, state)]
+            new_velocity = tf.nest.map_structure(
+                lambda v, v0: tf.cast(v, v0.dtype), step.velocity, velocity)
+            return i + 1, step.theta, new_velocity, state
 
         _, theta, _, state = tf.while_loop(
             lambda i, *_: i < steps,
@@ -961,6 +980,7 @@ class _Program:
             "loss": self.loss_name,
             "learning_rate": self.learning_rate,
             "momentum": 0.0 if self.momentum is None else self.momentum,
+            "inner_rule": json.dumps(self.rule.get_config()),
             "training": self.training,
             "predict_training": self.predict_training,
             "max_steps": self.max_steps,
@@ -1096,7 +1116,7 @@ def _tolerant(program, fn, typed, tolerant=True):
                     out = program.out_spec.shape.as_list()[1:]
                     return {"predictions": tf.zeros([0] + out, program.out_spec.dtype)}
         cast = []
-        for (name, dtype, role), value in zip(args, values):
+        for (_, dtype, role), value in zip(args, values):
             if value.dtype != dtype:
                 if role == "steps":  # saturate, so the range checks still see the excess
                     value = tf.clip_by_value(value, -_INT32_MAX - 1, _INT32_MAX)
@@ -1115,7 +1135,7 @@ def _tolerant(program, fn, typed, tolerant=True):
             combos = [c + [d] for c in combos for d in accepted[i]]
         combos = [x + c + (x if fn == "adapt_and_predict" else [])
                   for x in x_combos for c in combos]
-        for i, (name, dtype, role) in enumerate(args):
+        for i, (_, dtype, role) in enumerate(args):
             for got in _refused(dtype, role):
                 combo = [d for _, d, _ in args]
                 combo[i] = got
@@ -1533,6 +1553,7 @@ def export_adaptive(
     max_row_steps=None,
     overwrite=False,
     dtype_tolerant=True,
+    rule=None,
 ):
     """Exports a meta-learned model as a SavedModel that adapts itself to new tasks.
 
@@ -1543,7 +1564,8 @@ def export_adaptive(
     * ``serving_default``: input ``x``; output ``predictions`` at (θ0, φ).
     * ``adapt``: inputs ``x``, ``y`` (the support set) and ``steps`` (int32 scalar); runs
       ``steps`` full-batch inner steps θ ← θ − α ∇L(θ; φ) (heavy-ball with `momentum`,
-      the rule of `warpkeras.objectives.task_step`) in a ``tf.while_loop`` from θ0;
+      or the steps of `rule`; each `warpkeras.objectives.task_step`, constraints of the
+      task variables applied after every step) in a ``tf.while_loop`` from θ0;
       outputs one tensor per task variable, named by `task_parameter_names`, and with
       ``training=True`` also the adapted moving statistics (one tensor per floating
       state variable, e.g. ``model_bn_moving_mean``; listed in the metadata's
@@ -1670,6 +1692,12 @@ def export_adaptive(
             about doubles the export time, and with several inputs about triples it). With
             False they take the signatures' dtypes only (with several inputs, still in the
             model's input structure); the signatures are the same either way.
+        rule: the inner rule the adaptation steps with, a built `warpkeras.rules.InnerRule`
+            (e.g. ``trainer.inner_rule``: `warpkeras.rules.MetaSGD` with its learned α, or
+            `warpkeras.KFAC`), traced into the SavedModel with its variables; then
+            `learning_rate` and `momentum` are not used. `None` (default): SGD with
+            `learning_rate` and `momentum`. The metadata's ``inner_rule`` holds the
+            rule's configuration (JSON).
 
     Returns:
         The path written (a str).
@@ -1689,11 +1717,13 @@ def export_adaptive(
     program = _Program(model, loss, from_logits, learning_rate, momentum, training,
                        input_spec, label_spec, untagged, max_steps, predict_training,
                        max_rows, max_row_steps, max_elements, max_element_steps,
-                       where=where)
+                       where=where, rule=rule)
     module = tf.Module(name="warpkeras_adaptive")
     # Track the model's variables (the underlying tf.Variables) so the saved graphs can
     # capture them: θ0, φ, frozen variables and the non-trainable state.
     module.model_variables = [v.value for v in model.variables]
+    # and the inner rule's (Meta-SGD's α), which the adaptation loop reads
+    module.rule_variables = [getattr(v, "value", v) for v in program.rule.variables]
     # And the resources of its layers that are not variables (the lookup tables of
     # StringLookup, IntegerLookup, TextVectorization, ...), which Keras's `model.export`
     # saves by tracking the whole model; tracking only these keeps the optimiser's slots
@@ -1743,13 +1773,13 @@ def _json_metadata(meta):
 
 # --- in-process adaptation ------------------------------------------------------------------
 def _run_adapt(model, x, y, steps, loss, learning_rate, momentum, from_logits, training,
-               untagged, input_spec, label_spec, where):
+               untagged, input_spec, label_spec, where, rule=None):
     steps = _validation.check_int(steps, "steps", minimum=0, maximum=_INT32_MAX,
                                   where=where, example=5)
     program = _Program(model, loss, from_logits, learning_rate, momentum, training,
                        input_spec, label_spec, untagged, max_steps=steps,
                        max_elements=_ELEMENTS_MAX, max_element_steps=_ELEMENTS_MAX,
-                       where=where)
+                       where=where, rule=rule)
     fn = _adapt_function(program)
     inputs = program.inputs
     xs = [_typed_input(v, name, s.dtype, where, role="x")
@@ -1782,7 +1812,7 @@ def _typed_input(value, name, dtype, where, role=None):
 
 def adapt_task_values(model, x, y, steps, loss=None, learning_rate=0.01, momentum=None,
                       from_logits=None, training=False, untagged="task", input_spec=None,
-                      label_spec=None):
+                      label_spec=None, rule=None):
     """Adapted task parameters after `steps` warped SGD steps on (x, y), by name.
 
     The same computation as the ``adapt`` signature of `export_adaptive` (same names, same
@@ -1796,10 +1826,19 @@ def adapt_task_values(model, x, y, steps, loss=None, learning_rate=0.01, momentu
     ```
 
     Args:
-        model, loss, learning_rate, momentum, from_logits, training, untagged, input_spec,
-            label_spec: as in `export_adaptive`.
-        x, y: the support set (arrays or tensors; `x` in the model's input structure: an
+        model: as in `export_adaptive`.
+        loss: as in `export_adaptive`.
+        learning_rate: as in `export_adaptive`.
+        momentum: as in `export_adaptive`.
+        from_logits: as in `export_adaptive`.
+        training: as in `export_adaptive`.
+        untagged: as in `export_adaptive`.
+        input_spec: as in `export_adaptive`.
+        label_spec: as in `export_adaptive`.
+        rule: as in `export_adaptive`.
+        x: the support inputs (an array or tensor in the model's input structure: an
             array, or a list / tuple / dict of arrays for a model with several inputs).
+        y: the support labels (an array or tensor).
         steps: the number of inner steps.
 
     Returns:
@@ -1807,7 +1846,7 @@ def adapt_task_values(model, x, y, steps, loss=None, learning_rate=0.01, momentu
     """
     program, theta, _ = _run_adapt(model, x, y, steps, loss, learning_rate, momentum,
                                    from_logits, training, untagged, input_spec, label_spec,
-                                   "adapt_task_values")
+                                   "adapt_task_values", rule=rule)
     return dict(zip(program.names, theta))
 
 
@@ -1845,7 +1884,8 @@ def _copy_roles(source, target):
 
 
 def adapt(model, x, y, steps, loss=None, learning_rate=0.01, momentum=None, from_logits=None,
-          training=False, untagged="task", copy=True, input_spec=None, label_spec=None):
+          training=False, untagged="task", copy=True, input_spec=None, label_spec=None,
+          rule=None):
     """Adapts a meta-learned model to one task: `steps` warped SGD steps on (x, y) from θ0.
 
     Returns an adapted copy (default) or adapts `model` in place. The result is an ordinary
@@ -1863,11 +1903,19 @@ def adapt(model, x, y, steps, loss=None, learning_rate=0.01, momentum=None, from
 
     Args:
         model: a built meta-learned `keras.Model`.
-        x, y: the support set (`x` in the model's input structure: an array, or a list /
+        x: the support inputs, in the model's input structure (an array, or a list /
             tuple / dict of arrays for a model with several inputs).
+        y: the support labels.
         steps: the number of full-batch inner steps.
-        loss, learning_rate, momentum, from_logits, training, untagged, input_spec,
-            label_spec: as in `export_adaptive`.
+        loss: as in `export_adaptive`.
+        learning_rate: as in `export_adaptive`.
+        momentum: as in `export_adaptive`.
+        from_logits: as in `export_adaptive`.
+        training: as in `export_adaptive`.
+        untagged: as in `export_adaptive`.
+        input_spec: as in `export_adaptive`.
+        label_spec: as in `export_adaptive`.
+        rule: as in `export_adaptive`.
         copy: return a clone (made with `keras.models.clone_model`, tags copied) and leave
             `model` unchanged; with ``copy=False`` the task variables of `model` itself are
             assigned the adapted values. With ``training=True`` the adapted model also gets
@@ -1880,7 +1928,7 @@ def adapt(model, x, y, steps, loss=None, learning_rate=0.01, momentum=None, from
     copy = _validation.check_bool(copy, "copy", where="adapt")
     program, theta, state = _run_adapt(model, x, y, steps, loss, learning_rate, momentum,
                                        from_logits, training, untagged, input_spec,
-                                       label_spec, "adapt")
+                                       label_spec, "adapt", rule=rule)
     if not copy:
         program.partition.assign_task(theta)
         if program.training:

@@ -99,6 +99,7 @@ import tensorflow as tf
 from warpkeras._losses import loss_settings
 from warpkeras import _validation as _v
 from warpkeras import objectives as obj
+from warpkeras.rules import InnerRule
 
 __all__ = ["KFAC", "KFACPlan", "KFACStep", "FISHER_TYPES"]
 
@@ -111,7 +112,7 @@ FISHER_TYPES = ("sampled", "exact", "empirical")
 class _Likelihood:
     """The predictive distribution p(y | f) whose negative log-likelihood is the loss."""
 
-    kind = None
+    kind: str | None = None
 
     def __init__(self, from_logits=False):
         self.from_logits = from_logits
@@ -329,11 +330,19 @@ class KFACStep(NamedTuple):
     """The model's predictions on the step's batch (at θ_k)."""
 
 
-class KFAC:
+class KFAC(InnerRule):
     """K-FAC (Martens & Grosse 2015; KFC for convolutions, Grosse & Martens 2016) as an
     inner-loop optimiser for `MetaTrainer.adapt` / `MetaTrainer.evaluate`.
 
-    A configuration: `bind` ties it to a model partition and loss and returns a `KFACPlan`
+    An inner update rule (`warpkeras.rules.InnerRule`): the trainer's rule
+    (``MetaTrainer(inner_rule=KFAC(...))``: meta-training with the first-order objectives,
+    `adapt`, `evaluate` and the exported SavedModel) or the rule of one evaluation
+    (``trainer.evaluate(tasks, inner_optimizer=KFAC(...))``). Its state is the optimiser's:
+    the running Kronecker factors, their damped inverses, the step count and the seed of the
+    sampled targets. The step is not differentiated (``differentiable = False``): the exact
+    WarpGrad objective and second-order MAML refuse it.
+
+    `bind` ties the configuration to a model partition and loss and returns a `KFACPlan`
     whose pure, traceable ``init`` / ``step`` functions do the work. See the module
     docstring for the approximation, the damping and what happens to layers it cannot
     factor.
@@ -372,6 +381,8 @@ class KFAC:
         TypeError / ValueError: an argument of the wrong type or out of range (the message
             names it).
     """
+
+    differentiable = False
 
     def __init__(self, learning_rate=0.1, damping=1e-3, decay=0.95, inverse_every=1,
                  fisher="sampled", norm_constraint=None, factored_damping=True, seed=0):
@@ -414,51 +425,39 @@ class KFAC:
         """
         return KFACPlan(self, partition, loss)
 
-    # -- the trainer hook ------------------------------------------------------------------
-    def adaptation_step(self, trainer, theta, seed=0):
-        """The compiled step and initial carry that `MetaTrainer.adapt` runs with
-        ``inner_optimizer=`` this optimiser.
+    # -- the inner rule (warpkeras.rules.InnerRule) ------------------------------------------
+    def build(self, partition, loss=None):
+        """Binds the rule to `partition` and `loss` (a `KFACPlan`, kept as ``plan``)."""
+        self.plan = self.bind(partition, loss)
+        self.built = True
 
-        Args:
-            trainer: a `warpkeras.MetaTrainer`.
-            theta: θ0 packed as the trainer packs it.
-            seed: the adaptation's seed (mixed with this optimiser's `seed`).
+    def _bound(self):
+        plan = getattr(self, "plan", None)
+        if plan is None:
+            raise ValueError("KFAC: the rule is not built: give it to a trainer "
+                             "(inner_rule=... or inner_optimizer=...) or call "
+                             "rule.build(partition, loss) first.")
+        return plan
 
-        Returns:
-            ``(step_fn, carry)``: ``step_fn(theta, carry, state, x, y) -> (theta, carry,
-            state, loss, metric, squared step length, finite)``, the signature of the
-            trainer's own SGD step, with the optimiser's state as the carry.
-        """
-        # One compiled step per trainer and configuration (the hyper-parameters are
-        # constants of the traced step, so changing one compiles a new step).
-        cache = trainer.__dict__.setdefault("_inner_optimizer_steps", {})
-        key = tuple(sorted(self.get_config().items()))
-        entry = cache.get(key)
-        if entry is None:
-            entry = self._compile(trainer)
-            cache[key] = entry
-        plan, step_fn = entry
-        opt_state = plan.init(trainer._theta_packer.unpack(theta), seed=seed)
-        return step_fn, opt_state
+    def init(self, theta=None, seed=0):
+        """The state before the first step (`KFACPlan.init`): zero factors, identity
+        inverses, step 0 and the seed ``[self.seed, seed]`` of the sampled targets."""
+        return self._bound().init(theta, seed=seed)
 
-    def _compile(self, trainer):
-        from warpkeras.meta.base import all_finite as _all_finite
+    def value_and_grad(self, loss_fn, theta, state, batch):
+        """The loss, gradients and this batch's Kronecker factors (`KFACPlan.observe`),
+        the factors handed to `update` as ``extra``."""
+        plan = self._bound()
+        loss, grads, aux, a, g = plan.observe(loss_fn, theta, batch, plan.step_seed(state))
+        return loss, grads, aux, (a, g)
 
-        plan = self.bind(trainer.partition, trainer.loss)
-        tp, sp = trainer._theta_packer, trainer._state_packer
-
-        def step_fn(theta, opt_state, state, x, y):
-            step = plan.step(tp.unpack(theta), trainer._phi(), (x, y), opt_state,
-                             sp.unpack(state), training=True)
-            new_theta = tp.pack(step.theta)
-            sq = tf.add_n([tf.reduce_sum(tf.square(a - b)) for a, b in zip(new_theta, theta)])
-            finite = tf.logical_and(tf.math.is_finite(step.loss),
-                                    _all_finite(list(step.gradients) + list(new_theta)))
-            return (new_theta, step.opt_state, sp.pack(step.state), step.loss,
-                    trainer._metric(y, step.outputs), sq, finite)
-
-        return plan, tf.function(step_fn, jit_compile=trainer.jit_compile,
-                                 reduce_retracing=True)
+    def update(self, grads, state, theta, extra=None):
+        """θ_{k+1} = θ_k − α ν F̂^{-1} g with the factors of ``extra`` averaged into the
+        state (`KFACPlan.update`)."""
+        if extra is None:
+            raise ValueError("KFAC.update needs the batch's factors: step it with "
+                             "warpkeras.rules.inner_step (which observes the forward pass).")
+        return self._bound().update(list(theta), grads, extra[0], extra[1], state)
 
 
 class KFACPlan:
@@ -586,17 +585,38 @@ class KFACPlan:
             ``(loss, gradients, new_state, outputs, A, G)``: A and G lists with one
             ``[dim_a, dim_a]`` / ``[dim_g, dim_g]`` matrix per block, in θ's dtype.
         """
+        def loss_fn(values, step_batch):
+            loss, new_state, outputs = obj.task_loss(
+                self.partition, self.loss, values, phi, step_batch, state, training,
+                return_outputs=True)
+            return loss, (new_state, outputs)
+
+        loss, grads, (new_state, outputs), a_list, g_list = self.observe(
+            loss_fn, theta, batch, seed)
+        return loss, grads, new_state, outputs, a_list, g_list
+
+    def observe(self, loss_fn, theta, batch, seed=(0, 0)):
+        """The loss, gradients and this batch's factors of ``loss_fn(theta, batch)``.
+
+        Args:
+            loss_fn: ``loss_fn(theta, batch) -> (loss, aux)`` with ``aux[1]`` the model's
+                predictions on ``batch`` (the form `warpkeras.rules.inner_step` passes).
+            theta: task values (list of tensors).
+            batch: ``(x, y)``.
+            seed: int [2] seed of the sampled targets.
+
+        Returns:
+            ``(loss, gradients, aux, A, G)``.
+        """
         theta = [tf.convert_to_tensor(t) for t in theta]
         with tf.GradientTape(persistent=True) as tape:
             tape.watch(theta)
             with _capture(self.blocks) as records:
-                loss, new_state, outputs = obj.task_loss(
-                    self.partition, self.loss, theta, phi, batch, state, training,
-                    return_outputs=True)
-            terms = self._fisher_terms(batch[1], outputs, seed)
+                loss, aux = loss_fn(theta, batch)
+            terms = self._fisher_terms(batch[1], aux[1], seed)
         grads = tape.gradient(loss, theta, unconnected_gradients=tf.UnconnectedGradients.ZERO)
         dt = self.dtype
-        a_list, g_list = [], []
+        a_list = []
         zs, shapes = [], []
         for b in self.blocks:
             calls = records[id(b.layer)]
@@ -626,7 +646,7 @@ class KFACPlan:
                 locations = tf.cast(tf.shape(g)[1], dt)
                 g_acc[i] = g_acc[i] + _outer(g) / (n * locations)
         del tape
-        return loss, grads, new_state, outputs, a_list, g_acc
+        return loss, grads, aux, a_list, g_acc
 
     # -- inverses and preconditioning --------------------------------------------------------
     def damped_inverses(self, a, g):
@@ -688,6 +708,11 @@ class KFACPlan:
         out[b.bias_index] = tf.reshape(bias, [b.d_out])
 
     # -- the step ----------------------------------------------------------------------------
+    def step_seed(self, opt_state):
+        """The int [2] seed of the sampled targets at the state's step."""
+        return tf.stack([opt_state["seed"][0] * 1000003 + opt_state["seed"][1],
+                         opt_state["step"]])
+
     def step(self, theta, phi, batch, opt_state, state=None, training=True):
         """One K-FAC step θ_{k+1} = θ_k − α ν F̂^{-1} ∇L(θ_k) on `batch`.
 
@@ -705,12 +730,21 @@ class KFACPlan:
         Returns:
             A `KFACStep`.
         """
-        cfg = self.config
         theta = [tf.convert_to_tensor(t) for t in theta]
-        k = opt_state["step"]
-        seed = tf.stack([opt_state["seed"][0] * 1000003 + opt_state["seed"][1], k])
         loss, grads, new_state, outputs, a_batch, g_batch = self.factors(
-            theta, phi, batch, state, training, seed)
+            theta, phi, batch, state, training, self.step_seed(opt_state))
+        new_theta, new_opt = self.update(theta, grads, a_batch, g_batch, opt_state)
+        return KFACStep(new_theta, new_opt, loss, grads, new_state, outputs)
+
+    def update(self, theta, grads, a_batch, g_batch, opt_state):
+        """The step from the gradients and this batch's factors (`factors` / `observe`):
+        running averages, damped inverses, preconditioning, the norm constraint.
+
+        Returns:
+            ``(theta_next, opt_state_next)``.
+        """
+        cfg = self.config
+        k = opt_state["step"]
         dt = self.dtype
         kf = tf.cast(k + 1, dt)
         eps = tf.minimum(1.0 - 1.0 / kf, tf.constant(cfg.decay, dt))
@@ -743,4 +777,4 @@ class KFACPlan:
             nu = tf.constant(1.0, dt)
         new_theta = [t - tf.cast(lr * nu, t.dtype) * tf.cast(u, t.dtype)
                      for t, u in zip(theta, updates)]
-        return KFACStep(new_theta, new_opt, loss, grads, new_state, outputs)
+        return new_theta, new_opt

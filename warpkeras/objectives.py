@@ -8,7 +8,7 @@ reads or writes a Keras variable, so they compose freely inside `tf.function` an
 | function                    | paper                                   |
 |-----------------------------|-----------------------------------------|
 | `task_loss`                 | L_task(θ; φ) on one batch               |
-| `task_step`                 | WarpGrad Alg. 1 line 8 (+ momentum, App. G) |
+| `task_step`                 | WarpGrad Alg. 1 line 8 (+ momentum, App. G; any `warpkeras.rules` rule) |
 | `warp_objective`            | WarpGrad Eq. 3 (exact or approximate)   |
 | `warp_meta_gradient`        | ∇φ of Eq. 3                             |
 | `leap_meta_gradient`        | Leap Eq. 8 / WarpGrad Eq. 12            |
@@ -25,6 +25,8 @@ from typing import NamedTuple
 
 import numpy as np
 import tensorflow as tf
+
+from warpkeras import rules
 
 __all__ = [
     "StepResult",
@@ -112,7 +114,7 @@ def task_loss(partition, loss_fn, theta, phi, batch, state=None, training=True,
     dtype = dtype if dtype in (tf.float32, tf.float64) else tf.float32
     loss = _scalar(loss_fn(*_loss_inputs(loss_fn, y, y_pred, dtype)))
     if losses:
-        loss = loss + tf.add_n([tf.cast(l, loss.dtype) for l in losses])
+        loss = loss + tf.add_n([tf.cast(term, loss.dtype) for term in losses])
     if return_outputs:
         return loss, new_state, y_pred
     return loss, new_state
@@ -144,8 +146,9 @@ class StepResult(NamedTuple):
 
     theta: list
     """θ_{k+1}."""
-    velocity: list
-    """Momentum buffer after the step (`None` without momentum)."""
+    velocity: object
+    """The inner rule's state after the step: the momentum buffer of heavy-ball SGD
+    (`None` for plain SGD given by α alone), or a `warpkeras.rules.InnerRule`'s state."""
     loss: tf.Tensor
     """L_task(θ_k; φ) on the step's batch (before the step)."""
     gradients: list
@@ -157,7 +160,8 @@ class StepResult(NamedTuple):
 
 
 def sgd_update(theta, grads, learning_rate, momentum=None, velocity=None):
-    """θ − α v with v = μ v + g (heavy-ball momentum; plain SGD when `momentum` is None).
+    """θ − α v with v = μ v + g (heavy-ball momentum; plain SGD when `momentum` is None):
+    `warpkeras.rules.SGD`'s update as a function.
 
     A Python-number α or μ becomes a constant of each parameter's own dtype (0.3 stays
     0.3 in a float64 model, not float32's 0.30000001192); a tensor or variable is cast.
@@ -165,13 +169,36 @@ def sgd_update(theta, grads, learning_rate, momentum=None, velocity=None):
     Returns:
         ``(new_theta, new_velocity)``; `new_velocity` is `None` without momentum.
     """
-    if momentum is None:
-        return [t - as_dtype(learning_rate, t.dtype) * g for t, g in zip(theta, grads)], None
-    if velocity is None:
-        velocity = [tf.zeros_like(g) for g in grads]
-    velocity = [as_dtype(momentum, g.dtype) * v + g for v, g in zip(velocity, grads)]
-    new_theta = [t - as_dtype(learning_rate, t.dtype) * v for t, v in zip(theta, velocity)]
-    return new_theta, velocity
+    new_theta, new_velocity = rules.SGD(learning_rate, momentum).update(
+        list(grads), velocity, list(theta))
+    return new_theta, (None if momentum is None else new_velocity)
+
+
+class _HookRule(rules.InnerRule):
+    """An ``update(theta, grads, velocity) -> (theta, velocity)`` function as a rule (the
+    form `task_step`'s `update` argument takes)."""
+
+    exportable = False
+
+    def __init__(self, update, velocity_like):
+        self.fn = update
+        self.velocity_like = velocity_like
+
+    def init(self, theta, seed=0):
+        return None
+
+    def update(self, grads, state, theta, extra=None):
+        return self.fn(theta, grads, state)
+
+
+def step_rule(learning_rate, momentum=None, update=None, rule=None):
+    """The `warpkeras.rules.InnerRule` that `task_step`'s arguments describe: `rule` if
+    given, else an ``update`` function, else SGD with α and μ."""
+    if rule is not None:
+        return rule
+    if update is not None:
+        return _HookRule(update, momentum is not None)
+    return rules.SGD(learning_rate, momentum)
 
 
 def task_step(
@@ -187,12 +214,18 @@ def task_step(
     stop_inner_gradient=False,
     training=True,
     update=None,
+    rule=None,
+    constraints="model",
 ):
     """One inner step θ_{k+1} = θ_k − α ∇L_task(θ_k; φ) (WarpGrad Alg. 1 line 8).
 
     With `momentum` μ the rule is heavy-ball SGD, v_{k+1} = μ v_k + ∇L, θ_{k+1} = θ_k − α
     v_{k+1}; the buffer v goes in and out so that it can be stored in a replay buffer and
-    replayed in the warp objective (WarpGrad App. G).
+    replayed in the warp objective (WarpGrad App. G). With `rule` (a
+    `warpkeras.rules.InnerRule`) the step is that rule's, and `velocity` is its state.
+    After the update the task variables' Keras constraints are applied, as a Keras
+    optimiser applies them after every step (`warpkeras.rules.inner_step`, which this
+    calls).
 
     Because the gradient passes through the warp layers, the update is preconditioned by
     them (Eq. 2). Under an outer `tf.GradientTape`, θ_{k+1} is differentiable in φ, α and μ
@@ -211,29 +244,40 @@ def task_step(
         theta: θ_k.
         phi: warp values φ.
         batch: ``(x, y)``.
-        learning_rate: α (Python float or scalar tensor).
-        momentum: μ, or `None` for plain SGD.
-        velocity: the momentum buffer v_k (`None`: zeros).
+        learning_rate: α (Python float or scalar tensor); not used with `rule` or `update`.
+        momentum: μ, or `None` for plain SGD; not used with `rule` or `update`.
+        velocity: the momentum buffer v_k (`None`: zeros), or `rule`'s state (`None`:
+            ``rule.init(theta)``).
         state: non-trainable model state.
         stop_inner_gradient: treat ∇L_task as a constant (the approximate objective).
         training: run the model in training mode.
         update: optional ``update(theta, grads, velocity) -> (new_theta, new_velocity)``
-            replacing the SGD rule (e.g. Meta-SGD's per-parameter learning rates); then
-            `learning_rate` and `momentum` are not used.
+            replacing the SGD rule (e.g. Meta-SGD's per-parameter learning rates).
+        rule: optional `warpkeras.rules.InnerRule` replacing the SGD rule.
+        constraints: ``"model"`` (default): the task variables' Keras constraints; or a
+            list matching θ of constraints / `None`; or `None` for none.
 
     Returns:
-        A `StepResult`.
+        A `StepResult` (its ``velocity`` is the rule's state after the step; `None` for
+        plain SGD).
     """
     theta = _as_list(theta)
-    loss, grads, new_state, outputs = task_gradient(
-        partition, loss_fn, theta, phi, batch, state, training, return_outputs=True
-    )
-    if stop_inner_gradient:
-        grads = [tf.stop_gradient(g) for g in grads]
-    if update is not None:
-        new_theta, new_velocity = update(theta, grads, velocity)
-    else:
-        new_theta, new_velocity = sgd_update(theta, grads, learning_rate, momentum, velocity)
+    inner = step_rule(learning_rate, momentum, update, rule)
+    if constraints == "model":
+        constraints = rules.constraints_of(partition.task_variables)
+    if velocity is None and rule is not None:
+        velocity = rule.init(theta)
+
+    def loss_of(values, step_batch):
+        loss, new_state, outputs = task_loss(partition, loss_fn, values, phi, step_batch,
+                                             state, training, return_outputs=True)
+        return loss, (new_state, outputs)
+
+    loss, grads, (new_state, outputs), new_theta, new_velocity = rules.inner_step(
+        inner, loss_of, theta, velocity, batch, constraints=constraints,
+        stop_inner_gradient=stop_inner_gradient)
+    if rule is None and update is None and momentum is None:
+        new_velocity = None
     return StepResult(new_theta, new_velocity, loss, grads, new_state, outputs)
 
 
@@ -453,6 +497,8 @@ def maml_objective(
     state=None,
     training=True,
     update=None,
+    momentum=None,
+    rule=None,
 ):
     """The MAML objective over K unrolled inner steps (WarpGrad Eq. 1, P given by the warp):
 
@@ -461,10 +507,17 @@ def maml_objective(
     Differentiating the result w.r.t. θ0 (under a tape) gives the second-order MAML
     gradient; with ``first_order=True`` the inner gradients are stopped, so dθ_K/dθ0 = I and
     the gradient is ∇L_query(θ_K) (first-order MAML). The inner loop is unrolled in Python,
-    so keep `steps` small (MAML is a few-shot method).
+    so keep `steps` small (MAML is a few-shot method). Each step is `task_step` (so the
+    task variables' constraints hold after every step); the rule's state (heavy-ball
+    velocity, ...) starts from ``rule.init(θ0)`` and goes on from step to step, as in
+    `MetaTrainer.adapt`.
 
     Args:
-        partition, loss_fn, phi, state, training: as in `task_step`.
+        partition: as in `task_step`.
+        loss_fn: as in `task_step`.
+        phi: as in `task_step`.
+        state: as in `task_step`.
+        training: as in `task_step`.
         theta0: the initialisation θ0.
         support: a batch ``(x, y)`` (a tuple; `x` may be any structure the model takes,
             e.g. ``((x_image, x_vector), y)`` or ``({"image": ..., "vector": ...}, y)``)
@@ -475,11 +528,15 @@ def maml_objective(
         steps: K.
         first_order: stop the inner gradients.
         update: optional inner rule replacing SGD (see `task_step`).
+        momentum: μ of heavy-ball SGD, or `None`.
+        rule: optional `warpkeras.rules.InnerRule` replacing SGD (α and μ unused).
 
     Returns:
         ``(query_loss, theta_K)``.
     """
     theta = _as_list(theta0)
+    inner = step_rule(learning_rate, momentum, update, rule)
+    rule_state = inner.init(theta)
     for k in range(int(steps)):
         step = task_step(
             partition,
@@ -488,12 +545,13 @@ def maml_objective(
             phi,
             _batch_at(support, k),
             learning_rate,
+            velocity=rule_state,
             state=state,
             stop_inner_gradient=first_order,
             training=training,
-            update=update,
+            rule=inner,
         )
-        theta = step.theta
+        theta, rule_state = step.theta, step.velocity
         # The model state goes on from call to call (random-number-generator seeds advance,
         # so every forward pass draws fresh dropout masks); it is not differentiated.
         state = [tf.stop_gradient(s) for s in step.state]

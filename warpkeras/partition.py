@@ -1,7 +1,10 @@
 """Partition of a built Keras model into task variables θ and warp variables φ."""
 
+from __future__ import annotations
+
 import contextlib
 import threading
+from collections.abc import Iterator, Sequence
 
 import keras
 import numpy as np
@@ -95,7 +98,13 @@ class Partition:
         require_task: raise if the model has no task variables.
     """
 
-    def __init__(self, model, untagged="task", require_warp=False, require_task=True):
+    def __init__(
+        self,
+        model: keras.Model,
+        untagged: str = "task",
+        require_warp: bool = False,
+        require_task: bool = True,
+    ) -> None:
         if not isinstance(model, keras.Model):
             raise TypeError(
                 f"partition() takes a keras.Model, got {type(model).__name__}; wrap a layer "
@@ -113,7 +122,9 @@ class Partition:
         self.model = model
         self.untagged = untagged
         assignment = _assign_roles(model, untagged)
-        self.task_indices, self.warp_indices, self.frozen_indices = [], [], []
+        self.task_indices: list[int] = []
+        self.warp_indices: list[int] = []
+        self.frozen_indices: list[int] = []
         for i, v in enumerate(model.trainable_variables):
             role, _ = assignment.get(id(v), (untagged, None))
             {"task": self.task_indices, "warp": self.warp_indices}.get(
@@ -149,19 +160,19 @@ class Partition:
             )
 
     # -- current values ------------------------------------------------------------------
-    def initial_task_values(self):
+    def initial_task_values(self) -> list[tf.Tensor]:
         """θ0: the current values of the task variables (a list of tensors)."""
         return [tf.convert_to_tensor(v.value) for v in self.task_variables]
 
-    def warp_values(self):
+    def warp_values(self) -> list[tf.Tensor]:
         """φ: the current values of the warp variables."""
         return [tf.convert_to_tensor(v.value) for v in self.warp_variables]
 
-    def state_values(self):
+    def state_values(self) -> list[tf.Tensor]:
         """The model's non-trainable state (e.g. batch-norm moving statistics)."""
         return [tf.convert_to_tensor(v.value) for v in self.state_variables]
 
-    def reseed(self, state, key):
+    def reseed(self, state: list[tf.Tensor], key: Sequence[int]) -> list[tf.Tensor]:
         """`state` with every random-number-generator state replaced by one derived from
         `key`, so that the random draws (dropout masks, noise) of a run of forward passes
         are a function of `key` alone.
@@ -186,21 +197,51 @@ class Partition:
             state[i] = tf.constant([int(s) >> 1, 0], dtype=self.state_variables[i].dtype)
         return state
 
-    def frozen_values(self):
+    def frozen_values(self) -> list[tf.Tensor]:
+        """The values of the frozen variables (trainable, but neither task nor warp)."""
         return [tf.convert_to_tensor(v.value) for v in self.frozen_variables]
 
     # -- writing values back ---------------------------------------------------------------
-    def assign_task(self, theta):
+    def assign_task(self, theta: Sequence[tf.Tensor]) -> None:
+        """Assigns `theta` to the task variables.
+
+        Args:
+            theta: θ, one tensor per task variable (`task_variables`' order).
+
+        Raises:
+            ValueError: `theta` does not hold one value per task variable.
+        """
         _assign(self.task_variables, theta, "task")
 
-    def assign_warp(self, phi):
+    def assign_warp(self, phi: Sequence[tf.Tensor]) -> None:
+        """Assigns `phi` to the warp variables.
+
+        Args:
+            phi: φ, one tensor per warp variable (`warp_variables`' order).
+
+        Raises:
+            ValueError: `phi` does not hold one value per warp variable.
+        """
         _assign(self.warp_variables, phi, "warp")
 
-    def assign_state(self, state):
+    def assign_state(self, state: Sequence[tf.Tensor]) -> None:
+        """Assigns `state` to the state variables.
+
+        Args:
+            state: one tensor per state variable (`state_variables`' order).
+
+        Raises:
+            ValueError: `state` does not hold one value per state variable.
+        """
         _assign(self.state_variables, state, "state")
 
     # -- running the model ---------------------------------------------------------------
-    def merge(self, theta, phi, frozen=None):
+    def merge(
+        self,
+        theta: Sequence[tf.Tensor],
+        phi: Sequence[tf.Tensor],
+        frozen: Sequence[tf.Tensor] | None = None,
+    ) -> list[tf.Tensor]:
         """All trainable values in `model.trainable_variables` order."""
         if len(theta) != len(self.task_indices):
             raise ValueError(
@@ -222,7 +263,15 @@ class Partition:
                 values[i] = t
         return values
 
-    def call(self, theta, phi, x, state=None, training=False, return_losses=False):
+    def call(
+        self,
+        theta: Sequence[tf.Tensor],
+        phi: Sequence[tf.Tensor],
+        x,
+        state: Sequence[tf.Tensor] | None = None,
+        training: bool = False,
+        return_losses: bool = False,
+    ) -> tuple:
         """Runs the model at task values `theta` and warp values `phi`.
 
         Args:
@@ -244,7 +293,7 @@ class Partition:
         with exact_moments():
             return self.model.stateless_call(self.merge(theta, phi), list(state), x, **kwargs)
 
-    def summary(self):
+    def summary(self) -> str:
         """A short text listing which variables play which role."""
         lines = [f"Partition of '{self.model.name}':"]
         for name, group in (
@@ -311,7 +360,7 @@ def _install_moments_switch(tf_nn):
 
 
 @contextlib.contextmanager
-def exact_moments():
+def exact_moments() -> Iterator[None]:
     """While active (in this thread), Keras' TensorFlow batch statistics are exactly
     differentiable.
 
@@ -332,12 +381,12 @@ def exact_moments():
         _EXACT.depth -= 1
 
 
-def exact_moments_available():
+def exact_moments_available() -> bool:
     """Whether `exact_moments` can make Keras' batch statistics exactly differentiable."""
     return keras.backend.backend() != "tensorflow" or _tf_nn_backend() is not None
 
 
-def inexact_layers(model):
+def inexact_layers(model: keras.Model) -> list[tuple[keras.layers.Layer, str]]:
     """Layers of `model` whose second derivatives are not those of the function they
     compute, each with the reason and the replacement.
 
@@ -357,9 +406,10 @@ def inexact_layers(model):
     for layer in model._flatten_layers(include_self=False, recursive=True):
         if isinstance(layer, keras.layers.BatchNormalization) and getattr(layer, "renorm", False):
             found.append((layer, (
-                f"Layer '{layer.name}' (BatchNormalization with renorm=True) treats its renorm "
-                "corrections as constants, so second derivatives through it are not exact. "
-                "Use renorm=False or warpkeras.layers.ExactBatchNormalization.")))
+                f"Layer '{layer.name}' (BatchNormalization with renorm=True) treats "
+                "its renorm corrections as constants, so second derivatives through "
+                "it are not exact. Use renorm=False or "
+                "warpkeras.layers.ExactBatchNormalization.")))
         elif isinstance(layer, keras.layers.SpectralNormalization):
             found.append((layer, (
                 f"Layer '{layer.name}' (SpectralNormalization) treats its power-iteration "
@@ -369,13 +419,14 @@ def inexact_layers(model):
                 layer, (keras.layers.BatchNormalization, keras.layers.LayerNormalization,
                         keras.layers.GroupNormalization)):
             found.append((layer, (
-                f"Layer '{layer.name}' ({type(layer).__name__}) computes its statistics with "
-                "a gradient shortcut in this Keras version, so second derivatives through it "
-                "are not exact. Use warpkeras.layers.ExactBatchNormalization.")))
+                f"Layer '{layer.name}' ({type(layer).__name__}) computes its "
+                "statistics with a gradient shortcut in this Keras version, so second "
+                "derivatives through it are not exact. Use "
+                "warpkeras.layers.ExactBatchNormalization.")))
     return found
 
 
-def check_exact(model, why, error=ValueError):
+def check_exact(model: keras.Model, why: str, error: type[Exception] = ValueError) -> None:
     """Raises `error` naming the first layer of `model` that `inexact_layers` lists.
 
     Args:
@@ -400,7 +451,12 @@ def _assign(variables, values, what):
         v.assign(t)
 
 
-def partition(model, untagged="task", require_warp=False, require_task=True):
+def partition(
+    model: keras.Model,
+    untagged: str = "task",
+    require_warp: bool = False,
+    require_task: bool = True,
+) -> Partition:
     """Splits a built model's variables into task θ and warp φ. See `Partition`."""
     return Partition(
         model, untagged=untagged, require_warp=require_warp, require_task=require_task

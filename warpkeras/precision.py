@@ -26,9 +26,12 @@ trainer = warpkeras.LeapTrainer(model, loss, inner_steps=100, meta_batch_size=5)
 ```
 """
 
+from __future__ import annotations
+
 import contextlib
 import platform
 import warnings
+from collections.abc import Iterator
 
 import keras
 
@@ -54,7 +57,7 @@ def _read_cpuinfo():
         return None
 
 
-def cpu_bf16_flags():
+def cpu_bf16_flags() -> tuple[str, ...]:
     """The bfloat16 instruction-set flags the CPU reports.
 
     Read from the ``flags`` lines of ``/proc/cpuinfo`` (Linux); elsewhere nothing is
@@ -67,7 +70,7 @@ def cpu_bf16_flags():
     text = _read_cpuinfo()
     if not text:
         return ()
-    found = set()
+    found: set[str] = set()
     for line in text.splitlines():
         key, sep, value = line.partition(":")
         if sep and key.strip() == "flags":
@@ -99,7 +102,7 @@ def _gpus_bf16():
     return True
 
 
-def bf16_supported():
+def bf16_supported() -> bool:
     """Whether this machine computes in bfloat16 natively, so bfloat16 layers are faster.
 
     With a visible GPU, the answer is about the GPUs (where TensorFlow places the layers):
@@ -128,7 +131,7 @@ def bf16_supported():
     return bool(cpu_bf16_flags()) and _onednn_enabled()
 
 
-def compute_policy(precision="auto"):
+def compute_policy(precision: str = "auto") -> str:
     """The Keras dtype policy name to build a model under for `precision`.
 
     Args:
@@ -170,7 +173,7 @@ def compute_policy(precision="auto"):
 
 
 @contextlib.contextmanager
-def policy_scope(policy):
+def policy_scope(policy: str | keras.DTypePolicy) -> Iterator[str]:
     """Builds the layers created inside under the Keras dtype policy `policy`.
 
     Sets Keras's global dtype policy and restores the previous one on exit (also on
@@ -195,7 +198,7 @@ def policy_scope(policy):
 
 
 @contextlib.contextmanager
-def precision_scope(precision="auto"):
+def precision_scope(precision: str = "auto") -> Iterator[str]:
     """Builds the layers created inside under the dtype policy of `precision`.
 
     ``policy_scope(compute_policy(precision))``: Keras's global dtype policy is set for the

@@ -23,11 +23,18 @@ as `get_config` / `from_config` of Sequential and functional models, keep them (
 written into the layer's build config, which Keras stores beside its config).
 """
 
+from __future__ import annotations
+
+from typing import TypeVar
+
 import keras
 
 TASK = "task"
 WARP = "warp"
 ROLES = (TASK, WARP)
+
+LayerT = TypeVar("LayerT", bound=keras.layers.Layer)
+"""A Keras layer type: the tagging functions return the layer they were given."""
 
 _ATTR = "_warpkeras_role"
 _CONFIG_KEY = "warpkeras_role"
@@ -42,7 +49,7 @@ def _check_role(role):
         raise RoleError(f"Unknown role {role!r}: expected one of {ROLES}.")
 
 
-def tag(layer, role):
+def tag(layer: LayerT, role: str) -> LayerT:
     """Tags `layer` with `role` (``"task"`` or ``"warp"``) and returns it.
 
     Tagging a layer again with the same role is allowed; with the other role it is an error,
@@ -75,7 +82,7 @@ def tag(layer, role):
     return layer
 
 
-def warp(layer):
+def warp(layer: LayerT) -> LayerT:
     """Tags a layer as a **warp** layer: shared across tasks, frozen during adaptation,
     meta-learned.
 
@@ -101,7 +108,7 @@ def warp(layer):
     return tag(layer, WARP)
 
 
-def task(layer):
+def task(layer: LayerT) -> LayerT:
     """Tags a layer as a **task** layer: its variables are adapted on every task.
 
     Example:
@@ -121,7 +128,7 @@ def task(layer):
     return tag(layer, TASK)
 
 
-def role_of(layer):
+def role_of(layer: keras.layers.Layer) -> str | None:
     """The role a layer was tagged with: ``"task"``, ``"warp"`` or ``None`` if untagged.
 
     Layer classes may declare a role for all their instances with a class attribute
@@ -140,7 +147,7 @@ def role_of(layer):
     return role
 
 
-def untag(layer):
+def untag(layer: LayerT) -> LayerT:
     """Removes an instance tag from `layer` (class-level roles stay). Returns the layer."""
     layer.__dict__.pop(_ATTR, None)
     return layer

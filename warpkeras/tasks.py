@@ -169,7 +169,8 @@ class Task:
         meta batches are likewise other batches.
 
         Args:
-            train_rng, meta_rng: `numpy.random.Generator`s of the two streams.
+            train_rng: the `numpy.random.Generator` of the training stream.
+            meta_rng: the `numpy.random.Generator` of the meta stream.
 
         Returns:
             ``(train_iterator, meta_iterator)``; both are lazy (nothing is read until
@@ -230,7 +231,7 @@ def _array_batches(data, batch_size, rng, augment):
         order = rng.permutation(n)
         for start in range(0, n - batch_size + 1, batch_size):
             idx = order[start : start + batch_size]
-            xb = tf.nest.map_structure(lambda t: t[idx], x)
+            xb = tf.nest.map_structure(lambda t, idx=idx: t[idx], x)
             if augment is not None:
                 xb = augment(xb, rng)
             yield xb, y[idx]
@@ -278,6 +279,19 @@ class TaskSampler:
         self.replace = replace
 
     def sample(self, rng, n):
+        """Draws `n` tasks.
+
+        Args:
+            rng: a `numpy.random.Generator`; passed to the task callable, or drawing from
+                the list of tasks.
+            n: the number of tasks.
+
+        Returns:
+            A list of `n` `Task`s.
+
+        Raises:
+            ValueError: more tasks than the list holds, drawn without replacement.
+        """
         if callable(self.tasks):
             return [as_task(self.tasks(rng)) for _ in range(n)]
         if not self.replace and n > len(self.tasks):

@@ -43,7 +43,8 @@ def affine_transform(images, scale, angle, translation, fill_value=0.0, interpol
     Example:
         >>> import numpy as np
         >>> x = np.random.rand(2, 28, 28, 1).astype("float32")
-        >>> y = affine_transform(x, scale=[1.0, 1.0], angle=[90.0, 0.0], translation=[[0, 0], [3, 0]])
+        >>> y = affine_transform(x, scale=[1.0, 1.0], angle=[90.0, 0.0],
+        ...                      translation=[[0, 0], [3, 0]])
         >>> y.shape
         TensorShape([2, 28, 28, 1])
     """

@@ -41,7 +41,7 @@ class Episode(
 ):
     """One few-shot episode as numpy arrays.
 
-    Args:
+    Attributes:
         support_x: support inputs ``(N*K, ...)``.
         support_y: support labels in ``0..N-1``, shape ``(N*K,)``.
         query_x: query inputs ``(N*L, ...)``.
@@ -49,8 +49,8 @@ class Episode(
         classes: the original class labels of the ``N`` episode classes.
 
     Example:
-        >>> ep = EpisodeSampler(x, y, num_ways=5, num_shots=1, num_queries=5).sample(0)  # doctest: +SKIP
-        >>> task = ep.as_task()                                                          # doctest: +SKIP
+        >>> sampler = EpisodeSampler(x, y, num_ways=5, num_shots=1, num_queries=5)  # doctest: +SKIP
+        >>> task = sampler.sample(0).as_task()                                      # doctest: +SKIP
     """
 
     __slots__ = ()
@@ -336,12 +336,19 @@ def load_image_folder(
         CorruptFileError: (a ``ValueError`` and ``OSError``) an image cannot be read; the
             message names the file. Not raised with ``skip_corrupt=True``.
         TypeError, ValueError: a bad argument; the message names it.
+        ImportError: Pillow is not installed (``pip install "warpkeras[data]"``).
 
     Example:
-        >>> x, y, names = load_image_folder("miniimagenet/train", image_size=84)   # doctest: +SKIP
-        >>> sampler = EpisodeSampler(x, y, num_ways=5, num_shots=5, num_queries=15)  # doctest: +SKIP
+        >>> x, y, names = load_image_folder("miniimagenet/train", image_size=84)  # doctest: +SKIP
+        >>> sampler = EpisodeSampler(x, y, num_ways=5, num_shots=5,               # doctest: +SKIP
+        ...                          num_queries=15)
     """
-    from PIL import Image
+    try:
+        from PIL import Image
+    except ImportError as e:
+        raise ImportError(
+            'load_image_folder needs Pillow to decode images: pip install "warpkeras[data]"'
+        ) from e
 
     if not isinstance(mode, str) or mode not in ("RGB", "L"):
         raise ValueError(f"mode must be 'RGB' or 'L', got {mode!r}")

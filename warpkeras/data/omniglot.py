@@ -60,9 +60,6 @@ _logger = logging.getLogger(__name__)
 class OmniglotNotFoundError(FileNotFoundError):
     """Raised when no Omniglot source can be found; the message says what to download and where.
 
-    Args:
-        *args: the message, as for ``FileNotFoundError``.
-
     Example:
         >>> try:
         ...     load_omniglot(source="local", data_dir="/nonexistent")
@@ -76,9 +73,6 @@ def default_omniglot_dir():
     """Directory searched for a local Omniglot copy when none is given.
 
     ``$WARPKERAS_OMNIGLOT_DIR`` if set, else ``<default_data_dir()>/omniglot``.
-
-    Args:
-        None.
 
     Returns:
         A ``pathlib.Path`` (it may not exist).
@@ -297,7 +291,7 @@ def _resize_grey(image, image_size):
     """Resize a 2-D uint8/float array (0..255) with area averaging; returns float32 0..255."""
     try:
         from PIL import Image
-    except ImportError:  # pragma: no cover - pillow ships with matplotlib
+    except ImportError:  # pragma: no cover - pillow comes with warpkeras[data]
         Image = None
     if Image is not None:
         pil = Image.fromarray(np.ascontiguousarray(image, dtype=np.float32))
@@ -531,7 +525,14 @@ def _network_reachable(host, port, timeout):
 def _decode_tfds(splits, image_size, invert, tfds_data_dir, download):
     import hashlib
 
-    import tensorflow_datasets as tfds
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError as e:
+        raise ImportError(
+            "Reading Omniglot through tensorflow-datasets needs the package "
+            "tensorflow-datasets: pip install \"warpkeras[data]\" (or pass a folder of the "
+            "original Omniglot files)."
+        ) from e
 
     split = "+".join(splits)
     if download:
@@ -724,7 +725,8 @@ def load_omniglot(
                 return cached(
                     "local",
                     items,
-                    lambda: _decode_local(zips, pngs, image_size, invert, str(root), skip_corrupt),
+                    functools.partial(_decode_local, zips, pngs, image_size, invert, str(root),
+                                      skip_corrupt),
                 )
         if source == "local":
             raise OmniglotNotFoundError(_not_found_message(searched, None))
@@ -999,8 +1001,8 @@ class OmniglotTasks:
         pool = self.split(split)
         if not pool:
             raise ValueError(
-                f"split {split!r} has no tasks; give it alphabets (num_meta_{split.replace('meta_', '')}"
-                " when building OmniglotTasks)"
+                f"split {split!r} has no tasks; give it alphabets "
+                f"(num_meta_{split.replace('meta_', '')} when building OmniglotTasks)"
             )
         if not replace and num_tasks > len(pool):
             raise ValueError(

@@ -222,7 +222,10 @@ class ContinualSineTask:
     (sub-task ``t`` covers the ``t``-th from the left); a learner sees them one at a time.
 
     Args:
-        a1, b1, a2, b2: amplitudes and phases of the two sines.
+        a1: amplitude of the first sine.
+        b1: phase of the first sine.
+        a2: amplitude of the second sine.
+        b2: phase of the second sine.
         offset: gate offset ``o``.
         num_subtasks: number of sub-intervals (5 in the protocol).
         x_range: the full input interval.
@@ -304,7 +307,7 @@ class ContinualSineTask:
         return order
 
     def training_batches(self, rng=None, steps_per_subtask=20, batch_size=5, order=None):
-        """The online training stream: ``steps_per_subtask`` batches per sub-task, sub-tasks in order.
+        """The online training stream: ``steps_per_subtask`` batches per sub-task, in order.
 
         Args:
             rng: numpy ``Generator`` or int seed.
@@ -376,7 +379,9 @@ class ContinualSineTask:
 
 
 class ContinualSineDistribution(_TaskDistribution):
-    """Distribution over :class:`ContinualSineTask`: ``a_i ~ U[0.1, 5]``, ``b_i ~ U[0, pi]``, ``o ~ U[-5, 5]``.
+    """Distribution over :class:`ContinualSineTask`.
+
+    ``a_i ~ U[0.1, 5]``, ``b_i ~ U[0, pi]``, ``o ~ U[-5, 5]``.
 
     Args:
         amplitude_range: range of ``a1, a2``.
@@ -487,7 +492,8 @@ class LossSurface:
             Loss values of shape ``(...)``.
 
         Example:
-            >>> float(LossSurface(2, (1, 0, -1), (3, -2, 1))(np.array([0.0, 1.0])))  # doctest: +ELLIPSIS
+            >>> surface = LossSurface(2, (1, 0, -1), (3, -2, 1))
+            >>> float(surface(np.array([0.0, 1.0])))  # doctest: +ELLIPSIS
             0.0...
         """
         x = _prepare(x)
@@ -528,7 +534,9 @@ class LossSurface:
 
 
 class LossSurfaceDistribution(_TaskDistribution):
-    """Distribution over :class:`LossSurface`: ``s ~ Cat(1..10)``, ``a_i ~ Cat(-1, 0, 1)``, ``b_i ~ Cat(-5..5)``.
+    """Distribution over :class:`LossSurface`.
+
+    ``s ~ Cat(1..10)``, ``a_i ~ Cat(-1, 0, 1)``, ``b_i ~ Cat(-5..5)``.
 
     Starting points are ``x ~ U(-3, 3)^2``.
 

@@ -9,7 +9,7 @@ from warpkeras.data._cache import seed_pair
 # Compiled versions of augmentation callables, keyed by the callable's id (the callable is
 # kept in the value so the id stays valid). Tasks that share an augmentation (all tasks of an
 # OmniglotTasks, all episodes of a sampler) share one traced graph.
-_COMPILED_AUGMENTATIONS = {}
+_COMPILED_AUGMENTATIONS: dict = {}
 _MAX_COMPILED_AUGMENTATIONS = 64
 
 
@@ -217,7 +217,8 @@ class ClassificationTask:
 
         Example:
             >>> import numpy as np
-            >>> out = task.numpy_augment(task.x_train[:4], np.random.default_rng(0))  # doctest: +SKIP
+            >>> rng = np.random.default_rng(0)
+            >>> out = task.numpy_augment(task.x_train[:4], rng)  # doctest: +SKIP
         """
         seed = rng.integers(0, 2**31 - 1, size=2)
         return self.augment(images, seed).numpy()

@@ -6,7 +6,12 @@ Importing this package registers ``warpkeras/Maze-v0`` with gymnasium, so
 (the numpy-batched :class:`MazeVectorEnv`) work.
 """
 
-import gymnasium
+try:
+    import gymnasium
+except ImportError as e:
+    raise ImportError(
+        'warpkeras.envs needs gymnasium: pip install "warpkeras[rl]"'
+    ) from e
 
 from warpkeras.envs.maze import NUM_ACTIONS, MazeEnv, MazeVectorEnv, make_maze
 
@@ -15,9 +20,6 @@ MAZE_ENV_ID = "warpkeras/Maze-v0"
 
 def register_envs():
     """Register the package's environments with gymnasium (safe to call repeatedly).
-
-    Args:
-        None.
 
     Returns:
         list of registered environment ids.

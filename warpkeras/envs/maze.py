@@ -30,10 +30,8 @@ from gymnasium.utils import seeding
 from gymnasium.vector import VectorEnv
 from gymnasium.vector.utils import batch_space
 
-try:  # gymnasium >= 1.0
-    from gymnasium.vector import AutoresetMode
-except ImportError:  # pragma: no cover
-    AutoresetMode = None
+# gymnasium >= 1.1 declares how vector environments autoreset; earlier versions have no enum.
+AutoresetMode = getattr(gym.vector, "AutoresetMode", None)
 
 NUM_ACTIONS = 4
 _MOVES = np.array([[-1, 0], [1, 0], [0, -1], [0, 1]], dtype=np.int64)
@@ -251,10 +249,7 @@ class MazeEnv(gym.Env):
         return self._observation(), reward, False, truncated, self._info(reached)
 
     def render(self):
-        """Render the current state.
-
-        Args:
-            None (the mode is the ``render_mode`` given at construction).
+        """Render the current state, in the ``render_mode`` given at construction.
 
         Returns:
             ``"ansi"``: a text picture (``#`` wall, ``A`` agent, ``G`` goal, ``.`` free);
@@ -300,7 +295,11 @@ class MazeVectorEnv(VectorEnv):
 
     Args:
         num_envs: number of parallel mazes.
-        size, episode_length, goal_reward, wall_penalty, start: as in :class:`MazeEnv`.
+        size: as in :class:`MazeEnv`.
+        episode_length: as in :class:`MazeEnv`.
+        goal_reward: as in :class:`MazeEnv`.
+        wall_penalty: as in :class:`MazeEnv`.
+        start: as in :class:`MazeEnv`.
         autoreset: ``True`` for next-step autoreset; ``False`` to require an explicit
             ``reset()`` once episodes end (stepping a finished maze then raises).
 

@@ -13,6 +13,10 @@ embedding starts at 0 (no modulation). When an initialisation objective (Leap, M
 Reptile) meta-learns θ0, it covers these variables like any other task variable.
 """
 
+from __future__ import annotations
+
+from collections.abc import Callable
+
 import keras
 from keras import ops
 
@@ -50,7 +54,7 @@ class FiLM(keras.layers.Layer):
 
     warpkeras_role = "task"
 
-    def __init__(self, axis=-1, **kwargs):
+    def __init__(self, axis: int = -1, **kwargs) -> None:
         super().__init__(**_common.default_name(kwargs, "film"))
         if isinstance(axis, bool) or not isinstance(axis, int):
             raise ValueError(f"FiLM: `axis` must be an int, got {axis!r}.")
@@ -124,18 +128,18 @@ class FiLMWarpBlock(ResidualWarpBlock):
 
     def __init__(
         self,
-        kernel_size=3,
-        hidden_filters=None,
-        batch_norm=True,
-        activation="relu",
-        residual=True,
-        activate_output=True,
-        kernel_initializer="he_normal",
-        momentum=0.99,
-        epsilon=1e-3,
-        data_format=None,
+        kernel_size: int | tuple[int, int] = 3,
+        hidden_filters: int | None = None,
+        batch_norm: bool = True,
+        activation: str | Callable | None = "relu",
+        residual: bool = True,
+        activate_output: bool = True,
+        kernel_initializer: str | keras.initializers.Initializer | None = "he_normal",
+        momentum: float = 0.99,
+        epsilon: float = 1e-3,
+        data_format: str | None = None,
         **kwargs,
-    ):
+    ) -> None:
         super().__init__(
             num_layers=2,
             kernel_size=kernel_size,

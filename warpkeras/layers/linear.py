@@ -8,6 +8,10 @@ WarpGrad's default Omniglot warp is a 3×3 `WarpConv2D` after each convolutional
 (Appendix F).
 """
 
+from __future__ import annotations
+
+from collections.abc import Callable
+
 import keras
 from keras import ops
 
@@ -62,15 +66,15 @@ class WarpDense(keras.layers.Layer):
 
     def __init__(
         self,
-        units=None,
-        activation=None,
-        use_bias=True,
-        kernel_initializer=None,
-        bias_initializer="zeros",
-        kernel_regularizer=None,
-        bias_regularizer=None,
+        units: int | None = None,
+        activation: str | Callable | None = None,
+        use_bias: bool = True,
+        kernel_initializer: str | keras.initializers.Initializer | None = None,
+        bias_initializer: str | keras.initializers.Initializer = "zeros",
+        kernel_regularizer: str | keras.regularizers.Regularizer | None = None,
+        bias_regularizer: str | keras.regularizers.Regularizer | None = None,
         **kwargs,
-    ):
+    ) -> None:
         super().__init__(**kwargs)
         self.units = _common.check_positive_int(type(self), "units", units, allow_none=True)
         self.activation = keras.activations.get(activation)
@@ -163,17 +167,17 @@ class WarpConv2D(keras.layers.Layer):
 
     def __init__(
         self,
-        filters=None,
-        kernel_size=3,
-        activation=None,
-        use_bias=True,
-        data_format=None,
-        kernel_initializer=None,
-        bias_initializer="zeros",
-        kernel_regularizer=None,
-        bias_regularizer=None,
+        filters: int | None = None,
+        kernel_size: int | tuple[int, int] = 3,
+        activation: str | Callable | None = None,
+        use_bias: bool = True,
+        data_format: str | None = None,
+        kernel_initializer: str | keras.initializers.Initializer | None = None,
+        bias_initializer: str | keras.initializers.Initializer = "zeros",
+        kernel_regularizer: str | keras.regularizers.Regularizer | None = None,
+        bias_regularizer: str | keras.regularizers.Regularizer | None = None,
         **kwargs,
-    ):
+    ) -> None:
         super().__init__(**kwargs)
         self.filters = _common.check_positive_int(
             type(self), "filters", filters, allow_none=True

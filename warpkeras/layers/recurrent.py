@@ -14,6 +14,10 @@ sub-layer — so the same task variables θ can be run with or without a warp:
 Keras uses row vectors (``x @ W``); the equations in the docstrings are written that way.
 """
 
+from __future__ import annotations
+
+from collections.abc import Callable
+
 import keras
 from keras import ops
 
@@ -101,13 +105,13 @@ class _RNNCellBase(keras.layers.Layer):
 
     def __init__(
         self,
-        units,
-        activation="tanh",
-        kernel_initializer="glorot_uniform",
-        recurrent_initializer="orthogonal",
-        bias_initializer="zeros",
+        units: int,
+        activation: str | Callable | None = "tanh",
+        kernel_initializer: str | keras.initializers.Initializer | None = "glorot_uniform",
+        recurrent_initializer: str | keras.initializers.Initializer = "orthogonal",
+        bias_initializer: str | keras.initializers.Initializer = "zeros",
         **kwargs,
-    ):
+    ) -> None:
         super().__init__(**kwargs)
         self.units = _common.check_positive_int(type(self), "units", units)
         self.activation = keras.activations.get(activation)
@@ -200,8 +204,23 @@ class TaskRNNCell(_RNNCellBase):
         **kwargs: standard `keras.layers.Layer` arguments (``name``, ``dtype``, ...).
     """
 
-    def __init__(self, units, **kwargs):
-        super().__init__(units, **kwargs)
+    def __init__(
+        self,
+        units: int,
+        activation: str | Callable | None = "tanh",
+        kernel_initializer: str | keras.initializers.Initializer | None = "glorot_uniform",
+        recurrent_initializer: str | keras.initializers.Initializer = "orthogonal",
+        bias_initializer: str | keras.initializers.Initializer = "zeros",
+        **kwargs,
+    ) -> None:
+        super().__init__(
+            units,
+            activation=activation,
+            kernel_initializer=kernel_initializer,
+            recurrent_initializer=recurrent_initializer,
+            bias_initializer=bias_initializer,
+            **kwargs,
+        )
         self.state_size = self.units
 
     def get_initial_state(self, batch_size=None):
@@ -255,8 +274,24 @@ class LinearWarpRNNCell(_RNNCellBase):
 
     warpkeras_role = "warp"
 
-    def __init__(self, units, transform_initializer=None, **kwargs):
-        super().__init__(units, **kwargs)
+    def __init__(
+        self,
+        units: int,
+        activation: str | Callable | None = "tanh",
+        kernel_initializer: str | keras.initializers.Initializer | None = "glorot_uniform",
+        recurrent_initializer: str | keras.initializers.Initializer = "orthogonal",
+        bias_initializer: str | keras.initializers.Initializer = "zeros",
+        transform_initializer: str | keras.initializers.Initializer | None = None,
+        **kwargs,
+    ) -> None:
+        super().__init__(
+            units,
+            activation=activation,
+            kernel_initializer=kernel_initializer,
+            recurrent_initializer=recurrent_initializer,
+            bias_initializer=bias_initializer,
+            **kwargs,
+        )
         self.state_size = self.units
         self.transform_initializer = _common.get_kernel_initializer(transform_initializer)
 
@@ -363,14 +398,25 @@ class WarpRNNCell(_RNNCellBase):
 
     def __init__(
         self,
-        units,
-        meta_units=None,
-        meta_kernel_initializer="glorot_uniform",
-        meta_recurrent_initializer="orthogonal",
-        projection_initializer="zeros",
+        units: int,
+        meta_units: int | None = None,
+        activation: str | Callable | None = "tanh",
+        kernel_initializer: str | keras.initializers.Initializer | None = "glorot_uniform",
+        recurrent_initializer: str | keras.initializers.Initializer = "orthogonal",
+        bias_initializer: str | keras.initializers.Initializer = "zeros",
+        meta_kernel_initializer: str | keras.initializers.Initializer = "glorot_uniform",
+        meta_recurrent_initializer: str | keras.initializers.Initializer = "orthogonal",
+        projection_initializer: str | keras.initializers.Initializer = "zeros",
         **kwargs,
-    ):
-        super().__init__(units, **kwargs)
+    ) -> None:
+        super().__init__(
+            units,
+            activation=activation,
+            kernel_initializer=kernel_initializer,
+            recurrent_initializer=recurrent_initializer,
+            bias_initializer=bias_initializer,
+            **kwargs,
+        )
         self.meta_units = _common.check_positive_int(
             type(self), "meta_units", meta_units, allow_none=True
         )

@@ -10,10 +10,10 @@ layer of the task learner with a two-layer tanh feed-forward residual warp of 10
 The last linear map of ``f`` (or, with batch normalisation, the last batch-norm scale)
 starts at zero, so ``f(x) = 0`` and an untrained block is the identity (ahead of its
 optional output activation, which is the identity on inputs it fixes, e.g. ReLU on
-non-negative inputs). Every trainable variable of a block, batch-norm scales and offsets included, is a
-warp variable; batch-norm moving statistics are non-trainable state. Batch normalisation is
-`ExactBatchNormalization`, so meta-gradients through task-gradient steps are exact in
-training mode too.
+non-negative inputs). Every trainable variable of a block, batch-norm scales and offsets
+included, is a warp variable; batch-norm moving statistics are non-trainable state. Batch
+normalisation is `ExactBatchNormalization`, so meta-gradients through task-gradient steps
+are exact in training mode too.
 """
 
 import keras

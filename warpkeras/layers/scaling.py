@@ -1,5 +1,7 @@
 """Channel-wise scaling warp: a meta-learned per-channel affine map."""
 
+from __future__ import annotations
+
 import keras
 from keras import ops
 
@@ -41,12 +43,12 @@ class ChannelScaling(keras.layers.Layer):
 
     def __init__(
         self,
-        axis=-1,
-        use_bias=True,
-        gamma_initializer="ones",
-        beta_initializer="zeros",
+        axis: int = -1,
+        use_bias: bool = True,
+        gamma_initializer: str | keras.initializers.Initializer = "ones",
+        beta_initializer: str | keras.initializers.Initializer = "zeros",
         **kwargs,
-    ):
+    ) -> None:
         super().__init__(**kwargs)
         if isinstance(axis, bool) or not isinstance(axis, int):
             raise ValueError(f"ChannelScaling: `axis` must be an int, got {axis!r}.")

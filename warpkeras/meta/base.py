@@ -53,8 +53,14 @@ class MetaObjective:
     * ``engine.theta_packer`` / ``engine.state_packer``: ``pack(list) -> tuple`` and
       ``unpack(tuple) -> list`` of the task variables' / model state's values;
     * ``engine.phi()`` / ``engine.theta0()``: current values of φ / θ0 (lists of tensors);
-    * ``engine.inner_update(theta, grads, velocity)``: the inner rule in use (lists in,
-      ``(theta, velocity)`` out), differentiable;
+    * ``engine.inner_rule``: the inner update rule in use (a `warpkeras.rules.InnerRule`);
+      ``engine.task_step(theta, rule_state, state, x, y)``: the one inner step with the
+      trainer's loss, rule and constraints (lists in, a `StepResult` out), differentiable;
+      ``engine.has_rule_state`` / ``engine.pack_rule_state`` /
+      ``engine.unpack_rule_state``: the rule's state, which the carry holds packed under
+      ``"velocity"``;
+    * ``engine.inner_update(theta, grads, velocity)``: ``inner_rule.update`` in the order
+      of the hook below (lists in, ``(theta, velocity)`` out), differentiable;
     * ``engine.compile_group(fn, name)``: compiles ``fn`` (one task's tensors in, a
       structure of tensors out) into a function of stacked task groups, run by the
       trainer's executor (sequential, unrolled, vectorised or distributed);
@@ -140,10 +146,13 @@ class MetaObjective:
 
     def inner_update(self, engine, theta, grads, velocity):
         """Override to change the inner update rule (at most one objective may): lists
-        θ_k and ∇L(θ_k) in, ``(θ_{k+1}, velocity)`` out. Used by every adaptation (meta
-        training, `adapt`, `evaluate`) and inside MAML's unrolled steps. ``velocity`` is
+        θ_k and ∇L(θ_k) in, ``(θ_{k+1}, velocity)`` out. The trainer wraps it as its
+        ``inner_rule``, used by every adaptation (meta training, `adapt`, `evaluate`) and
+        inside MAML's unrolled steps, constraints applied after it. ``velocity`` is
         `None` unless the trainer has ``inner_momentum``, which it accepts only when the
-        class sets ``supports_momentum = True`` (then ``engine.inner_mu`` is μ)."""
+        class sets ``supports_momentum = True`` (then ``engine.inner_mu`` is μ). The hook
+        reads the trainer, so `export` refuses it: a rule that is served is a
+        `warpkeras.rules.InnerRule` given as ``inner_rule=``."""
         raise NotImplementedError
 
     def step(self, engine, carry, new, out, result):

@@ -20,7 +20,9 @@ class MAML(InitObjective):
     the meta-gradient is the gradient of that loss through the K steps (second order) or,
     with ``first_order=True``, with the inner gradients stopped (FOMAML). The steps are
     unrolled in the graph (MAML is a few-shot method) and use the trainer's inner rule
-    (`engine.inner_update`: SGD with α, or an objective's own rule such as Meta-SGD's).
+    (`engine.inner_rule`: SGD with α and heavy-ball μ, `warpkeras.rules.MetaSGD`, or an
+    objective's own `inner_update`), its state carried through the steps as in `adapt`.
+    The rule's own variables (Meta-SGD's α) are meta-learned with θ0.
 
     Alone, MAML needs no K-step adaptation loop (``adapts`` is False); with a warp
     objective (Warp-MAML) it closes each task after the warp objective's adaptation.
@@ -51,7 +53,18 @@ class MAML(InitObjective):
         return []
 
     def variables(self, engine):
-        return list(engine.partition.task_variables) + list(self.meta_variables(engine))
+        return list(engine.partition.task_variables) + self._extras(engine)
+
+    def _extras(self, engine):
+        """`meta_variables` and the inner rule's own variables (e.g. Meta-SGD's α), each
+        once: meta-learned with θ0 by the query loss."""
+        extras = list(self.meta_variables(engine))
+        seen = {id(v) for v in extras}
+        for v in engine.inner_rule.variables:
+            if id(v) not in seen:
+                extras.append(v)
+                seen.add(id(v))
+        return extras
 
     def build(self, engine):
         """Checks the model (second order needs layers with exact derivatives) and picks
@@ -61,11 +74,16 @@ class MAML(InitObjective):
         calling ``super().build(engine)``."""
         if not self.first_order:
             check_exact(engine.model, "init_objective='maml'", error=MetaTrainingError)
+            if not engine.inner_rule.differentiable:
+                raise MetaTrainingError(
+                    f"Second-order MAML differentiates through the inner steps, but the "
+                    f"inner rule {engine.inner_rule!r} is not differentiable: use "
+                    "first_order=True (init_objective='fomaml') or another inner rule.")
         self.optimizer = default_optimizer(engine, self.optimizer)
 
     def after_build(self, engine):
         p, tp, sp = engine.partition, engine.theta_packer, engine.state_packer
-        extras = list(self.meta_variables(engine))
+        extras = self._extras(engine)
         variables = list(p.task_variables) + extras
         self._built_variables = [id(v) for v in variables]
         self.optimizer.build(variables)
@@ -73,9 +91,8 @@ class MAML(InitObjective):
 
         def maml(theta0, state, sx, sy, qx, qy):
             theta0, phi = tp.unpack(theta0), engine.phi()
-            kwargs = dict(first_order=self.first_order, state=sp.unpack(state))
-            if engine.custom_update:
-                kwargs["update"] = engine.inner_update
+            kwargs = dict(first_order=self.first_order, state=sp.unpack(state),
+                          rule=engine.inner_rule)
             if not extras:
                 loss, grads, _ = obj.maml_meta_gradient(
                     p, engine.loss, theta0, phi, (sx, sy), (qx, qy), engine.inner_lr,

@@ -93,6 +93,16 @@ class WarpObjective(MetaObjective):
     def build(self, engine):
         if self.exact:
             check_exact(engine.model, "warp_objective='exact'", error=MetaTrainingError)
+            if not engine.inner_rule.differentiable:
+                raise MetaTrainingError(
+                    f"warp_objective='exact' differentiates through the inner step, but the "
+                    f"inner rule {engine.inner_rule!r} is not differentiable: use "
+                    "warp_objective='approx' or another inner rule.")
+        if (self.learn_lr or self.learn_mu) and engine.custom_update:
+            raise MetaTrainingError(
+                f"learn_inner_learning_rate / learn_inner_momentum meta-learn the α and μ of "
+                f"the trainer's SGD rule, but the trainer's inner rule is "
+                f"{engine.inner_rule!r}, which does not use them: drop them or the rule.")
         if self.learn_mu and not engine.use_momentum:
             raise MetaTrainingError(
                 f"{type(engine).__name__}: learn_inner_momentum=True needs an inner_momentum "
@@ -133,19 +143,17 @@ class WarpObjective(MetaObjective):
             """One inner step at packed θ with ∇φ (and ∇α, ∇μ) of Eq. 3 through it."""
             phi = engine.phi()
             theta_l = [tf.stop_gradient(t) for t in tp.unpack(theta)]
-            velocity_l = ([tf.stop_gradient(v) for v in tp.unpack(velocity)]
-                          if engine.use_momentum else None)
+            velocity_l = tf.nest.map_structure(tf.stop_gradient,
+                                               engine.unpack_rule_state(velocity))
             lr = tf.identity(engine.inner_lr)
             mu = tf.identity(engine.inner_mu) if engine.use_momentum else None
-            update = engine.inner_update if engine.custom_update else None
             with tf.GradientTape() as tape:
                 tape.watch(phi)
                 tape.watch(lr)
                 if mu is not None:
                     tape.watch(mu)
-                step = obj.task_step(p, engine.loss, theta_l, phi, (x, y), lr, momentum=mu,
-                                     velocity=velocity_l, state=sp.unpack(state),
-                                     stop_inner_gradient=not self.exact, update=update)
+                step = engine.task_step(theta_l, velocity_l, sp.unpack(state), x, y, phi=phi,
+                                        lr=lr, mu=mu, stop_inner_gradient=not self.exact)
                 # The meta pass continues from the inner pass's state (fresh dropout masks).
                 meta, meta_state = self._meta_value(
                     engine, step.theta, phi, meta_batch,
@@ -245,7 +253,7 @@ class WarpObjective(MetaObjective):
     def store(self, engine, task_ids, k, carry):
         """Offline: appends every task's θ_k (and momentum buffer) to the buffer."""
         theta = [np.asarray(t) for t in carry["theta"]]
-        velocity = ([np.asarray(v) for v in carry["velocity"]] if engine.use_momentum
+        velocity = ([np.asarray(v) for v in carry["velocity"]] if engine.has_rule_state
                     else None)
         for g, tid in enumerate(task_ids):
             self.buffer.add(tid, k, [t[g] for t in theta],

@@ -33,12 +33,13 @@ from warpkeras.trainers.engine import AdaptationEngine
 from warpkeras.trainers.evaluation import Evaluation
 from warpkeras.trainers.loop import TrainingLoop
 from warpkeras.trainers.metrics import loss_is_classification
+from warpkeras import rules
 from warpkeras.trainers.parallel import PARALLEL_MODES, make_executor
 from warpkeras.trainers.presets import OBJECTIVE_OPTIONS, KeywordViews, objectives_from_options
 
 ENGINE_OPTIONS = {"accuracy": None, "head_layers": None, "untagged": "task",
                   "eval_training_mode": True, "jit_compile": False, "strategy": None,
-                  "group_size": None}
+                  "group_size": None, "inner_rule": None}
 
 
 def _owning_strategy(strategy, partition):
@@ -121,6 +122,12 @@ class MetaTrainer(KeywordViews, TrainingLoop, Evaluation, InputChecks, Adaptatio
                 bound the memory and tracing time of large meta-batches.
             strategy: a `tf.distribute.Strategy` to split each meta-batch across replicas
                 (`meta_batch_size` must be a multiple of the replica count).
+            inner_rule: the inner update rule, a `warpkeras.rules.InnerRule`
+                (`warpkeras.rules.SGD`, `warpkeras.rules.MetaSGD`, `warpkeras.KFAC` or
+                one of your own). `None` (default): SGD with `inner_learning_rate` and
+                `inner_momentum`. The one rule steps every adaptation: meta-training (MAML's
+                unrolled steps included), `adapt`, `evaluate`, fine-tuning and the exported
+                SavedModel (``trainer.inner_rule``). Exclusive with `inner_momentum`.
 
     Raises:
         TypeError: an argument of the wrong type (``inner_steps="five"``,
@@ -177,6 +184,13 @@ class MetaTrainer(KeywordViews, TrainingLoop, Evaluation, InputChecks, Adaptatio
         inner_momentum = number(inner_momentum, "inner_momentum", minimum=0.0, maximum=1.0,
                                 max_inclusive=False, allow_none=True, example=0.9)
         meta_optimizer = _v.get_optimizer(meta_optimizer, "meta_optimizer", where=where)
+        inner_rule = rules.get(e["inner_rule"], where=f"{where}: inner_rule")
+        if inner_rule is not None and inner_momentum is not None:
+            raise MetaTrainingError(
+                f"{where}: inner_momentum={inner_momentum:g} sets the momentum of the default "
+                f"SGD rule, but inner_rule={inner_rule!r} is given: set it on the rule "
+                "(e.g. warpkeras.rules.SGD(0.1, momentum=0.9)) and drop inner_momentum.")
+        self._given_rule = inner_rule
         legacy = {k: v for k, v in options.items() if k in OBJECTIVE_OPTIONS}
         if objectives is None:
             objectives = objectives_from_options(where, legacy, meta_optimizer,
@@ -352,6 +366,7 @@ class MetaTrainer(KeywordViews, TrainingLoop, Evaluation, InputChecks, Adaptatio
         ``parallel`` mode (what ``"auto"`` stood for) and ``group_size`` (the largest
         group of a meta-batch of `meta_batch_size` tasks)."""
         config = super().get_config()
+        config["inner_rule"] = self.inner_rule.get_config()
         config["parallel"] = self.parallel
         config["group_size"] = self.executor.group_size(self.meta_batch_size)
         return config
@@ -364,4 +379,6 @@ class MetaTrainer(KeywordViews, TrainingLoop, Evaluation, InputChecks, Adaptatio
                  "stream_count": self._stream_count}
         for o in self.objectives:
             items.update(o.checkpoint_items(self))
+        if self.inner_rule.variables:  # e.g. Meta-SGD's α, learned or not
+            items["inner_rule_variables"] = list(self.inner_rule.variables)
         return items

@@ -67,6 +67,10 @@ def _check_objectives(objectives, where):
     return list(objectives)
 
 
+class TaskDataExhaustedError(RuntimeError):
+    """A task's generator of adaptation or meta batches ran out of batches."""
+
+
 class InputChecks:
     """Input and label checks of `MetaTrainer` (needs ``model`` and ``loss``)."""
 
@@ -183,8 +187,9 @@ class InputChecks:
         limit = self._label_limit()
 
         def checked():
-            first = True
+            first, count = True, 0
             for batch in batches:
+                count += 1
                 if isinstance(batch, (tuple, list)) and len(batch) == 2:
                     if first:
                         self._check_inputs(task, batch[0], which)
@@ -193,6 +198,13 @@ class InputChecks:
                     if limit is not None:
                         self._check_labels(task, batch[1], which)
                 yield batch
+            # a generator (or finite iterable) of batches ran out: name it, instead of the
+            # bare StopIteration that would end a loop somewhere else without a word
+            raise TaskDataExhaustedError(
+                f"Task '{getattr(task, 'name', 'task')}': its {which} batches ran out after "
+                f"{count} batch(es). Adaptation and meta batches are read as an endless "
+                "stream: make the task's generator loop forever (e.g. `while True:` around "
+                "its `yield`s), or give arrays or a tf.data.Dataset, which are repeated.")
 
         return checked()
 

@@ -15,6 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from warpkeras import objectives as obj
+from warpkeras import rules
 from warpkeras.meta.base import MetaTrainingError, all_finite
 from warpkeras.trainers.metrics import batch_accuracy
 
@@ -54,6 +55,11 @@ class _Packer:
         return out
 
 
+def _leaves(structure):
+    """The tensors of a rule state (none for `None`)."""
+    return [] if structure is None else tf.nest.flatten(structure)
+
+
 def _only_one(objectives, hook):
     found = [o for o in objectives if type(o).overrides(hook)]
     if len(found) > 1:
@@ -61,6 +67,29 @@ def _only_one(objectives, hook):
             f"Objectives {', '.join(type(o).__name__ for o in found)} all define "
             f"`{hook}`, but a trainer runs one inner step rule: keep one of them.")
     return found[0] if found else None
+
+
+class _ObjectiveRule(rules.InnerRule):
+    """An objective's `inner_update` hook as the trainer's inner rule: its state is the
+    heavy-ball velocity when the trainer has ``inner_momentum`` (zeros at the start),
+    else `None`. Not exportable: the hook reads the trainer."""
+
+    exportable = False
+
+    def __init__(self, objective, engine):
+        self.objective = objective
+        self.engine = engine
+
+    def init(self, theta, seed=0):
+        if self.engine.use_momentum:
+            return [tf.zeros_like(t) for t in theta]
+        return None
+
+    def update(self, grads, state, theta, extra=None):
+        return self.objective.inner_update(self.engine, list(theta), grads, state)
+
+    def get_config(self):
+        return {"class": f"{type(self.objective).__name__}.inner_update"}
 
 
 class AdaptationEngine:
@@ -106,17 +135,62 @@ class AdaptationEngine:
     _phi, _theta0 = phi, theta0
 
     def inner_update(self, theta, grads, velocity):
-        """The inner update rule in use: an objective's `inner_update`, else SGD with α
-        (and heavy-ball μ) (`warpkeras.objectives.sgd_update`)."""
-        if self._updater is not None:
-            return self._updater.inner_update(self, theta, grads, velocity)
-        mu = self.inner_mu if self.use_momentum else None
-        return obj.sgd_update(theta, grads, self.inner_lr, mu, velocity)
+        """``inner_rule.update`` with the arguments in the order of the objectives'
+        `inner_update` hook: lists θ_k, ∇L(θ_k) and the rule's state in,
+        ``(θ_{k+1}, state)`` out (before the constraints, which `inner_step` applies)."""
+        return self.inner_rule.update(grads, velocity, list(theta))
 
     @property
     def custom_update(self):
-        """Whether an objective replaces the SGD inner rule."""
-        return self._updater is not None
+        """Whether the inner rule is not the trainer's SGD with α and μ."""
+        return self.inner_rule is not self._sgd_rule
+
+    @property
+    def has_rule_state(self):
+        """Whether the inner rule carries a state (heavy-ball velocity, K-FAC factors):
+        it travels packed (`rule_state_packer`) where the momentum buffer did."""
+        return bool(self._rule_packer.shapes)
+
+    @property
+    def rule_state_packer(self):
+        """Packs the leaves of the inner rule's state (see `pack_rule_state`)."""
+        return self._rule_packer
+
+    def pack_rule_state(self, state):
+        """The inner rule's state (a nested structure) as packed tensors (a tuple)."""
+        return self._rule_packer.pack(tf.nest.flatten(state)) if self.has_rule_state else ()
+
+    def unpack_rule_state(self, packed):
+        """The inverse of `pack_rule_state` (`None` for a rule without state)."""
+        if not self.has_rule_state:
+            return self._rule_empty
+        return tf.nest.pack_sequence_as(self._rule_structure, self._rule_packer.unpack(packed))
+
+    def task_step(self, theta, velocity, state, x, y, rule=None, phi=None, lr=None, mu=None,
+                  stop_inner_gradient=False):
+        """The one inner step (`warpkeras.objectives.task_step`) with the trainer's loss,
+        partition, constraints and inner rule, at lists θ_k and rule state (traceable).
+
+        Args:
+            theta: θ_k (list of tensors).
+            velocity: the rule's state (unpacked).
+            state: the model's state (list).
+            x, y: the batch.
+            rule: another rule (default: the trainer's).
+            phi: φ (default: the current warp values).
+            lr, mu: α and μ tensors for the trainer's SGD rule (to differentiate them).
+            stop_inner_gradient: see `task_step`.
+
+        Returns:
+            A `warpkeras.objectives.StepResult`.
+        """
+        rule = self.inner_rule if rule is None else rule
+        if rule is self._sgd_rule and lr is not None:
+            rule = rules.SGD(lr, mu if self.use_momentum else None)
+        return obj.task_step(self.partition, self.loss, theta,
+                             self._phi() if phi is None else phi, (x, y), None,
+                             velocity=velocity, state=state, rule=rule,
+                             stop_inner_gradient=stop_inner_gradient)
 
     def compile_group(self, fn, name):
         """``fn`` (one task) compiled into a function of stacked task groups by the
@@ -164,6 +238,7 @@ class AdaptationEngine:
                 f"momentum, but the trainer has inner_momentum={float(self.inner_mu.numpy()):g}: "
                 f"create the trainer with inner_momentum=None, or set "
                 f"{name}.supports_momentum = True if the rule uses the velocity it is given.")
+        self._build_rule()
         self._adapts = any(o.adapts for o in self.objectives) or not self.objectives
         self._meta_batches = any(o.meta_batches for o in self.objectives)
         self._stream = any(o.continues_stream for o in self.objectives)
@@ -190,8 +265,8 @@ class AdaptationEngine:
                                           carry["state"], x, y), {}
             new = dict(carry)
             new["theta"] = tp.pack([stop(t) for t in step.theta])
-            if self.use_momentum:
-                new["velocity"] = tp.pack([stop(v) for v in step.velocity])
+            if self.has_rule_state:
+                new["velocity"] = tuple(stop(v) for v in self.pack_rule_state(step.velocity))
             new["state"] = sp.pack(step.state)
             grads = tp.pack([stop(g) for g in step.gradients])
             finite = tf.logical_and(tf.math.is_finite(step.loss),
@@ -204,15 +279,6 @@ class AdaptationEngine:
                 o.step(self, carry, new, out, result)
             return new, out
 
-        def plain_step_fn(theta, velocity, state, x, y):
-            """One inner step with φ frozen (evaluation and fine-tuning)."""
-            step = self.run_step(theta, velocity, state, x, y)
-            new_theta = tp.pack(step.theta)
-            sq = tf.add_n([tf.reduce_sum(tf.square(a - b)) for a, b in zip(new_theta, theta)])
-            finite = tf.logical_and(tf.math.is_finite(step.loss), all_finite(step.gradients))
-            return (new_theta, tp.pack(step.velocity) if self.use_momentum else velocity,
-                    sp.pack(step.state), step.loss, self._metric(y, step.outputs), sq, finite)
-
         def evaluate_point(theta, state, x, y):
             loss, _, outputs = obj.task_loss(
                 p, self.loss, tp.unpack(theta), self._phi(), (x, y), sp.unpack(state),
@@ -220,21 +286,81 @@ class AdaptationEngine:
             return loss, self._metric(y, outputs)
 
         self._group_step = self.compile_group(meta_step_fn, "group_step")
-        self._plain_step = self.compile_single(plain_step_fn, "plain_step")
+        self._plain_steps = {}
+        self._plain_step = self.plain_step()
         self._evaluate_point = self.compile_single(evaluate_point, "evaluate_point")
 
+    def _build_rule(self):
+        """The inner rule in use (`inner_rule`): the one given to the trainer, else an
+        objective's `inner_update` hook, else SGD with α (and heavy-ball μ); built on the
+        partition, and the layout of its packed state."""
+        mu = self.inner_mu if self.use_momentum else None
+        self._sgd_rule = rules.SGD(self.inner_lr, mu)
+        given = getattr(self, "_given_rule", None)
+        if given is not None and self._updater is not None:
+            raise MetaTrainingError(
+                f"{type(self._updater).__name__} defines inner_update, and the trainer was "
+                f"given inner_rule={given!r}: a trainer runs one inner rule; keep one.")
+        if given is not None:
+            self.inner_rule = given
+        elif self._updater is not None:
+            self.inner_rule = _ObjectiveRule(self._updater, self)
+        else:
+            self.inner_rule = self._sgd_rule
+        self.inner_rule.build(self.partition, self.loss)
+        self._rule_structure = self.inner_rule.init(
+            [tf.convert_to_tensor(v.value) for v in self.partition.task_variables])
+        leaves = _leaves(self._rule_structure)
+        self._rule_empty = self._rule_structure if not leaves else None
+        self._rule_packer = _Packer(leaves)
+
+    def plain_step(self, rule=None):
+        """The compiled inner step with φ frozen (evaluation and fine-tuning) for `rule`
+        (default: the trainer's): ``step(theta, rule_state, state, x, y) -> (theta,
+        rule_state, state, loss, metric, squared step length, finite)``, everything
+        packed. One compiled step per rule."""
+        rule = self.inner_rule if rule is None else rule
+        if id(rule) in self._plain_steps:
+            return self._plain_steps[id(rule)][1]
+        tp, sp = self._theta_packer, self._state_packer
+        theta0 = [tf.convert_to_tensor(v.value) for v in self.partition.task_variables]
+        structure = rule.init(theta0)
+        leaves = _leaves(structure)
+        packer = _Packer(leaves)
+
+        def plain_step_fn(theta, velocity, state, x, y):
+            """One inner step with φ frozen (evaluation and fine-tuning)."""
+            rule_state = (tf.nest.pack_sequence_as(structure, packer.unpack(velocity))
+                          if leaves else structure)
+            step = self.task_step([tf.stop_gradient(t) for t in tp.unpack(theta)],
+                                  rule_state, sp.unpack(state), x, y, rule=rule)
+            new_theta = tp.pack(step.theta)
+            sq = tf.add_n([tf.reduce_sum(tf.square(a - b)) for a, b in zip(new_theta, theta)])
+            finite = tf.logical_and(tf.math.is_finite(step.loss), all_finite(step.gradients))
+            new_velocity = packer.pack(tf.nest.flatten(step.velocity)) if leaves else velocity
+            return (new_theta, new_velocity, sp.pack(step.state), step.loss,
+                    self._metric(y, step.outputs), sq, finite)
+
+        def start(theta, seed=0):
+            """The packed rule state at the start of an adaptation from packed θ."""
+            return packer.pack(tf.nest.flatten(rule.init(tp.unpack(theta), seed=seed))
+                               ) if leaves else ()
+
+        fn = self.compile_single(plain_step_fn, "plain_step")
+        fn.start = start
+        self._plain_steps[id(rule)] = (rule, fn)
+        return fn
+
     def run_step(self, theta, velocity, state, x, y):
-        """The default inner step at packed θ_k (traced): a `StepResult` (lists)."""
+        """The trainer's inner step at packed θ_k and rule state (traced): a `StepResult`
+        (lists)."""
         tp = self._theta_packer
         theta_l = [tf.stop_gradient(t) for t in tp.unpack(theta)]
-        velocity_l = ([tf.stop_gradient(v) for v in tp.unpack(velocity)]
-                      if self.use_momentum else None)
+        velocity_l = tf.nest.map_structure(tf.stop_gradient, self.unpack_rule_state(velocity))
         lr = tf.identity(self.inner_lr)
         mu = tf.identity(self.inner_mu) if self.use_momentum else None
-        return obj.task_step(self.partition, self.loss, theta_l, self._phi(), (x, y), lr,
-                             momentum=mu, velocity=velocity_l,
-                             state=self._state_packer.unpack(state),
-                             update=self.inner_update if self._updater is not None else None)
+        return self.task_step(theta_l, velocity_l, self._state_packer.unpack(state), x, y,
+                              lr=lr, mu=mu)
 
     def _metric(self, y, outputs):
         if self.accuracy:
@@ -250,8 +376,8 @@ class AdaptationEngine:
             values = head if head is not None else self._initial_head
             for i, h in zip(self.head_indices, values):
                 theta[i] = tf.convert_to_tensor(h)
+        velocity = self.pack_rule_state(self.inner_rule.init(theta))
         theta = self._theta_packer.pack(theta)
-        velocity = tuple(tf.zeros_like(t) for t in theta) if self.use_momentum else ()
         state = self._state_packer.pack([v.value for v in self.partition.state_variables])
         return theta, velocity, state
 
@@ -267,7 +393,7 @@ class AdaptationEngine:
         theta, velocity, state = start if start is not None else self._start_values()
         stack = lambda values: tuple(tf.stack([v] * size) for v in values)  # noqa: E731
         carry = {"theta": stack(theta), "state": stack(state)}
-        if self.use_momentum:
+        if self.has_rule_state:
             carry["velocity"] = stack(velocity)
         for o in self.objectives:
             carry.update(o.initial_carry(self, size, carry["theta"]))
@@ -350,7 +476,7 @@ class AdaptationEngine:
             )
         outs, order = [], []
         for idx in groups.values():
-            part = tf.nest.map_structure(lambda t: tf.gather(t, idx), stacked)
+            part = tf.nest.map_structure(lambda t, idx=idx: tf.gather(t, idx), stacked)
             outs.append(fn(*part, *[self._stack_batches([arg[i] for i in idx])
                                     for arg in batches]))
             order.extend(idx)

@@ -4,11 +4,14 @@ export, and the summary over tasks (`summarize`)."""
 import math
 import warnings
 
+import copy as _copy
+
 import keras
 import numpy as np
 import tensorflow as tf
 
 from warpkeras import _validation as _v
+from warpkeras import rules
 from warpkeras.tasks import Task, as_task
 
 
@@ -99,8 +102,10 @@ class Evaluation:
     def export(self, path, steps=None, overwrite=False, **kwargs):
         """Exports the meta-learned model as an adaptive SavedModel (see
         `warpkeras.export_adaptive`) with this trainer's loss, inner learning rate and
-        momentum: `serving_default` predicts with θ0 and φ, `adapt` and `adapt_and_predict`
-        run `steps` warped SGD steps on a support set inside the graph.
+        momentum, or its inner rule (``trainer.inner_rule``, traced with its variables, e.g.
+        Meta-SGD's α): `serving_default` predicts with θ0 and φ, `adapt` and
+        `adapt_and_predict` run `steps` steps of that rule on a support set inside the
+        graph, so that the served adaptation equals `adapt`'s.
 
         Args:
             path: the SavedModel folder.
@@ -119,17 +124,42 @@ class Evaluation:
 
         Returns:
             The path written.
+
+        Raises:
+            ValueError: the trainer's inner rule cannot be served (an objective's
+                `inner_update` hook, or a rule with ``exportable = False``): the message
+                names it.
         """
         from warpkeras.export import export_adaptive
 
         kwargs.setdefault("training", True)
         kwargs.setdefault("predict_training", self.eval_training_mode)
         kwargs.setdefault("untagged", self.partition.untagged)
+        if self.custom_update:
+            kwargs.setdefault("rule", self.inner_rule)
         return export_adaptive(
             self.model, path, loss=self.loss, learning_rate=float(self.inner_lr.numpy()),
             momentum=float(self.inner_mu.numpy()) if self.use_momentum else None,
             steps=self.inner_steps if steps is None else steps, overwrite=overwrite,
             **kwargs)
+
+    def _rule_step(self, rule):
+        """The compiled plain step of an `adapt` / `evaluate` rule other than the trainer's
+        (one bound copy per rule given, so that one rule value serves several trainers)."""
+        if not isinstance(rule, rules.InnerRule):
+            raise TypeError(
+                f"adapt: inner_optimizer={_v.describe(rule)} is not valid: expected an inner "
+                "rule such as warpkeras.KFAC(...) or warpkeras.rules.SGD(0.1, momentum=0.9) "
+                "(a warpkeras.rules.InnerRule), or None.")
+        if rule is self.inner_rule:
+            return self._plain_step
+        bound = self.__dict__.setdefault("_bound_rules", {})
+        key = (id(rule), tuple(sorted(str(kv) for kv in rule.get_config().items())))
+        if key not in bound:
+            copy = _copy.copy(rule)
+            copy.build(self.partition, self.loss)
+            bound[key] = (rule, copy)
+        return self.plain_step(bound[key][1])
 
     # ------------------------------------------------------------------------------------
     # evaluation
@@ -144,10 +174,11 @@ class Evaluation:
             eval_every: evaluate held-out test data every this many steps (and at 0 and
                 the end); `None`: only at 0 and at the end.
             record: keep per-step curves.
-            inner_optimizer: `None` (the trainer's warped SGD step with its inner learning
-                rate and momentum), or an inner optimiser such as `warpkeras.KFAC`, which
-                then makes every step with its own learning rate (and state, reset for
-                each adaptation); φ stays frozen.
+            inner_optimizer: `None` (the trainer's inner rule, ``trainer.inner_rule``), or
+                another inner rule (a `warpkeras.rules.InnerRule` such as `warpkeras.KFAC`),
+                which then makes every step with its own settings (its state starts from
+                ``rule.init(θ0, seed)`` for each adaptation); φ stays frozen. Constraints
+                of the task variables hold after every step either way.
 
         Returns:
             ``(theta, curves)``: the adapted task values (a list matching
@@ -163,12 +194,8 @@ class Evaluation:
         state = self._reseed(state, 104729, seed)
         step_fn = self._plain_step
         if inner_optimizer is not None:
-            if not hasattr(inner_optimizer, "adaptation_step"):
-                raise TypeError(
-                    f"adapt: inner_optimizer={_v.describe(inner_optimizer)} is not valid: "
-                    "expected an inner optimiser such as warpkeras.KFAC(...) or None.")
-            # The optimiser's state travels in the momentum slot of the step.
-            step_fn, velocity = inner_optimizer.adaptation_step(self, theta, seed)
+            step_fn = self._rule_step(inner_optimizer)
+            velocity = step_fn.start(theta, seed)
         test = task.test_data()
         if test is not None:
             self._check_inputs(task, test[0], "test")

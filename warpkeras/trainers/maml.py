@@ -7,8 +7,10 @@ from warpkeras.trainers.base import MetaTrainer
 class MAMLTrainer(MetaTrainer):
     """Model-Agnostic Meta-Learning (Finn et al.; WarpGrad Eq. 1).
 
-    For each task, K SGD steps from θ0 on a support batch (the task's first adaptation
-    batch, reused at every step), then the loss on a query batch (the task's meta data);
+    For each task, K steps of the inner rule (SGD with ``inner_learning_rate`` and, when
+    given, heavy-ball ``inner_momentum``, or ``inner_rule=``) from θ0 on a support batch
+    (the task's first adaptation batch, reused at every step), then the loss on a query
+    batch (the task's meta data);
     θ0 follows the gradient of that loss, through the K steps (second order) or, with
     ``first_order=True``, with the inner gradients stopped (FOMAML). The K steps are
     unrolled in the graph: MAML is a few-shot method.

@@ -373,14 +373,19 @@ class DistributedExecutor:
     def masked_sum(self, stacked, mask):
         mask = tf.cast(tf.convert_to_tensor(mask), stacked[0].dtype)
         split = self._split((tuple(stacked), mask))
-
-        def partial(args):
-            values, m = args
-            return [tf.tensordot(m, v, axes=1) for v in values]
-
-        per_replica = self.strategy.run(partial, args=(split,))
+        per_replica = self.strategy.run(_replica_masked_sum, args=(split,))
         return [self.strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None)
                 for v in per_replica]
+
+
+@tf.function(reduce_retracing=True)
+def _replica_masked_sum(args):
+    """In a replica context: ``[Σ_i m_i · v[i] for v in values]`` over this replica's tasks,
+    for ``args = (values, m)``. A `tf.function`, so that `tf.distribute.Strategy.run` runs
+    it as a graph (run eagerly, a multi-worker strategy warns of its overhead on every
+    call)."""
+    values, m = args
+    return [tf.tensordot(m, v, axes=1) for v in values]
 
 
 def _all_gather_tasks(value):

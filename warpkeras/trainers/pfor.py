@@ -182,7 +182,7 @@ _CONVERTED_OPS = tuple(_CONVERTERS)
 # the trace: a strategy's replica threads trace their steps concurrently.
 _tracing = threading.local()
 _SETUP_LOCK = threading.Lock()
-_installed = []
+_installed: list = []
 
 
 def _install_converters(pfor):
