@@ -12,8 +12,8 @@ import json
 import os
 import re
 import shutil
-import socket
 import signal
+import socket
 import stat
 import subprocess
 import sys
