@@ -114,7 +114,7 @@ class Evaluation:
             overwrite: replace an existing SavedModel at `path` (without it an existing,
                 non-empty folder is refused).
             **kwargs: forwarded to `warpkeras.export_adaptive` (e.g. ``from_logits``,
-                ``input_spec``, ``max_rows``, ``max_row_steps``, ``max_steps``).
+                ``input_spec``, ``max_elements``, ``max_element_steps``, ``max_steps``).
 
         The served model adapts in training mode, as the trainers' inner loop does, and
         predicts in `eval_training_mode` (``training=True``,
