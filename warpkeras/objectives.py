@@ -8,7 +8,7 @@ reads or writes a Keras variable, so they compose freely inside `tf.function` an
 | function                    | paper                                   |
 |-----------------------------|-----------------------------------------|
 | `task_loss`                 | L_task(θ; φ) on one batch               |
-| `task_step`                 | WarpGrad Alg. 1 line 8 (+ momentum, App. G; any `warpkeras.rules` rule) |
+| `task_step`                 | WarpGrad Alg. 1 line 8, any inner rule  |
 | `warp_objective`            | WarpGrad Eq. 3 (exact or approximate)   |
 | `warp_meta_gradient`        | ∇φ of Eq. 3                             |
 | `leap_meta_gradient`        | Leap Eq. 8 / WarpGrad Eq. 12            |
