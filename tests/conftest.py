@@ -60,29 +60,6 @@ def pytest_xdist_auto_num_workers(config):
     return workers if workers > 1 else 0
 
 
-_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
-
-
-def pytest_collection_modifyitems(items):
-    """Drops memory addresses from test ids.
-
-    A parameter without a readable id (``<object object at 0x7f...>``) gets one that differs
-    from process to process, and pytest-xdist's workers (``-n``, pytest.ini) refuse to run
-    unless each of them collects the same ids. Dropping the address makes them the same.
-    """
-    for item in items:
-        if not _ADDRESS.search(item.nodeid):
-            continue
-        nodeid = _ADDRESS.sub("", item.nodeid)
-        item.name = _ADDRESS.sub("", item.name)
-        # pytest keeps the id as a string (< 9) or as a parsed `NodeId` (>= 9)
-        if hasattr(item, "_id"):
-            item._id = type(item._id).parse(nodeid)
-        else:
-            item._nodeid = nodeid
-        assert item.nodeid == nodeid, (item.nodeid, nodeid)
-
-
 @pytest.fixture(autouse=True)
 def _seed():
     keras.utils.set_random_seed(1234)

@@ -12,6 +12,8 @@ import math
 
 import keras
 import numpy as np
+import re
+
 import pytest
 
 import warpkeras
@@ -20,7 +22,15 @@ from warpkeras.data import ClassificationTask
 from warpkeras.trainers import MetaTrainer
 
 LOSS = "sparse_categorical_crossentropy"
-FILE = object()  # placeholder: replaced by the path of an existing file
+class _File:
+    """Placeholder for the path of an existing file (made per test); its fixed repr keeps
+    the test ids the same in every process."""
+
+    def __repr__(self):
+        return "FILE"
+
+
+FILE = _File()
 
 
 @pytest.fixture(scope="module")
@@ -181,16 +191,22 @@ BASE_KWARGS = {
 }
 
 
+def _readable(value):
+    """`repr(value)` without memory addresses, so that every test process (pytest-xdist)
+    collects the same test ids."""
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", repr(value))
+
+
 def _trainer_rows():
     rows = []
     for name, fixed in FIXED.items():
         for arg, value, exc, regex, *extra in OWN[name]:
             rows.append(pytest.param(name, arg, value, exc, regex, *(extra or [{}]),
-                                     id=f"{name}-{arg}-{value!r}"))
+                                     id=f"{name}-{arg}-{_readable(value)}"))
         for arg, value, exc, regex in COMMON:
             if arg not in fixed:
                 rows.append(pytest.param(name, arg, value, exc, regex, {},
-                                         id=f"{name}-{arg}-{value!r}"[:80]))
+                                         id=f"{name}-{arg}-{_readable(value)}"[:80]))
         for arg in sorted(fixed):
             rows.append(pytest.param(name, arg, None, TypeError,
                                      rf"multiple values for keyword argument '{arg}'", {},
