@@ -96,7 +96,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from warpkeras._losses import loss_settings
+from warpkeras._losses import as_task_loss
 from warpkeras import _validation as _v
 from warpkeras import objectives as obj
 
@@ -189,12 +189,15 @@ class _Gaussian(_Likelihood):
 
 
 def _likelihood(loss):
-    name, from_logits = loss_settings(loss)
-    if "sparse_categorical_crossentropy" in name:
-        return _Categorical(from_logits, sparse=True)
-    if "categorical_crossentropy" in name and "binary" not in name:
-        return _Categorical(from_logits, sparse=False)
-    if name in ("mean_squared_error", "mse"):
+    kinds = as_task_loss(loss, where="KFAC").kinds()
+    if len(kinds) != 1:
+        return None
+    kind = kinds[0]
+    if kind.function == "sparse_categorical_crossentropy":
+        return _Categorical(kind.from_logits, sparse=True)
+    if kind.function == "categorical_crossentropy":
+        return _Categorical(kind.from_logits, sparse=False)
+    if kind.function == "mean_squared_error":
         return _Gaussian()
     return None
 
