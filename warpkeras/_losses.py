@@ -391,11 +391,12 @@ class TaskLoss:
                 raise ValueError(f"{self.where}: sample weights were given twice.")
             y_true, sample_weight = y_true
         y_true, y_pred = self._align(y_true, y_pred)
-        if not self._compiled.built and tf.nest.is_nested(y_pred):
+        if not self._compiled.built:
             try:
                 self._compiled.build(y_true, y_pred)
             except (ValueError, KeyError, TypeError):
                 pass  # `CompileLoss.call` reconciles the structures and builds itself.
+        self._check_shapes(y_true, y_pred)
         if sample_weight is not None:
             sample_weight = tf.nest.map_structure(
                 lambda w: w if w is None else tf.convert_to_tensor(w), sample_weight)
@@ -405,7 +406,6 @@ class TaskLoss:
             raise ValueError(
                 f"{self.where}: the labels do not match the model's outputs or the loss "
                 f"configuration: {e}") from None
-        self._check_shapes(y_true, y_pred)
         if value is None:
             raise ValueError(f"{self.where}: no output of the model has a loss.")
         return value

@@ -89,6 +89,7 @@ import keras
 import tensorflow as tf
 
 from warpkeras import _validation, objectives, roles
+from warpkeras._losses import TaskLoss
 from warpkeras.partition import UNTAGGED_POLICIES
 from warpkeras.partition import partition as _partition
 
@@ -105,7 +106,15 @@ SIGNATURES = ("serving_default", "adapt", "adapt_and_predict")
 
 # --- losses ----------------------------------------------------------------------------
 def _resolve_loss(loss, from_logits, model):
-    """Returns ``(loss_fn, sparse_labels, description)`` for a loss given as in `compile`."""
+    """Returns ``(loss_fn, sparse_labels, description)`` for a loss given as in `compile`:
+    `loss_fn` is the `warpkeras._losses.TaskLoss` that training uses too (masks, Keras's
+    reduction), and `sparse_labels` comes from its `LossKind`."""
+    if isinstance(loss, TaskLoss):
+        if from_logits is not None:
+            raise ValueError(
+                "from_logits only applies to losses given by name; set it on the trainer's "
+                "loss instead.")
+        return loss, _sparse_labels(loss), loss.name
     if loss is None:
         loss = getattr(model, "loss", None)
         if loss is None:
@@ -160,10 +169,14 @@ def _resolve_loss(loss, from_logits, model):
             f"loss must be a Keras loss object, a loss name or a function; got "
             f"{type(loss).__name__}."
         )
-    base = fn.func if isinstance(fn, functools.partial) else fn
-    base_name = getattr(base, "__name__", type(base).__name__)
-    sparse = "sparse" in base_name.lower() and "crossentropy" in base_name.lower()
-    return fn, sparse, name
+    task_loss = TaskLoss(fn, model=model, where="export_adaptive")
+    return task_loss, _sparse_labels(task_loss), name
+
+
+def _sparse_labels(task_loss):
+    """Whether the (one-output) loss takes class ids (a sparse categorical cross-entropy)."""
+    kinds = task_loss.kinds()
+    return len(kinds) == 1 and kinds[0].category == "sparse_categorical"
 
 
 # --- specs ------------------------------------------------------------------------------

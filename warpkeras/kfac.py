@@ -487,7 +487,7 @@ class KFACPlan:
         self.loss = loss
         self.likelihood = _likelihood(loss)
         if self.likelihood is None and config.fisher != "empirical":
-            name, _ = loss_settings(loss)
+            name = as_task_loss(loss, where="KFAC").name
             raise ValueError(
                 f"KFAC: fisher={config.fisher!r} needs the model's predictive distribution, "
                 f"which is known for the sparse / categorical cross-entropy and mean squared "
