@@ -750,8 +750,13 @@ class _Program:
 
     # -- maths ----------------------------------------------------------------------------
     def _forward(self, theta, x, state):
-        y, _ = self.partition.call(theta, self._phi(), x, state=state,
-                                   training=self.predict_training)
+        """Predictions as `MetaTrainer.evaluate` makes them: every layer in inference mode
+        (no dropout), batch norm with the query batch's own statistics when
+        `predict_training` (the transductive convention), else with `state`'s."""
+        phi = self._phi()
+        if self.predict_training and _has_batch_norm(self.model):
+            state = batch_statistics(self.partition, theta, phi, x, state)
+        y, _ = self.partition.call(theta, phi, x, state=state, training=False)
         return y
 
     def _loop(self, x, y, steps):

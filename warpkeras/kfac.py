@@ -96,7 +96,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from warpkeras._losses import as_task_loss
+from warpkeras._losses import as_task_loss, split_batch
 from warpkeras import _validation as _v
 from warpkeras import objectives as obj
 
@@ -596,7 +596,7 @@ class KFACPlan:
                 loss, new_state, outputs = obj.task_loss(
                     self.partition, self.loss, theta, phi, batch, state, training,
                     return_outputs=True)
-            terms = self._fisher_terms(batch[1], outputs, seed)
+            terms = self._fisher_terms(split_batch(batch)[1], outputs, seed)
         grads = tape.gradient(loss, theta, unconnected_gradients=tf.UnconnectedGradients.ZERO)
         dt = self.dtype
         a_list, g_list = [], []

@@ -17,8 +17,11 @@ reads or writes a Keras variable, so they compose freely inside `tf.function` an
 | `reptile_direction`         | Reptile (Nichol et al.)                 |
 | `continual_objective`       | WarpGrad Eq. 14 / 18                    |
 
-A *batch* is a pair ``(x, y)``; a *loss function* is ``loss_fn(y_true, y_pred) -> scalar``
-(any Keras loss object or plain function).
+A *batch* is ``(x, y)`` or ``(x, y, sample_weight)`` as `keras.Model.fit` takes it (the
+trainers pass weighted batches as ``(x, warpkeras._losses.Targets(y, sample_weight))``); a
+*loss function* is anything `keras.Model.compile` takes as ``loss`` (a name, a Keras loss
+object, ``fn(y_true, y_pred)``, a dict / list per output) or a
+`warpkeras._losses.TaskLoss`, and is computed as `model.fit` computes it (`task_loss`).
 """
 
 import weakref
