@@ -457,8 +457,14 @@ def test_labels_of_another_shape_are_refused(name, width):
     x = kind.train[0]
     units = 1 if name == "inputs" else 2
     task = warpkeras.Task(train=(x, np.zeros((N, width), "float32")), batch_size=4)
-    with pytest.raises(ValueError, match=rf"shape \(4, {width}\).*\(4, {units}\).*broadcast"):
+    with pytest.raises(ValueError, match=rf"Task 'task': its train data: the labels of the "
+                       rf"output have shape \(4, {width}\).*\(None, {units}\).*broadcast"):
         kind.trainer.adapt(task, steps=1)
+    p = kind.trainer.partition
+    theta = [v.value for v in p.task_variables]
+    batch = (tf.nest.map_structure(lambda t: t[:4], x), np.zeros((4, width), "float32"))
+    with pytest.raises(ValueError, match=rf"\(4, {width}\).*\(4, {units}\).*broadcast"):
+        obj.task_loss(p, "mse", theta, [], batch)
 
 
 def test_loss_kinds_are_decided_in_one_place():
@@ -505,3 +511,45 @@ def test_evaluate_reports_keras_numbers_for_weighted_tf_data():
                                rtol=2e-5)
     unweighted = _evaluate(twin, kind.test[:2])
     assert abs(unweighted - report["final_test_loss"]["mean"]) > 1e-4
+
+
+# ----------------------------------------------------------------------------- meta-training
+@pytest.mark.parametrize("trainer_cls", ["MAMLTrainer", "LeapTrainer"])
+def test_meta_training_weighs_the_examples(trainer_cls):
+    """Weights 2 on half of the rows and 0 on the other half are the unweighted half (the
+    loss's sum over the batch is divided by the batch size, as in Keras): one meta step
+    on either gives the same θ0. Dict outputs, weighted adaptation and meta data."""
+    kind = _kind("dict_outputs")
+    x, y, _ = kind.train
+    half = N // 2
+    w = np.r_[np.full(half, 2.0), np.zeros(N - half)].astype("float32")
+    first = lambda s: tf.nest.map_structure(lambda t: t[:half], s)  # noqa: E731
+    results = []
+    for data in ((x, y, w), (first(x), first(y))):
+        model = keras.models.clone_model(kind.model)
+        model.set_weights(kind.model.get_weights())
+        trainer = getattr(warpkeras, trainer_cls)(
+            model, kind.loss, loss_weights=kind.loss_weights, inner_learning_rate=ALPHA,
+            inner_steps=2, meta_batch_size=1, meta_optimizer=keras.optimizers.SGD(0.1),
+            parallel="sequential", accuracy=False)
+        trainer.fit([warpkeras.Task(train=data, meta=data, batch_size=N)], epochs=1,
+                    verbose=0)
+        results.append([v.numpy() for v in model.trainable_variables])
+    moved = max(float(np.abs(a - b).max())
+                for a, b in zip(results[0], kind.model.get_weights()))
+    assert moved > 1e-4
+    for a, b in zip(*results):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_test_data_from_a_generator_equals_evaluate():
+    """`test` as a generator of (x, y, sample_weight) batches, as `model.evaluate` takes."""
+    kind = _kind("mlp")
+    x, y, w = kind.test
+    gen = ((x[i:i + 4], y[i:i + 4], w[i:i + 4]) for i in range(0, N_TEST, 4))
+    task = warpkeras.Task(train=kind.train, test=gen, batch_size=N)
+    _, curves = kind.trainer.adapt(task, steps=1)
+    np.testing.assert_allclose(curves["test_loss"][0], _evaluate(kind.keras_twin(), kind.test),
+                               rtol=2e-5)
+    with pytest.raises(ValueError, match="yields no batches"):
+        warpkeras.Task(train=kind.train, test=iter([]))

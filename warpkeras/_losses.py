@@ -269,19 +269,6 @@ class TaskLoss:
     def __repr__(self):
         return f"<TaskLoss {self.config!r}>"
 
-    def get_config(self):
-        """``{"loss", "loss_weights"}`` with Keras-serialised losses where possible."""
-        def ser(v):
-            if v is None or isinstance(v, str):
-                return v
-            try:
-                return keras.losses.serialize(v)
-            except (ValueError, TypeError, AttributeError):
-                return getattr(v, "__name__", repr(v))
-        return {"loss": tf.nest.map_structure(ser, self.config)
-                if isinstance(self.config, (dict, list, tuple)) else ser(self.config),
-                "loss_weights": self.loss_weights}
-
     # ----------------------------------------------------------------------------- kinds
     def resolved(self, y_true=None, y_pred=None):
         """The Keras `Loss` objects of the outputs (``[(path, loss, weight)]``), resolving
@@ -334,11 +321,31 @@ class TaskLoss:
             y_true = type(y_pred)(y_true) if isinstance(y_pred, tuple) else list(y_true)
         return y_true, y_pred
 
-    def _check_shapes(self, y_true, y_pred):
+    def check_shapes(self, y_true, y_pred, where=None):
         """Refuses labels whose shape would broadcast against the predictions in a Keras
-        element-wise loss (e.g. 3-wide targets on a 1-unit output with ``"mse"``)."""
+        element-wise loss (e.g. 3-wide targets on a 1-unit output with ``"mse"``).
+
+        Args:
+            y_true: labels (arrays or tensors, in the structure of the outputs).
+            y_pred: predictions, or the model's symbolic outputs (`model.output`); unknown
+                dimensions are not compared.
+            where: the caller, for the message (default: this loss's).
+
+        Raises:
+            ValueError: naming the output and both shapes.
+        """
+        y_true, y_pred = self._align(y_true, y_pred)
+        if not self._compiled.built:
+            try:
+                self._compiled.build(y_true, y_pred)
+            except (ValueError, KeyError, TypeError):
+                return
+        self._check_shapes(y_true, y_pred, where)
+
+    def _check_shapes(self, y_true, y_pred, where=None):
         if not self._compiled.built:
             return
+        caller = where or self.where
         for path, loss, _ in self.resolved():
             kind = loss_kind(loss)
             if not kind.elementwise:
@@ -360,9 +367,9 @@ class TaskLoss:
                 ps = ps[:-1]
             if len(ts) != len(ps) or any(
                     a is not None and b is not None and a != b for a, b in zip(ts, ps)):
-                where = "/".join(str(k) for k in path) or "the output"
+                output = "/".join(str(k) for k in path) or "the output"
                 raise ValueError(
-                    f"{self.where}: the labels of {where} have shape {tuple(ts)} but the "
+                    f"{caller}: the labels of {output} have shape {tuple(ts)} but the "
                     f"predictions have shape {tuple(ps)}; the loss '{kind.name}' compares "
                     "them element by element and would broadcast one against the other. "
                     "Give labels of the predictions' shape (or a model output of the "

@@ -93,6 +93,25 @@ def _check_rows(data, what, where):
     return lengths.pop()
 
 
+def _materialise(iterator, where):
+    """The batches of a finite iterator of ``(x, y[, sample_weight])`` concatenated into
+    arrays (test data given as a generator)."""
+    parts = []
+    for batch in iterator:
+        if not isinstance(batch, (tuple, list)) or len(batch) not in (2, 3):
+            raise ValueError(
+                f"{where}: the `test` generator yields {_v.describe(batch)}; a batch must be "
+                "(x, y) or (x, y, sample_weight), as keras.Model.evaluate takes them.")
+        if parts and len(batch) != len(parts[0]):
+            raise ValueError(f"{where}: the `test` generator yields batches of "
+                             f"{len(parts[0])} and of {len(batch)} elements; give every "
+                             "batch the same form.")
+        parts.append(tf.nest.map_structure(np.asarray, tuple(batch)))
+    if not parts:
+        raise ValueError(f"{where}: the `test` generator yields no batches.")
+    return tf.nest.map_structure(lambda *a: np.concatenate(a), *parts)
+
+
 def _check_dataset(data, what, where):
     """Refuses a dataset whose elements are not ``(x, y)`` / ``(x, y, sample_weight)``."""
     spec = data.element_spec
@@ -119,8 +138,9 @@ class Task:
         meta: data for the meta-objective, in any of the same forms. `None` draws other
             mini-batches of `train` (WarpGrad App. F evaluates L_meta and L_task on
             different batches of the same task data).
-        test: held-out ``(x, y)`` / ``(x, y, sample_weight)`` arrays or a finite
-            `tf.data.Dataset` of such batches, for evaluation.
+        test: held-out ``(x, y)`` / ``(x, y, sample_weight)`` arrays, a finite
+            `tf.data.Dataset` of such batches, or a finite generator (iterator) of them
+            (read once, here, and kept as arrays), for evaluation.
         batch_size: mini-batch size when `train` / `meta` are arrays: an integer >= 1
             (a task with fewer examples uses all of them in every batch).
         augment: optional ``augment(x, rng) -> x`` applied to adaptation batches drawn from
@@ -147,11 +167,14 @@ class Task:
         self._check(train, "train", where)
         if meta is not None:
             self._check(meta, "meta", where)
+        if test is not None and not _is_arrays(test) and not isinstance(
+                test, tf.data.Dataset) and isinstance(test, collections.abc.Iterator):
+            test = _materialise(test, where)  # a generator is read once, as `evaluate` does
         if test is not None and not (_is_arrays(test) or isinstance(test, tf.data.Dataset)):
             raise TypeError(
                 f"{where}: test={_v.describe(test)} is not valid: expected held-out (x, y) "
-                "or (x, y, sample_weight) arrays, a finite tf.data.Dataset of such batches, "
-                "or None."
+                "or (x, y, sample_weight) arrays, a finite tf.data.Dataset or a generator "
+                "of such batches, or None."
             )
         for what, data in (("train", train), ("meta", meta), ("test", test)):
             if _is_arrays(data):

@@ -161,6 +161,24 @@ class InputChecks:
                 "takes one class id per example. Use loss='categorical_crossentropy', or "
                 "give class ids (y = np.argmax(y, axis=-1)).")
 
+    def _check_label_shapes(self, task, y, which):
+        """Refuses labels whose shape would broadcast against the model's outputs in an
+        element-wise Keras loss (`warpkeras._losses.TaskLoss.check_shapes`), naming the
+        task. Checked here, on concrete arrays, because the compiled steps may be traced
+        with unknown dimensions."""
+        if not hasattr(self.loss, "check_shapes"):
+            return
+        try:
+            outputs = self.model.output
+        except (AttributeError, ValueError):
+            outputs = getattr(self.model, "outputs", None)
+            if not outputs:
+                return
+            outputs = outputs[0] if len(outputs) == 1 else list(outputs)
+        y = tf.nest.map_structure(lambda t: np.asarray(t) if not hasattr(t, "shape") else t, y)
+        self.loss.check_shapes(y, outputs,
+                               where=f"Task '{getattr(task, 'name', 'task')}': its {which} data")
+
     def _checked(self, task, batches, which):
         """`batches` (an iterator of ``(x, y)`` or ``(x, y, sample_weight)``) as
         ``(x, y)`` / ``(x, Targets(y, sample_weight))`` batches (the step functions'
@@ -182,6 +200,7 @@ class InputChecks:
                 if first:
                     self._check_inputs(task, batch[0], which)
                     self._check_label_layout(task, labels, which)
+                    self._check_label_shapes(task, labels, which)
                     first = False
                 if limit is not None:
                     self._check_labels(task, labels, which)
