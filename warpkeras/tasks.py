@@ -1,6 +1,8 @@
 """Tasks: what a meta-learner adapts to.
 
-A `Task` supplies
+A `Task` takes its data in the forms `keras.Model.fit` takes: ``(x, y)`` or
+``(x, y, sample_weight)``, each an array or a dict / list of arrays for several inputs or
+outputs, as arrays, a `tf.data.Dataset` of such batches, or a generator. It supplies
 
 * **adaptation batches** for the task loss L_task (the inner loop),
 * **meta batches** for the meta-objective L_meta (the same data in other batches by
@@ -207,8 +209,8 @@ class Task:
             )
 
     def batches(self, which="train", rng=None):
-        """An endless iterator of ``(x, y)`` batches of adaptation (`"train"`) or meta
-        (`"meta"`) data.
+        """An endless iterator of ``(x, y)`` (or ``(x, y, sample_weight)``) batches of
+        adaptation (`"train"`) or meta (`"meta"`) data.
 
         Arrays are drawn as shuffled mini-batches by `rng`. A finite `tf.data.Dataset` of
         n batches is read as an endless, repeated stream that starts at a batch position
