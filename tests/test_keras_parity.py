@@ -553,3 +553,28 @@ def test_test_data_from_a_generator_equals_evaluate():
                                rtol=2e-5)
     with pytest.raises(ValueError, match="yields no batches"):
         warpkeras.Task(train=kind.train, test=iter([]))
+
+
+def test_accuracy_of_a_masked_sequence_is_keras_accuracy():
+    """Accuracy leaves masked steps out, as Keras's ``metrics=["accuracy"]`` does (sample
+    weights not applied: that would be ``weighted_metrics``)."""
+    keras.utils.set_random_seed(5)
+    model = keras.Sequential([
+        keras.Input((5, 2)), keras.layers.Masking(0.0),
+        keras.layers.LSTM(4, return_sequences=True),
+        keras.layers.TimeDistributed(keras.layers.Dense(3))])
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    rng = np.random.default_rng(3)
+    x = _x(rng, N_TEST, "masked")
+    y = rng.integers(0, 3, size=(N_TEST, 5))
+    y[np.all(x == 0.0, axis=-1)] = 0  # padded steps: class 0, which the model may "hit"
+    trainer = warpkeras.NoMetaTrainer(model, loss, inner_steps=1, eval_training_mode=False)
+    assert trainer.accuracy
+    _, curves = trainer.adapt(warpkeras.Task(train=(x, y), test=(x, y), batch_size=N_TEST),
+                              steps=1)
+    twin = keras.models.clone_model(model)
+    twin.set_weights(model.get_weights())
+    twin.compile(loss=loss, metrics=["accuracy"], run_eagerly=True)
+    want = twin.evaluate(x, y, batch_size=N_TEST, verbose=0, return_dict=True)
+    np.testing.assert_allclose(curves["test_loss"][0], want["loss"], rtol=2e-5)
+    np.testing.assert_allclose(curves["test_accuracy"][0], want["accuracy"], rtol=1e-6)

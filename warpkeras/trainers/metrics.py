@@ -50,6 +50,20 @@ def accuracy_function(loss, y_true, y_pred):
             else keras.metrics.categorical_accuracy)
 
 
+class _MaskedMean(keras.losses.Loss):
+    """The mean of per-element matches as Keras's compiled ``"accuracy"`` metric takes it:
+    a mask that the model attached to its output leaves masked elements out (Keras's
+    `Loss.__call__` reads the mask and weighs it in; public API, no mask attribute read
+    here)."""
+
+    def __init__(self, fn):
+        super().__init__(name="accuracy", reduction="sum_over_batch_size", dtype="float32")
+        self._matches = fn
+
+    def call(self, y_true, y_pred):
+        return tf.cast(self._matches(y_true, y_pred), self.dtype)
+
+
 def batch_accuracy(y_true, y_pred, loss=None):
     """Mean accuracy (float32 scalar) of a batch, with the Keras metric matched to each
     output's loss (see `accuracy_function`); the mean over the outputs of a multi-output
@@ -74,18 +88,10 @@ def batch_accuracy(y_true, y_pred, loss=None):
             kinds = [loss_kind(resolved[0][1])] * len(preds)
     values = []
     for i, (t, p) in enumerate(zip(trues, preds)):
-        mask = getattr(p, "_keras_mask", None)
-        p = tf.convert_to_tensor(p)
-        if p.dtype in (tf.float16, tf.bfloat16):
-            p = tf.cast(p, tf.float32)
         t = tf.convert_to_tensor(t)
         kind = kinds[i] if kinds is not None else LossKind(None, False, False, "")
-        matches = tf.cast(accuracy_function(kind, t, p)(t, p), tf.float32)
-        w = tf.ones_like(matches)
-        if mask is not None:
-            m = tf.cast(mask, tf.float32)
-            while m.shape.rank < matches.shape.rank:
-                m = m[..., None]
-            w = w * m
-        values.append(tf.math.divide_no_nan(tf.reduce_sum(matches * w), tf.reduce_sum(w)))
+        # The metric is picked from float32 views; the prediction itself (which carries the
+        # output's mask) goes to the masked mean, which casts it to float32.
+        view = tf.cast(p, tf.float32) if p.dtype in (tf.float16, tf.bfloat16) else p
+        values.append(_MaskedMean(accuracy_function(kind, t, view))(t, p))
     return tf.add_n(values) / float(len(values))
