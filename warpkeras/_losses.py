@@ -107,8 +107,45 @@ def keras_compile_loss(loss, loss_weights=None, output_names=None):
             # warpkeras computes losses inside vectorised, differentiated step functions,
             # where no variable may change. `None` entries keep the loop over the outputs.
             self._metrics[:] = [None] * len(self._metrics)
+            self._flat_losses = [entry._replace(loss=_WholeTaskLoss(entry.loss))
+                                 for entry in self._flat_losses]
 
     return _Loss(loss, loss_weights=loss_weights, output_names=output_names)
+
+
+_MEAN_REDUCTIONS = ("sum_over_batch_size", "mean", "mean_with_sample_weight")
+
+
+class _WholeTaskLoss:
+    """One output's Keras `Loss`, without Keras's scaling for distribution.
+
+    Inside a `tf.distribute.Strategy` replica, a Keras `Loss` with a mean reduction divides
+    its value by the number of replicas (each replica holds a shard of one global batch,
+    and `fit` sums the replicas' gradients). A warpkeras task loss is the whole loss of a
+    task (tasks, not examples, are split across replicas), so the division is undone.
+    """
+
+    def __init__(self, loss):
+        self.wrapped = loss
+
+    def __call__(self, y_true, y_pred, sample_weight=None):
+        value = self.wrapped(y_true, y_pred, sample_weight)
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        if replicas > 1 and self._scaled(y_true, y_pred):
+            value = value * tf.cast(replicas, value.dtype)
+        return value
+
+    def _scaled(self, y_true, y_pred):
+        """Whether Keras's reduction scaled the value (`keras.losses.Loss.__call__`: mean
+        reductions of non-scalar per-example values)."""
+        loss = self.wrapped
+        if getattr(loss, "reduction", None) not in _MEAN_REDUCTIONS:
+            return False
+        cast = lambda t: tf.cast(t, loss.dtype)  # noqa: E731  (as `Loss.__call__` does)
+        # Only the static shape is read: in a traced function the extra ops are pruned.
+        values = loss.call(tf.nest.map_structure(cast, y_true),
+                           tf.nest.map_structure(cast, y_pred))
+        return tuple(values.shape) not in ((), (0,))
 
 
 _BINARY = ("binary_crossentropy", "binary_focal_crossentropy")
@@ -278,7 +315,8 @@ class TaskLoss:
             if y_pred is None:
                 return [((), loss, None) for loss in self._static_losses()]
             self._compiled.build(*self._align(y_true, y_pred))
-        return [(path, loss, weight) for path, loss, weight, _ in self._compiled._flat_losses]
+        return [(path, getattr(loss, "wrapped", loss), weight)
+                for path, loss, weight, _ in self._compiled._flat_losses]
 
     def _static_losses(self):
         """The losses of the configuration resolved without data (names by

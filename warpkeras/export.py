@@ -65,7 +65,8 @@ the same way (refusals raise `TypeError`).
 
 **Batch-norm statistics.** Adaptation steps run the model in mode ``training`` (True:
 batch statistics of the support set, dropout on); predictions (``serving_default``,
-``adapt_and_predict``) run in mode ``predict_training`` (default: the same as
+``adapt_and_predict``) run every layer in inference mode, as `keras.Model.predict` does
+(no dropout), with batch norm per ``predict_training`` (default: the same as
 ``training``): True normalises with the statistics of the predicted batch, False with the
 moving statistics: the saved ones (estimated at θ0 by the trainer) for
 ``serving_default``, ``steps=0`` or ``training=False``, else those of the support set at
@@ -1273,7 +1274,9 @@ def export_adaptive(
         untagged: role of untagged layers (see `warpkeras.partition`).
         training: run the model in training mode during adaptation (bool; see "Modes").
         max_steps: largest accepted ``steps`` input (an integer in [0, 2³¹ − 1]).
-        predict_training: run predictions in training mode (bool; `None`: `training`).
+        predict_training: batch norm in predictions normalises with the predicted batch's
+            statistics (bool; `None`: `training`); every other layer predicts in
+            inference mode.
         max_rows: most examples accepted in ``x`` and in ``queries`` per request (an
             integer ≥ 1, or `None` for no limit).
         max_row_steps: most rows × steps per adaptation request (an integer ≥ 1, or `None`

@@ -186,10 +186,17 @@ class InputChecks:
         `_check_label_layout`, and every label batch by `_check_labels`."""
         limit = self._label_limit()
         name = getattr(task, "name", "task")
+        # A custom meta loss reads its own meta-batch structure (e.g. ``(x, y, t)`` with a
+        # step index t): its batches are passed on as they are.
+        own = which == "meta" and any(getattr(o, "meta_loss", None) is not None
+                                      for o in getattr(self, "objectives", None) or ())
 
         def checked():
             first = True
             for batch in batches:
+                if own:
+                    yield batch
+                    continue
                 if not isinstance(batch, (tuple, list)) or len(batch) not in (2, 3):
                     raise ValueError(
                         f"Task '{name}': its {which} data yields "

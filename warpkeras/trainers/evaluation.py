@@ -41,9 +41,10 @@ class Evaluation:
       replaces the moving statistics by the batch's before the inference pass); False
       uses the moving statistics above, as a model deployed one example at a time must,
       and equals `keras.Model.evaluate` at the same weights and statistics.
-    * *Export*: `export` adapts in training mode and predicts in `eval_training_mode`,
-      and its ``adapt_and_predict`` uses the same statistics, so the served predictions
-      equal `evaluate`'s (see `warpkeras.export_adaptive`).
+    * *Export*: `export` adapts in training mode and predicts as evaluation does (every
+      layer in inference mode, batch norm with the query batch's statistics when
+      `eval_training_mode`), so the served predictions equal `evaluate`'s (see
+      `warpkeras.export_adaptive`).
     """
 
     def _has_statistics(self):
@@ -116,7 +117,7 @@ class Evaluation:
                 ``input_spec``, ``max_rows``, ``max_row_steps``, ``max_steps``).
 
         The served model adapts in training mode, as the trainers' inner loop does, and
-        predicts in `eval_training_mode` (``training=True``,
+        predicts as `evaluate` does (``training=True``,
         ``predict_training=eval_training_mode``; see "Batch-norm statistics" above), so
         ``adapt_and_predict`` on a task's training set (full batches) and test inputs
         gives `evaluate`'s test predictions.
