@@ -74,16 +74,20 @@ _TASK_LOSSES = weakref.WeakKeyDictionary()
 
 
 def _task_loss_of(loss_fn):
-    """`loss_fn` as a `warpkeras._losses.TaskLoss` (cached per loss object)."""
+    """`loss_fn` as a `warpkeras._losses.TaskLoss` (cached per loss object and Keras floatx,
+    the dtype a Keras loss computes in)."""
     if isinstance(loss_fn, TaskLoss):
         return loss_fn
+    import keras  # noqa: PLC0415 (after TensorFlow's kernels are picked)
+
+    floatx = keras.config.floatx()
     try:
-        cached = _TASK_LOSSES.get(loss_fn)
+        cached = _TASK_LOSSES.setdefault(loss_fn, {})
     except TypeError:  # not weak-referenceable
         return as_task_loss(loss_fn, where="task_loss")
-    if cached is None:
-        cached = _TASK_LOSSES[loss_fn] = as_task_loss(loss_fn, where="task_loss")
-    return cached
+    if floatx not in cached:
+        cached[floatx] = as_task_loss(loss_fn, where="task_loss")
+    return cached[floatx]
 
 
 def task_loss(partition, loss_fn, theta, phi, batch, state=None, training=True,
