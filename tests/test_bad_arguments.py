@@ -308,14 +308,14 @@ X = np.arange(40, dtype="float32").reshape(10, 4)
 Y = np.arange(10) % 3
 
 TASK_ROWS = [
-    ("train", "x", TypeError, r"Task 'task': `train` must be \(x, y\) arrays.*got str"),
-    ("train", (X, Y[:7]), ValueError, r"`train`: x and y differ in length \(10 vs 7 rows\)"),
+    ("train", "x", TypeError, r"Task 'task': `train` must be \(x, y\) or \(x, y, sample_weight\) arrays.*got str"),
+    ("train", (X, Y[:7]), ValueError, r"arrays of `train` differ in their number of rows \(x has 10, y has 7\)"),
     ("train", (X[:0], Y[:0]), ValueError, r"`train` has no examples"),
     ("meta", 5, TypeError, r"`meta` must be"),
-    ("meta", (X, Y[:3]), ValueError, r"`meta`: x and y differ in length \(10 vs 3"),
+    ("meta", (X, Y[:3]), ValueError, r"arrays of `meta` differ in their number of rows \(x has 10, y has 3\)"),
     ("meta", (X[:0], Y[:0]), ValueError, r"`meta` has no examples"),
-    ("test", (X[:4], Y[:2]), ValueError, r"`test`: x and y differ in length \(4 vs 2"),
-    ("test", "held-out", TypeError, r"test='held-out'.*\(x, y\) arrays"),
+    ("test", (X[:4], Y[:2]), ValueError, r"arrays of `test` differ in their number of rows \(x has 4, y has 2\)"),
+    ("test", "held-out", TypeError, r"test='held-out'.*\(x, y\).*arrays"),
     ("batch_size", -5, ValueError, r"batch_size=-5.*an integer >= 1.*e\.g\. batch_size=32"),
     ("batch_size", 0, ValueError, r"batch_size=0.*>= 1"),
     ("batch_size", "32", TypeError, r"batch_size='32'.*not a string: batch_size=32"),

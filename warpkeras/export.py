@@ -76,7 +76,8 @@ metadata is written as JSON with Python values to ``assets.extra/warpkeras_metad
 
 **Batch-norm statistics.** Adaptation steps run the model in mode ``training`` (True:
 batch statistics of the support set, dropout on); predictions (``serving_default``,
-``adapt_and_predict``) run in mode ``predict_training`` (default: the same as
+``adapt_and_predict``) run every layer in inference mode, as `keras.Model.predict` does
+(no dropout), with batch norm per ``predict_training`` (default: the same as
 ``training``): True normalises with the statistics of the predicted batch, False with the
 moving statistics: the saved ones (estimated at θ0 by the trainer) for
 ``serving_default``, ``steps=0`` or ``training=False``, else those of the support set at
@@ -105,6 +106,7 @@ import keras
 import tensorflow as tf
 
 from warpkeras import _validation, objectives, roles, rules
+from warpkeras._losses import TaskLoss
 from warpkeras.partition import UNTAGGED_POLICIES
 from warpkeras.partition import partition as _partition
 
@@ -126,7 +128,15 @@ METADATA_FILE = "warpkeras_metadata.json"
 
 # --- losses ----------------------------------------------------------------------------
 def _resolve_loss(loss, from_logits, model):
-    """Returns ``(loss_fn, sparse_labels, description)`` for a loss given as in `compile`."""
+    """Returns ``(loss_fn, sparse_labels, description)`` for a loss given as in `compile`:
+    `loss_fn` is the `warpkeras._losses.TaskLoss` that training uses too (masks, Keras's
+    reduction), and `sparse_labels` comes from its `LossKind`."""
+    if isinstance(loss, TaskLoss):
+        if from_logits is not None:
+            raise ValueError(
+                "from_logits only applies to losses given by name; set it on the trainer's "
+                "loss instead.")
+        return loss, _sparse_labels(loss), loss.name
     if loss is None:
         loss = getattr(model, "loss", None)
         if loss is None:
@@ -181,10 +191,14 @@ def _resolve_loss(loss, from_logits, model):
             f"loss must be a Keras loss object, a loss name or a function; got "
             f"{type(loss).__name__}."
         )
-    base = fn.func if isinstance(fn, functools.partial) else fn
-    base_name = getattr(base, "__name__", type(base).__name__)
-    sparse = "sparse" in base_name.lower() and "crossentropy" in base_name.lower()
-    return fn, sparse, name
+    task_loss = TaskLoss(fn, model=model, where="export_adaptive")
+    return task_loss, _sparse_labels(task_loss), name
+
+
+def _sparse_labels(task_loss):
+    """Whether the (one-output) loss takes class ids (a sparse categorical cross-entropy)."""
+    kinds = task_loss.kinds()
+    return len(kinds) == 1 and kinds[0].category == "sparse_categorical"
 
 
 # --- specs ------------------------------------------------------------------------------
@@ -840,8 +854,13 @@ class _Program:
 
     # -- maths ----------------------------------------------------------------------------
     def _forward(self, theta, x, state):
-        y, _ = self.partition.call(theta, self._phi(), x, state=state,
-                                   training=self.predict_training)
+        """Predictions as `MetaTrainer.evaluate` makes them: every layer in inference mode
+        (no dropout), batch norm with the query batch's own statistics when
+        `predict_training` (the transductive convention), else with `state`'s."""
+        phi = self._phi()
+        if self.predict_training and _has_batch_norm(self.model):
+            state = batch_statistics(self.partition, theta, phi, x, state)
+        y, _ = self.partition.call(theta, phi, x, state=state, training=False)
         return y
 
     def _loop(self, x, y, steps):
@@ -1673,7 +1692,9 @@ def export_adaptive(
         untagged: role of untagged layers (see `warpkeras.partition`).
         training: run the model in training mode during adaptation (bool; see "Modes").
         max_steps: largest accepted ``steps`` input (an integer in [0, 2³¹ − 1]).
-        predict_training: run predictions in training mode (bool; `None`: `training`).
+        predict_training: batch norm in predictions normalises with the predicted batch's
+            statistics (bool; `None`: `training`); every other layer predicts in
+            inference mode.
         max_elements: most numbers (tensor elements) in ``x`` (all inputs together) and in
             ``queries`` per request (an integer ≥ 1; `None`: 10 000 examples' worth, see
             "Work per request").
