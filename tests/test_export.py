@@ -396,3 +396,26 @@ def test_export_overwrite(tmp_path):
     assert int(tf.saved_model.load(str(path)).metadata()["default_steps"]) == 3
     # No staging folders are left behind.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+@pytest.mark.parametrize("from_logits, refused", [(None, False), (True, False), (False, True)])
+def test_from_logits_with_the_trainers_loss_object_must_agree_with_it(tmp_path, from_logits,
+                                                                       refused):
+    """`trainer.export(from_logits=...)` with a loss object: the object's own setting is
+    used; a `from_logits` that repeats it is accepted, one that contradicts it is refused
+    before anything is written."""
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4)])
+    trainer = warpkeras.LeapTrainer(
+        model, keras.losses.SparseCategoricalCrossentropy(from_logits=True), inner_steps=1,
+        meta_batch_size=1)
+    path = tmp_path / "m"
+    kwargs = {} if from_logits is None else {"from_logits": from_logits}
+    if refused:
+        with pytest.raises(ValueError, match=r"from_logits=False does not describe the loss"):
+            trainer.export(str(path), steps=1, **kwargs)
+        assert not path.exists()
+    else:
+        trainer.export(str(path), steps=1, **kwargs)
+        meta = wexport.read_metadata(str(path))
+        # class ids, as the sparse cross-entropy takes them
+        assert (meta["label_dtype"], meta["label_shape"]) == ("int64", "[None]")

@@ -133,9 +133,12 @@ def _resolve_loss(loss, from_logits, model):
     reduction), and `sparse_labels` comes from its `LossKind`."""
     if isinstance(loss, TaskLoss):
         if from_logits is not None:
-            raise ValueError(
-                "from_logits only applies to losses given by name; set it on the trainer's "
-                "loss instead.")
+            kinds = loss.kinds()
+            if any(k.category is None or k.from_logits != bool(from_logits) for k in kinds):
+                raise ValueError(
+                    f"from_logits={from_logits!r} does not describe the loss {loss.name}: it "
+                    "only applies to cross-entropies given by name. Leave it out (the loss "
+                    "object's own setting is used) or set it on the trainer's loss.")
         return loss, _sparse_labels(loss), loss.name
     if loss is None:
         loss = getattr(model, "loss", None)
