@@ -1,4 +1,4 @@
-"""`MAML`: the initialisation meta-learned through K unrolled inner steps."""
+"""`MAML`: the initialisation meta-learned through K inner steps."""
 
 import keras
 import numpy as np
@@ -18,8 +18,9 @@ class MAML(InitObjective):
     For each task, K inner steps from θ0 on a support batch (the task's first training
     batch, reused at every step), then the loss on a query batch (the task's meta data);
     the meta-gradient is the gradient of that loss through the K steps (second order) or,
-    with ``first_order=True``, with the inner gradients stopped (FOMAML). The steps are
-    unrolled in the graph (MAML is a few-shot method) and use the trainer's inner rule
+    with ``first_order=True``, with the inner gradients stopped (FOMAML). The steps run as
+    one symbolic loop (`tf.while_loop`: the traced graph, and the time to the first meta
+    step, do not grow with K) and use the trainer's inner rule
     (`engine.inner_rule`: SGD with α and heavy-ball μ, `warpkeras.rules.MetaSGD`, or an
     objective's own `inner_update`), its state carried through the steps as in `adapt`.
     The rule's own variables (Meta-SGD's α) are meta-learned with θ0.
@@ -31,19 +32,50 @@ class MAML(InitObjective):
     `meta_variables` (e.g. ANIL: the body, given as the model's warp layers; Meta-SGD:
     per-parameter learning rates read by `inner_update`).
 
+    Second-order MAML keeps every step's activations for the meta-gradient (memory ∝ K ×
+    the activations); ``recompute=True`` keeps only each step's θ_k and states and
+    recomputes the step in the backward pass (memory ∝ K × |θ|, about one more forward
+    and inner backward pass per step), for the same gradient to float rounding.
+
+    Example:
+
+    ```python
+    import keras, warpkeras
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, activation="tanh"),
+                              keras.layers.Dense(1)])
+    trainer = warpkeras.trainers.MetaTrainer(
+        model, "mse", objectives=[warpkeras.meta.MAML(recompute=True)], inner_steps=20)
+    ```
+
     Args:
         first_order: FOMAML (default False).
         weight: λ (default 1).
         optimizer: Keras optimizer for θ0 and `meta_variables` (default: a copy of the
             trainer's ``meta_optimizer``).
+        unroll: write the K steps into the graph one after the other (a Python loop)
+            instead of one `tf.while_loop`: tracing time and graph size grow with K
+            (default False).
+        recompute: recompute each inner step's activations in the backward pass instead
+            of keeping them (default False); not with ``unroll=True``.
+
+    Raises:
+        TypeError: `first_order`, `unroll` or `recompute` is not a bool.
+        ValueError: ``unroll=True`` with ``recompute=True``.
     """
 
     adapts = False
     reports_accuracy = False
 
-    def __init__(self, first_order=False, weight=1.0, optimizer=None):
+    def __init__(self, first_order=False, weight=1.0, optimizer=None, unroll=False,
+                 recompute=False):
         super().__init__(weight, optimizer)
-        self.first_order = _v.check_bool(first_order, "first_order", where=type(self).__name__)
+        where = type(self).__name__
+        self.first_order = _v.check_bool(first_order, "first_order", where=where)
+        self.unroll = _v.check_bool(unroll, "unroll", where=where)
+        self.recompute = _v.check_bool(recompute, "recompute", where=where)
+        if self.unroll and self.recompute:
+            raise ValueError(f"{where}: recompute=True recomputes the steps of the symbolic "
+                             "loop, so it cannot be combined with unroll=True: drop one.")
 
     def meta_variables(self, engine):
         """Variables meta-learned besides θ0 by the query loss (default none). Warp
@@ -92,7 +124,8 @@ class MAML(InitObjective):
         def maml(theta0, state, sx, sy, qx, qy):
             theta0, phi = tp.unpack(theta0), engine.phi()
             kwargs = dict(first_order=self.first_order, state=sp.unpack(state),
-                          rule=engine.inner_rule)
+                          rule=engine.inner_rule, unroll=self.unroll,
+                          recompute=self.recompute)
             if not extras:
                 loss, grads, _ = obj.maml_meta_gradient(
                     p, engine.loss, theta0, phi, (sx, sy), (qx, qy), engine.inner_lr,
@@ -153,4 +186,5 @@ class MAML(InitObjective):
         return {"grads": grads, "finite": np.asarray(ok)}
 
     def get_config(self):
-        return dict(super().get_config(), first_order=self.first_order)
+        return dict(super().get_config(), first_order=self.first_order, unroll=self.unroll,
+                    recompute=self.recompute)
