@@ -224,3 +224,19 @@ def test_bad_options_are_refused_by_name():
                                        maml_recompute=True)
     with pytest.raises(warpkeras.meta.MetaTrainingError, match="maml_unroll"):
         warpkeras.MAMLTrainer(_model(), "mse", unroll=True, recompute=True)
+
+
+def test_a_new_inner_steps_is_used_after_a_fit():
+    """K is read when MAML's steps are traced: setting ``trainer.inner_steps`` between two
+    fits traces the steps for the new K (the first trace's K would be silently kept)."""
+    traces = []
+    for second_k in (2, 4):
+        trainer = warpkeras.MAMLTrainer(_model(), "mse", inner_steps=2, meta_batch_size=2,
+                                        inner_learning_rate=0.05, seed=3,
+                                        parallel="sequential",
+                                        meta_optimizer=keras.optimizers.SGD(0.1))
+        trainer.fit(_tasks(), epochs=1, verbose=0)
+        trainer.inner_steps = second_k
+        trainer.fit(_tasks(), epochs=2, verbose=0)  # one more epoch
+        traces.append(trainer.trace_counts["group_maml"])
+    assert traces == [1, 2]

@@ -1,5 +1,7 @@
 """`MAML`: the initialisation meta-learned through K inner steps."""
 
+import functools
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -121,7 +123,7 @@ class MAML(InitObjective):
         self.optimizer.build(variables)
         warp_index = {id(v): i for i, v in enumerate(p.warp_variables)}
 
-        def maml(theta0, state, sx, sy, qx, qy):
+        def maml(theta0, state, sx, sy, qx, qy, steps):
             theta0, phi = tp.unpack(theta0), engine.phi()
             kwargs = dict(first_order=self.first_order, state=sp.unpack(state),
                           rule=engine.inner_rule, unroll=self.unroll,
@@ -129,7 +131,7 @@ class MAML(InitObjective):
             if not extras:
                 loss, grads, _ = obj.maml_meta_gradient(
                     p, engine.loss, theta0, phi, (sx, sy), (qx, qy), engine.inner_lr,
-                    engine.inner_steps, **kwargs)
+                    steps, **kwargs)
             else:
                 sources = [phi[warp_index[id(v)]] if id(v) in warp_index
                            else v.value if isinstance(v, keras.Variable) else v
@@ -139,7 +141,7 @@ class MAML(InitObjective):
                     tape.watch(phi)
                     loss, _ = obj.maml_objective(p, engine.loss, theta0, phi, (sx, sy),
                                                  (qx, qy), engine.inner_lr,
-                                                 engine.inner_steps, **kwargs)
+                                                 steps, **kwargs)
                 g_theta, g_extra = tape.gradient(
                     loss, [theta0, sources],
                     unconnected_gradients=tf.UnconnectedGradients.ZERO)
@@ -151,7 +153,17 @@ class MAML(InitObjective):
             self.optimizer.apply(
                 [g * self.weight for g in self.unpack_gradients(engine, grads)], variables)
 
-        self._maml = engine.compile_group(maml, "group_maml")
+        def compiled(steps):
+            # K is read when the steps are traced: a trainer whose inner_steps changes
+            # gets a function traced for the new K (the loop's graph does not grow with
+            # K, so the trace costs the same) rather than the old K's.
+            if steps not in self._compiled:
+                self._compiled[steps] = engine.compile_group(
+                    functools.wraps(maml)(lambda *args: maml(*args, steps)), "group_maml")
+            return self._compiled[steps]
+
+        self._compiled = {}
+        self._maml = compiled
         self._apply = engine.compile_apply(apply)
 
     def apply(self, engine, grads, count):
@@ -164,12 +176,13 @@ class MAML(InitObjective):
 
     def close(self, engine, group):
         meta_step, tasks, size = group.meta_step, group.tasks, len(group.tasks)
+        maml = self._maml(int(engine.inner_steps))
         state = engine.reseed_stacked(group.state_start,
                                       [(meta_step, tid, 1) for tid in group.task_ids])
 
         def run(support, queries):
             return engine.by_shape(
-                lambda th, st, s, q: self._maml(th, st, s[0], s[1], q[0], q[1]), tasks,
+                lambda th, st, s, q: maml(th, st, s[0], s[1], q[0], q[1]), tasks,
                 (group.theta_start, state), [support, queries])
 
         if group.carry is None:  # no adaptation: support and query from the task streams
