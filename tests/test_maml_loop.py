@@ -33,7 +33,8 @@ def _batches(dtype="float32", seed=0):
             for s in [(6, 3), (6, 1), (5, 3), (5, 1)]]
 
 
-VARIANTS = {"unrolled": dict(unroll=True), "symbolic": {}, "recompute": dict(recompute=True)}
+VARIANTS = {"unrolled": dict(unroll=True), "symbolic": dict(unroll=False),
+            "recompute": dict(recompute=True)}
 
 
 def _meta_gradients(partition, rule, first_order, steps=4, support=None, dtype="float32"):
@@ -162,12 +163,20 @@ def test_traced_graph_does_not_grow_with_k(variant):
         assert large == small
 
 
+def test_default_unrolls_a_few_steps_and_loops_beyond():
+    limit = obj.MAML_UNROLL_MAX_STEPS
+    for k in (2, limit, limit + 1, 20):
+        default = _op_count(_traced_meta_gradient(k))
+        expected = _op_count(_traced_meta_gradient(k, unroll=k <= limit))
+        assert default == expected, k
+
+
 def test_steps_as_a_tensor():
     partition = warpkeras.partition(_model())
     sx, sy, qx, qy = _batches()
     theta0 = partition.initial_task_values()
     loss, theta_k = obj.maml_objective(partition, _mse, theta0, [], (sx, sy), (qx, qy), 0.1,
-                                       tf.constant(3))
+                                       tf.constant(3), unroll=None)
     expected, expected_k = obj.maml_objective(partition, _mse, theta0, [], (sx, sy),
                                               (qx, qy), 0.1, 3, unroll=True)
     np.testing.assert_allclose(loss.numpy(), expected.numpy(), rtol=1e-6)
@@ -202,7 +211,7 @@ def test_trainer_variants_train_alike_under_each_executor(parallel):
             _model(batch_norm=True), "mse", inner_steps=3, meta_batch_size=2,
             inner_learning_rate=0.05, inner_momentum=0.5, seed=3, parallel=parallel,
             meta_optimizer=keras.optimizers.SGD(0.1), **kwargs)
-        assert trainer.get_config()["objectives"][0]["unroll"] == kwargs.get("unroll", False)
+        assert trainer.get_config()["objectives"][0]["unroll"] == kwargs.get("unroll")
         trainer.fit(_tasks(), epochs=2, verbose=0)
         weights[name] = trainer.model.get_weights()
     start = _model(batch_norm=True).get_weights()

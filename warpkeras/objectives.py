@@ -484,6 +484,10 @@ def _batch_at(batches, k):
     return batches
 
 
+#: The largest K that `maml_objective` unrolls by default (``unroll=None``).
+MAML_UNROLL_MAX_STEPS = 5
+
+
 def _checkpointed_loop(step, carry, params, steps):
     """``steps`` applications of ``carry = step(k, carry, params)`` in a `tf.while_loop`,
     differentiable in the first `carry` and `params`, whose gradient keeps only the carry
@@ -578,7 +582,7 @@ def maml_objective(
     update=None,
     momentum=None,
     rule=None,
-    unroll=False,
+    unroll=None,
     recompute=False,
 ):
     """The MAML objective over K inner steps (WarpGrad Eq. 1, P given by the warp):
@@ -595,7 +599,11 @@ def maml_objective(
     The K steps run as one symbolic loop (`tf.while_loop`, differentiated twice by
     TensorFlow for the second-order gradient), so a traced graph, and the time to trace
     it, do not grow with K; ``unroll=True`` writes the K steps into the graph one after
-    the other instead. With ``recompute=True`` each step is wrapped in
+    the other instead: they trace in time ∝ K, but run faster once traced (the loop
+    passes every step's intermediates to its gradient through TensorFlow's
+    accumulators, a cost per step that shows on small models), so by default
+    (``unroll=None``) a Python-int K ≤ `MAML_UNROLL_MAX_STEPS` (5, the usual few-shot
+    setting) is unrolled and a larger or tensor K runs as the loop. With ``recompute=True`` each step is wrapped in
     `tf.recompute_grad`: the backward pass recomputes a step's activations from θ_k (and
     the rule's and the model's state) instead of keeping them, so the memory the
     meta-gradient keeps grows with K × |θ| rather than K × the activations, for one more
@@ -620,8 +628,9 @@ def maml_objective(
         update: optional inner rule replacing SGD (see `task_step`).
         momentum: μ of heavy-ball SGD, or `None`.
         rule: optional `warpkeras.rules.InnerRule` replacing SGD (α and μ unused).
-        unroll: write the K steps into the graph (a Python loop) instead of a
-            `tf.while_loop`.
+        unroll: `True`: write the K steps into the graph (a Python loop); `False`: one
+            `tf.while_loop`; `None` (default): unrolled for a Python-int K ≤
+            `MAML_UNROLL_MAX_STEPS` without `recompute`, the loop otherwise.
         recompute: recompute each step's activations in the backward pass
             (`tf.recompute_grad`).
 
@@ -665,6 +674,9 @@ def maml_objective(
         return tf.nest.pack_sequence_as(carry, list(flat))
 
     carry = (theta, rule_state, state)
+    if unroll is None:
+        unroll = (not recompute and isinstance(steps, (int, np.integer))
+                  and int(steps) <= MAML_UNROLL_MAX_STEPS)
     if unroll:
         if recompute:
             raise ValueError("maml_objective: recompute=True recomputes the steps of the "

@@ -20,9 +20,10 @@ class MAML(InitObjective):
     For each task, K inner steps from θ0 on a support batch (the task's first training
     batch, reused at every step), then the loss on a query batch (the task's meta data);
     the meta-gradient is the gradient of that loss through the K steps (second order) or,
-    with ``first_order=True``, with the inner gradients stopped (FOMAML). The steps run as
-    one symbolic loop (`tf.while_loop`: the traced graph, and the time to the first meta
-    step, do not grow with K) and use the trainer's inner rule
+    with ``first_order=True``, with the inner gradients stopped (FOMAML). Beyond a few
+    steps they run as one symbolic loop (`tf.while_loop`: the traced graph, and the time
+    to the first meta step, do not grow with K; see ``unroll``) and use the trainer's
+    inner rule
     (`engine.inner_rule`: SGD with α and heavy-ball μ, `warpkeras.rules.MetaSGD`, or an
     objective's own `inner_update`), its state carried through the steps as in `adapt`.
     The rule's own variables (Meta-SGD's α) are meta-learned with θ0.
@@ -54,9 +55,11 @@ class MAML(InitObjective):
         weight: λ (default 1).
         optimizer: Keras optimizer for θ0 and `meta_variables` (default: a copy of the
             trainer's ``meta_optimizer``).
-        unroll: write the K steps into the graph one after the other (a Python loop)
-            instead of one `tf.while_loop`: tracing time and graph size grow with K
-            (default False).
+        unroll: `True`: write the K steps into the graph one after the other (a Python
+            loop: tracing time and graph size grow with K, steady steps are faster);
+            `False`: one `tf.while_loop`; `None` (default): unrolled for K ≤
+            `warpkeras.objectives.MAML_UNROLL_MAX_STEPS` (5) without `recompute`, the
+            loop otherwise (see `warpkeras.objectives.maml_objective`).
         recompute: recompute each inner step's activations in the backward pass instead
             of keeping them (default False); not with ``unroll=True``.
 
@@ -68,12 +71,12 @@ class MAML(InitObjective):
     adapts = False
     reports_accuracy = False
 
-    def __init__(self, first_order=False, weight=1.0, optimizer=None, unroll=False,
+    def __init__(self, first_order=False, weight=1.0, optimizer=None, unroll=None,
                  recompute=False):
         super().__init__(weight, optimizer)
         where = type(self).__name__
         self.first_order = _v.check_bool(first_order, "first_order", where=where)
-        self.unroll = _v.check_bool(unroll, "unroll", where=where)
+        self.unroll = _v.check_bool(unroll, "unroll", allow_none=True, where=where)
         self.recompute = _v.check_bool(recompute, "recompute", where=where)
         if self.unroll and self.recompute:
             raise ValueError(f"{where}: recompute=True recomputes the steps of the symbolic "

@@ -24,7 +24,7 @@ OBJECTIVE_OPTIONS = {
     "meta_interval": None, "max_warp_updates": None, "warp_gradient_reduction": "mean",
     "buffer_final_point": True, "buffer_capacity": None, "buffer_overflow": "reservoir",
     "buffer_spill_dir": None, "leap_norm": "length", "leap_sign_correction": True,
-    "leap_loss_in_path": True, "meta_loss": None, "maml_unroll": False,
+    "leap_loss_in_path": True, "meta_loss": None, "maml_unroll": None,
     "maml_recompute": False,
 }
 
@@ -39,7 +39,8 @@ def objectives_from_options(where, options, meta_optimizer, inner_momentum, seed
         init_objective: ``None``, ``"leap"``, ``"maml"``, ``"fomaml"`` or ``"reptile"``.
         init_weight: λ in J = L(φ) + λC(θ0): scales the θ0 meta-gradient.
         maml_unroll: MAML's K inner steps written into the graph one after the other
-            instead of one `tf.while_loop` (`warpkeras.meta.MAML`'s ``unroll``).
+            (True) or run as one `tf.while_loop` (False); `None`: by K
+            (`warpkeras.meta.MAML`'s ``unroll``).
         maml_recompute: MAML recomputes each inner step's activations in the backward
             pass instead of keeping them (`warpkeras.meta.MAML`'s ``recompute``).
         learn_inner_learning_rate: meta-learn α (a scalar, WarpGrad App. G "learned α");
@@ -113,13 +114,14 @@ def objectives_from_options(where, options, meta_optimizer, inner_momentum, seed
     learn_mu = flag(o["learn_inner_momentum"], "learn_inner_momentum")
     sign_correction = flag(o["leap_sign_correction"], "leap_sign_correction")
     loss_in_path = flag(o["leap_loss_in_path"], "leap_loss_in_path")
-    maml_unroll = flag(o["maml_unroll"], "maml_unroll")
+    maml_unroll = flag(o["maml_unroll"], "maml_unroll", allow_none=True)
     maml_recompute = flag(o["maml_recompute"], "maml_recompute")
     if maml_unroll and maml_recompute:
         raise MetaTrainingError(
             f"{where}: maml_recompute=True recomputes the steps of MAML's symbolic loop, so "
             "it cannot be combined with maml_unroll=True: drop one.")
-    if (maml_unroll or maml_recompute) and init_objective not in ("maml", "fomaml"):
+    if ((maml_unroll is not None or maml_recompute)
+            and init_objective not in ("maml", "fomaml")):
         raise MetaTrainingError(
             f"{where}: maml_unroll / maml_recompute set how MAML runs its inner steps, but "
             f"init_objective={init_objective!r}: use init_objective='maml' or drop them.")
