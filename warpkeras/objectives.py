@@ -529,7 +529,7 @@ def _checkpointed_loop(step, carry, params, steps):
 
         _, carry_k, kept = tf.while_loop(
             lambda k, *_: k < steps_t, forward, (tf.constant(0, tf.int32), carry0, kept),
-            maximum_iterations=steps_t)
+            maximum_iterations=steps_t, parallel_iterations=1)
 
         def grad(*upstream, variables=None):
             variables = list(variables or [])
@@ -554,9 +554,11 @@ def _checkpointed_loop(step, carry, params, steps):
                 return (j, g[:n], [a + b for a, b in zip(d_params, g[n:n + m])],
                         [a + tf.cast(b, a.dtype) for a, b in zip(d_vars, g[n + m:])])
 
+            # One iteration at a time: a step's recomputation depends only on the kept
+            # carry, so parallel iterations would hold several steps' activations.
             _, d_carry, d_params, d_vars = tf.while_loop(
                 lambda k, *_: k > 0, backward, (steps_t, d_carry, d_params, d_vars),
-                maximum_iterations=steps_t)
+                maximum_iterations=steps_t, parallel_iterations=1)
             d_in = [None] * n_carry
             for i, d in zip(floats, d_carry):
                 d_in[i] = d
