@@ -249,3 +249,25 @@ def test_a_new_inner_steps_is_used_after_a_fit():
         trainer.fit(_tasks(), epochs=2, verbose=0)  # one more epoch
         traces.append(trainer.trace_counts["group_maml"])
     assert traces == [1, 2]
+
+
+def test_warp_maml_variants_train_alike():
+    """Warp-MAML (MAML's close after the warp objective's adaptation, φ in the loop):
+    the loop, the unrolled steps and recomputation make the same meta-updates."""
+    def warp_model():
+        keras.utils.set_random_seed(0)
+        return keras.Sequential([keras.Input((3,)), keras.layers.Dense(5, activation="tanh"),
+                                 warpkeras.layers.WarpDense(), keras.layers.Dense(1)])
+
+    weights = {}
+    for name, kwargs in VARIANTS.items():
+        trainer = warpkeras.WarpTrainer(
+            warp_model(), "mse", mode="online", init_objective="maml", inner_steps=3,
+            meta_batch_size=2, inner_learning_rate=0.05, seed=3, parallel="sequential",
+            meta_optimizer=keras.optimizers.SGD(0.1),
+            **{f"maml_{k}": v for k, v in kwargs.items()})
+        trainer.fit(_tasks(), epochs=2, verbose=0)
+        weights[name] = trainer.model.get_weights()
+    for name in ("symbolic", "recompute"):
+        for a, b in zip(weights[name], weights["unrolled"]):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=name)

@@ -106,7 +106,7 @@ class MAML(InitObjective):
     def build(self, engine):
         """Checks the model (second order needs layers with exact derivatives) and picks
         the optimiser. The optimiser is built on `variables` (θ0 and `meta_variables`),
-        and the unrolled steps compiled, in `after_build`, once every objective's
+        and the steps compiled, in `after_build`, once every objective's
         `build` has run: a subclass may create its meta-variables before or after
         calling ``super().build(engine)``."""
         if not self.first_order:
