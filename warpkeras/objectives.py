@@ -605,11 +605,13 @@ def maml_objective(
     passes every step's intermediates to its gradient through TensorFlow's
     accumulators, a cost per step that shows on small models), so by default
     (``unroll=None``) a Python-int K ≤ `MAML_UNROLL_MAX_STEPS` (5, the usual few-shot
-    setting) is unrolled and a larger or tensor K runs as the loop. With ``recompute=True`` each step is wrapped in
-    `tf.recompute_grad`: the backward pass recomputes a step's activations from θ_k (and
-    the rule's and the model's state) instead of keeping them, so the memory the
+    setting) is unrolled and a larger or tensor K runs as the loop.
+
+    With ``recompute=True`` the loop keeps only each step's θ_k and states, and its
+    backward pass (a second loop, from step K − 1 down to 0) recomputes a step's
+    activations from them (gradient checkpointing at every step), so the memory the
     meta-gradient keeps grows with K × |θ| rather than K × the activations, for one more
-    forward and inner backward pass per step. Both give the same gradient to float
+    forward and inner backward pass per step. All give the same gradient to float
     rounding.
 
     Args:
