@@ -377,6 +377,29 @@ def matmul_rate(seconds=3.0, n=2048):
             "best_gflops": 2 * n**3 / min(samples) / 1e9}
 
 
+def write_text(path, text):
+    """Writes `text` to `path` as a whole or not at all: a temporary file beside it (mode
+    0o666 less the umask) replaces it in one rename, so a killed run leaves the earlier
+    result intact."""
+    import tempfile
+
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
+                               dir=folder)
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
 def finish(name, result, out_path, started):
     """Adds load and wall time, writes the JSON file and prints it."""
     result["load_at_end"] = load()
@@ -384,9 +407,7 @@ def finish(name, result, out_path, started):
     result["wall_seconds"] = round(time.time() - started, 1)
     text = json.dumps(result, indent=1, sort_keys=False, default=_json_default)
     if out_path and out_path != "-":
-        os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-        with open(out_path, "w") as f:
-            f.write(text + "\n")
+        write_text(out_path, text + "\n")
     print(text, flush=True)
 
 

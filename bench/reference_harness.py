@@ -337,8 +337,10 @@ def main(argv=None):
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import _common
+
+        _common.write_text(args.out, text + "\n")
 
 
 if __name__ == "__main__":

@@ -344,9 +344,7 @@ def main(argv=None):
     }
     text = json.dumps(result, indent=1, default=C._json_default)
     if out_path != "-":
-        os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-        with open(out_path, "w") as f:
-            f.write(text + "\n")
+        C.write_text(out_path, text + "\n")
     print(json.dumps({"medians": medians, "out": out_path}, indent=1))
 
 

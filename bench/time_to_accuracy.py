@@ -162,9 +162,10 @@ def main(argv=None):
         }
         text = json.dumps(result, indent=1, default=str)
         if out != "-":
-            os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-            with open(out, "w") as f:
-                f.write(text + "\n")
+            sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+            import _common
+
+            _common.write_text(out, text + "\n")
         return text
 
     acc, per_task, seconds = evaluate()  # meta step 0: the shared random initialisation

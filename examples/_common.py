@@ -19,6 +19,7 @@ kernels when it is first).
 """
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -133,6 +134,18 @@ def finish_demo(example, args, result, start):
     return result
 
 
+def fit_epochs(meta_steps, lines=50):
+    """Keras-style ``fit`` arguments for exactly `meta_steps` meta steps in at most about
+    `lines` epochs (one progress bar each): ``{"epochs": E, "steps_per_epoch": S}`` with
+    E * S == `meta_steps`, S the smallest divisor of `meta_steps` that is at least
+    ``meta_steps / lines`` (``{"epochs": 0}`` for no meta step)."""
+    if meta_steps <= 0:
+        return {"epochs": 0}
+    for size in range(max(1, math.ceil(meta_steps / lines)), meta_steps + 1):
+        if meta_steps % size == 0:
+            return {"epochs": meta_steps // size, "steps_per_epoch": size}
+
+
 def int_list(text):
     """Parses ``"0,1,2"`` into ``[0, 1, 2]`` (an argparse ``type``)."""
     try:
@@ -219,16 +232,50 @@ def _jsonable(obj):
     return repr(obj)
 
 
+def replace_file(path, write, mode="w"):
+    """Writes a file as a whole or not at all: `write(f)` fills a temporary file beside
+    `path` (mode ``0o666`` less the umask, as `open` would create it), which then replaces
+    `path` in one rename. A process killed part-way leaves the earlier file intact (and,
+    at worst, a hidden ``.<name>.*.tmp`` file beside it).
+
+    Args:
+        path: the file (str or `os.PathLike`); its folder is created if needed.
+        write: a function of the open file object.
+        mode: ``"w"`` (text) or ``"wb"`` (bytes).
+
+    Returns:
+        The path written, as a `pathlib.Path`.
+    """
+    import tempfile
+
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)
+        with os.fdopen(fd, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+    return path
+
+
 def write_json(path, data):
-    """Writes `data` as indented JSON (numpy values converted, NaN/inf written as null).
+    """Writes `data` as indented JSON (numpy values converted, NaN/inf written as null),
+    replacing the file in one rename (`replace_file`).
 
     Returns:
         The path written.
     """
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_jsonable(data), indent=2) + "\n")
-    return path
+    text = json.dumps(_jsonable(data), indent=2) + "\n"
+    return replace_file(path, lambda f: f.write(text))
 
 
 def environment():
@@ -306,7 +353,8 @@ def pyplot():
 
 
 def save_figure(fig, path, rect=(0, 0, 1, 1)):
-    """Saves a figure as PNG (tight layout, 120 dpi), closes it, and returns the path.
+    """Saves a figure as PNG (tight layout, 120 dpi; the file replaced in one rename, see
+    `replace_file`), closes it, and returns the path.
 
     Args:
         fig: the figure.
@@ -314,11 +362,11 @@ def save_figure(fig, path, rect=(0, 0, 1, 1)):
         rect: the part of the figure (left, bottom, right, top, in figure fractions) the
             axes are laid out in; leave room for a figure legend, e.g. ``(0, 0.08, 1, 1)``.
     """
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout(rect=rect)
-    fig.savefig(path, dpi=120)
-    pyplot().close(fig)
+    try:
+        path = replace_file(path, lambda f: fig.savefig(f, dpi=120, format="png"), mode="wb")
+    finally:
+        pyplot().close(fig)
     return path
 
 

@@ -124,8 +124,8 @@ def main(argv=None):
             inner_steps=args.inner_steps, meta_batch_size=args.meta_batch_size,
             inner_learning_rate=args.inner_lr, seed=args.seed)
         before = trainer.evaluate(held_out, verbose=0)["final_test_loss"]["mean"]
-        trainer.fit(lambda r: feature_task(r, features, args.shots), epochs=args.meta_steps,
-                    verbose=args.verbose)
+        trainer.fit(lambda r: feature_task(r, features, args.shots),
+                    **_common.fit_epochs(args.meta_steps), verbose=args.verbose)
         return before, trainer.evaluate(held_out, verbose=0)["final_test_loss"]["mean"]
 
     before, after = run(ANIL(optimizer=keras.optimizers.Adam(args.meta_lr)), warpkeras.warp)

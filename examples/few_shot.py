@@ -307,14 +307,14 @@ def run_setting(cfg, data, seed, shots, export_dir):
             print(f"\n[{label}] seed {seed}: meta-training ({cfg['meta_steps']} meta steps)",
                   flush=True)
         with _common.Stopwatch() as fit_time:
-            history = trainer.fit(sample_train_task, meta_steps=cfg["meta_steps"],
+            history = trainer.fit(sample_train_task, **_common.fit_epochs(cfg["meta_steps"]),
                                   verbose=cfg["verbose"])
         if cfg["verbose"]:
             print(f"[{label}] seed {seed}: {len(test_tasks)} test episodes", flush=True)
         with _common.Stopwatch() as eval_time:
             report = trainer.evaluate(test_tasks, steps=cfg["eval_steps"], seed=seed,
                                       verbose=1 if cfg["verbose"] else 0)
-        hist = {k: [float(v) for v in vals] for k, vals in history.history.items()}
+        hist = {k: [float(v) for v in vals] for k, vals in history.step_history.items()}
         step_seconds = hist.get("seconds", [])
         accuracies = report["final_test_accuracy"]["values"]
         records[method] = {

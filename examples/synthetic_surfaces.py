@@ -448,8 +448,8 @@ def run_seed(cfg, seed):
         print(f"\nSeed {seed}: meta-training the warp on {cfg['meta_steps']} surfaces x "
               f"{cfg['starts']} starts x {cfg['inner_steps']} steps", flush=True)
     with _common.Stopwatch() as train_time:
-        history = trainer.fit(SurfaceTasks(distribution), meta_steps=cfg["meta_steps"],
-                              verbose=verbose)
+        history = trainer.fit(SurfaceTasks(distribution),
+                              **_common.fit_epochs(cfg["meta_steps"]), verbose=verbose)
     rng = np.random.default_rng([seed, 2024])
     surfaces = [distribution.sample(rng) for _ in range(cfg["eval_surfaces"])]
     starts = [distribution.sample_initial_points(cfg["eval_starts"], rng) for _ in surfaces]
@@ -462,7 +462,7 @@ def run_seed(cfg, seed):
     record = {
         "seed": seed,
         "summary": summarise_runs(runs, cfg["inner_steps"]),
-        "meta_loss": [float(v) for v in history.history.get("meta_loss", [])],
+        "meta_loss": [float(v) for v in history.step_history.get("meta_loss", [])],
         "nan_tasks": int(trainer.nan_tasks.numpy()),
         "meta_train_seconds": train_time.seconds,
         "eval_seconds": eval_time.seconds,

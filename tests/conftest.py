@@ -1,8 +1,12 @@
 import os
+import re
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("MPLBACKEND", "Agg")
+# The tests run in several processes (pytest.ini: -n auto); on a GPU each takes only the
+# memory it uses instead of all of it.
+os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
 
 import warpkeras  # noqa: E402,F401  (first, as in user programs: it picks the CPU kernels)
 import keras  # noqa: E402
@@ -28,6 +32,32 @@ class _NoWarpkeras(importlib.abc.MetaPathFinder):
 sys.meta_path.insert(0, _NoWarpkeras())
 """
 SHARED_OMNIGLOT = os.path.join(os.path.dirname(REPO), "shared", "data", "omniglot")
+
+
+MAX_WORKERS = 8  # beyond this, the longest module (one process each) bounds the time
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto`` (pytest.ini): one test process per usable CPU, at most `MAX_WORKERS`.
+
+    Each module runs in one process (``--dist loadfile``), so a run of one module (``pytest
+    tests/test_x.py -k name``) gains nothing from more: it runs in this process (0 workers)
+    and does not pay for starting others. ``PYTEST_XDIST_AUTO_NUM_WORKERS`` still sets the
+    number, as in pytest-xdist.
+    """
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return None  # pytest-xdist's own hook reads it
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    modules = set()
+    for arg in config.args:
+        path = config.invocation_params.dir / arg.split("::", 1)[0]
+        if path.is_dir():
+            modules = None  # a folder: as many modules as there are processes
+            break
+        modules.add(path)
+    workers = min(cpus or 1, MAX_WORKERS, len(modules) if modules is not None else MAX_WORKERS)
+    return workers if workers > 1 else 0
 
 
 @pytest.fixture(autouse=True)

@@ -12,6 +12,8 @@ import math
 
 import keras
 import numpy as np
+import re
+
 import pytest
 
 import warpkeras
@@ -20,7 +22,15 @@ from warpkeras.data import ClassificationTask
 from warpkeras.trainers import MetaTrainer
 
 LOSS = "sparse_categorical_crossentropy"
-FILE = object()  # placeholder: replaced by the path of an existing file
+class _File:
+    """Placeholder for the path of an existing file (made per test); its fixed repr keeps
+    the test ids the same in every process."""
+
+    def __repr__(self):
+        return "FILE"
+
+
+FILE = _File()
 
 
 @pytest.fixture(scope="module")
@@ -181,16 +191,22 @@ BASE_KWARGS = {
 }
 
 
+def _readable(value):
+    """`repr(value)` without memory addresses, so that every test process (pytest-xdist)
+    collects the same test ids."""
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", repr(value))
+
+
 def _trainer_rows():
     rows = []
     for name, fixed in FIXED.items():
         for arg, value, exc, regex, *extra in OWN[name]:
             rows.append(pytest.param(name, arg, value, exc, regex, *(extra or [{}]),
-                                     id=f"{name}-{arg}-{value!r}"))
+                                     id=f"{name}-{arg}-{_readable(value)}"))
         for arg, value, exc, regex in COMMON:
             if arg not in fixed:
                 rows.append(pytest.param(name, arg, value, exc, regex, {},
-                                         id=f"{name}-{arg}-{value!r}"[:80]))
+                                         id=f"{name}-{arg}-{_readable(value)}"[:80]))
         for arg in sorted(fixed):
             rows.append(pytest.param(name, arg, None, TypeError,
                                      rf"multiple values for keyword argument '{arg}'", {},
@@ -292,14 +308,14 @@ X = np.arange(40, dtype="float32").reshape(10, 4)
 Y = np.arange(10) % 3
 
 TASK_ROWS = [
-    ("train", "x", TypeError, r"Task 'task': `train` must be \(x, y\) arrays.*got str"),
-    ("train", (X, Y[:7]), ValueError, r"`train`: x and y differ in length \(10 vs 7 rows\)"),
+    ("train", "x", TypeError, r"Task 'task': `train` must be \(x, y\) or \(x, y, sample_weight\) arrays.*got str"),
+    ("train", (X, Y[:7]), ValueError, r"arrays of `train` differ in their number of rows \(x has 10, y has 7\)"),
     ("train", (X[:0], Y[:0]), ValueError, r"`train` has no examples"),
     ("meta", 5, TypeError, r"`meta` must be"),
-    ("meta", (X, Y[:3]), ValueError, r"`meta`: x and y differ in length \(10 vs 3"),
+    ("meta", (X, Y[:3]), ValueError, r"arrays of `meta` differ in their number of rows \(x has 10, y has 3\)"),
     ("meta", (X[:0], Y[:0]), ValueError, r"`meta` has no examples"),
-    ("test", (X[:4], Y[:2]), ValueError, r"`test`: x and y differ in length \(4 vs 2"),
-    ("test", "held-out", TypeError, r"test='held-out'.*\(x, y\) arrays"),
+    ("test", (X[:4], Y[:2]), ValueError, r"arrays of `test` differ in their number of rows \(x has 4, y has 2\)"),
+    ("test", "held-out", TypeError, r"test='held-out'.*\(x, y\).*arrays"),
     ("batch_size", -5, ValueError, r"batch_size=-5.*an integer >= 1.*e\.g\. batch_size=32"),
     ("batch_size", 0, ValueError, r"batch_size=0.*>= 1"),
     ("batch_size", "32", TypeError, r"batch_size='32'.*not a string: batch_size=32"),

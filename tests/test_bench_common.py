@@ -64,3 +64,21 @@ def test_op_type_keeps_onednn_kernels(bench_common):
     assert op_type("ExecutorState::Process") is None
     assert op_type("step:_") is None
     assert op_type("a:has space") is None
+
+
+def test_write_text_replaces_the_file_whole(bench_common, tmp_path, monkeypatch):
+    path = tmp_path / "results" / "run.json"
+    bench_common.write_text(str(path), '{"a": 1}\n')
+    real_replace = bench_common.os.replace
+
+    def killed(*args):
+        raise KeyboardInterrupt  # killed before the rename
+
+    monkeypatch.setattr(bench_common.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        bench_common.write_text(str(path), '{"a": 2}\n')
+    monkeypatch.setattr(bench_common.os, "replace", real_replace)
+    assert path.read_text() == '{"a": 1}\n'
+    assert [p.name for p in path.parent.iterdir()] == ["run.json"]
+    bench_common.write_text(str(path), '{"a": 3}\n')
+    assert path.read_text() == '{"a": 3}\n'

@@ -162,8 +162,21 @@ def test_meta_training_block_learns(doc_results):
     assert results[line]["error"] is None, results[line]["error"]
     with (results["folder"] / "log.csv").open() as f:
         losses = [float(r["loss"]) for r in csv.DictReader(f)]
-    assert len(losses) == 20
+    assert len(losses) == 2  # epochs=2 of steps_per_epoch=10 meta steps
     assert all(v == v and v < 1.0 for v in losses), losses  # no NaN, no divergence
+
+
+def test_meta_training_block_run_again_resumes(doc_results, tmp_path):
+    """Run a second time (with its progress output on), the block resumes from the
+    checkpoint the first run wrote."""
+    import shutil
+
+    results = doc_results("README.md")
+    line, code = next((n, c) for n, c in python_blocks("README.md") if "CSVLogger" in c)
+    shutil.copytree(results["folder"] / "runs", tmp_path / "runs")
+    again = _run_blocks([(line, code)], tmp_path)[line]
+    assert again["error"] is None, again["error"]
+    assert "Resumed from runs/demo/ckpt/ckpt-20 at meta step 20." in again["stdout"]
 
 
 @pytest.mark.parametrize("script", EXAMPLES)

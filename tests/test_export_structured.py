@@ -292,3 +292,27 @@ def test_input_spec_structure_names_the_inputs(tmp_path):
     with pytest.raises(ValueError, match="has 2 inputs; give input_spec as a list"):
         wexport.export_adaptive(_listed(), str(tmp_path / "n"), input_spec=(2,), **KWARGS)
     assert not (tmp_path / "n").exists()
+
+
+def test_element_limits_count_every_input(tmp_path):
+    """With several inputs, a request's size is the numbers of all inputs together
+    (9 + 2 = 11 per example here)."""
+    keras.utils.set_random_seed(2)
+    path = str(tmp_path / "limits")
+    wexport.export_adaptive(_listed(), path, steps=STEPS, max_elements=50,
+                            max_element_steps=100, dtype_tolerant=False, **KWARGS)
+    assert wexport.read_metadata(path)["example_elements"] == 11
+    sig = tf.saved_model.load(path).signatures["adapt"]
+
+    def request(n, steps):
+        return dict(x_image=tf.zeros((n, 3, 3, 1)), x_vector=tf.zeros((n, 2)),
+                    y=tf.constant(np.arange(n) % 3), steps=tf.constant(steps))
+
+    sig(**request(4, 2))  # 44 numbers × 2 steps = 88
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=r"`x_image` and `x_vector` together must hold at most "
+                             r"max_elements=50 numbers .*\[55\]"):
+        sig(**request(5, 1))
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=r"max_element_steps=100 .*\[44\] \[×\] \[3\]"):
+        sig(**request(4, 3))

@@ -265,7 +265,8 @@ def test_kfac_rule_adapt_equals_served_and_plan(tmp_path):
 _LOAD_WITHOUT_WARPKERAS = """
 import json, sys
 import numpy as np, tensorflow as tf
-x = np.asarray(json.loads(sys.argv[2]), "float32"); y = np.asarray(json.loads(sys.argv[3]), "float32")
+x = np.asarray(json.loads(sys.argv[2]), "float32")
+y = np.asarray(json.loads(sys.argv[3]), "float32")
 out = tf.saved_model.load(sys.argv[1]).signatures["adapt"](x=x, y=y, steps=tf.constant(3))
 assert "warpkeras" not in sys.modules
 print(json.dumps({k: v.numpy().tolist() for k, v in out.items()}))

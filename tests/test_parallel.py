@@ -31,20 +31,37 @@ CONFIGS = {
 }
 
 
+def _meta_trained_weights(config, parallel):
+    """The weights after 2 meta steps of `CONFIGS[config]` with the given executor."""
+    model = _model()  # seeded: the same initial weights on every call
+    trainer = warpkeras.WarpTrainer(
+        model, "mse", inner_steps=3, inner_learning_rate=0.2, meta_batch_size=3,
+        inner_momentum=0.5, meta_optimizer=keras.optimizers.SGD(0.1), parallel=parallel,
+        seed=4, **CONFIGS[config])
+    trainer.fit(_task, meta_steps=2, verbose=0)
+    return model.get_weights()
+
+
+@pytest.fixture(scope="module")
+def sequential_weights():
+    """`_meta_trained_weights(config, "sequential")`, computed once per config and module:
+    every parallel executor is compared with the same sequential run."""
+    cache = {}
+
+    def get(config):
+        if config not in cache:
+            cache[config] = _meta_trained_weights(config, "sequential")
+        return cache[config]
+
+    return get
+
+
 @pytest.mark.parametrize("parallel", ["unrolled", "vectorized"])
 @pytest.mark.parametrize("config", sorted(CONFIGS))
-def test_parallel_meta_step_equals_sequential(parallel, config):
-    results = {}
-    for mode in ("sequential", parallel):
-        model = _model()
-        trainer = warpkeras.WarpTrainer(
-            model, "mse", inner_steps=3, inner_learning_rate=0.2, meta_batch_size=3,
-            inner_momentum=0.5, meta_optimizer=keras.optimizers.SGD(0.1), parallel=mode,
-            seed=4, **CONFIGS[config])
-        trainer.fit(_task, meta_steps=2, verbose=0)
-        results[mode] = model.get_weights()
+def test_parallel_meta_step_equals_sequential(parallel, config, sequential_weights):
     # float32, different kernel order (batched vs single matmuls): 1e-5 relative
-    assert_lists_close(results[parallel], results["sequential"], rtol=1e-5, atol=1e-6)
+    assert_lists_close(_meta_trained_weights(config, parallel), sequential_weights(config),
+                       rtol=1e-5, atol=1e-6)
 
 
 def test_leap_and_maml_trainers_accept_parallel():

@@ -226,3 +226,94 @@ def test_in_process_adaptation_casts_or_names_the_dtype():
         wexport.adapt(model, images, labels.astype("float32"), 2, **KWARGS)
     with pytest.raises(TypeError, match=r"adapt: steps='2' is not valid"):
         wexport.adapt(model, images, labels, "2", **KWARGS)
+
+
+# --- work bounded by size: limits in numbers (tensor elements), not rows ------------------
+def _sequence_model():
+    keras.utils.set_random_seed(5)
+    return keras.Sequential([keras.Input((None, 3)), keras.layers.LSTM(4),
+                             warpkeras.warp(keras.layers.Dense(4)), keras.layers.Dense(1)])
+
+
+@pytest.fixture(scope="module")
+def sequence_export(tmp_path_factory):
+    path = tmp_path_factory.mktemp("sequence") / "model"
+    wexport.export_adaptive(_sequence_model(), str(path), loss="mse", dtype_tolerant=False)
+    return tf.saved_model.load(str(path)), wexport.read_metadata(str(path))
+
+
+def _error(fn, **kwargs):
+    with pytest.raises(tf.errors.InvalidArgumentError) as info:
+        fn(**kwargs)
+    return info.value.message
+
+
+def test_default_element_budget_of_a_sequence_model(sequence_export):
+    served, meta = sequence_export
+    # One example holds 3 numbers per time step (the unknown time axis counted as 1):
+    # 10 000 examples' worth per request, and as much × steps.
+    assert (meta["example_elements"], meta["max_elements"], meta["max_element_steps"]) == (
+        3, 30_000, 30_000)
+    adapt = served.signatures["adapt"]
+    one = tf.zeros((1, 1))
+    # One long sequence is as much work as many short ones: refused by its size × steps,
+    # before any step runs (a row limit would have let it through).
+    text = _error(adapt, x=tf.zeros((1, 2000, 3)), y=one, steps=tf.constant(50))
+    assert "max_element_steps=30000" in text and "[6000] [×] [50]" in text, text
+    text = _error(adapt, x=tf.zeros((1, 10_001, 3)), y=one, steps=tf.constant(1))
+    assert "`x` must hold at most max_elements=30000 numbers" in text and "[30003]" in text
+    predict = served.signatures["serving_default"]
+    text = _error(predict, x=tf.zeros((2, 5001, 3)))
+    assert "serving_default: `x` must hold at most max_elements=30000" in text, text
+    text = _error(served.signatures["adapt_and_predict"], x=tf.zeros((1, 10, 3)), y=one,
+                  steps=tf.constant(1), queries=tf.zeros((1, 10_001, 3)))
+    assert "`queries` must hold at most max_elements=30000" in text, text
+    # At the limit: 100 time steps × 3 features × 100 steps = 30 000.
+    out = adapt(x=tf.ones((1, 100, 3)), y=one, steps=tf.constant(100))
+    assert all(np.isfinite(v.numpy()).all() for v in out.values())
+
+
+def test_element_budget_defaults_and_overrides(tmp_path):
+    model = _classifier()
+    path = str(tmp_path / "fixed")
+    # A fixed example size (6 numbers): the row defaults of earlier versions, in numbers.
+    wexport.export_adaptive(model, path, dtype_tolerant=False, **KWARGS)
+    meta = wexport.read_metadata(path)
+    assert (meta["example_elements"], meta["max_elements"], meta["max_element_steps"]) == (
+        6, 60_000, 6_000_000)
+    wexport.export_adaptive(model, path, dtype_tolerant=False, max_elements=60,
+                            max_element_steps=120, overwrite=True, **KWARGS)
+    served = tf.saved_model.load(path)
+    sig = served.signatures["adapt"]
+    y = tf.constant(np.arange(10) % 3)
+    sig(x=tf.zeros((10, 6)), y=y, steps=tf.constant(2))  # 60 × 2 = 120
+    text = _error(sig, x=tf.zeros((10, 6)), y=y, steps=tf.constant(3))
+    assert "max_element_steps=120" in text and "[60] [×] [3]" in text, text
+    text = _error(sig, x=tf.zeros((11, 6)), y=tf.constant(np.arange(11) % 3),
+                  steps=tf.constant(0))
+    assert "max_elements=60" in text, text
+    for bad, words in [(dict(max_elements=0), ["max_elements", ">= 1"]),
+                       (dict(max_element_steps=1.5), ["max_element_steps"])]:
+        with pytest.raises((TypeError, ValueError)) as info:
+            wexport.export_adaptive(model, str(tmp_path / "bad"), **bad, **KWARGS)
+        assert all(w in str(info.value) for w in words), str(info.value)
+
+
+def test_image_of_any_size_is_bounded(tmp_path):
+    """A conv model over ``keras.Input((None, None, 1))`` exports (its output spec traced
+    with the unknown sizes), and one 4000 × 4000 image is refused by size."""
+    keras.utils.set_random_seed(6)
+    model = keras.Sequential([keras.Input((None, None, 1)),
+                              keras.layers.Conv2D(4, 3, activation="relu"),
+                              warpkeras.warp(keras.layers.Conv2D(4, 3)),
+                              keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(1)])
+    path = str(tmp_path / "conv")
+    wexport.export_adaptive(model, path, loss="mse", dtype_tolerant=False)
+    meta = wexport.read_metadata(path)
+    assert (meta["max_elements"], meta["max_element_steps"]) == (10_000, 10_000)
+    served = tf.saved_model.load(path)
+    text = _error(served.signatures["serving_default"], x=tf.zeros((1, 4000, 4000, 1)))
+    assert "max_elements=10000" in text and "[16000000]" in text, text
+    x = np.random.default_rng(0).normal(size=(2, 20, 30, 1)).astype("float32")
+    np.testing.assert_allclose(served.signatures["serving_default"](x=x)["predictions"],
+                               model.predict(x, verbose=0), rtol=1e-5, atol=1e-6)

@@ -98,18 +98,36 @@ def test_sequential_groups_are_single_tasks():
         _trainer("leap", "vectorized", group_size=0)
 
 
+def _meta_trained_weights(config, parallel, grouped=None):
+    """The weights after 2 meta steps of `CONFIGS[config]` with the given executor."""
+    model, trainer = _trainer(config, parallel)  # seeded: the same initial weights
+    if parallel == "vectorized":
+        trainer.executor.grouped_convolutions = grouped
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", P.VectorizationWarning)  # nothing falls back
+        trainer.fit(_task, meta_steps=2, verbose=0)
+    return model.get_weights()
+
+
+@pytest.fixture(scope="module")
+def sequential_weights():
+    """`_meta_trained_weights(config, "sequential")`, computed once per config and module:
+    both ways of batching the convolutions are compared with the same sequential run."""
+    cache = {}
+
+    def get(config):
+        if config not in cache:
+            cache[config] = _meta_trained_weights(config, "sequential")
+        return cache[config]
+
+    return get
+
+
 @pytest.mark.parametrize("config, grouped", [(c, None) for c in sorted(CONFIGS)]
                          + [("warp_leap_online", True)])
-def test_vectorized_meta_steps_equal_sequential(config, grouped):
-    weights = {}
-    for parallel in ("sequential", "vectorized"):
-        model, trainer = _trainer(config, parallel)
-        if parallel == "vectorized":
-            trainer.executor.grouped_convolutions = grouped
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", P.VectorizationWarning)  # nothing falls back
-            trainer.fit(_task, meta_steps=2, verbose=0)
-        weights[parallel] = model.get_weights()
+def test_vectorized_meta_steps_equal_sequential(config, grouped, sequential_weights):
+    weights = {"sequential": sequential_weights(config),
+               "vectorized": _meta_trained_weights(config, "vectorized", grouped)}
     # the weights moved, and the same way (float32, batched vs single kernels)
     assert not np.allclose(weights["sequential"][0], _conv_model(CONFIGS[config][1]).get_weights()[0])
     assert_lists_close(weights["vectorized"], weights["sequential"], rtol=1e-5, atol=1e-6)

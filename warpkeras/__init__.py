@@ -172,6 +172,7 @@ __all__ = [
     "optimizers",
     "partition",
     "role_of",
+    "rules",
     "tag",
     "task",
     "task_parameter_names",

@@ -26,6 +26,26 @@ def _numpy(x):
     return np.asarray(keras.ops.convert_to_numpy(x))
 
 
+def _loss_mean(model):
+    """The model's running mean of the training loss (the `keras.metrics.Mean` named
+    ``"loss"`` among ``model.metrics``, with its ``total`` and ``count``), or None."""
+    for metric in getattr(model, "metrics", None) or []:
+        if metric.name == "loss" and hasattr(metric, "total") and hasattr(metric, "count"):
+            return metric
+    return None
+
+
+def _momentum_of(rule, variable):
+    """The momentum slot of `variable` in the built SGD optimizer `rule` (Keras names it
+    ``<variable path with / as _>_momentum``)."""
+    name = variable.path.replace("/", "_") + "_momentum"
+    found = [m for m in rule.momentums if m.path.split("/")[-1] == name]
+    if len(found) != 1:
+        raise ValueError(f"LeapCallback: cannot find the momentum of '{variable.path}' in "
+                         f"optimizer '{rule.name}' ({len(found)} slots named '{name}').")
+    return found[0]
+
+
 class LeapCallback(keras.callbacks.Callback):
     """Meta-learns the initialisation θ0 of the task variables with Leap during ``fit``.
 
@@ -233,7 +253,7 @@ class LeapCallback(keras.callbacks.Callback):
                 )
         self._task_variables = variables
         self._rule = rule
-        if getattr(model, "_loss_tracker", None) is None:
+        if _loss_mean(model) is None:
             raise ValueError(
                 "LeapCallback reads each batch's loss from the model's loss tracker, which "
                 f"model '{model.name}' does not have (compile it with a loss)."
@@ -264,12 +284,12 @@ class LeapCallback(keras.callbacks.Callback):
         if not rule.built:
             return [tf.zeros(v.shape, v.dtype) for v in self._task_variables]
         return [
-            tf.convert_to_tensor(rule.momentums[rule._get_variable_index(v)].value)
+            tf.convert_to_tensor(_momentum_of(rule, v).value)
             for v in self._task_variables
         ]
 
     def _loss_totals(self):
-        tracker = self.model._loss_tracker
+        tracker = _loss_mean(self.model)
         return float(_numpy(tracker.total)), float(_numpy(tracker.count))
 
     def on_train_batch_begin(self, batch, logs=None):
@@ -363,7 +383,7 @@ class LeapCallback(keras.callbacks.Callback):
             v.assign(t.value)
         if self.reset_inner_state and self._rule.momentum != 0 and self._rule.built:
             for v in self._task_variables:
-                m = self._rule.momentums[self._rule._get_variable_index(v)]
+                m = _momentum_of(self._rule, v)
                 m.assign(tf.zeros(m.shape, m.dtype))
         self._zero_accumulators()
 

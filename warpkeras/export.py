@@ -39,9 +39,11 @@ Inputs are validated inside the graph: a request with the wrong rank or feature 
 x and y of different lengths (with several inputs: any two of the ``x_<name>`` inputs and
 ``y``, or two ``queries_<name>`` inputs), an empty support set, labels out of range, NaN
 or inf in ``x``, ``queries`` or regression targets ``y``, a negative step count, or more
-work than the export's budget (``max_steps``, ``max_rows``, ``max_row_steps``, on the row
-count that all inputs share) fails with an ``InvalidArgumentError`` carrying a readable
-message that names the input or the limit, and the server keeps running.
+work than the export's budget (``max_steps``; ``max_elements`` numbers per request and
+``max_element_steps`` numbers × steps, over all inputs; optionally ``max_rows`` and
+``max_row_steps`` on the row count that all inputs share) fails with an
+``InvalidArgumentError`` carrying a readable message that names the input or the limit,
+and the server keeps running.
 
 **Input dtypes.** A SavedModel signature is one concrete function, so each signature key
 accepts exactly one dtype per input (recorded in ``metadata()``: ``input_dtype``,
@@ -63,9 +65,19 @@ their declared dtypes, or all inputs of one declared dtype in the same other dty
 other mixes before sending). In-process `adapt` and `adapt_task_values` cast and refuse
 the same way (refusals raise `TypeError`).
 
+**Files.** An export is written to a staging folder beside the path and replaces the
+path as a whole (an atomic exchange on Linux), so a reader, or TF Serving polling the
+folder, finds the old or the new model at every instant; a process killed part-way
+leaves a complete model, and the next export, `load` or `recover` finishes or undoes the
+interrupted one (see `recover`). Folders and files get the modes that Keras's
+`model.export` gives them under the process umask. Besides ``metadata()`` (tensors), the
+metadata is written as JSON with Python values to ``assets.extra/warpkeras_metadata.json``
+(`read_metadata`).
+
 **Batch-norm statistics.** Adaptation steps run the model in mode ``training`` (True:
 batch statistics of the support set, dropout on); predictions (``serving_default``,
-``adapt_and_predict``) run in mode ``predict_training`` (default: the same as
+``adapt_and_predict``) run every layer in inference mode, as `keras.Model.predict` does
+(no dropout), with batch norm per ``predict_training`` (default: the same as
 ``training``): True normalises with the statistics of the predicted batch, False with the
 moving statistics: the saved ones (estimated at θ0 by the trainer) for
 ``serving_default``, ``steps=0`` or ``training=False``, else those of the support set at
@@ -77,18 +89,24 @@ adapts in training mode, as the trainers do, and predicts in the trainer's
 
 import collections
 import contextlib
+import ctypes
 import functools
 import inspect
 import json
 import os
 import re
+import secrets
 import shutil
+import socket
+import sys
 import tempfile
+import warnings
 
 import keras
 import tensorflow as tf
 
 from warpkeras import _validation, objectives, roles, rules
+from warpkeras._losses import TaskLoss
 from warpkeras.partition import UNTAGGED_POLICIES
 from warpkeras.partition import partition as _partition
 
@@ -98,14 +116,27 @@ __all__ = [
     "adapt_task_values",
     "task_parameter_names",
     "batch_statistics",
+    "load",
+    "read_metadata",
+    "recover",
 ]
 
 SIGNATURES = ("serving_default", "adapt", "adapt_and_predict")
+# The metadata as JSON (Python values) in the SavedModel's ``assets.extra/`` folder.
+METADATA_FILE = "warpkeras_metadata.json"
 
 
 # --- losses ----------------------------------------------------------------------------
 def _resolve_loss(loss, from_logits, model):
-    """Returns ``(loss_fn, sparse_labels, description)`` for a loss given as in `compile`."""
+    """Returns ``(loss_fn, sparse_labels, description)`` for a loss given as in `compile`:
+    `loss_fn` is the `warpkeras._losses.TaskLoss` that training uses too (masks, Keras's
+    reduction), and `sparse_labels` comes from its `LossKind`."""
+    if isinstance(loss, TaskLoss):
+        if from_logits is not None:
+            raise ValueError(
+                "from_logits only applies to losses given by name; set it on the trainer's "
+                "loss instead.")
+        return loss, _sparse_labels(loss), loss.name
     if loss is None:
         loss = getattr(model, "loss", None)
         if loss is None:
@@ -160,10 +191,14 @@ def _resolve_loss(loss, from_logits, model):
             f"loss must be a Keras loss object, a loss name or a function; got "
             f"{type(loss).__name__}."
         )
-    base = fn.func if isinstance(fn, functools.partial) else fn
-    base_name = getattr(base, "__name__", type(base).__name__)
-    sparse = "sparse" in base_name.lower() and "crossentropy" in base_name.lower()
-    return fn, sparse, name
+    task_loss = TaskLoss(fn, model=model, where="export_adaptive")
+    return task_loss, _sparse_labels(task_loss), name
+
+
+def _sparse_labels(task_loss):
+    """Whether the (one-output) loss takes class ids (a sparse categorical cross-entropy)."""
+    kinds = task_loss.kinds()
+    return len(kinds) == 1 and kinds[0].category == "sparse_categorical"
 
 
 # --- specs ------------------------------------------------------------------------------
@@ -369,11 +404,15 @@ def _model_inputs(model, input_spec, where):
 
 
 def _output_spec(part, inputs):
-    zeros = [tf.zeros([1] + [1 if d is None else d for d in s.shape.as_list()[1:]], s.dtype)
-             for s in inputs.specs]
-    y, _ = part.call(
-        part.initial_task_values(), part.warp_values(), inputs.pack(zeros), training=False,
-    )
+    """The output's batch spec, traced from the input specs (unknown dimensions of the
+    inputs stay unknown in the output, e.g. the time axis of a sequence output)."""
+    theta, phi = part.initial_task_values(), part.warp_values()
+
+    def call(*xs):
+        return part.call(theta, phi, inputs.pack(list(xs)), training=False)[0]
+
+    specs = [tf.TensorSpec([None] + s.shape.as_list()[1:], s.dtype) for s in inputs.specs]
+    y = tf.function(call).get_concrete_function(*specs).structured_outputs
     if not hasattr(y, "shape") or not hasattr(y, "dtype"):
         raise ValueError(
             f"Model '{part.model.name}' returns {type(y).__name__}; export_adaptive "
@@ -451,6 +490,34 @@ class _Checks:
         )
         out.set_shape(shape)
         return out
+
+
+# Default work limits (see `export_adaptive`): per request, the input numbers of
+# `_DEFAULT_ROWS` examples, and input numbers × steps of `_DEFAULT_ROW_STEPS` example-steps,
+# or of `_DEFAULT_VARIABLE_ROW_STEPS` when an example's size is not fixed by the input
+# spec (a sequence, an image of any size), its unknown dimensions counted as 1.
+_DEFAULT_ROWS = 10_000
+_DEFAULT_ROW_STEPS = 1_000_000
+_DEFAULT_VARIABLE_ROW_STEPS = 10_000
+_ELEMENTS_MAX = 2**62
+
+
+def _example_elements(specs):
+    """``(numbers in one example of all inputs, whether some dimension is unknown)`` for
+    the batch specs of the model's inputs (unknown dimensions counted as 1)."""
+    total, variable = 0, False
+    for spec in specs:
+        n = 1
+        for d in spec.shape.as_list()[1:]:
+            variable = variable or d is None
+            n *= 1 if d is None else d
+        total += n
+    return max(total, 1), variable
+
+
+def _elements(xs):
+    """The numbers held by the tensors `xs` together (int64; never fails)."""
+    return tf.add_n([tf.size(t, out_type=tf.int64) for t in xs])
 
 
 def _leading_dim(t):
@@ -581,7 +648,8 @@ class _Program:
 
     def __init__(self, model, loss, from_logits, learning_rate, momentum, training,
                  input_spec, label_spec, untagged, max_steps, predict_training=None,
-                 max_rows=None, max_row_steps=None, where="export_adaptive", rule=None):
+                 max_rows=None, max_row_steps=None, max_elements=None,
+                 max_element_steps=None, where="export_adaptive", rule=None):
         v = _validation
         if not isinstance(model, keras.Model):
             raise TypeError(
@@ -609,6 +677,12 @@ class _Program:
         max_row_steps = v.check_int(max_row_steps, "max_row_steps", minimum=1,
                                     maximum=2**62, allow_none=True, where=where,
                                     example=10**6)
+        max_elements = v.check_int(max_elements, "max_elements", minimum=1,
+                                   maximum=_ELEMENTS_MAX, allow_none=True, where=where,
+                                   example=10**6)
+        max_element_steps = v.check_int(max_element_steps, "max_element_steps", minimum=1,
+                                        maximum=_ELEMENTS_MAX, allow_none=True, where=where,
+                                        example=10**7)
         v.check_choice(untagged, "untagged", UNTAGGED_POLICIES, where=where)
         self.model = model
         self.partition = _partition(model, untagged=untagged, require_task=True)
@@ -624,6 +698,13 @@ class _Program:
         # Batch statistics of a single example normalise it to beta whatever it is.
         self.min_query_rows = 2 if self.predict_training and _has_batch_norm(model) else 0
         self.inputs = _model_inputs(model, input_spec, where)
+        self.example_elements, self.variable_size = _example_elements(self.inputs.specs)
+        rows, row_steps = ((_DEFAULT_ROWS, _DEFAULT_VARIABLE_ROW_STEPS) if self.variable_size
+                           else (_DEFAULT_ROWS, _DEFAULT_ROW_STEPS))
+        self.max_elements = (min(rows * self.example_elements, _ELEMENTS_MAX)
+                             if max_elements is None else max_elements)
+        self.max_element_steps = (min(row_steps * self.example_elements, _ELEMENTS_MAX)
+                                  if max_element_steps is None else max_element_steps)
         self.out_spec = _output_spec(self.partition, self.inputs)
         y_spec = _as_spec(label_spec, "label_spec", self.out_spec.dtype)
         self.y_spec = y_spec if y_spec is not None else _default_label_spec(
@@ -711,6 +792,13 @@ class _Program:
                 f"{fn}: the inputs {_listing(args)} must hold the same number of "
                 "examples; got", *_interleave(rows, args),
             )
+        what = f"`{args[0]}`" if len(args) == 1 else _listing(args) + " together"
+        checks.require(
+            tf.less_equal(_elements(xs), self.max_elements),
+            f"{fn}: {what} must hold at most max_elements={self.max_elements} numbers "
+            "(the export's limit per request); send smaller or fewer examples. Got",
+            _elements(xs),
+        )
 
     def _support_checks(self, xs, y, steps, fn):
         checks = _Checks()
@@ -744,6 +832,14 @@ class _Program:
             f"{self.max_row_steps} of the export (the work of one request); use fewer steps "
             "or fewer examples. Got", _leading_dim(x), "×", steps,
         )
+        support = "`x`" if self.inputs.single else "the support set"
+        checks.require(
+            tf.less_equal(_elements(xs), self.max_element_steps // tf.maximum(
+                tf.cast(steps, tf.int64), 1)),
+            f"{fn}: the numbers in {support} × `steps` must be <= max_element_steps="
+            f"{self.max_element_steps} of the export (the work of one request); use fewer "
+            "steps or a smaller support set. Got", _elements(xs), "×", steps,
+        )
         for t, arg in zip(xs, self.inputs.arguments("x")):
             self._check_finite(checks, t, arg, fn)
         self._check_finite(checks, y, "y", fn)
@@ -758,8 +854,13 @@ class _Program:
 
     # -- maths ----------------------------------------------------------------------------
     def _forward(self, theta, x, state):
-        y, _ = self.partition.call(theta, self._phi(), x, state=state,
-                                   training=self.predict_training)
+        """Predictions as `MetaTrainer.evaluate` makes them: every layer in inference mode
+        (no dropout), batch norm with the query batch's own statistics when
+        `predict_training` (the transductive convention), else with `state`'s."""
+        phi = self._phi()
+        if self.predict_training and _has_batch_norm(self.model):
+            state = batch_statistics(self.partition, theta, phi, x, state)
+        y, _ = self.partition.call(theta, phi, x, state=state, training=False)
         return y
 
     def _loop(self, x, y, steps):
@@ -904,6 +1005,9 @@ class _Program:
             "max_steps": self.max_steps,
             "max_rows": self.max_rows,
             "max_row_steps": self.max_row_steps,
+            "max_elements": self.max_elements,
+            "max_element_steps": self.max_element_steps,
+            "example_elements": self.example_elements,
             "input_shape": (str(self.inputs.specs[0].shape.as_list()) if self.inputs.single
                             else json.dumps({n: s.shape.as_list() for n, s in
                                              zip(self.inputs.names, self.inputs.specs)})),
@@ -1096,7 +1200,8 @@ def _is_url(path):
 
 
 def _check_path(path, overwrite, where):
-    """Validates the export folder (local, or a URL TensorFlow's file systems handle)."""
+    """Validates the export folder (local, or a URL TensorFlow's file systems handle),
+    after recovering a model that a killed export left beside it (`recover`)."""
     if not isinstance(path, (str, os.PathLike)) or isinstance(path, bytes):
         raise TypeError(
             f"{where}: path must be a folder path (str or os.PathLike); got "
@@ -1106,47 +1211,345 @@ def _check_path(path, overwrite, where):
     if not path:
         raise ValueError(f"{where}: path is empty; give the SavedModel folder to write.")
     fs = tf.io.gfile
-    if fs.exists(path):
-        if not fs.isdir(path):
+    if fs.exists(path) and not fs.isdir(path):
+        raise FileExistsError(
+            f"{where}: path {path!r} is a file; choose a folder for the SavedModel."
+        )
+    recover(path, where=where, _stacklevel=4)  # the warning points at the caller
+    if fs.exists(path) and fs.listdir(path):
+        if not overwrite:
             raise FileExistsError(
-                f"{where}: path {path!r} is a file; choose a folder for the SavedModel."
+                f"{where}: {path!r} already exists and is not empty; pass "
+                "overwrite=True to replace it, or choose another folder."
             )
-        if fs.listdir(path):
-            if not overwrite:
-                raise FileExistsError(
-                    f"{where}: {path!r} already exists and is not empty; pass "
-                    "overwrite=True to replace it, or choose another folder."
-                )
-            if not fs.exists(path.rstrip("/") + "/saved_model.pb"):
-                raise FileExistsError(
-                    f"{where}: {path!r} exists and is not a SavedModel; refusing to replace "
-                    "it even with overwrite=True. Remove it yourself or choose another "
-                    "folder."
-                )
+        if not _is_saved_model(path):
+            names = set(n.rstrip("/") for n in fs.listdir(path))
+            hint = ""
+            if names and names <= {"variables", "fingerprint.pb", "assets", "assets.extra"}:
+                hint = (" It holds what a SavedModel holds except saved_model.pb, as a "
+                        "replacement cut short by an earlier warpkeras version leaves it; "
+                        "that version's staging folder (.export-*) beside it may hold the "
+                        "complete new model.")
+            raise FileExistsError(
+                f"{where}: {path!r} exists and is not a SavedModel; refusing to replace "
+                "it even with overwrite=True. Remove it yourself or choose another "
+                "folder." + hint
+            )
     if _is_url(path):
         return path
     return _validation.check_directory(path, "path", allow_none=False, where=where)
 
 
-def _save(module, path, signatures):
-    """Saves `module` at `path`, replacing what is there (already checked)."""
+# --- atomic replacement of an export folder -----------------------------------------------
+# An export is written to a staging folder beside `path`, renamed to a "ready" folder once
+# complete, and then swapped with `path` (one atomic exchange of the two names where the
+# system has one, else: old model aside, new model in); the old model is deleted last.
+# Every name is `.<folder name>.warpkeras-<kind>-<host>-<pid>-<token>`, so the next export
+# or `load` can tell a killed process's leftovers from a running export's folders.
+_STAGING, _READY, _OLD = "staging", "ready", "old"
+_MARK = ".warpkeras-"
+
+
+def _export_step(step):
+    """Called at each step of replacing an export folder ("ready", "aside", "moved_in",
+    "swapped", "removing_old"); a no-op (fault-injection tests replace it)."""
+
+
+def _is_saved_model(path):
+    return tf.io.gfile.exists(_join(path, "saved_model.pb"))
+
+
+def _join(parent, name):
+    return parent.rstrip("/") + "/" + name if _is_url(parent) else os.path.join(parent, name)
+
+
+def _split_path(path):
+    path = path.rstrip("/") or path
     if _is_url(path):
-        if tf.io.gfile.exists(path):
-            tf.io.gfile.rmtree(path)
-        tf.saved_model.save(module, path, signatures=signatures)
-        return
-    # Written next to `path` first, so that a failed export leaves any old model intact.
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".export-", dir=parent)
+        parent, _, base = path.rpartition("/")
+        return parent, base
+    path = os.path.abspath(path)
+    return os.path.dirname(path), os.path.basename(path)
+
+
+def _sibling(path, kind):
+    parent, base = _split_path(path)
+    host = re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname()) or "host"
+    token = secrets.token_hex(4)
+    return _join(parent, f".{base}{_MARK}{kind}-{host}-{os.getpid()}-{token}")
+
+
+def _leftovers(path):
+    """``[(folder, kind, live)]``: the staging, ready and old folders of exports to `path`
+    (``live``: made by a running process on this host, or on another host)."""
+    parent, base = _split_path(path)
+    prefix = f".{base}{_MARK}"
+    fs = tf.io.gfile
+    if not fs.isdir(parent):
+        return []
+    host = re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname()) or "host"
+    out = []
+    for name in fs.listdir(parent):
+        name = name.rstrip("/")
+        if not name.startswith(prefix):
+            continue
+        m = re.fullmatch(r"(staging|ready|old)-(.+)-(\d+)-([0-9a-f]+)", name[len(prefix):])
+        if m is None:
+            continue
+        kind, owner, pid = m.group(1), m.group(2), int(m.group(3))
+        out.append((_join(parent, name), kind, owner != host or _alive(pid)))
+    return out
+
+
+def _alive(pid):
+    if pid == os.getpid():
+        return True
     try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _rmtree(path):
+    if tf.io.gfile.exists(path):
+        if _is_url(path):
+            try:
+                tf.io.gfile.rmtree(path)
+            except tf.errors.NotFoundError:  # a listing artefact of a flat object store
+                for folder, _, files in list(tf.io.gfile.walk(path, topdown=False)):
+                    for name in files + [""]:
+                        with contextlib.suppress(tf.errors.OpError):
+                            target = _join(folder, name) if name else folder
+                            if tf.io.gfile.isdir(target):
+                                tf.io.gfile.rmtree(target)
+                            else:
+                                tf.io.gfile.remove(target)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _mtime(path):
+    try:
+        return tf.io.gfile.stat(path).mtime_nsec
+    except tf.errors.OpError:
+        return 0
+
+
+def recover(path, where="recover", *, _stacklevel=2):
+    """Completes or undoes an export to `path` that was killed part-way.
+
+    An export writes the new SavedModel into a staging folder beside `path` and then
+    replaces `path` in one step (see `export_adaptive`), so a killed export leaves `path`
+    holding the old or the new model, and at most a folder beside it. On systems without an
+    atomic exchange of two folders there is an instant in which `path` does not exist; if
+    the process is killed then, this function moves the new model (or, if it was not
+    complete, the old one) back to `path`. On a URL (``gs://``, ...; object stores rename
+    file by file) `path` is a SavedModel only once copied in full; a copy cut short is
+    done again from the complete staging folder. Leftovers of processes that have ended
+    (on this host) are then removed. Each action gives a `UserWarning` naming the folders.
+    `export_adaptive`, `MetaTrainer.export` and `load` call it first; folders of running
+    exports and of other hosts are left alone.
+
+    Args:
+        path: the SavedModel folder (str or `os.PathLike`).
+        where: the function named in warnings.
+
+    Returns:
+        The path (a str).
+    """
+    stacklevel = _stacklevel
+    path = os.fspath(path)
+    if not _is_url(path) and os.path.islink(path.rstrip("/")):
+        path = os.path.realpath(path)
+    stale = [(f, kind) for f, kind, live in _leftovers(path) if not live]
+    if not stale:
+        return path
+    fs = tf.io.gfile
+    if _is_url(path):
+        done = [f for f, k in stale if k == _STAGING and fs.exists(_join(f, _COMPLETE))]
+        if done and not _is_saved_model(path):
+            newest = max(done, key=_mtime)
+            _replace_url(newest, path)
+            stale = [(f, k) for f, k in stale if f != newest]
+            warnings.warn(
+                f"{where}: {path!r} was incomplete after an export was interrupted; "
+                f"copied the new model from {newest!r}.", stacklevel=stacklevel,
+            )
+    elif not fs.exists(path):
+        for kind in (_READY, _OLD):
+            candidates = sorted((f for f, k in stale if k == kind), key=_mtime, reverse=True)
+            candidates = [f for f in candidates if _is_saved_model(f)]
+            if candidates:
+                fs.rename(candidates[0], path)
+                stale = [(f, k) for f, k in stale if f != candidates[0]]
+                what = "new" if kind == _READY else "previous"
+                warnings.warn(
+                    f"{where}: {path!r} was missing after an export was interrupted; "
+                    f"restored the {what} model from {candidates[0]!r}.",
+                    stacklevel=stacklevel,
+                )
+                break
+    if not stale:
+        return path
+    for f, _ in stale:
+        _rmtree(f)
+    warnings.warn(
+        f"{where}: removed what an interrupted export to {path!r} left behind: "
+        + ", ".join(repr(os.path.basename(f)) for f, _ in stale) + ".",
+        stacklevel=stacklevel,
+    )
+    return path
+
+
+def _exchange(a, b):
+    """Atomically swaps the names of folders `a` and `b` (Linux ``renameat2`` with
+    ``RENAME_EXCHANGE``); False where the system or file system does not support it."""
+    if _RENAMEAT2 is None:
+        return False
+    if _RENAMEAT2(-100, os.fsencode(a), -100, os.fsencode(b), 2) == 0:  # AT_FDCWD
+        return True
+    return False
+
+
+def _find_renameat2():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
+                   ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_RENAMEAT2 = _find_renameat2()
+
+
+def _save(module, path, signatures, metadata):
+    """Saves `module` at `path`, replacing what is there (already checked).
+
+    The SavedModel (and ``assets.extra/warpkeras_metadata.json``) is written to a staging
+    folder beside `path`, created by TensorFlow's file system as Keras's `model.export`
+    creates its folder (so the modes follow the process umask alike). Once complete, on a
+    local file system it is renamed "ready" and then replaces `path` in one atomic exchange
+    (Linux), or else the old model is moved aside and the new one in; the old one is
+    deleted last. On a URL (object stores rename file by file), see `_replace_url`.
+    """
+    fs = tf.io.gfile
+    if not _is_url(path) and os.path.islink(path.rstrip("/")):
+        path = os.path.realpath(path)  # replace the folder a link points to, not the link
+    parent, _ = _split_path(path)
+    fs.makedirs(parent)
+    staging = _sibling(path, _STAGING)
+    try:
+        fs.makedirs(staging)  # TensorFlow's modes and the umask, as Keras's export
         tf.saved_model.save(module, staging, signatures=signatures)
-        if os.path.isdir(path):
-            shutil.rmtree(path)
-        os.replace(staging, path)
-    finally:
-        if os.path.exists(staging):
-            shutil.rmtree(staging, ignore_errors=True)
+        extra = _join(staging, "assets.extra")
+        fs.makedirs(extra)
+        with fs.GFile(_join(extra, METADATA_FILE), "w") as f:
+            f.write(json.dumps(metadata, indent=1, sort_keys=True) + "\n")
+        if _is_url(path):
+            with fs.GFile(_join(staging, _COMPLETE), "w") as f:
+                f.write("")
+        else:
+            ready = _sibling(path, _READY)
+            fs.rename(staging, ready)
+    except BaseException:
+        _rmtree(staging)
+        raise
+    if _is_url(path):
+        _replace_url(staging, path)
+        return
+    _export_step("ready")
+    if fs.exists(path):
+        if _exchange(ready, path):
+            old = ready
+            _export_step("swapped")
+        else:
+            old = _sibling(path, _OLD)
+            fs.rename(path, old)
+            _export_step("aside")
+            fs.rename(ready, path)
+            _export_step("moved_in")
+        _export_step("removing_old")
+        _rmtree(old)
+    else:
+        fs.rename(ready, path)
+        _export_step("moved_in")
+
+
+# Written last into a complete staging folder on a URL.
+_COMPLETE = ".warpkeras-complete"
+
+
+def _replace_url(staging, path):
+    """Replaces the SavedModel at URL `path` by the complete one in `staging`: the old
+    ``saved_model.pb`` is deleted first and the new one copied last, so `path` is a
+    SavedModel only when complete, and `recover` copies `staging` again after a crash."""
+    fs = tf.io.gfile
+    if fs.exists(path):
+        if _is_saved_model(path):
+            fs.remove(_join(path, "saved_model.pb"))
+        _rmtree(path)
+    last = None
+    for folder, _, files in fs.walk(staging):
+        rel = folder[len(staging):].lstrip("/")
+        target = _join(path, rel) if rel else path
+        fs.makedirs(target)
+        for name in files:
+            if not fs.exists(_join(folder, name)):
+                continue  # a listing artefact of a flat object store
+            if rel == "" and name == "saved_model.pb":
+                last = (_join(folder, name), _join(target, name))
+            elif not (rel == "" and name == _COMPLETE):
+                fs.copy(_join(folder, name), _join(target, name), overwrite=True)
+    fs.copy(*last, overwrite=True)
+    _rmtree(staging)
+
+
+def load(path):
+    """Loads a SavedModel written by `export_adaptive`, after `recover`.
+
+    Equivalent to ``tf.saved_model.load(path)`` once an interrupted export to `path` (if
+    any) is completed or undone.
+
+    Args:
+        path: the SavedModel folder (str or `os.PathLike`).
+
+    Returns:
+        The loaded object (signatures, ``metadata()``, ``predict``, ``adapt``, ...).
+
+    Raises:
+        FileNotFoundError: there is no SavedModel at `path`.
+    """
+    path = recover(path, where="load", _stacklevel=3)
+    if not _is_saved_model(path):
+        raise FileNotFoundError(f"load: no SavedModel at {path!r} (no saved_model.pb).")
+    return tf.saved_model.load(path)
+
+
+def read_metadata(path):
+    """The metadata of a SavedModel written by `export_adaptive`, as Python values.
+
+    Reads ``assets.extra/warpkeras_metadata.json`` in the SavedModel folder (no TensorFlow
+    needed): strings are `str`, flags `bool`, counts `int`, rates `float`, and ``inputs`` a
+    list of dicts. The loaded object's ``metadata()`` holds the same values as tensors
+    (strings as ``tf.string``, whose ``.numpy()`` is `bytes`; flags as int32).
+
+    Args:
+        path: the SavedModel folder (str or `os.PathLike`).
+
+    Returns:
+        A dict.
+    """
+    with tf.io.gfile.GFile(_join(os.fspath(path), "assets.extra/" + METADATA_FILE)) as f:
+        return json.load(f)
 
 
 def export_adaptive(
@@ -1163,8 +1566,10 @@ def export_adaptive(
     training=False,
     max_steps=10000,
     predict_training=None,
-    max_rows=10000,
-    max_row_steps=1_000_000,
+    max_elements=None,
+    max_element_steps=None,
+    max_rows=None,
+    max_row_steps=None,
     overwrite=False,
     dtype_tolerant=True,
     rule=None,
@@ -1199,11 +1604,21 @@ def export_adaptive(
     raise ``InvalidArgumentError`` with a message such as ``adapt: `x` must have shape
     [batch, 4]; got shape [5 3]``.
 
-    **Work per request** is bounded by three limits recorded in the metadata: ``steps``
-    ≤ `max_steps`, at most `max_rows` examples in ``x`` (and in ``queries``), and rows of
-    ``x`` × ``steps`` ≤ `max_row_steps` (an adaptation costs about rows × steps
-    forward-backward passes of one example). Over-budget requests fail with an
-    ``InvalidArgumentError`` naming the limit before any work is done.
+    **Work per request** is bounded in numbers (tensor elements), not rows, since one row
+    of a sequence or image model of unknown size can be any size. The limits, recorded
+    in the metadata: ``steps`` ≤ `max_steps`; ``x`` (all inputs together) and ``queries``
+    each hold at most `max_elements` numbers; and the numbers in ``x`` × ``steps`` ≤
+    `max_element_steps` (an adaptation costs about that many forward-backward passes of
+    one number). The defaults follow from the model's input spec, with E the numbers in
+    one example of all inputs (``example_elements`` in the metadata; unknown dimensions
+    counted as 1): `max_elements` = 10 000 × E; `max_element_steps` = 1 000 000 × E when
+    E is fixed by the spec (10 000 examples, 10⁶ example-steps), but 10 000 × E when a
+    dimension is unknown (an LSTM(32) over ``keras.Input((None, 8))``: 80 000 numbers ×
+    steps, e.g. one sequence of 1 000 time steps adapted for 10 steps, which took 1.9 s on
+    a shared 2-core Xeon).
+    Over-budget requests fail with an ``InvalidArgumentError`` naming the limit and the
+    request's size before any work is done. The row limits `max_rows` and
+    `max_row_steps` of earlier versions still apply where given.
 
     **Modes (batch normalisation, dropout).** Adaptation steps run the model in mode
     `training`: with True, batch-norm layers normalise with the statistics of the support
@@ -1277,14 +1692,22 @@ def export_adaptive(
         untagged: role of untagged layers (see `warpkeras.partition`).
         training: run the model in training mode during adaptation (bool; see "Modes").
         max_steps: largest accepted ``steps`` input (an integer in [0, 2³¹ − 1]).
-        predict_training: run predictions in training mode (bool; `None`: `training`).
-        max_rows: most examples accepted in ``x`` and in ``queries`` per request (an
-            integer ≥ 1, or `None` for no limit).
-        max_row_steps: most rows × steps per adaptation request (an integer ≥ 1, or `None`
-            for no limit).
+        predict_training: batch norm in predictions normalises with the predicted batch's
+            statistics (bool; `None`: `training`); every other layer predicts in
+            inference mode.
+        max_elements: most numbers (tensor elements) in ``x`` (all inputs together) and in
+            ``queries`` per request (an integer ≥ 1; `None`: 10 000 examples' worth, see
+            "Work per request").
+        max_element_steps: most numbers in ``x`` × ``steps`` per adaptation request (an
+            integer ≥ 1; `None`: the default of "Work per request").
+        max_rows: optionally, most examples in ``x`` and in ``queries`` per request too (an
+            integer ≥ 1, or `None` for no row limit).
+        max_row_steps: optionally, most rows × steps per adaptation request too (an
+            integer ≥ 1, or `None` for no such limit).
         overwrite: replace an existing SavedModel at `path` (bool). Without it an existing,
             non-empty folder is refused; a folder that is not a SavedModel is never
-            replaced.
+            replaced. The new model replaces the old one as a whole, once complete (see
+            "Files" in the module docstring).
         dtype_tolerant: make the loaded object's functions ``predict``, ``adapt`` and
             ``adapt_and_predict`` (for Python clients) accept several dtypes (bool; this
             about doubles the export time, and with several inputs about triples it). With
@@ -1314,13 +1737,19 @@ def export_adaptive(
                                   where=where, example=min(5, max_steps_ok))
     program = _Program(model, loss, from_logits, learning_rate, momentum, training,
                        input_spec, label_spec, untagged, max_steps, predict_training,
-                       max_rows, max_row_steps, where=where, rule=rule)
+                       max_rows, max_row_steps, max_elements, max_element_steps,
+                       where=where, rule=rule)
     module = tf.Module(name="warpkeras_adaptive")
     # Track the model's variables (the underlying tf.Variables) so the saved graphs can
     # capture them: θ0, φ, frozen variables and the non-trainable state.
     module.model_variables = [v.value for v in model.variables]
     # and the inner rule's (Meta-SGD's α), which the adaptation loop reads
     module.rule_variables = [getattr(v, "value", v) for v in program.rule.variables]
+    # And the resources of its layers that are not variables (the lookup tables of
+    # StringLookup, IntegerLookup, TextVectorization, ...), which Keras's `model.export`
+    # saves by tracking the whole model; tracking only these keeps the optimiser's slots
+    # of a compiled model out of the SavedModel.
+    module.model_resources = _resources(model)
     module.serve = program.signature_function("predict")
     module.signature_adapt = program.signature_function("adapt")
     module.signature_adapt_and_predict = program.signature_function("adapt_and_predict")
@@ -1340,8 +1769,27 @@ def export_adaptive(
         "adapt": module.signature_adapt.get_concrete_function(),
         "adapt_and_predict": module.signature_adapt_and_predict.get_concrete_function(),
     }
-    _save(module, path, signatures)
+    _save(module, path, signatures, _json_metadata(meta))
     return path
+
+
+def _resources(model):
+    """The `tf.saved_model.experimental.TrackableResource` objects (lookup tables, ...)
+    reachable from `model`, in TensorFlow's tracking order."""
+    return [
+        r for r in tf.train.TrackableView(model).descendants()
+        if isinstance(r, tf.saved_model.experimental.TrackableResource)
+    ]
+
+
+def _json_metadata(meta):
+    """`meta` with the JSON-encoded values decoded (for `METADATA_FILE`)."""
+    out = {}
+    for k, v in meta.items():
+        if k == "inputs" or (k in ("input_shape", "input_dtype") and v.startswith("{")):
+            v = json.loads(v)
+        out[k] = v
+    return out
 
 
 # --- in-process adaptation ------------------------------------------------------------------
@@ -1350,8 +1798,9 @@ def _run_adapt(model, x, y, steps, loss, learning_rate, momentum, from_logits, t
     steps = _validation.check_int(steps, "steps", minimum=0, maximum=_INT32_MAX,
                                   where=where, example=5)
     program = _Program(model, loss, from_logits, learning_rate, momentum, training,
-                       input_spec, label_spec, untagged, max_steps=steps, where=where,
-                       rule=rule)
+                       input_spec, label_spec, untagged, max_steps=steps,
+                       max_elements=_ELEMENTS_MAX, max_element_steps=_ELEMENTS_MAX,
+                       where=where, rule=rule)
     fn = _adapt_function(program)
     inputs = program.inputs
     xs = [_typed_input(v, name, s.dtype, where, role="x")
@@ -1420,6 +1869,28 @@ def adapt_task_values(model, x, y, steps, loss=None, learning_rate=0.01, momentu
                                    from_logits, training, untagged, input_spec, label_spec,
                                    "adapt_task_values", rule=rule)
     return dict(zip(program.names, theta))
+
+
+def _layers(model):
+    """Every layer of `model`, nested models' layers included, in order."""
+    out = []
+    for layer in model.layers:
+        out.append(layer)
+        if isinstance(layer, keras.Model):
+            out += _layers(layer)
+    return out
+
+
+def _copy_assets(source, target):
+    """Copies what layers keep outside variables and config (the vocabulary that
+    `TextVectorization`, `StringLookup` or `IntegerLookup` learnt by ``adapt``) from the
+    layers of `source` to those of its clone `target`, through Keras's saving hooks
+    ``save_assets`` / ``load_assets``."""
+    for a, b in zip(_layers(source), _layers(target)):
+        if hasattr(a, "save_assets") and hasattr(b, "load_assets"):
+            with tempfile.TemporaryDirectory() as folder:
+                a.save_assets(folder)
+                b.load_assets(folder)
 
 
 def _copy_roles(source, target):
@@ -1497,6 +1968,7 @@ def adapt(model, x, y, steps, loss=None, learning_rate=0.01, momentum=None, from
             "with copy=False instead."
         )
     clone.set_weights(model.get_weights())
+    _copy_assets(model, clone)
     _copy_roles(model, clone)
     trainable = clone.trainable_variables
     for i, t in zip(program.partition.task_indices, theta):

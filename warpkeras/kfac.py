@@ -96,7 +96,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from warpkeras._losses import loss_settings
+from warpkeras._losses import as_task_loss, split_batch
 from warpkeras import _validation as _v
 from warpkeras import objectives as obj
 from warpkeras.rules import InnerRule
@@ -190,12 +190,15 @@ class _Gaussian(_Likelihood):
 
 
 def _likelihood(loss):
-    name, from_logits = loss_settings(loss)
-    if "sparse_categorical_crossentropy" in name:
-        return _Categorical(from_logits, sparse=True)
-    if "categorical_crossentropy" in name and "binary" not in name:
-        return _Categorical(from_logits, sparse=False)
-    if name in ("mean_squared_error", "mse"):
+    kinds = as_task_loss(loss, where="KFAC").kinds()
+    if len(kinds) != 1:
+        return None
+    kind = kinds[0]
+    if kind.function == "sparse_categorical_crossentropy":
+        return _Categorical(kind.from_logits, sparse=True)
+    if kind.function == "categorical_crossentropy":
+        return _Categorical(kind.from_logits, sparse=False)
+    if kind.function == "mean_squared_error":
         return _Gaussian()
     return None
 
@@ -483,7 +486,7 @@ class KFACPlan:
         self.loss = loss
         self.likelihood = _likelihood(loss)
         if self.likelihood is None and config.fisher != "empirical":
-            name, _ = loss_settings(loss)
+            name = as_task_loss(loss, where="KFAC").name
             raise ValueError(
                 f"KFAC: fisher={config.fisher!r} needs the model's predictive distribution, "
                 f"which is known for the sparse / categorical cross-entropy and mean squared "
@@ -613,7 +616,7 @@ class KFACPlan:
             tape.watch(theta)
             with _capture(self.blocks) as records:
                 loss, aux = loss_fn(theta, batch)
-            terms = self._fisher_terms(batch[1], aux[1], seed)
+            terms = self._fisher_terms(split_batch(batch)[1], aux[1], seed)
         grads = tape.gradient(loss, theta, unconnected_gradients=tf.UnconnectedGradients.ZERO)
         dt = self.dtype
         a_list = []

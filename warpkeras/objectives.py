@@ -8,7 +8,7 @@ reads or writes a Keras variable, so they compose freely inside `tf.function` an
 | function                    | paper                                   |
 |-----------------------------|-----------------------------------------|
 | `task_loss`                 | L_task(θ; φ) on one batch               |
-| `task_step`                 | WarpGrad Alg. 1 line 8 (+ momentum, App. G; any `warpkeras.rules` rule) |
+| `task_step`                 | WarpGrad Alg. 1 line 8, any inner rule  |
 | `warp_objective`            | WarpGrad Eq. 3 (exact or approximate)   |
 | `warp_meta_gradient`        | ∇φ of Eq. 3                             |
 | `leap_meta_gradient`        | Leap Eq. 8 / WarpGrad Eq. 12            |
@@ -17,16 +17,21 @@ reads or writes a Keras variable, so they compose freely inside `tf.function` an
 | `reptile_direction`         | Reptile (Nichol et al.)                 |
 | `continual_objective`       | WarpGrad Eq. 14 / 18                    |
 
-A *batch* is a pair ``(x, y)``; a *loss function* is ``loss_fn(y_true, y_pred) -> scalar``
-(any Keras loss object or plain function).
+A *batch* is ``(x, y)`` or ``(x, y, sample_weight)`` as `keras.Model.fit` takes it (the
+trainers pass weighted batches as ``(x, warpkeras._losses.Targets(y, sample_weight))``); a
+*loss function* is anything `keras.Model.compile` takes as ``loss`` (a name, a Keras loss
+object, ``fn(y_true, y_pred)``, a dict / list per output) or a
+`warpkeras._losses.TaskLoss`, and is computed as `model.fit` computes it (`task_loss`).
 """
 
+import weakref
 from typing import NamedTuple
 
 import numpy as np
 import tensorflow as tf
 
 from warpkeras import rules
+from warpkeras._losses import TaskLoss, as_task_loss, split_batch
 
 __all__ = [
     "StepResult",
@@ -66,38 +71,46 @@ def _scalar(loss):
     return tf.reduce_mean(loss) if loss.shape.rank else loss
 
 
-def _loss_inputs(loss_fn, y, y_pred, dtype):
-    """``(y, y_pred)`` as `loss_fn` should see them. A Keras `Loss` object casts both to
-    its own dtype (float32 unless configured); a plain function gets the model's outputs
-    as computed, bfloat16 / float16 under a mixed-precision policy, so their 16-bit
-    floating leaves (and those of ``y``) are cast up to `dtype` (the variables' dtype)
-    and the loss is computed, like Keras's, in full precision."""
+_TASK_LOSSES = weakref.WeakKeyDictionary()
+
+
+def _task_loss_of(loss_fn):
+    """`loss_fn` as a `warpkeras._losses.TaskLoss` (cached per loss object and Keras floatx,
+    the dtype a Keras loss computes in)."""
+    if isinstance(loss_fn, TaskLoss):
+        return loss_fn
     import keras  # noqa: PLC0415 (after TensorFlow's kernels are picked)
 
-    if isinstance(loss_fn, keras.losses.Loss):
-        return y, y_pred
-
-    def up(t):
-        if isinstance(t, (tf.Tensor, tf.Variable)) and t.dtype in (tf.bfloat16, tf.float16):
-            return tf.cast(t, dtype)
-        return t
-    return tf.nest.map_structure(up, y), tf.nest.map_structure(up, y_pred)
+    floatx = keras.config.floatx()
+    try:
+        cached = _TASK_LOSSES.setdefault(loss_fn, {})
+    except TypeError:  # not weak-referenceable
+        return as_task_loss(loss_fn, where="task_loss")
+    if floatx not in cached:
+        cached[floatx] = as_task_loss(loss_fn, where="task_loss")
+    return cached[floatx]
 
 
 def task_loss(partition, loss_fn, theta, phi, batch, state=None, training=True,
               return_outputs=False):
-    """L_task(θ; φ) on one batch: the loss of the model run at (θ, φ).
+    """L_task(θ; φ) on one batch: the loss of the model run at (θ, φ), as
+    `keras.Model.compute_loss` computes it in ``model.fit``.
 
-    Regularisation losses that layers add during the call are included.
+    The compiled loss of the outputs (`warpkeras._losses.TaskLoss`: Keras's loss
+    configuration, the masks the model attaches to its outputs, the batch's sample
+    weights, in Keras's floatx) plus the regularisation losses that layers add during the
+    call (each summed, as Keras's ``Model.losses`` are). This is the one loss function of
+    warpkeras: the inner step, the meta losses, evaluation and the exported program call it.
 
     Args:
         partition: a `warpkeras.Partition`.
-        loss_fn: ``loss_fn(y_true, y_pred) -> scalar``. A plain function (not a Keras
-            `Loss`) receives bfloat16 / float16 outputs of a mixed-precision model cast
-            to the dtype of `theta` (float32), as a Keras `Loss` casts them.
+        loss_fn: a `warpkeras._losses.TaskLoss`, or anything `keras.Model.compile` takes as
+            ``loss`` (a name, a `keras.losses.Loss`, ``fn(y_true, y_pred)``, a dict / list
+            per output), resolved as `compile` resolves it.
         theta: task values (list of tensors).
         phi: warp values (list of tensors).
-        batch: ``(x, y)``.
+        batch: ``(x, y)``, ``(x, y, sample_weight)`` or ``(x, Targets(y, sample_weight))``
+            as `keras.Model.fit` takes them.
         state: the model's non-trainable values (batch-norm statistics); `None` uses the
             model's current state.
         training: run the model in training mode (batch statistics, dropout).
@@ -106,15 +119,13 @@ def task_loss(partition, loss_fn, theta, phi, batch, state=None, training=True,
     Returns:
         ``(loss, new_state)``, or ``(loss, new_state, outputs)``.
     """
-    x, y = batch
+    x, y, sample_weight = split_batch(batch)
     y_pred, new_state, losses = partition.call(
         theta, phi, x, state=state, training=training, return_losses=True
     )
-    dtype = theta[0].dtype if len(theta) else tf.float32
-    dtype = dtype if dtype in (tf.float32, tf.float64) else tf.float32
-    loss = _scalar(loss_fn(*_loss_inputs(loss_fn, y, y_pred, dtype)))
+    loss = _scalar(_task_loss_of(loss_fn)(y, y_pred, sample_weight))
     if losses:
-        loss = loss + tf.add_n([tf.cast(term, loss.dtype) for term in losses])
+        loss = loss + tf.add_n([tf.cast(tf.reduce_sum(term), loss.dtype) for term in losses])
     if return_outputs:
         return loss, new_state, y_pred
     return loss, new_state

@@ -1,6 +1,8 @@
 """Tasks: what a meta-learner adapts to.
 
-A `Task` supplies
+A `Task` takes its data in the forms `keras.Model.fit` takes: ``(x, y)`` or
+``(x, y, sample_weight)``, each an array or a dict / list of arrays for several inputs or
+outputs, as arrays, a `tf.data.Dataset` of such batches, or a generator. It supplies
 
 * **adaptation batches** for the task loss L_task (the inner loop),
 * **meta batches** for the meta-objective L_meta (the same data in other batches by
@@ -31,35 +33,116 @@ import tensorflow as tf
 from warpkeras import _validation as _v
 
 
+def _is_array(t):
+    return hasattr(t, "shape") and hasattr(t, "__getitem__") and not isinstance(
+        t, tf.data.Dataset)
+
+
 def _is_arrays(data):
-    """``(x, y)`` arrays; `x` may be any structure of arrays a model takes (a tuple or a
-    dict of inputs, as in `keras.Model.fit`)."""
-    if not (isinstance(data, (tuple, list)) and len(data) == 2):
+    """``(x, y)`` or ``(x, y, sample_weight)`` arrays, as `keras.Model.fit` takes them: each
+    element one array or a structure of arrays (a tuple, list or dict of inputs or
+    outputs)."""
+    if not (isinstance(data, (tuple, list)) and len(data) in (2, 3)):
         return False
-    leaves = tf.nest.flatten(data[0])
-    return bool(leaves) and all(hasattr(t, "shape") for t in leaves)
+    leaves = [tf.nest.flatten(part) for part in data]
+    return bool(leaves[0]) and all(_is_array(t) for part in leaves for t in part)
 
 
-def _rows(x):
-    """The number of examples in `x` (a structure of arrays sharing their first dimension)."""
-    lengths = {len(t) for t in tf.nest.flatten(x)}
+def _paths(name, structure):
+    """``[(label, leaf)]`` of a structure, labelled as in ``y['reg']`` / ``x[1]``."""
+    if not tf.nest.is_nested(structure):
+        return [(name, structure)]
+    out = []
+    for path, leaf in zip(_flat_paths(structure), tf.nest.flatten(structure)):
+        out.append((name + "".join(f"[{p!r}]" for p in path), leaf))
+    return out
+
+
+def _flat_paths(structure):
+    if isinstance(structure, dict):
+        return [(k,) + rest for k in sorted(structure) for rest in _flat_paths(structure[k])]
+    if isinstance(structure, (list, tuple)):
+        return [(i,) + rest for i, v in enumerate(structure) for rest in _flat_paths(v)]
+    return [()]
+
+
+def _rows(x, where=None, what="x"):
+    """The number of examples in `x` (a structure of arrays sharing their first dimension).
+
+    Raises:
+        ValueError: arrays that differ in their number of rows, naming each.
+    """
+    parts = _paths(what, x)
+    lengths = {len(t) for _, t in parts}
     if len(lengths) != 1:
-        raise ValueError(f"The inputs of a task differ in their number of rows: {sorted(lengths)}.")
+        detail = ", ".join(f"{label} has {len(t)}" for label, t in parts)
+        prefix = f"{where}: " if where else ""
+        raise ValueError(f"{prefix}the arrays of `{what}` differ in their number of rows "
+                         f"({detail}); give every input, label and weight one row per "
+                         "example.")
     return lengths.pop()
+
+
+def _check_rows(data, what, where):
+    """One number of rows for every array of ``(x, y[, sample_weight])``; returns it."""
+    names = ("x", "y", "sample_weight")
+    parts = [(label, t) for name, part in zip(names, data) for label, t in _paths(name, part)]
+    lengths = {len(t) for _, t in parts}
+    if len(lengths) != 1:
+        detail = ", ".join(f"{label} has {len(t)}" for label, t in parts)
+        raise ValueError(f"{where}: the arrays of `{what}` differ in their number of rows "
+                         f"({detail}); give one label (and one sample weight) per example.")
+    return lengths.pop()
+
+
+def _materialise(iterator, where):
+    """The batches of a finite iterator of ``(x, y[, sample_weight])`` concatenated into
+    arrays (test data given as a generator)."""
+    parts = []
+    for batch in iterator:
+        if not isinstance(batch, (tuple, list)) or len(batch) not in (2, 3):
+            raise ValueError(
+                f"{where}: the `test` generator yields {_v.describe(batch)}; a batch must be "
+                "(x, y) or (x, y, sample_weight), as keras.Model.evaluate takes them.")
+        if parts and len(batch) != len(parts[0]):
+            raise ValueError(f"{where}: the `test` generator yields batches of "
+                             f"{len(parts[0])} and of {len(batch)} elements; give every "
+                             "batch the same form.")
+        parts.append(tf.nest.map_structure(np.asarray, tuple(batch)))
+    if not parts:
+        raise ValueError(f"{where}: the `test` generator yields no batches.")
+    return tf.nest.map_structure(lambda *a: np.concatenate(a), *parts)
+
+
+def _check_dataset(data, what, where):
+    """Refuses a dataset whose elements are not ``(x, y)`` / ``(x, y, sample_weight)``."""
+    spec = data.element_spec
+    if isinstance(spec, (tuple, list)) and len(spec) in (2, 3):
+        return
+    kind = (f"a tuple of {len(spec)}" if isinstance(spec, (tuple, list))
+            else type(spec).__name__)
+    raise ValueError(
+        f"{where}: the `{what}` dataset yields {kind} elements; a batch must be (x, y) or "
+        "(x, y, sample_weight), as keras.Model.fit takes them. Map it to that form, e.g. "
+        "ds.map(lambda d: (d['image'], d['label'])).")
 
 
 class Task:
     """One task: data for adaptation, for the meta-objective and for evaluation.
 
     Args:
-        train: adaptation data: a pair of arrays ``(x, y)`` (mini-batches are drawn from it
-            by the trainer's generator, reshuffled every epoch), a `tf.data.Dataset` of
-            ``(x, y)`` batches (read as a repeated stream from a seeded position; see
-            `batches`), or a callable ``rng -> iterator`` of batches.
+        train: adaptation data, in the forms `keras.Model.fit` takes: arrays ``(x, y)``
+            or ``(x, y, sample_weight)``, each an array or a tuple / list / dict of arrays
+            for several inputs or outputs (mini-batches are drawn from them by the
+            trainer's generator, reshuffled every epoch), a `tf.data.Dataset` of such
+            batches (read as a repeated stream from a seeded position; see `batches`), or
+            a callable ``rng -> iterator`` of such batches (e.g. a generator).
         meta: data for the meta-objective, in any of the same forms. `None` draws other
             mini-batches of `train` (WarpGrad App. F evaluates L_meta and L_task on
             different batches of the same task data).
-        test: held-out ``(x, y)`` arrays or a finite `tf.data.Dataset`, for evaluation.
+        test: held-out ``(x, y)`` / ``(x, y, sample_weight)`` arrays, a finite
+            `tf.data.Dataset` of such batches, or a finite generator (iterator) of them
+            (read once, here, and kept as arrays), for evaluation.
         batch_size: mini-batch size when `train` / `meta` are arrays: an integer >= 1
             (a task with fewer examples uses all of them in every batch).
         augment: optional ``augment(x, rng) -> x`` applied to adaptation batches drawn from
@@ -71,8 +154,9 @@ class Task:
         TypeError: `train` / `meta` / `test` of an unsupported kind, a non-integer
             `batch_size`, a non-callable `augment`, a non-string `name` or a non-dict
             `info`.
-        ValueError: `batch_size` < 1, or array data whose x and y differ in length or
-            have no rows.
+        ValueError: `batch_size` < 1; array data whose arrays (inputs, labels, weights)
+            differ in their number of rows, naming each, or that have no rows; a dataset
+            whose elements are not ``(x, y)`` / ``(x, y, sample_weight)``.
     """
 
     def __init__(self, train, meta=None, test=None, batch_size=32, augment=None,
@@ -85,17 +169,23 @@ class Task:
         self._check(train, "train", where)
         if meta is not None:
             self._check(meta, "meta", where)
+        if test is not None and not _is_arrays(test) and not isinstance(
+                test, tf.data.Dataset) and isinstance(test, collections.abc.Iterator):
+            test = _materialise(test, where)  # a generator is read once, as `evaluate` does
         if test is not None and not (_is_arrays(test) or isinstance(test, tf.data.Dataset)):
             raise TypeError(
                 f"{where}: test={_v.describe(test)} is not valid: expected held-out (x, y) "
-                "arrays, a finite tf.data.Dataset of (x, y) batches, or None."
+                "or (x, y, sample_weight) arrays, a finite tf.data.Dataset or a generator "
+                "of such batches, or None."
             )
         for what, data in (("train", train), ("meta", meta), ("test", test)):
             if _is_arrays(data):
-                _v.check_same_length(range(_rows(data[0])), data[1], f"`{what}`", where=where)
-                if what != "test" and _rows(data[0]) == 0:
+                rows = _check_rows(data, what, where)
+                if what != "test" and rows == 0:
                     raise ValueError(f"{where}: `{what}` has no examples (0 rows); give at "
                                      "least one (x, y) pair.")
+            elif isinstance(data, tf.data.Dataset):
+                _check_dataset(data, what, where)
         self.batch_size = _v.check_int(batch_size, "batch_size", minimum=1, where=where,
                                        example=32)
         self.augment = _v.check_callable(augment, "augment", where=where,
@@ -112,13 +202,15 @@ class Task:
     def _check(data, what, where="Task"):
         if not (_is_arrays(data) or isinstance(data, tf.data.Dataset) or callable(data)):
             raise TypeError(
-                f"{where}: `{what}` must be (x, y) arrays, a tf.data.Dataset or a callable "
-                f"rng -> iterator; got {type(data).__name__}."
+                f"{where}: `{what}` must be (x, y) or (x, y, sample_weight) arrays (each an "
+                "array or a dict / list of arrays, as keras.Model.fit takes them), a "
+                "tf.data.Dataset of such batches, or a callable rng -> iterator of them; "
+                f"got {type(data).__name__}."
             )
 
     def batches(self, which="train", rng=None):
-        """An endless iterator of ``(x, y)`` batches of adaptation (`"train"`) or meta
-        (`"meta"`) data.
+        """An endless iterator of ``(x, y)`` (or ``(x, y, sample_weight)``) batches of
+        adaptation (`"train"`) or meta (`"meta"`) data.
 
         Arrays are drawn as shuffled mini-batches by `rng`. A finite `tf.data.Dataset` of
         n batches is read as an endless, repeated stream that starts at a batch position
@@ -206,23 +298,23 @@ class Task:
         return streams[which]
 
     def test_data(self):
-        """Held-out ``(x, y)`` as arrays (concatenating a dataset), or `None`."""
+        """Held-out ``(x, y)`` or ``(x, y, sample_weight)`` as arrays (concatenating the
+        batches of a dataset), or `None`."""
         if self.test is None:
             return None
         if _is_arrays(self.test):
-            return self.test
-        xs, ys = [], []
-        for x, y in self.test:
-            xs.append(tf.nest.map_structure(np.asarray, x))
-            ys.append(np.asarray(y))
-        return tf.nest.map_structure(lambda *a: np.concatenate(a), *xs), np.concatenate(ys)
+            return tuple(self.test)
+        parts = [tf.nest.map_structure(np.asarray, tuple(batch)) for batch in self.test]
+        if not parts:
+            raise ValueError(f"Task '{self.name}': the `test` dataset holds no batches.")
+        return tf.nest.map_structure(lambda *a: np.concatenate(a), *parts)
 
     def __repr__(self):
         return f"<Task '{self.name}'>"
 
 
 def _array_batches(data, batch_size, rng, augment):
-    x, y = data
+    x = data[0]
     n = _rows(x)
     if n == 0:
         raise ValueError("A task has no training examples.")
@@ -231,10 +323,10 @@ def _array_batches(data, batch_size, rng, augment):
         order = rng.permutation(n)
         for start in range(0, n - batch_size + 1, batch_size):
             idx = order[start : start + batch_size]
-            xb = tf.nest.map_structure(lambda t, idx=idx: t[idx], x)
+            batch = [tf.nest.map_structure(lambda t, idx=idx: t[idx], part) for part in data]
             if augment is not None:
-                xb = augment(xb, rng)
-            yield xb, y[idx]
+                batch[0] = augment(batch[0], rng)
+            yield tuple(batch)
 
 
 def _lazy_dataset_stream(data, start):

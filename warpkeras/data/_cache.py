@@ -5,7 +5,10 @@ import hashlib
 import numbers
 import os
 import pathlib
+import re
+import socket
 import tempfile
+import time
 import warnings
 
 import numpy as np
@@ -86,11 +89,74 @@ def file_signature(path, root=None):
     return (name, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
 
 
+_TEMP_RE = re.compile(r"^\.(?P<name>.+)\.(?P<host>[^.]+)-(?P<pid>\d+)-[^.]+\.tmp$")
+_LEGACY_TEMP_RE = re.compile(r"^tmp[^.]+\.npz\.tmp$")
+_LEGACY_TEMP_AGE = 3600.0  # seconds; a cache write takes seconds
+
+
+def _host():
+    return socket.gethostname().replace(".", "_").replace("-", "_")
+
+
+def remove_stale_temporaries(folder):
+    """Removes the temporary files that a process killed while writing a cache file left
+    in `folder`: ``.<name>.<host>-<pid>-*.tmp`` of this host whose process has ended, and
+    unnamed ``tmp*.npz.tmp`` files (written before temporaries named their process) older
+    than an hour. Files of running processes and of other hosts are kept.
+
+    Args:
+        folder: a cache folder (it need not exist).
+
+    Returns:
+        The removed paths (a list of str).
+    """
+    removed = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    host, now = _host(), time.time()
+    for name in names:
+        path = os.path.join(folder, name)
+        m = _TEMP_RE.match(name)
+        if m:
+            pid = int(m.group("pid"))
+            if m.group("host") != host or pid == os.getpid():
+                continue
+            try:
+                os.kill(pid, 0)
+                continue  # still running
+            except ProcessLookupError:
+                pass
+            except (PermissionError, OverflowError, OSError):
+                continue  # cannot tell: keep
+        elif _LEGACY_TEMP_RE.match(name):
+            try:
+                if now - os.path.getmtime(path) < _LEGACY_TEMP_AGE:
+                    continue
+            except OSError:
+                continue
+        else:
+            continue
+        try:
+            os.remove(path)
+            removed.append(path)
+        except OSError:
+            pass
+    return removed
+
+
 def save_npz(path, **arrays):
-    """Write arrays to ``path`` atomically (write to a temporary file, then rename)."""
+    """Write arrays to ``path`` atomically (write to a temporary file, then rename).
+
+    The temporary file ``.<name>.<host>-<pid>-*.tmp`` names its process, so that the
+    leftovers of a process killed while writing are removed by the next write
+    (`remove_stale_temporaries`)."""
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=str(path.parent), suffix=".npz.tmp")
+    remove_stale_temporaries(str(path.parent))
+    fd, tmp = tempfile.mkstemp(dir=str(path.parent), suffix=".tmp",
+                               prefix=f".{path.name}.{_host()}-{os.getpid()}-")
     try:
         with os.fdopen(fd, "wb") as handle:
             np.savez_compressed(handle, **arrays)
@@ -134,6 +200,7 @@ def read_cache(path, reader, what="cache file"):
         ``reader(path)``, or None when the file is missing or unreadable.
     """
     path = pathlib.Path(path)
+    remove_stale_temporaries(str(path.parent))
     if not path.exists():
         return None
     try:

@@ -36,7 +36,7 @@ def offline_updates(objective, engine, tasks, rng):
         tid = entry["task_id"]
         if tid not in batch_iters:
             r1, r2 = engine.task_rngs(np.random.default_rng([engine.seed, step, 7919, tid]))
-            batch_iters[tid] = tasks[tid].streams(r1, r2)
+            batch_iters[tid] = engine.checked_streams(tasks[tid], tasks[tid].streams(r1, r2))
         train_it, meta_it = batch_iters[tid]
         x, y = next(train_it)
         meta_batch = next(meta_it)

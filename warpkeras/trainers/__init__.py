@@ -11,7 +11,9 @@ from warpkeras.trainers.base import MetaTrainer, MetaTrainingError
 from warpkeras.trainers.evaluation import summarize
 from warpkeras.trainers.finetune import FineTuneTrainer, NoMetaTrainer
 from warpkeras.trainers.leap import LeapTrainer
-from warpkeras.trainers.loop import CheckpointError, CheckpointWarning
+from warpkeras.trainers.checks import TaskDataExhaustedError
+from warpkeras.trainers.loop import (CheckpointError, CheckpointLockError, CheckpointWarning,
+                                     TasksExhaustedError)
 from warpkeras.trainers.maml import MAMLTrainer
 from warpkeras.trainers.reptile import ReptileTrainer
 from warpkeras.trainers.warp import WarpTrainer
@@ -33,4 +35,7 @@ __all__ = [
     "summarize",
     "CheckpointError",
     "CheckpointWarning",
+    "CheckpointLockError",
+    "TasksExhaustedError",
+    "TaskDataExhaustedError",
 ]

@@ -37,7 +37,7 @@ from warpkeras import rules
 from warpkeras.trainers.parallel import PARALLEL_MODES, make_executor
 from warpkeras.trainers.presets import OBJECTIVE_OPTIONS, KeywordViews, objectives_from_options
 
-ENGINE_OPTIONS = {"accuracy": None, "head_layers": None, "untagged": "task",
+ENGINE_OPTIONS = {"loss_weights": None, "accuracy": None, "head_layers": None, "untagged": "task",
                   "eval_training_mode": True, "jit_compile": False, "strategy": None,
                   "group_size": None, "inner_rule": None}
 
@@ -74,8 +74,12 @@ class MetaTrainer(KeywordViews, TrainingLoop, Evaluation, InputChecks, Adaptatio
     Args:
         model: a built `keras.Model` with layers tagged by `warpkeras.warp` /
             `warpkeras.task` (see `warpkeras.partition`).
-        loss: the task loss (a Keras loss name or object, or ``fn(y_true, y_pred)``); also
-            the meta loss unless an objective's `meta_loss` is given.
+        loss: the task loss, as `keras.Model.compile` takes it (a Keras loss name or
+            object, ``fn(y_true, y_pred)``, or a dict / list of them per output) and
+            computed as `keras.Model.fit` computes it (masks of the outputs, sample
+            weights of ``(x, y, sample_weight)`` batches, regularisation losses; see
+            `warpkeras._losses.TaskLoss`); also the meta loss unless an objective's
+            `meta_loss` is given.
         objectives: a list of `warpkeras.meta.MetaObjective` (or one); `None`: chosen from
             the keyword arguments (no objective at all when none names one).
         inner_learning_rate: α of the inner SGD.
@@ -107,13 +111,16 @@ class MetaTrainer(KeywordViews, TrainingLoop, Evaluation, InputChecks, Adaptatio
             and other layers with a `keras.random.SeedGenerator` derive from (seed,
             meta step, task), and go on from forward pass to forward pass.
         **options: engine options, and the objective keyword arguments above:
+            loss_weights: per-output loss weights, as in `keras.Model.compile`.
             accuracy: report accuracy (`None`: when the loss is a cross-entropy).
             head_layers: layers forming the task head; for multi-headed evaluation their
                 values are re-initialised for every evaluation task (see `FineTuneTrainer`).
             untagged: role of untagged trainable layers (`warpkeras.partition`).
-            eval_training_mode: run evaluation forward passes in training mode (batch-norm
-                uses batch statistics, as in the papers' reference code). Default True. See
-                "Batch-norm statistics" in `warpkeras.trainers.evaluation.Evaluation`.
+            eval_training_mode: evaluation's test passes run every layer in inference
+                mode, as `keras.Model.evaluate` does (no dropout); with True (the default,
+                the papers' transductive convention) batch-norm layers normalise with the
+                evaluated batch's own statistics, with False with their moving statistics.
+                See "Batch-norm statistics" in `warpkeras.trainers.evaluation.Evaluation`.
             jit_compile: compile the step functions with XLA.
             group_size: with ``parallel="unrolled"`` / ``"vectorized"`` / ``"auto"``, the
                 number of tasks adapted together in one call (a positive int): groups of
@@ -210,7 +217,7 @@ class MetaTrainer(KeywordViews, TrainingLoop, Evaluation, InputChecks, Adaptatio
         self.objectives = objectives
         self.partition = Partition(model, untagged=untagged,
                                    require_warp=any(o.requires_warp for o in objectives))
-        self.loss = _resolve_loss(loss, where)
+        self.loss = _resolve_loss(loss, where, model=model, loss_weights=e["loss_weights"])
         self.inner_steps = int(inner_steps)
         self.meta_batch_size = int(meta_batch_size)
         self.accuracy = loss_is_classification(self.loss) if accuracy is None else accuracy

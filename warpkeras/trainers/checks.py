@@ -1,38 +1,27 @@
 """Checks of trainer arguments and of task data against the model, with messages naming
 the argument or task and the fix."""
 
-import copy
-
 import keras
 import numpy as np
 import tensorflow as tf
 
 from warpkeras import _validation as _v
+from warpkeras._losses import TaskLoss, join_batch, split_targets
 from warpkeras.meta import MetaObjective, MetaTrainingError
 
 
-def _resolve_loss(loss, where="MetaTrainer"):
-    expected = ("a Keras loss name (e.g. loss='sparse_categorical_crossentropy' or "
-                "loss='mse'), a serialised Keras loss, or a callable fn(y_true, y_pred)")
+def _resolve_loss(loss, where="MetaTrainer", model=None, loss_weights=None):
+    """`loss` (as `keras.Model.compile` takes it) as a `warpkeras._losses.TaskLoss`."""
     if loss is None:
-        raise MetaTrainingError(f"{where}: a loss is required: {expected}.")
-    if isinstance(loss, (str, dict)):
-        try:
-            # Keras' deserialisation edits the dict it is given: hand it a copy.
-            resolved = (keras.losses.get(loss) if isinstance(loss, str)
-                        else keras.losses.deserialize(copy.deepcopy(loss)))
-        except (ValueError, TypeError, KeyError) as e:
-            raise MetaTrainingError(
-                f"{where}: loss={_v.describe(loss)} is not valid: expected {expected} "
-                f"(Keras could not read it: {e})."
-            ) from None
-        if resolved is None or not callable(resolved):
-            raise MetaTrainingError(
-                f"{where}: loss={_v.describe(loss)} is not valid: expected {expected}.")
-        return resolved
-    if not callable(loss):
-        raise TypeError(f"{where}: loss={_v.describe(loss)} is not valid: expected {expected}.")
-    return loss
+        raise MetaTrainingError(
+            f"{where}: a loss is required: a Keras loss name (e.g. "
+            "loss='sparse_categorical_crossentropy' or loss='mse'), a keras.losses.Loss, a "
+            "serialised Keras loss, a callable fn(y_true, y_pred), or a dict / list of these "
+            "per output.")
+    try:
+        return TaskLoss(loss, loss_weights=loss_weights, model=model, where=where)
+    except ValueError as e:
+        raise MetaTrainingError(str(e)) from None
 
 
 def _check_head_layers(head_layers, where):
@@ -67,6 +56,10 @@ def _check_objectives(objectives, where):
     return list(objectives)
 
 
+class TaskDataExhaustedError(RuntimeError):
+    """A task's generator of adaptation or meta batches ran out of batches."""
+
+
 class InputChecks:
     """Input and label checks of `MetaTrainer` (needs ``model`` and ``loss``)."""
 
@@ -75,13 +68,9 @@ class InputChecks:
         read from the model's output; `None` when the loss takes no class ids or the output
         width is unknown."""
         if not hasattr(self, "_label_limit_value"):
-            loss = self.loss
-            name = " ".join(str(n) for n in (
-                getattr(loss, "name", None), getattr(loss, "__name__", None),
-                getattr(getattr(loss, "fn", None), "__name__", None),
-                getattr(getattr(loss, "func", None), "__name__", None)) if n)
+            kinds = self.loss.kinds() if hasattr(self.loss, "kinds") else []
             limit = None
-            if "sparse_categorical" in name:
+            if len(kinds) == 1 and kinds[0].category == "sparse_categorical":
                 outputs = getattr(self.model, "outputs", None)
                 try:
                     if outputs and len(outputs) == 1:
@@ -176,23 +165,65 @@ class InputChecks:
                 "takes one class id per example. Use loss='categorical_crossentropy', or "
                 "give class ids (y = np.argmax(y, axis=-1)).")
 
+    def _check_label_shapes(self, task, y, which):
+        """Refuses labels whose shape would broadcast against the model's outputs in an
+        element-wise Keras loss (`warpkeras._losses.TaskLoss.check_shapes`), naming the
+        task. Checked here, on concrete arrays, because the compiled steps may be traced
+        with unknown dimensions."""
+        if not hasattr(self.loss, "check_shapes"):
+            return
+        try:
+            outputs = self.model.output
+        except (AttributeError, ValueError):
+            outputs = getattr(self.model, "outputs", None)
+            if not outputs:
+                return
+            outputs = outputs[0] if len(outputs) == 1 else list(outputs)
+        y = tf.nest.map_structure(lambda t: np.asarray(t) if not hasattr(t, "shape") else t, y)
+        self.loss.check_shapes(y, outputs,
+                               where=f"Task '{getattr(task, 'name', 'task')}': its {which} data")
+
     def _checked(self, task, batches, which):
-        """`batches` (an iterator of (x, y)): its first batch's inputs checked by
-        `_check_inputs` and label layout by `_check_label_layout`, and every label batch
-        by `_check_labels`."""
+        """`batches` (an iterator of ``(x, y)`` or ``(x, y, sample_weight)``) as
+        ``(x, y)`` / ``(x, Targets(y, sample_weight))`` batches (the step functions'
+        form), its first batch's inputs checked by `_check_inputs` and label layout by
+        `_check_label_layout`, and every label batch by `_check_labels`."""
         limit = self._label_limit()
+        name = getattr(task, "name", "task")
+        # A custom meta loss reads its own meta-batch structure (e.g. ``(x, y, t)`` with a
+        # step index t): its batches are passed on as they are.
+        own = which == "meta" and any(getattr(o, "meta_loss", None) is not None
+                                      for o in getattr(self, "objectives", None) or ())
 
         def checked():
-            first = True
+            first, count = True, 0
             for batch in batches:
-                if isinstance(batch, (tuple, list)) and len(batch) == 2:
-                    if first:
-                        self._check_inputs(task, batch[0], which)
-                        self._check_label_layout(task, batch[1], which)
-                        first = False
-                    if limit is not None:
-                        self._check_labels(task, batch[1], which)
+                count += 1
+                if own:
+                    yield batch
+                    continue
+                if not isinstance(batch, (tuple, list)) or len(batch) not in (2, 3):
+                    raise ValueError(
+                        f"Task '{name}': its {which} data yields "
+                        f"{_v.describe(batch)}; a batch must be (x, y) or "
+                        "(x, y, sample_weight), as keras.Model.fit takes them.")
+                batch = join_batch(batch)
+                labels, _ = split_targets(batch[1])
+                if first:
+                    self._check_inputs(task, batch[0], which)
+                    self._check_label_layout(task, labels, which)
+                    self._check_label_shapes(task, labels, which)
+                    first = False
+                if limit is not None:
+                    self._check_labels(task, labels, which)
                 yield batch
+            # a generator (or finite iterable) of batches ran out: name it, instead of the
+            # bare StopIteration that would end a loop somewhere else without a word
+            raise TaskDataExhaustedError(
+                f"Task '{getattr(task, 'name', 'task')}': its {which} batches ran out after "
+                f"{count} batch(es). Adaptation and meta batches are read as an endless "
+                "stream: make the task's generator loop forever (e.g. `while True:` around "
+                "its `yield`s), or give arrays or a tf.data.Dataset, which are repeated.")
 
         return checked()
 

@@ -280,9 +280,17 @@ class AdaptationEngine:
             return new, out
 
         def evaluate_point(theta, state, x, y):
-            loss, _, outputs = obj.task_loss(
-                p, self.loss, tp.unpack(theta), self._phi(), (x, y), sp.unpack(state),
-                self.eval_training_mode, return_outputs=True)
+            # Keras's `evaluate`: every layer in inference mode (no dropout, no noise).
+            # With `eval_training_mode` (the papers' transductive convention) batch-norm
+            # layers normalise with the evaluated batch's own statistics: the moving
+            # statistics are replaced by the batch's (momentum-0 pass) before the pass.
+            theta_l, phi, state_l = tp.unpack(theta), self._phi(), sp.unpack(state)
+            if self.eval_training_mode and self._has_statistics():
+                from warpkeras.export import batch_statistics  # noqa: PLC0415
+
+                state_l = batch_statistics(p, theta_l, phi, x, state_l)
+            loss, _, outputs = obj.task_loss(p, self.loss, theta_l, phi, (x, y), state_l,
+                                             training=False, return_outputs=True)
             return loss, self._metric(y, outputs)
 
         self._group_step = self.compile_group(meta_step_fn, "group_step")

@@ -12,6 +12,7 @@ import tensorflow as tf
 
 from warpkeras import _validation as _v
 from warpkeras import rules
+from warpkeras._losses import join_batch, split_targets
 from warpkeras.tasks import Task, as_task
 
 
@@ -36,13 +37,17 @@ class Evaluation:
     * *Adapted parameters (θ_k, k ≥ 1)*: the statistics of the task's latest adaptation
       batch at θ_k (one training-mode pass with momentum 0,
       `warpkeras.export.batch_statistics`).
-    * *Evaluation* (`evaluate`'s test losses) runs in `eval_training_mode`: True (the
-      default, the papers' reference code) normalises with the evaluated batch's own
-      statistics (transductive); False uses the moving statistics above, as a model
-      deployed one example at a time must.
-    * *Export*: `export` adapts in training mode and predicts in `eval_training_mode`,
-      and its ``adapt_and_predict`` uses the same statistics, so the served predictions
-      equal `evaluate`'s (see `warpkeras.export_adaptive`).
+    * *Evaluation* (`evaluate`'s test losses) runs every layer in inference mode, as
+      `keras.Model.evaluate` does (no dropout or noise). With `eval_training_mode` True
+      (the default, the papers' reference code and MAML's transductive setting) batch-norm
+      layers normalise with the evaluated batch's own statistics (a momentum-0 pass
+      replaces the moving statistics by the batch's before the inference pass); False
+      uses the moving statistics above, as a model deployed one example at a time must,
+      and equals `keras.Model.evaluate` at the same weights and statistics.
+    * *Export*: `export` adapts in training mode and predicts as evaluation does (every
+      layer in inference mode, batch norm with the query batch's statistics when
+      `eval_training_mode`), so the served predictions equal `evaluate`'s (see
+      `warpkeras.export_adaptive`).
     """
 
     def _has_statistics(self):
@@ -114,10 +119,10 @@ class Evaluation:
             overwrite: replace an existing SavedModel at `path` (without it an existing,
                 non-empty folder is refused).
             **kwargs: forwarded to `warpkeras.export_adaptive` (e.g. ``from_logits``,
-                ``input_spec``, ``max_rows``, ``max_row_steps``, ``max_steps``).
+                ``input_spec``, ``max_elements``, ``max_element_steps``, ``max_steps``).
 
         The served model adapts in training mode, as the trainers' inner loop does, and
-        predicts in `eval_training_mode` (``training=True``,
+        predicts as `evaluate` does (``training=True``,
         ``predict_training=eval_training_mode``; see "Batch-norm statistics" above), so
         ``adapt_and_predict`` on a task's training set (full batches) and test inputs
         gives `evaluate`'s test predictions.
@@ -198,9 +203,11 @@ class Evaluation:
             velocity = step_fn.start(theta, seed)
         test = task.test_data()
         if test is not None:
+            test = join_batch(test)
+            labels, _ = split_targets(test[1])
             self._check_inputs(task, test[0], "test")
-            self._check_label_layout(task, test[1], "test")
-            self._check_labels(task, test[1], "test")
+            self._check_label_layout(task, labels, "test")
+            self._check_labels(task, labels, "test")
         curves = {"train_loss": [], "train_accuracy": [], "test_steps": [], "test_loss": [],
                   "test_accuracy": [], "path_length": 0.0}
 

@@ -84,8 +84,13 @@ class FitModel:
         """Which way each logged value improves, for ``mode="auto"`` of `EarlyStopping`,
         `ModelCheckpoint` and `ReduceLROnPlateau`: ``loss``, ``meta_loss`` and ``auc`` (the
         area under the training-error curve) down, ``accuracy`` up."""
-        from keras.src.trainers.compile_utils import MetricsList
-
+        try:
+            # Keras reads the direction of ``mode="auto"`` from these private pieces and
+            # has no public way to declare it; without them (another Keras), Keras asks
+            # for mode="min" / "max" by name instead of guessing.
+            from keras.src.trainers.compile_utils import MetricsList
+        except ImportError:
+            return []
         tracked = []
         for name, direction in (("loss", "down"), ("meta_loss", "down"), ("auc", "down"),
                                 ("accuracy", "up")):
@@ -107,7 +112,8 @@ class FitModel:
     def save_weights(self, filepath, overwrite=True, **kwargs):
         self._model.save_weights(filepath, overwrite=overwrite, **kwargs)
         values = {f"v{i}": np.asarray(v.numpy())
-                  for i, v in enumerate(self._trainer._trainer_state_variables())}
+                  for i, (_, v) in enumerate(self._trainer._trainer_state_named())}
+        values["keys"] = np.asarray([k for k, _ in self._trainer._trainer_state_named()])
         tmp = f"{filepath}.trainer.tmp.npz"
         np.savez(tmp, **values)
         os.replace(tmp, f"{filepath}.trainer.npz")
@@ -117,34 +123,71 @@ class FitModel:
         extra = f"{filepath}.trainer.npz"
         if not os.path.exists(extra):
             return
-        variables = self._trainer._trainer_state_variables()
+        named = self._trainer._trainer_state_named()
         with np.load(extra) as data:
-            if len(data.files) != len(variables):
-                raise CheckpointError(
-                    f"'{extra}' holds {len(data.files)} trainer values, this trainer has "
-                    f"{len(variables)}: it was written by a differently configured trainer.")
-            for i, v in enumerate(variables):
-                v.assign(data[f"v{i}"])
+            if "keys" in data.files:  # values matched by name (optimiser slots: by variable)
+                stored = {str(k): data[f"v{i}"] for i, k in enumerate(data["keys"])}
+                missing = sorted({k for k, _ in named} ^ set(stored))
+                if missing:
+                    raise CheckpointError(
+                        f"'{extra}' was written by a differently configured trainer: "
+                        f"{', '.join(missing[:5])} {'are' if len(missing) > 1 else 'is'} in "
+                        "one of them only.")
+                values = [stored[k] for k, _ in named]
+            else:  # written before values were named: by position
+                values = [data[f"v{i}"] for i in range(len(data.files))]
+                if len(values) != len(named):
+                    raise CheckpointError(
+                        f"'{extra}' holds {len(values)} trainer values, this trainer has "
+                        f"{len(named)}: it was written by a differently configured trainer.")
+            for (key, v), value in zip(named, values):
+                if tuple(v.shape) != tuple(np.shape(value)):
+                    raise CheckpointError(
+                        f"'{extra}': '{key}' has shape {np.shape(value)}, this trainer's "
+                        f"{tuple(v.shape)}: written by a differently configured trainer.")
+                v.assign(value)
         self._state_loaded = True
 
 
 # ----------------------------------------------------------------------------------------
 # History and progress output
+def _append(table, n, logs):
+    """Appends `logs` as row `n` of ``{key: [values]}``, NaN where a key has no value."""
+    for key, value in logs.items():
+        if key not in table:
+            table[key] = [math.nan] * n
+        table[key].append(value)
+    for values in table.values():
+        if len(values) == n:
+            values.append(math.nan)
+
+
 class MetaHistory(keras.callbacks.History):
-    """`keras.callbacks.History` with one entry per meta step for every key: a value missing
-    at a step (a key that appears later, or validation between validation steps) is NaN."""
+    """`keras.callbacks.History` with one entry per epoch for every key: a value missing
+    at an epoch (a key that appears later, or validation between validations) is NaN.
+
+    It also keeps every meta step's own logs (not the epoch's running means), whatever
+    ``steps_per_epoch`` is: ``step_history[key]`` has one value per meta step run (NaN
+    where a step has none) and ``steps`` lists those meta steps (0-based). Without
+    ``steps_per_epoch`` they equal ``history`` and ``epoch`` but for the ``val_*`` keys.
+
+    Attributes:
+        step_history: dict of lists, ``{key: [value per meta step]}``.
+        steps: list of int, the meta steps run.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.step_history, self.steps = {}, []
 
     def on_epoch_end(self, epoch, logs=None):
-        logs = dict(logs or {})
-        n = len(self.epoch)
+        _append(self.history, len(self.epoch), dict(logs or {}))
         self.epoch.append(epoch)
-        for key, value in logs.items():
-            if key not in self.history:
-                self.history[key] = [math.nan] * n
-            self.history[key].append(value)
-        for values in self.history.values():
-            if len(values) == n:
-                values.append(math.nan)
+
+    def record_step(self, step, logs):
+        """Records meta step `step`'s own logs (called by `fit`)."""
+        _append(self.step_history, len(self.steps), dict(logs))
+        self.steps.append(step)
 
 
 class MetaProgbarLogger(keras.callbacks.ProgbarLogger):
