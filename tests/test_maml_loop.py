@@ -271,3 +271,23 @@ def test_warp_maml_variants_train_alike():
     for name in ("symbolic", "recompute"):
         for a, b in zip(weights[name], weights["unrolled"]):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_resuming_with_other_loop_settings_is_a_changed_setting():
+    """``unroll`` and ``recompute`` change how MAML computes its steps, not the run: a
+    checkpoint written without them (or with other values) resumes, the new values
+    winning."""
+    from warpkeras.trainers.checkpoints import compare_settings
+
+    def settings(**kwargs):
+        trainer = warpkeras.MAMLTrainer(_model(), "mse", inner_steps=3, seed=3, **kwargs)
+        return {"config": trainer.get_config()}
+
+    old = settings()
+    for objective in old["config"]["objectives"]:
+        objective.pop("unroll"), objective.pop("recompute")
+    refused, identity, changed = compare_settings(old, settings(recompute=True))
+    assert not refused and not identity
+    assert any("recompute" in c for c in changed)
+    refused, identity, _ = compare_settings(settings(unroll=True), settings(unroll=False))
+    assert not refused and not identity
