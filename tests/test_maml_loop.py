@@ -37,7 +37,8 @@ VARIANTS = {"unrolled": dict(unroll=True), "symbolic": dict(unroll=False),
             "recompute": dict(recompute=True)}
 
 
-def _meta_gradients(partition, rule, first_order, steps=4, support=None, dtype="float32"):
+def _meta_gradients(partition, rule, first_order, steps=4, support=None, dtype="float32",
+                    loss=_mse):
     """{variant: [query loss, ∇θ0..., ∇(rule variables)...]} for every variant, traced
     once per variant in a `tf.function` as the trainers run it."""
     sx, sy, qx, qy = _batches(dtype)
@@ -45,12 +46,12 @@ def _meta_gradients(partition, rule, first_order, steps=4, support=None, dtype="
     out = {}
     for name, kwargs in VARIANTS.items():
         @tf.function
-        def meta_gradient(qx, qy, kwargs=kwargs):
+        def meta_gradient(qx, qy, kwargs=kwargs, loss_fn=loss):
             theta0 = partition.initial_task_values()
             with tf.GradientTape() as tape:
                 tape.watch(theta0)
                 loss, _ = obj.maml_objective(
-                    partition, _mse, theta0, partition.warp_values(), support, (qx, qy),
+                    partition, loss_fn, theta0, partition.warp_values(), support, (qx, qy),
                     0.1, steps, first_order=first_order, rule=rule, **kwargs)
             sources = theta0 + [v.value for v in rule.variables]
             return [loss] + tape.gradient(loss, sources,
@@ -100,8 +101,17 @@ def test_several_support_batches_cycle_in_the_loop():
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=name)
 
 
+@pytest.fixture
+def floatx64():
+    """Keras's floatx float64: the loss is computed, as Keras computes it, in floatx."""
+    previous = keras.config.floatx()
+    keras.config.set_floatx("float64")
+    yield
+    keras.config.set_floatx(previous)
+
+
 @pytest.mark.parametrize("variant", ["symbolic", "recompute"])
-def test_second_order_matches_central_finite_differences_float64(variant):
+def test_second_order_matches_central_finite_differences_float64(variant, floatx64):
     partition = warpkeras.partition(_model(dtype="float64"))
     sx, sy, qx, qy = _batches("float64", seed=2)
     theta0 = [tf.cast(t, tf.float64) for t in partition.initial_task_values()]
@@ -291,3 +301,20 @@ def test_resuming_with_other_loop_settings_is_a_changed_setting():
     assert any("recompute" in c for c in changed)
     refused, identity, _ = compare_settings(settings(unroll=True), settings(unroll=False))
     assert not refused and not identity
+
+
+def test_weighted_support_batches_in_the_loop():
+    """``(x, y, sample_weight)`` support batches (the loss as `model.fit` weighs it) run
+    through the loop and its recomputation as through the unrolled steps."""
+    partition = warpkeras.partition(_model())
+    sx, sy, _, _ = _batches(seed=3)
+    weights = tf.constant(np.linspace(0.0, 2.0, 6).astype("float32"))
+    got = _meta_gradients(partition, rules.SGD(0.1), False, steps=3,
+                          support=(sx, sy, weights), loss="mse")
+    expected = got.pop("unrolled")
+    unweighted = _meta_gradients(partition, rules.SGD(0.1), False, steps=3,
+                                 support=(sx, sy), loss="mse")["unrolled"]
+    assert not np.allclose(unweighted[1], expected[1])
+    for name, values in got.items():
+        for a, b in zip(values, expected):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=name)
