@@ -646,15 +646,15 @@ def maml_objective(
         unroll: `True`: write the K steps into the graph (a Python loop); `False`: one
             `tf.while_loop`; `None` (default): unrolled for a Python-int K ≤
             `MAML_UNROLL_MAX_STEPS` without `recompute`, the loop otherwise.
-        recompute: recompute each step's activations in the backward pass
-            (`tf.recompute_grad`).
+        recompute: keep only each step's θ_k and states, and recompute the step's
+            activations in the backward pass (not with ``unroll=True``).
 
     Returns:
         ``(query_loss, theta_K)``.
 
     Raises:
-        ValueError: ``unroll=True`` with a tensor `steps`; an empty list of support
-            batches.
+        ValueError: ``unroll=True`` with a tensor `steps` or with ``recompute=True``; an
+            empty list of support batches.
     """
     theta = [tf.convert_to_tensor(t) for t in _as_list(theta0)]
     phi = [tf.convert_to_tensor(v) for v in _as_list(phi)]
