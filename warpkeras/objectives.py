@@ -482,19 +482,6 @@ def leap_path_length(thetas, losses, norm="energy", loss_in_path=True):
     return tf.convert_to_tensor(total)
 
 
-def _batch_at(batches, k):
-    """Step k's batch: `batches` is one ``(x, y)`` tuple, or a *list* of such tuples.
-
-    Only a list is a sequence of batches: a tuple is always one batch, whatever structure
-    its inputs have (``((x_image, x_vector), y)`` is one batch of a two-input model).
-    """
-    if isinstance(batches, list):
-        if not batches:
-            raise ValueError("The list of support batches is empty.")
-        return batches[k % len(batches)]
-    return batches
-
-
 #: The largest K that `maml_objective` unrolls by default (``unroll=None``).
 MAML_UNROLL_MAX_STEPS = 5
 
@@ -663,6 +650,8 @@ def maml_objective(
     if state is None:
         state = partition.state_values()
     state = [tf.convert_to_tensor(s) for s in state]
+    # Only a list is a sequence of batches: a tuple is always one batch, whatever
+    # structure its inputs have (``((x_image, x_vector), y)`` is one batch).
     batches = support if isinstance(support, list) else [support]
     if not batches:
         raise ValueError("The list of support batches is empty.")
