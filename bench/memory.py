@@ -1,4 +1,5 @@
-"""Peak memory (RSS) of online and offline Warp-Leap meta steps.
+"""Peak memory (RSS) of online and offline Warp-Leap meta steps, and of second-order MAML
+with and without recomputation.
 
 Each configuration runs in a fresh Python process (``--child``), which builds the
 Warp-Leap Omniglot model and trainer, makes one short warm-up meta step (tracing), records
@@ -14,6 +15,16 @@ peak − resident set after warm-up, i.e. what the meta step itself added.
 * ``offline_spill``: ``buffer_capacity`` in memory, the rest written to disk
   (``buffer_overflow="spill"``).
 
+* ``maml_K{k}`` / ``maml_recompute_K{k}``: second-order `MAMLTrainer` on the same
+  network (without warp layers), K=k inner steps, without and with ``recompute=True``
+  (each inner step's activations recomputed in the backward pass: memory grows with K ×
+  |θ| instead of K × the activations; target at K=20: peak with recomputation ≤ 1/3 of
+  without). The warm-up step runs at the same K (MAML's steps are traced per K), so the
+  resident set after it already holds what the allocator kept from its peak: the MAML
+  runs also report ``tensor_peak_mb``, TensorFlow's own peak of the bytes held by
+  tensors during the measured meta step (``tf.config.experimental.get_memory_info``)
+  over those held before it, the figure the target reads.
+
 The offline runs cap the warp updates (``--max-warp-updates``, default 10): the buffer is
 full at the end of the adaptations, before any update, so the cap does not change the peak
 but keeps the run short. Tasks are synthetic (no download).
@@ -22,6 +33,7 @@ Usage::
 
     python bench/memory.py            # ~4 minutes
     python bench/memory.py --quick    # ~1 minute (K=10 vs 100, smaller buffers)
+    python bench/memory.py --only maml --maml-k 5 20   # MAML only
 
 Prints one JSON object and writes it to ``bench/results/memory.json``.
 """
@@ -64,6 +76,8 @@ def child(spec):
 
     mode = spec["mode"]
     kw = {}
+    if mode == "maml":
+        return maml_child(spec)
     if mode == "offline":
         kw = {"meta_interval": 1, "max_warp_updates": spec["max_warp_updates"]}
         if spec.get("capacity"):
@@ -133,6 +147,83 @@ def child(spec):
     print("RESULT " + json.dumps(out), flush=True)
 
 
+def maml_child(spec):
+    """One MAML configuration (second order, with or without recomputation)."""
+    import keras
+    import numpy as np
+
+    import warpkeras
+
+    model = C.omniglot_model(warp=False, seed=spec["seed"])
+    trainer = warpkeras.MAMLTrainer(
+        model, C.loss_fn(), inner_learning_rate=0.1, inner_steps=spec["K"],
+        meta_batch_size=spec["meta_batch"], meta_optimizer=keras.optimizers.SGD(0.01),
+        seed=spec["seed"], recompute=spec["recompute"])
+    source = warpkeras.TaskSampler(C.synthetic_tasks(max(4, spec["meta_batch"]), seed=spec["seed"]))
+    theta_floats = sum(int(np.prod(v.shape)) for v in trainer.partition.task_variables)
+
+    def meta_step(step):
+        rng = np.random.default_rng([spec["seed"], step])
+        tasks = source.sample(rng, spec["meta_batch"])
+        t = time.perf_counter()
+        trainer.train_step(tasks, rng)
+        trainer.step.assign(step + 1)
+        return time.perf_counter() - t
+
+    import tensorflow as tf
+
+    meta_step(0)  # warm-up at the same K: traces, allocators reach their working sizes
+    rss_after_warmup = status_kb("VmRSS")
+    peak_reset = reset_peak()
+    try:  # TensorFlow's own count of the bytes its tensors hold on the CPU
+        tf.config.experimental.reset_memory_stats("CPU:0")
+        tensors_before = tf.config.experimental.get_memory_info("CPU:0")["current"]
+    except (ValueError, RuntimeError):
+        tensors_before = None
+    seconds = meta_step(1)
+    tensor_peak = (tf.config.experimental.get_memory_info("CPU:0")["peak"] - tensors_before
+                   if tensors_before is not None else None)
+    steady = [meta_step(2 + i) for i in range(spec.get("steady", 2))]
+    out = {
+        "name": spec["name"],
+        "K": spec["K"],
+        "recompute": spec["recompute"],
+        "rss_after_warmup_mb": round(rss_after_warmup / 1024, 1),
+        "peak_rss_mb": round(status_kb("VmHWM") / 1024, 1),
+        "peak_reset_worked": peak_reset,
+        "growth_mb": round((status_kb("VmHWM") - rss_after_warmup) / 1024, 1),
+        "tensor_peak_mb": None if tensor_peak is None else round(tensor_peak / 2**20, 1),
+        "meta_step_s": round(seconds, 3),
+        "steady_meta_step_s": round(sorted(steady)[len(steady) // 2], 3) if steady else None,
+        "theta_floats": theta_floats,
+        "theta_mb": round(theta_floats * 4 / 2**20, 3),
+    }
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+def maml_summary(results, ks):
+    """Growth and time with recomputation over without, per K."""
+    summary, targets = {}, {}
+    for k in ks:
+        plain, rec = results.get(f"maml_K{k}", {}), results.get(f"maml_recompute_K{k}", {})
+        summary[f"maml_K{k}"] = {
+            "tensor_peak_mb": [plain.get("tensor_peak_mb"), rec.get("tensor_peak_mb")],
+            "tensor_peak_recompute_over_plain": C.ratio(rec.get("tensor_peak_mb") or 0,
+                                                        plain.get("tensor_peak_mb") or 0),
+            "growth_mb": [plain.get("growth_mb"), rec.get("growth_mb")],
+            "growth_recompute_over_plain": C.ratio(rec.get("growth_mb", 0),
+                                                   plain.get("growth_mb", 0)),
+            "step_s": [plain.get("steady_meta_step_s"), rec.get("steady_meta_step_s")],
+            "time_recompute_over_plain": C.ratio(rec.get("steady_meta_step_s", 0),
+                                                 plain.get("steady_meta_step_s", 0)),
+        }
+    if 20 in ks:
+        r = summary["maml_K20"]["tensor_peak_recompute_over_plain"]
+        targets["maml_recompute_K20_tensor_peak_le_one_third"] = {
+            "value": r, "met": r is not None and r <= 1 / 3}
+    return summary, targets
+
+
 def run_child(spec):
     cmd = [sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -159,6 +250,12 @@ def main():
     p.add_argument("--objective", choices=("exact", "approx"), default=None,
                    help="warp objective (default exact; quick approx)")
     p.add_argument("--spill-dir", default="/tmp/warpkeras_bench_spill")
+    p.add_argument("--maml-k", type=int, nargs="+", default=None,
+                   help="K of the MAML runs (default 5 20; quick 20)")
+    p.add_argument("--maml-meta-batch", type=int, default=2,
+                   help="tasks per MAML meta step (default 2)")
+    p.add_argument("--only", choices=("warp", "maml"), default=None,
+                   help="run only the Warp-Leap or only the MAML configurations")
     args = p.parse_args()
     started = time.time()
     C.setup()
@@ -168,6 +265,10 @@ def main():
     cap = args.capacity or (10 if args.quick else 50)
     objective = args.objective or ("approx" if args.quick else "exact")
     base = {"seed": args.seed, "objective": objective, "max_warp_updates": args.max_warp_updates}
+    maml_ks = args.maml_k or ([20] if args.quick else [5, 20])
+    maml_specs = [dict(base, name=f"maml{'_recompute' if rec else ''}_K{k}", mode="maml",
+                       K=k, meta_batch=args.maml_meta_batch, recompute=rec)
+                  for k in maml_ks for rec in (False, True)]
     specs = [
         dict(base, name=f"online_K{k_small}", mode="online", K=k_small,
              meta_batch=args.online_meta_batch),
@@ -179,6 +280,10 @@ def main():
         dict(base, name="offline_spill", mode="offline", K=off_k, meta_batch=off_mb,
              capacity=cap, overflow="spill", spill_dir=args.spill_dir),
     ]
+    if args.only == "maml":
+        specs = []
+    if args.only != "warp":
+        specs += maml_specs
     info = C.machine_info(args.wait_idle)
     results = {}
     for spec in specs:
@@ -187,33 +292,43 @@ def main():
         print(f"# {spec['name']}: peak {r.get('peak_rss_mb')} MB, growth {r.get('growth_mb')} MB",
               file=sys.stderr, flush=True)
 
-    small, large = results[f"online_K{k_small}"], results[f"online_K{k_large}"]
-    off = {k: results[k] for k in ("offline_memory", "offline_bounded", "offline_spill")}
-    theta_mb = small.get("theta_mb")
-    summary = {
-        f"online_peak_K{k_large}_over_K{k_small}": C.ratio(large.get("peak_rss_mb", 0),
-                                                            small.get("peak_rss_mb", 0)),
-        f"online_growth_mb_K{k_small}_K{k_large}": [small.get("growth_mb"), large.get("growth_mb")],
-        "offline_expected_buffer_mb": {
-            "memory": round(off_k * off_mb * theta_mb, 1) if theta_mb else None,
-            "bounded_or_spill_in_memory": round(cap * theta_mb, 1) if theta_mb else None},
-        "offline_growth_mb": {k: v.get("growth_mb") for k, v in off.items()},
-        "offline_peak_mb": {k: v.get("peak_rss_mb") for k, v in off.items()},
-        "offline_peak_over_memory_buffer": {
-            k: C.ratio(v.get("peak_rss_mb", 0), off["offline_memory"].get("peak_rss_mb", 0))
-            for k, v in off.items()},
-    }
-    ratio_k = summary[f"online_peak_K{k_large}_over_K{k_small}"]
-    targets = {f"online_K{k_large}_le_1.1x_K{k_small}": {"value": ratio_k,
-                                                         "met": ratio_k is not None and ratio_k <= 1.1}}
+    summary, targets = {}, {}
+    if args.only != "maml":
+        small, large = results[f"online_K{k_small}"], results[f"online_K{k_large}"]
+        off = {k: results[k] for k in ("offline_memory", "offline_bounded", "offline_spill")}
+        theta_mb = small.get("theta_mb")
+        summary = {
+            f"online_peak_K{k_large}_over_K{k_small}": C.ratio(large.get("peak_rss_mb", 0),
+                                                                small.get("peak_rss_mb", 0)),
+            f"online_growth_mb_K{k_small}_K{k_large}": [small.get("growth_mb"),
+                                                        large.get("growth_mb")],
+            "offline_expected_buffer_mb": {
+                "memory": round(off_k * off_mb * theta_mb, 1) if theta_mb else None,
+                "bounded_or_spill_in_memory": round(cap * theta_mb, 1) if theta_mb else None},
+            "offline_growth_mb": {k: v.get("growth_mb") for k, v in off.items()},
+            "offline_peak_mb": {k: v.get("peak_rss_mb") for k, v in off.items()},
+            "offline_peak_over_memory_buffer": {
+                k: C.ratio(v.get("peak_rss_mb", 0), off["offline_memory"].get("peak_rss_mb", 0))
+                for k, v in off.items()},
+        }
+        ratio_k = summary[f"online_peak_K{k_large}_over_K{k_small}"]
+        targets = {f"online_K{k_large}_le_1.1x_K{k_small}": {
+            "value": ratio_k, "met": ratio_k is not None and ratio_k <= 1.1}}
+    if args.only != "warp":
+        maml_sum, maml_targets = maml_summary(results, maml_ks)
+        summary["maml"] = maml_sum
+        targets.update(maml_targets)
     result = {
         "benchmark": "memory",
         "quick": args.quick,
         "machine": info,
-        "config": {"model": "omniglot Warp-Leap", "objective": objective,
+        "config": {"model": "omniglot Warp-Leap; omniglot MAML (no warp layers)",
+                   "objective": objective,
                    "online_meta_batch": args.online_meta_batch, "offline_K": off_k,
                    "offline_meta_batch": off_mb, "buffer_capacity": cap,
                    "max_warp_updates_offline": args.max_warp_updates,
+                   "maml_K": maml_ks, "maml_meta_batch": args.maml_meta_batch,
+                   "only": args.only,
                    "measure": "VmHWM after resetting it post warm-up; growth = peak - RSS after warm-up"},
         "runs": results,
         "summary": summary,

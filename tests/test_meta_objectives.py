@@ -132,6 +132,8 @@ OBJECTIVE_ROWS = [
     (MAML, "first_order", "yes", TypeError, r"MAML: first_order='yes'"),
     (MAML, "weight", "one", TypeError, r"weight='one'"),
     (MAML, "optimizer", 0.1, TypeError, r"optimizer=0\.1"),
+    (MAML, "unroll", "yes", TypeError, r"MAML: unroll='yes'"),
+    (MAML, "recompute", 1, TypeError, r"MAML: recompute=1"),
     (Reptile, "weight", float("nan"), ValueError, r"weight=nan.*finite"),
     (Reptile, "optimizer", keras.optimizers.SGD, TypeError, r"optimizer=.*instance"),
 ]

@@ -482,17 +482,89 @@ def leap_path_length(thetas, losses, norm="energy", loss_in_path=True):
     return tf.convert_to_tensor(total)
 
 
-def _batch_at(batches, k):
-    """Step k's batch: `batches` is one ``(x, y)`` tuple, or a *list* of such tuples.
+#: The largest K that `maml_objective` unrolls by default (``unroll=None``).
+MAML_UNROLL_MAX_STEPS = 5
 
-    Only a list is a sequence of batches: a tuple is always one batch, whatever structure
-    its inputs have (``((x_image, x_vector), y)`` is one batch of a two-input model).
+
+def _checkpointed_loop(step, carry, params, steps):
+    """``steps`` applications of ``carry = step(k, carry, params)`` in a `tf.while_loop`,
+    differentiable in the first `carry` and `params`, whose gradient keeps only the carry
+    at each step (K × the carry's size) and recomputes a step's activations when it
+    reaches it (gradient checkpointing at every step, Chen et al. 2016, "Training Deep
+    Nets with Sublinear Memory Cost", arXiv:1604.06174).
+
+    The backward pass is a second `tf.while_loop`, from step K − 1 down to 0: it reads
+    the carry of step k, runs the step again under a `tf.GradientTape` and takes its
+    vector-Jacobian product with the incoming gradient. A step may hold tapes of its own
+    (an inner step's gradient): they are recorded as in any forward pass, so the product
+    is the second-order one. Variables the step reads (e.g. `warpkeras.rules.MetaSGD`'s
+    α) get their gradients summed over the steps, as `tf.custom_gradient` passes them.
+    (`tf.recompute_grad` cannot serve: it runs its function with every tape stopped,
+    which zeroes an inner step's own gradient.)
+
+    Args:
+        step: ``step(k, carry, params) -> carry`` on flat lists of tensors (k an int32
+            scalar tensor); the carry keeps its dtypes and shapes.
+        carry: the flat list of tensors at step 0.
+        params: a flat list of tensors every step reads (differentiated).
+        steps: K, an int or a scalar int tensor.
+
+    Returns:
+        The flat carry after K steps.
     """
-    if isinstance(batches, list):
-        if not batches:
-            raise ValueError("The list of support batches is empty.")
-        return batches[k % len(batches)]
-    return batches
+    n_carry = len(carry)
+    steps_t = tf.cast(steps, tf.int32)
+
+    @tf.custom_gradient
+    def run(*flat_in):
+        carry0, params_in = list(flat_in[:n_carry]), list(flat_in[n_carry:])
+        kept = [tf.TensorArray(t.dtype, size=steps_t, element_shape=t.shape,
+                               clear_after_read=False) for t in carry0]
+
+        def forward(k, c, kept):
+            kept = [ta.write(k, x) for ta, x in zip(kept, c)]
+            return k + 1, list(step(k, c, params_in)), kept
+
+        _, carry_k, kept = tf.while_loop(
+            lambda k, *_: k < steps_t, forward, (tf.constant(0, tf.int32), carry0, kept),
+            maximum_iterations=steps_t, parallel_iterations=1)
+
+        def grad(*upstream, variables=None):
+            variables = list(variables or [])
+            floats = [i for i, t in enumerate(carry0) if t.dtype.is_floating]
+            d_carry = [tf.zeros_like(carry0[i]) if upstream[i] is None else upstream[i]
+                       for i in floats]
+            d_params = [tf.zeros_like(p) for p in params_in]
+            d_vars = [tf.zeros_like(v) for v in variables]
+
+            def backward(k, d_carry, d_params, d_vars):
+                j = k - 1
+                c = [ta.read(j) for ta in kept]
+                sources = [c[i] for i in floats]
+                with tf.GradientTape() as tape:
+                    tape.watch(sources + params_in)
+                    tape.watch(variables)
+                    out = step(j, c, params_in)
+                g = tape.gradient([out[i] for i in floats], sources + params_in + variables,
+                                  output_gradients=d_carry,
+                                  unconnected_gradients=tf.UnconnectedGradients.ZERO)
+                n, m = len(floats), len(params_in)
+                return (j, g[:n], [a + b for a, b in zip(d_params, g[n:n + m])],
+                        [a + tf.cast(b, a.dtype) for a, b in zip(d_vars, g[n + m:])])
+
+            # One iteration at a time: a step's recomputation depends only on the kept
+            # carry, so parallel iterations would hold several steps' activations.
+            _, d_carry, d_params, d_vars = tf.while_loop(
+                lambda k, *_: k > 0, backward, (steps_t, d_carry, d_params, d_vars),
+                maximum_iterations=steps_t, parallel_iterations=1)
+            d_in = [None] * n_carry
+            for i, d in zip(floats, d_carry):
+                d_in[i] = d
+            return d_in + list(d_params), d_vars
+
+        return carry_k, grad
+
+    return run(*(list(carry) + list(params)))
 
 
 def maml_objective(
@@ -510,18 +582,35 @@ def maml_objective(
     update=None,
     momentum=None,
     rule=None,
+    unroll=None,
+    recompute=False,
 ):
-    """The MAML objective over K unrolled inner steps (WarpGrad Eq. 1, P given by the warp):
+    """The MAML objective over K inner steps (WarpGrad Eq. 1, P given by the warp):
 
         C(θ0) = L_query(θ_K),  θ_{k+1} = θ_k − α ∇L_support(θ_k; φ),  θ_0 = θ0.
 
     Differentiating the result w.r.t. θ0 (under a tape) gives the second-order MAML
     gradient; with ``first_order=True`` the inner gradients are stopped, so dθ_K/dθ0 = I and
-    the gradient is ∇L_query(θ_K) (first-order MAML). The inner loop is unrolled in Python,
-    so keep `steps` small (MAML is a few-shot method). Each step is `task_step` (so the
+    the gradient is ∇L_query(θ_K) (first-order MAML). Each step is `task_step` (so the
     task variables' constraints hold after every step); the rule's state (heavy-ball
     velocity, ...) starts from ``rule.init(θ0)`` and goes on from step to step, as in
     `MetaTrainer.adapt`.
+
+    The K steps run as one symbolic loop (`tf.while_loop`, differentiated twice by
+    TensorFlow for the second-order gradient), so a traced graph, and the time to trace
+    it, do not grow with K; ``unroll=True`` writes the K steps into the graph one after
+    the other instead: they trace in time ∝ K, but run faster once traced (the loop
+    passes every step's intermediates to its gradient through TensorFlow's
+    accumulators, a cost per step that shows on small models), so by default
+    (``unroll=None``) a Python-int K ≤ `MAML_UNROLL_MAX_STEPS` (5, the usual few-shot
+    setting) is unrolled and a larger or tensor K runs as the loop.
+
+    With ``recompute=True`` the loop keeps only each step's θ_k and states, and its
+    backward pass (a second loop, from step K − 1 down to 0) recomputes a step's
+    activations from them (gradient checkpointing at every step), so the memory the
+    meta-gradient keeps grows with K × |θ| rather than K × the activations, for one more
+    forward and inner backward pass per step. All give the same gradient to float
+    rounding.
 
     Args:
         partition: as in `task_step`.
@@ -536,38 +625,86 @@ def maml_objective(
             ``support[k % len(support)]``).
         query: the batch for the outer loss.
         learning_rate: α.
-        steps: K.
+        steps: K (an int ≥ 0, or a scalar int tensor unless ``unroll=True``).
         first_order: stop the inner gradients.
         update: optional inner rule replacing SGD (see `task_step`).
         momentum: μ of heavy-ball SGD, or `None`.
         rule: optional `warpkeras.rules.InnerRule` replacing SGD (α and μ unused).
+        unroll: `True`: write the K steps into the graph (a Python loop); `False`: one
+            `tf.while_loop`; `None` (default): unrolled for a Python-int K ≤
+            `MAML_UNROLL_MAX_STEPS` without `recompute`, the loop otherwise.
+        recompute: keep only each step's θ_k and states, and recompute the step's
+            activations in the backward pass (not with ``unroll=True``).
 
     Returns:
         ``(query_loss, theta_K)``.
+
+    Raises:
+        ValueError: ``unroll=True`` with a tensor `steps` or with ``recompute=True``; an
+            empty list of support batches.
     """
-    theta = _as_list(theta0)
+    theta = [tf.convert_to_tensor(t) for t in _as_list(theta0)]
+    phi = [tf.convert_to_tensor(v) for v in _as_list(phi)]
     inner = step_rule(learning_rate, momentum, update, rule)
     rule_state = inner.init(theta)
-    for k in range(int(steps)):
-        step = task_step(
-            partition,
-            loss_fn,
-            theta,
-            phi,
-            _batch_at(support, k),
-            learning_rate,
-            velocity=rule_state,
-            state=state,
-            stop_inner_gradient=first_order,
-            training=training,
-            rule=inner,
-        )
-        theta, rule_state = step.theta, step.velocity
-        # The model state goes on from call to call (random-number-generator seeds advance,
-        # so every forward pass draws fresh dropout masks); it is not differentiated.
-        state = [tf.stop_gradient(s) for s in step.state]
-    loss, _ = task_loss(partition, loss_fn, theta, phi, query, state, training)
-    return loss, theta
+    if state is None:
+        state = partition.state_values()
+    state = [tf.convert_to_tensor(s) for s in state]
+    # Only a list is a sequence of batches: a tuple is always one batch, whatever
+    # structure its inputs have (``((x_image, x_vector), y)`` is one batch).
+    batches = support if isinstance(support, list) else [support]
+    if not batches:
+        raise ValueError("The list of support batches is empty.")
+
+    def one_step(carry, phi_values, batch):
+        theta_k, rule_state_k, state_k = carry
+        step = task_step(partition, loss_fn, theta_k, phi_values, batch, learning_rate,
+                         velocity=rule_state_k, state=state_k,
+                         stop_inner_gradient=first_order, training=training, rule=inner)
+        # The model state goes on from step to step (random-number-generator seeds
+        # advance, so every forward pass draws fresh dropout masks); it is not
+        # differentiated.
+        new = (list(step.theta), step.velocity, [tf.stop_gradient(s) for s in step.state])
+        # the same nested structure (lists, tuples) as the carry, for tf.while_loop
+        return tf.nest.pack_sequence_as(carry, tf.nest.flatten(new))
+
+    def step_k(k, carry, phi_values):
+        if len(batches) == 1:
+            return one_step(carry, phi_values, batches[0])
+        flat = tf.switch_case(
+            k % len(batches),
+            [lambda i=i: tf.nest.flatten(one_step(carry, phi_values, batches[i]))
+             for i in range(len(batches))])
+        return tf.nest.pack_sequence_as(carry, list(flat))
+
+    carry = (theta, rule_state, state)
+    if unroll is None:
+        unroll = (not recompute and isinstance(steps, (int, np.integer))
+                  and int(steps) <= MAML_UNROLL_MAX_STEPS)
+    if unroll:
+        if recompute:
+            raise ValueError("maml_objective: recompute=True recomputes the steps of the "
+                             "symbolic loop; use unroll=False with it.")
+        if isinstance(steps, (tf.Tensor, tf.Variable)):
+            raise ValueError("maml_objective: unroll=True needs a Python int number of "
+                             f"steps, got the tensor {steps!r}; use unroll=False.")
+        for k in range(int(steps)):
+            carry = one_step(carry, phi, batches[k % len(batches)])
+    elif recompute:
+        flat = _checkpointed_loop(
+            lambda k, flat_carry, phi_values: tf.nest.flatten(step_k(
+                k, tf.nest.pack_sequence_as(carry, flat_carry), phi_values)),
+            tf.nest.flatten(carry), phi, steps)
+        carry = tf.nest.pack_sequence_as(carry, list(flat))
+    else:
+        steps_t = tf.cast(steps, tf.int32)
+        _, carry = tf.while_loop(lambda k, _: k < steps_t,
+                                 lambda k, c: (k + 1, step_k(k, c, phi)),
+                                 (tf.constant(0, tf.int32), carry),
+                                 maximum_iterations=steps_t)
+    theta, _, state = carry
+    loss, _ = task_loss(partition, loss_fn, list(theta), phi, query, state, training)
+    return loss, list(theta)
 
 
 def maml_meta_gradient(partition, loss_fn, theta0, phi, support, query, learning_rate,

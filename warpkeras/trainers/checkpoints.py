@@ -274,7 +274,8 @@ _SETTINGS_KEY = "run_settings"
 # configuration keys the user may change on resume: the new value wins, with a warning
 HYPERPARAMETERS = frozenset({
     "inner_learning_rate", "inner_momentum", "inner_steps", "meta_batch_size", "group_size",
-    "parallel", "batch_size", "learning_rate", "init_weight", "meta_interval"})
+    "parallel", "batch_size", "learning_rate", "init_weight", "meta_interval",
+    "unroll", "recompute"})  # MAML's: how the steps are computed, not what
 
 
 def read_settings(prefix):

@@ -12,8 +12,9 @@ class MAMLTrainer(MetaTrainer):
     (the task's first adaptation batch, reused at every step), then the loss on a query
     batch (the task's meta data);
     θ0 follows the gradient of that loss, through the K steps (second order) or, with
-    ``first_order=True``, with the inner gradients stopped (FOMAML). The K steps are
-    unrolled in the graph: MAML is a few-shot method.
+    ``first_order=True``, with the inner gradients stopped (FOMAML). Beyond
+    `warpkeras.objectives.MAML_UNROLL_MAX_STEPS` (5) steps they run as one symbolic loop
+    (`tf.while_loop`), so the time to the first meta step does not grow with K.
 
     A preset for ``MetaTrainer(model, loss, objectives=[warpkeras.meta.MAML(first_order)])``.
 
@@ -29,11 +30,24 @@ class MAMLTrainer(MetaTrainer):
         model: a built `keras.Model`.
         loss: the task loss.
         first_order: FOMAML.
+        unroll: `True`: write the K steps into the graph one after the other (tracing
+            time grows with K, steady steps are faster); `False`: one `tf.while_loop`;
+            `None` (default): unrolled for K ≤ 5 without `recompute`, the loop
+            otherwise.
+        recompute: recompute each inner step's activations in the backward pass instead
+            of keeping them: the memory of second-order MAML grows with K × |θ| rather
+            than K × the activations, for about one more forward and inner backward pass
+            per step; the same meta-gradient (default False).
         **kwargs: see `warpkeras.trainers.MetaTrainer`.
     """
 
-    def __init__(self, model, loss, first_order=False, **kwargs):
-        first_order = _v.check_bool(first_order, "first_order", where=type(self).__name__)
+    def __init__(self, model, loss, first_order=False, unroll=None, recompute=False,
+                 **kwargs):
+        where = type(self).__name__
+        first_order = _v.check_bool(first_order, "first_order", where=where)
+        unroll = _v.check_bool(unroll, "unroll", allow_none=True, where=where)
+        recompute = _v.check_bool(recompute, "recompute", where=where)
         kwargs.setdefault("init_optimizer", kwargs.get("meta_optimizer"))
         super().__init__(model, loss, warp_mode=None,
-                         init_objective="fomaml" if first_order else "maml", **kwargs)
+                         init_objective="fomaml" if first_order else "maml",
+                         maml_unroll=unroll, maml_recompute=recompute, **kwargs)

@@ -24,7 +24,8 @@ OBJECTIVE_OPTIONS = {
     "meta_interval": None, "max_warp_updates": None, "warp_gradient_reduction": "mean",
     "buffer_final_point": True, "buffer_capacity": None, "buffer_overflow": "reservoir",
     "buffer_spill_dir": None, "leap_norm": "length", "leap_sign_correction": True,
-    "leap_loss_in_path": True, "meta_loss": None,
+    "leap_loss_in_path": True, "meta_loss": None, "maml_unroll": None,
+    "maml_recompute": False,
 }
 
 
@@ -37,6 +38,11 @@ def objectives_from_options(where, options, meta_optimizer, inner_momentum, seed
         warp_objective: ``"exact"`` (second order through the inner step) or ``"approx"``.
         init_objective: ``None``, ``"leap"``, ``"maml"``, ``"fomaml"`` or ``"reptile"``.
         init_weight: λ in J = L(φ) + λC(θ0): scales the θ0 meta-gradient.
+        maml_unroll: MAML's K inner steps written into the graph one after the other
+            (True) or run as one `tf.while_loop` (False); `None`: by K
+            (`warpkeras.meta.MAML`'s ``unroll``).
+        maml_recompute: MAML recomputes each inner step's activations in the backward
+            pass instead of keeping them (`warpkeras.meta.MAML`'s ``recompute``).
         learn_inner_learning_rate: meta-learn α (a scalar, WarpGrad App. G "learned α");
             needs a warp mode with the exact objective to have a gradient.
         learn_inner_momentum: meta-learn μ likewise.
@@ -108,6 +114,17 @@ def objectives_from_options(where, options, meta_optimizer, inner_momentum, seed
     learn_mu = flag(o["learn_inner_momentum"], "learn_inner_momentum")
     sign_correction = flag(o["leap_sign_correction"], "leap_sign_correction")
     loss_in_path = flag(o["leap_loss_in_path"], "leap_loss_in_path")
+    maml_unroll = flag(o["maml_unroll"], "maml_unroll", allow_none=True)
+    maml_recompute = flag(o["maml_recompute"], "maml_recompute")
+    if maml_unroll and maml_recompute:
+        raise MetaTrainingError(
+            f"{where}: maml_recompute=True recomputes the steps of MAML's symbolic loop, so "
+            "it cannot be combined with maml_unroll=True: drop one.")
+    if ((maml_unroll is not None or maml_recompute)
+            and init_objective not in ("maml", "fomaml")):
+        raise MetaTrainingError(
+            f"{where}: maml_unroll / maml_recompute set how MAML runs its inner steps, but "
+            f"init_objective={init_objective!r}: use init_objective='maml' or drop them.")
     final_point = flag(o["buffer_final_point"], "buffer_final_point")
     integer = functools.partial(_v.check_int, where=where, error=MetaTrainingError,
                                 minimum=1, allow_none=True)
@@ -165,7 +182,8 @@ def objectives_from_options(where, options, meta_optimizer, inner_momentum, seed
         objectives.append(Leap(leap_norm, sign_correction, loss_in_path, init_weight,
                                init_optimizer))
     elif init_objective in ("maml", "fomaml"):
-        objectives.append(MAML(init_objective == "fomaml", init_weight, init_optimizer))
+        objectives.append(MAML(init_objective == "fomaml", init_weight, init_optimizer,
+                               unroll=maml_unroll, recompute=maml_recompute))
     elif init_objective == "reptile":
         objectives.append(Reptile(init_weight, init_optimizer))
     return objectives
