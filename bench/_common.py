@@ -60,9 +60,14 @@ def parser(description, name):
         help="where to write the JSON result (default: %(default)s); '-' for stdout only",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of weights and data")
-    p.add_argument("--wait-idle", type=float, default=0, metavar="SECONDS",
-                   help="first wait up to SECONDS for the 1-minute load average to drop "
-                        "below 1.5 (other jobs on the machine distort absolute figures)")
+    p.add_argument(
+        "--wait-idle",
+        type=float,
+        default=0,
+        metavar="SECONDS",
+        help="first wait up to SECONDS for the 1-minute load average to drop "
+        "below 1.5 (other jobs on the machine distort absolute figures)",
+    )
     return p
 
 
@@ -132,8 +137,12 @@ def load():
         one, five, fifteen = os.getloadavg()
     except OSError:
         one = five = fifteen = float("nan")
-    return {"loadavg_1m": round(one, 2), "loadavg_5m": round(five, 2),
-            "loadavg_15m": round(fifteen, 2), "cpus": os.cpu_count()}
+    return {
+        "loadavg_1m": round(one, 2),
+        "loadavg_5m": round(five, 2),
+        "loadavg_15m": round(fifteen, 2),
+        "cpus": os.cpu_count(),
+    }
 
 
 def uptime_text():
@@ -171,8 +180,12 @@ def machine_info(wait_idle_s=0):
     flags, mhz = cpu["flags"], cpu["mhz"]
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     try:
-        commit = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"],
-                                capture_output=True, text=True, timeout=5).stdout.strip()
+        commit = subprocess.run(
+            ["git", "-C", REPO, "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit = ""
     onednn = os.environ.get("TF_ENABLE_ONEDNN_OPTS")
@@ -224,8 +237,12 @@ def omniglot_model(warp=True, bn="exact", seed=0):
     layers = [keras.Input(IMAGE_SHAPE)]
     for _ in range(4):
         norm = ExactBatchNormalization() if bn == "exact" else keras.layers.BatchNormalization()
-        layers += [keras.layers.Conv2D(64, 3, padding="same"), keras.layers.MaxPooling2D(2),
-                   norm, keras.layers.ReLU()]
+        layers += [
+            keras.layers.Conv2D(64, 3, padding="same"),
+            keras.layers.MaxPooling2D(2),
+            norm,
+            keras.layers.ReLU(),
+        ]
         if warp:
             layers.append(WarpConv2D(kernel_size=3))
     layers += [keras.layers.Flatten(), keras.layers.Dense(NUM_CLASSES)]
@@ -260,8 +277,11 @@ def synthetic_tasks(n, seed=0, batch_size=TASK_BATCH, augment=None):
     tasks = []
     for i in range(n):
         train, test = synthetic_arrays(rng)
-        tasks.append(warpkeras.Task(train=train, test=test, batch_size=batch_size,
-                                    augment=augment, name=f"synthetic{i}"))
+        tasks.append(
+            warpkeras.Task(
+                train=train, test=test, batch_size=batch_size, augment=augment, name=f"synthetic{i}"
+            )
+        )
     return tasks
 
 
@@ -288,7 +308,7 @@ def conv_flops(warp=True, batch=TASK_BATCH):
         "train_step_3x_forward": 3 * fwd,
         "train_step_exact": 3 * fwd - first_conv_input_grad,
         "rule": "conv FLOPs = 2*H*W*Cin*Cout*9 per image per forward; a training step "
-                "(forward + input-gradient + weight-gradient) counted as 3x the forward",
+        "(forward + input-gradient + weight-gradient) counted as 3x the forward",
     }
 
 
@@ -373,8 +393,12 @@ def matmul_rate(seconds=3.0, n=2048):
         mm(a, b).numpy()
         samples.append(time.perf_counter() - t)
     s = median(samples)
-    return {"n": n, "median_s": s, "gflops": 2 * n**3 / s / 1e9,
-            "best_gflops": 2 * n**3 / min(samples) / 1e9}
+    return {
+        "n": n,
+        "median_s": s,
+        "gflops": 2 * n**3 / s / 1e9,
+        "best_gflops": 2 * n**3 / min(samples) / 1e9,
+    }
 
 
 def write_text(path, text):
@@ -385,8 +409,7 @@ def write_text(path, text):
 
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
-                               dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
     try:
         umask = os.umask(0)
         os.umask(umask)
@@ -425,8 +448,11 @@ def ratio(a, b):
 def min_ratios(timings, pairs):
     """Ratios of the fastest samples: under bursty interference from other jobs (which
     only ever adds time) the minimum over interleaved samples is the steadier estimate."""
-    return {name: ratio(timings[a]["min_s"], timings[b]["min_s"]) for name, (a, b) in pairs.items()
-            if a in timings and b in timings}
+    return {
+        name: ratio(timings[a]["min_s"], timings[b]["min_s"])
+        for name, (a, b) in pairs.items()
+        if a in timings and b in timings
+    }
 
 
 # ----------------------------------------------------------------------------------------

@@ -50,28 +50,50 @@ def load_task(data_dir, cache_dir, seed):
         from warpkeras.data import OmniglotTasks
 
         t0 = time.perf_counter()
-        tasks = OmniglotTasks(data_dir=data_dir, cache_dir=cache_dir, num_meta_val=1,
-                              num_meta_test=1, seed=seed)
+        tasks = OmniglotTasks(
+            data_dir=data_dir, cache_dir=cache_dir, num_meta_val=1, num_meta_test=1, seed=seed
+        )
         task = tasks.meta_train[0]
-        return task, {"source": "omniglot", "data_dir": os.path.abspath(data_dir),
-                      "alphabet": task.name, "train_images": task.num_train,
-                      "load_s": round(time.perf_counter() - t0, 2)}
+        return task, {
+            "source": "omniglot",
+            "data_dir": os.path.abspath(data_dir),
+            "alphabet": task.name,
+            "train_images": task.num_train,
+            "load_s": round(time.perf_counter() - t0, 2),
+        }
     rng = np.random.default_rng(seed)
     (x, y), (xt, yt) = C.synthetic_arrays(rng)
-    task = ClassificationTask(x, y, xt, yt, num_classes=C.NUM_CLASSES, name="synthetic",
-                              augmentation=functools.partial(random_affine, fill_value=0.0))
+    task = ClassificationTask(
+        x,
+        y,
+        xt,
+        yt,
+        num_classes=C.NUM_CLASSES,
+        name="synthetic",
+        augmentation=functools.partial(random_affine, fill_value=0.0),
+    )
     return task, {"source": "synthetic (no Omniglot copy found)", "train_images": len(x)}
 
 
 def main():
     p = C.parser(__doc__, "data_pipeline")
-    p.add_argument("--data-dir", default=C.SHARED_OMNIGLOT,
-                   help="local Omniglot copy (default: %(default)s)")
-    p.add_argument("--cache-dir", default="/tmp/warpkeras_bench_cache",
-                   help="where decoded Omniglot is cached (default: %(default)s)")
-    p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 9, quick 3)")
-    p.add_argument("--batches", type=int, default=None,
-                   help="batches per sample of a data path (default 20, quick 10)")
+    p.add_argument(
+        "--data-dir", default=C.SHARED_OMNIGLOT, help="local Omniglot copy (default: %(default)s)"
+    )
+    p.add_argument(
+        "--cache-dir",
+        default="/tmp/warpkeras_bench_cache",
+        help="where decoded Omniglot is cached (default: %(default)s)",
+    )
+    p.add_argument(
+        "--rounds", type=int, default=None, help="interleaved rounds (default 9, quick 3)"
+    )
+    p.add_argument(
+        "--batches",
+        type=int,
+        default=None,
+        help="batches per sample of a data path (default 20, quick 10)",
+    )
     args = p.parse_args()
     rounds = args.rounds or (3 if args.quick else 9)
     nb = args.batches or (10 if args.quick else 20)
@@ -86,12 +108,15 @@ def main():
 
     its = {
         "tfdata_augment": iter(task.train_dataset(batch_size=C.TASK_BATCH, seed=args.seed)),
-        "tfdata_no_augment": iter(task.train_dataset(batch_size=C.TASK_BATCH, augment=False,
-                                                     seed=args.seed)),
+        "tfdata_no_augment": iter(
+            task.train_dataset(batch_size=C.TASK_BATCH, augment=False, seed=args.seed)
+        ),
         "to_task_augment": task.to_task(batch_size=C.TASK_BATCH).batches(
-            "train", np.random.default_rng(args.seed)),
+            "train", np.random.default_rng(args.seed)
+        ),
         "to_task_no_augment": task.to_task(batch_size=C.TASK_BATCH, augment=False).batches(
-            "train", np.random.default_rng(args.seed)),
+            "train", np.random.default_rng(args.seed)
+        ),
     }
 
     # the proposed fix: the same augmentation compiled once (tf.function) instead of
@@ -102,12 +127,13 @@ def main():
 
     def compiled_augment(images, rng):
         seed = rng.integers(0, 2**31 - 1, size=2)
-        return compiled(tf.convert_to_tensor(images, tf.float32),
-                        tf.constant(seed, tf.int64)).numpy()
+        return compiled(
+            tf.convert_to_tensor(images, tf.float32), tf.constant(seed, tf.int64)
+        ).numpy()
 
     its["to_task_augment_compiled_proposed"] = warpkeras.Task(
-        train=(task.x_train, task.y_train), batch_size=C.TASK_BATCH,
-        augment=compiled_augment).batches("train", np.random.default_rng(args.seed))
+        train=(task.x_train, task.y_train), batch_size=C.TASK_BATCH, augment=compiled_augment
+    ).batches("train", np.random.default_rng(args.seed))
 
     def draw(it):
         out = None
@@ -133,31 +159,42 @@ def main():
     per_batch_ms = {k: round(timings[k]["median_s"] / nb * 1e3, 3) for k in its}
     ratios = {k: round(v / consumed, 1) for k, v in rates.items()}
     inner_best = timings["inner_step"]["min_s"] / inner_calls
-    ratios_min = {k: round(C.TASK_BATCH * nb / timings[k]["min_s"] / (C.TASK_BATCH / inner_best), 1)
-                  for k in its}
-    targets = {f"{k}_ge_10x_consumption": {"value": ratios[k], "met": ratios[k] >= 10}
-               for k in ("tfdata_augment", "to_task_augment")}
+    ratios_min = {
+        k: round(C.TASK_BATCH * nb / timings[k]["min_s"] / (C.TASK_BATCH / inner_best), 1)
+        for k in its
+    }
+    targets = {
+        f"{k}_ge_10x_consumption": {"value": ratios[k], "met": ratios[k] >= 10}
+        for k in ("tfdata_augment", "to_task_augment")
+    }
     result = {
         "benchmark": "data_pipeline",
         "quick": args.quick,
         "machine": info,
         "data": data_info,
-        "config": {"batch": C.TASK_BATCH, "batches_per_sample": nb, "rounds": rounds,
-                   "augmentation": "random_affine scale U[0.8,1.2], rotation U[0,360), "
-                                   "translation U[-0.2,0.2]",
-                   "statistic": "median over interleaved rounds"},
+        "config": {
+            "batch": C.TASK_BATCH,
+            "batches_per_sample": nb,
+            "rounds": rounds,
+            "augmentation": "random_affine scale U[0.8,1.2], rotation U[0,360), "
+            "translation U[-0.2,0.2]",
+            "statistic": "median over interleaved rounds",
+        },
         "images_per_s": {k: round(v, 1) for k, v in rates.items()},
         "ms_per_batch": per_batch_ms,
         "inner_step_ms": round(inner_s * 1e3, 2),
         "consumed_images_per_s": round(consumed, 1),
         "pipeline_over_consumption": ratios,
         "pipeline_over_consumption_from_fastest_samples": ratios_min,
-        "to_task_augment_share_of_inner_step": C.ratio(per_batch_ms["to_task_augment"],
-                                                       inner_s * 1e3),
+        "to_task_augment_share_of_inner_step": C.ratio(
+            per_batch_ms["to_task_augment"], inner_s * 1e3
+        ),
         "to_task_augment_compiled_share_of_inner_step": C.ratio(
-            per_batch_ms["to_task_augment_compiled_proposed"], inner_s * 1e3),
+            per_batch_ms["to_task_augment_compiled_proposed"], inner_s * 1e3
+        ),
         "to_task_augment_eager_over_compiled": C.ratio(
-            per_batch_ms["to_task_augment"], per_batch_ms["to_task_augment_compiled_proposed"]),
+            per_batch_ms["to_task_augment"], per_batch_ms["to_task_augment_compiled_proposed"]
+        ),
         "targets": targets,
         "samples": {k: v["samples_s"] for k, v in timings.items()},
     }

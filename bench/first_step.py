@@ -50,8 +50,17 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as C  # noqa: E402
 
-TRAINERS = ("leap", "warp_leap", "warp_online", "warp_maml", "maml", "fomaml", "reptile",
-            "continual", "warpgrad_fit")
+TRAINERS = (
+    "leap",
+    "warp_leap",
+    "warp_online",
+    "warp_maml",
+    "maml",
+    "fomaml",
+    "reptile",
+    "continual",
+    "warpgrad_fit",
+)
 WARPED = {"warp_leap", "warp_online", "warp_maml", "continual", "warpgrad_fit"}
 EXECUTORS = ("sequential", "unrolled", "vectorized")
 MODELS = ("mlp", "conv")
@@ -75,8 +84,12 @@ def build_model(kind, warp, seed):
         return keras.Sequential(layers)
     layers = [keras.Input((28, 28, 1))]
     for _ in range(4):
-        layers += [keras.layers.Conv2D(32, 3, padding="same"), keras.layers.MaxPooling2D(2),
-                   warpkeras.layers.ExactBatchNormalization(), keras.layers.ReLU()]
+        layers += [
+            keras.layers.Conv2D(32, 3, padding="same"),
+            keras.layers.MaxPooling2D(2),
+            warpkeras.layers.ExactBatchNormalization(),
+            keras.layers.ReLU(),
+        ]
         if warp:
             layers.append(warpkeras.layers.WarpConv2D(kernel_size=3))
     layers += [keras.layers.Flatten(), keras.layers.Dense(5)]
@@ -97,7 +110,10 @@ def arrays(kind, rng):
     if kind == "mlp":
         w = rng.normal(size=(4, 1))
         x = rng.normal(size=(120, 4)).astype("float32")
-        return (x[:100], (x[:100] @ w).astype("float32")), (x[100:], (x[100:] @ w).astype("float32"))
+        return (x[:100], (x[:100] @ w).astype("float32")), (
+            x[100:],
+            (x[100:] @ w).astype("float32"),
+        )
     x = rng.random((60, 28, 28, 1), dtype=np.float32)
     y = np.repeat(np.arange(5, dtype=np.int32), 12)
     return (x[:50], y[:50]), (x[50:], y[50:])
@@ -116,8 +132,9 @@ def tasks_for(kind, n, seed):
     out = []
     for i in range(n):
         train, test = arrays(kind, rng)
-        out.append(warpkeras.Task(train=train, test=test, batch_size=batch_size_of(kind),
-                                  name=f"task{i}"))
+        out.append(
+            warpkeras.Task(train=train, test=test, batch_size=batch_size_of(kind), name=f"task{i}")
+        )
     return out
 
 
@@ -126,22 +143,24 @@ def make_trainer(name, model, kind, k, meta_batch, executor):
 
     import warpkeras
 
-    common = dict(inner_learning_rate=0.05, inner_steps=k, meta_batch_size=meta_batch,
-                  meta_optimizer=keras.optimizers.Adam(1e-3), seed=0)
+    common = dict(
+        inner_learning_rate=0.05,
+        inner_steps=k,
+        meta_batch_size=meta_batch,
+        meta_optimizer=keras.optimizers.Adam(1e-3),
+        seed=0,
+    )
     if executor != "default":
         common["parallel"] = executor
     loss = loss_of(kind)
     if name == "leap":
         return warpkeras.LeapTrainer(model, loss, **common)
     if name == "warp_leap":
-        return warpkeras.WarpTrainer(model, loss, mode="offline", init_objective="leap",
-                                     **common)
+        return warpkeras.WarpTrainer(model, loss, mode="offline", init_objective="leap", **common)
     if name == "warp_online":
-        return warpkeras.WarpTrainer(model, loss, mode="online", init_objective=None,
-                                     **common)
+        return warpkeras.WarpTrainer(model, loss, mode="online", init_objective=None, **common)
     if name == "warp_maml":
-        return warpkeras.WarpTrainer(model, loss, mode="online", init_objective="maml",
-                                     **common)
+        return warpkeras.WarpTrainer(model, loss, mode="online", init_objective="maml", **common)
     if name == "maml":
         return warpkeras.MAMLTrainer(model, loss, first_order=False, **common)
     if name == "fomaml":
@@ -149,8 +168,14 @@ def make_trainer(name, model, kind, k, meta_batch, executor):
     if name == "reptile":
         return warpkeras.ReptileTrainer(model, loss, **common)
     if name == "continual":
-        return warpkeras.WarpTrainer(model, loss, mode="continual", init_objective=None,
-                                     meta_interval=max(1, k // 2), **common)
+        return warpkeras.WarpTrainer(
+            model,
+            loss,
+            mode="continual",
+            init_objective=None,
+            meta_interval=max(1, k // 2),
+            **common,
+        )
     raise ValueError(f"unknown trainer {name!r}")
 
 
@@ -170,8 +195,10 @@ class Split:
             from tensorflow.python.eager.polymorphic_function import concrete_function as cf
             from tensorflow.python.framework import func_graph as fg
 
-            self._targets = [(fg, "func_graph_from_py_func", "tracing"),
-                             (cf.ConcreteFunction, "_call_flat", "execution")]
+            self._targets = [
+                (fg, "func_graph_from_py_func", "tracing"),
+                (cf.ConcreteFunction, "_call_flat", "execution"),
+            ]
             for owner, attr, key in self._targets:
                 setattr(owner, attr, self._wrap(getattr(owner, attr), key))
             self.hooked = True
@@ -199,8 +226,11 @@ class Split:
         return wrapped
 
     def report(self):
-        return {"tracing_s": round(self.seconds["tracing"], 3),
-                "execution_s": round(self.seconds["execution"], 3), "hooked": self.hooked}
+        return {
+            "tracing_s": round(self.seconds["tracing"], 3),
+            "execution_s": round(self.seconds["execution"], 3),
+            "hooked": self.hooked,
+        }
 
 
 class Marks:
@@ -247,8 +277,12 @@ def warpgrad_fit_first_step(kind, seed, steady):
     model = build_model(kind, warp=True, seed=seed)
     (x, y), _ = arrays(kind, np.random.default_rng(seed))
     bs = batch_size_of(kind)
-    opt = warpkeras.WarpGrad(model=model, inner_optimizer=keras.optimizers.SGD(0.05),
-                             meta_optimizer=keras.optimizers.Adam(1e-3), meta_interval=2)
+    opt = warpkeras.WarpGrad(
+        model=model,
+        inner_optimizer=keras.optimizers.SGD(0.05),
+        meta_optimizer=keras.optimizers.Adam(1e-3),
+        meta_interval=2,
+    )
     start = time.perf_counter()
     model.compile(optimizer=opt, loss=loss_of(kind))
     model.fit(x[:bs], y[:bs], batch_size=bs, epochs=1, verbose=0)
@@ -289,8 +323,10 @@ def run_cell(cell):
     steady = cell["steady"]
     if name == "warpgrad_fit":
         first, times = warpgrad_fit_first_step(kind, seed=2, steady=steady)
-        out.update(first_step_s=round(first, 3),
-                   steady_step_s=round(statistics.median(times), 4) if times else None)
+        out.update(
+            first_step_s=round(first, 3),
+            steady_step_s=round(statistics.median(times), 4) if times else None,
+        )
     else:
         tasks = tasks_for(kind, cell["meta_batch"], seed=3)
         model = build_model(kind, warp=name in WARPED, seed=2)
@@ -298,21 +334,21 @@ def run_cell(cell):
         marks = Marks(split)
         start = time.perf_counter()
         split.active = True
-        trainer = make_trainer(name, model, kind, cell["k"], cell["meta_batch"],
-                               cell["executor"])
+        trainer = make_trainer(name, model, kind, cell["k"], cell["meta_batch"], cell["executor"])
         trainer.fit(tasks, epochs=1 + steady, verbose=0, callbacks=[marks])
         first = marks.ends[0] - start
         steps = [b - a for a, b in zip(marks.ends, marks.ends[1:])]
-        out.update(first_step_s=round(first, 3),
-                   steady_step_s=round(statistics.median(steps), 4) if steps else None,
-                   first_step_split=split.report(),
-                   executor_used=getattr(trainer, "executor_name", None))
+        out.update(
+            first_step_s=round(first, 3),
+            steady_step_s=round(statistics.median(steps), 4) if steps else None,
+            first_step_split=split.report(),
+            executor_used=getattr(trainer, "executor_name", None),
+        )
         # 4. a second trainer of the same kind on a new model of the same architecture
         model2 = build_model(kind, warp=name in WARPED, seed=4)
         marks2 = Marks(None)
         start = time.perf_counter()
-        trainer2 = make_trainer(name, model2, kind, cell["k"], cell["meta_batch"],
-                                cell["executor"])
+        trainer2 = make_trainer(name, model2, kind, cell["k"], cell["meta_batch"], cell["executor"])
         trainer2.fit(tasks, epochs=1, verbose=0, callbacks=[marks2])
         out["second_trainer_first_step_s"] = round(marks2.ends[0] - start, 3)
     out["ratio_first_to_keras"] = round(out["first_step_s"] / out["keras_first_fit_step_s"], 2)
@@ -336,19 +372,34 @@ def cells(args):
                             continue
                         if name == "warpgrad_fit" and (k != ks[0] or mb != args.meta_batch[0]):
                             continue  # one stream, no K or meta-batch
-                        yield {"model": kind, "trainer": name, "executor": executor, "k": k,
-                               "meta_batch": mb, "steady": args.steady}
+                        yield {
+                            "model": kind,
+                            "trainer": name,
+                            "executor": executor,
+                            "k": k,
+                            "meta_batch": mb,
+                            "steady": args.steady,
+                        }
 
 
 def main():
     p = C.parser(__doc__.split("\n\n")[0], "first_step")
     p.add_argument("--models", nargs="+", choices=MODELS, default=["mlp", "conv"])
     p.add_argument("--trainers", nargs="+", choices=TRAINERS, default=list(TRAINERS))
-    p.add_argument("--executors", nargs="+", default=["default"],
-                   choices=("default",) + EXECUTORS,
-                   help="values of parallel= (default: the trainers' own choice)")
-    p.add_argument("--inner-steps", nargs="+", type=int, default=None,
-                   help="K values (default: 5 20 100 for mlp, 3 15 for conv)")
+    p.add_argument(
+        "--executors",
+        nargs="+",
+        default=["default"],
+        choices=("default",) + EXECUTORS,
+        help="values of parallel= (default: the trainers' own choice)",
+    )
+    p.add_argument(
+        "--inner-steps",
+        nargs="+",
+        type=int,
+        default=None,
+        help="K values (default: 5 20 100 for mlp, 3 15 for conv)",
+    )
     p.add_argument("--meta-batch", nargs="+", type=int, default=[1, 4, 16])
     p.add_argument("--steady", type=int, default=3, help="steady meta steps timed per cell")
     p.add_argument("--timeout", type=float, default=900, help="seconds per cell")
@@ -364,8 +415,7 @@ def main():
         args.steady = 2
     started = time.time()
     C.setup()
-    result = {"benchmark": "first_step", "machine": C.machine_info(args.wait_idle),
-              "cells": []}
+    result = {"benchmark": "first_step", "machine": C.machine_info(args.wait_idle), "cells": []}
     for cell in cells(args):
         cmd = [sys.executable, os.path.abspath(__file__), "--cell", json.dumps(cell)]
         t = time.time()
@@ -399,15 +449,23 @@ def growth(records):
     by = {}
     for r in records:
         if "first_step_s" in r:
-            by.setdefault((r["model"], r["trainer"], r["executor"], r["meta_batch"]),
-                          []).append((r["k"], r["first_step_s"]))
+            by.setdefault((r["model"], r["trainer"], r["executor"], r["meta_batch"]), []).append(
+                (r["k"], r["first_step_s"])
+            )
     out = []
     for key, points in sorted(by.items()):
         if len(points) > 1:
             points.sort()
-            out.append({"model": key[0], "trainer": key[1], "executor": key[2],
-                        "meta_batch": key[3], "k": [points[0][0], points[-1][0]],
-                        "ratio": round(points[-1][1] / points[0][1], 2)})
+            out.append(
+                {
+                    "model": key[0],
+                    "trainer": key[1],
+                    "executor": key[2],
+                    "meta_batch": key[3],
+                    "k": [points[0][0], points[-1][0]],
+                    "ratio": round(points[-1][1] / points[0][1], 2),
+                }
+            )
     return out
 
 

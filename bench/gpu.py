@@ -59,8 +59,11 @@ def device_info():
             details = tf.config.experimental.get_device_details(gpus[0])
         except (ValueError, RuntimeError):
             details = {}
-        info.update(name=details.get("device_name", gpus[0].name),
-                    compute_capability=details.get("compute_capability"), count=len(gpus))
+        info.update(
+            name=details.get("device_name", gpus[0].name),
+            compute_capability=details.get("compute_capability"),
+            count=len(gpus),
+        )
         for g in gpus:
             try:
                 tf.config.experimental.set_memory_growth(g, True)
@@ -77,15 +80,25 @@ def build(config, meta_batch, inner_steps, parallel, jit_compile, seed):
 
     import warpkeras
 
-    common = dict(inner_learning_rate=0.1, inner_steps=inner_steps, meta_batch_size=meta_batch,
-                  meta_optimizer=keras.optimizers.SGD(0.01), seed=seed, parallel=parallel,
-                  jit_compile=jit_compile)
+    common = dict(
+        inner_learning_rate=0.1,
+        inner_steps=inner_steps,
+        meta_batch_size=meta_batch,
+        meta_optimizer=keras.optimizers.SGD(0.01),
+        seed=seed,
+        parallel=parallel,
+        jit_compile=jit_compile,
+    )
     if config == "leap":
-        return warpkeras.LeapTrainer(C.omniglot_model(warp=False, seed=seed), C.loss_fn(),
-                                     **common)
-    return warpkeras.WarpTrainer(C.omniglot_model(warp=True, seed=seed), C.loss_fn(),
-                                 mode="online", objective="approx", init_objective="leap",
-                                 **common)
+        return warpkeras.LeapTrainer(C.omniglot_model(warp=False, seed=seed), C.loss_fn(), **common)
+    return warpkeras.WarpTrainer(
+        C.omniglot_model(warp=True, seed=seed),
+        C.loss_fn(),
+        mode="online",
+        objective="approx",
+        init_objective="leap",
+        **common,
+    )
 
 
 class MetaBatchStep:
@@ -157,8 +170,14 @@ def run_setting(config, mb, jit, modes, args, source, gpu):
 
     runs, variants, trainers = {}, {}, {}
     for mode in modes:
-        run = {"config": config, "meta_batch": mb, "jit_compile": jit, "parallel": mode,
-               "inner_steps": args.inner_steps, "task_batch": args.batch}
+        run = {
+            "config": config,
+            "meta_batch": mb,
+            "jit_compile": jit,
+            "parallel": mode,
+            "inner_steps": args.inner_steps,
+            "task_batch": args.batch,
+        }
         runs[mode] = run
         try:
             reset_memory(gpu)
@@ -179,8 +198,9 @@ def run_setting(config, mb, jit, modes, args, source, gpu):
             variants[mode], trainers[mode] = step, trainer
         except Exception as e:  # noqa: BLE001  (reported; the other settings still run)
             run["error"] = f"{type(e).__name__}: {str(e)[:500]}"
-            print(f"# {config} mb={mb} jit={jit} {mode}: {run['error']}", file=sys.stderr,
-                  flush=True)
+            print(
+                f"# {config} mb={mb} jit={jit} {mode}: {run['error']}", file=sys.stderr, flush=True
+            )
     if variants:
         try:
             timed = C.interleave(variants, args.rounds, args.calls, warmup=1, sync=C.sync_numpy)
@@ -211,20 +231,43 @@ def run_setting(config, mb, jit, modes, args, source, gpu):
 
 def main():
     p = C.parser(__doc__, "gpu")
-    p.add_argument("--meta-batch", type=int, nargs="+", default=None,
-                   help="meta-batch sizes (default 5 20 64; quick: 2)")
-    p.add_argument("--modes", nargs="+", default=["sequential", "vectorized"],
-                   choices=("sequential", "unrolled", "vectorized"))
-    p.add_argument("--jit", nargs="+", choices=("off", "on"), default=None,
-                   help="XLA settings (default: off on; quick: off)")
-    p.add_argument("--configs", nargs="+", choices=CONFIGS, default=None,
-                   help="default: both; quick: leap")
-    p.add_argument("--inner-steps", type=int, default=None,
-                   help="K of the timed meta step (default 10, quick 2)")
+    p.add_argument(
+        "--meta-batch",
+        type=int,
+        nargs="+",
+        default=None,
+        help="meta-batch sizes (default 5 20 64; quick: 2)",
+    )
+    p.add_argument(
+        "--modes",
+        nargs="+",
+        default=["sequential", "vectorized"],
+        choices=("sequential", "unrolled", "vectorized"),
+    )
+    p.add_argument(
+        "--jit",
+        nargs="+",
+        choices=("off", "on"),
+        default=None,
+        help="XLA settings (default: off on; quick: off)",
+    )
+    p.add_argument(
+        "--configs", nargs="+", choices=CONFIGS, default=None, help="default: both; quick: leap"
+    )
+    p.add_argument(
+        "--inner-steps",
+        type=int,
+        default=None,
+        help="K of the timed meta step (default 10, quick 2)",
+    )
     p.add_argument("--batch", type=int, default=None, help="task batch (default 20, quick 5)")
-    p.add_argument("--grouped", choices=("auto", "on", "off"), default="auto",
-                   help="vectorized: per-task convolutions as one grouped convolution (on), "
-                        "one per task (off), or grouped on GPUs only (auto, the default)")
+    p.add_argument(
+        "--grouped",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="vectorized: per-task convolutions as one grouped convolution (on), "
+        "one per task (off), or grouped on GPUs only (auto, the default)",
+    )
     p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 5)")
     p.add_argument("--calls", type=int, default=None, help="calls per sample (default 3)")
     args = p.parse_args()
@@ -242,8 +285,9 @@ def main():
 
     device = device_info()
     info = C.machine_info(args.wait_idle)
-    source = warpkeras.TaskSampler(C.synthetic_tasks(max(args.meta_batch), seed=args.seed,
-                                                     batch_size=args.batch))
+    source = warpkeras.TaskSampler(
+        C.synthetic_tasks(max(args.meta_batch), seed=args.seed, batch_size=args.batch)
+    )
     runs = []
     for config in args.configs:
         for jit in args.jit:
@@ -251,36 +295,49 @@ def main():
                 part = run_setting(config, mb, jit, args.modes, args, source, device["gpu"])
                 runs.extend(part)
                 for r in part:
-                    print(f"# {config} mb={mb} jit={jit} {r['parallel']}: "
-                          f"{r.get('per_task_step_ms', 'n/a')} ms per task step", file=sys.stderr,
-                          flush=True)
+                    print(
+                        f"# {config} mb={mb} jit={jit} {r['parallel']}: "
+                        f"{r.get('per_task_step_ms', 'n/a')} ms per task step",
+                        file=sys.stderr,
+                        flush=True,
+                    )
     ratios = {}
     for r in runs:
         if r["parallel"] == "sequential" or "per_task_step_ms" not in r:
             continue
         for s in runs:
-            if (s["parallel"] == "sequential" and "per_task_step_ms" in s
-                    and (s["config"], s["meta_batch"], s["jit_compile"])
-                    == (r["config"], r["meta_batch"], r["jit_compile"])):
-                key = (f"{r['config']}_mb{r['meta_batch']}_{'xla' if r['jit_compile'] else 'noxla'}"
-                       f"_{r['parallel']}_over_sequential")
-                ratios[key] = {"per_task_step": C.ratio(r["per_task_step_ms"],
-                                                        s["per_task_step_ms"]),
-                               "meta_step": C.ratio(r["meta_step_s"], s["meta_step_s"])}
+            if (
+                s["parallel"] == "sequential"
+                and "per_task_step_ms" in s
+                and (s["config"], s["meta_batch"], s["jit_compile"])
+                == (r["config"], r["meta_batch"], r["jit_compile"])
+            ):
+                key = (
+                    f"{r['config']}_mb{r['meta_batch']}_{'xla' if r['jit_compile'] else 'noxla'}"
+                    f"_{r['parallel']}_over_sequential"
+                )
+                ratios[key] = {
+                    "per_task_step": C.ratio(r["per_task_step_ms"], s["per_task_step_ms"]),
+                    "meta_step": C.ratio(r["meta_step_s"], s["meta_step_s"]),
+                }
     result = {
         "benchmark": "gpu",
         "quick": q,
         "device": device,
         "machine": info,
-        "config": {"network": "papers' Omniglot network (4 conv blocks, 64 channels)",
-                   "tasks": f"synthetic 28x28x1, {C.NUM_CLASSES} classes, batch {args.batch}",
-                   "inner_steps_of_meta_step": args.inner_steps, "rounds": args.rounds,
-                   "calls_per_sample": args.calls, "modes": args.modes,
-                   "grouped": args.grouped},
+        "config": {
+            "network": "papers' Omniglot network (4 conv blocks, 64 channels)",
+            "tasks": f"synthetic 28x28x1, {C.NUM_CLASSES} classes, batch {args.batch}",
+            "inner_steps_of_meta_step": args.inner_steps,
+            "rounds": args.rounds,
+            "calls_per_sample": args.calls,
+            "modes": args.modes,
+            "grouped": args.grouped,
+        },
         "runs": runs,
         "ratios": ratios,
         "note": "ratios < 1: the mode is faster than sequential; per-task figures are the "
-                "median over interleaved rounds",
+        "median over interleaved rounds",
     }
     C.finish("gpu", result, args.out, started)
 

@@ -87,9 +87,18 @@ def child(spec):
                 kw["buffer_spill_dir"] = spec["spill_dir"]
     model = C.omniglot_model(warp=True, seed=spec["seed"])
     trainer = warpkeras.WarpTrainer(
-        model, C.loss_fn(), mode=mode, objective=spec["objective"], init_objective="leap",
-        inner_learning_rate=0.1, inner_steps=spec["K"], meta_batch_size=spec["meta_batch"],
-        meta_optimizer=keras.optimizers.SGD(0.01), seed=spec["seed"], **kw)
+        model,
+        C.loss_fn(),
+        mode=mode,
+        objective=spec["objective"],
+        init_objective="leap",
+        inner_learning_rate=0.1,
+        inner_steps=spec["K"],
+        meta_batch_size=spec["meta_batch"],
+        meta_optimizer=keras.optimizers.SGD(0.01),
+        seed=spec["seed"],
+        **kw,
+    )
     source = warpkeras.TaskSampler(C.synthetic_tasks(max(4, spec["meta_batch"]), seed=spec["seed"]))
     theta_floats = sum(int(np.prod(v.shape)) for v in trainer.partition.task_variables)
 
@@ -101,11 +110,17 @@ def child(spec):
             buf = trainer.buffer
             spilled = 0
             if getattr(buf, "_spill_dir", None) and os.path.isdir(buf._spill_dir):
-                spilled = sum(os.path.getsize(os.path.join(buf._spill_dir, f))
-                              for f in os.listdir(buf._spill_dir))
-            buffer_info.update(points=len(buf), in_memory_bytes=int(buf.nbytes),
-                               spilled_bytes=int(spilled), seen=int(getattr(buf, "seen", 0)),
-                               rss_kb_before_updates=status_kb("VmRSS"))
+                spilled = sum(
+                    os.path.getsize(os.path.join(buf._spill_dir, f))
+                    for f in os.listdir(buf._spill_dir)
+                )
+            buffer_info.update(
+                points=len(buf),
+                in_memory_bytes=int(buf.nbytes),
+                spilled_bytes=int(spilled),
+                seen=int(getattr(buf, "seen", 0)),
+                rss_kb_before_updates=status_kb("VmRSS"),
+            )
             return original(tasks, rng)
 
         trainer._offline_updates = recorded
@@ -143,7 +158,9 @@ def child(spec):
         out["buffer"] = dict(buffer_info)
         out["buffer"]["in_memory_mb"] = round(buffer_info["in_memory_bytes"] / 2**20, 1)
         out["buffer"]["spilled_mb"] = round(buffer_info["spilled_bytes"] / 2**20, 1)
-        out["buffer"]["rss_before_updates_mb"] = round(buffer_info["rss_kb_before_updates"] / 1024, 1)
+        out["buffer"]["rss_before_updates_mb"] = round(
+            buffer_info["rss_kb_before_updates"] / 1024, 1
+        )
     print("RESULT " + json.dumps(out), flush=True)
 
 
@@ -156,9 +173,15 @@ def maml_child(spec):
 
     model = C.omniglot_model(warp=False, seed=spec["seed"])
     trainer = warpkeras.MAMLTrainer(
-        model, C.loss_fn(), inner_learning_rate=0.1, inner_steps=spec["K"],
-        meta_batch_size=spec["meta_batch"], meta_optimizer=keras.optimizers.SGD(0.01),
-        seed=spec["seed"], recompute=spec["recompute"])
+        model,
+        C.loss_fn(),
+        inner_learning_rate=0.1,
+        inner_steps=spec["K"],
+        meta_batch_size=spec["meta_batch"],
+        meta_optimizer=keras.optimizers.SGD(0.01),
+        seed=spec["seed"],
+        recompute=spec["recompute"],
+    )
     source = warpkeras.TaskSampler(C.synthetic_tasks(max(4, spec["meta_batch"]), seed=spec["seed"]))
     theta_floats = sum(int(np.prod(v.shape)) for v in trainer.partition.task_variables)
 
@@ -181,8 +204,11 @@ def maml_child(spec):
     except (ValueError, RuntimeError):
         tensors_before = None
     seconds = meta_step(1)
-    tensor_peak = (tf.config.experimental.get_memory_info("CPU:0")["peak"] - tensors_before
-                   if tensors_before is not None else None)
+    tensor_peak = (
+        tf.config.experimental.get_memory_info("CPU:0")["peak"] - tensors_before
+        if tensors_before is not None
+        else None
+    )
     steady = [meta_step(2 + i) for i in range(spec.get("steady", 2))]
     out = {
         "name": spec["name"],
@@ -208,19 +234,24 @@ def maml_summary(results, ks):
         plain, rec = results.get(f"maml_K{k}", {}), results.get(f"maml_recompute_K{k}", {})
         summary[f"maml_K{k}"] = {
             "tensor_peak_mb": [plain.get("tensor_peak_mb"), rec.get("tensor_peak_mb")],
-            "tensor_peak_recompute_over_plain": C.ratio(rec.get("tensor_peak_mb") or 0,
-                                                        plain.get("tensor_peak_mb") or 0),
+            "tensor_peak_recompute_over_plain": C.ratio(
+                rec.get("tensor_peak_mb") or 0, plain.get("tensor_peak_mb") or 0
+            ),
             "growth_mb": [plain.get("growth_mb"), rec.get("growth_mb")],
-            "growth_recompute_over_plain": C.ratio(rec.get("growth_mb", 0),
-                                                   plain.get("growth_mb", 0)),
+            "growth_recompute_over_plain": C.ratio(
+                rec.get("growth_mb", 0), plain.get("growth_mb", 0)
+            ),
             "step_s": [plain.get("steady_meta_step_s"), rec.get("steady_meta_step_s")],
-            "time_recompute_over_plain": C.ratio(rec.get("steady_meta_step_s", 0),
-                                                 plain.get("steady_meta_step_s", 0)),
+            "time_recompute_over_plain": C.ratio(
+                rec.get("steady_meta_step_s", 0), plain.get("steady_meta_step_s", 0)
+            ),
         }
     if 20 in ks:
         r = summary["maml_K20"]["tensor_peak_recompute_over_plain"]
         targets["maml_recompute_K20_tensor_peak_le_one_third"] = {
-            "value": r, "met": r is not None and r <= 1 / 3}
+            "value": r,
+            "met": r is not None and r <= 1 / 3,
+        }
     return summary, targets
 
 
@@ -229,7 +260,7 @@ def run_child(spec):
     proc = subprocess.run(cmd, capture_output=True, text=True)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
+            return json.loads(line[len("RESULT ") :])
     return {"name": spec["name"], "error": proc.stderr[-2000:]}
 
 
@@ -237,25 +268,58 @@ def main():
     if len(sys.argv) > 2 and sys.argv[1] == "--child":
         return child(json.loads(sys.argv[2]))
     p = C.parser(__doc__, "memory")
-    p.add_argument("--online-k", type=int, nargs=2, default=None,
-                   help="the two K of the online runs (default 100 1000; quick 10 100)")
-    p.add_argument("--online-meta-batch", type=int, default=1,
-                   help="tasks per online meta step (default 1: memory per task)")
-    p.add_argument("--offline-k", type=int, default=None, help="K of the offline runs (default 100, quick 20)")
-    p.add_argument("--offline-meta-batch", type=int, default=None,
-                   help="tasks per offline meta step (default 5, quick 2)")
-    p.add_argument("--capacity", type=int, default=None,
-                   help="buffer_capacity of the bounded / spilled runs (default 50, quick 10)")
+    p.add_argument(
+        "--online-k",
+        type=int,
+        nargs=2,
+        default=None,
+        help="the two K of the online runs (default 100 1000; quick 10 100)",
+    )
+    p.add_argument(
+        "--online-meta-batch",
+        type=int,
+        default=1,
+        help="tasks per online meta step (default 1: memory per task)",
+    )
+    p.add_argument(
+        "--offline-k", type=int, default=None, help="K of the offline runs (default 100, quick 20)"
+    )
+    p.add_argument(
+        "--offline-meta-batch",
+        type=int,
+        default=None,
+        help="tasks per offline meta step (default 5, quick 2)",
+    )
+    p.add_argument(
+        "--capacity",
+        type=int,
+        default=None,
+        help="buffer_capacity of the bounded / spilled runs (default 50, quick 10)",
+    )
     p.add_argument("--max-warp-updates", type=int, default=10)
-    p.add_argument("--objective", choices=("exact", "approx"), default=None,
-                   help="warp objective (default exact; quick approx)")
+    p.add_argument(
+        "--objective",
+        choices=("exact", "approx"),
+        default=None,
+        help="warp objective (default exact; quick approx)",
+    )
     p.add_argument("--spill-dir", default="/tmp/warpkeras_bench_spill")
-    p.add_argument("--maml-k", type=int, nargs="+", default=None,
-                   help="K of the MAML runs (default 5 20; quick 20)")
-    p.add_argument("--maml-meta-batch", type=int, default=2,
-                   help="tasks per MAML meta step (default 2)")
-    p.add_argument("--only", choices=("warp", "maml"), default=None,
-                   help="run only the Warp-Leap or only the MAML configurations")
+    p.add_argument(
+        "--maml-k",
+        type=int,
+        nargs="+",
+        default=None,
+        help="K of the MAML runs (default 5 20; quick 20)",
+    )
+    p.add_argument(
+        "--maml-meta-batch", type=int, default=2, help="tasks per MAML meta step (default 2)"
+    )
+    p.add_argument(
+        "--only",
+        choices=("warp", "maml"),
+        default=None,
+        help="run only the Warp-Leap or only the MAML configurations",
+    )
     args = p.parse_args()
     started = time.time()
     C.setup()
@@ -266,19 +330,53 @@ def main():
     objective = args.objective or ("approx" if args.quick else "exact")
     base = {"seed": args.seed, "objective": objective, "max_warp_updates": args.max_warp_updates}
     maml_ks = args.maml_k or ([20] if args.quick else [5, 20])
-    maml_specs = [dict(base, name=f"maml{'_recompute' if rec else ''}_K{k}", mode="maml",
-                       K=k, meta_batch=args.maml_meta_batch, recompute=rec)
-                  for k in maml_ks for rec in (False, True)]
+    maml_specs = [
+        dict(
+            base,
+            name=f"maml{'_recompute' if rec else ''}_K{k}",
+            mode="maml",
+            K=k,
+            meta_batch=args.maml_meta_batch,
+            recompute=rec,
+        )
+        for k in maml_ks
+        for rec in (False, True)
+    ]
     specs = [
-        dict(base, name=f"online_K{k_small}", mode="online", K=k_small,
-             meta_batch=args.online_meta_batch),
-        dict(base, name=f"online_K{k_large}", mode="online", K=k_large,
-             meta_batch=args.online_meta_batch),
+        dict(
+            base,
+            name=f"online_K{k_small}",
+            mode="online",
+            K=k_small,
+            meta_batch=args.online_meta_batch,
+        ),
+        dict(
+            base,
+            name=f"online_K{k_large}",
+            mode="online",
+            K=k_large,
+            meta_batch=args.online_meta_batch,
+        ),
         dict(base, name="offline_memory", mode="offline", K=off_k, meta_batch=off_mb),
-        dict(base, name="offline_bounded", mode="offline", K=off_k, meta_batch=off_mb,
-             capacity=cap, overflow="reservoir"),
-        dict(base, name="offline_spill", mode="offline", K=off_k, meta_batch=off_mb,
-             capacity=cap, overflow="spill", spill_dir=args.spill_dir),
+        dict(
+            base,
+            name="offline_bounded",
+            mode="offline",
+            K=off_k,
+            meta_batch=off_mb,
+            capacity=cap,
+            overflow="reservoir",
+        ),
+        dict(
+            base,
+            name="offline_spill",
+            mode="offline",
+            K=off_k,
+            meta_batch=off_mb,
+            capacity=cap,
+            overflow="spill",
+            spill_dir=args.spill_dir,
+        ),
     ]
     if args.only == "maml":
         specs = []
@@ -289,8 +387,11 @@ def main():
     for spec in specs:
         results[spec["name"]] = run_child(spec)
         r = results[spec["name"]]
-        print(f"# {spec['name']}: peak {r.get('peak_rss_mb')} MB, growth {r.get('growth_mb')} MB",
-              file=sys.stderr, flush=True)
+        print(
+            f"# {spec['name']}: peak {r.get('peak_rss_mb')} MB, growth {r.get('growth_mb')} MB",
+            file=sys.stderr,
+            flush=True,
+        )
 
     summary, targets = {}, {}
     if args.only != "maml":
@@ -298,22 +399,31 @@ def main():
         off = {k: results[k] for k in ("offline_memory", "offline_bounded", "offline_spill")}
         theta_mb = small.get("theta_mb")
         summary = {
-            f"online_peak_K{k_large}_over_K{k_small}": C.ratio(large.get("peak_rss_mb", 0),
-                                                                small.get("peak_rss_mb", 0)),
-            f"online_growth_mb_K{k_small}_K{k_large}": [small.get("growth_mb"),
-                                                        large.get("growth_mb")],
+            f"online_peak_K{k_large}_over_K{k_small}": C.ratio(
+                large.get("peak_rss_mb", 0), small.get("peak_rss_mb", 0)
+            ),
+            f"online_growth_mb_K{k_small}_K{k_large}": [
+                small.get("growth_mb"),
+                large.get("growth_mb"),
+            ],
             "offline_expected_buffer_mb": {
                 "memory": round(off_k * off_mb * theta_mb, 1) if theta_mb else None,
-                "bounded_or_spill_in_memory": round(cap * theta_mb, 1) if theta_mb else None},
+                "bounded_or_spill_in_memory": round(cap * theta_mb, 1) if theta_mb else None,
+            },
             "offline_growth_mb": {k: v.get("growth_mb") for k, v in off.items()},
             "offline_peak_mb": {k: v.get("peak_rss_mb") for k, v in off.items()},
             "offline_peak_over_memory_buffer": {
                 k: C.ratio(v.get("peak_rss_mb", 0), off["offline_memory"].get("peak_rss_mb", 0))
-                for k, v in off.items()},
+                for k, v in off.items()
+            },
         }
         ratio_k = summary[f"online_peak_K{k_large}_over_K{k_small}"]
-        targets = {f"online_K{k_large}_le_1.1x_K{k_small}": {
-            "value": ratio_k, "met": ratio_k is not None and ratio_k <= 1.1}}
+        targets = {
+            f"online_K{k_large}_le_1.1x_K{k_small}": {
+                "value": ratio_k,
+                "met": ratio_k is not None and ratio_k <= 1.1,
+            }
+        }
     if args.only != "warp":
         maml_sum, maml_targets = maml_summary(results, maml_ks)
         summary["maml"] = maml_sum
@@ -322,14 +432,19 @@ def main():
         "benchmark": "memory",
         "quick": args.quick,
         "machine": info,
-        "config": {"model": "omniglot Warp-Leap; omniglot MAML (no warp layers)",
-                   "objective": objective,
-                   "online_meta_batch": args.online_meta_batch, "offline_K": off_k,
-                   "offline_meta_batch": off_mb, "buffer_capacity": cap,
-                   "max_warp_updates_offline": args.max_warp_updates,
-                   "maml_K": maml_ks, "maml_meta_batch": args.maml_meta_batch,
-                   "only": args.only,
-                   "measure": "VmHWM after resetting it post warm-up; growth = peak - RSS after warm-up"},
+        "config": {
+            "model": "omniglot Warp-Leap; omniglot MAML (no warp layers)",
+            "objective": objective,
+            "online_meta_batch": args.online_meta_batch,
+            "offline_K": off_k,
+            "offline_meta_batch": off_mb,
+            "buffer_capacity": cap,
+            "max_warp_updates_offline": args.max_warp_updates,
+            "maml_K": maml_ks,
+            "maml_meta_batch": args.maml_meta_batch,
+            "only": args.only,
+            "measure": "VmHWM after resetting it post warm-up; growth = peak - RSS after warm-up",
+        },
         "runs": results,
         "summary": summary,
         "targets": targets,

@@ -46,8 +46,8 @@ Prints one JSON object and writes it to ``bench/results/meta_step.json``.
 
 import cProfile
 import inspect
-import json
 import io
+import json
 import os
 import pstats
 import sys
@@ -58,8 +58,14 @@ import _common as C  # noqa: E402
 
 C.setup()
 
-REFERENCE = {"warp_leap_offline_s": 18.6, "leap_s": 6.0, "inner_step_ms": 12.0,
-             "warp_update_ms": 24.0, "meta_batch": 5, "inner_steps": 100}
+REFERENCE = {
+    "warp_leap_offline_s": 18.6,
+    "leap_s": 6.0,
+    "inner_step_ms": 12.0,
+    "warp_update_ms": 24.0,
+    "meta_batch": 5,
+    "inner_steps": 100,
+}
 TARGETS = {"warp_leap_offline_s": 9.0, "warp_leap_offline_stretch_s": 6.0, "leap_s": 4.0}
 CONFIGS = ("leap", "warp_leap_offline", "warp_leap_online")
 
@@ -75,8 +81,11 @@ def reference_ratios(path, leap, off, at_k100):
         return None
     with open(path) as f:
         ref = json.load(f)
-    out = {"source": os.path.abspath(path), "torch": ref.get("torch_version"),
-           "threads": ref.get("torch_num_threads")}
+    out = {
+        "source": os.path.abspath(path),
+        "torch": ref.get("torch_version"),
+        "threads": ref.get("torch_num_threads"),
+    }
 
     def ref_step(name):
         r = ref.get(name) or {}
@@ -88,24 +97,36 @@ def reference_ratios(path, leap, off, at_k100):
     leap_ref, leap_r = ref_step("leap")
     warp_ref, warp_r = ref_step("warp_leap")
     if leap and leap_ref:
-        out["leap_meta_step_s"] = {"warpkeras": at_k100(leap), "reference": round(leap_ref, 3),
-                                   "ratio": C.ratio(at_k100(leap), leap_ref)}
+        out["leap_meta_step_s"] = {
+            "warpkeras": at_k100(leap),
+            "reference": round(leap_ref, 3),
+            "ratio": C.ratio(at_k100(leap), leap_ref),
+        }
         if leap_r.get("inner_step_ms"):
             out["leap_inner_step_ms"] = {
-                "warpkeras": leap["inner_step_ms_same_time"], "reference": leap_r["inner_step_ms"],
-                "ratio": C.ratio(leap["inner_step_ms_same_time"], leap_r["inner_step_ms"])}
+                "warpkeras": leap["inner_step_ms_same_time"],
+                "reference": leap_r["inner_step_ms"],
+                "ratio": C.ratio(leap["inner_step_ms_same_time"], leap_r["inner_step_ms"]),
+            }
     if off and warp_ref:
         out["warp_leap_offline_meta_step_s"] = {
-            "warpkeras": at_k100(off), "reference": round(warp_ref, 3),
-            "ratio": C.ratio(at_k100(off), warp_ref), "warpkeras_objective": off["objective"]}
+            "warpkeras": at_k100(off),
+            "reference": round(warp_ref, 3),
+            "ratio": C.ratio(at_k100(off), warp_ref),
+            "warpkeras_objective": off["objective"],
+        }
         if warp_r.get("inner_step_ms"):
             out["warp_leap_inner_step_ms"] = {
-                "warpkeras": off["inner_step_ms_same_time"], "reference": warp_r["inner_step_ms"],
-                "ratio": C.ratio(off["inner_step_ms_same_time"], warp_r["inner_step_ms"])}
+                "warpkeras": off["inner_step_ms_same_time"],
+                "reference": warp_r["inner_step_ms"],
+                "ratio": C.ratio(off["inner_step_ms_same_time"], warp_r["inner_step_ms"]),
+            }
         if warp_r.get("warp_update_ms") and off.get("warp_step_ms_same_time"):
             out["warp_update_ms"] = {
-                "warpkeras": off["warp_step_ms_same_time"], "reference": warp_r["warp_update_ms"],
-                "ratio": C.ratio(off["warp_step_ms_same_time"], warp_r["warp_update_ms"])}
+                "warpkeras": off["warp_step_ms_same_time"],
+                "reference": warp_r["warp_update_ms"],
+                "ratio": C.ratio(off["warp_step_ms_same_time"], warp_r["warp_update_ms"]),
+            }
     return out
 
 
@@ -115,8 +136,9 @@ def supports_parallel():
     return "parallel" in inspect.signature(warpkeras.MetaTrainer.__init__).parameters
 
 
-def build(config, meta_batch, inner_steps, objective, max_warp_updates, parallel, seed,
-          policy=None):
+def build(
+    config, meta_batch, inner_steps, objective, max_warp_updates, parallel, seed, policy=None
+):
     import keras
 
     import warpkeras
@@ -124,20 +146,28 @@ def build(config, meta_batch, inner_steps, objective, max_warp_updates, parallel
 
     if policy is not None:
         with precision.policy_scope(policy):
-            return build(config, meta_batch, inner_steps, objective, max_warp_updates,
-                         parallel, seed)
+            return build(
+                config, meta_batch, inner_steps, objective, max_warp_updates, parallel, seed
+            )
 
     extra = {"parallel": parallel} if parallel is not None else {}
-    common = dict(inner_learning_rate=0.1, inner_steps=inner_steps, meta_batch_size=meta_batch,
-                  meta_optimizer=keras.optimizers.SGD(0.01), seed=seed, **extra)
+    common = dict(
+        inner_learning_rate=0.1,
+        inner_steps=inner_steps,
+        meta_batch_size=meta_batch,
+        meta_optimizer=keras.optimizers.SGD(0.01),
+        seed=seed,
+        **extra,
+    )
     if config == "leap":
         model = C.omniglot_model(warp=False, seed=seed)
         return warpkeras.LeapTrainer(model, C.loss_fn(), **common)
     model = C.omniglot_model(warp=True, seed=seed)
     mode = "offline" if config == "warp_leap_offline" else "online"
     kw = {"meta_interval": 1, "max_warp_updates": max_warp_updates} if mode == "offline" else {}
-    return warpkeras.WarpTrainer(model, C.loss_fn(), mode=mode, objective=objective,
-                                 init_objective="leap", **common, **kw)
+    return warpkeras.WarpTrainer(
+        model, C.loss_fn(), mode=mode, objective=objective, init_objective="leap", **common, **kw
+    )
 
 
 def meta_step(trainer, source, step):
@@ -163,8 +193,9 @@ def interleaved_meta_steps(args, config, mb, K, mode, policies, source, rounds, 
     """
     out = {}
     for prec, policy in policies.items():
-        trainer = build(config, mb, K, args.objective, args.max_warp_updates, mode,
-                        args.seed, policy=policy)
+        trainer = build(
+            config, mb, K, args.objective, args.max_warp_updates, mode, args.seed, policy=policy
+        )
         # warm-up: one short meta step traces every function of this configuration
         trainer.inner_steps = 2
         t0 = time.perf_counter()
@@ -214,8 +245,9 @@ def python_profile(trainer, source, step, top=25):
     for (filename, line, func), (_, nc, tt, ct, _) in stats.stats.items():
         name = f"{os.path.basename(filename)}:{line}:{func}"
         raw[name] = (nc, tt, ct)
-        rows.append({"function": name, "calls": nc, "tottime_s": round(tt, 3),
-                     "cumtime_s": round(ct, 3)})
+        rows.append(
+            {"function": name, "calls": nc, "tottime_s": round(tt, 3), "cumtime_s": round(ct, 3)}
+        )
 
     def total(pred, field):
         idx = {"calls": 0, "tottime": 1, "cumtime": 2}[field]
@@ -245,30 +277,57 @@ def python_profile(trainer, source, step, top=25):
 
 def main():
     p = C.parser(__doc__, "meta_step")
-    p.add_argument("--meta-batch", type=int, nargs="+", default=None,
-                   help="meta-batch sizes (default 5; quick 5)")
+    p.add_argument(
+        "--meta-batch",
+        type=int,
+        nargs="+",
+        default=None,
+        help="meta-batch sizes (default 5; quick 5)",
+    )
     p.add_argument("--inner-steps", type=int, default=None, help="K (default 100, quick 10)")
     p.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS))
-    p.add_argument("--objective", choices=("exact", "approx"), default="exact",
-                   help="warp objective of the Warp-Leap runs (default exact)")
-    p.add_argument("--max-warp-updates", type=int, default=None,
-                   help="cap on offline warp updates per meta step (default: one per stored "
-                        "point, K x meta-batch)")
-    p.add_argument("--parallel", nargs="+", default=None,
-                   choices=("auto", "sequential", "unrolled", "vectorized"),
-                   help="parallel modes to time when the trainer supports them (default "
-                        "auto, the trainers' default)")
+    p.add_argument(
+        "--objective",
+        choices=("exact", "approx"),
+        default="exact",
+        help="warp objective of the Warp-Leap runs (default exact)",
+    )
+    p.add_argument(
+        "--max-warp-updates",
+        type=int,
+        default=None,
+        help="cap on offline warp updates per meta step (default: one per stored "
+        "point, K x meta-batch)",
+    )
+    p.add_argument(
+        "--parallel",
+        nargs="+",
+        default=None,
+        choices=("auto", "sequential", "unrolled", "vectorized"),
+        help="parallel modes to time when the trainer supports them (default "
+        "auto, the trainers' default)",
+    )
     p.add_argument("--repeats", type=int, default=1, help="timed meta steps per configuration")
-    p.add_argument("--reference-json", default=None,
-                   help="timings of the authors' PyTorch code measured on this machine (JSON with "
-                        "leap.meta_step_s_mean, warp_leap.meta_step_s_mean, and optionally "
-                        ".inner_step_ms / warp_leap.warp_update_ms, .heldout_eval_s_per_meta_step); "
-                        "adds the ratios against it as vs_reference_same_machine")
-    p.add_argument("--precision", choices=("float32", "bfloat16", "both"), default="float32",
-                   help="layer compute precision; both: each configuration in float32 and "
-                        "in bfloat16, meta steps alternating")
-    p.add_argument("--profile", action="store_true",
-                   help="one more meta step of each configuration under cProfile")
+    p.add_argument(
+        "--reference-json",
+        default=None,
+        help="timings of the authors' PyTorch code measured on this machine (JSON with "
+        "leap.meta_step_s_mean, warp_leap.meta_step_s_mean, and optionally "
+        ".inner_step_ms / warp_leap.warp_update_ms, .heldout_eval_s_per_meta_step); "
+        "adds the ratios against it as vs_reference_same_machine",
+    )
+    p.add_argument(
+        "--precision",
+        choices=("float32", "bfloat16", "both"),
+        default="float32",
+        help="layer compute precision; both: each configuration in float32 and "
+        "in bfloat16, meta steps alternating",
+    )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="one more meta step of each configuration under cProfile",
+    )
     args = p.parse_args()
     started = time.time()
     mbs = args.meta_batch or [5]
@@ -297,16 +356,26 @@ def main():
                     continue
                 if (config, mb, mode) not in timed:
                     timed[config, mb, mode] = interleaved_meta_steps(
-                        args, config, mb, K, mode, policies, source, unit_rounds, unit_calls)
+                        args, config, mb, K, mode, policies, source, unit_rounds, unit_calls
+                    )
                 trainer, warmup_s, before, steps, logs, after, cpu_steps = timed[
-                    config, mb, mode].pop(prec)
+                    config, mb, mode
+                ].pop(prec)
                 inner_s = (before["inner_step"] + after["inner_step"]) / 2
-                warp_s = ((before["warp_step"] + after["warp_step"]) / 2
-                          if "warp_step" in before else None)
+                warp_s = (
+                    (before["warp_step"] + after["warp_step"]) / 2
+                    if "warp_step" in before
+                    else None
+                )
                 s = C.median(steps)
                 n_inner = mb * K
-                n_warp = (logs.get("warp_updates", 0) if config == "warp_leap_offline"
-                          else n_inner if config == "warp_leap_online" else 0)
+                n_warp = (
+                    logs.get("warp_updates", 0)
+                    if config == "warp_leap_offline"
+                    else n_inner
+                    if config == "warp_leap_online"
+                    else 0
+                )
                 # what the compiled pieces alone would take, timed at the same moment
                 if config == "leap":
                     components = n_inner * inner_s
@@ -315,17 +384,24 @@ def main():
                 else:  # the online unit step already includes the warp gradient
                     components = n_inner * inner_s
                 run = {
-                    "config": config, "meta_batch": mb, "inner_steps": K,
-                    "precision": prec, "dtype_policy": policies[prec],
-                    "parallel": mode, "objective": args.objective if config != "leap" else None,
-                    "max_warp_updates": args.max_warp_updates if config == "warp_leap_offline" else None,
+                    "config": config,
+                    "meta_batch": mb,
+                    "inner_steps": K,
+                    "precision": prec,
+                    "dtype_policy": policies[prec],
+                    "parallel": mode,
+                    "objective": args.objective if config != "leap" else None,
+                    "max_warp_updates": args.max_warp_updates
+                    if config == "warp_leap_offline"
+                    else None,
                     "warp_updates": n_warp,
-                    "meta_step_s": round(s, 3), "samples_s": [round(v, 3) for v in steps],
+                    "meta_step_s": round(s, 3),
+                    "samples_s": [round(v, 3) for v in steps],
                     "meta_step_cpu_s": round(C.median(cpu_steps), 3),
                     "cpu_samples_s": [round(v, 3) for v in cpu_steps],
                     "warmup_s": round(warmup_s, 2),
                     "unit": "this configuration's compiled adaptation step (_group_step, one "
-                            "task; online: includes the warp gradient)",
+                    "task; online: includes the warp gradient)",
                     "inner_step_ms_same_time": round(inner_s * 1e3, 2),
                     "warp_step_ms_same_time": round(warp_s * 1e3, 2) if warp_s else None,
                     "meta_step_in_inner_steps": round(s / inner_s, 1),
@@ -340,20 +416,29 @@ def main():
                     run["python_profile"] = python_profile(trainer, source, 100)
                     # kernel time vs the rest over a whole meta step (tf.profiler)
                     run["tf_profile"] = C.profile_ops(
-                        lambda t=trainer: meta_step(t, source, 101), 1,
-                        "/tmp/warpkeras_bench_profile")
+                        lambda t=trainer: meta_step(t, source, 101),
+                        1,
+                        "/tmp/warpkeras_bench_profile",
+                    )
                 runs.append(run)
-                print(f"# {config} mb={mb} parallel={mode} {prec}: {s:.2f} s "
-                      f"({s / inner_s:.0f} inner steps of {inner_s * 1e3:.1f} ms)",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"# {config} mb={mb} parallel={mode} {prec}: {s:.2f} s "
+                    f"({s / inner_s:.0f} inner steps of {inner_s * 1e3:.1f} ms)",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 del trainer
 
     def find(config, mb=5, mode=None, prec=None):
         mode = mode if mode is not None else modes[0]  # targets: the first mode timed
         prec = prec or precisions[0]
         for r in runs:
-            if (r["config"] == config and r["meta_batch"] == mb and r["parallel"] == mode
-                    and r["precision"] == prec):
+            if (
+                r["config"] == config
+                and r["meta_batch"] == mb
+                and r["parallel"] == mode
+                and r["precision"] == prec
+            ):
                 return r
         return None
 
@@ -363,20 +448,33 @@ def main():
     targets, vs_reference = {}, {}
     leap, off = find("leap"), find("warp_leap_offline")
     if leap:
-        targets["leap_le_4s"] = {"value_s": at_k100(leap), "met": at_k100(leap) <= TARGETS["leap_s"]}
+        targets["leap_le_4s"] = {
+            "value_s": at_k100(leap),
+            "met": at_k100(leap) <= TARGETS["leap_s"],
+        }
         vs_reference["leap_over_pytorch"] = C.ratio(at_k100(leap), REFERENCE["leap_s"])
     if off:
         full = off["max_warp_updates"] is None
         v = at_k100(off)
-        targets["warp_leap_offline_le_9s"] = {"value_s": v, "met": v <= TARGETS["warp_leap_offline_s"],
-                                              "uncapped": full}
+        targets["warp_leap_offline_le_9s"] = {
+            "value_s": v,
+            "met": v <= TARGETS["warp_leap_offline_s"],
+            "uncapped": full,
+        }
         targets["warp_leap_offline_stretch_le_6s"] = {
-            "value_s": v, "met": v <= TARGETS["warp_leap_offline_stretch_s"], "uncapped": full}
-        vs_reference["warp_leap_offline_over_pytorch"] = C.ratio(v, REFERENCE["warp_leap_offline_s"])
-        vs_reference["inner_step_over_pytorch"] = C.ratio(off["inner_step_ms_same_time"],
-                                                          REFERENCE["inner_step_ms"])
-        vs_reference["warp_step_over_pytorch_update"] = C.ratio(off["warp_step_ms_same_time"],
-                                                                REFERENCE["warp_update_ms"])
+            "value_s": v,
+            "met": v <= TARGETS["warp_leap_offline_stretch_s"],
+            "uncapped": full,
+        }
+        vs_reference["warp_leap_offline_over_pytorch"] = C.ratio(
+            v, REFERENCE["warp_leap_offline_s"]
+        )
+        vs_reference["inner_step_over_pytorch"] = C.ratio(
+            off["inner_step_ms_same_time"], REFERENCE["inner_step_ms"]
+        )
+        vs_reference["warp_step_over_pytorch_update"] = C.ratio(
+            off["warp_step_ms_same_time"], REFERENCE["warp_update_ms"]
+        )
     same_machine = reference_ratios(args.reference_json, leap, off, at_k100)
     parallel_ratios = {}
     if has_parallel:
@@ -384,10 +482,14 @@ def main():
             if r["parallel"] not in (None, "sequential"):
                 seq = find(r["config"], r["meta_batch"], "sequential", r["precision"])
                 if seq:
-                    parallel_ratios[f"{r['config']}_mb{r['meta_batch']}_{r['parallel']}_over_sequential"] = {
+                    parallel_ratios[
+                        f"{r['config']}_mb{r['meta_batch']}_{r['parallel']}_over_sequential"
+                    ] = {
                         "wall": C.ratio(r["meta_step_s"], seq["meta_step_s"]),
-                        "in_inner_steps": C.ratio(r["meta_step_in_inner_steps"],
-                                                  seq["meta_step_in_inner_steps"])}
+                        "in_inner_steps": C.ratio(
+                            r["meta_step_in_inner_steps"], seq["meta_step_in_inner_steps"]
+                        ),
+                    }
 
     precision_ratios = {}
     if args.precision == "both":
@@ -397,17 +499,22 @@ def main():
                 if f32:
                     precision_ratios[f"{r['config']}_mb{r['meta_batch']}_{r['parallel']}"] = {
                         "meta_step_bf16_over_fp32": C.ratio(r["meta_step_s"], f32["meta_step_s"]),
-                        "meta_step_cpu_time_bf16_over_fp32": C.ratio(r["meta_step_cpu_s"],
-                                                                     f32["meta_step_cpu_s"]),
+                        "meta_step_cpu_time_bf16_over_fp32": C.ratio(
+                            r["meta_step_cpu_s"], f32["meta_step_cpu_s"]
+                        ),
                         "meta_step_cpu_time_bf16_over_fp32_per_repeat": [
-                            C.ratio(b, a) for a, b in zip(f32["cpu_samples_s"],
-                                                          r["cpu_samples_s"])],
-                        "inner_step_bf16_over_fp32": C.ratio(r["inner_step_ms_same_time"],
-                                                             f32["inner_step_ms_same_time"]),
-                        "warp_step_bf16_over_fp32": C.ratio(r["warp_step_ms_same_time"],
-                                                            f32["warp_step_ms_same_time"])
-                        if r["warp_step_ms_same_time"] else None,
-                        "load_after": [f32["load_after"], r["load_after"]]}
+                            C.ratio(b, a) for a, b in zip(f32["cpu_samples_s"], r["cpu_samples_s"])
+                        ],
+                        "inner_step_bf16_over_fp32": C.ratio(
+                            r["inner_step_ms_same_time"], f32["inner_step_ms_same_time"]
+                        ),
+                        "warp_step_bf16_over_fp32": C.ratio(
+                            r["warp_step_ms_same_time"], f32["warp_step_ms_same_time"]
+                        )
+                        if r["warp_step_ms_same_time"]
+                        else None,
+                        "load_after": [f32["load_after"], r["load_after"]],
+                    }
 
     # the floor: FLOPs of a meta step at the matmul rate measured now
     mm = C.matmul_rate(2.0 if args.quick else 4.0)
@@ -416,30 +523,42 @@ def main():
     floor = {
         "matmul_gflops_now": round(mm["gflops"], 1),
         "leap_mb5_K100_s": round(500 * 3 * f_plain / (mm["gflops"] * 1e9), 2),
-        "warp_leap_offline_mb5_K100_approx_s": round(500 * (3 + 6) * f_warp / (mm["gflops"] * 1e9), 2),
-        "warp_leap_offline_mb5_K100_exact_s": round(500 * (3 + 10) * f_warp / (mm["gflops"] * 1e9), 2),
+        "warp_leap_offline_mb5_K100_approx_s": round(
+            500 * (3 + 6) * f_warp / (mm["gflops"] * 1e9), 2
+        ),
+        "warp_leap_offline_mb5_K100_exact_s": round(
+            500 * (3 + 10) * f_warp / (mm["gflops"] * 1e9), 2
+        ),
         "note": "FLOPs (3 forwards per inner step, ~6 per approximate and ~10 per exact warp "
-                "update, see warp_update.py) divided by the 2048² matmul rate: the time if "
-                "every kernel ran as fast as a large matmul",
+        "update, see warp_update.py) divided by the 2048² matmul rate: the time if "
+        "every kernel ran as fast as a large matmul",
         "pytorch_reference_implied_gflops": {
             "inner_step_warp_model": round(3 * f_warp / 0.012 / 1e9, 1),
-            "inner_step_plain_model": round(3 * f_plain / 0.012 / 1e9, 1)},
+            "inner_step_plain_model": round(3 * f_plain / 0.012 / 1e9, 1),
+        },
     }
     result = {
         "benchmark": "meta_step",
         "quick": args.quick,
         "machine": info,
-        "config": {"tasks": "synthetic 28x28x1, 20 classes, 300 train images, batch 20",
-                   "inner_learning_rate": 0.1, "meta_interval": 1,
-                   "parallel_supported": has_parallel, "repeats": args.repeats},
+        "config": {
+            "tasks": "synthetic 28x28x1, 20 classes, 300 train images, batch 20",
+            "inner_learning_rate": 0.1,
+            "meta_interval": 1,
+            "parallel_supported": has_parallel,
+            "repeats": args.repeats,
+        },
         "runs": runs,
         "reference_pytorch": REFERENCE,
         "vs_reference": vs_reference,
         "vs_reference_same_machine": same_machine,
         "parallel_ratios": parallel_ratios,
-        "precision": {"requested": args.precision, "policies": policies,
-                      "bf16_supported": wprecision.bf16_supported(),
-                      "cpu_bf16_flags": list(wprecision.cpu_bf16_flags())},
+        "precision": {
+            "requested": args.precision,
+            "policies": policies,
+            "bf16_supported": wprecision.bf16_supported(),
+            "cpu_bf16_flags": list(wprecision.cpu_bf16_flags()),
+        },
         "precision_ratios": precision_ratios,
         "floor_at_matmul_rate": floor,
         "targets": targets,

@@ -54,28 +54,40 @@ import warnings
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--repo", required=True,
-                   help="checkout of the authors' warpgrad repository (has src/omniglot)")
-    p.add_argument("--methods", nargs="+", choices=("leap", "warp_leap"),
-                   default=["leap", "warp_leap"])
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--repo",
+        required=True,
+        help="checkout of the authors' warpgrad repository (has src/omniglot)",
+    )
+    p.add_argument(
+        "--methods", nargs="+", choices=("leap", "warp_leap"), default=["leap", "warp_leap"]
+    )
     p.add_argument("--meta-batch", type=int, default=5)
     p.add_argument("--inner-steps", type=int, default=100, help="K")
     p.add_argument("--task-batch", type=int, default=20)
     p.add_argument("--repeats", type=int, default=2, help="timed meta steps per method")
-    p.add_argument("--warmup-inner-steps", type=int, default=5,
-                   help="K of the untimed warm-up meta step (default 5)")
-    p.add_argument("--threads", type=int, default=2,
-                   help="torch intra- and inter-op threads (default 2)")
+    p.add_argument(
+        "--warmup-inner-steps",
+        type=int,
+        default=5,
+        help="K of the untimed warm-up meta step (default 5)",
+    )
+    p.add_argument(
+        "--threads", type=int, default=2, help="torch intra- and inter-op threads (default 2)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="also write the JSON here")
     args = p.parse_args(argv)
     # their warp objective draws two batches per stored point from the task's K batches
     for name in ("inner_steps", "warmup_inner_steps"):
         if getattr(args, name) < 2:
-            p.error(f"--{name.replace('_', '-')} must be >= 2 (their warp update draws two "
-                    f"batches from the task's K; got {getattr(args, name)})")
+            p.error(
+                f"--{name.replace('_', '-')} must be >= 2 (their warp update draws two "
+                f"batches from the task's K; got {getattr(args, name)})"
+            )
     return args
 
 
@@ -85,6 +97,7 @@ def stub_torchvision():
     at module level; this harness uses none of them (its tasks are synthetic)."""
     try:
         import torchvision  # noqa: F401
+
         return False
     except ImportError:
         pass
@@ -105,10 +118,13 @@ def stub_torchvision():
     transforms.ToTensor = lambda *a, **k: None
     tv.datasets, tv.transforms = datasets, transforms
     datasets.omniglot, datasets.utils = omniglot, utils
-    for name, mod in {"torchvision": tv, "torchvision.datasets": datasets,
-                      "torchvision.datasets.omniglot": omniglot,
-                      "torchvision.datasets.utils": utils,
-                      "torchvision.transforms": transforms}.items():
+    for name, mod in {
+        "torchvision": tv,
+        "torchvision.datasets": datasets,
+        "torchvision.datasets.omniglot": omniglot,
+        "torchvision.datasets.utils": utils,
+        "torchvision.transforms": transforms,
+    }.items():
         sys.modules[name] = mod
     return True
 
@@ -116,8 +132,10 @@ def stub_torchvision():
 def import_reference(repo):
     src = os.path.join(os.path.abspath(repo), "src")
     if not os.path.isfile(os.path.join(src, "omniglot", "wrapper.py")):
-        raise SystemExit(f"--repo {repo!r}: no src/omniglot/wrapper.py there; pass a "
-                         "checkout of the authors' warpgrad repository")
+        raise SystemExit(
+            f"--repo {repo!r}: no src/omniglot/wrapper.py there; pass a "
+            "checkout of the authors' warpgrad repository"
+        )
     for sub in ("omniglot", "leap", "warpgrad", "maml"):
         path = os.path.join(src, sub)
         if path not in sys.path:
@@ -165,12 +183,29 @@ def synthetic_task_class():
 def main_args(meta_model, classes):
     """The namespace ``model.get_model`` reads, with ``main.py``'s defaults."""
     return types.SimpleNamespace(
-        classes=classes, num_layers=4, kernel_size=3, num_filters=64, imsize=(28, 28),
-        padding=1, batch_norm=True, multi_head=False, meta_model=meta_model,
-        warp_num_layers=1, warp_num_filters=64, warp_residual=False, warp_act_fun="None",
-        warp_batch_norm=False, warp_final_head=False, cuda=False, log_ival=0,
-        inner_opt="sgd", outer_opt="sgd", inner_kwargs={"lr": 0.1},
-        outer_kwargs={"lr": 0.1}, meta_kwargs={})
+        classes=classes,
+        num_layers=4,
+        kernel_size=3,
+        num_filters=64,
+        imsize=(28, 28),
+        padding=1,
+        batch_norm=True,
+        multi_head=False,
+        meta_model=meta_model,
+        warp_num_layers=1,
+        warp_num_filters=64,
+        warp_residual=False,
+        warp_act_fun="None",
+        warp_batch_norm=False,
+        warp_final_head=False,
+        cuda=False,
+        log_ival=0,
+        inner_opt="sgd",
+        outer_opt="sgd",
+        inner_kwargs={"lr": 0.1},
+        outer_kwargs={"lr": 0.1},
+        meta_kwargs={},
+    )
 
 
 class Clock:
@@ -189,12 +224,14 @@ class Clock:
             finally:
                 self.s[name] = self.s.get(name, 0.0) + time.perf_counter() - t
                 self.n[name] = self.n.get(name, 0) + 1
+
         return timed
 
     def count(self, name, fn):
         def counted(*args, **kwargs):
             self.n[name] = self.n.get(name, 0) + 1
             return fn(*args, **kwargs)
+
         return counted
 
     def reset(self):
@@ -210,20 +247,23 @@ def run_method(method, args, ref, pool):
     # torch >= 2 zeroes gradients by setting them to None; the authors' code was written
     # for torch 1.x, where zero_grad() zeroed them in place, and Leap.update adds into
     # them (it fails on None): restore the old behaviour for their meta optimiser
-    wrapper.meta_optimizer.zero_grad = functools.partial(wrapper.meta_optimizer.zero_grad,
-                                                         set_to_none=False)
+    wrapper.meta_optimizer.zero_grad = functools.partial(
+        wrapper.meta_optimizer.zero_grad, set_to_none=False
+    )
     clock = Clock()
     # timers around the authors' functions; their code is not changed
-    wrapper.run_task = clock.wrap("adapt", wrapper.run_task,
-                                  when=lambda task, train, meta_train: train)
-    wrapper.run_task = clock.wrap("heldout", wrapper.run_task,
-                                  when=lambda task, train, meta_train: not train)
+    wrapper.run_task = clock.wrap(
+        "adapt", wrapper.run_task, when=lambda task, train, meta_train: train
+    )
+    wrapper.run_task = clock.wrap(
+        "heldout", wrapper.run_task, when=lambda task, train, meta_train: not train
+    )
     wrapper._final_meta_update = clock.wrap("meta_update", wrapper._final_meta_update)
     if method == "warp_leap":
-        ref_updaters.WARP_OBJECTIVES[1] = clock.wrap("warp_objective",
-                                                     ref_updaters.WARP_OBJECTIVES[1])
-        ref_updaters.INIT_OBJECTIVES[1] = clock.wrap("leap_init",
-                                                     ref_updaters.INIT_OBJECTIVES[1])
+        ref_updaters.WARP_OBJECTIVES[1] = clock.wrap(
+            "warp_objective", ref_updaters.WARP_OBJECTIVES[1]
+        )
+        ref_updaters.INIT_OBJECTIVES[1] = clock.wrap("leap_init", ref_updaters.INIT_OBJECTIVES[1])
         ref_updaters.step = clock.count("warp_updates", ref_updaters.step)
         ref_updaters.approx_step = clock.count("warp_updates", ref_updaters.approx_step)
         buffer_update = wrapper.model.buffer.update
@@ -234,8 +274,9 @@ def run_method(method, args, ref, pool):
 
     def tasks(k):
         idx = torch.randperm(len(pool), generator=gen)[: args.meta_batch].tolist()
-        return [ref_data.DataContainer.get_loader(container, pool[i], args.task_batch, k)
-                for i in idx]
+        return [
+            ref_data.DataContainer.get_loader(container, pool[i], args.task_batch, k) for i in idx
+        ]
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -269,21 +310,28 @@ def run_method(method, args, ref, pool):
         "train_loss_last": float(getattr(res, "train_loss", float("nan"))),
     }
     if method == "leap":
-        out["inner_step_note"] = ("includes leap.Leap.update per step (state_dict+grad clone, "
-                                  "path increment)")
+        out["inner_step_note"] = (
+            "includes leap.Leap.update per step (state_dict+grad clone, path increment)"
+        )
     else:
         updates = mean_n("warp_updates")
-        out.update({
-            "stored_points_per_meta_step": mean_n("stored_points"),
-            "warp_updates_per_meta_step": updates,
-            "warp_updates_s_per_meta_step": mean_s("warp_objective"),
-            "warp_update_ms": mean_s("warp_objective") / updates * 1e3 if updates else None,
-            "leap_init_step_s_per_meta_step": mean_s("leap_init"),
-            "inner_step_note": "includes Warp.__call__ replay-buffer dump (clone of adapt "
-                               "state) per step",
-        })
-    out["other_s_per_meta_step"] = (out["meta_step_s_mean"] - out["task_adaptation_s_per_meta_step"]
-                                    - heldout - out["meta_update_s_per_meta_step"])
+        out.update(
+            {
+                "stored_points_per_meta_step": mean_n("stored_points"),
+                "warp_updates_per_meta_step": updates,
+                "warp_updates_s_per_meta_step": mean_s("warp_objective"),
+                "warp_update_ms": mean_s("warp_objective") / updates * 1e3 if updates else None,
+                "leap_init_step_s_per_meta_step": mean_s("leap_init"),
+                "inner_step_note": "includes Warp.__call__ replay-buffer dump (clone of adapt "
+                "state) per step",
+            }
+        )
+    out["other_s_per_meta_step"] = (
+        out["meta_step_s_mean"]
+        - out["task_adaptation_s_per_meta_step"]
+        - heldout
+        - out["meta_update_s_per_meta_step"]
+    )
     return out
 
 
@@ -300,6 +348,7 @@ def main(argv=None):
     pool = [SyntheticTask(gen, 20, 15, 5) for _ in range(20)]
     try:
         import joblib
+
         joblib_cpus = joblib.cpu_count()
     except ImportError:
         joblib_cpus = None
@@ -316,24 +365,38 @@ def main(argv=None):
         "reference_repo": os.path.abspath(args.repo),
         "torchvision_stubbed": ref[3],
         "config": {
-            "classes": 20, "image": [1, 28, 28], "train_per_class": 15,
-            "heldout_per_class": 5, "task_batch": args.task_batch,
-            "inner_steps": args.inner_steps, "meta_batch": args.meta_batch,
-            "inner_opt": "sgd", "inner_lr": 0.1, "outer_opt": "sgd", "outer_lr": 0.1,
-            "conv_blocks": 4, "filters": 64, "batch_norm": True,
+            "classes": 20,
+            "image": [1, 28, 28],
+            "train_per_class": 15,
+            "heldout_per_class": 5,
+            "task_batch": args.task_batch,
+            "inner_steps": args.inner_steps,
+            "meta_batch": args.meta_batch,
+            "inner_opt": "sgd",
+            "inner_lr": 0.1,
+            "outer_opt": "sgd",
+            "outer_lr": 0.1,
+            "conv_blocks": 4,
+            "filters": 64,
+            "batch_norm": True,
             "warp_layers": "1 x Conv2d(64,64,3,pad=1) after each of the 4 conv blocks "
-                           "(no BN/act/residual; main.py defaults); head not warped",
+            "(no BN/act/residual; main.py defaults); head not warped",
             "warp_objective": "DualUpdater defaults: warp_on_same_loss, epochs=1, bsz=1, "
-                              "approx=False; init: simplified_leap norm=True",
-            "warmup_meta_steps": 1, "warmup_inner_steps": args.warmup_inner_steps,
-            "repeats": args.repeats, "seed": args.seed,
+            "approx=False; init: simplified_leap norm=True",
+            "warmup_meta_steps": 1,
+            "warmup_inner_steps": args.warmup_inner_steps,
+            "repeats": args.repeats,
+            "seed": args.seed,
         },
     }
     for method in args.methods:
         result[method] = run_method(method, args, ref, pool)
-        print(f"# reference {method}: {result[method]['meta_step_s_mean']:.2f} s per meta step "
-              f"(held-out eval {result[method]['heldout_eval_s_per_meta_step']:.2f} s)",
-              file=sys.stderr, flush=True)
+        print(
+            f"# reference {method}: {result[method]['meta_step_s_mean']:.2f} s per meta step "
+            f"(held-out eval {result[method]['heldout_eval_s_per_meta_step']:.2f} s)",
+            file=sys.stderr,
+            flush=True,
+        )
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:

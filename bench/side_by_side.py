@@ -94,8 +94,16 @@ def warpkeras_worker(args):
     parallel = args.parallel if M.supports_parallel() else None
     # float32, or mixed_bfloat16 where the CPU has bfloat16 (else float32 with a warning)
     policy = precision.compute_policy(args.precision)
-    trainer = M.build(config, args.meta_batch, args.inner_steps, "approx", None, parallel,
-                      args.seed, policy=policy)
+    trainer = M.build(
+        config,
+        args.meta_batch,
+        args.inner_steps,
+        "approx",
+        None,
+        parallel,
+        args.seed,
+        policy=policy,
+    )
     source = warpkeras.TaskSampler(C.synthetic_tasks(20, seed=args.seed))
     trainer.inner_steps = args.warmup_inner_steps
     t0 = time.perf_counter()
@@ -107,11 +115,18 @@ def warpkeras_worker(args):
         seconds, logs = M.meta_step(trainer, source, 1 + r)
         samples.append(seconds)
         warp_updates.append(float(logs.get("warp_updates", 0)))
-    out = {"meta_step_s_all": samples, "meta_step_s_mean": sum(samples) / len(samples),
-           "warmup_s": warmup_s, "warp_updates_per_meta_step": warp_updates,
-           "objective": "approx" if config != "leap" else None, "parallel": parallel,
-           "precision": args.precision, "dtype_policy": policy,
-           "config": config, "machine": info}
+    out = {
+        "meta_step_s_all": samples,
+        "meta_step_s_mean": sum(samples) / len(samples),
+        "warmup_s": warmup_s,
+        "warp_updates_per_meta_step": warp_updates,
+        "objective": "approx" if config != "leap" else None,
+        "parallel": parallel,
+        "precision": args.precision,
+        "dtype_policy": policy,
+        "config": config,
+        "machine": info,
+    }
     with open(args.worker_out, "w") as f:
         json.dump(out, f, default=C._json_default)
 
@@ -123,17 +138,51 @@ def warpkeras_worker(args):
 def run_side(key, side, method, env, args, tmpdir, round_index):
     out = os.path.join(tmpdir, f"{key}_{method}_{round_index}.json")
     if side == "reference":
-        cmd = [args.ref_python, os.path.join(BENCH, "reference_harness.py"),
-               "--repo", args.ref_repo, "--methods", method,
-               "--meta-batch", str(args.meta_batch), "--inner-steps", str(args.inner_steps),
-               "--repeats", str(args.repeats), "--warmup-inner-steps", str(args.warmup_inner_steps),
-               "--threads", str(args.ref_threads), "--seed", str(args.seed), "--out", out]
+        cmd = [
+            args.ref_python,
+            os.path.join(BENCH, "reference_harness.py"),
+            "--repo",
+            args.ref_repo,
+            "--methods",
+            method,
+            "--meta-batch",
+            str(args.meta_batch),
+            "--inner-steps",
+            str(args.inner_steps),
+            "--repeats",
+            str(args.repeats),
+            "--warmup-inner-steps",
+            str(args.warmup_inner_steps),
+            "--threads",
+            str(args.ref_threads),
+            "--seed",
+            str(args.seed),
+            "--out",
+            out,
+        ]
     else:
-        cmd = [sys.executable, os.path.abspath(__file__), "--worker", method,
-               "--worker-out", out, "--meta-batch", str(args.meta_batch),
-               "--inner-steps", str(args.inner_steps), "--repeats", str(args.repeats),
-               "--warmup-inner-steps", str(args.warmup_inner_steps), "--seed", str(args.seed),
-               "--parallel", args.parallel, "--precision", args.precision]
+        cmd = [
+            sys.executable,
+            os.path.abspath(__file__),
+            "--worker",
+            method,
+            "--worker-out",
+            out,
+            "--meta-batch",
+            str(args.meta_batch),
+            "--inner-steps",
+            str(args.inner_steps),
+            "--repeats",
+            str(args.repeats),
+            "--warmup-inner-steps",
+            str(args.warmup_inner_steps),
+            "--seed",
+            str(args.seed),
+            "--parallel",
+            args.parallel,
+            "--precision",
+            args.precision,
+        ]
     waited = C.wait_idle(args.wait_idle) if args.wait_idle else None
     load_before = C.load()
     cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -146,13 +195,17 @@ def run_side(key, side, method, env, args, tmpdir, round_index):
     cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     load_after = C.load()
     if proc.returncode != 0:
-        raise SystemExit(f"{key} {method} failed (exit {proc.returncode}):\n"
-                         f"{' '.join(cmd)}\n{proc.stderr[-4000:]}")
+        raise SystemExit(
+            f"{key} {method} failed (exit {proc.returncode}):\n"
+            f"{' '.join(cmd)}\n{proc.stderr[-4000:]}"
+        )
     with open(out) as f:
         res = json.load(f)
     if side == "reference":
-        res = {"harness": {k: v for k, v in res.items() if k not in ("leap", "warp_leap")},
-               **res[method]}
+        res = {
+            "harness": {k: v for k, v in res.items() if k not in ("leap", "warp_leap")},
+            **res[method],
+        }
     res["process_wall_s"] = wall
     # CPU seconds of the whole subprocess (imports, warm-up and timed meta steps)
     res["process_cpu_s"] = (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime)
@@ -173,47 +226,82 @@ def r3(x):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--repeats", type=int, default=1,
-                   help="timed meta steps per side per round (default 1)")
+    p.add_argument(
+        "--repeats", type=int, default=1, help="timed meta steps per side per round (default 1)"
+    )
     p.add_argument("--meta-batch", type=int, default=5)
     p.add_argument("--inner-steps", type=int, default=100, help="K (default 100)")
-    p.add_argument("--warmup-inner-steps", type=int, default=2,
-                   help="K of each side's untimed warm-up meta step (default 2)")
-    p.add_argument("--ref-repo", default="/work/ref/warpgrad",
-                   help="checkout of the authors' warpgrad repository (outside this one)")
-    p.add_argument("--ref-python", default="/work/refvenv/bin/python",
-                   help="a Python with torch (the reference's environment)")
+    p.add_argument(
+        "--warmup-inner-steps",
+        type=int,
+        default=2,
+        help="K of each side's untimed warm-up meta step (default 2)",
+    )
+    p.add_argument(
+        "--ref-repo",
+        default="/work/ref/warpgrad",
+        help="checkout of the authors' warpgrad repository (outside this one)",
+    )
+    p.add_argument(
+        "--ref-python",
+        default="/work/refvenv/bin/python",
+        help="a Python with torch (the reference's environment)",
+    )
     p.add_argument("--ref-threads", type=int, default=2, help="torch threads (default 2)")
-    p.add_argument("--ref-variants", nargs="+", choices=tuple(REF_VARIANTS),
-                   default=["as_is", "passive"],
-                   help="environments of the reference runs, each timed every round: as_is "
-                        "(the authors' code as it is) and passive (OMP_WAIT_POLICY=PASSIVE: "
-                        "torch's OpenMP threads sleep instead of spinning while they wait, "
-                        "which keeps torch from collapsing when other processes share the "
-                        "cores); default both. Ratios are given against as_is (else the "
-                        "first variant) and against the faster variant of each round")
-    p.add_argument("--methods", nargs="+", choices=("leap", "warp_leap"),
-                   default=["leap", "warp_leap"])
+    p.add_argument(
+        "--ref-variants",
+        nargs="+",
+        choices=tuple(REF_VARIANTS),
+        default=["as_is", "passive"],
+        help="environments of the reference runs, each timed every round: as_is "
+        "(the authors' code as it is) and passive (OMP_WAIT_POLICY=PASSIVE: "
+        "torch's OpenMP threads sleep instead of spinning while they wait, "
+        "which keeps torch from collapsing when other processes share the "
+        "cores); default both. Ratios are given against as_is (else the "
+        "first variant) and against the faster variant of each round",
+    )
+    p.add_argument(
+        "--methods", nargs="+", choices=("leap", "warp_leap"), default=["leap", "warp_leap"]
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--parallel", choices=("auto", "sequential", "unrolled", "vectorized"),
-                   default="auto",
-                   help="warpkeras's meta-batch mode (default auto, the trainers' default)")
-    p.add_argument("--precision", choices=("float32", "bfloat16"), default="float32",
-                   help="warpkeras's layer compute precision: bfloat16 builds its models "
-                        "under Keras's mixed_bfloat16 policy where the CPU has bfloat16 "
-                        "(AVX512_BF16 or AMX; float32 master weights and meta-gradients), "
-                        "float32 with a warning elsewhere; the reference stays float32")
-    p.add_argument("--wait-idle", type=float, default=0, metavar="SECONDS",
-                   help="before each side, wait up to SECONDS for the 1-minute load average "
-                        "to drop below 1.5 (default 0: no wait)")
-    p.add_argument("--smoke", action="store_true",
-                   help="one round at K = 2: checks that both sides run (figures meaningless)")
-    p.add_argument("--out", default=None,
-                   help="JSON path (default bench/results/side_by_side.json; "
-                        "--smoke: side_by_side_smoke.json); '-' for stdout only")
+    p.add_argument(
+        "--parallel",
+        choices=("auto", "sequential", "unrolled", "vectorized"),
+        default="auto",
+        help="warpkeras's meta-batch mode (default auto, the trainers' default)",
+    )
+    p.add_argument(
+        "--precision",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="warpkeras's layer compute precision: bfloat16 builds its models "
+        "under Keras's mixed_bfloat16 policy where the CPU has bfloat16 "
+        "(AVX512_BF16 or AMX; float32 master weights and meta-gradients), "
+        "float32 with a warning elsewhere; the reference stays float32",
+    )
+    p.add_argument(
+        "--wait-idle",
+        type=float,
+        default=0,
+        metavar="SECONDS",
+        help="before each side, wait up to SECONDS for the 1-minute load average "
+        "to drop below 1.5 (default 0: no wait)",
+    )
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="one round at K = 2: checks that both sides run (figures meaningless)",
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        help="JSON path (default bench/results/side_by_side.json; "
+        "--smoke: side_by_side_smoke.json); '-' for stdout only",
+    )
     # internal: one warpkeras side in a subprocess
     p.add_argument("--worker", choices=("leap", "warp_leap"), help=argparse.SUPPRESS)
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
@@ -226,10 +314,13 @@ def main(argv=None):
     if args.smoke:
         args.rounds, args.inner_steps = 1, 2
     out_path = args.out or os.path.join(
-        C.RESULTS_DIR, "side_by_side_smoke.json" if args.smoke else "side_by_side.json")
+        C.RESULTS_DIR, "side_by_side_smoke.json" if args.smoke else "side_by_side.json"
+    )
     if not os.path.exists(args.ref_python):
-        raise SystemExit(f"--ref-python {args.ref_python!r} does not exist: make a venv with "
-                         "torch (see reference_harness.py's docstring)")
+        raise SystemExit(
+            f"--ref-python {args.ref_python!r} does not exist: make a venv with "
+            "torch (see reference_harness.py's docstring)"
+        )
 
     started = time.time()
     cpu = C.cpu_info()
@@ -241,19 +332,30 @@ def main(argv=None):
             for key, side, method, env in order:
                 res = run_side(key, side, method, env, args, tmpdir, i)
                 entry[f"{key}_{method}"] = res
-                print(f"# round {i} {key} {method}: {res['meta_step_s_mean']:.2f} s "
-                      f"(load {res['load_before']['loadavg_1m']} -> "
-                      f"{res['load_after']['loadavg_1m']})", file=sys.stderr, flush=True)
+                print(
+                    f"# round {i} {key} {method}: {res['meta_step_s_mean']:.2f} s "
+                    f"(load {res['load_before']['loadavg_1m']} -> "
+                    f"{res['load_after']['loadavg_1m']})",
+                    file=sys.stderr,
+                    flush=True,
+                )
             for method in args.methods:
                 ref, wk = entry[f"{key_of(primary)}_{method}"], entry[f"warpkeras_{method}"]
                 ref_net = ref["meta_step_s_mean"] - ref["heldout_eval_s_per_meta_step"]
-                variants = {v: entry[("reference" if v == "as_is" else f"reference_{v}")
-                                     + f"_{method}"] for v in args.ref_variants}
-                nets = {v: x["meta_step_s_mean"] - x["heldout_eval_s_per_meta_step"]
-                        for v, x in variants.items()}
+                variants = {
+                    v: entry[("reference" if v == "as_is" else f"reference_{v}") + f"_{method}"]
+                    for v in args.ref_variants
+                }
+                nets = {
+                    v: x["meta_step_s_mean"] - x["heldout_eval_s_per_meta_step"]
+                    for v, x in variants.items()
+                }
                 best = min(nets, key=nets.get)
-                loads = [x[k]["loadavg_1m"] for x in [*variants.values(), wk]
-                         for k in ("load_before", "load_after")]
+                loads = [
+                    x[k]["loadavg_1m"]
+                    for x in [*variants.values(), wk]
+                    for k in ("load_before", "load_after")
+                ]
                 entry[f"{method}_summary"] = {
                     "reference_net_s_by_variant": {v: r3(n) for v, n in nets.items()},
                     "fastest_reference_variant": best,
@@ -264,9 +366,10 @@ def main(argv=None):
                     "warpkeras_s": r3(wk["meta_step_s_mean"]),
                     "warpkeras_over_reference": r3(wk["meta_step_s_mean"] / ref_net),
                     "speedup": r3(ref_net / wk["meta_step_s_mean"]),
-                    "process_cpu_s": {**{f"reference_{v}": r3(x["process_cpu_s"])
-                                         for v, x in variants.items()},
-                                      "warpkeras": r3(wk["process_cpu_s"])},
+                    "process_cpu_s": {
+                        **{f"reference_{v}": r3(x["process_cpu_s"]) for v, x in variants.items()},
+                        "warpkeras": r3(wk["process_cpu_s"]),
+                    },
                     "load_1m_range": [min(loads), max(loads)],
                 }
             rounds.append(entry)
@@ -281,61 +384,81 @@ def main(argv=None):
             "warpkeras_s": r3(median([x["warpkeras_s"] for x in s])),
             "speedup_per_round": [x["speedup"] for x in s],
             "speedup_median": r3(median([x["speedup"] for x in s])),
-            "speedup_of_medians": r3(median([x["reference_net_s"] for x in s])
-                                     / median([x["warpkeras_s"] for x in s])),
-            "speedup_vs_fastest_reference_per_round": [x["speedup_vs_fastest_reference"]
-                                                       for x in s],
-            "speedup_vs_fastest_reference_median": r3(median(
-                [x["speedup_vs_fastest_reference"] for x in s])),
+            "speedup_of_medians": r3(
+                median([x["reference_net_s"] for x in s]) / median([x["warpkeras_s"] for x in s])
+            ),
+            "speedup_vs_fastest_reference_per_round": [
+                x["speedup_vs_fastest_reference"] for x in s
+            ],
+            "speedup_vs_fastest_reference_median": r3(
+                median([x["speedup_vs_fastest_reference"] for x in s])
+            ),
             "fastest_reference_variant_per_round": [x["fastest_reference_variant"] for x in s],
             "load_1m_per_round": [x["load_1m_range"] for x in s],
         }
         # the reference medians in reference_harness.py's form (meta_step.py --reference-json)
         compat[method] = {
             "meta_step_s_mean": medians[method]["reference_s"],
-            "heldout_eval_s_per_meta_step": r3(median(
-                [x["heldout_eval_s_per_meta_step"] for x in refs])),
+            "heldout_eval_s_per_meta_step": r3(
+                median([x["heldout_eval_s_per_meta_step"] for x in refs])
+            ),
             "inner_step_ms": r3(median([x["inner_step_ms"] for x in refs])),
             "note": "medians over the rounds of this run",
         }
         if method == "warp_leap":
             compat[method]["warp_update_ms"] = r3(median([x["warp_update_ms"] for x in refs]))
             compat[method]["warp_updates_per_meta_step"] = median(
-                [x["warp_updates_per_meta_step"] for x in refs])
+                [x["warp_updates_per_meta_step"] for x in refs]
+            )
     first = rounds[0]
     harness = next((first[f"{key_of(primary)}_{m}"]["harness"] for m in args.methods), {})
     machine = next((first[f"warpkeras_{m}"]["machine"] for m in args.methods), {})
-    flags = sorted(f for f in cpu["flags"]
-                   if f.startswith(("avx", "amx", "fma", "f16c", "sse4")))
+    flags = sorted(f for f in cpu["flags"] if f.startswith(("avx", "amx", "fma", "f16c", "sse4")))
     result = {
         "benchmark": "side_by_side",
         "smoke": args.smoke,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "config": {"meta_batch": args.meta_batch, "inner_steps": args.inner_steps,
-                   "task_batch": C.TASK_BATCH, "inner_lr": 0.1, "rounds": args.rounds,
-                   "repeats_per_side_per_round": args.repeats,
-                   "warmup_inner_steps": args.warmup_inner_steps,
-                   "order": [f"{k} {m}" for k, _, m, _ in order],
-                   "reference_variants": {v: REF_VARIANTS[v] for v in args.ref_variants},
-                   "reference_s_and_speedup_refer_to": primary,
-                   "warpkeras_parallel": args.parallel,
-                   "warpkeras_precision": args.precision,
-                   "warpkeras_warp_objective": "approx (the reference's effective gradient)",
-                   "warpkeras_warp_leap": "WarpTrainer offline, init_objective=leap, "
-                                          "meta_interval=1, one warp update per stored point",
-                   "reference_subtracted": "held-out evaluation of each task"},
-        "cpu": {"model": cpu["model"], "family_model": cpu["family_model"],
-                "cores": os.cpu_count(), "flags": flags,
-                "avx512_bf16": "avx512_bf16" in cpu["flags"],
-                "amx_bf16": "amx_bf16" in cpu["flags"]},
-        "versions": {"torch": harness.get("torch_version"),
-                     "torch_threads": [harness.get("torch_num_threads"),
-                                       harness.get("torch_num_interop_threads")],
-                     "torch_cpu_capability": harness.get("cpu_capability"),
-                     "tensorflow": machine.get("tensorflow"), "keras": machine.get("keras"),
-                     "tf_threads_intra_inter": [machine.get("tf_intra_op_threads"),
-                                                machine.get("tf_inter_op_threads")],
-                     "warpkeras_commit": machine.get("warpkeras_commit")},
+        "config": {
+            "meta_batch": args.meta_batch,
+            "inner_steps": args.inner_steps,
+            "task_batch": C.TASK_BATCH,
+            "inner_lr": 0.1,
+            "rounds": args.rounds,
+            "repeats_per_side_per_round": args.repeats,
+            "warmup_inner_steps": args.warmup_inner_steps,
+            "order": [f"{k} {m}" for k, _, m, _ in order],
+            "reference_variants": {v: REF_VARIANTS[v] for v in args.ref_variants},
+            "reference_s_and_speedup_refer_to": primary,
+            "warpkeras_parallel": args.parallel,
+            "warpkeras_precision": args.precision,
+            "warpkeras_warp_objective": "approx (the reference's effective gradient)",
+            "warpkeras_warp_leap": "WarpTrainer offline, init_objective=leap, "
+            "meta_interval=1, one warp update per stored point",
+            "reference_subtracted": "held-out evaluation of each task",
+        },
+        "cpu": {
+            "model": cpu["model"],
+            "family_model": cpu["family_model"],
+            "cores": os.cpu_count(),
+            "flags": flags,
+            "avx512_bf16": "avx512_bf16" in cpu["flags"],
+            "amx_bf16": "amx_bf16" in cpu["flags"],
+        },
+        "versions": {
+            "torch": harness.get("torch_version"),
+            "torch_threads": [
+                harness.get("torch_num_threads"),
+                harness.get("torch_num_interop_threads"),
+            ],
+            "torch_cpu_capability": harness.get("cpu_capability"),
+            "tensorflow": machine.get("tensorflow"),
+            "keras": machine.get("keras"),
+            "tf_threads_intra_inter": [
+                machine.get("tf_intra_op_threads"),
+                machine.get("tf_inter_op_threads"),
+            ],
+            "warpkeras_commit": machine.get("warpkeras_commit"),
+        },
         "medians": medians,
         "rounds": rounds,
         **compat,

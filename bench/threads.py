@@ -61,8 +61,7 @@ SETTINGS = {
     "inter2_intra1": ({}, (2, 1)),
     "env_interop1": ({"TF_NUM_INTEROP_THREADS": "1"}, (None, None)),
     "env_omp1": ({"OMP_NUM_THREADS": "1"}, (None, None)),
-    "env_omp1_interop1": ({"OMP_NUM_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1"},
-                          (None, None)),
+    "env_omp1_interop1": ({"OMP_NUM_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1"}, (None, None)),
     "onednn_off": ({"TF_ENABLE_ONEDNN_OPTS": "0"}, (None, None)),
     "onednn_off_inter1": ({"TF_ENABLE_ONEDNN_OPTS": "0"}, (1, None)),
 }
@@ -94,8 +93,10 @@ def apply_config(name):
 def pools():
     import tensorflow as tf
 
-    return {"inter_op": tf.config.threading.get_inter_op_parallelism_threads(),
-            "intra_op": tf.config.threading.get_intra_op_parallelism_threads()}
+    return {
+        "inter_op": tf.config.threading.get_inter_op_parallelism_threads(),
+        "intra_op": tf.config.threading.get_intra_op_parallelism_threads(),
+    }
 
 
 def worker(name, args):
@@ -112,10 +113,16 @@ def worker(name, args):
     rng = np.random.default_rng(args.seed)
     x = rng.random((C.TASK_BATCH,) + C.IMAGE_SHAPE, dtype=np.float32)
     y = rng.integers(0, C.NUM_CLASSES, C.TASK_BATCH).astype(np.int32)
-    warp = C.Engine(warpkeras.WarpTrainer(C.omniglot_model(warp=True, seed=args.seed),
-                                          C.loss_fn(), mode="offline"), x, y)
-    plain = C.Engine(warpkeras.LeapTrainer(C.omniglot_model(warp=False, seed=args.seed),
-                                           C.loss_fn()), x, y)
+    warp = C.Engine(
+        warpkeras.WarpTrainer(
+            C.omniglot_model(warp=True, seed=args.seed), C.loss_fn(), mode="offline"
+        ),
+        x,
+        y,
+    )
+    plain = C.Engine(
+        warpkeras.LeapTrainer(C.omniglot_model(warp=False, seed=args.seed), C.loss_fn()), x, y
+    )
     bare_model = C.omniglot_model(warp=False, seed=args.seed)
     bare_vars = bare_model.trainable_variables
     loss_fn = C.loss_fn()
@@ -129,9 +136,14 @@ def worker(name, args):
         return loss
 
     trainer = warpkeras.LeapTrainer(
-        C.omniglot_model(warp=False, seed=args.seed), C.loss_fn(), inner_learning_rate=0.1,
-        inner_steps=args.inner_steps, meta_batch_size=5,
-        meta_optimizer=keras.optimizers.SGD(0.01), seed=args.seed)
+        C.omniglot_model(warp=False, seed=args.seed),
+        C.loss_fn(),
+        inner_learning_rate=0.1,
+        inner_steps=args.inner_steps,
+        meta_batch_size=5,
+        meta_optimizer=keras.optimizers.SGD(0.01),
+        seed=args.seed,
+    )
     source = warpkeras.TaskSampler(C.synthetic_tasks(5, seed=args.seed))
     counter = [0]
 
@@ -143,8 +155,12 @@ def worker(name, args):
         return logs
 
     xt, yt = tf.constant(x), tf.constant(y)
-    steps = {"warp_inner": warp.inner, "leap_inner": plain.inner,
-             "bare_leap": lambda: bare(xt, yt), "leap_meta_step": leap_meta_step}
+    steps = {
+        "warp_inner": warp.inner,
+        "leap_inner": plain.inner,
+        "bare_leap": lambda: bare(xt, yt),
+        "leap_meta_step": leap_meta_step,
+    }
     if plain.meta_inner is not None:
         steps["leap_meta_inner"] = plain.meta_inner
     for fn in steps.values():
@@ -176,28 +192,55 @@ def child_pertask(name, args):
     runs = []
     for mb in args.meta_batch:
         runs.extend(G.run_setting("leap", mb, False, list(PERTASK_MODES), a, source, False))
-    keep = ("meta_batch", "parallel", "per_task_step_ms", "per_task_step_ms_min",
-            "meta_step_s", "warmup_s", "group_size", "error")
+    keep = (
+        "meta_batch",
+        "parallel",
+        "per_task_step_ms",
+        "per_task_step_ms_min",
+        "meta_step_s",
+        "warmup_s",
+        "group_size",
+        "error",
+    )
     return {"runs": [{k: r[k] for k in keep if k in r} for r in runs], "pools": pools()}
 
 
 def child_cmd(name, part, args):
-    return [sys.executable, os.path.abspath(__file__), "--child", name, "--part", part,
-            "--rounds-inner", str(args.rounds_inner), "--calls", str(args.calls),
-            "--inner-steps", str(args.inner_steps), "--seed", str(args.seed),
-            "--meta-batch", *map(str, args.meta_batch)]
+    return [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--child",
+        name,
+        "--part",
+        part,
+        "--rounds-inner",
+        str(args.rounds_inner),
+        "--calls",
+        str(args.calls),
+        "--inner-steps",
+        str(args.inner_steps),
+        "--seed",
+        str(args.seed),
+        "--meta-batch",
+        *map(str, args.meta_batch),
+    ]
 
 
 def run_child(name, part, args):
     """Runs a one-shot child (the per-task part) and returns its RESULT."""
     load = C.load()["loadavg_1m"]
     t = time.time()
-    proc = subprocess.run(child_cmd(name, part, args), env=child_env(name),
-                          capture_output=True, text=True, timeout=3600)
+    proc = subprocess.run(
+        child_cmd(name, part, args),
+        env=child_env(name),
+        capture_output=True,
+        text=True,
+        timeout=3600,
+    )
     wall = round(time.time() - t, 1)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
-            out = json.loads(line[len("RESULT "):])
+            out = json.loads(line[len("RESULT ") :])
             out.update(loadavg_1m_at_start=load, child_wall_s=wall)
             return out
     return {"error": (proc.stderr or proc.stdout)[-2000:], "loadavg_1m_at_start": load}
@@ -208,17 +251,24 @@ class Worker:
 
     def __init__(self, name, args):
         self.name = name
-        self.proc = subprocess.Popen(child_cmd(name, "worker", args), env=child_env(name),
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.DEVNULL, text=True, bufsize=1)
+        self.proc = subprocess.Popen(
+            child_cmd(name, "worker", args),
+            env=child_env(name),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            bufsize=1,
+        )
         self.info = self._read("READY ")
 
     def _read(self, prefix):
         for line in self.proc.stdout:
             if line.startswith(prefix):
-                return json.loads(line[len(prefix):])
-        raise RuntimeError(f"thread setting {self.name!r}: the worker exited "
-                           f"(code {self.proc.wait()})")
+                return json.loads(line[len(prefix) :])
+        raise RuntimeError(
+            f"thread setting {self.name!r}: the worker exited (code {self.proc.wait()})"
+        )
 
     def time(self, metric):
         self.proc.stdin.write(metric + "\n")
@@ -241,8 +291,11 @@ def measure_inner(names, args):
         for name in names:
             t = time.time()
             workers[name] = Worker(name, args)
-            print(f"# {name} ready in {time.time() - t:.0f} s: {workers[name].info}",
-                  file=sys.stderr, flush=True)
+            print(
+                f"# {name} ready in {time.time() - t:.0f} s: {workers[name].info}",
+                file=sys.stderr,
+                flush=True,
+            )
         metrics = [m for m in METRICS if all(m in w.info["metrics"] for w in workers.values())]
         samples = {n: {m: [] for m in metrics} for n in names}
         loads = []
@@ -252,9 +305,12 @@ def measure_inner(names, args):
                 order = names if r % 2 == 0 else names[::-1]
                 for name in order:
                     samples[name][metric].append(workers[name].time(metric))
-            print(f"# round {r}: load {loads[-1]} " + " ".join(
-                f"{n}={samples[n]['warp_inner'][-1] * 1e3:.1f}" for n in names),
-                file=sys.stderr, flush=True)
+            print(
+                f"# round {r}: load {loads[-1]} "
+                + " ".join(f"{n}={samples[n]['warp_inner'][-1] * 1e3:.1f}" for n in names),
+                file=sys.stderr,
+                flush=True,
+            )
         pools_ = {n: w.info["pools"] for n, w in workers.items()}
     finally:
         for w in workers.values():
@@ -278,7 +334,8 @@ def summarise_inner(samples, names):
                 "median": round(C.median(per_round), 3),
                 "of_minima": C.ratio(min(v), min(samples["default"][m])),
                 "rounds_faster": sum(r < 1 for r in per_round),
-                "rounds": len(per_round)}
+                "rounds": len(per_round),
+            }
     return medians, ratios
 
 
@@ -296,8 +353,11 @@ def summarise_pertask(results):
             for r in modes.values():
                 if seq and "per_task_step_ms" in r:
                     r["over_sequential_same_child"] = C.ratio(r["per_task_step_ms"], seq)
-        table[name] = {"rows": rows, "pools": out["pools"],
-                       "loadavg_1m_at_start": out["loadavg_1m_at_start"]}
+        table[name] = {
+            "rows": rows,
+            "pools": out["pools"],
+            "loadavg_1m_at_start": out["loadavg_1m_at_start"],
+        }
     # every (setting, mode) against sequential under TensorFlow's default threads
     base = table.get("default", {}).get("rows", {})
     for t in table.values():
@@ -311,22 +371,39 @@ def summarise_pertask(results):
 
 def main():
     p = C.parser(__doc__, "threads")
-    p.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=None,
-                   help="thread settings to compare (default: all; quick: a subset)")
-    p.add_argument("--rounds", type=int, default=None,
-                   help="round-robin samples of every metric per setting (default 15, "
-                        "quick 7)")
-    p.add_argument("--rounds-inner", type=int, default=None,
-                   help="per-task part: interleaved samples inside a child (default 5, "
-                        "quick 3)")
-    p.add_argument("--calls", type=int, default=None,
-                   help="inner steps per sample (default 5; a Leap meta step is one sample)")
+    p.add_argument(
+        "--settings",
+        nargs="+",
+        choices=list(SETTINGS),
+        default=None,
+        help="thread settings to compare (default: all; quick: a subset)",
+    )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="round-robin samples of every metric per setting (default 15, quick 7)",
+    )
+    p.add_argument(
+        "--rounds-inner",
+        type=int,
+        default=None,
+        help="per-task part: interleaved samples inside a child (default 5, quick 3)",
+    )
+    p.add_argument(
+        "--calls",
+        type=int,
+        default=None,
+        help="inner steps per sample (default 5; a Leap meta step is one sample)",
+    )
     p.add_argument("--inner-steps", type=int, default=10, help="K of the Leap meta step")
-    p.add_argument("--pertask", action="store_true",
-                   help="also measure per-task cost at --meta-batch sizes")
+    p.add_argument(
+        "--pertask", action="store_true", help="also measure per-task cost at --meta-batch sizes"
+    )
     p.add_argument("--pertask-only", action="store_true", help="only the per-task part")
-    p.add_argument("--pertask-settings", nargs="+", choices=list(SETTINGS),
-                   default=list(PERTASK_SETTINGS))
+    p.add_argument(
+        "--pertask-settings", nargs="+", choices=list(SETTINGS), default=list(PERTASK_SETTINGS)
+    )
     p.add_argument("--meta-batch", type=int, nargs="+", default=[5, 20])
     p.add_argument("--child", default=None, help=argparse_hidden())
     p.add_argument("--part", default="inner", help=argparse_hidden())
@@ -349,34 +426,51 @@ def main():
         names.insert(0, "default")
     C.setup()
     info = C.machine_info(args.wait_idle)
-    result = {"benchmark": "threads", "quick": q, "machine": info,
-              "settings": {n: {"env": SETTINGS[n][0],
-                               "tf_config_inter_intra": SETTINGS[n][1]} for n in names},
-              "config": {"rounds": args.rounds, "inner_steps_per_sample": args.calls,
-                         "leap_meta_step": f"meta-batch 5, K={args.inner_steps}, one "
-                                           "train_step per sample"}}
+    result = {
+        "benchmark": "threads",
+        "quick": q,
+        "machine": info,
+        "settings": {
+            n: {"env": SETTINGS[n][0], "tf_config_inter_intra": SETTINGS[n][1]} for n in names
+        },
+        "config": {
+            "rounds": args.rounds,
+            "inner_steps_per_sample": args.calls,
+            "leap_meta_step": f"meta-batch 5, K={args.inner_steps}, one train_step per sample",
+        },
+    }
     if not args.pertask_only:
         samples, loads, pools_ = measure_inner(names, args)
         medians, ratios = summarise_inner(samples, names)
-        result.update(inner_ms=medians, ratios_to_default=ratios, pools=pools_,
-                      loadavg_1m_per_round=loads,
-                      samples_ms={n: {m: [round(t * 1e3, 2) for t in v] for m, v in d.items()}
-                                  for n, d in samples.items()})
+        result.update(
+            inner_ms=medians,
+            ratios_to_default=ratios,
+            pools=pools_,
+            loadavg_1m_per_round=loads,
+            samples_ms={
+                n: {m: [round(t * 1e3, 2) for t in v] for m, v in d.items()}
+                for n, d in samples.items()
+            },
+        )
     if args.pertask or args.pertask_only:
         results = {}
         for name in args.pertask_settings:
             results[name] = run_child(name, "pertask", args)
-            print(f"# pertask {name}: {json.dumps(results[name])[:600]}", file=sys.stderr,
-                  flush=True)
+            print(
+                f"# pertask {name}: {json.dumps(results[name])[:600]}", file=sys.stderr, flush=True
+            )
         result["pertask"] = summarise_pertask(results)
         result["pertask_note"] = (
             "per-task cost of one inner step of a Leap meta-batch (gpu.py's measure: "
             "_group_step over every group, / meta-batch); modes interleaved inside a child, "
             "settings in separate children one after the other; meta_step_s is one whole "
-            f"train_step with K={args.inner_steps}")
-    result["note"] = ("ratios < 1: faster than TensorFlow's default thread pools (2 inter-op "
-                      "x 2 intra-op threads on 2 cores); load averages are of the whole "
-                      "shared machine")
+            f"train_step with K={args.inner_steps}"
+        )
+    result["note"] = (
+        "ratios < 1: faster than TensorFlow's default thread pools (2 inter-op "
+        "x 2 intra-op threads on 2 cores); load averages are of the whole "
+        "shared machine"
+    )
     C.finish("threads", result, args.out, started)
 
 

@@ -51,27 +51,54 @@ REFERENCE_META_STEPS = 50
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--method", choices=("warp_leap", "leap"), default="warp_leap")
-    p.add_argument("--seed", type=int, default=0,
-                   help="seed of the split, initialisation and data (default 0, the "
-                        "reference's)")
-    p.add_argument("--eval-every", type=int, default=5, metavar="N",
-                   help="evaluate on the held-out alphabets every N meta steps (default 5)")
-    p.add_argument("--max-meta-steps", type=int, default=REFERENCE_META_STEPS,
-                   help="give up after this many meta steps (default 50, the reference's)")
-    p.add_argument("--target", type=float, default=None,
-                   help="held-out accuracy to reach, in %% (default: the authors' code on "
-                        "this subset: 59.6 Warp-Leap, 53.2 Leap)")
-    p.add_argument("--no-stop", action="store_true",
-                   help="go on to --max-meta-steps after reaching the target (full curve)")
-    p.add_argument("--precision", choices=("float32", "bfloat16", "auto"), default="float32",
-                   help="passed to examples/omniglot.py (default float32)")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the split, initialisation and data (default 0, the reference's)",
+    )
+    p.add_argument(
+        "--eval-every",
+        type=int,
+        default=5,
+        metavar="N",
+        help="evaluate on the held-out alphabets every N meta steps (default 5)",
+    )
+    p.add_argument(
+        "--max-meta-steps",
+        type=int,
+        default=REFERENCE_META_STEPS,
+        help="give up after this many meta steps (default 50, the reference's)",
+    )
+    p.add_argument(
+        "--target",
+        type=float,
+        default=None,
+        help="held-out accuracy to reach, in %% (default: the authors' code on "
+        "this subset: 59.6 Warp-Leap, 53.2 Leap)",
+    )
+    p.add_argument(
+        "--no-stop",
+        action="store_true",
+        help="go on to --max-meta-steps after reaching the target (full curve)",
+    )
+    p.add_argument(
+        "--precision",
+        choices=("float32", "bfloat16", "auto"),
+        default="float32",
+        help="passed to examples/omniglot.py (default float32)",
+    )
     p.add_argument("--data-dir", default=None, help="Omniglot copy (default: the example's)")
-    p.add_argument("--smoke", action="store_true",
-                   help="tiny sizes (the example's --smoke preset: 8 filters, 3 adaptation "
-                        "steps, 2 meta steps): checks that the bench runs, < 1 minute")
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny sizes (the example's --smoke preset: 8 filters, 3 adaptation "
+        "steps, 2 meta steps): checks that the bench runs, < 1 minute",
+    )
     p.add_argument("--out", default=None, help="JSON path; '-' for stdout only")
     args = p.parse_args(argv)
     for name in ("eval_every", "max_meta_steps"):
@@ -92,12 +119,19 @@ def main(argv=None):
     started = time.time()
     if EXAMPLES not in sys.path:
         sys.path.insert(0, EXAMPLES)
+    import numpy as np
     import omniglot as ex  # the example's own data, model, trainer and evaluation code
 
-    import numpy as np
-
-    example_argv = ["--protocol", "reference", "--methods", args.method,
-                    "--seeds", str(args.seed), "--precision", args.precision]
+    example_argv = [
+        "--protocol",
+        "reference",
+        "--methods",
+        args.method,
+        "--seeds",
+        str(args.seed),
+        "--precision",
+        args.precision,
+    ]
     example_argv += ["--smoke"] if args.smoke else ["--preset", "paper"]
     if args.data_dir:
         example_argv += ["--data-dir", args.data_dir]
@@ -117,16 +151,15 @@ def main(argv=None):
 
     def evaluate():
         t = time.perf_counter()
-        report = trainer.evaluate(test_tasks, steps=cfg["eval_steps"], seed=args.seed,
-                                  verbose=0)
+        report = trainer.evaluate(test_tasks, steps=cfg["eval_steps"], seed=args.seed, verbose=0)
         per_task = [float(v) * 100 for v in report["final_test_accuracy"]["values"]]
         return float(np.mean(per_task)), per_task, time.perf_counter() - t
 
     curve, train_s, eval_s, reached = [], 0.0, 0.0, None
     ref_min = REFERENCE_MINUTES.get(args.method)
     out = args.out or os.path.join(
-        BENCH, "results",
-        f"time_to_accuracy_{args.method}{'_smoke' if args.smoke else ''}.json")
+        BENCH, "results", f"time_to_accuracy_{args.method}{'_smoke' if args.smoke else ''}.json"
+    )
 
     def write(complete):
         result = {
@@ -138,24 +171,42 @@ def main(argv=None):
             "seed": args.seed,
             "target_accuracy_pct": target,
             "target_source": "the authors' Omniglot code on this 7-alphabet subset, "
-                             "reference protocol, 50 meta steps, seed 0",
+            "reference protocol, 50 meta steps, seed 0",
             "reached": reached is not None,
             "meta_steps_to_target": reached["meta_step"] if reached else None,
             "time_to_target_min": round(reached["train_wall_s"] / 60, 2) if reached else None,
             "reference_min_for_50_meta_steps": ref_min,
             "time_to_target_over_reference": (
-                round(reached["train_wall_s"] / 60 / ref_min, 3) if reached and ref_min
-                else None),
+                round(reached["train_wall_s"] / 60 / ref_min, 3) if reached and ref_min else None
+            ),
             "best_accuracy_pct": max(c["accuracy"] for c in curve),
             "curve": curve,
             "train_wall_s": round(train_s, 2),
             "eval_wall_s": round(eval_s, 2),
             "eval_every": every,
-            "config": {k: cfg[k] for k in (
-                "preset", "protocol", "meta_batch_size", "inner_steps", "task_batch_size",
-                "inner_lr", "meta_lr", "eval_steps", "max_warp_updates", "meta_interval",
-                "filters", "warp", "warp_init", "objective", "meta_training", "augment_meta",
-                "augment_test", "precision")},
+            "config": {
+                k: cfg[k]
+                for k in (
+                    "preset",
+                    "protocol",
+                    "meta_batch_size",
+                    "inner_steps",
+                    "task_batch_size",
+                    "inner_lr",
+                    "meta_lr",
+                    "eval_steps",
+                    "max_warp_updates",
+                    "meta_interval",
+                    "filters",
+                    "warp",
+                    "warp_init",
+                    "objective",
+                    "meta_training",
+                    "augment_meta",
+                    "augment_test",
+                    "precision",
+                )
+            },
             "held_out_tasks": [t.name for t in test_tasks],
             "load_1m_at_end": load_1m(),
             "wall_seconds": round(time.time() - started, 1),
@@ -170,8 +221,15 @@ def main(argv=None):
 
     acc, per_task, seconds = evaluate()  # meta step 0: the shared random initialisation
     eval_s += seconds
-    curve.append({"meta_step": 0, "train_wall_s": 0.0, "accuracy": round(acc, 2),
-                  "per_task": [round(a, 1) for a in per_task], "load_1m": load_1m()})
+    curve.append(
+        {
+            "meta_step": 0,
+            "train_wall_s": 0.0,
+            "accuracy": round(acc, 2),
+            "per_task": [round(a, 1) for a in per_task],
+            "load_1m": load_1m(),
+        }
+    )
     step = 0
     while step < max_steps:
         step = min(step + every, max_steps)
@@ -181,12 +239,22 @@ def main(argv=None):
         step_seconds = [round(float(v), 2) for v in (history.history or {}).get("seconds", [])]
         acc, per_task, seconds = evaluate()
         eval_s += seconds
-        curve.append({"meta_step": step, "train_wall_s": round(train_s, 2),
-                      "accuracy": round(acc, 2), "per_task": [round(a, 1) for a in per_task],
-                      "load_1m": load_1m(), "meta_step_seconds": step_seconds})
-        print(f"# {args.method} meta step {step}: {acc:.1f}% held-out after "
-              f"{train_s / 60:.2f} min of meta-training (load {load_1m()})",
-              file=sys.stderr, flush=True)
+        curve.append(
+            {
+                "meta_step": step,
+                "train_wall_s": round(train_s, 2),
+                "accuracy": round(acc, 2),
+                "per_task": [round(a, 1) for a in per_task],
+                "load_1m": load_1m(),
+                "meta_step_seconds": step_seconds,
+            }
+        )
+        print(
+            f"# {args.method} meta step {step}: {acc:.1f}% held-out after "
+            f"{train_s / 60:.2f} min of meta-training (load {load_1m()})",
+            file=sys.stderr,
+            flush=True,
+        )
         if reached is None and acc >= target:
             reached = curve[-1]
             if not args.no_stop:

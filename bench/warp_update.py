@@ -43,15 +43,24 @@ C.setup()
 
 def main():
     p = C.parser(__doc__, "warp_update")
-    p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 9, quick 3)")
+    p.add_argument(
+        "--rounds", type=int, default=None, help="interleaved rounds (default 9, quick 3)"
+    )
     p.add_argument("--calls", type=int, default=None, help="calls per sample (default 6, quick 3)")
-    p.add_argument("--bn", choices=("exact", "keras"), default="exact",
-                   help="batch-norm layer (default: warpkeras ExactBatchNormalization)")
+    p.add_argument(
+        "--bn",
+        choices=("exact", "keras"),
+        default="exact",
+        help="batch-norm layer (default: warpkeras ExactBatchNormalization)",
+    )
     p.add_argument("--jit", action="store_true", help="also time jit_compile=True trainers")
     p.add_argument("--no-profile", action="store_true", help="skip the tf.profiler breakdown")
-    p.add_argument("--compare-unfused", action="store_true",
-                   help="also time the offline loop with the gradient and the update as two "
-                        "compiled calls (the η > 1 path) against the one-call path of η = 1")
+    p.add_argument(
+        "--compare-unfused",
+        action="store_true",
+        help="also time the offline loop with the gradient and the update as two "
+        "compiled calls (the η > 1 path) against the one-call path of η = 1",
+    )
     args = p.parse_args()
     rounds = args.rounds or (3 if args.quick else 9)
     calls = args.calls or (3 if args.quick else 6)
@@ -59,7 +68,6 @@ def main():
 
     import keras
     import numpy as np
-    import tensorflow as tf
 
     import warpkeras
 
@@ -70,9 +78,18 @@ def main():
     def trainer(objective, jit=False):
         model = C.omniglot_model(warp=True, bn=args.bn, seed=args.seed)
         return warpkeras.WarpTrainer(
-            model, C.loss_fn(), mode="offline", objective=objective, init_objective="leap",
-            inner_learning_rate=0.1, inner_steps=100, meta_interval=1,
-            meta_optimizer=keras.optimizers.SGD(1e-3), jit_compile=jit, seed=args.seed)
+            model,
+            C.loss_fn(),
+            mode="offline",
+            objective=objective,
+            init_objective="leap",
+            inner_learning_rate=0.1,
+            inner_steps=100,
+            meta_interval=1,
+            meta_optimizer=keras.optimizers.SGD(1e-3),
+            jit_compile=jit,
+            seed=args.seed,
+        )
 
     trainers = {"approx": trainer("approx"), "exact": trainer("exact")}
     if args.compare_unfused:
@@ -94,7 +111,7 @@ def main():
     stored_vel = [np.asarray(v) for v in vel] if base.trainer.use_momentum else None
     for e in engines.values():  # time the warp gradient at the stored point, not at θ0
         tr = e.trainer
-        e.warp_point = (lambda tr=tr: tr._warp_point(theta, vel, state, x, y, meta_batch))
+        e.warp_point = lambda tr=tr: tr._warp_point(theta, vel, state, x, y, meta_batch)
     notes = {"engine_functions": base.names}
 
     per_call = 4 if args.quick else 6
@@ -118,8 +135,7 @@ def main():
         if not name.endswith("_unfused"):  # the same compiled gradient as its fused twin
             variants[f"warp_step_{name}"] = e.warp_point
         counter = [0]
-        variants[f"warp_update_{name}"] = (
-            lambda tr=e.trainer, c=counter: offline_updates(tr, c))
+        variants[f"warp_update_{name}"] = lambda tr=e.trainer, c=counter: offline_updates(tr, c)
     if args.jit:
         variants["inner_step_xla"] = engines["exact_xla"].inner
 
@@ -130,8 +146,9 @@ def main():
                 timings[k][field] /= per_call
             timings[k]["samples_s"] = [round(v / per_call, 6) for v in timings[k]["samples_s"]]
     t = lambda k: timings[k]["median_s"]  # noqa: E731
-    ratios = {f"{k}_over_inner_step": C.ratio(t(k), t("inner_step"))
-              for k in timings if k != "inner_step"}
+    ratios = {
+        f"{k}_over_inner_step": C.ratio(t(k), t("inner_step")) for k in timings if k != "inner_step"
+    }
     if "meta_inner_step_leap" in timings:
         for k in ("warp_update_approx", "warp_update_exact"):
             ratios[f"{k}_over_meta_inner_step_leap"] = C.ratio(t(k), t("meta_inner_step_leap"))
@@ -139,24 +156,29 @@ def main():
         ratios = {k: v for k, v in ratios.items() if "unfused" not in k}
         for name in ("approx", "exact"):
             ratios[f"warp_update_{name}_over_unfused"] = C.ratio(
-                t(f"warp_update_{name}"), t(f"warp_update_{name}_unfused"))
+                t(f"warp_update_{name}"), t(f"warp_update_{name}_unfused")
+            )
     if args.jit:
         ratios = {k: v for k, v in ratios.items() if "xla" not in k}
         for k in ("warp_step_approx_xla", "warp_step_exact_xla"):
             ratios[f"{k}_over_inner_step_xla"] = C.ratio(t(k), t("inner_step_xla"))
             ratios[f"{k}_over_inner_step"] = C.ratio(t(k), t("inner_step"))
 
-    ratios_min = C.min_ratios(timings, {
-        f"{k}_over_inner_step": (k, "inner_step") for k in timings if k != "inner_step"})
+    ratios_min = C.min_ratios(
+        timings, {f"{k}_over_inner_step": (k, "inner_step") for k in timings if k != "inner_step"}
+    )
     flops = C.conv_flops(warp=True)
     # approx: inner step (3F) + meta forward (F) + meta backward to φ (input grads through
     # the net, filter grads of the warp layers only) ~ 2F  => ~6F, i.e. ~2x an inner step;
     # exact adds the backward through the inner backward pass (~ another 2 x 2F) => ~10F.
-    model_costs = {"inner_step_in_forwards": 3, "approx_in_forwards_estimate": 6,
-                   "exact_in_forwards_estimate": 10,
-                   "note": "F = one forward pass (" + str(flops["forward"]) + " FLOPs); "
-                           "a backward pass ~2F; double backward through the inner "
-                           "gradient ~4F more"}
+    model_costs = {
+        "inner_step_in_forwards": 3,
+        "approx_in_forwards_estimate": 6,
+        "exact_in_forwards_estimate": 10,
+        "note": "F = one forward pass (" + str(flops["forward"]) + " FLOPs); "
+        "a backward pass ~2F; double backward through the inner "
+        "gradient ~4F more",
+    }
 
     profile = None
     if not args.no_profile:
@@ -164,25 +186,35 @@ def main():
         for name in ("exact", "approx"):
             profile[f"warp_step_{name}"] = C.profile_ops(
                 engines[name].warp_point,
-                4 if args.quick else 8, "/tmp/warpkeras_bench_profile", sync=C.sync_numpy)
+                4 if args.quick else 8,
+                "/tmp/warpkeras_bench_profile",
+                sync=C.sync_numpy,
+            )
 
     targets = {
         "approx_update_le_2.2x_inner_step": {
             "value": ratios["warp_update_approx_over_inner_step"],
-            "met": ratios["warp_update_approx_over_inner_step"] <= 2.2},
+            "met": ratios["warp_update_approx_over_inner_step"] <= 2.2,
+        },
         "exact_update_le_4x_inner_step": {
             "value": ratios["warp_update_exact_over_inner_step"],
-            "met": ratios["warp_update_exact_over_inner_step"] <= 4.0},
+            "met": ratios["warp_update_exact_over_inner_step"] <= 4.0,
+        },
     }
     result = {
         "benchmark": "warp_update",
         "quick": args.quick,
         "machine": info,
-        "config": {"model": "omniglot Warp-Leap (WarpConv2D(3) after each of 4 blocks)",
-                   "batch_norm": args.bn, "batch": C.TASK_BATCH, "meta_interval": 1,
-                   "rounds": rounds, "calls_per_sample": calls,
-                   "updates_per_warp_update_call": per_call,
-                   "statistic": "median over interleaved rounds of the mean time per call"},
+        "config": {
+            "model": "omniglot Warp-Leap (WarpConv2D(3) after each of 4 blocks)",
+            "batch_norm": args.bn,
+            "batch": C.TASK_BATCH,
+            "meta_interval": 1,
+            "rounds": rounds,
+            "calls_per_sample": calls,
+            "updates_per_warp_update_call": per_call,
+            "statistic": "median over interleaved rounds of the mean time per call",
+        },
         "ms": {k: round(v["median_s"] * 1e3, 2) for k, v in timings.items()},
         "ratios": ratios,
         "ratios_from_fastest_samples": ratios_min,

@@ -65,29 +65,56 @@ def make_parser(example, description):
         The parser; add the example's own arguments to it.
     """
     parser = argparse.ArgumentParser(
-        prog=f"python examples/{example}.py", description=description,
+        prog=f"python examples/{example}.py",
+        description=description,
         formatter_class=HelpFormatter,
     )
     common = parser.add_argument_group("output and run control")
-    common.add_argument("--output-dir", default=None,
-                        help=f"folder for the results JSON and plots (default: "
-                             f"<repo>/results/{example})")
-    common.add_argument("--export-dir", default=None,
-                        help=f"folder of the exported SavedModel (default: "
-                             f"<repo>/saved_models/{example})")
+    common.add_argument(
+        "--output-dir",
+        default=None,
+        help=f"folder for the results JSON and plots (default: <repo>/results/{example})",
+    )
+    common.add_argument(
+        "--export-dir",
+        default=None,
+        help=f"folder of the exported SavedModel (default: <repo>/saved_models/{example})",
+    )
     common.add_argument("--no-export", action="store_true", help="do not export a SavedModel")
-    common.add_argument("--seeds", type=int_list, default=None,
-                        help="comma-separated seeds; each seed repeats the whole experiment "
-                             "(default: the preset's)")
-    common.add_argument("--smoke", action="store_true",
-                        help="a tiny configuration that runs end-to-end in seconds (for tests)")
-    common.add_argument("--verbose", type=int, choices=(0, 1, 2), default=1,
-                        help="0: quiet, 1: progress bars, 2: one line per meta step")
+    common.add_argument(
+        "--seeds",
+        type=int_list,
+        default=None,
+        help="comma-separated seeds; each seed repeats the whole experiment "
+        "(default: the preset's)",
+    )
+    common.add_argument(
+        "--smoke",
+        action="store_true",
+        help="a tiny configuration that runs end-to-end in seconds (for tests)",
+    )
+    common.add_argument(
+        "--verbose",
+        type=int,
+        choices=(0, 1, 2),
+        default=1,
+        help="0: quiet, 1: progress bars, 2: one line per meta step",
+    )
     return parser
 
 
-def demo_parser(example, description, meta_steps, inner_steps, inner_lr, meta_lr,
-                inner_steps_help=None, inner_lr_help=None, meta_lr_help=None, maml_help=None):
+def demo_parser(
+    example,
+    description,
+    meta_steps,
+    inner_steps,
+    inner_lr,
+    meta_lr,
+    inner_steps_help=None,
+    inner_lr_help=None,
+    meta_lr_help=None,
+    maml_help=None,
+):
     """An `argparse.ArgumentParser` for a small one-seed demo of a meta-objective against
     MAML (``examples/meta_sgd.py``, ``examples/anil.py``), with its default sizes.
 
@@ -104,8 +131,9 @@ def demo_parser(example, description, meta_steps, inner_steps, inner_lr, meta_lr
     Returns:
         The parser.
     """
-    parser = argparse.ArgumentParser(prog=f"python examples/{example}.py",
-                                     description=description, formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog=f"python examples/{example}.py", description=description, formatter_class=HelpFormatter
+    )
     parser.add_argument("--meta-steps", type=int, default=meta_steps)
     parser.add_argument("--inner-steps", type=int, default=inner_steps, help=inner_steps_help)
     parser.add_argument("--inner-lr", type=float, default=inner_lr, help=inner_lr_help)
@@ -116,10 +144,16 @@ def demo_parser(example, description, meta_steps, inner_steps, inner_lr, meta_lr
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--maml", action="store_true", help=maml_help)
     parser.add_argument("--smoke", action="store_true", help="5 meta steps, 5 test tasks")
-    parser.add_argument("--verbose", type=int, choices=(0, 1, 2), default=0,
-                        help="meta-training progress: 0 quiet, 1 bar, 2 a line per step")
-    parser.add_argument("--output-dir", default=None,
-                        help=f"also write the result to <output-dir>/{example}.json")
+    parser.add_argument(
+        "--verbose",
+        type=int,
+        choices=(0, 1, 2),
+        default=0,
+        help="meta-training progress: 0 quiet, 1 bar, 2 a line per step",
+    )
+    parser.add_argument(
+        "--output-dir", default=None, help=f"also write the result to <output-dir>/{example}.json"
+    )
     return parser
 
 
@@ -152,7 +186,8 @@ def int_list(text):
         values = [int(v) for v in str(text).split(",") if v.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {text!r}") from None
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
     if not values:
         raise argparse.ArgumentTypeError("expected at least one integer")
     return values
@@ -181,8 +216,9 @@ def output_dirs(args, example):
         example: the example's name, for the default folders.
     """
     out = pathlib.Path(args.output_dir) if args.output_dir else REPO_ROOT / "results" / example
-    export = (pathlib.Path(args.export_dir) if args.export_dir
-              else REPO_ROOT / "saved_models" / example)
+    export = (
+        pathlib.Path(args.export_dir) if args.export_dir else REPO_ROOT / "saved_models" / example
+    )
     out.mkdir(parents=True, exist_ok=True)
     return out, export
 
@@ -193,8 +229,12 @@ def stats(values):
     values = [float(v) for v in values if v is not None and np.isfinite(v)]
     if not values:
         return {"mean": None, "std": None, "n": 0, "values": []}
-    return {"mean": float(np.mean(values)), "std": float(np.std(values)), "n": len(values),
-            "values": values}
+    return {
+        "mean": float(np.mean(values)),
+        "std": float(np.std(values)),
+        "n": len(values),
+        "values": values,
+    }
 
 
 def confidence95(values):
@@ -318,8 +358,10 @@ def format_stat(stat, scale=100.0, digits=1):
 def print_table(headers, rows):
     """Prints rows of strings as an aligned plain-text table."""
     rows = [[str(c) for c in row] for row in rows]
-    widths = [max(len(str(h)), *(len(r[i]) for r in rows)) if rows else len(str(h))
-              for i, h in enumerate(headers)]
+    widths = [
+        max(len(str(h)), *(len(r[i]) for r in rows)) if rows else len(str(h))
+        for i, h in enumerate(headers)
+    ]
     line = "  ".join(str(h).ljust(w) for h, w in zip(headers, widths))
     print(line)
     print("-" * len(line))
@@ -337,9 +379,12 @@ def print_written(json_path, plots, export_info, seconds):
         export_info: the dict `export_model` returned, or ``None`` when nothing was exported.
         seconds: wall time of the whole run.
     """
-    print("\nWrote " + ", ".join(str(p) for p in [json_path, *plots])
-          + (f"; SavedModel in {export_info['path']}" if export_info else "")
-          + f" ({seconds:.0f}s)")
+    print(
+        "\nWrote "
+        + ", ".join(str(p) for p in [json_path, *plots])
+        + (f"; SavedModel in {export_info['path']}" if export_info else "")
+        + f" ({seconds:.0f}s)"
+    )
 
 
 def pyplot():
@@ -377,8 +422,7 @@ def plot_band(ax, x, mean, std=None, label=None, **kwargs):
     (line,) = ax.plot(x, mean, label=label, **kwargs)
     if std is not None:
         std = np.asarray(std, dtype=float)
-        ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2,
-                        linewidth=0)
+        ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2, linewidth=0)
     return line
 
 
@@ -402,8 +446,8 @@ def moving_average(values, window):
     finite = np.isfinite(values)
     sums = np.cumsum(np.where(finite, values, 0.0))
     counts = np.cumsum(finite)
-    sums = sums - np.concatenate([np.zeros(window), sums[:-window]])[:len(values)]
-    counts = counts - np.concatenate([np.zeros(window), counts[:-window]])[:len(values)]
+    sums = sums - np.concatenate([np.zeros(window), sums[:-window]])[: len(values)]
+    counts = counts - np.concatenate([np.zeros(window), counts[:-window]])[: len(values)]
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
 
@@ -432,9 +476,17 @@ def plot_smoothed(ax, x, values, label=None, window=None, color=None):
 def _label_bars(ax, bars):
     """Writes each bar's value at its foot, beside the error bar's centre line."""
     for bar in bars:
-        ax.annotate(f"{bar.get_height():.1f}", (bar.get_x() + bar.get_width() * 0.5, 0),
-                    xytext=(0, 3), textcoords="offset points", ha="center", va="bottom",
-                    fontsize=8, color="white", fontweight="bold")
+        ax.annotate(
+            f"{bar.get_height():.1f}",
+            (bar.get_x() + bar.get_width() * 0.5, 0),
+            xytext=(0, 3),
+            textcoords="offset points",
+            ha="center",
+            va="bottom",
+            fontsize=8,
+            color="white",
+            fontweight="bold",
+        )
 
 
 def bar_plot(path, labels, means, errors=None, ylabel="", title="", groups=None):
@@ -458,21 +510,32 @@ def bar_plot(path, labels, means, errors=None, ylabel="", title="", groups=None)
         bars = ax.bar(x, means, yerr=errors, capsize=4, color="tab:blue", alpha=0.85)
         _label_bars(ax, bars)
         ax.set_xticks(x)
-        ax.set_xticklabels(labels, rotation=30 if len(labels) > 4 else 0, ha="right"
-                           if len(labels) > 4 else "center")
+        ax.set_xticklabels(
+            labels,
+            rotation=30 if len(labels) > 4 else 0,
+            ha="right" if len(labels) > 4 else "center",
+        )
     else:
         fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(groups) + 2), 4.5))
         width = 0.8 / max(1, len(labels))
         x = np.arange(len(groups))
         for i, label in enumerate(labels):
             err = None if errors is None else errors[i]
-            bars = ax.bar(x + (i - (len(labels) - 1) / 2) * width, means[i], width, yerr=err,
-                          capsize=4, label=label, alpha=0.85)
+            bars = ax.bar(
+                x + (i - (len(labels) - 1) / 2) * width,
+                means[i],
+                width,
+                yerr=err,
+                capsize=4,
+                label=label,
+                alpha=0.85,
+            )
             _label_bars(ax, bars)
         ax.set_xticks(x)
         ax.set_xticklabels(groups)
-        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=min(len(labels), 4),
-                  frameon=False)
+        ax.legend(
+            loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=min(len(labels), 4), frameon=False
+        )
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(axis="y", alpha=0.3)
@@ -501,5 +564,9 @@ def export_model(model, path, **adaptive_kwargs):
     # An example owns its folder under saved_models/: a re-run replaces its own export.
     adaptive_kwargs.setdefault("overwrite", True)
     export_adaptive(model, str(path), **adaptive_kwargs)
-    return {"path": str(path), "format": "warpkeras.export_adaptive",
-            "signatures": list(SIGNATURES), "settings": dict(adaptive_kwargs)}
+    return {
+        "path": str(path),
+        "format": "warpkeras.export_adaptive",
+        "signatures": list(SIGNATURES),
+        "settings": dict(adaptive_kwargs),
+    }

@@ -38,18 +38,25 @@ EXAMPLE = "anil"
 def parse_args(argv=None):
     """The command line (parsed before TensorFlow loads, so ``--help`` answers at once)."""
     parser = _common.demo_parser(
-        EXAMPLE, __doc__, meta_steps=400, inner_steps=5, inner_lr=0.1, meta_lr=3e-3,
+        EXAMPLE,
+        __doc__,
+        meta_steps=400,
+        inner_steps=5,
+        inner_lr=0.1,
+        meta_lr=3e-3,
         meta_lr_help="Adam, body and head θ0",
-        maml_help="also meta-train MAML (every layer adapts) from the same start")
+        maml_help="also meta-train MAML (every layer adapts) from the same start",
+    )
     return parser.parse_args(argv)
 
 
 if __name__ == "__main__":
     parse_args()  # --help and bad flags answer before TensorFlow loads
 
-import warpkeras  # noqa: E402  (first: it picks TensorFlow's CPU kernels)
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
+
+import warpkeras  # noqa: E402  (first: it picks TensorFlow's CPU kernels)
 from warpkeras.meta import MAML, MetaTrainingError  # noqa: E402
 
 
@@ -75,7 +82,8 @@ class ANIL(MAML):
         if not engine.partition.warp_variables:
             raise MetaTrainingError(
                 "ANIL: the model has no body to meta-learn: tag the body's layers with "
-                "warpkeras.warp(layer) (the head, every other layer, adapts).")
+                "warpkeras.warp(layer) (the head, every other layer, adapts)."
+            )
         super().build(engine)
 
     def meta_variables(self, engine):
@@ -92,19 +100,27 @@ def feature_task(rng, features, shots=10, queries=10, test=100, name="task"):
         x = rng.normal(size=(n, a.shape[0]))
         return x.astype("float32"), (np.tanh(x @ a + c) @ w).astype("float32")
 
-    return warpkeras.Task(train=points(shots), meta=points(queries), test=points(test),
-                          batch_size=max(shots, queries), name=name)
+    return warpkeras.Task(
+        train=points(shots),
+        meta=points(queries),
+        test=points(test),
+        batch_size=max(shots, queries),
+        name=name,
+    )
 
 
 def make_model(inputs=4, width=32, seed=0, body_role=warpkeras.warp):
     """A body of two tanh layers, tagged with `body_role` (`warpkeras.warp` for ANIL,
     `warpkeras.task` to adapt every layer), and a linear head."""
     keras.utils.set_random_seed(seed)
-    return keras.Sequential([
-        keras.Input((inputs,)),
-        body_role(keras.layers.Dense(width, activation="tanh", name="body_1")),
-        body_role(keras.layers.Dense(width, activation="tanh", name="body_2")),
-        keras.layers.Dense(1, name="head")])
+    return keras.Sequential(
+        [
+            keras.Input((inputs,)),
+            body_role(keras.layers.Dense(width, activation="tanh", name="body_1")),
+            body_role(keras.layers.Dense(width, activation="tanh", name="body_2")),
+            keras.layers.Dense(1, name="head"),
+        ]
+    )
 
 
 def main(argv=None):
@@ -114,28 +130,43 @@ def main(argv=None):
     start = time.perf_counter()
     rng = np.random.default_rng([args.seed, 0])
     features = (rng.normal(size=(4, 8)), rng.normal(size=8))
-    held_out = [feature_task(rng, features, args.shots, name=f"test{i}")
-                for i in range(args.test_tasks)]
+    held_out = [
+        feature_task(rng, features, args.shots, name=f"test{i}") for i in range(args.test_tasks)
+    ]
 
     def run(objective, body_role):
         """Held-out query loss after K steps, before and after meta-training."""
         trainer = warpkeras.MetaTrainer(
-            make_model(seed=args.seed, body_role=body_role), "mse", objectives=[objective],
-            inner_steps=args.inner_steps, meta_batch_size=args.meta_batch_size,
-            inner_learning_rate=args.inner_lr, seed=args.seed)
+            make_model(seed=args.seed, body_role=body_role),
+            "mse",
+            objectives=[objective],
+            inner_steps=args.inner_steps,
+            meta_batch_size=args.meta_batch_size,
+            inner_learning_rate=args.inner_lr,
+            seed=args.seed,
+        )
         before = trainer.evaluate(held_out, verbose=0)["final_test_loss"]["mean"]
-        trainer.fit(lambda r: feature_task(r, features, args.shots),
-                    **_common.fit_epochs(args.meta_steps), verbose=args.verbose)
+        trainer.fit(
+            lambda r: feature_task(r, features, args.shots),
+            **_common.fit_epochs(args.meta_steps),
+            verbose=args.verbose,
+        )
         return before, trainer.evaluate(held_out, verbose=0)["final_test_loss"]["mean"]
 
     before, after = run(ANIL(optimizer=keras.optimizers.Adam(args.meta_lr)), warpkeras.warp)
-    result = {"example": "anil", "meta_steps": args.meta_steps,
-              "inner_steps": args.inner_steps, "shots": args.shots,
-              "test_tasks": args.test_tasks, "held_out_loss_before": before,
-              "held_out_loss_after": after}
+    result = {
+        "example": "anil",
+        "meta_steps": args.meta_steps,
+        "inner_steps": args.inner_steps,
+        "shots": args.shots,
+        "test_tasks": args.test_tasks,
+        "held_out_loss_before": before,
+        "held_out_loss_after": after,
+    }
     if args.maml:
         result["maml_held_out_loss_after"] = run(
-            MAML(optimizer=keras.optimizers.Adam(args.meta_lr)), warpkeras.task)[1]
+            MAML(optimizer=keras.optimizers.Adam(args.meta_lr)), warpkeras.task
+        )[1]
     return _common.finish_demo(EXAMPLE, args, result, start)
 
 

@@ -93,8 +93,15 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402  (sets up sys.path, the Keras backend and matplotlib)
 from _continual_sine_config import (  # noqa: E402,F401  (no TensorFlow: --help stays fast)
-    EQ18_WEIGHTINGS, META_LR_SCHEDULES, PAPER_RANDOM_ORDER, PRESETS, WARP_INITS, Preset,
-    add_experiment_arguments, resolve_config)
+    EQ18_WEIGHTINGS,
+    META_LR_SCHEDULES,
+    PAPER_RANDOM_ORDER,
+    PRESETS,
+    WARP_INITS,
+    Preset,
+    add_experiment_arguments,
+    resolve_config,
+)
 
 EXAMPLE = "continual_sine"
 METHODS = ("sgd", "warpgrad")
@@ -110,11 +117,11 @@ if __name__ == "__main__":
     # --help and flag errors are answered here, before TensorFlow loads (seconds).
     build_parser().parse_args()
 
-import warpkeras  # noqa: E402  (before TensorFlow: it chooses TensorFlow's CPU kernels)
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+import warpkeras  # noqa: E402  (before TensorFlow: it chooses TensorFlow's CPU kernels)
 from warpkeras import objectives as obj  # noqa: E402
 from warpkeras.data import ContinualSineDistribution  # noqa: E402
 from warpkeras.layers import ResidualWarpDense  # noqa: E402
@@ -123,8 +130,9 @@ from warpkeras.layers import ResidualWarpDense  # noqa: E402
 # -- model, loss and meta-objective -------------------------------------------------------------
 def half_mse(y_true, y_pred):
     """The sub-task loss of Eq. 17: half the mean squared error."""
-    return 0.5 * tf.reduce_mean(tf.square(tf.cast(y_pred, tf.float32)
-                                          - tf.cast(y_true, tf.float32)))
+    return 0.5 * tf.reduce_mean(
+        tf.square(tf.cast(y_pred, tf.float32) - tf.cast(y_true, tf.float32))
+    )
 
 
 def build_model(hidden_units, warp_units, hidden_layers, seed):
@@ -133,8 +141,11 @@ def build_model(hidden_units, warp_units, hidden_layers, seed):
     layers = [keras.Input((1,), name="x")]
     for i in range(hidden_layers):
         layers.append(keras.layers.Dense(hidden_units, activation="relu", name=f"dense{i + 1}"))
-        layers.append(ResidualWarpDense(hidden_units=warp_units, num_layers=2,
-                                        activation="tanh", name=f"warp{i + 1}"))
+        layers.append(
+            ResidualWarpDense(
+                hidden_units=warp_units, num_layers=2, activation="tanh", name=f"warp{i + 1}"
+            )
+        )
     layers.append(keras.layers.Dense(1, name="output"))
     return keras.Sequential(layers, name="continual_sine_learner")
 
@@ -163,9 +174,18 @@ def make_meta_loss(num_subtasks, steps_per_subtask, weighting="appearances"):
     def meta_loss(partition, loss_fn, theta, phi, meta_batch, state):
         xv, yv, t = meta_batch
         batches = [(xv[i], yv[i]) for i in range(num_subtasks)]
-        return obj.continual_objective(partition, loss_fn, theta, phi, batches, t,
-                                       num_subtasks, steps_per_subtask, state=state,
-                                       weighting=weighting)
+        return obj.continual_objective(
+            partition,
+            loss_fn,
+            theta,
+            phi,
+            batches,
+            t,
+            num_subtasks,
+            steps_per_subtask,
+            state=state,
+            weighting=weighting,
+        )
 
     return meta_loss
 
@@ -200,8 +220,10 @@ class SequenceSource:
         self.cfg = cfg
 
     def sample(self, rng, n):
-        return [sequence_task(self.distribution.sample(rng), self.cfg, rng, f"sequence{i}")
-                for i in range(n)]
+        return [
+            sequence_task(self.distribution.sample(rng), self.cfg, rng, f"sequence{i}")
+            for i in range(n)
+        ]
 
 
 # -- evaluation ---------------------------------------------------------------------------------
@@ -257,8 +279,9 @@ def evaluation_data(cfg, seed, orders):
         xv, yv = task.validation_data(cfg["eval_points"], rng)
         streams = {}
         for name, order in orders.items():
-            xs, ys, ids = task.training_batches(rng, cfg["steps_per_subtask"], cfg["batch_size"],
-                                                order=order)
+            xs, ys, ids = task.training_batches(
+                rng, cfg["steps_per_subtask"], cfg["batch_size"], order=order
+            )
             streams[name] = (xs, ys)
         data.append({"task": task, "xv": xv, "yv": yv, "streams": streams})
     return data
@@ -396,8 +419,11 @@ def selection_callbacks(cfg, seed, partition, evaluator):
 
     def score():
         phi = partition.warp_values()
-        return float(np.mean([eq18_along_curve(losses_fn(phi, *run).numpy(), T, n, weighting)
-                              for run in runs]))
+        return float(
+            np.mean(
+                [eq18_along_curve(losses_fn(phi, *run).numpy(), T, n, weighting) for run in runs]
+            )
+        )
 
     return [SelectWarpByEq18(score, partition, cfg["select_every"], cfg["meta_steps"])]
 
@@ -443,19 +469,27 @@ def retention(curves, orders, n):
     for order_name, order in orders.items():
         after_step = [(j + 1) * n for j in range(len(order))]
         earlier = list(order[:-1])
-        entry = {"loss_on_subtask": list(range(len(order))), "after_learning": list(order),
-                 "after_step": after_step, "earlier_subtasks": earlier, "matrix": {},
-                 "earlier_final_loss": {}}
+        entry = {
+            "loss_on_subtask": list(range(len(order))),
+            "after_learning": list(order),
+            "after_step": after_step,
+            "earlier_subtasks": earlier,
+            "matrix": {},
+            "earlier_final_loss": {},
+        }
         for method, runs in curves[order_name].items():
             runs = np.asarray(runs)  # [sequences, K+1, T]
             entry["matrix"][method] = runs[:, after_step, :].mean(axis=0).T  # [T (i), T (j)]
             entry["earlier_final_loss"][method] = _common.stats(
-                runs[:, -1, earlier].mean(axis=1) if earlier else [])
+                runs[:, -1, earlier].mean(axis=1) if earlier else []
+            )
         means = {m: entry["earlier_final_loss"][m]["mean"] for m in METHODS}
         # None when a method has no finite sequence (its mean is None) or SGD's mean is 0
-        entry["ratio_warpgrad_to_sgd"] = (means["warpgrad"] / means["sgd"]
-                                          if earlier and means["sgd"]
-                                          and means["warpgrad"] is not None else None)
+        entry["ratio_warpgrad_to_sgd"] = (
+            means["warpgrad"] / means["sgd"]
+            if earlier and means["sgd"] and means["warpgrad"] is not None
+            else None
+        )
         out[order_name] = entry
     return out
 
@@ -475,25 +509,41 @@ def plot_losses(path, summary, orders, n, num_subtasks, title):
     from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
 
     colors = plt.get_cmap("viridis")(np.linspace(0.0, 0.9, num_subtasks))
-    fig, axes = plt.subplots(2, len(orders), figsize=(6.0 * len(orders), 7.8), sharey=True,
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        2, len(orders), figsize=(6.0 * len(orders), 7.8), sharey=True, squeeze=False
+    )
     for col, (order_name, order) in enumerate(orders.items()):
         for row, method in enumerate(("warpgrad", "sgd")):
             ax = axes[row, col]
             curve = np.asarray(summary[order_name][method]["mean_loss_curve"])
             steps = np.arange(curve.shape[0])
             for s in range(num_subtasks):
-                ax.plot(steps, curve[:, s], color=colors[s], lw=1.5,
-                        label=f"sub-task {s}: x in [{-5 + 10 * s / num_subtasks:.0f}, "
-                              f"{-5 + 10 * (s + 1) / num_subtasks:.0f}]")
+                ax.plot(
+                    steps,
+                    curve[:, s],
+                    color=colors[s],
+                    lw=1.5,
+                    label=f"sub-task {s}: x in [{-5 + 10 * s / num_subtasks:.0f}, "
+                    f"{-5 + 10 * (s + 1) / num_subtasks:.0f}]",
+                )
             for position, s in enumerate(order):
                 ax.axvspan(position * n, (position + 1) * n, color=colors[s], alpha=0.08)
                 ax.axvline(position * n, color="grey", lw=0.5, ls=":")
             final = summary[order_name][method]["final_loss"]["mean"]
-            ax.plot([steps[-1]], [final], "D", color="black", ms=6, zorder=5,
-                    label="final loss: mean over sub-tasks")
-            ax.set_title(f"{METHOD_LABELS[method]}, {order_name.replace('_', ' ')} {order}: "
-                         f"final loss {final:.3f}", fontsize=10)
+            ax.plot(
+                [steps[-1]],
+                [final],
+                "D",
+                color="black",
+                ms=6,
+                zorder=5,
+                label="final loss: mean over sub-tasks",
+            )
+            ax.set_title(
+                f"{METHOD_LABELS[method]}, {order_name.replace('_', ' ')} {order}: "
+                f"final loss {final:.3f}",
+                fontsize=10,
+            )
             ax.set_yscale("log")
             ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
             ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
@@ -517,9 +567,14 @@ def plot_predictions(path, item, predictions, grid, orders, n, num_subtasks):
     from matplotlib.patches import Patch
 
     columns = [(o, m) for o in orders for m in ("warpgrad", "sgd")]
-    fig, axes = plt.subplots(num_subtasks, len(columns),
-                             figsize=(3.2 * len(columns), 1.9 * num_subtasks + 1.2),
-                             sharex=True, sharey=True, squeeze=False)
+    fig, axes = plt.subplots(
+        num_subtasks,
+        len(columns),
+        figsize=(3.2 * len(columns), 1.9 * num_subtasks + 1.2),
+        sharex=True,
+        sharey=True,
+        squeeze=False,
+    )
     x = grid[:, 0]
     truth = item["task"](x)
     edges = np.linspace(-5, 5, num_subtasks + 1)
@@ -535,26 +590,36 @@ def plot_predictions(path, item, predictions, grid, orders, n, num_subtasks):
             ax.plot(x, preds[0], color="tab:green", ls="--", lw=1.0)
             ax.plot(x, preds[(position + 1) * n], color="tab:red", lw=1.2)
             if position == 0:
-                ax.set_title(f"{METHOD_LABELS[method]}, {order_name.replace('_', ' ')}",
-                             fontsize=9)
-            ax.text(0.02, 0.04, f"after sub-task {subtask}", transform=ax.transAxes,
-                    fontsize=7, color="tab:red")
+                ax.set_title(f"{METHOD_LABELS[method]}, {order_name.replace('_', ' ')}", fontsize=9)
+            ax.text(
+                0.02,
+                0.04,
+                f"after sub-task {subtask}",
+                transform=ax.transAxes,
+                fontsize=7,
+                color="tab:red",
+            )
             if col == 0:
-                ax.set_ylabel(f"{position + 1} sub-task{'s' if position else ''} seen\n"
-                              "y = f(x)", fontsize=8)
+                ax.set_ylabel(
+                    f"{position + 1} sub-task{'s' if position else ''} seen\ny = f(x)", fontsize=8
+                )
             if position == len(order) - 1:
                 ax.set_xlabel("x", fontsize=8)
     legend = [
         Line2D([], [], color="black", lw=1.2, label="truth f(x)"),
         Line2D([], [], color="tab:green", ls="--", lw=1.0, label="prediction before adaptation"),
-        Line2D([], [], color="tab:red", lw=1.2,
-               label="prediction after training up to the highlighted sub-task"),
+        Line2D(
+            [],
+            [],
+            color="tab:red",
+            lw=1.2,
+            label="prediction after training up to the highlighted sub-task",
+        ),
         Patch(color="tab:orange", alpha=0.25, label="sub-task just trained"),
         Patch(color="grey", alpha=0.12, label="earlier sub-tasks"),
     ]
     fig.legend(handles=legend, loc="lower center", ncol=3, fontsize=8)
-    fig.suptitle(f"One held-out task, learned one sub-task at a time ({n} steps each)",
-                 fontsize=10)
+    fig.suptitle(f"One held-out task, learned one sub-task at a time ({n} steps each)", fontsize=10)
     return _common.save_figure(fig, path, rect=(0, 0.06, 1, 1))
 
 
@@ -571,8 +636,13 @@ def plot_retention(path, ret, n, title):
     norm = LogNorm(vmin=float(values.min()), vmax=float(values.max())) if values.size else None
     cmap = plt.get_cmap("viridis")
     bar_colors = {"sgd": "tab:grey", "warpgrad": "tab:purple"}
-    fig, axes = plt.subplots(len(ret), 4, figsize=(16.5, 5.0 * len(ret)), squeeze=False,
-                             gridspec_kw={"width_ratios": [1, 1, 0.05, 1.1]})
+    fig, axes = plt.subplots(
+        len(ret),
+        4,
+        figsize=(16.5, 5.0 * len(ret)),
+        squeeze=False,
+        gridspec_kw={"width_ratios": [1, 1, 0.05, 1.1]},
+    )
     image = None
     for row, (order_name, entry) in enumerate(ret.items()):
         order, T = entry["after_learning"], len(entry["after_learning"])
@@ -585,21 +655,38 @@ def plot_retention(path, ret, n, title):
                 for j in range(T):
                     v = matrix[i, j]
                     shade = norm(v) if norm is not None and np.isfinite(v) and v > 0 else 0.0
-                    ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8,
-                            color="black" if shade > 0.6 else "white",
-                            fontweight="bold" if order[j] == i else "normal")
-            ax.set_xticks(range(T), [f"{s}\n(step {k})" for s, k in zip(order,
-                                                                          entry["after_step"])],
-                          fontsize=8)
-            ax.set_yticks(range(T), [f"{i}: x in [{-5 + 10 * i / T:.0f}, "
-                                     f"{-5 + 10 * (i + 1) / T:.0f}]" for i in range(T)],
-                          fontsize=8)
-            ax.set_xlabel(f"after learning sub-task j ({n} steps each, in presentation order)",
-                          fontsize=9)
+                    ax.text(
+                        j,
+                        i,
+                        f"{v:.2f}",
+                        ha="center",
+                        va="center",
+                        fontsize=8,
+                        color="black" if shade > 0.6 else "white",
+                        fontweight="bold" if order[j] == i else "normal",
+                    )
+            ax.set_xticks(
+                range(T),
+                [f"{s}\n(step {k})" for s, k in zip(order, entry["after_step"])],
+                fontsize=8,
+            )
+            ax.set_yticks(
+                range(T),
+                [
+                    f"{i}: x in [{-5 + 10 * i / T:.0f}, {-5 + 10 * (i + 1) / T:.0f}]"
+                    for i in range(T)
+                ],
+                fontsize=8,
+            )
+            ax.set_xlabel(
+                f"after learning sub-task j ({n} steps each, in presentation order)", fontsize=9
+            )
             ax.set_ylabel("loss on sub-task i", fontsize=9)
-            ax.set_title(f"{METHOD_LABELS[method]}, {label} {order}\n"
-                         "bold: sub-task just learned; last column: after the whole sequence",
-                         fontsize=9)
+            ax.set_title(
+                f"{METHOD_LABELS[method]}, {label} {order}\n"
+                "bold: sub-task just learned; last column: after the whole sequence",
+                fontsize=9,
+            )
         bar = fig.colorbar(image, cax=axes[row, 2])
         bar.set_label("loss on sub-task i: half MSE (Eq. 17); log scale, shared", fontsize=8)
         bar.ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
@@ -609,21 +696,32 @@ def plot_retention(path, ret, n, title):
         width = 0.38
         for k, method in enumerate(METHODS):
             final = np.asarray(entry["matrix"][method], dtype=float)[:, -1]
-            bars = ax.bar(np.arange(T) + (k - 0.5) * width, final, width,
-                          color=bar_colors[method], label=METHOD_LABELS[method])
+            bars = ax.bar(
+                np.arange(T) + (k - 0.5) * width,
+                final,
+                width,
+                color=bar_colors[method],
+                label=METHOD_LABELS[method],
+            )
             ax.bar_label(bars, fmt="%.2f", fontsize=7)
-        ax.set_xticks(range(T), [f"{i}\n(learned last)" if i == order[-1] else str(i)
-                                 for i in range(T)], fontsize=8)
+        ax.set_xticks(
+            range(T),
+            [f"{i}\n(learned last)" if i == order[-1] else str(i) for i in range(T)],
+            fontsize=8,
+        )
         ax.set_xlabel("sub-task i", fontsize=9)
         ax.set_ylabel("loss after the whole sequence (half MSE)", fontsize=9)
         earlier = entry["earlier_final_loss"]
         if entry["ratio_warpgrad_to_sgd"] is not None:
-            ax.set_title(f"{label}: loss after the whole sequence (last column)\nmean on "
-                         f"{earlier_label(order)} ({', '.join(map(str, entry['earlier_subtasks']))}"
-                         f"), learned before the last:\nSGD {earlier['sgd']['mean']:.3f}, "
-                         f"WarpGrad "
-                         f"{earlier['warpgrad']['mean']:.3f}, ratio "
-                         f"{entry['ratio_warpgrad_to_sgd']:.2f}", fontsize=9)
+            ax.set_title(
+                f"{label}: loss after the whole sequence (last column)\nmean on "
+                f"{earlier_label(order)} ({', '.join(map(str, entry['earlier_subtasks']))}"
+                f"), learned before the last:\nSGD {earlier['sgd']['mean']:.3f}, "
+                f"WarpGrad "
+                f"{earlier['warpgrad']['mean']:.3f}, ratio "
+                f"{entry['ratio_warpgrad_to_sgd']:.2f}",
+                fontsize=9,
+            )
         ax.legend(fontsize=8)
         ax.grid(axis="y", alpha=0.3)
     fig.suptitle(title, fontsize=11)
@@ -642,8 +740,7 @@ def meta_learning_rate(cfg):
 def meta_optimizer(cfg):
     """The warp's meta optimiser: Adam at `meta_learning_rate`, the meta-gradient clipped to
     the global L2 norm ``cfg["meta_clipnorm"]`` first when it is set (not in App. K)."""
-    return keras.optimizers.Adam(meta_learning_rate(cfg),
-                                 global_clipnorm=cfg.get("meta_clipnorm"))
+    return keras.optimizers.Adam(meta_learning_rate(cfg), global_clipnorm=cfg.get("meta_clipnorm"))
 
 
 def run_seed(cfg, seed, orders):
@@ -651,12 +748,18 @@ def run_seed(cfg, seed, orders):
     T, n = cfg["subtasks"], cfg["steps_per_subtask"]
     model = build_model(cfg["hidden_units"], cfg["warp_units"], cfg["hidden_layers"], seed)
     trainer = warpkeras.WarpTrainer(
-        model, loss=half_mse, mode="online", objective="exact", init_objective=None,
-        inner_learning_rate=cfg["inner_lr"], inner_steps=T * n,
+        model,
+        loss=half_mse,
+        mode="online",
+        objective="exact",
+        init_objective=None,
+        inner_learning_rate=cfg["inner_lr"],
+        inner_steps=T * n,
         meta_batch_size=cfg["meta_batch_size"],
         meta_optimizer=meta_optimizer(cfg),
         meta_loss=make_meta_loss(T, n, cfg.get("eq18_weighting", "appearances")),
-        parallel=cfg["parallel"], seed=seed,
+        parallel=cfg["parallel"],
+        seed=seed,
     )
     partition = trainer.partition
     phi_sgd = partition.warp_values()  # identity warps: plain SGD
@@ -665,27 +768,39 @@ def run_seed(cfg, seed, orders):
     source = SequenceSource(ContinualSineDistribution(num_subtasks=T), cfg)
     verbose = cfg["verbose"]
     if verbose:
-        print(f"\nSeed {seed}: meta-training the warp, {cfg['meta_steps']} meta steps x "
-              f"{cfg['meta_batch_size']} sequences x {T * n} steps (α = {cfg['inner_lr']})",
-              flush=True)
+        print(
+            f"\nSeed {seed}: meta-training the warp, {cfg['meta_steps']} meta steps x "
+            f"{cfg['meta_batch_size']} sequences x {T * n} steps (α = {cfg['inner_lr']})",
+            flush=True,
+        )
     evaluator = make_evaluator(partition, T, cfg["inner_lr"])
     callbacks = selection_callbacks(cfg, seed, partition, evaluator)
     with _common.Stopwatch() as train_time:
-        history = trainer.fit(source, meta_steps=cfg["meta_steps"], verbose=verbose,
-                              callbacks=callbacks)
+        history = trainer.fit(
+            source, meta_steps=cfg["meta_steps"], verbose=verbose, callbacks=callbacks
+        )
     selection = None
     if callbacks:
         select = callbacks[0]
-        selection = {"scores": select.scores, "selected_meta_step": select.best_step,
-                     "selected_val_eq18": select.best}
+        selection = {
+            "scores": select.scores,
+            "selected_meta_step": select.best_step,
+            "selected_val_eq18": select.best,
+        }
         if verbose:
-            print(f"Selected the warp of meta step {select.best_step} "
-                  f"(validation Eq. 18: {select.best:.4f})", flush=True)
+            print(
+                f"Selected the warp of meta step {select.best_step} "
+                f"(validation Eq. 18: {select.best:.4f})",
+                flush=True,
+            )
     phis = {"sgd": phi_sgd, "warpgrad": partition.warp_values()}
     data = evaluation_data(cfg, seed, orders)
     if verbose:
-        print(f"Evaluating on {len(data)} held-out sequences x {len(orders)} orders x "
-              f"{len(phis)} methods", flush=True)
+        print(
+            f"Evaluating on {len(data)} held-out sequences x {len(orders)} orders x "
+            f"{len(phis)} methods",
+            flush=True,
+        )
     with _common.Stopwatch() as eval_time:
         curves = evaluate(cfg, evaluator, phis, data, orders, verbose)
     # Fig. 10 material: the first held-out sequence
@@ -694,8 +809,7 @@ def run_seed(cfg, seed, orders):
     for order_name in orders:
         xs, ys = (tf.constant(a) for a in data[0]["streams"][order_name])
         for method, phi in phis.items():
-            predictions[(order_name, method)] = evaluator[1](phi, xs, ys,
-                                                             tf.constant(grid)).numpy()
+            predictions[(order_name, method)] = evaluator[1](phi, xs, ys, tf.constant(grid)).numpy()
     record = {
         "seed": seed,
         "curves": curves,
@@ -713,8 +827,13 @@ def run_seed(cfg, seed, orders):
 
 def export(model, cfg, export_dir):
     """Exports the meta-learned learner; checks that the SavedModel predicts like Keras."""
-    info = _common.export_model(model, export_dir, loss=half_mse,
-                                learning_rate=cfg["inner_lr"], steps=cfg["steps_per_subtask"])
+    info = _common.export_model(
+        model,
+        export_dir,
+        loss=half_mse,
+        learning_rate=cfg["inner_lr"],
+        steps=cfg["steps_per_subtask"],
+    )
     served = tf.saved_model.load(str(export_dir))
     probe = np.linspace(-5, 5, 11, dtype=np.float32)[:, None]
     if "serving_default" in info["signatures"]:
@@ -722,10 +841,12 @@ def export(model, cfg, export_dir):
         served_pred = list(out.values())[0].numpy()
     else:
         served_pred = served.serve(tf.constant(probe)).numpy()
-    info["check"] = {"max_abs_difference_vs_keras": float(np.max(np.abs(
-        served_pred - model(probe).numpy())))}
-    info["settings"] = {k: (v.__name__ if callable(v) else v)
-                        for k, v in info.get("settings", {}).items()}
+    info["check"] = {
+        "max_abs_difference_vs_keras": float(np.max(np.abs(served_pred - model(probe).numpy())))
+    }
+    info["settings"] = {
+        k: (v.__name__ if callable(v) else v) for k, v in info.get("settings", {}).items()
+    }
     return info
 
 
@@ -746,53 +867,65 @@ def main(argv=None):
                 if not args.no_export:
                     export_info = export(model, cfg, export_dir)
                     if cfg["verbose"]:
-                        print(f"Exported the meta-learned learner to {export_info['path']}",
-                              flush=True)
-    pooled = {o: {m: [c for r in records for c in r["curves"][o][m]] for m in METHODS}
-              for o in orders}
+                        print(
+                            f"Exported the meta-learned learner to {export_info['path']}",
+                            flush=True,
+                        )
+    pooled = {
+        o: {m: [c for r in records for c in r["curves"][o][m]] for m in METHODS} for o in orders
+    }
     summary = summarise(pooled, orders, n)
     ret = retention(pooled, orders, n)
 
-    title = (f"Continual sine regression: {T} sub-tasks x {n} steps, α = {cfg['inner_lr']}, "
-             f"{cfg['meta_steps']} meta steps; mean over "
-             f"{cfg['eval_tasks'] * len(cfg['seeds'])} held-out sequences")
+    title = (
+        f"Continual sine regression: {T} sub-tasks x {n} steps, α = {cfg['inner_lr']}, "
+        f"{cfg['meta_steps']} meta steps; mean over "
+        f"{cfg['eval_tasks'] * len(cfg['seeds'])} held-out sequences"
+    )
     plots = {
-        "losses": str(plot_losses(out_dir / f"{EXAMPLE}_losses.png", summary, orders, n, T,
-                                  title)),
-        "predictions": str(plot_predictions(out_dir / f"{EXAMPLE}_predictions.png", first[0],
-                                            first[1], first[2], orders, n, T)),
-        "retention": str(plot_retention(out_dir / f"{EXAMPLE}_retention.png", ret, n,
-                                        "Retention: " + title)),
+        "losses": str(plot_losses(out_dir / f"{EXAMPLE}_losses.png", summary, orders, n, T, title)),
+        "predictions": str(
+            plot_predictions(
+                out_dir / f"{EXAMPLE}_predictions.png", first[0], first[1], first[2], orders, n, T
+            )
+        ),
+        "retention": str(
+            plot_retention(out_dir / f"{EXAMPLE}_retention.png", ret, n, "Retention: " + title)
+        ),
     }
     for r in records:
-        r["curves"] = {o: {m: np.asarray(c).mean(axis=0) for m, c in v.items()}
-                       for o, v in r["curves"].items()}
+        r["curves"] = {
+            o: {m: np.asarray(c).mean(axis=0) for m, c in v.items()} for o, v in r["curves"].items()
+        }
     output = {
         "example": EXAMPLE,
         "config": cfg,
         "metric_notes": {
             "final_loss": "validation loss (half MSE, Eq. 17) after all sub-tasks, averaged "
-                          "over the sub-tasks; mean/std over held-out sequences (and seeds)",
+            "over the sub-tasks; mean/std over held-out sequences (and seeds)",
             "loss_over_sequence": "validation loss averaged over all steps and sub-tasks",
             "loss_after_own_steps": "loss of each sub-task right after its own n steps "
-                                    "(how well it was learned), averaged over sub-tasks",
+            "(how well it was learned), averaged over sub-tasks",
             "forgetting": "rise of each sub-task's loss from right after its own steps to the "
-                          "end of the sequence, averaged over all but the last sub-task",
+            "end of the sequence, averaged over all but the last sub-task",
             "mean_log_loss_curve": "[K+1, T]: mean over sequences of the log validation loss "
-                                   "of every sub-task after k steps (Fig. 9)",
+            "of every sub-task after k steps (Fig. 9)",
             "sgd": "plain SGD: the same model and θ0 with the identity (untrained) warp",
             "retention": "per order: matrix[method][i][j] = validation loss (half MSE) on "
-                         "sub-task i (row, sub-task id loss_on_subtask[i]) after the last step "
-                         "on the j-th presented sub-task (column, sub-task after_learning[j], "
-                         "step after_step[j]), mean over held-out sequences (and seeds); the "
-                         "last column is after the whole sequence. earlier_final_loss: stats "
-                         "over sequences of the mean loss on all but the last presented "
-                         "sub-task (earlier_subtasks) after the whole sequence; "
-                         "ratio_warpgrad_to_sgd: ratio of their means",
+            "sub-task i (row, sub-task id loss_on_subtask[i]) after the last step "
+            "on the j-th presented sub-task (column, sub-task after_learning[j], "
+            "step after_step[j]), mean over held-out sequences (and seeds); the "
+            "last column is after the whole sequence. earlier_final_loss: stats "
+            "over sequences of the mean loss on all but the last presented "
+            "sub-task (earlier_subtasks) after the whole sequence; "
+            "ratio_warpgrad_to_sgd: ratio of their means",
         },
         "results": summary,
-        "retention": {"axes": ["loss_on_subtask", "after_learning"],
-                      "units": "validation loss, half mean squared error (Eq. 17)", **ret},
+        "retention": {
+            "axes": ["loss_on_subtask", "after_learning"],
+            "units": "validation loss, half mean squared error (Eq. 17)",
+            **ret,
+        },
         "per_seed": records,
         "plots": plots,
         "export": export_info,
@@ -801,28 +934,45 @@ def main(argv=None):
     }
     json_path = _common.write_json(out_dir / f"{EXAMPLE}.json", output)
 
-    print(f"\nContinual sine regression ({cfg['preset']} size), seeds {cfg['seeds']}: "
-          f"{cfg['eval_tasks']} held-out sequences per seed, {T} sub-tasks x {n} steps, "
-          f"α = {cfg['inner_lr']}, {cfg['meta_steps']} meta steps:")
+    print(
+        f"\nContinual sine regression ({cfg['preset']} size), seeds {cfg['seeds']}: "
+        f"{cfg['eval_tasks']} held-out sequences per seed, {T} sub-tasks x {n} steps, "
+        f"α = {cfg['inner_lr']}, {cfg['meta_steps']} meta steps:"
+    )
     rows = []
     for order_name, order in orders.items():
         for method in ("sgd", "warpgrad"):
             s = summary[order_name][method]
-            rows.append([f"{order_name.replace('_', ' ')} {order}", METHOD_LABELS[method],
-                         _common.format_stat(s["final_loss"], scale=1.0, digits=3),
-                         _common.format_stat(s["forgetting"], scale=1.0, digits=3),
-                         _common.format_stat(s["loss_over_sequence"], scale=1.0, digits=3)])
-    _common.print_table(["sub-task order", "method", "final loss (all sub-tasks)",
-                         "forgetting", "loss over sequence"], rows)
+            rows.append(
+                [
+                    f"{order_name.replace('_', ' ')} {order}",
+                    METHOD_LABELS[method],
+                    _common.format_stat(s["final_loss"], scale=1.0, digits=3),
+                    _common.format_stat(s["forgetting"], scale=1.0, digits=3),
+                    _common.format_stat(s["loss_over_sequence"], scale=1.0, digits=3),
+                ]
+            )
+    _common.print_table(
+        [
+            "sub-task order",
+            "method",
+            "final loss (all sub-tasks)",
+            "forgetting",
+            "loss over sequence",
+        ],
+        rows,
+    )
     for order_name, entry in ret.items():
         if entry["ratio_warpgrad_to_sgd"] is None:
             continue
         earlier = entry["earlier_final_loss"]
-        print(f"{order_name.replace('_', ' ')}: mean loss on "
-              f"{earlier_label(entry['after_learning'])} after the whole sequence: "
-              f"SGD {earlier['sgd']['mean']:.3f}, WarpGrad {earlier['warpgrad']['mean']:.3f}, "
-              f"ratio WarpGrad/SGD {entry['ratio_warpgrad_to_sgd']:.2f} (the sub-tasks learned "
-              f"before the last, {entry['earlier_subtasks']} in 0-based labels)")
+        print(
+            f"{order_name.replace('_', ' ')}: mean loss on "
+            f"{earlier_label(entry['after_learning'])} after the whole sequence: "
+            f"SGD {earlier['sgd']['mean']:.3f}, WarpGrad {earlier['warpgrad']['mean']:.3f}, "
+            f"ratio WarpGrad/SGD {entry['ratio_warpgrad_to_sgd']:.2f} (the sub-tasks learned "
+            f"before the last, {entry['earlier_subtasks']} in 0-based labels)"
+        )
     _common.print_written(json_path, plots.values(), export_info, total.seconds)
     return output
 

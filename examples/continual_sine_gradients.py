@@ -48,11 +48,21 @@ EXAMPLE = "continual_sine_gradients"
 def build_parser():
     parser = add_experiment_arguments(_common.make_parser(EXAMPLE, __doc__))
     g = parser.add_argument_group("gradient check")
-    g.add_argument("--check-every", type=int, default=10, metavar="N",
-                   help="compare the gradients before meta-training and every N meta steps "
-                        "(and at the last; default 10)")
-    g.add_argument("--check-sequences", type=int, default=None, metavar="M",
-                   help="task sequences per comparison (default 5, smoke 2)")
+    g.add_argument(
+        "--check-every",
+        type=int,
+        default=10,
+        metavar="N",
+        help="compare the gradients before meta-training and every N meta steps "
+        "(and at the last; default 10)",
+    )
+    g.add_argument(
+        "--check-sequences",
+        type=int,
+        default=None,
+        metavar="M",
+        help="task sequences per comparison (default 5, smoke 2)",
+    )
     return parser
 
 
@@ -69,8 +79,9 @@ import warpkeras  # noqa: E402
 from warpkeras import objectives as obj  # noqa: E402
 
 
-def trajectory_gradients(partition, loss_fn, meta_loss, learning_rate, num_subtasks,
-                         steps_per_subtask):
+def trajectory_gradients(
+    partition, loss_fn, meta_loss, learning_rate, num_subtasks, steps_per_subtask
+):
     """A compiled ``fn(phi, xs, ys, xv, yv) -> (g_warp, g_traj, eq18)`` for one sequence.
 
     Args:
@@ -130,10 +141,19 @@ def run_seed(cfg, seed, check_every, count):
     model = cs.build_model(cfg["hidden_units"], cfg["warp_units"], cfg["hidden_layers"], seed)
     meta_loss = cs.make_meta_loss(T, n, cfg["eq18_weighting"])
     trainer = warpkeras.WarpTrainer(
-        model, loss=cs.half_mse, mode="online", objective="exact", init_objective=None,
-        inner_learning_rate=cfg["inner_lr"], inner_steps=T * n,
-        meta_batch_size=cfg["meta_batch_size"], meta_optimizer=cs.meta_optimizer(cfg),
-        meta_loss=meta_loss, parallel=cfg["parallel"], seed=seed)
+        model,
+        loss=cs.half_mse,
+        mode="online",
+        objective="exact",
+        init_objective=None,
+        inner_learning_rate=cfg["inner_lr"],
+        inner_steps=T * n,
+        meta_batch_size=cfg["meta_batch_size"],
+        meta_optimizer=cs.meta_optimizer(cfg),
+        meta_loss=meta_loss,
+        parallel=cfg["parallel"],
+        seed=seed,
+    )
     if cfg["warp_init"] == "random":
         cs.randomise_warps(model, seed)
     partition = trainer.partition
@@ -152,20 +172,28 @@ def run_seed(cfg, seed, check_every, count):
             ratios.append(ratio)
             eq18.append(float(value))
             pair = ([np.asarray(g) for g in g_warp], [np.asarray(g) for g in g_traj])
-            sums = pair if sums is None else tuple(
-                [a + b for a, b in zip(s, p)] for s, p in zip(sums, pair))
-        record = {"meta_step": step, "cosine_per_sequence": _common.stats(cosines),
-                  "cosine_of_sums": compare(*sums)[0],
-                  "norm_ratio_warp_to_trajectory": _common.stats(ratios),
-                  "eq18_along_trajectory": _common.stats(eq18)}
+            sums = (
+                pair
+                if sums is None
+                else tuple([a + b for a, b in zip(s, p)] for s, p in zip(sums, pair))
+            )
+        record = {
+            "meta_step": step,
+            "cosine_per_sequence": _common.stats(cosines),
+            "cosine_of_sums": compare(*sums)[0],
+            "norm_ratio_warp_to_trajectory": _common.stats(ratios),
+            "eq18_along_trajectory": _common.stats(eq18),
+        }
         checks.append(record)
         if cfg["verbose"]:
-            print(f"seed {seed}, meta step {step:5d}: cosine(g_warp, g_traj) per sequence "
-                  f"{record['cosine_per_sequence']['mean']:+.3f}, of the sums "
-                  f"{record['cosine_of_sums']:+.3f}; |g_warp|/|g_traj| "
-                  f"{record['norm_ratio_warp_to_trajectory']['mean']:.3g}; Eq. 18 (mean "
-                  f"over the steps) {record['eq18_along_trajectory']['mean']:.4f}",
-                  flush=True)
+            print(
+                f"seed {seed}, meta step {step:5d}: cosine(g_warp, g_traj) per sequence "
+                f"{record['cosine_per_sequence']['mean']:+.3f}, of the sums "
+                f"{record['cosine_of_sums']:+.3f}; |g_warp|/|g_traj| "
+                f"{record['norm_ratio_warp_to_trajectory']['mean']:.3g}; Eq. 18 (mean "
+                f"over the steps) {record['eq18_along_trajectory']['mean']:.4f}",
+                flush=True,
+            )
 
     def on_epoch_end(epoch, logs=None):
         step = epoch + 1
@@ -173,9 +201,12 @@ def run_seed(cfg, seed, check_every, count):
             check(step)
 
     check(0)
-    trainer.fit(cs.SequenceSource(cs.ContinualSineDistribution(num_subtasks=T), cfg),
-                meta_steps=cfg["meta_steps"], verbose=2 if cfg["verbose"] == 2 else 0,
-                callbacks=[keras.callbacks.LambdaCallback(on_epoch_end=on_epoch_end)])
+    trainer.fit(
+        cs.SequenceSource(cs.ContinualSineDistribution(num_subtasks=T), cfg),
+        meta_steps=cfg["meta_steps"],
+        verbose=2 if cfg["verbose"] == 2 else 0,
+        callbacks=[keras.callbacks.LambdaCallback(on_epoch_end=on_epoch_end)],
+    )
     return checks
 
 
@@ -185,13 +216,27 @@ def plot(path, per_seed, title):
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4))
     for record in per_seed:
         steps = [c["meta_step"] for c in record["checks"]]
-        line, = ax.plot(steps, [c["cosine_per_sequence"]["mean"] for c in record["checks"]],
-                        marker="o", label=f"seed {record['seed']}: mean over sequences")
-        ax.plot(steps, [c["cosine_of_sums"] for c in record["checks"]], marker="s",
-                linestyle="--", color=line.get_color(),
-                label=f"seed {record['seed']}: of the meta-batch sums")
-        bx.plot(steps, [c["eq18_along_trajectory"]["mean"] for c in record["checks"]],
-                marker="o", color=line.get_color(), label=f"seed {record['seed']}")
+        (line,) = ax.plot(
+            steps,
+            [c["cosine_per_sequence"]["mean"] for c in record["checks"]],
+            marker="o",
+            label=f"seed {record['seed']}: mean over sequences",
+        )
+        ax.plot(
+            steps,
+            [c["cosine_of_sums"] for c in record["checks"]],
+            marker="s",
+            linestyle="--",
+            color=line.get_color(),
+            label=f"seed {record['seed']}: of the meta-batch sums",
+        )
+        bx.plot(
+            steps,
+            [c["eq18_along_trajectory"]["mean"] for c in record["checks"]],
+            marker="o",
+            color=line.get_color(),
+            label=f"seed {record['seed']}",
+        )
     ax.axhline(0.0, color="grey", linewidth=0.8)
     ax.set_ylim(-1.05, 1.05)
     ax.set_xlabel("meta step")
@@ -210,37 +255,42 @@ def main(argv=None):
     """Runs the comparison; returns the results dict (also written as JSON and a plot)."""
     args = build_parser().parse_args(argv)
     if args.select_every:
-        raise SystemExit("--select-every has no effect in continual_sine_gradients.py: the "
-                         "gradients are compared along meta-training and no warp is kept "
-                         "back; leave the flag out")
+        raise SystemExit(
+            "--select-every has no effect in continual_sine_gradients.py: the "
+            "gradients are compared along meta-training and no warp is kept "
+            "back; leave the flag out"
+        )
     cfg = resolve_config(args)
     cfg["select_every"] = 0  # a preset's selection, switched off (see the docstring)
     cfg.pop("select_sequences", None)
     if args.check_every < 1:
         raise SystemExit(f"--check-every must be >= 1, got {args.check_every}")
-    count = args.check_sequences if args.check_sequences is not None else (
-        2 if args.smoke else 5)
+    count = args.check_sequences if args.check_sequences is not None else (2 if args.smoke else 5)
     if count < 1:
         raise SystemExit(f"--check-sequences must be >= 1, got {count}")
     out_dir, _ = _common.output_dirs(args, EXAMPLE)
     with _common.Stopwatch() as total:
-        per_seed = [{"seed": seed, "checks": run_seed(cfg, seed, args.check_every, count)}
-                    for seed in cfg["seeds"]]
-    title = (f"Continual sine: {cfg['hidden_layers']} x {cfg['hidden_units']} learner, "
-             f"{cfg['warp_units']}-unit warp blocks, Eq. 18 weighting "
-             f"{cfg['eq18_weighting']}, α = {cfg['inner_lr']}; {count} sequences per check")
+        per_seed = [
+            {"seed": seed, "checks": run_seed(cfg, seed, args.check_every, count)}
+            for seed in cfg["seeds"]
+        ]
+    title = (
+        f"Continual sine: {cfg['hidden_layers']} x {cfg['hidden_units']} learner, "
+        f"{cfg['warp_units']}-unit warp blocks, Eq. 18 weighting "
+        f"{cfg['eq18_weighting']}, α = {cfg['inner_lr']}; {count} sequences per check"
+    )
     png = plot(out_dir / f"{EXAMPLE}.png", per_seed, title)
     output = {
         "example": EXAMPLE,
         "config": dict(cfg, check_every=args.check_every, check_sequences=count),
         "metric_notes": {
             "g_warp": "Σ_k ∇φ L_meta(θ_k − α∇L_task(θ_k; φ); φ), θ_k held fixed: the online "
-                      "meta-gradient of Eq. 3 that meta-training follows (one sequence)",
+            "meta-gradient of Eq. 3 that meta-training follows (one sequence)",
             "g_traj": "∇φ Σ_k L_meta(θ_{k+1}; φ) with θ_{k+1} a function of φ through every "
-                      "earlier inner step (backpropagation through the adaptation)",
+            "earlier inner step (backpropagation through the adaptation)",
             "cosine_of_sums": "cosine of the two gradients summed over the sequences",
             "eq18_along_trajectory": "Σ_k L_meta(θ_{k+1}; φ) / K per sequence: the mean "
-                                     "over the K steps",
+            "over the K steps",
         },
         "per_seed": per_seed,
         "plot": str(png),

@@ -90,10 +90,19 @@ class Preset:
 
 PRESETS = {
     "default": Preset(),
-    "paper": Preset(meta_steps=60000, inner_steps=5, eval_steps=5, meta_lr=0.001, filters=64,
-                    test_episodes=600),
-    "smoke": Preset(shots=[1], queries=2, meta_steps=2, meta_batch_size=1, inner_steps=1,
-                    eval_steps=1, filters=4, test_episodes=3),
+    "paper": Preset(
+        meta_steps=60000, inner_steps=5, eval_steps=5, meta_lr=0.001, filters=64, test_episodes=600
+    ),
+    "smoke": Preset(
+        shots=[1],
+        queries=2,
+        meta_steps=2,
+        meta_batch_size=1,
+        inner_steps=1,
+        eval_steps=1,
+        filters=4,
+        test_episodes=3,
+    ),
 }
 
 
@@ -101,46 +110,84 @@ def build_parser():
     """The command-line interface (see the module docstring, ``--help``)."""
     parser = _common.make_parser(EXAMPLE, __doc__)
     g = parser.add_argument_group("experiment (defaults: default preset; paper preset)")
-    g.add_argument("--preset", choices=("default", "paper"), default="default",
-                   help="size of the run; explicit flags override its values")
-    g.add_argument("--methods", type=_common.choice_list(METHODS), default=",".join(METHODS),
-                   help="comma-separated methods")
+    g.add_argument(
+        "--preset",
+        choices=("default", "paper"),
+        default="default",
+        help="size of the run; explicit flags override its values",
+    )
+    g.add_argument(
+        "--methods",
+        type=_common.choice_list(METHODS),
+        default=",".join(METHODS),
+        help="comma-separated methods",
+    )
     g.add_argument("--ways", type=int, default=None, help="classes per episode, N (5; 5)")
-    g.add_argument("--shots", type=_common.int_list, default=None,
-                   help="comma-separated support images per class, K (1,5; 1,5)")
-    g.add_argument("--queries", type=int, default=None,
-                   help="query images per class, L (15; 15)")
-    g.add_argument("--test-episodes", type=int, default=None,
-                   help="held-out evaluation episodes (50; 600)")
+    g.add_argument(
+        "--shots",
+        type=_common.int_list,
+        default=None,
+        help="comma-separated support images per class, K (1,5; 1,5)",
+    )
+    g.add_argument("--queries", type=int, default=None, help="query images per class, L (15; 15)")
+    g.add_argument(
+        "--test-episodes", type=int, default=None, help="held-out evaluation episodes (50; 600)"
+    )
     g.add_argument("--meta-steps", type=int, default=None, help="meta steps (60; 60000)")
-    g.add_argument("--meta-batch-size", type=int, default=None,
-                   help="episodes per meta step (4; 4)")
-    g.add_argument("--inner-steps", type=int, default=None,
-                   help="adaptation steps during meta-training (3; 5)")
-    g.add_argument("--eval-steps", type=int, default=None,
-                   help="adaptation steps on test episodes (3; 5)")
-    g.add_argument("--inner-lr", type=float, default=None,
-                   help="SGD learning rate of adaptation (0.4; 0.4)")
-    g.add_argument("--meta-lr", type=float, default=None,
-                   help="Adam learning rate of θ0 and φ (0.003; 0.001)")
+    g.add_argument(
+        "--meta-batch-size", type=int, default=None, help="episodes per meta step (4; 4)"
+    )
+    g.add_argument(
+        "--inner-steps", type=int, default=None, help="adaptation steps during meta-training (3; 5)"
+    )
+    g.add_argument(
+        "--eval-steps", type=int, default=None, help="adaptation steps on test episodes (3; 5)"
+    )
+    g.add_argument(
+        "--inner-lr", type=float, default=None, help="SGD learning rate of adaptation (0.4; 0.4)"
+    )
+    g.add_argument(
+        "--meta-lr", type=float, default=None, help="Adam learning rate of θ0 and φ (0.003; 0.001)"
+    )
     g.add_argument("--filters", type=int, default=None, help="filters per conv (32; 64)")
-    g.add_argument("--warp-kernel", type=int, default=3, choices=(1, 3),
-                   help="kernel size of the warp convolutions")
-    g.add_argument("--objective", choices=("exact", "approx"), default="exact",
-                   help="Warp-MAML's warp meta-objective")
+    g.add_argument(
+        "--warp-kernel",
+        type=int,
+        default=3,
+        choices=(1, 3),
+        help="kernel size of the warp convolutions",
+    )
+    g.add_argument(
+        "--objective",
+        choices=("exact", "approx"),
+        default="exact",
+        help="Warp-MAML's warp meta-objective",
+    )
 
     g = parser.add_argument_group("data")
-    g.add_argument("--data-dir", default=None,
-                   help="folder of a local Omniglot copy (default: ../shared/data/omniglot "
-                        "next to the repository if it exists, else warpkeras's default)")
-    g.add_argument("--source", choices=("auto", "local", "tfds"), default="auto",
-                   help="where to load Omniglot from (tfds: TensorFlow Datasets)")
-    g.add_argument("--num-test-alphabets", type=int, default=None,
-                   help="held-out alphabets (default: 2 on the 8-alphabet subset, 20 on the "
-                        "full data set)")
-    g.add_argument("--rotate-classes", action="store_true",
-                   help="count each meta-training character rotated by 0/90/180/270 degrees "
-                        "as its own class")
+    g.add_argument(
+        "--data-dir",
+        default=None,
+        help="folder of a local Omniglot copy (default: ../shared/data/omniglot "
+        "next to the repository if it exists, else warpkeras's default)",
+    )
+    g.add_argument(
+        "--source",
+        choices=("auto", "local", "tfds"),
+        default="auto",
+        help="where to load Omniglot from (tfds: TensorFlow Datasets)",
+    )
+    g.add_argument(
+        "--num-test-alphabets",
+        type=int,
+        default=None,
+        help="held-out alphabets (default: 2 on the 8-alphabet subset, 20 on the full data set)",
+    )
+    g.add_argument(
+        "--rotate-classes",
+        action="store_true",
+        help="count each meta-training character rotated by 0/90/180/270 degrees as its own class",
+    )
     return parser
 
 
@@ -148,14 +195,13 @@ if __name__ == "__main__":
     # --help and flag errors are answered here, before TensorFlow loads (seconds).
     build_parser().parse_args()
 
-import warpkeras  # noqa: E402  (before TensorFlow: it chooses TensorFlow's CPU kernels)
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+import warpkeras  # noqa: E402  (before TensorFlow: it chooses TensorFlow's CPU kernels)
 from warpkeras import layers as wl  # noqa: E402
-from warpkeras.data import (EpisodeSampler, OmniglotNotFoundError, load_omniglot,  # noqa: E402
-                            rotate_classes)
+from warpkeras.data import EpisodeSampler, OmniglotNotFoundError, load_omniglot, rotate_classes  # noqa: E402
 
 
 def resolve_config(args):
@@ -166,12 +212,27 @@ def resolve_config(args):
         value = getattr(args, key, None)
         if value is not None:
             cfg[key] = value
-    cfg.update(preset=preset, methods=list(args.methods), warp_kernel=args.warp_kernel,
-               objective=args.objective, rotate_classes=bool(args.rotate_classes),
-               verbose=args.verbose)
-    problems = [f"--{k.replace('_', '-')} must be >= 1 (got {cfg[k]})"
-                for k in ("ways", "queries", "test_episodes", "meta_batch_size",
-                          "inner_steps", "eval_steps", "filters") if int(cfg[k]) < 1]
+    cfg.update(
+        preset=preset,
+        methods=list(args.methods),
+        warp_kernel=args.warp_kernel,
+        objective=args.objective,
+        rotate_classes=bool(args.rotate_classes),
+        verbose=args.verbose,
+    )
+    problems = [
+        f"--{k.replace('_', '-')} must be >= 1 (got {cfg[k]})"
+        for k in (
+            "ways",
+            "queries",
+            "test_episodes",
+            "meta_batch_size",
+            "inner_steps",
+            "eval_steps",
+            "filters",
+        )
+        if int(cfg[k]) < 1
+    ]
     problems += [f"--shots must be >= 1 (got {s})" for s in cfg["shots"] if s < 1]
     if cfg["meta_steps"] < 0:
         problems.append(f"--meta-steps must be >= 0 (got {cfg['meta_steps']})")
@@ -214,15 +275,26 @@ LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 def make_trainer(method, cfg, model, seed):
     """MAMLTrainer or WarpTrainer(mode="online", init_objective="maml")."""
-    common = dict(inner_steps=cfg["inner_steps"], meta_batch_size=cfg["meta_batch_size"],
-                  inner_learning_rate=cfg["inner_lr"], seed=seed)
+    common = dict(
+        inner_steps=cfg["inner_steps"],
+        meta_batch_size=cfg["meta_batch_size"],
+        inner_learning_rate=cfg["inner_lr"],
+        seed=seed,
+    )
     if method == "maml":
-        return warpkeras.MAMLTrainer(model, LOSS, meta_optimizer=keras.optimizers.Adam(
-            cfg["meta_lr"]), **common)
+        return warpkeras.MAMLTrainer(
+            model, LOSS, meta_optimizer=keras.optimizers.Adam(cfg["meta_lr"]), **common
+        )
     return warpkeras.WarpTrainer(
-        model, LOSS, mode="online", objective=cfg["objective"], init_objective="maml",
+        model,
+        LOSS,
+        mode="online",
+        objective=cfg["objective"],
+        init_objective="maml",
         meta_optimizer=keras.optimizers.Adam(cfg["meta_lr"]),
-        init_optimizer=keras.optimizers.Adam(cfg["meta_lr"]), **common)
+        init_optimizer=keras.optimizers.Adam(cfg["meta_lr"]),
+        **common,
+    )
 
 
 # ------------------------------------------------------------------------------------------
@@ -260,8 +332,13 @@ def episode_task(episode, name):
     the whole support set), query = meta data (always the whole query set) and test data."""
     sx, sy, qx, qy = episode.support_x, episode.support_y, episode.query_x, episode.query_y
     query = (qx, qy)
-    return warpkeras.Task(train=(sx, sy), meta=lambda rng: itertools.repeat(query),
-                          test=query, batch_size=len(sx), name=name)
+    return warpkeras.Task(
+        train=(sx, sy),
+        meta=lambda rng: itertools.repeat(query),
+        test=query,
+        batch_size=len(sx),
+        name=name,
+    )
 
 
 def samplers(data, cfg, seed, shots):
@@ -287,33 +364,39 @@ def run_setting(cfg, data, seed, shots, export_dir):
 
     Returns ``({method: record}, export_info_or_None)``.
     """
-    train_sampler, test_sampler, train_alphabets, test_alphabets = samplers(
-        data, cfg, seed, shots)
+    train_sampler, test_sampler, train_alphabets, test_alphabets = samplers(data, cfg, seed, shots)
 
     def sample_train_task(rng):
         index = int(rng.integers(0, 2**31 - 1))
         return episode_task(train_sampler.sample(index), f"train_episode_{index}")
 
-    test_tasks = [episode_task(test_sampler.sample(i), f"test_episode_{i}")
-                  for i in range(cfg["test_episodes"])]
+    test_tasks = [
+        episode_task(test_sampler.sample(i), f"test_episode_{i}")
+        for i in range(cfg["test_episodes"])
+    ]
     records, export_info = {}, None
     for method in cfg["methods"]:
         keras.utils.set_random_seed(seed)
-        model = build_model(method, cfg["ways"], cfg["image_size"], cfg["filters"],
-                            cfg["warp_kernel"])
+        model = build_model(
+            method, cfg["ways"], cfg["image_size"], cfg["filters"], cfg["warp_kernel"]
+        )
         trainer = make_trainer(method, cfg, model, seed)
         label = f"{METHOD_LABELS[method]} {cfg['ways']}-way {shots}-shot"
         if cfg["verbose"]:
-            print(f"\n[{label}] seed {seed}: meta-training ({cfg['meta_steps']} meta steps)",
-                  flush=True)
+            print(
+                f"\n[{label}] seed {seed}: meta-training ({cfg['meta_steps']} meta steps)",
+                flush=True,
+            )
         with _common.Stopwatch() as fit_time:
-            history = trainer.fit(sample_train_task, **_common.fit_epochs(cfg["meta_steps"]),
-                                  verbose=cfg["verbose"])
+            history = trainer.fit(
+                sample_train_task, **_common.fit_epochs(cfg["meta_steps"]), verbose=cfg["verbose"]
+            )
         if cfg["verbose"]:
             print(f"[{label}] seed {seed}: {len(test_tasks)} test episodes", flush=True)
         with _common.Stopwatch() as eval_time:
-            report = trainer.evaluate(test_tasks, steps=cfg["eval_steps"], seed=seed,
-                                      verbose=1 if cfg["verbose"] else 0)
+            report = trainer.evaluate(
+                test_tasks, steps=cfg["eval_steps"], seed=seed, verbose=1 if cfg["verbose"] else 0
+            )
         hist = {k: [float(v) for v in vals] for k, vals in history.step_history.items()}
         step_seconds = hist.get("seconds", [])
         accuracies = report["final_test_accuracy"]["values"]
@@ -330,17 +413,27 @@ def run_setting(cfg, data, seed, shots, export_dir):
             "meta_train_seconds": fit_time.seconds,
             "eval_seconds": eval_time.seconds,
             "seconds_per_meta_step": float(np.median(step_seconds[1:]))
-            if len(step_seconds) > 1 else None,
+            if len(step_seconds) > 1
+            else None,
             "trainer": trainer.get_config(),
         }
         if cfg["verbose"]:
-            print(f"[{label}] seed {seed}: accuracy {np.mean(accuracies) * 100:.1f}% "
-                  f"(± {(_common.confidence95(accuracies) or 0) * 100:.1f}), meta-training "
-                  f"{fit_time.seconds:.0f}s", flush=True)
+            print(
+                f"[{label}] seed {seed}: accuracy {np.mean(accuracies) * 100:.1f}% "
+                f"(± {(_common.confidence95(accuracies) or 0) * 100:.1f}), meta-training "
+                f"{fit_time.seconds:.0f}s",
+                flush=True,
+            )
         if method == "warp_maml" and export_dir is not None:
-            export_info = export_warp_maml(model, trainer, cfg, export_dir,
-                                           sample_train_task(np.random.default_rng(seed)),
-                                           test_tasks[0], accuracies[0])
+            export_info = export_warp_maml(
+                model,
+                trainer,
+                cfg,
+                export_dir,
+                sample_train_task(np.random.default_rng(seed)),
+                test_tasks[0],
+                accuracies[0],
+            )
             export_info.update(seed=seed, shots=shots)
             if cfg["verbose"]:
                 print(f"Exported Warp-MAML to {export_dir}", flush=True)
@@ -348,8 +441,9 @@ def run_setting(cfg, data, seed, shots, export_dir):
     return records, export_info
 
 
-def export_warp_maml(model, trainer, cfg, export_dir, calibration_task, test_task,
-                     trainer_accuracy):
+def export_warp_maml(
+    model, trainer, cfg, export_dir, calibration_task, test_task, trainer_accuracy
+):
     """Exports the meta-learned Warp-MAML model and checks the SavedModel on a test episode.
 
     The batch-norm statistics are first set from a meta-training support set at (θ0, φ).
@@ -360,16 +454,24 @@ def export_warp_maml(model, trainer, cfg, export_dir, calibration_task, test_tas
     """
     model(calibration_task.train[0], training=True)
     info = _common.export_model(
-        model, export_dir, loss="sparse_categorical_crossentropy", from_logits=True,
-        learning_rate=cfg["inner_lr"], steps=cfg["eval_steps"], training=True,
+        model,
+        export_dir,
+        loss="sparse_categorical_crossentropy",
+        from_logits=True,
+        learning_rate=cfg["inner_lr"],
+        steps=cfg["eval_steps"],
+        training=True,
     )
     if info["format"] != "warpkeras.export_adaptive":
         return info
     served = tf.saved_model.load(str(export_dir))
     (sx, sy), (qx, qy) = test_task.train, test_task.test
     out = served.signatures["adapt_and_predict"](
-        x=tf.constant(sx), y=tf.constant(sy.astype(np.int64)),
-        steps=tf.constant(cfg["eval_steps"], tf.int32), queries=tf.constant(qx))
+        x=tf.constant(sx),
+        y=tf.constant(sy.astype(np.int64)),
+        steps=tf.constant(cfg["eval_steps"], tf.int32),
+        queries=tf.constant(qx),
+    )
     pred = np.argmax(out["predictions"].numpy(), axis=-1)
     info["check"] = {
         "episode": test_task.name,
@@ -390,7 +492,8 @@ def summarise(records):
         "accuracy": stat,
         "ci95": _common.confidence95(acc),
         "accuracy_before_adaptation": _common.stats(
-            [a for r in records for a in r["accuracy_before_adaptation"]]),
+            [a for r in records for a in r["accuracy_before_adaptation"]]
+        ),
         "per_seed": records,
         "meta_train_seconds": float(sum(r["meta_train_seconds"] for r in records)),
         "eval_seconds": float(sum(r["eval_seconds"] for r in records)),
@@ -418,7 +521,7 @@ def main(argv=None):
             "data": {"source": data.source, "alphabets": data.alphabet_names},
             "metric_notes": {
                 "accuracy": "query-set accuracy of each held-out episode after adaptation on "
-                            "its support set; mean/std over episodes (and seeds)",
+                "its support set; mean/std over episodes (and seeds)",
                 "ci95": "half-width of the 95% confidence interval of the mean accuracy",
             },
             "results": results,
@@ -439,8 +542,12 @@ def main(argv=None):
             per_method = {m: [] for m in cfg["methods"]}
             for seed in cfg["seeds"]:
                 records, info = run_setting(
-                    cfg, data, seed, shots,
-                    None if (args.no_export or state["export"] is not None) else export_dir)
+                    cfg,
+                    data,
+                    seed,
+                    shots,
+                    None if (args.no_export or state["export"] is not None) else export_dir,
+                )
                 state["export"] = state["export"] or info
                 for method, record in records.items():
                     per_method[method].append(record)
@@ -452,7 +559,8 @@ def main(argv=None):
 
     settings = list(results)
     plot = _common.bar_plot(
-        out_dir / "few_shot.png", [METHOD_LABELS[m] for m in cfg["methods"]],
+        out_dir / "few_shot.png",
+        [METHOD_LABELS[m] for m in cfg["methods"]],
         [[results[s][m]["accuracy"]["mean"] * 100 for s in settings] for m in cfg["methods"]],
         [[(results[s][m]["ci95"] or 0.0) * 100 for s in settings] for m in cfg["methods"]],
         ylabel="query accuracy after adaptation (%)",
@@ -462,17 +570,26 @@ def main(argv=None):
     state["plots"]["accuracy"] = str(plot)
     output = write(total.seconds, complete=True)
     export_info = state["export"]
-    print(f"\nOmniglot few-shot ({cfg['preset']} size), seeds {cfg['seeds']}, "
-          f"{cfg['test_episodes']} test episodes, {cfg['eval_steps']} adaptation steps:")
+    print(
+        f"\nOmniglot few-shot ({cfg['preset']} size), seeds {cfg['seeds']}, "
+        f"{cfg['test_episodes']} test episodes, {cfg['eval_steps']} adaptation steps:"
+    )
     rows = []
     for setting, per_method in results.items():
         for r in per_method.values():
             ci = f"± {r['ci95'] * 100:.1f}" if r["ci95"] is not None else ""
-            rows.append([setting, r["label"], f"{r['accuracy']['mean'] * 100:.1f} {ci}",
-                         f"{r['seconds_per_meta_step']:.3f}" if r["seconds_per_meta_step"]
-                         else "-", f"{r['meta_train_seconds']:.0f}"])
-    _common.print_table(["setting", "method", "accuracy (%, 95% CI)", "s / meta step",
-                         "meta-train s"], rows)
+            rows.append(
+                [
+                    setting,
+                    r["label"],
+                    f"{r['accuracy']['mean'] * 100:.1f} {ci}",
+                    f"{r['seconds_per_meta_step']:.3f}" if r["seconds_per_meta_step"] else "-",
+                    f"{r['meta_train_seconds']:.0f}",
+                ]
+            )
+    _common.print_table(
+        ["setting", "method", "accuracy (%, 95% CI)", "s / meta step", "meta-train s"], rows
+    )
     _common.print_written(json_path, [plot], export_info, total.seconds)
     return output
 

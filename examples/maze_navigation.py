@@ -82,8 +82,12 @@ METHOD_LABELS = {
     "tnets": "T-Nets-RNN (linear warp)",
     "hyper_rnn": "HyperRNN (meta-LSTM trained every step)",
 }
-METHOD_COLORS = {"warp_rnn": "tab:red", "rnn": "tab:blue", "tnets": "tab:green",
-                 "hyper_rnn": "tab:purple"}
+METHOD_COLORS = {
+    "warp_rnn": "tab:red",
+    "rnn": "tab:blue",
+    "tnets": "tab:green",
+    "hyper_rnn": "tab:purple",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,8 +115,9 @@ class Preset:
 PRESETS = {
     "default": Preset(),
     "paper": Preset(updates=200_000, seeds=list(range(10))),
-    "smoke": Preset(updates=3, episodes=4, episode_length=10, maze_size=7, hidden=8,
-                    meta_interval=2),
+    "smoke": Preset(
+        updates=3, episodes=4, episode_length=10, maze_size=7, hidden=8, meta_interval=2
+    ),
 }
 
 
@@ -120,25 +125,37 @@ PRESETS = {
 def build_parser():
     parser = _common.make_parser(EXAMPLE, __doc__)
     g = parser.add_argument_group("experiment (defaults: the preset's)")
-    g.add_argument("--preset", choices=("default", "paper"), default="default",
-                   help="size preset (--smoke overrides it)")
-    g.add_argument("--methods", type=_common.choice_list(METHODS),
-                   help=f"comma-separated methods from {', '.join(METHODS)}")
+    g.add_argument(
+        "--preset",
+        choices=("default", "paper"),
+        default="default",
+        help="size preset (--smoke overrides it)",
+    )
+    g.add_argument(
+        "--methods",
+        type=_common.choice_list(METHODS),
+        help=f"comma-separated methods from {', '.join(METHODS)}",
+    )
     g.add_argument("--updates", type=int, help="training updates (batches) per method")
     g.add_argument("--episodes", type=int, help="episodes (parallel mazes) per batch")
     g.add_argument("--episode-length", type=int, help="steps per episode")
     g.add_argument("--maze-size", type=int, help="side of the (odd) maze")
     g.add_argument("--hidden", type=int, help="RNN hidden units")
-    g.add_argument("--meta-units", type=int, help="meta-LSTM units of the Warp-RNN "
-                   "(default: --hidden)")
+    g.add_argument(
+        "--meta-units", type=int, help="meta-LSTM units of the Warp-RNN (default: --hidden)"
+    )
     g.add_argument("--lr", type=float, help="Adam learning rate of the task parameters")
     g.add_argument("--meta-lr", type=float, help="Adam learning rate of the warp parameters")
-    g.add_argument("--meta-interval", type=int,
-                   help="task updates between warp updates (η of Algorithm 3)")
+    g.add_argument(
+        "--meta-interval", type=int, help="task updates between warp updates (η of Algorithm 3)"
+    )
     g.add_argument("--gamma", type=float, help="discount factor")
-    g.add_argument("--n-step", type=int,
-                   help="bootstrap the return on the value after this many rewards "
-                        "(default: full-episode returns)")
+    g.add_argument(
+        "--n-step",
+        type=int,
+        help="bootstrap the return on the value after this many rewards "
+        "(default: full-episode returns)",
+    )
     g.add_argument("--value-coef", type=float, help="weight of the value loss")
     g.add_argument("--entropy-coef", type=float, help="weight of the entropy bonus")
     g.add_argument("--clip-norm", type=float, help="global gradient-norm clipping (Adam)")
@@ -149,11 +166,11 @@ if __name__ == "__main__":
     # --help and flag errors are answered here, before TensorFlow loads (seconds).
     build_parser().parse_args()
 
-import warpkeras  # noqa: E402  (before TensorFlow: it chooses TensorFlow's CPU kernels)
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+import warpkeras  # noqa: E402  (before TensorFlow: it chooses TensorFlow's CPU kernels)
 from warpkeras.envs import NUM_ACTIONS, MazeVectorEnv  # noqa: E402
 from warpkeras.layers import LinearWarpRNNCell, TaskRNNCell, WarpRNNCell  # noqa: E402
 
@@ -177,8 +194,9 @@ def build_agent(method, hidden, meta_units, obs_dim, seed):
     """
     keras.utils.set_random_seed(seed)
     obs = keras.Input((None, obs_dim), name="observations")
-    h = keras.layers.RNN(make_cell(method, hidden, meta_units), return_sequences=True,
-                         name="rnn")(obs)
+    h = keras.layers.RNN(make_cell(method, hidden, meta_units), return_sequences=True, name="rnn")(
+        obs
+    )
     logits = keras.layers.Dense(NUM_ACTIONS, name="policy")(h)
     value = keras.layers.Dense(1, name="value")(h)
     return keras.Model(obs, [logits, value], name=f"a2c_{method}")
@@ -192,21 +210,27 @@ def share_task_initialisation(models):
         part = warpkeras.partition(model)
         shapes = [tuple(v.shape) for v in part.task_variables]
         if shapes != [tuple(t.shape) for t in source]:
-            raise ValueError(f"task variables of {model.name} {shapes} differ from "
-                             f"{[tuple(t.shape) for t in source]}")
+            raise ValueError(
+                f"task variables of {model.name} {shapes} differ from "
+                f"{[tuple(t.shape) for t in source]}"
+            )
         part.assign_task(source)
 
 
 def make_optimizer(method, model, cfg):
     """Adam on the task parameters; for warped methods, WarpGrad's Algorithm 3 around it."""
+
     def adam(lr):
         kwargs = {"global_clipnorm": cfg["clip_norm"]} if cfg["clip_norm"] else {}
         return keras.optimizers.Adam(lr, **kwargs)
 
     if method in ("warp_rnn", "tnets"):
-        return warpkeras.WarpGrad(inner_optimizer=adam(cfg["lr"]),
-                                  meta_optimizer=adam(cfg["meta_lr"]),
-                                  meta_interval=cfg["meta_interval"], model=model)
+        return warpkeras.WarpGrad(
+            inner_optimizer=adam(cfg["lr"]),
+            meta_optimizer=adam(cfg["meta_lr"]),
+            meta_interval=cfg["meta_interval"],
+            model=model,
+        )
     return adam(cfg["lr"])
 
 
@@ -222,8 +246,12 @@ class A2C:
         self.cell = rnn.cell
         self.policy = model.get_layer("policy")
         self.value = model.get_layer("value")
-        self.env = MazeVectorEnv(num_envs=cfg["episodes"], size=cfg["maze_size"],
-                                 episode_length=cfg["episode_length"], autoreset=False)
+        self.env = MazeVectorEnv(
+            num_envs=cfg["episodes"],
+            size=cfg["maze_size"],
+            episode_length=cfg["episode_length"],
+            autoreset=False,
+        )
         self.obs_dim = self.env.single_observation_space.shape[0]
         self.started = False
         self.collect = tf.function(self._collect, reduce_retracing=True)
@@ -247,16 +275,21 @@ class A2C:
             observations = observations.write(t, obs)
             h, states = self.cell(obs, states)
             seed = tf.stack([tf.constant(self.seed, tf.int32), base + t])
-            action = tf.cast(tf.random.stateless_categorical(self.policy(h), 1, seed)[:, 0],
-                             tf.int32)
-            obs, reward = tf.numpy_function(self._env_step, [action],
-                                            [tf.float32, tf.float32], stateful=True)
+            action = tf.cast(
+                tf.random.stateless_categorical(self.policy(h), 1, seed)[:, 0], tf.int32
+            )
+            obs, reward = tf.numpy_function(
+                self._env_step, [action], [tf.float32, tf.float32], stateful=True
+            )
             obs = tf.ensure_shape(obs, [b, self.obs_dim])
             reward = tf.ensure_shape(reward, [b])
             actions = actions.write(t, action)
             rewards = rewards.write(t, reward)
-        return (tf.transpose(observations.stack(), [1, 0, 2]),
-                tf.transpose(actions.stack()), tf.transpose(rewards.stack()))
+        return (
+            tf.transpose(observations.stack(), [1, 0, 2]),
+            tf.transpose(actions.stack()),
+            tf.transpose(rewards.stack()),
+        )
 
     def rollout(self, update):
         """One batch of episodes with the current policy (new goals for every maze).
@@ -281,8 +314,9 @@ class A2C:
             values = values[..., 0]
             returns = discounted_returns(rewards, tf.stop_gradient(values), gamma, n)
             advantages = returns - values
-            log_prob = -tf.nn.sparse_softmax_cross_entropy_with_logits(labels=actions,
-                                                                        logits=logits)
+            log_prob = -tf.nn.sparse_softmax_cross_entropy_with_logits(
+                labels=actions, logits=logits
+            )
             policy_loss = -tf.reduce_mean(log_prob * tf.stop_gradient(advantages))
             value_loss = tf.reduce_mean(tf.square(advantages))
             entropy = tf.reduce_mean(categorical_entropy(logits))
@@ -290,8 +324,12 @@ class A2C:
         variables = self.model.trainable_variables
         grads = tape.gradient(loss, variables)
         self.optimizer.apply(grads, variables)
-        return {"loss": loss, "policy_loss": policy_loss, "value_loss": value_loss,
-                "entropy": entropy}
+        return {
+            "loss": loss,
+            "policy_loss": policy_loss,
+            "value_loss": value_loss,
+            "entropy": entropy,
+        }
 
 
 def categorical_entropy(logits):
@@ -319,15 +357,16 @@ def discounted_returns(rewards, values, gamma, n):
     if n >= t_max:
         # full-episode returns, computed backwards with a scan over time
         reversed_r = tf.reverse(tf.transpose(rewards), [0])
-        acc = tf.scan(lambda carry, r: r + gamma * carry, reversed_r,
-                      initializer=tf.zeros_like(rewards[:, 0]))
+        acc = tf.scan(
+            lambda carry, r: r + gamma * carry, reversed_r, initializer=tf.zeros_like(rewards[:, 0])
+        )
         return tf.transpose(tf.reverse(acc, [0]))
     padded = tf.pad(rewards, [[0, 0], [0, n]])
     total = tf.zeros_like(rewards)
     for i in range(n):
-        total += (gamma ** i) * padded[:, i:i + t_max]
+        total += (gamma**i) * padded[:, i : i + t_max]
     boot = tf.pad(values[:, n:], [[0, 0], [0, n]])  # V_{t+n}, zero past the end
-    return total + (gamma ** n) * boot
+    return total + (gamma**n) * boot
 
 
 # -- one run -----------------------------------------------------------------------------------
@@ -349,12 +388,16 @@ def run_method(method, model, cfg, seed):
             if bar is not None:
                 bar.update(update + 1, values=[("return", ret), ("loss", losses[-1])])
             elif verbose == 2:
-                print(f"{method} update {update + 1}/{cfg['updates']} - return {ret:.2f} - "
-                      f"loss {losses[-1]:.4f} - entropy {entropies[-1]:.3f}", flush=True)
+                print(
+                    f"{method} update {update + 1}/{cfg['updates']} - return {ret:.2f} - "
+                    f"loss {losses[-1]:.4f} - entropy {entropies[-1]:.3f}",
+                    flush=True,
+                )
             if not np.isfinite(losses[-1]):
                 raise FloatingPointError(
                     f"{method}: the A2C loss became non-finite at update {update + 1}; "
-                    "try a smaller --lr or --clip-norm 4")
+                    "try a smaller --lr or --clip-norm 4"
+                )
     warp_updates = None
     if isinstance(optimizer, warpkeras.WarpGrad):
         warp_updates = int(optimizer.meta_optimizer.iterations.numpy())
@@ -370,10 +413,8 @@ def run_method(method, model, cfg, seed):
         "seconds": clock.seconds,
         "seconds_per_update": clock.seconds / max(1, cfg["updates"]),
         "parameters": {
-            "task": int(sum(np.prod(v.shape) for v in
-                            warpkeras.partition(model).task_variables)),
-            "warp": int(sum(np.prod(v.shape) for v in
-                            warpkeras.partition(model).warp_variables)),
+            "task": int(sum(np.prod(v.shape) for v in warpkeras.partition(model).task_variables)),
+            "warp": int(sum(np.prod(v.shape) for v in warpkeras.partition(model).warp_variables)),
         },
     }
 
@@ -404,11 +445,12 @@ def plot_returns(path, results, cfg):
         if len(curves) > 1:
             q1, q3 = np.percentile(curves, [25, 75], axis=0)
             ax.fill_between(x, q1, q3, color=METHOD_COLORS[method], alpha=0.2, linewidth=0)
-    ax.set_xlabel(f"update (batch of {cfg['episodes']} episodes x {cfg['episode_length']} "
-                  "steps)")
+    ax.set_xlabel(f"update (batch of {cfg['episodes']} episodes x {cfg['episode_length']} steps)")
     ax.set_ylabel("mean return per episode")
-    ax.set_title(f"Maze navigation ({cfg['maze_size']}x{cfg['maze_size']}), "
-                 f"{len(cfg['seeds'])} seed(s); moving average over {window} updates")
+    ax.set_title(
+        f"Maze navigation ({cfg['maze_size']}x{cfg['maze_size']}), "
+        f"{len(cfg['seeds'])} seed(s); moving average over {window} updates"
+    )
     ax.grid(alpha=0.3)
     _common.integer_ticks(ax, "x")
     ax.legend()
@@ -441,19 +483,38 @@ def export_agent(model, export_dir):
     logits, values = served.serve(probe)
     ref_logits, ref_values = model(probe)
     diff = float(max(np.max(np.abs(logits - ref_logits)), np.max(np.abs(values - ref_values))))
-    return {"path": str(export_dir), "format": "keras_export", "signatures": ["serve"],
-            "inputs": f"observations [batch, time, {model.input_shape[-1]}] float32",
-            "outputs": ["policy logits [batch, time, 4]", "values [batch, time, 1]"],
-            "check": {"max_abs_difference_vs_keras": diff}}
+    return {
+        "path": str(export_dir),
+        "format": "keras_export",
+        "signatures": ["serve"],
+        "inputs": f"observations [batch, time, {model.input_shape[-1]}] float32",
+        "outputs": ["policy logits [batch, time, 4]", "values [batch, time, 1]"],
+        "check": {"max_abs_difference_vs_keras": diff},
+    }
 
 
 def resolve_config(args):
     """Merges the preset (``smoke`` when --smoke) with explicit flags into a dict."""
     preset = "smoke" if args.smoke else args.preset
     cfg = dict(dataclasses.asdict(PRESETS[preset]), preset=preset, verbose=args.verbose)
-    for key in ("methods", "updates", "episodes", "episode_length", "maze_size", "hidden",
-                "meta_units", "lr", "meta_lr", "meta_interval", "gamma", "n_step",
-                "value_coef", "entropy_coef", "clip_norm", "seeds"):
+    for key in (
+        "methods",
+        "updates",
+        "episodes",
+        "episode_length",
+        "maze_size",
+        "hidden",
+        "meta_units",
+        "lr",
+        "meta_lr",
+        "meta_interval",
+        "gamma",
+        "n_step",
+        "value_coef",
+        "entropy_coef",
+        "clip_norm",
+        "seeds",
+    ):
         value = getattr(args, key, None)
         if value is not None:
             cfg[key] = value
@@ -479,14 +540,18 @@ def main(argv=None):
     export_info = None
     with _common.Stopwatch() as total:
         for seed in cfg["seeds"]:
-            models = {m: build_agent(m, cfg["hidden"], cfg["meta_units"], obs_dim, seed)
-                      for m in cfg["methods"]}
+            models = {
+                m: build_agent(m, cfg["hidden"], cfg["meta_units"], obs_dim, seed)
+                for m in cfg["methods"]
+            }
             share_task_initialisation(list(models.values()))
             for method, model in models.items():
                 if cfg["verbose"]:
-                    print(f"\nSeed {seed}: {METHOD_LABELS[method]}, {cfg['updates']} updates of "
-                          f"{cfg['episodes']} episodes x {cfg['episode_length']} steps",
-                          flush=True)
+                    print(
+                        f"\nSeed {seed}: {METHOD_LABELS[method]}, {cfg['updates']} updates of "
+                        f"{cfg['episodes']} episodes x {cfg['episode_length']} steps",
+                        flush=True,
+                    )
                 records[method].append(run_method(method, model, cfg, seed))
                 if method == "warp_rnn" and export_info is None and not args.no_export:
                     export_info = export_agent(model, export_dir)
@@ -500,7 +565,7 @@ def main(argv=None):
         "config": cfg,
         "metric_notes": {
             "returns": "per update: the cumulative reward of an episode (200 steps; +10 per "
-                       "goal reached, -0.1 per wall bump), averaged over the batch",
+            "goal reached, -0.1 per wall bump), averaged over the batch",
             "final_return": "mean return over the last 10% of updates; mean/std over seeds",
             "mean_return": "mean return over all updates (area under the learning curve)",
         },
@@ -512,14 +577,22 @@ def main(argv=None):
     }
     json_path = _common.write_json(out_dir / f"{EXAMPLE}.json", output)
 
-    print(f"\nMaze navigation ({cfg['preset']} size), seeds {cfg['seeds']}, {cfg['updates']} "
-          f"updates of {cfg['episodes']} episodes x {cfg['episode_length']} steps:")
+    print(
+        f"\nMaze navigation ({cfg['preset']} size), seeds {cfg['seeds']}, {cfg['updates']} "
+        f"updates of {cfg['episodes']} episodes x {cfg['episode_length']} steps:"
+    )
     _common.print_table(
         ["method", "return, last 10%", "return, all updates", "warp updates", "s / update"],
-        [[r["label"], _common.format_stat(r["final_return"], scale=1.0, digits=2),
-          _common.format_stat(r["mean_return"], scale=1.0, digits=2),
-          str(r["warp_updates"]) if r["warp_updates"] is not None else "-",
-          f"{r['seconds_per_update']:.2f}"] for r in results.values()],
+        [
+            [
+                r["label"],
+                _common.format_stat(r["final_return"], scale=1.0, digits=2),
+                _common.format_stat(r["mean_return"], scale=1.0, digits=2),
+                str(r["warp_updates"]) if r["warp_updates"] is not None else "-",
+                f"{r['seconds_per_update']:.2f}",
+            ]
+            for r in results.values()
+        ],
     )
     _common.print_written(json_path, plots.values(), export_info, total.seconds)
     return output

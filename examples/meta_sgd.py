@@ -40,19 +40,27 @@ EXAMPLE = "meta_sgd"
 def parse_args(argv=None):
     """The command line (parsed before TensorFlow loads, so ``--help`` answers at once)."""
     parser = _common.demo_parser(
-        EXAMPLE, __doc__, meta_steps=600, inner_steps=1, inner_lr=0.01, meta_lr=1e-3,
-        inner_steps_help="K (the paper uses 1)", inner_lr_help="initial α",
+        EXAMPLE,
+        __doc__,
+        meta_steps=600,
+        inner_steps=1,
+        inner_lr=0.01,
+        meta_lr=1e-3,
+        inner_steps_help="K (the paper uses 1)",
+        inner_lr_help="initial α",
         meta_lr_help="Adam, θ0 and α",
-        maml_help="also meta-train MAML (a fixed α) from the same start")
+        maml_help="also meta-train MAML (a fixed α) from the same start",
+    )
     return parser.parse_args(argv)
 
 
 if __name__ == "__main__":
     parse_args()  # --help and bad flags answer before TensorFlow loads
 
-import warpkeras  # noqa: E402  (first: it picks TensorFlow's CPU kernels)
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
+
+import warpkeras  # noqa: E402  (first: it picks TensorFlow's CPU kernels)
 from warpkeras.meta import MAML  # noqa: E402
 
 
@@ -85,8 +93,10 @@ class MetaSGD(MAML):
     def build(self, engine):
         lr = float(engine.inner_lr.numpy())
         init = self.alpha_initializer or keras.initializers.Constant(lr)
-        self.alpha = [keras.Variable(init, shape=v.shape, dtype=v.dtype, name=f"alpha_{i}")
-                      for i, v in enumerate(engine.partition.task_variables)]
+        self.alpha = [
+            keras.Variable(init, shape=v.shape, dtype=v.dtype, name=f"alpha_{i}")
+            for i, v in enumerate(engine.partition.task_variables)
+        ]
         super().build(engine)
 
     def meta_variables(self, engine):
@@ -109,15 +119,25 @@ def sine_task(rng, shots=10, queries=10, test=100, name="sine"):
         x = rng.uniform(-5.0, 5.0, size=(n, 1)).astype("float32")
         return x, (amplitude * np.sin(x - phase)).astype("float32")
 
-    return warpkeras.Task(train=points(shots), meta=points(queries), test=points(test),
-                          batch_size=max(shots, queries), name=name)
+    return warpkeras.Task(
+        train=points(shots),
+        meta=points(queries),
+        test=points(test),
+        batch_size=max(shots, queries),
+        name=name,
+    )
 
 
 def make_model(width=32, seed=0):
     keras.utils.set_random_seed(seed)
-    return keras.Sequential([keras.Input((1,)), keras.layers.Dense(width, activation="relu"),
-                             keras.layers.Dense(width, activation="relu"),
-                             keras.layers.Dense(1)])
+    return keras.Sequential(
+        [
+            keras.Input((1,)),
+            keras.layers.Dense(width, activation="relu"),
+            keras.layers.Dense(width, activation="relu"),
+            keras.layers.Dense(1),
+        ]
+    )
 
 
 def main(argv=None):
@@ -131,26 +151,43 @@ def main(argv=None):
     def run(objective):
         """Held-out query loss after K steps, before and after meta-training."""
         trainer = warpkeras.MetaTrainer(
-            make_model(seed=args.seed), "mse", objectives=[objective],
-            inner_steps=args.inner_steps, meta_batch_size=args.meta_batch_size,
-            inner_learning_rate=args.inner_lr, seed=args.seed)
+            make_model(seed=args.seed),
+            "mse",
+            objectives=[objective],
+            inner_steps=args.inner_steps,
+            meta_batch_size=args.meta_batch_size,
+            inner_learning_rate=args.inner_lr,
+            seed=args.seed,
+        )
         before = trainer.evaluate(held_out, verbose=0)["final_test_loss"]["mean"]
-        trainer.fit(lambda rng: sine_task(rng, args.shots),
-                    **_common.fit_epochs(args.meta_steps), verbose=args.verbose)
+        trainer.fit(
+            lambda rng: sine_task(rng, args.shots),
+            **_common.fit_epochs(args.meta_steps),
+            verbose=args.verbose,
+        )
         return before, trainer.evaluate(held_out, verbose=0)["final_test_loss"]["mean"]
 
     meta_sgd = MetaSGD(optimizer=keras.optimizers.Adam(args.meta_lr))
     before, after = run(meta_sgd)
     alpha = np.concatenate([np.ravel(a.numpy()) for a in meta_sgd.alpha])
-    result = {"example": "meta_sgd", "meta_steps": args.meta_steps,
-              "inner_steps": args.inner_steps, "shots": args.shots,
-              "test_tasks": args.test_tasks, "held_out_loss_before": before,
-              "held_out_loss_after": after,
-              "alpha": {"min": float(alpha.min()), "mean": float(alpha.mean()),
-                        "max": float(alpha.max())}}
+    result = {
+        "example": "meta_sgd",
+        "meta_steps": args.meta_steps,
+        "inner_steps": args.inner_steps,
+        "shots": args.shots,
+        "test_tasks": args.test_tasks,
+        "held_out_loss_before": before,
+        "held_out_loss_after": after,
+        "alpha": {
+            "min": float(alpha.min()),
+            "mean": float(alpha.mean()),
+            "max": float(alpha.max()),
+        },
+    }
     if args.maml:
         result["maml_held_out_loss_after"] = run(
-            MAML(optimizer=keras.optimizers.Adam(args.meta_lr)))[1]
+            MAML(optimizer=keras.optimizers.Adam(args.meta_lr))
+        )[1]
     return _common.finish_demo(EXAMPLE, args, result, start)
 
 

@@ -120,8 +120,14 @@ METHOD_LABELS = {
 # WarpGrad Table 2, 5 meta-training tasks (the nearest to the 5 meta-training alphabets of
 # the shared 7-alphabet subset): test accuracy (%) after 100 steps on held-out alphabets of
 # the full data set; KFAC and SGD (10x batch and learning rate) have no meta-training.
-PAPER_TABLE2 = {"warp_leap": 75.0, "leap": 59.5, "reptile": 58.3, "finetune": 67.7,
-                "kfac": 56.0, "sgd_large_batch": 51.0}
+PAPER_TABLE2 = {
+    "warp_leap": 75.0,
+    "leap": 59.5,
+    "reptile": 58.3,
+    "finetune": 67.7,
+    "kfac": 56.0,
+    "sgd_large_batch": 51.0,
+}
 # The authors' Omniglot code on the shared 7-alphabet subset (its reference protocol, 50
 # meta steps, seed 0): test accuracy (%) after 100 steps on the 2 held-out alphabets.
 AUTHORS_CODE_SUBSET = {"warp_leap": 59.6, "leap": 53.2, "none": 20.2}
@@ -129,10 +135,18 @@ AUTHORS_CODE_SUBSET = {"warp_leap": 59.6, "leap": 53.2, "none": 20.2}
 # The protocols of --protocol: the choices each switches on (explicit flags win).
 PROTOCOLS = {
     # augmented meta batches: Warp-Leap 72.2% against Leap 60.7% (3 seeds, examples/README)
-    "default": {"augment_meta": True, "augment_test": False, "warp_init": "random",
-                "objective": "approx"},
-    "reference": {"augment_meta": True, "augment_test": True, "warp_init": "random",
-                  "objective": "approx"},
+    "default": {
+        "augment_meta": True,
+        "augment_test": False,
+        "warp_init": "random",
+        "objective": "approx",
+    },
+    "reference": {
+        "augment_meta": True,
+        "augment_test": True,
+        "warp_init": "random",
+        "objective": "approx",
+    },
 }
 
 # WarpGrad Table 4 (App. H): name -> (label, preconditioning, settings, the paper's
@@ -141,13 +155,30 @@ PROTOCOLS = {
 NGD_ROWS = {
     "sgd": ("SGD", "none", {"method": "sgd_large_batch"}, (40.1, 6.1)),
     "kfac": ("KFAC (NGD)", "linear (block-diagonal)", {"method": "kfac"}, (58.2, 3.2)),
-    "warp_linear": ("WarpGrad, linear warps", "linear (block-diagonal)",
-                    {"method": "warp_only", "warp": "conv3x3"}, (68.0, 4.4)),
-    "warp_expressive": ("WarpGrad, 2-layer conv + BN + Res + ReLU warps", "non-linear (full)",
-                        {"method": "warp_only", "warp": "residual2"}, (81.3, 4.0)),
+    "warp_linear": (
+        "WarpGrad, linear warps",
+        "linear (block-diagonal)",
+        {"method": "warp_only", "warp": "conv3x3"},
+        (68.0, 4.4),
+    ),
+    "warp_expressive": (
+        "WarpGrad, 2-layer conv + BN + Res + ReLU warps",
+        "non-linear (full)",
+        {"method": "warp_only", "warp": "residual2"},
+        (81.3, 4.0),
+    ),
 }
-WARPS = ("conv3x3", "conv1x1", "scaling", "conv_relu", "conv_bn", "conv_bn_relu", "residual",
-         "residual2", "film")
+WARPS = (
+    "conv3x3",
+    "conv1x1",
+    "scaling",
+    "conv_relu",
+    "conv_bn",
+    "conv_bn_relu",
+    "residual",
+    "residual2",
+    "film",
+)
 CONV_WARPS = ("conv3x3", "conv1x1", "conv_relu")
 WARP_LABELS = {
     "conv3x3": "3x3 conv",
@@ -174,8 +205,10 @@ ABLATION_ROWS = {
     "conv3x3": ("3x3 conv (default)", {"warp": "conv3x3"}),
     "conv3x3_approx": ("3x3 conv, approx objective", {"warp": "conv3x3", "objective": "approx"}),
     "conv3x3_online": ("3x3 conv, online", {"warp": "conv3x3", "meta_training": "online"}),
-    "conv3x3_learned_lr": ("3x3 conv, learned α, μ",
-                           {"warp": "conv3x3", "learn_lr": True, "learn_momentum": True}),
+    "conv3x3_learned_lr": (
+        "3x3 conv, learned α, μ",
+        {"warp": "conv3x3", "learn_lr": True, "learn_momentum": True},
+    ),
     "scaling": ("Scaling", {"warp": "scaling"}),
     "conv1x1": ("1x1 conv", {"warp": "conv1x1"}),
     "conv_relu": ("3x3 conv + ReLU", {"warp": "conv_relu"}),
@@ -211,11 +244,21 @@ class Preset:
 
 PRESETS = {
     "default": Preset(),
-    "paper": Preset(seeds=[0, 1, 2], meta_steps=50, inner_steps=100, eval_every=5,
-                    max_warp_updates=0),
-    "smoke": Preset(meta_steps=2, inner_steps=3, eval_steps=3, eval_every=1,
-                    meta_batch_size=2, task_batch_size=8, max_warp_updates=1, filters=8,
-                    num_train_alphabets=1, num_test_alphabets=1),
+    "paper": Preset(
+        seeds=[0, 1, 2], meta_steps=50, inner_steps=100, eval_every=5, max_warp_updates=0
+    ),
+    "smoke": Preset(
+        meta_steps=2,
+        inner_steps=3,
+        eval_steps=3,
+        eval_every=1,
+        meta_batch_size=2,
+        task_batch_size=8,
+        max_warp_updates=1,
+        filters=8,
+        num_train_alphabets=1,
+        num_test_alphabets=1,
+    ),
 }
 
 
@@ -225,126 +268,258 @@ def build_parser():
     """The command-line interface (see the module docstring, ``--help``)."""
     parser = _common.make_parser(EXAMPLE, __doc__)
     g = parser.add_argument_group("experiment")
-    g.add_argument("--preset", choices=("default", "paper"), default="default",
-                   help="size of the run; explicit flags override its values")
-    g.add_argument("--methods", type=_common.choice_list(METHODS),
-                   default=",".join(DEFAULT_METHODS),
-                   help="comma-separated methods to compare (default: "
-                        + ",".join(DEFAULT_METHODS) + "; also: sgd_large_batch, kfac)")
-    g.add_argument("--protocol", choices=tuple(PROTOCOLS), default="default",
-                   help="default: augmented meta batches, clean test images, "
-                        "--warp-init random, --objective approx; reference: the authors' "
-                        "protocol, the same with augmented test images. Explicit "
-                        "--augment-meta/--augment-test/--warp-init/--objective flags win "
-                        "over the protocol's choice")
-    g.add_argument("--ablation", action="store_true",
-                   help="run the rows of WarpGrad's Table 3 (App. G) instead of --methods")
-    g.add_argument("--ablation-rows", type=_common.choice_list(tuple(ABLATION_ROWS)),
-                   default=None, help="subset of ablation rows (default: all): "
-                                      + ", ".join(ABLATION_ROWS))
-    g.add_argument("--ngd-ablation", action="store_true",
-                   help="run the rows of WarpGrad's Table 4 (App. H: SGD, KFAC, linear and "
-                        "expressive warps from a random initialisation) instead of --methods")
-    g.add_argument("--ngd-rows", type=_common.choice_list(tuple(NGD_ROWS)), default=None,
-                   help="subset of --ngd-ablation rows (default: all): " + ", ".join(NGD_ROWS))
+    g.add_argument(
+        "--preset",
+        choices=("default", "paper"),
+        default="default",
+        help="size of the run; explicit flags override its values",
+    )
+    g.add_argument(
+        "--methods",
+        type=_common.choice_list(METHODS),
+        default=",".join(DEFAULT_METHODS),
+        help="comma-separated methods to compare (default: "
+        + ",".join(DEFAULT_METHODS)
+        + "; also: sgd_large_batch, kfac)",
+    )
+    g.add_argument(
+        "--protocol",
+        choices=tuple(PROTOCOLS),
+        default="default",
+        help="default: augmented meta batches, clean test images, "
+        "--warp-init random, --objective approx; reference: the authors' "
+        "protocol, the same with augmented test images. Explicit "
+        "--augment-meta/--augment-test/--warp-init/--objective flags win "
+        "over the protocol's choice",
+    )
+    g.add_argument(
+        "--ablation",
+        action="store_true",
+        help="run the rows of WarpGrad's Table 3 (App. G) instead of --methods",
+    )
+    g.add_argument(
+        "--ablation-rows",
+        type=_common.choice_list(tuple(ABLATION_ROWS)),
+        default=None,
+        help="subset of ablation rows (default: all): " + ", ".join(ABLATION_ROWS),
+    )
+    g.add_argument(
+        "--ngd-ablation",
+        action="store_true",
+        help="run the rows of WarpGrad's Table 4 (App. H: SGD, KFAC, linear and "
+        "expressive warps from a random initialisation) instead of --methods",
+    )
+    g.add_argument(
+        "--ngd-rows",
+        type=_common.choice_list(tuple(NGD_ROWS)),
+        default=None,
+        help="subset of --ngd-ablation rows (default: all): " + ", ".join(NGD_ROWS),
+    )
 
     g = parser.add_argument_group("data")
-    g.add_argument("--data-dir", default=None,
-                   help="folder of a local Omniglot copy (default: ../shared/data/omniglot "
-                        "next to the repository if it exists, else warpkeras's default)")
-    g.add_argument("--source", choices=("auto", "local", "tfds"), default="auto",
-                   help="where to load Omniglot from (tfds: TensorFlow Datasets, the full "
-                        "data set)")
-    g.add_argument("--num-train-alphabets", type=int, default=None,
-                   help="meta-training alphabets (default: all that are not held out)")
-    g.add_argument("--num-test-alphabets", type=int, default=None,
-                   help="held-out alphabets (default: 2 on the 7-alphabet subset, 10 on "
-                        "the full data set)")
+    g.add_argument(
+        "--data-dir",
+        default=None,
+        help="folder of a local Omniglot copy (default: ../shared/data/omniglot "
+        "next to the repository if it exists, else warpkeras's default)",
+    )
+    g.add_argument(
+        "--source",
+        choices=("auto", "local", "tfds"),
+        default="auto",
+        help="where to load Omniglot from (tfds: TensorFlow Datasets, the full data set)",
+    )
+    g.add_argument(
+        "--num-train-alphabets",
+        type=int,
+        default=None,
+        help="meta-training alphabets (default: all that are not held out)",
+    )
+    g.add_argument(
+        "--num-test-alphabets",
+        type=int,
+        default=None,
+        help="held-out alphabets (default: 2 on the 7-alphabet subset, 10 on the full data set)",
+    )
     g.add_argument("--num-classes", type=int, default=None, help="classes per task (20)")
     g.add_argument("--image-size", type=int, default=None, help="image side (28)")
-    g.add_argument("--no-augment", action="store_true",
-                   help="no random affine augmentation of adaptation batches")
-    g.add_argument("--augment-meta", action=argparse.BooleanOptionalAction, default=None,
-                   help="draw the meta-objective batches with the random affine "
-                        "augmentation too (default: from --protocol; on for both)")
-    g.add_argument("--augment-test", action=argparse.BooleanOptionalAction, default=None,
-                   help="augment the test images (one fixed draw per image and seed; "
-                        "default: from --protocol; on for reference only)")
+    g.add_argument(
+        "--no-augment",
+        action="store_true",
+        help="no random affine augmentation of adaptation batches",
+    )
+    g.add_argument(
+        "--augment-meta",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="draw the meta-objective batches with the random affine "
+        "augmentation too (default: from --protocol; on for both)",
+    )
+    g.add_argument(
+        "--augment-test",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="augment the test images (one fixed draw per image and seed; "
+        "default: from --protocol; on for reference only)",
+    )
 
     g = parser.add_argument_group("meta-training (defaults: default preset; paper preset)")
     g.add_argument("--meta-steps", type=int, default=None, help="meta steps (10; 50)")
-    g.add_argument("--meta-batch-size", type=int, default=None,
-                   help="tasks per meta step, drawn with replacement (5; 5)")
-    g.add_argument("--inner-steps", type=int, default=None,
-                   help="adaptation steps per task during meta-training (20; 100)")
-    g.add_argument("--task-batch-size", type=int, default=None,
-                   help="images per adaptation batch (20; 20)")
-    g.add_argument("--inner-lr", type=float, default=None,
-                   help="SGD learning rate of task adaptation (0.1; 0.1)")
-    g.add_argument("--meta-lr", type=float, default=None,
-                   help="SGD learning rate of the initialisation (Leap, Reptile) and, "
-                        "offline, of the warp (0.1; 0.1)")
-    g.add_argument("--warp-lr", type=float, default=None,
-                   help="SGD learning rate of the warp parameters (default: --meta-lr "
-                        "offline, 0.001 online as in WarpGrad App. G)")
-    g.add_argument("--finetune-lr", type=float, default=None,
-                   help="learning rate of fine-tuning, pre-training and adaptation "
-                        "(default: --inner-lr; the Leap paper found 0.01 best)")
-    g.add_argument("--reptile-meta-lr", type=float, default=None,
-                   help="Reptile's outer learning rate (default: --meta-lr; the Leap paper "
-                        "found 0.01 best)")
-    g.add_argument("--max-warp-updates", type=int, default=None,
-                   help="offline: cap on warp updates per meta step, 0 = one per stored "
-                        "point (20; 0)")
-    g.add_argument("--meta-interval", type=int, default=None,
-                   help="offline: stored points per warp update, η (1; 1)")
+    g.add_argument(
+        "--meta-batch-size",
+        type=int,
+        default=None,
+        help="tasks per meta step, drawn with replacement (5; 5)",
+    )
+    g.add_argument(
+        "--inner-steps",
+        type=int,
+        default=None,
+        help="adaptation steps per task during meta-training (20; 100)",
+    )
+    g.add_argument(
+        "--task-batch-size", type=int, default=None, help="images per adaptation batch (20; 20)"
+    )
+    g.add_argument(
+        "--inner-lr",
+        type=float,
+        default=None,
+        help="SGD learning rate of task adaptation (0.1; 0.1)",
+    )
+    g.add_argument(
+        "--meta-lr",
+        type=float,
+        default=None,
+        help="SGD learning rate of the initialisation (Leap, Reptile) and, "
+        "offline, of the warp (0.1; 0.1)",
+    )
+    g.add_argument(
+        "--warp-lr",
+        type=float,
+        default=None,
+        help="SGD learning rate of the warp parameters (default: --meta-lr "
+        "offline, 0.001 online as in WarpGrad App. G)",
+    )
+    g.add_argument(
+        "--finetune-lr",
+        type=float,
+        default=None,
+        help="learning rate of fine-tuning, pre-training and adaptation "
+        "(default: --inner-lr; the Leap paper found 0.01 best)",
+    )
+    g.add_argument(
+        "--reptile-meta-lr",
+        type=float,
+        default=None,
+        help="Reptile's outer learning rate (default: --meta-lr; the Leap paper found 0.01 best)",
+    )
+    g.add_argument(
+        "--max-warp-updates",
+        type=int,
+        default=None,
+        help="offline: cap on warp updates per meta step, 0 = one per stored point (20; 0)",
+    )
+    g.add_argument(
+        "--meta-interval",
+        type=int,
+        default=None,
+        help="offline: stored points per warp update, η (1; 1)",
+    )
 
     g = parser.add_argument_group("Warp-Leap design (WarpGrad App. G)")
-    g.add_argument("--warp", choices=WARPS, default="conv3x3",
-                   help="warp layer after each block: " + "; ".join(
-                       f"{k} = {v}" for k, v in WARP_LABELS.items()))
-    g.add_argument("--warp-init", choices=("identity", "random"), default=None,
-                   help="initial kernels of the conv warps (conv3x3, conv1x1, conv_relu): "
-                        "identity, or random like PyTorch's default conv initialisation "
-                        "(uniform in ±1/sqrt(fan-in), bias too), as in the authors' code "
-                        "(default: random for the conv warps, under both protocols; "
-                        "identity for the other warps)")
-    g.add_argument("--meta-training", choices=("offline", "online"), default="offline",
-                   help="WarpGrad Algorithm 2 (replay buffer) or Algorithm 1")
-    g.add_argument("--objective", choices=("exact", "approx"), default=None,
-                   help="warp meta-objective: Eq. 3, or with the inner gradient stopped "
-                        "(default: approx, under both protocols)")
-    g.add_argument("--learn-lr", action="store_true",
-                   help="meta-learn the scalar inner learning rate α (needs --objective "
-                        "exact)")
-    g.add_argument("--learn-momentum", action="store_true",
-                   help="meta-learn a scalar inner momentum μ (starts at "
-                        "--inner-momentum, default 1e-4; needs --objective exact; with or "
-                        "without --learn-lr)")
-    g.add_argument("--inner-momentum", type=float, default=None,
-                   help="heavy-ball momentum of Warp-Leap's adaptation (default: none)")
-    g.add_argument("--warp-leap-path-loss", action="store_true",
-                   help="include the loss as a coordinate of the path in Warp-Leap's Leap "
-                        "objective (Eq. 9); by default it is left out, as in the authors' "
-                        "Omniglot code; Leap always includes it")
+    g.add_argument(
+        "--warp",
+        choices=WARPS,
+        default="conv3x3",
+        help="warp layer after each block: "
+        + "; ".join(f"{k} = {v}" for k, v in WARP_LABELS.items()),
+    )
+    g.add_argument(
+        "--warp-init",
+        choices=("identity", "random"),
+        default=None,
+        help="initial kernels of the conv warps (conv3x3, conv1x1, conv_relu): "
+        "identity, or random like PyTorch's default conv initialisation "
+        "(uniform in ±1/sqrt(fan-in), bias too), as in the authors' code "
+        "(default: random for the conv warps, under both protocols; "
+        "identity for the other warps)",
+    )
+    g.add_argument(
+        "--meta-training",
+        choices=("offline", "online"),
+        default="offline",
+        help="WarpGrad Algorithm 2 (replay buffer) or Algorithm 1",
+    )
+    g.add_argument(
+        "--objective",
+        choices=("exact", "approx"),
+        default=None,
+        help="warp meta-objective: Eq. 3, or with the inner gradient stopped "
+        "(default: approx, under both protocols)",
+    )
+    g.add_argument(
+        "--learn-lr",
+        action="store_true",
+        help="meta-learn the scalar inner learning rate α (needs --objective exact)",
+    )
+    g.add_argument(
+        "--learn-momentum",
+        action="store_true",
+        help="meta-learn a scalar inner momentum μ (starts at "
+        "--inner-momentum, default 1e-4; needs --objective exact; with or "
+        "without --learn-lr)",
+    )
+    g.add_argument(
+        "--inner-momentum",
+        type=float,
+        default=None,
+        help="heavy-ball momentum of Warp-Leap's adaptation (default: none)",
+    )
+    g.add_argument(
+        "--warp-leap-path-loss",
+        action="store_true",
+        help="include the loss as a coordinate of the path in Warp-Leap's Leap "
+        "objective (Eq. 9); by default it is left out, as in the authors' "
+        "Omniglot code; Leap always includes it",
+    )
 
     g = parser.add_argument_group("model and evaluation")
     g.add_argument("--filters", type=int, default=None, help="filters per conv layer (64)")
-    g.add_argument("--eval-steps", type=int, default=None,
-                   help="adaptation steps on each held-out task (100; 100)")
-    g.add_argument("--eval-every", type=int, default=None,
-                   help="test-set evaluation interval along adaptation (10; 5)")
-    g.add_argument("--kfac-lr", type=float, default=0.3,
-                   help="learning rate of the kfac method (0.3; 1.0, the 10x rate of the "
-                        "paper, was unstable in a quick test)")
-    g.add_argument("--kfac-damping", type=float, default=1e-2,
-                   help="Tikhonov damping λ of the kfac method (1e-2)")
-    g.add_argument("--precision", choices=("float32", "bfloat16", "auto"), default="float32",
-                   help="layer compute precision: bfloat16 builds the models under Keras's "
-                        "mixed_bfloat16 policy (float32 variables, θ0, φ and meta-gradients; "
-                        "bfloat16 convolutions) where the hardware computes in bfloat16, else "
-                        "float32 with a warning; auto: bfloat16 where supported "
-                        "(warpkeras.precision; default float32)")
+    g.add_argument(
+        "--eval-steps",
+        type=int,
+        default=None,
+        help="adaptation steps on each held-out task (100; 100)",
+    )
+    g.add_argument(
+        "--eval-every",
+        type=int,
+        default=None,
+        help="test-set evaluation interval along adaptation (10; 5)",
+    )
+    g.add_argument(
+        "--kfac-lr",
+        type=float,
+        default=0.3,
+        help="learning rate of the kfac method (0.3; 1.0, the 10x rate of the "
+        "paper, was unstable in a quick test)",
+    )
+    g.add_argument(
+        "--kfac-damping",
+        type=float,
+        default=1e-2,
+        help="Tikhonov damping λ of the kfac method (1e-2)",
+    )
+    g.add_argument(
+        "--precision",
+        choices=("float32", "bfloat16", "auto"),
+        default="float32",
+        help="layer compute precision: bfloat16 builds the models under Keras's "
+        "mixed_bfloat16 policy (float32 variables, θ0, φ and meta-gradients; "
+        "bfloat16 convolutions) where the hardware computes in bfloat16, else "
+        "float32 with a warning; auto: bfloat16 where supported "
+        "(warpkeras.precision; default float32)",
+    )
     return parser
 
 
@@ -352,11 +527,11 @@ if __name__ == "__main__":
     # --help and flag errors are answered here, before TensorFlow loads (seconds).
     build_parser().parse_args()
 
-import warpkeras  # noqa: E402  (before TensorFlow: it chooses TensorFlow's CPU kernels)
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+import warpkeras  # noqa: E402  (before TensorFlow: it chooses TensorFlow's CPU kernels)
 from warpkeras import layers as wl  # noqa: E402
 from warpkeras import precision as wprecision  # noqa: E402
 from warpkeras.data import OmniglotNotFoundError, OmniglotTasks, load_omniglot  # noqa: E402
@@ -383,9 +558,11 @@ def resolve_config(args):
         preset=preset,
         protocol=args.protocol,
         protocol_sources=chosen,
-        augment_meta=protocol["augment_meta"] if args.augment_meta is None
+        augment_meta=protocol["augment_meta"]
+        if args.augment_meta is None
         else bool(args.augment_meta),
-        augment_test=protocol["augment_test"] if args.augment_test is None
+        augment_test=protocol["augment_test"]
+        if args.augment_test is None
         else bool(args.augment_test),
         methods=list(args.methods),
         ablation=bool(args.ablation),
@@ -412,28 +589,50 @@ def resolve_config(args):
         dtype_policy=wprecision.compute_policy(args.precision),
     )
     problems = []
-    for key in ("meta_batch_size", "inner_steps", "task_batch_size", "eval_steps", "eval_every",
-                "meta_interval", "filters", "num_classes"):
+    for key in (
+        "meta_batch_size",
+        "inner_steps",
+        "task_batch_size",
+        "eval_steps",
+        "eval_every",
+        "meta_interval",
+        "filters",
+        "num_classes",
+    ):
         if int(cfg[key]) < 1:
             problems.append(f"--{key.replace('_', '-')} must be >= 1 (got {cfg[key]})")
     for key in ("meta_steps", "max_warp_updates"):
         if int(cfg[key]) < 0:
             problems.append(f"--{key.replace('_', '-')} must be >= 0 (got {cfg[key]})")
     if cfg["image_size"] < 16:
-        problems.append(f"--image-size must be >= 16 for four 2x2 poolings "
-                        f"(got {cfg['image_size']})")
-    if (cfg["warp_init"] != "identity" and cfg["warp"] not in CONV_WARPS
-            and not cfg["ablation"]):
-        problems.append(f"--warp-init {cfg['warp_init']} applies to the conv warps "
-                        f"{', '.join(CONV_WARPS)}, not --warp {cfg['warp']}")
-    learned = [flag for flag, on in (("--learn-lr", cfg["learn_lr"]),
-                                     ("--learn-momentum", cfg["learn_momentum"])) if on]
+        problems.append(
+            f"--image-size must be >= 16 for four 2x2 poolings (got {cfg['image_size']})"
+        )
+    if cfg["warp_init"] != "identity" and cfg["warp"] not in CONV_WARPS and not cfg["ablation"]:
+        problems.append(
+            f"--warp-init {cfg['warp_init']} applies to the conv warps "
+            f"{', '.join(CONV_WARPS)}, not --warp {cfg['warp']}"
+        )
+    learned = [
+        flag
+        for flag, on in (
+            ("--learn-lr", cfg["learn_lr"]),
+            ("--learn-momentum", cfg["learn_momentum"]),
+        )
+        if on
+    ]
     if learned and cfg["objective"] != "exact":
-        problems.append(f"{' and '.join(learned)} need{'s' if len(learned) == 1 else ''} "
-                        "--objective exact (the approximate objective gives the learning "
-                        "rate and momentum no meta-gradient"
-                        + (f"; --protocol {args.protocol} chooses approx unless --objective "
-                           "exact is given" if args.objective is None else "") + ")")
+        problems.append(
+            f"{' and '.join(learned)} need{'s' if len(learned) == 1 else ''} "
+            "--objective exact (the approximate objective gives the learning "
+            "rate and momentum no meta-gradient"
+            + (
+                f"; --protocol {args.protocol} chooses approx unless --objective exact is given"
+                if args.objective is None
+                else ""
+            )
+            + ")"
+        )
     if cfg["ablation"] and cfg["ngd_ablation"]:
         problems.append("--ablation and --ngd-ablation are separate runs: give one of them")
     if not cfg["kfac_lr"] > 0:
@@ -456,7 +655,8 @@ def random_conv_initializers(fan_in):
     bound = 1.0 / float(np.sqrt(fan_in))
     return dict(
         kernel_initializer=keras.initializers.VarianceScaling(
-            scale=1.0 / 3.0, mode="fan_in", distribution="uniform"),
+            scale=1.0 / 3.0, mode="fan_in", distribution="uniform"
+        ),
         bias_initializer=keras.initializers.RandomUniform(-bound, bound),
     )
 
@@ -483,23 +683,27 @@ def make_warp(kind, filters, name, init="identity"):
     if kind == "scaling":
         return wl.ChannelScaling(name=name)
     if kind == "conv_bn":
-        return wl.ResidualWarpBlock(num_layers=1, residual=False, activation=None,
-                                    momentum=BN_MOMENTUM, name=name)
+        return wl.ResidualWarpBlock(
+            num_layers=1, residual=False, activation=None, momentum=BN_MOMENTUM, name=name
+        )
     if kind == "conv_bn_relu":
-        return wl.ResidualWarpBlock(num_layers=1, residual=False, activation="relu",
-                                    momentum=BN_MOMENTUM, name=name)
+        return wl.ResidualWarpBlock(
+            num_layers=1, residual=False, activation="relu", momentum=BN_MOMENTUM, name=name
+        )
     if kind == "residual":
         return wl.ResidualWarpBlock(num_layers=1, momentum=BN_MOMENTUM, name=name)
     if kind == "residual2":
-        return wl.ResidualWarpBlock(num_layers=2, hidden_filters=2 * filters,
-                                    momentum=BN_MOMENTUM, name=name)
+        return wl.ResidualWarpBlock(
+            num_layers=2, hidden_filters=2 * filters, momentum=BN_MOMENTUM, name=name
+        )
     if kind == "film":
         return wl.FiLMWarpBlock(hidden_filters=2 * filters, momentum=BN_MOMENTUM, name=name)
     raise ValueError(f"unknown warp {kind!r}; expected one of {WARPS}")
 
 
-def build_model(num_classes=20, image_size=28, filters=64, warp=None, blocks=4,
-                warp_init="identity"):
+def build_model(
+    num_classes=20, image_size=28, filters=64, warp=None, blocks=4, warp_init="identity"
+):
     """The Omniglot convolutional network, optionally with a warp layer after each block.
 
     Block i is ``conv{i}`` (3x3, "same") → ``pool{i}`` (2x2 max) → ``bn{i}`` (batch norm with
@@ -539,8 +743,13 @@ def model_for(spec, cfg, seed, init):
     keras.utils.set_random_seed(seed + 7919)  # random parts of warp blocks
     warp = spec["warp"] if spec["method"] in ("warp_leap", "warp_only") else None
     with wprecision.policy_scope(cfg["dtype_policy"]):
-        model, head = build_model(cfg["num_classes"], cfg["image_size"], cfg["filters"],
-                                  warp, warp_init=spec.get("warp_init", "identity"))
+        model, head = build_model(
+            cfg["num_classes"],
+            cfg["image_size"],
+            cfg["filters"],
+            warp,
+            warp_init=spec.get("warp_init", "identity"),
+        )
     for layer in model.layers:
         if layer.name in init:
             layer.set_weights(init[layer.name])
@@ -570,19 +779,30 @@ def make_trainer(spec, cfg, model, head, seed):
         cap = cfg["max_warp_updates"] or None
         warp_lr = cfg["warp_lr"] if cfg["warp_lr"] is not None else cfg["meta_lr"]
         return warpkeras.WarpTrainer(
-            model, LOSS, mode="offline", objective=spec["objective"], init_objective=None,
+            model,
+            LOSS,
+            mode="offline",
+            objective=spec["objective"],
+            init_objective=None,
             meta_optimizer=keras.optimizers.SGD(warp_lr),
-            meta_interval=cfg["meta_interval"], max_warp_updates=cap, **common)
+            meta_interval=cfg["meta_interval"],
+            max_warp_updates=cap,
+            **common,
+        )
     if method == "warp_leap":
         online = spec["meta_training"] == "online"
-        warp_lr = cfg["warp_lr"] if cfg["warp_lr"] is not None else (
-            0.001 if online else cfg["meta_lr"])
+        warp_lr = (
+            cfg["warp_lr"] if cfg["warp_lr"] is not None else (0.001 if online else cfg["meta_lr"])
+        )
         momentum = cfg["inner_momentum"]
         if spec["learn_momentum"] and momentum is None:
             momentum = 1e-4
         cap = cfg["max_warp_updates"] or None
         return warpkeras.WarpTrainer(
-            model, LOSS, mode=spec["meta_training"], objective=spec["objective"],
+            model,
+            LOSS,
+            mode=spec["meta_training"],
+            objective=spec["objective"],
             init_objective="leap",
             meta_optimizer=keras.optimizers.SGD(warp_lr),
             init_optimizer=keras.optimizers.SGD(cfg["meta_lr"]),
@@ -595,17 +815,20 @@ def make_trainer(spec, cfg, model, head, seed):
             **common,
         )
     if method == "leap":
-        return warpkeras.LeapTrainer(model, LOSS, meta_optimizer=keras.optimizers.SGD(
-            cfg["meta_lr"]), **common)
+        return warpkeras.LeapTrainer(
+            model, LOSS, meta_optimizer=keras.optimizers.SGD(cfg["meta_lr"]), **common
+        )
     if method == "reptile":
         lr = cfg["reptile_meta_lr"] if cfg["reptile_meta_lr"] is not None else cfg["meta_lr"]
-        return warpkeras.ReptileTrainer(model, LOSS, meta_optimizer=keras.optimizers.SGD(lr),
-                                        **common)
+        return warpkeras.ReptileTrainer(
+            model, LOSS, meta_optimizer=keras.optimizers.SGD(lr), **common
+        )
     if method == "finetune":
         if cfg["finetune_lr"] is not None:
             common["inner_learning_rate"] = cfg["finetune_lr"]
-        return warpkeras.FineTuneTrainer(model, LOSS, head_layers=[head], multi_headed=True,
-                                         **common)
+        return warpkeras.FineTuneTrainer(
+            model, LOSS, head_layers=[head], multi_headed=True, **common
+        )
     if method == "none":
         return warpkeras.NoMetaTrainer(model, LOSS, **common)
     raise ValueError(f"unknown method {method!r}")
@@ -616,8 +839,7 @@ def inner_optimizer(spec, cfg, seed):
     trainer's SGD step)."""
     if spec["method"] != "kfac":
         return None
-    return warpkeras.KFAC(learning_rate=cfg["kfac_lr"], damping=cfg["kfac_damping"],
-                          seed=seed)
+    return warpkeras.KFAC(learning_rate=cfg["kfac_lr"], damping=cfg["kfac_damping"], seed=seed)
 
 
 # ------------------------------------------------------------------------------------------
@@ -635,8 +857,7 @@ def load_data(args, cfg):
     if args.source == "tfds":
         data_dir = None
     try:
-        return load_omniglot(source=args.source, data_dir=data_dir,
-                             image_size=cfg["image_size"])
+        return load_omniglot(source=args.source, data_dir=data_dir, image_size=cfg["image_size"])
     except OmniglotNotFoundError as err:
         raise SystemExit(f"omniglot.py: {err}") from err
 
@@ -650,8 +871,12 @@ def split_tasks(data, cfg, seed):
     any_augment = cfg["augment"] or cfg["augment_meta"] or cfg["augment_test"]
     try:
         tasks = OmniglotTasks(
-            data, num_classes=cfg["num_classes"], num_meta_val=0, num_meta_test=n_test,
-            num_meta_train=cfg["num_train_alphabets"], seed=seed,
+            data,
+            num_classes=cfg["num_classes"],
+            num_meta_val=0,
+            num_meta_test=n_test,
+            num_meta_train=cfg["num_train_alphabets"],
+            seed=seed,
             augmentation=None if any_augment else False,
         )
     except ValueError as err:
@@ -690,21 +915,32 @@ def make_task(task, cfg, batch_size, test_x=None):
     test = base.test
     if test_x is not None:
         test = (test_x, task.y_test)
-    return warpkeras.Task(train=base.train, meta=meta, test=test, batch_size=batch_size,
-                          augment=base.augment, name=base.name, info=base.info)
+    return warpkeras.Task(
+        train=base.train,
+        meta=meta,
+        test=test,
+        batch_size=batch_size,
+        augment=base.augment,
+        name=base.name,
+        info=base.info,
+    )
 
 
 def task_sets(tasks, cfg, seed):
     """``scale -> (meta-training tasks, held-out tasks)`` with task batches of
     ``scale * --task-batch-size`` for scale 1 and `LARGE_BATCH`; the sets share their
     (augmented, under --augment-test) test images."""
-    tests = [augmented_test_images(t, seed, i) if cfg["augment_test"] else None
-             for i, t in enumerate(tasks.meta_test)]
+    tests = [
+        augmented_test_images(t, seed, i) if cfg["augment_test"] else None
+        for i, t in enumerate(tasks.meta_test)
+    ]
     out = {}
     for scale in (1, cfg["large_batch"]):
         batch = scale * cfg["task_batch_size"]
-        out[scale] = ([make_task(t, cfg, batch) for t in tasks.meta_train],
-                      [make_task(t, cfg, batch, x) for t, x in zip(tasks.meta_test, tests)])
+        out[scale] = (
+            [make_task(t, cfg, batch) for t in tasks.meta_train],
+            [make_task(t, cfg, batch, x) for t, x in zip(tasks.meta_test, tests)],
+        )
     return out
 
 
@@ -712,9 +948,14 @@ def task_sets(tasks, cfg, seed):
 # runs
 def run_specs(cfg):
     """The list of runs: one per method, or one per ablation row."""
-    base = dict(warp=cfg["warp"], warp_init=cfg["warp_init"],
-                meta_training=cfg["meta_training"], objective=cfg["objective"],
-                learn_lr=cfg["learn_lr"], learn_momentum=cfg["learn_momentum"])
+    base = dict(
+        warp=cfg["warp"],
+        warp_init=cfg["warp_init"],
+        meta_training=cfg["meta_training"],
+        objective=cfg["objective"],
+        learn_lr=cfg["learn_lr"],
+        learn_momentum=cfg["learn_momentum"],
+    )
     specs = []
     if cfg["ngd_ablation"]:
         for name in cfg["ngd_rows"]:
@@ -723,16 +964,27 @@ def run_specs(cfg):
             spec.update(override)
             if spec.get("warp") not in CONV_WARPS:
                 spec["warp_init"] = "identity"
-            spec.update(name=name, label=label, preconditioning=preconditioning,
-                        paper_accuracy={"mean": paper[0], "std": paper[1]},
-                        batch_scale=cfg["large_batch"])
+            spec.update(
+                name=name,
+                label=label,
+                preconditioning=preconditioning,
+                paper_accuracy={"mean": paper[0], "std": paper[1]},
+                batch_scale=cfg["large_batch"],
+            )
             specs.append(spec)
         return specs
     if cfg["ablation"]:
         for name in cfg["ablation_rows"]:
             label, override = ABLATION_ROWS[name]
-            spec = dict(base, warp="conv3x3", meta_training="offline", objective="exact",
-                        learn_lr=False, learn_momentum=False, method="warp_leap")
+            spec = dict(
+                base,
+                warp="conv3x3",
+                meta_training="offline",
+                objective="exact",
+                learn_lr=False,
+                learn_momentum=False,
+                method="warp_leap",
+            )
             spec.update(override)
             if spec["warp"] not in CONV_WARPS:
                 spec["warp_init"] = "identity"
@@ -742,17 +994,31 @@ def run_specs(cfg):
     for method in cfg["methods"]:
         label = METHOD_LABELS[method]
         default = PROTOCOLS["default"]
-        if method == "warp_leap" and (base["warp"] != "conv3x3" or base["meta_training"]
-                                      != "offline" or base["objective"] != default["objective"]
-                                      or base["learn_lr"]):
-            label += f" ({WARP_LABELS[base['warp']]}, {base['meta_training']}, " \
-                     f"{base['objective']}{', learned α' if base['learn_lr'] else ''})"
-        if (method == "warp_leap" and base["warp"] in CONV_WARPS
-                and base["warp_init"] != default["warp_init"]):
+        if method == "warp_leap" and (
+            base["warp"] != "conv3x3"
+            or base["meta_training"] != "offline"
+            or base["objective"] != default["objective"]
+            or base["learn_lr"]
+        ):
+            label += (
+                f" ({WARP_LABELS[base['warp']]}, {base['meta_training']}, "
+                f"{base['objective']}{', learned α' if base['learn_lr'] else ''})"
+            )
+        if (
+            method == "warp_leap"
+            and base["warp"] in CONV_WARPS
+            and base["warp_init"] != default["warp_init"]
+        ):
             label += f" ({base['warp_init']} warp init)"
-        specs.append(dict(base, method=method, name=method, label=label,
-                          batch_scale=cfg["large_batch"] if method in LARGE_BATCH_METHODS
-                          else 1))
+        specs.append(
+            dict(
+                base,
+                method=method,
+                name=method,
+                label=label,
+                batch_scale=cfg["large_batch"] if method in LARGE_BATCH_METHODS else 1,
+            )
+        )
     return specs
 
 
@@ -762,19 +1028,27 @@ def run_one(spec, cfg, seed, init, train_tasks, test_tasks):
     trainer = make_trainer(spec, cfg, model, head, seed)
     optimizer = inner_optimizer(spec, cfg, seed)
     if cfg["verbose"]:
-        print(f"\n[{spec['label']}] seed {seed}: meta-training "
-              f"({cfg['meta_steps']} meta steps)", flush=True)
+        print(
+            f"\n[{spec['label']}] seed {seed}: meta-training ({cfg['meta_steps']} meta steps)",
+            flush=True,
+        )
     with _common.Stopwatch() as fit_time:
-        history = trainer.fit(train_tasks, meta_steps=cfg["meta_steps"],
-                              verbose=cfg["verbose"])
+        history = trainer.fit(train_tasks, meta_steps=cfg["meta_steps"], verbose=cfg["verbose"])
     if cfg["verbose"]:
-        print(f"[{spec['label']}] seed {seed}: adapting to {len(test_tasks)} held-out "
-              f"tasks for {cfg['eval_steps']} steps", flush=True)
+        print(
+            f"[{spec['label']}] seed {seed}: adapting to {len(test_tasks)} held-out "
+            f"tasks for {cfg['eval_steps']} steps",
+            flush=True,
+        )
     with _common.Stopwatch() as eval_time:
-        report = trainer.evaluate(test_tasks, steps=cfg["eval_steps"],
-                                  eval_every=cfg["eval_every"], seed=seed,
-                                  verbose=1 if cfg["verbose"] else 0,
-                                  inner_optimizer=optimizer)
+        report = trainer.evaluate(
+            test_tasks,
+            steps=cfg["eval_steps"],
+            eval_every=cfg["eval_every"],
+            seed=seed,
+            verbose=1 if cfg["verbose"] else 0,
+            inner_optimizer=optimizer,
+        )
     hist = {k: [float(v) for v in vals] for k, vals in (history.history or {}).items()}
     step_seconds = hist.get("seconds", [])
     record = {
@@ -784,16 +1058,21 @@ def run_one(spec, cfg, seed, init, train_tasks, test_tasks):
         "final_test_loss": report["final_test_loss"]["values"],
         "auc": report["auc"]["values"],
         "curves": [
-            {"test_steps": c["test_steps"], "test_accuracy": c["test_accuracy"],
-             "test_loss": c["test_loss"], "train_loss": c["train_loss"],
-             "train_accuracy": c["train_accuracy"]}
+            {
+                "test_steps": c["test_steps"],
+                "test_accuracy": c["test_accuracy"],
+                "test_loss": c["test_loss"],
+                "train_loss": c["train_loss"],
+                "train_accuracy": c["train_accuracy"],
+            }
             for c in report["curves"]
         ],
         "history": hist,
         "meta_train_seconds": fit_time.seconds,
         "eval_seconds": eval_time.seconds,
         # the first meta step includes tracing the step functions
-        "seconds_per_meta_step": float(np.median(step_seconds[1:])) if len(step_seconds) > 1
+        "seconds_per_meta_step": float(np.median(step_seconds[1:]))
+        if len(step_seconds) > 1
         else (step_seconds[0] if step_seconds else None),
         "eval_seconds_per_adaptation_step": eval_time.seconds
         / max(1, len(test_tasks) * cfg["eval_steps"]),
@@ -807,10 +1086,12 @@ def run_one(spec, cfg, seed, init, train_tasks, test_tasks):
     if trainer.learn_mu:
         record["learned_inner_momentum"] = float(trainer.inner_mu.numpy())
     if cfg["verbose"]:
-        print(f"[{spec['label']}] seed {seed}: test accuracy "
-              f"{np.mean(record['final_test_accuracy']) * 100:.1f}%, AUC "
-              f"{np.mean(record['auc']):.3f}, meta-training {fit_time.seconds:.0f}s",
-              flush=True)
+        print(
+            f"[{spec['label']}] seed {seed}: test accuracy "
+            f"{np.mean(record['final_test_accuracy']) * 100:.1f}%, AUC "
+            f"{np.mean(record['auc']):.3f}, meta-training {fit_time.seconds:.0f}s",
+            flush=True,
+        )
     return record, trainer
 
 
@@ -820,8 +1101,18 @@ def summarise(spec, records):
     curves = [c for r in records for c in r["curves"]]
     out = {
         "label": spec["label"],
-        "settings": {k: spec[k] for k in ("method", "warp", "warp_init", "meta_training",
-                                          "objective", "learn_lr", "learn_momentum")},
+        "settings": {
+            k: spec[k]
+            for k in (
+                "method",
+                "warp",
+                "warp_init",
+                "meta_training",
+                "objective",
+                "learn_lr",
+                "learn_momentum",
+            )
+        },
         "task_batch_scale": spec.get("batch_scale", 1),
         "final_test_accuracy": _common.stats(acc),
         "final_test_loss": _common.stats([v for r in records for v in r["final_test_loss"]]),
@@ -830,8 +1121,9 @@ def summarise(spec, records):
         "meta_train_seconds": float(sum(r["meta_train_seconds"] for r in records)),
         "eval_seconds": float(sum(r["eval_seconds"] for r in records)),
     }
-    per_step = [r["seconds_per_meta_step"] for r in records
-                if r["seconds_per_meta_step"] is not None]
+    per_step = [
+        r["seconds_per_meta_step"] for r in records if r["seconds_per_meta_step"] is not None
+    ]
     out["seconds_per_meta_step"] = float(np.mean(per_step)) if per_step else None
     if curves:
         test_acc = np.array([c["test_accuracy"] for c in curves], dtype=float)
@@ -860,14 +1152,18 @@ def export_warp_leap(model, trainer, cfg, export_dir, train_tasks, test_task):
     ``adapt_and_predict`` signature (full-batch SGD on the first adaptation images of the
     held-out task), and measures accuracy on the task's test images.
     """
-    x_cal = np.concatenate([t.train[0][:cfg["task_batch_size"]] for t in train_tasks])
+    x_cal = np.concatenate([t.train[0][: cfg["task_batch_size"]] for t in train_tasks])
     model(x_cal, training=True)  # with momentum 0 the moving statistics become these
     steps = cfg["eval_steps"]
     info = _common.export_model(
-        model, export_dir, loss="sparse_categorical_crossentropy", from_logits=True,
+        model,
+        export_dir,
+        loss="sparse_categorical_crossentropy",
+        from_logits=True,
         learning_rate=float(trainer.inner_lr.numpy()),
         momentum=float(trainer.inner_mu.numpy()) if trainer.use_momentum else None,
-        steps=steps, training=True,
+        steps=steps,
+        training=True,
     )
     if info["format"] != "warpkeras.export_adaptive":
         return info
@@ -878,8 +1174,11 @@ def export_warp_leap(model, trainer, cfg, export_dir, train_tasks, test_task):
     served = tf.saved_model.load(str(export_dir))
     x_test, y_test = test_task.test
     out = served.signatures["adapt_and_predict"](
-        x=tf.constant(x[pick]), y=tf.constant(y[pick].astype(np.int64)),
-        steps=tf.constant(check_steps, tf.int32), queries=tf.constant(x_test))
+        x=tf.constant(x[pick]),
+        y=tf.constant(y[pick].astype(np.int64)),
+        steps=tf.constant(check_steps, tf.int32),
+        queries=tf.constant(x_test),
+    )
     pred = np.argmax(out["predictions"].numpy(), axis=-1)
     info["check"] = {
         "task": test_task.name,
@@ -915,26 +1214,45 @@ def plot_curves(results, path, title):
         curves = res.get("curves")
         if not curves:
             continue
-        line = _common.plot_band(axes[0], curves["test_steps"], curves["test_accuracy_mean"],
-                                 curves["test_accuracy_std"], label=res["label"], marker=".")
-        _common.plot_band(axes[1], curves["train_steps"], smooth(curves["train_error_mean"]),
-                          smooth(curves["train_error_std"]), label=res["label"],
-                          color=line.get_color())
+        line = _common.plot_band(
+            axes[0],
+            curves["test_steps"],
+            curves["test_accuracy_mean"],
+            curves["test_accuracy_std"],
+            label=res["label"],
+            marker=".",
+        )
+        _common.plot_band(
+            axes[1],
+            curves["train_steps"],
+            smooth(curves["train_error_mean"]),
+            smooth(curves["train_error_std"]),
+            label=res["label"],
+            color=line.get_color(),
+        )
         losses = [r["history"].get("loss") for r in res["per_seed"]]
         losses = [seed_losses for seed_losses in losses if seed_losses]
         if losses:
             n = min(len(seed_losses) for seed_losses in losses)
-            mean = np.nanmean([np.asarray(seed_losses[:n], dtype=float) for seed_losses in losses],
-                              axis=0)
-            window = _common.plot_smoothed(axes[2], np.arange(1, n + 1), mean,
-                                           label=res["label"], color=line.get_color())
-    axes[0].set(xlabel="adaptation step", ylabel="test accuracy",
-                title="Held-out tasks: test accuracy")
-    axes[1].set(xlabel="adaptation step",
-                ylabel=f"training error (1 - batch accuracy), {SMOOTHING}-step mean",
-                title="Held-out tasks: training error")
-    axes[2].set(xlabel="meta step", ylabel="task loss after adaptation",
-                title=f"Meta-training tasks (faint: raw, bold: {window}-step mean)")
+            mean = np.nanmean(
+                [np.asarray(seed_losses[:n], dtype=float) for seed_losses in losses], axis=0
+            )
+            window = _common.plot_smoothed(
+                axes[2], np.arange(1, n + 1), mean, label=res["label"], color=line.get_color()
+            )
+    axes[0].set(
+        xlabel="adaptation step", ylabel="test accuracy", title="Held-out tasks: test accuracy"
+    )
+    axes[1].set(
+        xlabel="adaptation step",
+        ylabel=f"training error (1 - batch accuracy), {SMOOTHING}-step mean",
+        title="Held-out tasks: training error",
+    )
+    axes[2].set(
+        xlabel="meta step",
+        ylabel="task loss after adaptation",
+        title=f"Meta-training tasks (faint: raw, bold: {window}-step mean)",
+    )
     for ax in axes:
         ax.grid(alpha=0.3)
         _common.integer_ticks(ax, "x")
@@ -946,18 +1264,27 @@ def plot_curves(results, path, title):
 def paper_figures(mode):
     """The papers' figures that the results of `mode` are compared with (JSON)."""
     if mode == "ngd_ablation":
-        return {"source": "WarpGrad App. H, Table 4: test accuracy (%) after 100 steps, mean "
-                          "± std over 4 seeds, 25 meta-training tasks, batch 200, lr 1.0",
-                "rows": {k: {"label": v[0], "preconditioning": v[1], "mean": v[3][0],
-                             "std": v[3][1]} for k, v in NGD_ROWS.items()}}
+        return {
+            "source": "WarpGrad App. H, Table 4: test accuracy (%) after 100 steps, mean "
+            "± std over 4 seeds, 25 meta-training tasks, batch 200, lr 1.0",
+            "rows": {
+                k: {"label": v[0], "preconditioning": v[1], "mean": v[3][0], "std": v[3][1]}
+                for k, v in NGD_ROWS.items()
+            },
+        }
     if mode == "comparison":
-        return {"table2": {"source": "WarpGrad Table 2, 5 meta-training tasks: test "
-                                     "accuracy (%) after 100 steps",
-                           "accuracy": PAPER_TABLE2},
-                "authors_code_subset": {
-                    "source": "the authors' Omniglot code on the shared 7-alphabet subset, "
-                              "reference protocol, 50 meta steps, seed 0",
-                    "accuracy": AUTHORS_CODE_SUBSET}}
+        return {
+            "table2": {
+                "source": "WarpGrad Table 2, 5 meta-training tasks: test "
+                "accuracy (%) after 100 steps",
+                "accuracy": PAPER_TABLE2,
+            },
+            "authors_code_subset": {
+                "source": "the authors' Omniglot code on the shared 7-alphabet subset, "
+                "reference protocol, 50 meta steps, seed 0",
+                "accuracy": AUTHORS_CODE_SUBSET,
+            },
+        }
     return None
 
 
@@ -966,16 +1293,23 @@ def result_table(mode, specs, results):
     timing = ["s / meta step", "meta-train s"]
 
     def times(r):
-        return [f"{r['seconds_per_meta_step']:.2f}" if r["seconds_per_meta_step"] else "-",
-                f"{r['meta_train_seconds']:.0f}"]
+        return [
+            f"{r['seconds_per_meta_step']:.2f}" if r["seconds_per_meta_step"] else "-",
+            f"{r['meta_train_seconds']:.0f}",
+        ]
 
     if mode == "ngd_ablation":
-        headers = ["method", "preconditioning", "test accuracy (%)",
-                   "paper Table 4 (%)", *timing]
-        rows = [[r["label"], spec["preconditioning"],
-                 _common.format_stat(r["final_test_accuracy"]),
-                 f"{spec['paper_accuracy']['mean']:.1f} ± {spec['paper_accuracy']['std']:.1f}",
-                 *times(r)] for spec, r in ((s, results[s["name"]]) for s in specs)]
+        headers = ["method", "preconditioning", "test accuracy (%)", "paper Table 4 (%)", *timing]
+        rows = [
+            [
+                r["label"],
+                spec["preconditioning"],
+                _common.format_stat(r["final_test_accuracy"]),
+                f"{spec['paper_accuracy']['mean']:.1f} ± {spec['paper_accuracy']['std']:.1f}",
+                *times(r),
+            ]
+            for spec, r in ((s, results[s["name"]]) for s in specs)
+        ]
         return headers, rows
     headers = ["method", "test accuracy (%)", "AUC (train error)", *timing]
     if mode == "comparison":
@@ -983,11 +1317,17 @@ def result_table(mode, specs, results):
     rows = []
     for spec in specs:
         r = results[spec["name"]]
-        row = [r["label"], _common.format_stat(r["final_test_accuracy"]),
-               _common.format_stat(r["auc"], scale=1.0, digits=3), *times(r)]
+        row = [
+            r["label"],
+            _common.format_stat(r["final_test_accuracy"]),
+            _common.format_stat(r["auc"], scale=1.0, digits=3),
+            *times(r),
+        ]
         if mode == "comparison":
-            row[2:2] = [_paper(PAPER_TABLE2, spec["method"]),
-                        _paper(AUTHORS_CODE_SUBSET, spec["method"])]
+            row[2:2] = [
+                _paper(PAPER_TABLE2, spec["method"]),
+                _paper(AUTHORS_CODE_SUBSET, spec["method"]),
+            ]
         rows.append(row)
     return headers, rows
 
@@ -1006,17 +1346,20 @@ def main(argv=None):
     cfg = resolve_config(args)
     out_dir, export_dir = _common.output_dirs(args, EXAMPLE)
     specs = run_specs(cfg)
-    mode = "ablation" if cfg["ablation"] else "ngd_ablation" if cfg["ngd_ablation"] \
-        else "comparison"
-    name = {"ablation": "omniglot_ablation", "ngd_ablation": "omniglot_ngd"}.get(mode,
-                                                                               "omniglot")
+    mode = (
+        "ablation" if cfg["ablation"] else "ngd_ablation" if cfg["ngd_ablation"] else "comparison"
+    )
+    name = {"ablation": "omniglot_ablation", "ngd_ablation": "omniglot_ngd"}.get(mode, "omniglot")
     json_path = out_dir / f"{name}.json"
     records = {spec["name"]: [] for spec in specs}
     splits, state = {}, {"export": None, "plots": {}}
 
     def write(seconds, complete):
-        results = {spec["name"]: summarise(spec, records[spec["name"]])
-                   for spec in specs if records[spec["name"]]}
+        results = {
+            spec["name"]: summarise(spec, records[spec["name"]])
+            for spec in specs
+            if records[spec["name"]]
+        }
         output = {
             "example": EXAMPLE,
             "mode": mode,
@@ -1031,14 +1374,17 @@ def main(argv=None):
                 "objective": cfg["objective"],
                 "sources": cfg["protocol_sources"],
             },
-            "data": {"source": data.source, "usable_alphabets":
-                     data.usable_alphabets(cfg["num_classes"]), "splits": splits},
+            "data": {
+                "source": data.source,
+                "usable_alphabets": data.usable_alphabets(cfg["num_classes"]),
+                "splits": splits,
+            },
             "metric_notes": {
                 "final_test_accuracy": "accuracy on each held-out task's test images after "
-                                       "the last adaptation step; mean/std over tasks and "
-                                       "seeds",
+                "the last adaptation step; mean/std over tasks and "
+                "seeds",
                 "auc": "mean over adaptation steps of 1 - accuracy on the adaptation batches "
-                       "(area under the training-error curve); lower is better",
+                "(area under the training-error curve); lower is better",
             },
             "results": results,
             "paper": paper_figures(mode),
@@ -1053,64 +1399,98 @@ def main(argv=None):
     with _common.Stopwatch() as total:
         data = load_data(args, cfg)
         if cfg["verbose"]:
-            print(f"Omniglot: {data}; usable alphabets "
-                  f"{data.usable_alphabets(cfg['num_classes'])}", flush=True)
+            print(
+                f"Omniglot: {data}; usable alphabets {data.usable_alphabets(cfg['num_classes'])}",
+                flush=True,
+            )
         for seed in cfg["seeds"]:
             tasks, sets = split_tasks(data, cfg, seed)
-            splits[seed] = {"meta_train": tasks.meta_train_alphabets,
-                            "held_out": tasks.meta_test_alphabets}
+            splits[seed] = {
+                "meta_train": tasks.meta_train_alphabets,
+                "held_out": tasks.meta_test_alphabets,
+            }
             if cfg["verbose"]:
-                print(f"\nSeed {seed}: meta-train alphabets {tasks.meta_train_alphabets}, "
-                      f"held-out {tasks.meta_test_alphabets}", flush=True)
+                print(
+                    f"\nSeed {seed}: meta-train alphabets {tasks.meta_train_alphabets}, "
+                    f"held-out {tasks.meta_test_alphabets}",
+                    flush=True,
+                )
             init = shared_initialisation(cfg, seed)
             for spec in specs:
                 train_tasks, test_tasks = sets[spec.get("batch_scale", 1)]
                 record, trainer = run_one(spec, cfg, seed, init, train_tasks, test_tasks)
                 records[spec["name"]].append(record)
-                if (spec["method"] == "warp_leap" and mode == "comparison"
-                        and state["export"] is None and not args.no_export):
-                    info = export_warp_leap(trainer.model, trainer, cfg, export_dir,
-                                            train_tasks, test_tasks[0])
+                if (
+                    spec["method"] == "warp_leap"
+                    and mode == "comparison"
+                    and state["export"] is None
+                    and not args.no_export
+                ):
+                    info = export_warp_leap(
+                        trainer.model, trainer, cfg, export_dir, train_tasks, test_tasks[0]
+                    )
                     info["seed"] = seed
                     state["export"] = info
                     if cfg["verbose"]:
-                        print(f"Exported Warp-Leap to {export_dir}"
-                              + (f" (check: {info['check']['query_accuracy'] * 100:.1f}%"
-                                 f" test accuracy after {info['check']['full_batch_steps']}"
-                                 " full-batch steps)" if "check" in info else ""),
-                              flush=True)
+                        print(
+                            f"Exported Warp-Leap to {export_dir}"
+                            + (
+                                f" (check: {info['check']['query_accuracy'] * 100:.1f}%"
+                                f" test accuracy after {info['check']['full_batch_steps']}"
+                                " full-batch steps)"
+                                if "check" in info
+                                else ""
+                            ),
+                            flush=True,
+                        )
                 write(time.perf_counter() - total.start, complete=False)
 
     results = {spec["name"]: summarise(spec, records[spec["name"]]) for spec in specs}
-    title = (f"Omniglot {cfg['num_classes']}-way, {len(cfg['seeds'])} seed(s), "
-             f"{cfg['meta_steps']} meta steps x {cfg['inner_steps']} adaptation steps")
+    title = (
+        f"Omniglot {cfg['num_classes']}-way, {len(cfg['seeds'])} seed(s), "
+        f"{cfg['meta_steps']} meta steps x {cfg['inner_steps']} adaptation steps"
+    )
     plots = state["plots"]
     plots["curves"] = str(plot_curves(results, out_dir / f"{name}_curves.png", title))
     if cfg["ablation"]:
         labels = [r["label"] for r in results.values()]
         means = [r["final_test_accuracy"]["mean"] or 0.0 for r in results.values()]
         stds = [r["final_test_accuracy"]["std"] or 0.0 for r in results.values()]
-        plots["ablation"] = str(_common.bar_plot(
-            out_dir / f"{name}.png", labels, [m * 100 for m in means], [s * 100 for s in stds],
-            ylabel=f"test accuracy after {cfg['eval_steps']} steps (%)",
-            title="WarpGrad ablation (App. G, Table 3)"))
+        plots["ablation"] = str(
+            _common.bar_plot(
+                out_dir / f"{name}.png",
+                labels,
+                [m * 100 for m in means],
+                [s * 100 for s in stds],
+                ylabel=f"test accuracy after {cfg['eval_steps']} steps (%)",
+                title="WarpGrad ablation (App. G, Table 3)",
+            )
+        )
     if mode == "ngd_ablation":
         labels = [r["label"] for r in results.values()]
         means = [r["final_test_accuracy"]["mean"] or 0.0 for r in results.values()]
         stds = [r["final_test_accuracy"]["std"] or 0.0 for r in results.values()]
-        plots["ngd_ablation"] = str(_common.bar_plot(
-            out_dir / f"{name}.png", labels, [m * 100 for m in means], [s * 100 for s in stds],
-            ylabel=f"test accuracy after {cfg['eval_steps']} steps (%)",
-            title="Warped geometry vs natural gradient (App. H, Table 4)"))
+        plots["ngd_ablation"] = str(
+            _common.bar_plot(
+                out_dir / f"{name}.png",
+                labels,
+                [m * 100 for m in means],
+                [s * 100 for s in stds],
+                ylabel=f"test accuracy after {cfg['eval_steps']} steps (%)",
+                title="Warped geometry vs natural gradient (App. H, Table 4)",
+            )
+        )
     output = write(total.seconds, complete=True)
     export_info = state["export"]
 
     overridden = [k for k, source in cfg["protocol_sources"].items() if source == "flag"]
     protocol = f"{cfg['protocol']} protocol" + (
-        "; set by flags: " + ", ".join(f"{k}={cfg[k]}" for k in overridden) if overridden
-        else "")
-    print(f"\nOmniglot multi-shot ({cfg['preset']} size, {protocol}), seeds "
-          f"{cfg['seeds']}, {cfg['eval_steps']} adaptation steps on held-out alphabets:")
+        "; set by flags: " + ", ".join(f"{k}={cfg[k]}" for k in overridden) if overridden else ""
+    )
+    print(
+        f"\nOmniglot multi-shot ({cfg['preset']} size, {protocol}), seeds "
+        f"{cfg['seeds']}, {cfg['eval_steps']} adaptation steps on held-out alphabets:"
+    )
     headers, rows = result_table(mode, specs, results)
     _common.print_table(headers, rows)
     output["table"] = {"headers": headers, "rows": rows}

@@ -93,8 +93,9 @@ class Preset:
 PRESETS = {
     "default": Preset(),
     "paper": Preset(),
-    "smoke": Preset(meta_steps=3, starts=3, inner_steps=10, warp_units=8, eval_surfaces=2,
-                    eval_starts=2),
+    "smoke": Preset(
+        meta_steps=3, starts=3, inner_steps=10, warp_units=8, eval_surfaces=2, eval_starts=2
+    ),
 }
 
 
@@ -102,8 +103,12 @@ PRESETS = {
 def build_parser():
     parser = _common.make_parser(EXAMPLE, __doc__)
     g = parser.add_argument_group("experiment (defaults: the preset's)")
-    g.add_argument("--preset", choices=("default", "paper"), default="default",
-                   help="size preset (--smoke overrides it)")
+    g.add_argument(
+        "--preset",
+        choices=("default", "paper"),
+        default="default",
+        help="size preset (--smoke overrides it)",
+    )
     g.add_argument("--meta-steps", type=int, help="meta-training steps (one surface each)")
     g.add_argument("--starts", type=int, help="starting points per meta step (meta-batch)")
     g.add_argument("--inner-steps", type=int, help="gradient steps per run (K)")
@@ -112,13 +117,22 @@ def build_parser():
     g.add_argument("--warp-units", type=int, help="hidden units of the warp Ω")
     g.add_argument("--eval-surfaces", type=int, help="held-out surfaces")
     g.add_argument("--eval-starts", type=int, help="starting points per held-out surface")
-    g.add_argument("--variant", choices=("paper", "peaks"),
-                   help="surface family: as printed in the paper, or the classic 'peaks' "
-                        "form of the last term")
-    g.add_argument("--converge-tolerance", type=float,
-                   help="convergence tolerance, as a fraction of the surface's value range")
-    g.add_argument("--parallel", choices=("sequential", "unrolled", "vectorized"),
-                   help="how the starts of a meta step are adapted (WarpTrainer parallel=)")
+    g.add_argument(
+        "--variant",
+        choices=("paper", "peaks"),
+        help="surface family: as printed in the paper, or the classic 'peaks' "
+        "form of the last term",
+    )
+    g.add_argument(
+        "--converge-tolerance",
+        type=float,
+        help="convergence tolerance, as a fraction of the surface's value range",
+    )
+    g.add_argument(
+        "--parallel",
+        choices=("sequential", "unrolled", "vectorized"),
+        help="how the starts of a meta step are adapted (WarpTrainer parallel=)",
+    )
     return parser
 
 
@@ -126,11 +140,11 @@ if __name__ == "__main__":
     # --help and flag errors are answered here, before TensorFlow loads (seconds).
     build_parser().parse_args()
 
-import warpkeras  # noqa: E402  (before TensorFlow: it chooses TensorFlow's CPU kernels)
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+import warpkeras  # noqa: E402  (before TensorFlow: it chooses TensorFlow's CPU kernels)
 from warpkeras import objectives as obj  # noqa: E402
 from warpkeras.data import LossSurfaceDistribution  # noqa: E402
 from warpkeras.layers import ResidualWarpDense  # noqa: E402
@@ -184,8 +198,9 @@ class Displacement(keras.layers.Layer):
     warpkeras_role = "task"
 
     def build(self, input_shape):
-        self.delta = self.add_weight(name="delta", shape=(int(input_shape[-1]),),
-                                     initializer="zeros")
+        self.delta = self.add_weight(
+            name="delta", shape=(int(input_shape[-1]),), initializer="zeros"
+        )
 
     def call(self, inputs):
         return inputs + self.delta
@@ -197,12 +212,16 @@ class Displacement(keras.layers.Layer):
 def build_model(warp_units, seed):
     """The point (task variable) followed by the warp Ω (warp variables)."""
     keras.utils.set_random_seed(seed)
-    return keras.Sequential([
-        keras.Input((2,), name="start"),
-        Displacement(name="point"),
-        ResidualWarpDense(hidden_units=warp_units, num_layers=2, activation="tanh",
-                          name="warp"),
-    ], name="warped_point")
+    return keras.Sequential(
+        [
+            keras.Input((2,), name="start"),
+            Displacement(name="point"),
+            ResidualWarpDense(
+                hidden_units=warp_units, num_layers=2, activation="tanh", name="warp"
+            ),
+        ],
+        name="warped_point",
+    )
 
 
 def surface_task(surface, start, name="surface"):
@@ -214,8 +233,11 @@ def surface_task(surface, start, name="surface"):
         while True:
             yield batch
 
-    return warpkeras.Task(train=batches, name=name,
-                          info={"surface": repr(surface), "start": np.asarray(start).tolist()})
+    return warpkeras.Task(
+        train=batches,
+        name=name,
+        info={"surface": repr(surface), "start": np.asarray(start).tolist()},
+    )
 
 
 class SurfaceTasks:
@@ -284,13 +306,24 @@ def evaluate(cfg, partition, phi_gd, phi_warp, surfaces, starts, verbose):
             wg = [t.numpy() for t in run(phi_warp, x0, params)]
             target = min(gd[2].min(), wg[2].min())
             tol = cfg["converge_tolerance"] * value_range
-            runs.append({
-                "surface": i, "start": x0.numpy(), "tolerance": tol,
-                "gd": {"points": gd[0], "losses": gd[2],
-                       "steps_to_converge": steps_to_converge(gd[2], target, tol)},
-                "warpgrad": {"points": wg[0], "representation": wg[1], "losses": wg[2],
-                             "steps_to_converge": steps_to_converge(wg[2], target, tol)},
-            })
+            runs.append(
+                {
+                    "surface": i,
+                    "start": x0.numpy(),
+                    "tolerance": tol,
+                    "gd": {
+                        "points": gd[0],
+                        "losses": gd[2],
+                        "steps_to_converge": steps_to_converge(gd[2], target, tol),
+                    },
+                    "warpgrad": {
+                        "points": wg[0],
+                        "representation": wg[1],
+                        "losses": wg[2],
+                        "steps_to_converge": steps_to_converge(wg[2], target, tol),
+                    },
+                }
+            )
         if bar is not None:
             bar.update(i + 1)
     return runs
@@ -340,15 +373,24 @@ def plot_trajectories(path, partition, phi, surfaces, picks):
         ax.contour(x1, x2, z, levels=15, colors="white", linewidths=0.4, alpha=0.6)
         fig.colorbar(filled, ax=ax, shrink=0.8, label="loss f(z)")
         ax.plot(*gd["points"].T, "-", color="black", lw=1.6, label="GD: z = x_k")
-        ax.plot(*wg["representation"].T, "-", color="magenta", lw=1.6,
-                label="WarpGrad: z = Ω(x_k)")
+        ax.plot(*wg["representation"].T, "-", color="magenta", lw=1.6, label="WarpGrad: z = Ω(x_k)")
         ax.plot(*gd["points"][0], "o", color="white", mec="black", ms=7, label="start x_0")
-        ax.plot(*wg["representation"][0], "o", color="white", mec="magenta", ms=7, mew=1.5,
-                label="WarpGrad start Ω(x_0)")
+        ax.plot(
+            *wg["representation"][0],
+            "o",
+            color="white",
+            mec="magenta",
+            ms=7,
+            mew=1.5,
+            label="WarpGrad start Ω(x_0)",
+        )
         ax.plot(*gd["points"][-1], "x", color="black", ms=8, mew=2, label="end")
         ax.plot(*wg["representation"][-1], "x", color="magenta", ms=8, mew=2)
-        ax.set_title(f"f (surface {run['surface']}), final loss: GD {gd['losses'][-1]:.2f}, "
-                     f"WarpGrad {wg['losses'][-1]:.2f}", fontsize=9)
+        ax.set_title(
+            f"f (surface {run['surface']}), final loss: GD {gd['losses'][-1]:.2f}, "
+            f"WarpGrad {wg['losses'][-1]:.2f}",
+            fontsize=9,
+        )
         ax.set_xlim(-lim, lim)
         ax.set_ylim(-lim, lim)
         ax.set_aspect("equal")
@@ -378,8 +420,9 @@ def plot_trajectories(path, partition, phi, surfaces, picks):
         ax.set_ylabel("parameter space: x₂" if col == 0 else "x₂")
         if col == 0:
             ax.legend(fontsize=7, loc="lower left")
-    fig.suptitle("Gradient descent (black) vs WarpGrad (magenta) from the same start x_0; "
-                 "× marks the end")
+    fig.suptitle(
+        "Gradient descent (black) vs WarpGrad (magenta) from the same start x_0; × marks the end"
+    )
     return _common.save_figure(fig, path)
 
 
@@ -398,12 +441,14 @@ def plot_curves(path, summary, meta_losses, steps):
     axes[0].grid(alpha=0.3)
     window = 1
     for seed, curve in meta_losses.items():
-        window = _common.plot_smoothed(axes[1], np.arange(1, len(curve) + 1), curve,
-                                       label=f"seed {seed}")
+        window = _common.plot_smoothed(
+            axes[1], np.arange(1, len(curve) + 1), curve, label=f"seed {seed}"
+        )
     axes[1].set_xlabel("meta step")
     axes[1].set_ylabel("warp meta-loss (mean over steps)")
-    axes[1].set_title(f"meta-training (each step a new surface); faint: raw, "
-                      f"bold: {window}-step mean", fontsize=9)
+    axes[1].set_title(
+        f"meta-training (each step a new surface); faint: raw, bold: {window}-step mean", fontsize=9
+    )
     axes[1].grid(alpha=0.3)
     axes[1].legend()
     for ax in axes:
@@ -415,14 +460,31 @@ def resolve_config(args):
     """Merges the preset (``smoke`` when --smoke) with explicit flags into a dict."""
     preset = "smoke" if args.smoke else args.preset
     cfg = dict(dataclasses.asdict(PRESETS[preset]), preset=preset, verbose=args.verbose)
-    for key in ("meta_steps", "starts", "inner_steps", "inner_lr", "meta_lr", "warp_units",
-                "eval_surfaces", "eval_starts", "variant", "converge_tolerance", "parallel",
-                "seeds"):
+    for key in (
+        "meta_steps",
+        "starts",
+        "inner_steps",
+        "inner_lr",
+        "meta_lr",
+        "warp_units",
+        "eval_surfaces",
+        "eval_starts",
+        "variant",
+        "converge_tolerance",
+        "parallel",
+        "seeds",
+    ):
         value = getattr(args, key, None)
         if value is not None:
             cfg[key] = value
-    for key in ("meta_steps", "starts", "inner_steps", "warp_units", "eval_surfaces",
-                "eval_starts"):
+    for key in (
+        "meta_steps",
+        "starts",
+        "inner_steps",
+        "warp_units",
+        "eval_surfaces",
+        "eval_starts",
+    ):
         if cfg[key] < 1:
             raise SystemExit(f"--{key.replace('_', '-')} must be >= 1, got {cfg[key]}")
     for key in ("inner_lr", "meta_lr", "converge_tolerance"):
@@ -435,30 +497,44 @@ def run_seed(cfg, seed):
     """Meta-trains a warp for one seed and evaluates it; returns (record, model, partition)."""
     model = build_model(cfg["warp_units"], seed)
     trainer = warpkeras.WarpTrainer(
-        model, loss=surface_loss, mode="online", objective="exact", init_objective=None,
-        inner_learning_rate=cfg["inner_lr"], inner_steps=cfg["inner_steps"],
-        meta_batch_size=cfg["starts"], meta_optimizer=keras.optimizers.Adam(cfg["meta_lr"]),
-        parallel=cfg["parallel"], seed=seed,
+        model,
+        loss=surface_loss,
+        mode="online",
+        objective="exact",
+        init_objective=None,
+        inner_learning_rate=cfg["inner_lr"],
+        inner_steps=cfg["inner_steps"],
+        meta_batch_size=cfg["starts"],
+        meta_optimizer=keras.optimizers.Adam(cfg["meta_lr"]),
+        parallel=cfg["parallel"],
+        seed=seed,
     )
     partition = trainer.partition
     phi_identity = partition.warp_values()
     distribution = LossSurfaceDistribution(variant=cfg["variant"])
     verbose = cfg["verbose"]
     if verbose:
-        print(f"\nSeed {seed}: meta-training the warp on {cfg['meta_steps']} surfaces x "
-              f"{cfg['starts']} starts x {cfg['inner_steps']} steps", flush=True)
+        print(
+            f"\nSeed {seed}: meta-training the warp on {cfg['meta_steps']} surfaces x "
+            f"{cfg['starts']} starts x {cfg['inner_steps']} steps",
+            flush=True,
+        )
     with _common.Stopwatch() as train_time:
-        history = trainer.fit(SurfaceTasks(distribution),
-                              **_common.fit_epochs(cfg["meta_steps"]), verbose=verbose)
+        history = trainer.fit(
+            SurfaceTasks(distribution), **_common.fit_epochs(cfg["meta_steps"]), verbose=verbose
+        )
     rng = np.random.default_rng([seed, 2024])
     surfaces = [distribution.sample(rng) for _ in range(cfg["eval_surfaces"])]
     starts = [distribution.sample_initial_points(cfg["eval_starts"], rng) for _ in surfaces]
     if verbose:
-        print(f"Evaluating on {len(surfaces)} held-out surfaces x {cfg['eval_starts']} starts",
-              flush=True)
+        print(
+            f"Evaluating on {len(surfaces)} held-out surfaces x {cfg['eval_starts']} starts",
+            flush=True,
+        )
     with _common.Stopwatch() as eval_time:
-        runs = evaluate(cfg, partition, phi_identity, partition.warp_values(), surfaces,
-                        starts, verbose)
+        runs = evaluate(
+            cfg, partition, phi_identity, partition.warp_values(), surfaces, starts, verbose
+        )
     record = {
         "seed": seed,
         "summary": summarise_runs(runs, cfg["inner_steps"]),
@@ -474,8 +550,13 @@ def run_seed(cfg, seed):
 def export(model, cfg, export_dir, runs, surfaces):
     """Exports the meta-learned optimiser and checks the SavedModel against one run."""
     info = _common.export_model(
-        model, export_dir, loss=surface_loss, learning_rate=cfg["inner_lr"],
-        steps=cfg["inner_steps"], input_spec=(2,), label_spec=(NUM_PARAMS,),
+        model,
+        export_dir,
+        loss=surface_loss,
+        learning_rate=cfg["inner_lr"],
+        steps=cfg["inner_steps"],
+        input_spec=(2,),
+        label_spec=(NUM_PARAMS,),
     )
     if info["format"] == "warpkeras.export_adaptive":
         served = tf.saved_model.load(str(export_dir))
@@ -483,17 +564,20 @@ def export(model, cfg, export_dir, runs, surfaces):
         out = served.signatures["adapt_and_predict"](
             x=tf.constant(run["start"][None, :]),
             y=tf.constant(surface_params(surfaces[run["surface"]])[None, :]),
-            steps=tf.constant(cfg["inner_steps"]), queries=tf.constant(run["start"][None, :]),
+            steps=tf.constant(cfg["inner_steps"]),
+            queries=tf.constant(run["start"][None, :]),
         )
         final = out["predictions"].numpy()[0]
         info["check"] = {
             "served_final_point": final,
             "in_process_final_point": run["warpgrad"]["representation"][-1],
-            "max_abs_difference": float(np.max(np.abs(
-                final - run["warpgrad"]["representation"][-1]))),
+            "max_abs_difference": float(
+                np.max(np.abs(final - run["warpgrad"]["representation"][-1]))
+            ),
         }
-    info["settings"] = {k: (v.__name__ if callable(v) else v)
-                        for k, v in info.get("settings", {}).items()}
+    info["settings"] = {
+        k: (v.__name__ if callable(v) else v) for k, v in info.get("settings", {}).items()
+    }
     return info
 
 
@@ -525,16 +609,21 @@ def main(argv=None):
             "steps_to_converge": _common.stats(conv),
             "converged_fraction": float(np.mean([c < cfg["inner_steps"] for c in conv])),
             "mean_loss_curve": np.mean(
-                [r["summary"][method]["mean_loss_curve"] for r in records], axis=0),
+                [r["summary"][method]["mean_loss_curve"] for r in records], axis=0
+            ),
         }
-    methods["warpgrad_better_fraction"] = float(np.mean(
-        [r["summary"]["warpgrad_better_fraction"] for r in records]))
-    methods["gd_better_fraction"] = float(np.mean(
-        [r["summary"]["gd_better_fraction"] for r in records]))
+    methods["warpgrad_better_fraction"] = float(
+        np.mean([r["summary"]["warpgrad_better_fraction"] for r in records])
+    )
+    methods["gd_better_fraction"] = float(
+        np.mean([r["summary"]["gd_better_fraction"] for r in records])
+    )
 
     # Fig. 4: the three runs (different surfaces) where WarpGrad gains most over GD
-    order = sorted(range(len(runs)), key=lambda j: runs[j]["warpgrad"]["losses"][-1]
-                   - runs[j]["gd"]["losses"][-1])
+    order = sorted(
+        range(len(runs)),
+        key=lambda j: runs[j]["warpgrad"]["losses"][-1] - runs[j]["gd"]["losses"][-1],
+    )
     picks, seen = [], set()
     for j in order:
         if runs[j]["surface"] not in seen:
@@ -543,34 +632,51 @@ def main(argv=None):
         if len(picks) == 3:
             break
     plots = {
-        "trajectories": str(plot_trajectories(
-            out_dir / f"{EXAMPLE}_trajectories.png", partition, partition.warp_values(),
-            surfaces, picks)),
-        "curves": str(plot_curves(out_dir / f"{EXAMPLE}_curves.png", methods,
-                                  {r["seed"]: r["meta_loss"] for r in records},
-                                  cfg["inner_steps"])),
+        "trajectories": str(
+            plot_trajectories(
+                out_dir / f"{EXAMPLE}_trajectories.png",
+                partition,
+                partition.warp_values(),
+                surfaces,
+                picks,
+            )
+        ),
+        "curves": str(
+            plot_curves(
+                out_dir / f"{EXAMPLE}_curves.png",
+                methods,
+                {r["seed"]: r["meta_loss"] for r in records},
+                cfg["inner_steps"],
+            )
+        ),
     }
     output = {
         "example": EXAMPLE,
         "config": cfg,
         "metric_notes": {
             "final_loss": "surface value at the final representation point after K steps: "
-                          "f(x_K) for gradient descent, f(Ω(x_K)) for WarpGrad; mean/std "
-                          "over held-out surfaces x starts (and seeds)",
+            "f(x_K) for gradient descent, f(Ω(x_K)) for WarpGrad; mean/std "
+            "over held-out surfaces x starts (and seeds)",
             "steps_to_converge": "first step whose loss is within converge_tolerance x (the "
-                                 "surface's value range on [-3, 3]^2) of the best loss either "
-                                 "method reached from that start; K when never",
+            "surface's value range on [-3, 3]^2) of the best loss either "
+            "method reached from that start; K when never",
             "converged_fraction": "fraction of runs that got there within K steps",
             "warpgrad_better_fraction": "fraction of runs whose WarpGrad final loss is lower "
-                                        "than gradient descent's by more than the "
-                                        "convergence tolerance (gd_better_fraction: the "
-                                        "reverse)",
+            "than gradient descent's by more than the "
+            "convergence tolerance (gd_better_fraction: the "
+            "reverse)",
         },
         "results": methods,
         "per_seed": records,
-        "plotted_runs": [{"surface": p["surface"], "start": p["start"],
-                          "gd_final_loss": p["gd"]["losses"][-1],
-                          "warpgrad_final_loss": p["warpgrad"]["losses"][-1]} for p in picks],
+        "plotted_runs": [
+            {
+                "surface": p["surface"],
+                "start": p["start"],
+                "gd_final_loss": p["gd"]["losses"][-1],
+                "warpgrad_final_loss": p["warpgrad"]["losses"][-1],
+            }
+            for p in picks
+        ],
         "plots": plots,
         "export": export_info,
         "wall_time_seconds": total.seconds,
@@ -579,18 +685,27 @@ def main(argv=None):
     json_path = _common.write_json(out_dir / f"{EXAMPLE}.json", output)
 
     n_runs = methods["gd"]["final_loss"]["n"]
-    print(f"\nSynthetic surfaces ({cfg['preset']} size), seeds {cfg['seeds']}: {n_runs} held-out "
-          f"runs of {cfg['inner_steps']} steps (lr {cfg['inner_lr']}), same starts:")
+    print(
+        f"\nSynthetic surfaces ({cfg['preset']} size), seeds {cfg['seeds']}: {n_runs} held-out "
+        f"runs of {cfg['inner_steps']} steps (lr {cfg['inner_lr']}), same starts:"
+    )
     _common.print_table(
         ["method", "final loss", "steps to converge", "converged"],
-        [[label, _common.format_stat(methods[m]["final_loss"], scale=1.0, digits=3),
-          _common.format_stat(methods[m]["steps_to_converge"], scale=1.0, digits=1),
-          f"{methods[m]['converged_fraction'] * 100:.0f}%"]
-         for m, label in (("gd", "gradient descent"), ("warpgrad", "WarpGrad"))],
+        [
+            [
+                label,
+                _common.format_stat(methods[m]["final_loss"], scale=1.0, digits=3),
+                _common.format_stat(methods[m]["steps_to_converge"], scale=1.0, digits=1),
+                f"{methods[m]['converged_fraction'] * 100:.0f}%",
+            ]
+            for m, label in (("gd", "gradient descent"), ("warpgrad", "WarpGrad"))
+        ],
     )
-    print(f"Final loss lower by more than the tolerance: WarpGrad on "
-          f"{methods['warpgrad_better_fraction'] * 100:.0f}% of runs, gradient descent on "
-          f"{methods['gd_better_fraction'] * 100:.0f}% (the rest end level).")
+    print(
+        f"Final loss lower by more than the tolerance: WarpGrad on "
+        f"{methods['warpgrad_better_fraction'] * 100:.0f}% of runs, gradient descent on "
+        f"{methods['gd_better_fraction'] * 100:.0f}% (the rest end level)."
+    )
     _common.print_written(json_path, plots.values(), export_info, total.seconds)
     return output
 

@@ -1,5 +1,4 @@
 import os
-import re
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -8,11 +7,11 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 # memory it uses instead of all of it.
 os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
 
-import warpkeras  # noqa: E402,F401  (first, as in user programs: it picks the CPU kernels)
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-import tensorflow as tf  # noqa: E402
+
+import warpkeras  # noqa: E402,F401  (first, as in user programs: it picks the CPU kernels)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The start of every serving-process script: a SavedModel must be served by TensorFlow
@@ -80,12 +79,15 @@ def float64():
 
 def linear_warp_model():
     """x (4 features) -> linear warp (identity at init, φ) -> linear head (zeros, θ)."""
-    return keras.Sequential([
-        keras.Input((4,)),
-        warpkeras.warp(keras.layers.Dense(4, use_bias=False, kernel_initializer="identity",
-                                          name="warp")),
-        keras.layers.Dense(1, use_bias=False, kernel_initializer="zeros", name="task"),
-    ])
+    return keras.Sequential(
+        [
+            keras.Input((4,)),
+            warpkeras.warp(
+                keras.layers.Dense(4, use_bias=False, kernel_initializer="identity", name="warp")
+            ),
+            keras.layers.Dense(1, use_bias=False, kernel_initializer="zeros", name="task"),
+        ]
+    )
 
 
 def plain_model():
@@ -103,12 +105,14 @@ def tanh_regression_task(rng, n=40):
 def small_warp_model(hidden=6):
     """Dense(hidden, tanh) → WarpDense(tanh) → Dense(2) on 3 inputs, seeded."""
     keras.utils.set_random_seed(3)
-    return keras.Sequential([
-        keras.Input((3,)),
-        keras.layers.Dense(hidden, activation="tanh"),
-        warpkeras.layers.WarpDense(activation="tanh"),
-        keras.layers.Dense(2),
-    ])
+    return keras.Sequential(
+        [
+            keras.Input((3,)),
+            keras.layers.Dense(hidden, activation="tanh"),
+            warpkeras.layers.WarpDense(activation="tanh"),
+            keras.layers.Dense(2),
+        ]
+    )
 
 
 def assert_lists_close(a, b, rtol=1e-6, atol=1e-8):

@@ -66,16 +66,20 @@ def _task():
         def make(rng):
             while True:
                 yield batch
+
         return make
+
     return warpkeras.Task(train=forever((X, Y)), meta=forever((XM, YM)))
 
 
 def _model():
-    model = keras.Sequential([
-        keras.Input((3,)),
-        keras.layers.Dense(2, use_bias=False, name="task"),
-        warpkeras.warp(keras.layers.Dense(1, use_bias=False, name="warp")),
-    ])
+    model = keras.Sequential(
+        [
+            keras.Input((3,)),
+            keras.layers.Dense(2, use_bias=False, name="task"),
+            warpkeras.warp(keras.layers.Dense(1, use_bias=False, name="warp")),
+        ]
+    )
     model.get_layer("task").set_weights([W0])
     model.get_layer("warp").set_weights([PHI0])
     return model
@@ -86,8 +90,15 @@ def _meta_step(**kwargs):
     model = _model()
     kwargs = dict(dict(mode="offline", objective="approx", meta_interval=K + 1), **kwargs)
     trainer = warpkeras.WarpTrainer(
-        model, mse, init_objective=None, inner_steps=K, inner_learning_rate=ALPHA,
-        meta_batch_size=1, meta_optimizer=keras.optimizers.SGD(BETA), **kwargs)
+        model,
+        mse,
+        init_objective=None,
+        inner_steps=K,
+        inner_learning_rate=ALPHA,
+        meta_batch_size=1,
+        meta_optimizer=keras.optimizers.SGD(BETA),
+        **kwargs,
+    )
     logs = trainer.train_step([_task()], np.random.default_rng(0))
     return (PHI0 - model.get_layer("warp").get_weights()[0]) / BETA, logs
 
@@ -132,9 +143,19 @@ def _approx_gradient_at(w, phi):
 def _trainer_phi(fused, tasks, optimizer=None, **kwargs):
     model = _model()
     trainer = warpkeras.WarpTrainer(
-        model, mse, init_objective=None, inner_steps=K, inner_learning_rate=ALPHA,
-        meta_batch_size=len(tasks), meta_optimizer=optimizer or keras.optimizers.SGD(BETA),
-        mode="offline", objective="approx", meta_interval=1, seed=3, **kwargs)
+        model,
+        mse,
+        init_objective=None,
+        inner_steps=K,
+        inner_learning_rate=ALPHA,
+        meta_batch_size=len(tasks),
+        meta_optimizer=optimizer or keras.optimizers.SGD(BETA),
+        mode="offline",
+        objective="approx",
+        meta_interval=1,
+        seed=3,
+        **kwargs,
+    )
     if not fused:
         trainer._warp.warp_point_update = None  # the general path: gradient, then update
     logs = trainer.train_step(tasks, np.random.default_rng(0))
@@ -167,7 +188,9 @@ def test_one_point_updates_skip_non_finite_points_like_the_general_path(float64)
         def forever(rng):
             while True:
                 yield X * 1e200, Y
+
         return warpkeras.Task(train=forever, meta=_task().meta, name="exploding")
+
     results = []
     for fused in (True, False):
         with pytest.warns(RuntimeWarning, match="exploding"):

@@ -9,11 +9,10 @@ identifiers `keras.optimizers.get` accepts.
 """
 
 import math
+import re
 
 import keras
 import numpy as np
-import re
-
 import pytest
 
 import warpkeras
@@ -22,6 +21,8 @@ from warpkeras.data import ClassificationTask
 from warpkeras.trainers import MetaTrainer
 
 LOSS = "sparse_categorical_crossentropy"
+
+
 class _File:
     """Placeholder for the path of an existing file (made per test); its fixed repr keeps
     the test ids the same in every process."""
@@ -35,12 +36,14 @@ FILE = _File()
 
 @pytest.fixture(scope="module")
 def model():
-    return keras.Sequential([
-        keras.Input((4,)),
-        keras.layers.Dense(4, activation="tanh"),
-        warpkeras.layers.WarpDense(),
-        keras.layers.Dense(3),
-    ])
+    return keras.Sequential(
+        [
+            keras.Input((4,)),
+            keras.layers.Dense(4, activation="tanh"),
+            warpkeras.layers.WarpDense(),
+            keras.layers.Dense(3),
+        ]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -79,31 +82,54 @@ COMMON = [
     ("inner_momentum", "high", TypeError, r"inner_momentum='high'.*e\.g\. inner_momentum=0\.9"),
     ("inner_momentum", 1.5, ValueError, r"inner_momentum=1\.5.*< 1"),
     ("inner_momentum", -0.1, ValueError, r"inner_momentum=-0\.1.*>= 0"),
-    ("learn_inner_learning_rate", "yes", TypeError, r"learn_inner_learning_rate='yes'.*True or False"),
+    (
+        "learn_inner_learning_rate",
+        "yes",
+        TypeError,
+        r"learn_inner_learning_rate='yes'.*True or False",
+    ),
     ("learn_inner_momentum", 1, TypeError, r"learn_inner_momentum=1.*True or False"),
     ("hyper_learning_rate", "x", TypeError, r"hyper_learning_rate='x'"),
     ("hyper_learning_rate", -1.0, ValueError, r"hyper_learning_rate=-1\.0.*>= 0"),
     ("hyper_clip", "x", TypeError, r"hyper_clip='x'"),
     ("hyper_clip", 0.0, ValueError, r"hyper_clip=0\.0.*> 0"),
-    ("inner_steps", "five", TypeError, r"inner_steps='five'.*an integer >= 1.*e\.g\. inner_steps=5"),
+    (
+        "inner_steps",
+        "five",
+        TypeError,
+        r"inner_steps='five'.*an integer >= 1.*e\.g\. inner_steps=5",
+    ),
     ("inner_steps", "5", TypeError, r"inner_steps='5'.*not a string: inner_steps=5"),
     ("inner_steps", 0, ValueError, r"inner_steps=0.*>= 1"),
     ("inner_steps", 2.5, TypeError, r"inner_steps=2\.5.*integer"),
     ("inner_steps", True, TypeError, r"inner_steps=True.*integer"),
     ("meta_batch_size", 0, ValueError, r"meta_batch_size=0.*>= 1"),
     ("meta_batch_size", "5", TypeError, r"meta_batch_size='5'"),
-    ("meta_optimizer", "adamm", ValueError, r"meta_optimizer='adamm'.*optimizer name such as 'adam'"),
+    (
+        "meta_optimizer",
+        "adamm",
+        ValueError,
+        r"meta_optimizer='adamm'.*optimizer name such as 'adam'",
+    ),
     ("meta_optimizer", 3, TypeError, r"meta_optimizer=3.*keras\.optimizers\.Optimizer"),
-    ("meta_optimizer", keras.optimizers.Adam, TypeError,
-     r"meta_optimizer=.*pass an instance: meta_optimizer=Adam\(\)"),
+    (
+        "meta_optimizer",
+        keras.optimizers.Adam,
+        TypeError,
+        r"meta_optimizer=.*pass an instance: meta_optimizer=Adam\(\)",
+    ),
     ("init_optimizer", "sgdd", ValueError, r"init_optimizer='sgdd'"),
     ("init_optimizer", 0.1, TypeError, r"init_optimizer=0\.1"),
     ("meta_interval", "5", TypeError, r"meta_interval='5'"),
     ("meta_interval", 0, ValueError, r"meta_interval=0.*>= 1"),
     ("max_warp_updates", "all", TypeError, r"max_warp_updates='all'"),
     ("max_warp_updates", 0, ValueError, r"max_warp_updates=0.*>= 1"),
-    ("warp_gradient_reduction", "average", ValueError,
-     r"warp_gradient_reduction='average'.*'mean', 'sum'"),
+    (
+        "warp_gradient_reduction",
+        "average",
+        ValueError,
+        r"warp_gradient_reduction='average'.*'mean', 'sum'",
+    ),
     ("warp_gradient_reduction", "Sum", ValueError, r"did you mean warp_gradient_reduction='sum'"),
     ("buffer_final_point", "yes", TypeError, r"buffer_final_point='yes'.*True or False"),
     ("buffer_capacity", "big", TypeError, r"buffer_capacity='big'"),
@@ -134,8 +160,13 @@ COMMON = [
 # Arguments `MetaTrainer` takes but each front-end fixes itself (passing them is an error).
 FIXED = {
     "WarpTrainer": {"warp_mode", "warp_objective"},
-    "LeapTrainer": {"warp_mode", "init_objective", "leap_norm", "leap_sign_correction",
-                    "leap_loss_in_path"},
+    "LeapTrainer": {
+        "warp_mode",
+        "init_objective",
+        "leap_norm",
+        "leap_sign_correction",
+        "leap_loss_in_path",
+    },
     "MAMLTrainer": {"warp_mode", "init_objective"},
     "ReptileTrainer": {"warp_mode", "init_objective"},
     "FineTuneTrainer": {"warp_mode", "init_objective"},
@@ -151,16 +182,30 @@ OWN = {
         ("warp_objective", "exactly", ValueError, r"warp_objective='exactly'.*'exact', 'approx'"),
         ("init_objective", "leapp", ValueError, r"init_objective='leapp'.*'leap'"),
         ("objectives", "leap", TypeError, r"objectives='leap'.*warpkeras\.meta\.MetaObjective"),
-        ("objectives", [warpkeras.meta.Leap()], ValueError,
-         r"init_objective, warp_mode choose objectives, but objectives= is given"),
-        ("group_size", 4, ValueError, r"group_size=4.*parallel='sequential' adapts one task",
-         {"parallel": "sequential"}),
+        (
+            "objectives",
+            [warpkeras.meta.Leap()],
+            ValueError,
+            r"init_objective, warp_mode choose objectives, but objectives= is given",
+        ),
+        (
+            "group_size",
+            4,
+            ValueError,
+            r"group_size=4.*parallel='sequential' adapts one task",
+            {"parallel": "sequential"},
+        ),
     ],
     "WarpTrainer": [
         ("mode", "onlin", ValueError, r"WarpTrainer: mode='onlin'.*did you mean mode='online'"),
         ("mode", None, ValueError, r"mode=None.*'online', 'offline', 'continual'"),
         ("objective", "second-order", ValueError, r"objective='second-order'.*'exact', 'approx'"),
-        ("init_objective", "MAML", ValueError, r"init_objective='MAML'.*did you mean init_objective='maml'"),
+        (
+            "init_objective",
+            "MAML",
+            ValueError,
+            r"init_objective='MAML'.*did you mean init_objective='maml'",
+        ),
     ],
     "LeapTrainer": [
         ("norm", "l2", ValueError, r"LeapTrainer: norm='l2'.*'length', 'energy'"),
@@ -173,8 +218,13 @@ OWN = {
     "ReptileTrainer": [],
     "FineTuneTrainer": [
         ("multi_headed", "yes", TypeError, r"multi_headed='yes'.*True or False"),
-        ("head_layers", None, ValueError, r"head_layers=\[\.\.\.\].*multi_headed=False",
-         {"multi_headed": True}),
+        (
+            "head_layers",
+            None,
+            ValueError,
+            r"head_layers=\[\.\.\.\].*multi_headed=False",
+            {"multi_headed": True},
+        ),
     ],
     "NoMetaTrainer": [],
 }
@@ -201,16 +251,36 @@ def _trainer_rows():
     rows = []
     for name, fixed in FIXED.items():
         for arg, value, exc, regex, *extra in OWN[name]:
-            rows.append(pytest.param(name, arg, value, exc, regex, *(extra or [{}]),
-                                     id=f"{name}-{arg}-{_readable(value)}"))
+            rows.append(
+                pytest.param(
+                    name,
+                    arg,
+                    value,
+                    exc,
+                    regex,
+                    *(extra or [{}]),
+                    id=f"{name}-{arg}-{_readable(value)}",
+                )
+            )
         for arg, value, exc, regex in COMMON:
             if arg not in fixed:
-                rows.append(pytest.param(name, arg, value, exc, regex, {},
-                                         id=f"{name}-{arg}-{_readable(value)}"[:80]))
+                rows.append(
+                    pytest.param(
+                        name, arg, value, exc, regex, {}, id=f"{name}-{arg}-{_readable(value)}"[:80]
+                    )
+                )
         for arg in sorted(fixed):
-            rows.append(pytest.param(name, arg, None, TypeError,
-                                     rf"multiple values for keyword argument '{arg}'", {},
-                                     id=f"{name}-fixed-{arg}"))
+            rows.append(
+                pytest.param(
+                    name,
+                    arg,
+                    None,
+                    TypeError,
+                    rf"multiple values for keyword argument '{arg}'",
+                    {},
+                    id=f"{name}-fixed-{arg}",
+                )
+            )
     return rows
 
 
@@ -228,22 +298,28 @@ def test_trainer_argument_refused(model, a_file, trainer, arg, value, exc, regex
 
 
 @pytest.mark.parametrize("trainer", sorted(FIXED))
-@pytest.mark.parametrize("value,exc,regex", [
-    ("not a model", TypeError, r"model='not a model'.*keras\.Model"),
-    (None, TypeError, r"model=None.*keras\.Model"),
-])
+@pytest.mark.parametrize(
+    "value,exc,regex",
+    [
+        ("not a model", TypeError, r"model='not a model'.*keras\.Model"),
+        (None, TypeError, r"model=None.*keras\.Model"),
+    ],
+)
 def test_trainer_model_refused(trainer, value, exc, regex):
     with pytest.raises(exc, match=regex):
         _trainer_class(trainer)(value, LOSS, **BASE_KWARGS[trainer])
 
 
 @pytest.mark.parametrize("trainer", sorted(FIXED))
-@pytest.mark.parametrize("value,exc,regex", [
-    ("cross_entropy", ValueError, r"loss='cross_entropy'.*Keras loss name"),
-    (3, TypeError, r"loss=3.*callable"),
-    (None, ValueError, r"a loss is required.*loss='sparse_categorical_crossentropy'"),
-    ({"class_name": "NoSuchLoss", "config": {}}, ValueError, r"loss=.*NoSuchLoss"),
-])
+@pytest.mark.parametrize(
+    "value,exc,regex",
+    [
+        ("cross_entropy", ValueError, r"loss='cross_entropy'.*Keras loss name"),
+        (3, TypeError, r"loss=3.*callable"),
+        (None, ValueError, r"a loss is required.*loss='sparse_categorical_crossentropy'"),
+        ({"class_name": "NoSuchLoss", "config": {}}, ValueError, r"loss=.*NoSuchLoss"),
+    ],
+)
 def test_trainer_loss_refused(model, trainer, value, exc, regex):
     with pytest.raises(exc, match=regex):
         _trainer_class(trainer)(model, value, **BASE_KWARGS[trainer])
@@ -266,15 +342,20 @@ def test_fit_meta_steps_string_refused(model):
 # --------------------------------------------------------------------------------------------
 # valid values keep working
 
-@pytest.mark.parametrize("identifier,cls,lr", [
-    ("adam", keras.optimizers.Adam, 0.001),
-    ("SGD", keras.optimizers.SGD, 0.01),
-    ({"class_name": "SGD", "config": {"learning_rate": 0.25}}, keras.optimizers.SGD, 0.25),
-    (keras.optimizers.serialize(keras.optimizers.RMSprop(0.5)), keras.optimizers.RMSprop, 0.5),
-])
+
+@pytest.mark.parametrize(
+    "identifier,cls,lr",
+    [
+        ("adam", keras.optimizers.Adam, 0.001),
+        ("SGD", keras.optimizers.SGD, 0.01),
+        ({"class_name": "SGD", "config": {"learning_rate": 0.25}}, keras.optimizers.SGD, 0.25),
+        (keras.optimizers.serialize(keras.optimizers.RMSprop(0.5)), keras.optimizers.RMSprop, 0.5),
+    ],
+)
 def test_optimizer_identifiers_accepted(model, identifier, cls, lr):
-    trainer = warpkeras.WarpTrainer(model, LOSS, mode="online", meta_optimizer=identifier,
-                                    init_optimizer=identifier)
+    trainer = warpkeras.WarpTrainer(
+        model, LOSS, mode="online", meta_optimizer=identifier, init_optimizer=identifier
+    )
     for opt in (trainer.meta_optimizer, trainer.init_optimizer):
         assert type(opt) is cls
         assert float(opt.learning_rate.numpy()) == pytest.approx(lr)
@@ -289,10 +370,18 @@ def test_optimizer_identifiers_accepted(model, identifier, cls, lr):
 
 def test_numpy_scalars_accepted(model, tmp_path):
     trainer = warpkeras.WarpTrainer(
-        model, LOSS, mode="offline", inner_steps=np.int64(3), meta_batch_size=np.int32(2),
-        inner_learning_rate=np.float32(0.25), inner_momentum=np.float64(0.5),
-        seed=np.int64(7), jit_compile=np.bool_(False), buffer_capacity=np.int64(10),
-        buffer_spill_dir=str(tmp_path / "new" / "folder"))
+        model,
+        LOSS,
+        mode="offline",
+        inner_steps=np.int64(3),
+        meta_batch_size=np.int32(2),
+        inner_learning_rate=np.float32(0.25),
+        inner_momentum=np.float64(0.5),
+        seed=np.int64(7),
+        jit_compile=np.bool_(False),
+        buffer_capacity=np.int64(10),
+        buffer_spill_dir=str(tmp_path / "new" / "folder"),
+    )
     assert (trainer.inner_steps, trainer.meta_batch_size, trainer.seed) == (3, 2, 7)
     assert type(trainer.inner_steps) is int and type(trainer.seed) is int
     assert float(trainer.inner_lr.numpy()) == pytest.approx(0.25)
@@ -308,13 +397,33 @@ X = np.arange(40, dtype="float32").reshape(10, 4)
 Y = np.arange(10) % 3
 
 TASK_ROWS = [
-    ("train", "x", TypeError, r"Task 'task': `train` must be \(x, y\) or \(x, y, sample_weight\) arrays.*got str"),
-    ("train", (X, Y[:7]), ValueError, r"arrays of `train` differ in their number of rows \(x has 10, y has 7\)"),
+    (
+        "train",
+        "x",
+        TypeError,
+        r"Task 'task': `train` must be \(x, y\) or \(x, y, sample_weight\) arrays.*got str",
+    ),
+    (
+        "train",
+        (X, Y[:7]),
+        ValueError,
+        r"arrays of `train` differ in their number of rows \(x has 10, y has 7\)",
+    ),
     ("train", (X[:0], Y[:0]), ValueError, r"`train` has no examples"),
     ("meta", 5, TypeError, r"`meta` must be"),
-    ("meta", (X, Y[:3]), ValueError, r"arrays of `meta` differ in their number of rows \(x has 10, y has 3\)"),
+    (
+        "meta",
+        (X, Y[:3]),
+        ValueError,
+        r"arrays of `meta` differ in their number of rows \(x has 10, y has 3\)",
+    ),
     ("meta", (X[:0], Y[:0]), ValueError, r"`meta` has no examples"),
-    ("test", (X[:4], Y[:2]), ValueError, r"arrays of `test` differ in their number of rows \(x has 4, y has 2\)"),
+    (
+        "test",
+        (X[:4], Y[:2]),
+        ValueError,
+        r"arrays of `test` differ in their number of rows \(x has 4, y has 2\)",
+    ),
     ("test", "held-out", TypeError, r"test='held-out'.*\(x, y\).*arrays"),
     ("batch_size", -5, ValueError, r"batch_size=-5.*an integer >= 1.*e\.g\. batch_size=32"),
     ("batch_size", 0, ValueError, r"batch_size=0.*>= 1"),
@@ -327,8 +436,9 @@ TASK_ROWS = [
 ]
 
 
-@pytest.mark.parametrize("arg,value,exc,regex", TASK_ROWS,
-                         ids=[f"{a}-{i}" for i, (a, *_) in enumerate(TASK_ROWS)])
+@pytest.mark.parametrize(
+    "arg,value,exc,regex", TASK_ROWS, ids=[f"{a}-{i}" for i, (a, *_) in enumerate(TASK_ROWS)]
+)
 def test_task_argument_refused(arg, value, exc, regex):
     kwargs = {"train": (X, Y)}
     kwargs[arg] = value
@@ -361,7 +471,12 @@ CT_ROWS = [
     ("y_test", np.array([0.0, np.nan]), ValueError, r"y_test holds non-integer labels"),
     ("y_test", np.array([0, 1, 2]), ValueError, r"x_test has 2 rows but y_test has 3"),
     ("num_classes", "3", TypeError, r"num_classes='3'.*not a string: num_classes=3"),
-    ("num_classes", 2, ValueError, r"labels must lie in \[0, 2\) \(num_classes=2\).*raise num_classes"),
+    (
+        "num_classes",
+        2,
+        ValueError,
+        r"labels must lie in \[0, 2\) \(num_classes=2\).*raise num_classes",
+    ),
     ("num_classes", 0, ValueError, r"num_classes=0.*>= 1"),
     ("name", 3, TypeError, r"name=3.*string"),
     ("class_names", "abc", TypeError, r"class_names='abc'.*list of names"),
@@ -370,30 +485,39 @@ CT_ROWS = [
 ]
 
 
-@pytest.mark.parametrize("arg,value,exc,regex", CT_ROWS,
-                         ids=[f"{a}-{i}" for i, (a, *_) in enumerate(CT_ROWS)])
+@pytest.mark.parametrize(
+    "arg,value,exc,regex", CT_ROWS, ids=[f"{a}-{i}" for i, (a, *_) in enumerate(CT_ROWS)]
+)
 def test_classification_task_argument_refused(arg, value, exc, regex):
-    kwargs = dict(x_train=np.zeros((6, 2)), y_train=np.arange(6) % 3, x_test=np.zeros((2, 2)),
-                  y_test=np.array([0, 2]))
+    kwargs = dict(
+        x_train=np.zeros((6, 2)),
+        y_train=np.arange(6) % 3,
+        x_test=np.zeros((2, 2)),
+        y_test=np.array([0, 2]),
+    )
     kwargs[arg] = value
     with pytest.raises(exc, match=regex) as excinfo:
         ClassificationTask(**kwargs)
     _message_check(excinfo, regex)
 
 
-@pytest.mark.parametrize("method,kwargs,exc,regex", [
-    ("to_task", {"batch_size": 0}, ValueError, r"to_task: batch_size=0"),
-    ("to_task", {"augment": "yes"}, TypeError, r"to_task: augment='yes'"),
-    ("train_dataset", {"batch_size": "20"}, TypeError, r"train_dataset: batch_size='20'"),
-    ("train_dataset", {"seed": "abc"}, TypeError, r"train_dataset: seed='abc'"),
-    ("train_dataset", {"shuffle": "no"}, TypeError, r"shuffle='no'"),
-    ("train_dataset", {"repeat": 0}, TypeError, r"repeat=0"),
-    ("train_dataset", {"drop_remainder": None}, TypeError, r"drop_remainder=None"),
-    ("test_dataset", {"batch_size": -1}, ValueError, r"test_dataset: batch_size=-1"),
-])
+@pytest.mark.parametrize(
+    "method,kwargs,exc,regex",
+    [
+        ("to_task", {"batch_size": 0}, ValueError, r"to_task: batch_size=0"),
+        ("to_task", {"augment": "yes"}, TypeError, r"to_task: augment='yes'"),
+        ("train_dataset", {"batch_size": "20"}, TypeError, r"train_dataset: batch_size='20'"),
+        ("train_dataset", {"seed": "abc"}, TypeError, r"train_dataset: seed='abc'"),
+        ("train_dataset", {"shuffle": "no"}, TypeError, r"shuffle='no'"),
+        ("train_dataset", {"repeat": 0}, TypeError, r"repeat=0"),
+        ("train_dataset", {"drop_remainder": None}, TypeError, r"drop_remainder=None"),
+        ("test_dataset", {"batch_size": -1}, ValueError, r"test_dataset: batch_size=-1"),
+    ],
+)
 def test_classification_task_method_argument_refused(method, kwargs, exc, regex):
-    task = ClassificationTask(np.zeros((6, 2)), np.arange(6) % 3, np.zeros((2, 2)), [0, 1],
-                              name="toy")
+    task = ClassificationTask(
+        np.zeros((6, 2)), np.arange(6) % 3, np.zeros((2, 2)), [0, 1], name="toy"
+    )
     with pytest.raises(exc, match=regex):
         getattr(task, method)(**kwargs)
 
@@ -405,7 +529,12 @@ WARPGRAD_ROWS = [
     ("inner_optimizer", "nope", ValueError, r"WarpGrad: inner_optimizer='nope'.*optimizer name"),
     ("inner_optimizer", 3, TypeError, r"inner_optimizer=3"),
     ("meta_optimizer", "nope", ValueError, r"meta_optimizer='nope'"),
-    ("meta_optimizer", keras.optimizers.Adam, TypeError, r"meta_optimizer=.*meta_optimizer=Adam\(\)"),
+    (
+        "meta_optimizer",
+        keras.optimizers.Adam,
+        TypeError,
+        r"meta_optimizer=.*meta_optimizer=Adam\(\)",
+    ),
     ("meta_interval", "5", TypeError, r"meta_interval='5'.*meta_interval=5"),
     ("meta_interval", 0, ValueError, r"meta_interval=0.*>= 1"),
     ("meta_interval", 1.5, TypeError, r"meta_interval=1\.5"),
@@ -423,8 +552,11 @@ WARPGRAD_ROWS = [
 ]
 
 
-@pytest.mark.parametrize("arg,value,exc,regex", WARPGRAD_ROWS,
-                         ids=[f"{a}-{i}" for i, (a, *_) in enumerate(WARPGRAD_ROWS)])
+@pytest.mark.parametrize(
+    "arg,value,exc,regex",
+    WARPGRAD_ROWS,
+    ids=[f"{a}-{i}" for i, (a, *_) in enumerate(WARPGRAD_ROWS)],
+)
 def test_warpgrad_argument_refused(arg, value, exc, regex):
     with pytest.raises(exc, match=regex) as excinfo:
         warpkeras.WarpGrad(**{arg: value})
@@ -445,8 +577,11 @@ LEAP_CALLBACK_ROWS = [
 ]
 
 
-@pytest.mark.parametrize("arg,value,exc,regex", LEAP_CALLBACK_ROWS,
-                         ids=[f"{a}-{i}" for i, (a, *_) in enumerate(LEAP_CALLBACK_ROWS)])
+@pytest.mark.parametrize(
+    "arg,value,exc,regex",
+    LEAP_CALLBACK_ROWS,
+    ids=[f"{a}-{i}" for i, (a, *_) in enumerate(LEAP_CALLBACK_ROWS)],
+)
 def test_leap_callback_argument_refused(arg, value, exc, regex):
     with pytest.raises(exc, match=regex) as excinfo:
         warpkeras.LeapCallback(**{arg: value})
@@ -458,8 +593,11 @@ def test_every_constructor_argument_has_a_row():
     import inspect
 
     def params(fn):
-        return {n for n, p in inspect.signature(fn).parameters.items()
-                if n != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+        return {
+            n
+            for n, p in inspect.signature(fn).parameters.items()
+            if n != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
+        }
 
     covered = {row[0] for row in COMMON} | {"model", "loss"}
     covered |= {row[0] for row in OWN["MetaTrainer"]}
@@ -476,28 +614,35 @@ def test_every_constructor_argument_has_a_row():
 # --------------------------------------------------------------------------------------------
 # labels outside the head's range during training
 
+
 def _tasks():
     x = np.random.default_rng(0).normal(size=(12, 4)).astype("float32")
     good = warpkeras.Task(train=(x, np.arange(12) % 3), batch_size=4, name="three-way")
-    bad = warpkeras.Task(train=(x, np.arange(12) % 3),
-                         meta=(x, np.full(12, 4)), batch_size=4, name="five-way")
+    bad = warpkeras.Task(
+        train=(x, np.arange(12) % 3), meta=(x, np.full(12, 4)), batch_size=4, name="five-way"
+    )
     return good, bad
 
 
 def test_label_outside_head_range_during_training(model):
     good, bad = _tasks()
-    trainer = warpkeras.WarpTrainer(model, LOSS, mode="online", init_objective=None,
-                                    inner_steps=1, meta_batch_size=1)
-    with pytest.raises(ValueError, match=r"Task 'five-way': its meta labels must be class ids "
-                                         r"in \[0, 3\).*0\.\.2") as excinfo:
+    trainer = warpkeras.WarpTrainer(
+        model, LOSS, mode="online", init_objective=None, inner_steps=1, meta_batch_size=1
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"Task 'five-way': its meta labels must be class ids "
+        r"in \[0, 3\).*0\.\.2",
+    ) as excinfo:
         trainer.fit([bad], meta_steps=1, verbose=0)
     assert len(str(excinfo.value)) < 600
     plain = warpkeras.ReptileTrainer(model, LOSS, inner_steps=1, meta_batch_size=1)
     bad_train = warpkeras.Task(train=(good.train[0], np.arange(12) - 1), name="minus-one")
     with pytest.raises(ValueError, match=r"Task 'minus-one': its train labels.*\[-1, 10\]"):
         plain.fit([bad_train], meta_steps=1, verbose=0)
-    held_out = warpkeras.Task(train=good.train, test=(good.train[0], np.full(12, 7)),
-                              name="test-seven")
+    held_out = warpkeras.Task(
+        train=good.train, test=(good.train[0], np.full(12, 7)), name="test-seven"
+    )
     with pytest.raises(ValueError, match=r"Task 'test-seven': its test labels.*\[7, 7\]"):
         plain.evaluate([held_out], steps=1, verbose=0)
 
@@ -514,21 +659,26 @@ def test_labels_not_checked_without_sparse_loss(model):
 def test_validation_helpers_message_format():
     with pytest.raises(TypeError) as excinfo:
         v.check_int("five", "inner_steps", minimum=1, where="WarpTrainer", example=5)
-    assert str(excinfo.value) == ("WarpTrainer: inner_steps='five' is not valid: expected an "
-                                  "integer >= 1 (e.g. inner_steps=5).")
+    assert str(excinfo.value) == (
+        "WarpTrainer: inner_steps='five' is not valid: expected an "
+        "integer >= 1 (e.g. inner_steps=5)."
+    )
     assert v.check_int(5.0, "k") == 5 and v.check_float(np.float64(2), "a") == 2.0
     assert v.check_choice(None, "m", (None, "a")) is None
     with pytest.raises(ValueError, match="expected one of 0, 1"):
         v.check_choice(True, "flag", (0, 1))
 
 
-@pytest.mark.parametrize("kwargs,exc,regex", [
-    ({"tasks": 5}, TypeError, r"TaskSampler: tasks=5.*list of warpkeras\.Task"),
-    ({"tasks": []}, ValueError, r"at least one task"),
-    ({"tasks": [object()]}, TypeError, r"Expected a warpkeras\.Task"),
-    ({"tasks": "abc"}, TypeError, r"tasks='abc'"),
-    ({"tasks": [None], "replace": "no"}, TypeError, r"replace='no'.*True or False"),
-])
+@pytest.mark.parametrize(
+    "kwargs,exc,regex",
+    [
+        ({"tasks": 5}, TypeError, r"TaskSampler: tasks=5.*list of warpkeras\.Task"),
+        ({"tasks": []}, ValueError, r"at least one task"),
+        ({"tasks": [object()]}, TypeError, r"Expected a warpkeras\.Task"),
+        ({"tasks": "abc"}, TypeError, r"tasks='abc'"),
+        ({"tasks": [None], "replace": "no"}, TypeError, r"replace='no'.*True or False"),
+    ],
+)
 def test_task_sampler_argument_refused(kwargs, exc, regex):
     with pytest.raises(exc, match=regex):
         warpkeras.TaskSampler(**kwargs)

@@ -10,12 +10,21 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_one_cell_reports_first_and_steady_steps_and_their_split():
-    cell = {"model": "mlp", "trainer": "leap", "executor": "default", "k": 2,
-            "meta_batch": 1, "steady": 1}
+    cell = {
+        "model": "mlp",
+        "trainer": "leap",
+        "executor": "default",
+        "k": 2,
+        "meta_batch": 1,
+        "steady": 1,
+    }
     proc = subprocess.run(
-        [sys.executable, os.path.join(REPO, "bench", "first_step.py"), "--cell",
-         json.dumps(cell)],
-        capture_output=True, text=True, timeout=600, env=dict(os.environ, PYTHONPATH=REPO))
+        [sys.executable, os.path.join(REPO, "bench", "first_step.py"), "--cell", json.dumps(cell)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, PYTHONPATH=REPO),
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("CELL ")][-1]
     record = json.loads(line[5:])
@@ -28,5 +37,6 @@ def test_one_cell_reports_first_and_steady_steps_and_their_split():
     assert record["keras_first_fit_step_s"] > 0
     assert record["second_trainer_first_step_s"] > 0
     assert record["ratio_first_to_keras"] == round(
-        record["first_step_s"] / record["keras_first_fit_step_s"], 2)
+        record["first_step_s"] / record["keras_first_fit_step_s"], 2
+    )
     assert record["retracing_warnings"] >= 0

@@ -13,9 +13,11 @@ from warpkeras import precision
 L = keras.layers
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
-ZEN4 = ("processor\t: 0\nvendor_id\t: AuthenticAMD\n"
-        "flags\t\t: fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni\n\n"
-        "processor\t: 1\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni\n")
+ZEN4 = (
+    "processor\t: 0\nvendor_id\t: AuthenticAMD\n"
+    "flags\t\t: fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni\n\n"
+    "processor\t: 1\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni\n"
+)
 SAPPHIRE_RAPIDS = "flags\t\t: avx512f avx512_bf16 amx_bf16 amx_tile amx_int8\n"
 SKYLAKE = "flags\t\t: fpu sse2 avx2 avx512f avx512bw avx512_vnni\n"
 
@@ -30,6 +32,7 @@ def cpu(monkeypatch):
 
     def set_cpuinfo(text):
         monkeypatch.setattr(precision, "_read_cpuinfo", lambda: text)
+
     return set_cpuinfo
 
 
@@ -116,10 +119,14 @@ def test_precision_scope_builds_and_restores(cpu):
 def _model(policy):
     keras.utils.set_random_seed(5)
     with precision.policy_scope(policy):
-        return keras.Sequential([
-            keras.Input((6,)), L.Dense(16, activation="tanh", name="body"),
-            warpkeras.warp(L.Dense(16, activation="tanh", name="warp")),
-            L.Dense(3, name="head")])
+        return keras.Sequential(
+            [
+                keras.Input((6,)),
+                L.Dense(16, activation="tanh", name="body"),
+                warpkeras.warp(L.Dense(16, activation="tanh", name="warp")),
+                L.Dense(3, name="head"),
+            ]
+        )
 
 
 def _tasks():
@@ -127,10 +134,18 @@ def _tasks():
     for s in range(2):
         rng = np.random.default_rng(s)
         w = rng.normal(size=(6, 3))
-        x, xt = rng.normal(size=(40, 6)).astype("float32"), rng.normal(size=(20, 6)).astype(
-            "float32")
-        out.append(warpkeras.Task(train=(x, np.argmax(x @ w, 1)), test=(xt, np.argmax(xt @ w, 1)),
-                                  batch_size=20, name=f"t{s}"))
+        x, xt = (
+            rng.normal(size=(40, 6)).astype("float32"),
+            rng.normal(size=(20, 6)).astype("float32"),
+        )
+        out.append(
+            warpkeras.Task(
+                train=(x, np.argmax(x @ w, 1)),
+                test=(xt, np.argmax(xt @ w, 1)),
+                batch_size=20,
+                name=f"t{s}",
+            )
+        )
     return out
 
 
@@ -138,19 +153,27 @@ def _meta_gradients(policy, warp):
     """θ0's and φ's meta-gradients of one meta step (SGD(1e-3) steps divided back), and
     the trainer."""
     model = _model(policy)
-    kw = dict(inner_steps=3, meta_batch_size=2, inner_learning_rate=0.1, seed=1,
-              meta_optimizer=keras.optimizers.SGD(1e-3))
+    kw = dict(
+        inner_steps=3,
+        meta_batch_size=2,
+        inner_learning_rate=0.1,
+        seed=1,
+        meta_optimizer=keras.optimizers.SGD(1e-3),
+    )
     if warp:
-        trainer = warpkeras.WarpTrainer(model, LOSS, mode="offline", init_objective="leap",
-                                        max_warp_updates=1, **kw)
+        trainer = warpkeras.WarpTrainer(
+            model, LOSS, mode="offline", init_objective="leap", max_warp_updates=1, **kw
+        )
     else:
         trainer = warpkeras.LeapTrainer(model, LOSS, **kw)
     part = warpkeras.partition(model)
     groups = [list(part.task_variables), list(part.warp_variables)]
     before = [[v.numpy() for v in g] for g in groups]
     trainer.train_step(_tasks(), np.random.default_rng(0))
-    grads = [np.concatenate([((b - v.numpy()) / 1e-3).ravel() for v, b in zip(g, bs)])
-             for g, bs in zip(groups, before)]
+    grads = [
+        np.concatenate([((b - v.numpy()) / 1e-3).ravel() for v, b in zip(g, bs)])
+        for g, bs in zip(groups, before)
+    ]
     return grads, trainer
 
 

@@ -6,8 +6,12 @@ from warpkeras import ReplayBuffer
 
 def _fill(buf, n):
     for i in range(n):
-        buf.add(task_id=i % 3, step=i, theta=[np.full(4, i, "float32")],
-                velocity=[np.full(4, -i, "float32")])
+        buf.add(
+            task_id=i % 3,
+            step=i,
+            theta=[np.full(4, i, "float32")],
+            velocity=[np.full(4, -i, "float32")],
+        )
 
 
 def test_unbounded_buffer_returns_every_point_once():
@@ -35,7 +39,9 @@ def test_spill_keeps_every_point_with_bounded_memory(tmp_path):
         np.testing.assert_array_equal(e["theta"][0], np.full(4, i, "float32"))
         np.testing.assert_array_equal(e["velocity"][0], np.full(4, -i, "float32"))
     buf.clear()
-    assert len(buf) == 0 and not any(p.name.startswith("warpkeras-buffer") for p in tmp_path.iterdir())
+    assert len(buf) == 0 and not any(
+        p.name.startswith("warpkeras-buffer") for p in tmp_path.iterdir()
+    )
 
 
 def test_drain_order_does_not_depend_on_insertion_order():

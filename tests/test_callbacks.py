@@ -42,7 +42,7 @@ def _reference_path(model, x, y, batch, epochs, lr, momentum, nesterov):
     thetas, losses, grads = [], [], []
     for _ in range(epochs):
         for start in range(0, len(x), batch):
-            xb, yb = x[start:start + batch], y[start:start + batch]
+            xb, yb = x[start : start + batch], y[start : start + batch]
             with tf.GradientTape() as tape:
                 loss = loss_fn(yb, model(xb, training=True))
             g = [gi.numpy() for gi in tape.gradient(loss, variables)]
@@ -75,16 +75,15 @@ def test_accumulated_gradient_equals_sum_over_path(float64, momentum, nesterov, 
     model = _mlp()
     initial = model.get_weights()
     lr, batch, epochs = 0.05, 8, 2
-    model.compile(optimizer=keras.optimizers.SGD(lr, momentum=momentum, nesterov=nesterov),
-                  loss="mse")
+    model.compile(
+        optimizer=keras.optimizers.SGD(lr, momentum=momentum, nesterov=nesterov), loss="mse"
+    )
     leap = LeapCallback(norm=norm, update_on_train_end=False)
     model.fit(x, y, batch_size=batch, epochs=epochs, shuffle=False, verbose=0, callbacks=[leap])
 
     reference = _mlp()
     reference.set_weights(initial)
-    thetas, losses, grads = _reference_path(
-        reference, x, y, batch, epochs, lr, momentum, nesterov
-    )
+    thetas, losses, grads = _reference_path(reference, x, y, batch, epochs, lr, momentum, nesterov)
     expected = [np.zeros_like(w) for w in initial]
     length = 0.0
     for k in range(1, len(thetas)):
@@ -92,8 +91,9 @@ def test_accumulated_gradient_equals_sum_over_path(float64, momentum, nesterov, 
             thetas[k - 1], thetas[k], losses[k - 1], losses[k], grads[k - 1], norm=norm
         )
         expected = [e + s.numpy() for e, s in zip(expected, segment)]
-        length += float(objectives.leap_path_length(thetas[k - 1:k + 1], losses[k - 1:k + 1],
-                                                    norm=norm))
+        length += float(
+            objectives.leap_path_length(thetas[k - 1 : k + 1], losses[k - 1 : k + 1], norm=norm)
+        )
     for got, want in zip(leap.task_gradient, expected):
         np.testing.assert_allclose(np.asarray(got), want, rtol=1e-7, atol=1e-9)
     assert np.abs(expected[0]).max() > 1e-3  # a non-trivial gradient
@@ -121,8 +121,14 @@ def test_path_length_shrinks_over_tasks(norm, meta_lr):
         x, y = _task(rng, n=32)
         # Ten full-batch steps (the batch repeated), so that the loss coordinate of the
         # path measures progress and not the noise between mini-batches.
-        model.fit(np.tile(x, (10, 1)), np.tile(y, (10, 1)), batch_size=32, shuffle=False,
-                  verbose=0, callbacks=[leap])
+        model.fit(
+            np.tile(x, (10, 1)),
+            np.tile(y, (10, 1)),
+            batch_size=32,
+            shuffle=False,
+            verbose=0,
+            callbacks=[leap],
+        )
     lengths = leap.path_lengths
     assert len(lengths) == 6 and leap.num_tasks == 6
     assert np.mean(lengths[-3:]) < 0.5 * lengths[0], lengths
@@ -175,8 +181,12 @@ def test_with_warpgrad_leaves_warp_variables_to_the_optimizer(float64):
     l1, _ = objectives.task_loss(part, loss_fn, theta1, phi, (x[8:], y[8:]))
     expected = objectives.leap_meta_gradient(theta0, theta1, l0, l1, g0)
 
-    opt = WarpGrad(keras.optimizers.SGD(0.05, momentum=0.5), keras.optimizers.SGD(0.01),
-                   meta_interval=2, model=model)
+    opt = WarpGrad(
+        keras.optimizers.SGD(0.05, momentum=0.5),
+        keras.optimizers.SGD(0.01),
+        meta_interval=2,
+        model=model,
+    )
     model.compile(optimizer=opt, loss="mse")
     leap = LeapCallback(update_on_train_end=False)
     model.fit(x, y, batch_size=8, shuffle=False, verbose=0, callbacks=[leap])

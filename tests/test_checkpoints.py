@@ -12,12 +12,11 @@ import sys
 import keras
 import numpy as np
 import pytest
+from conftest import assert_lists_close
 
 import warpkeras
 from warpkeras.buffer import remove_stale_spill_dirs
 from warpkeras.trainers.loop import CheckpointError, CheckpointWarning
-
-from conftest import assert_lists_close
 
 
 def regression_task(rng, n=40):
@@ -28,15 +27,26 @@ def regression_task(rng, n=40):
 
 def make_trainer(seed=0, **kw):
     keras.utils.set_random_seed(seed)
-    model = keras.Sequential([
-        keras.Input((4,)),
-        warpkeras.warp(keras.layers.Dense(4, use_bias=False, kernel_initializer="identity",
-                                          name="warp")),
-        keras.layers.Dense(1, name="task"),
-    ])
-    return warpkeras.WarpTrainer(model, "mse", mode="online", init_objective="leap",
-                                 inner_steps=1, meta_batch_size=1, inner_learning_rate=0.1,
-                                 meta_optimizer=keras.optimizers.Adam(0.01), **kw)
+    model = keras.Sequential(
+        [
+            keras.Input((4,)),
+            warpkeras.warp(
+                keras.layers.Dense(4, use_bias=False, kernel_initializer="identity", name="warp")
+            ),
+            keras.layers.Dense(1, name="task"),
+        ]
+    )
+    return warpkeras.WarpTrainer(
+        model,
+        "mse",
+        mode="online",
+        init_objective="leap",
+        inner_steps=1,
+        meta_batch_size=1,
+        inner_learning_rate=0.1,
+        meta_optimizer=keras.optimizers.Adam(0.01),
+        **kw,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -46,11 +56,21 @@ def saved(tmp_path_factory):
     trainer = make_trainer()
     weights = {}
     record = keras.callbacks.LambdaCallback(
-        on_epoch_end=lambda e, logs: weights.update({e + 1: trainer.model.get_weights()}))
-    trainer.fit(regression_task, epochs=3, verbose=0, checkpoint_dir=folder,
-                max_checkpoints=5, callbacks=[record])
+        on_epoch_end=lambda e, logs: weights.update({e + 1: trainer.model.get_weights()})
+    )
+    trainer.fit(
+        regression_task,
+        epochs=3,
+        verbose=0,
+        checkpoint_dir=folder,
+        max_checkpoints=5,
+        callbacks=[record],
+    )
     assert sorted(f for f in os.listdir(folder) if f.endswith(".index")) == [
-        "ckpt-1.index", "ckpt-2.index", "ckpt-3.index"]
+        "ckpt-1.index",
+        "ckpt-2.index",
+        "ckpt-3.index",
+    ]
     return folder, weights
 
 
@@ -59,7 +79,7 @@ def damage(path, how):
     if how == "garbage":
         data = bytes(np.random.default_rng(0).integers(0, 256, max(len(data), 64), np.uint8))
     elif how == "truncated":
-        data = data[:len(data) // 2]
+        data = data[: len(data) // 2]
     else:
         data = b""
     with open(path, "wb") as f:
@@ -97,14 +117,16 @@ def test_training_continues_without_touching_intact_checkpoints(saved, tmp_path,
     before = snapshot(folder, intact)
     trainer = make_trainer(seed=7)
     with pytest.warns(CheckpointWarning, match=FILES[which]):
-        history = trainer.fit(regression_task, epochs=4, verbose=0, checkpoint_dir=folder,
-                              max_checkpoints=5)
+        history = trainer.fit(
+            regression_task, epochs=4, verbose=0, checkpoint_dir=folder, max_checkpoints=5
+        )
     assert history.epoch == ([3] if which == "state" else [2, 3])
     assert snapshot(folder, intact) == before  # neither deleted nor overwritten
     reference = make_trainer()
     reference.fit(regression_task, epochs=4, verbose=0)
-    assert_lists_close(trainer.model.get_weights(), reference.model.get_weights(),
-                       rtol=1e-6, atol=1e-7)
+    assert_lists_close(
+        trainer.model.get_weights(), reference.model.get_weights(), rtol=1e-6, atol=1e-7
+    )
     # the state file again lists the checkpoints, and the next resume needs no fallback
     assert make_trainer(seed=7).restore(folder) == 4
 
@@ -142,8 +164,12 @@ def test_spill_folders_of_killed_runs_are_removed(tmp_path):
     root = str(tmp_path / "spill")
     os.makedirs(root)
     host = socket.gethostname().replace("-", "_")
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True, check=True).stdout.strip()
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     killed = os.path.join(root, f"warpkeras-buffer-{host}-{dead}-abc123")
     running = os.path.join(root, f"warpkeras-buffer-{host}-{os.getppid()}-def456")
     elsewhere = os.path.join(root, f"warpkeras-buffer-otherhost-{dead}-ghi789")
@@ -155,10 +181,19 @@ def test_spill_folders_of_killed_runs_are_removed(tmp_path):
     # an offline trainer that spills cleans up the same way when it starts
     os.makedirs(killed)
     keras.utils.set_random_seed(0)
-    model = keras.Sequential([keras.Input((4,)), warpkeras.warp(keras.layers.Dense(4)),
-                              keras.layers.Dense(1)])
-    trainer = warpkeras.WarpTrainer(model, "mse", mode="offline", init_objective=None,
-                                    inner_steps=2, meta_batch_size=1, buffer_capacity=1,
-                                    buffer_overflow="spill", buffer_spill_dir=root)
+    model = keras.Sequential(
+        [keras.Input((4,)), warpkeras.warp(keras.layers.Dense(4)), keras.layers.Dense(1)]
+    )
+    trainer = warpkeras.WarpTrainer(
+        model,
+        "mse",
+        mode="offline",
+        init_objective=None,
+        inner_steps=2,
+        meta_batch_size=1,
+        buffer_capacity=1,
+        buffer_overflow="spill",
+        buffer_spill_dir=root,
+    )
     trainer.fit(regression_task, epochs=1, verbose=0)
     assert not os.path.exists(killed) and os.path.isdir(running)

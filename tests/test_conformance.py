@@ -60,9 +60,9 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import NO_WARPKERAS
 
 import warpkeras
-from conftest import NO_WARPKERAS
 from warpkeras import export as wexport
 from warpkeras import objectives as obj
 
@@ -82,9 +82,15 @@ def _trunk(h, dtype=None):
 def _sequential():
     frozen = L.Dense(N_IN, name="frozen")
     frozen.trainable = False
-    return keras.Sequential([
-        keras.Input((N_IN,)), frozen, L.Dense(4, activation="tanh"),
-        warpkeras.warp(L.Dense(4, activation="tanh")), L.Dense(N_OUT)])
+    return keras.Sequential(
+        [
+            keras.Input((N_IN,)),
+            frozen,
+            L.Dense(4, activation="tanh"),
+            warpkeras.warp(L.Dense(4, activation="tanh")),
+            L.Dense(N_OUT),
+        ]
+    )
 
 
 def _two_inputs():
@@ -94,8 +100,9 @@ def _two_inputs():
 
 def _dict_inputs():
     img, vec = keras.Input((3, 3, 1), name="image"), keras.Input((2,), name="vector")
-    return keras.Model({"image": img, "vector": vec},
-                       _trunk(L.Concatenate()([L.Flatten()(img), vec])))
+    return keras.Model(
+        {"image": img, "vector": vec}, _trunk(L.Concatenate()([L.Flatten()(img), vec]))
+    )
 
 
 class SubclassedModel(keras.Model):
@@ -117,8 +124,9 @@ def _subclassed():
 
 def _nested():
     inp = keras.Input((N_IN,))
-    block = keras.Sequential([L.Dense(4, activation="tanh"),
-                              warpkeras.warp(L.Dense(4, activation="tanh"))], name="block")
+    block = keras.Sequential(
+        [L.Dense(4, activation="tanh"), warpkeras.warp(L.Dense(4, activation="tanh"))], name="block"
+    )
     return keras.Model(inp, L.Dense(N_OUT)(block(inp)))
 
 
@@ -149,10 +157,15 @@ def _recurrent():
 
 def _regularised():
     inp = keras.Input((N_IN,))
-    h = L.Dense(4, activation="tanh", kernel_regularizer=keras.regularizers.L2(0.1),
-                activity_regularizer=keras.regularizers.L2(0.05))(inp)
-    h = warpkeras.warp(L.Dense(4, activation="tanh",
-                               kernel_regularizer=keras.regularizers.L2(0.1)))(h)
+    h = L.Dense(
+        4,
+        activation="tanh",
+        kernel_regularizer=keras.regularizers.L2(0.1),
+        activity_regularizer=keras.regularizers.L2(0.05),
+    )(inp)
+    h = warpkeras.warp(
+        L.Dense(4, activation="tanh", kernel_regularizer=keras.regularizers.L2(0.1))
+    )(h)
     return keras.Model(inp, L.Dense(N_OUT)(h))
 
 
@@ -171,6 +184,7 @@ def _mixed(policy):
     def build():
         inp = keras.Input((N_IN,))
         return keras.Model(inp, _trunk(inp, policy))
+
     return build
 
 
@@ -207,9 +221,12 @@ def _inputs(kind, n, rng, dtype="float32"):
 def _task(kind, seed, batch_size=6, dtype="float32"):
     rng = np.random.default_rng(seed)
     x, xt = _inputs(kind, N_TRAIN, rng, dtype), _inputs(kind, N_TEST, rng, dtype)
-    return warpkeras.Task(train=(x, rng.integers(0, N_OUT, N_TRAIN)),
-                          test=(xt, rng.integers(0, N_OUT, N_TEST)),
-                          batch_size=batch_size, name=f"{kind}-{seed}")
+    return warpkeras.Task(
+        train=(x, rng.integers(0, N_OUT, N_TRAIN)),
+        test=(xt, rng.integers(0, N_OUT, N_TEST)),
+        batch_size=batch_size,
+        name=f"{kind}-{seed}",
+    )
 
 
 _BUILT = {}
@@ -251,38 +268,59 @@ KW = dict(inner_steps=2, meta_batch_size=2, inner_learning_rate=0.1, seed=3)
 
 LEARNERS = {
     # name: (constructor, variable groups it may change)
-    "warp_online_exact": (lambda m: warpkeras.WarpTrainer(
-        m, LOSS, mode="online", objective="exact", **KW), {"task", "warp"}),
-    "warp_online_approx": (lambda m: warpkeras.WarpTrainer(
-        m, LOSS, mode="online", objective="approx", **KW), {"task", "warp"}),
-    "warp_offline_exact": (lambda m: warpkeras.WarpTrainer(
-        m, LOSS, mode="offline", objective="exact", **KW), {"task", "warp"}),
-    "warp_offline_approx": (lambda m: warpkeras.WarpTrainer(
-        m, LOSS, mode="offline", objective="approx", **KW), {"task", "warp"}),
-    "warp_continual_exact": (lambda m: warpkeras.WarpTrainer(
-        m, LOSS, mode="continual", objective="exact", init_objective=None, **KW),
-        {"task", "warp"}),
-    "warp_continual_approx": (lambda m: warpkeras.WarpTrainer(
-        m, LOSS, mode="continual", objective="approx", init_objective=None, **KW),
-        {"task", "warp"}),
-    "warp_maml": (lambda m: warpkeras.WarpTrainer(
-        m, LOSS, mode="online", init_objective="maml", **KW), {"task", "warp"}),
+    "warp_online_exact": (
+        lambda m: warpkeras.WarpTrainer(m, LOSS, mode="online", objective="exact", **KW),
+        {"task", "warp"},
+    ),
+    "warp_online_approx": (
+        lambda m: warpkeras.WarpTrainer(m, LOSS, mode="online", objective="approx", **KW),
+        {"task", "warp"},
+    ),
+    "warp_offline_exact": (
+        lambda m: warpkeras.WarpTrainer(m, LOSS, mode="offline", objective="exact", **KW),
+        {"task", "warp"},
+    ),
+    "warp_offline_approx": (
+        lambda m: warpkeras.WarpTrainer(m, LOSS, mode="offline", objective="approx", **KW),
+        {"task", "warp"},
+    ),
+    "warp_continual_exact": (
+        lambda m: warpkeras.WarpTrainer(
+            m, LOSS, mode="continual", objective="exact", init_objective=None, **KW
+        ),
+        {"task", "warp"},
+    ),
+    "warp_continual_approx": (
+        lambda m: warpkeras.WarpTrainer(
+            m, LOSS, mode="continual", objective="approx", init_objective=None, **KW
+        ),
+        {"task", "warp"},
+    ),
+    "warp_maml": (
+        lambda m: warpkeras.WarpTrainer(m, LOSS, mode="online", init_objective="maml", **KW),
+        {"task", "warp"},
+    ),
     "leap": (lambda m: warpkeras.LeapTrainer(m, LOSS, **KW), {"task"}),
     "maml": (lambda m: warpkeras.MAMLTrainer(m, LOSS, **KW), {"task"}),
     "fomaml": (lambda m: warpkeras.MAMLTrainer(m, LOSS, first_order=True, **KW), {"task"}),
     "reptile": (lambda m: warpkeras.ReptileTrainer(m, LOSS, **KW), {"task"}),
-    "finetune": (lambda m: warpkeras.FineTuneTrainer(m, LOSS, multi_headed=False, **KW),
-                 {"task"}),
+    "finetune": (lambda m: warpkeras.FineTuneTrainer(m, LOSS, multi_headed=False, **KW), {"task"}),
     "nometa": (lambda m: warpkeras.NoMetaTrainer(m, LOSS, **KW), set()),
 }
 
 
 def _groups(model):
     p = warpkeras.partition(model)
-    fixed = [v for v in model.non_trainable_variables
-             if "moving_" not in v.path and "seed_generator" not in v.path]
-    return {"task": p.task_variables, "warp": p.warp_variables,
-            "frozen": p.frozen_variables + fixed}
+    fixed = [
+        v
+        for v in model.non_trainable_variables
+        if "moving_" not in v.path and "seed_generator" not in v.path
+    ]
+    return {
+        "task": p.task_variables,
+        "warp": p.warp_variables,
+        "frozen": p.frozen_variables + fixed,
+    }
 
 
 @pytest.mark.parametrize("learner", list(LEARNERS))
@@ -304,8 +342,11 @@ def test_fit(kind, learner, eager):
             assert not changed, f"{learner} changed the {key} variables"
 
 
-COMPILED_FIT = [(k, trainer) for k in MULTI_INPUT + ("batchnorm", "dropout")
-                for trainer in ("warp_maml", "maml", "warp_offline_exact")]
+COMPILED_FIT = [
+    (k, trainer)
+    for k in MULTI_INPUT + ("batchnorm", "dropout")
+    for trainer in ("warp_maml", "maml", "warp_offline_exact")
+]
 
 
 @pytest.mark.parametrize("kind,learner", COMPILED_FIT)
@@ -333,17 +374,19 @@ def test_keras_fit(kind, learner):
     model = _model(kind)
     groups = _groups(model)
     before = {k: _snapshot(v) for k, v in groups.items()}
-    optimizer = warpkeras.WarpGrad(inner_optimizer=keras.optimizers.SGD(0.1),
-                                   meta_optimizer=keras.optimizers.SGD(0.1),
-                                   meta_interval=2, model=model)
+    optimizer = warpkeras.WarpGrad(
+        inner_optimizer=keras.optimizers.SGD(0.1),
+        meta_optimizer=keras.optimizers.SGD(0.1),
+        meta_interval=2,
+        model=model,
+    )
     model.compile(optimizer=optimizer, loss=LOSS, run_eagerly=kind != "sequential")
     x, y = _keras_data(kind)
     callbacks = []
     if learner == "leap_callback":
         leap = warpkeras.LeapCallback(meta_optimizer=keras.optimizers.SGD(0.1))
         callbacks.append(leap)
-    history = model.fit(x, y, batch_size=6, epochs=1, shuffle=False, verbose=0,
-                        callbacks=callbacks)
+    history = model.fit(x, y, batch_size=6, epochs=1, shuffle=False, verbose=0, callbacks=callbacks)
     assert np.all(np.isfinite(history.history["loss"]))
     assert _changed(before["warp"], groups["warp"])
     assert _changed(before["task"], groups["task"])
@@ -381,20 +424,26 @@ def test_exact_objectives_match_finite_differences(kind, objective, float64):
     lr = 0.4
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True, dtype="float64")
     if objective == "warp_exact":
-        _, grads, _ = obj.warp_meta_gradient(p, loss, theta, phi, task_batch, meta_batch, lr,
-                                             state=state, exact=True)
+        _, grads, _ = obj.warp_meta_gradient(
+            p, loss, theta, phi, task_batch, meta_batch, lr, state=state, exact=True
+        )
 
         def warp_loss(ph):
-            return obj.warp_objective(p, loss, theta, ph, task_batch, meta_batch, lr,
-                                      state=state, exact=True)
+            return obj.warp_objective(
+                p, loss, theta, ph, task_batch, meta_batch, lr, state=state, exact=True
+            )
+
         _directional_check(warp_loss, grads, phi, seed=2)
     else:
-        _, grads, _ = obj.maml_meta_gradient(p, loss, theta, phi, task_batch, meta_batch, lr, 2,
-                                             state=state)
+        _, grads, _ = obj.maml_meta_gradient(
+            p, loss, theta, phi, task_batch, meta_batch, lr, 2, state=state
+        )
 
         def maml_loss(th):
-            return obj.maml_objective(p, loss, th, phi, task_batch, meta_batch, lr, 2,
-                                      state=state)[0]
+            return obj.maml_objective(p, loss, th, phi, task_batch, meta_batch, lr, 2, state=state)[
+                0
+            ]
+
         _directional_check(maml_loss, grads, theta, seed=2)
 
 
@@ -405,8 +454,10 @@ def test_stock_batch_statistics_are_exact_to_second_order(float64):
     x = tf.constant(rng.normal(size=(6, 3)))
     v = tf.constant(rng.normal(size=(6, 3)))
     w = tf.constant(rng.normal(size=(6, 3)))
-    for layer, axes in ((L.BatchNormalization(epsilon=1e-3), 0),
-                        (L.LayerNormalization(epsilon=1e-3), 1)):
+    for layer, axes in (
+        (L.BatchNormalization(epsilon=1e-3), 0),
+        (L.LayerNormalization(epsilon=1e-3), 1),
+    ):
         model = keras.Sequential([keras.Input((3,)), layer])
         p = warpkeras.partition(model)
 
@@ -433,8 +484,9 @@ def test_stock_batch_statistics_are_exact_to_second_order(float64):
 
 # --- evaluate, adapt and export (compiled; one fresh process serves every kind) ----------
 def _representative(model, **kwargs):
-    return warpkeras.WarpTrainer(model, LOSS, mode="online", objective="exact",
-                                 init_objective="leap", **{**KW, **kwargs})
+    return warpkeras.WarpTrainer(
+        model, LOSS, mode="online", objective="exact", init_objective="leap", **{**KW, **kwargs}
+    )
 
 
 SERVE_SCRIPT = NO_WARPKERAS + textwrap.dedent(
@@ -463,8 +515,9 @@ EXPORT_STEPS = 2
 def _loss_with_penalties(partition, theta, x, y, training):
     """The task loss of the model at θ on (x, y): the loss plus the layers' penalties."""
     state = [tf.convert_to_tensor(v) for v in partition.state_values()]
-    pred, _, penalties = partition.call(theta, partition.warp_values(), x, state=state,
-                                        training=training, return_losses=True)
+    pred, _, penalties = partition.call(
+        theta, partition.warp_values(), x, state=state, training=training, return_losses=True
+    )
     loss = float(LOSS(y, pred))
     return loss + sum(float(p) for p in penalties), np.array(pred)
 
@@ -488,10 +541,10 @@ def compiled(tmp_path_factory):
         report = trainer.evaluate([task], steps=EXPORT_STEPS, verbose=0)
         theta, curves = trainer.adapt(task, steps=EXPORT_STEPS, seed=0)
         x, y = task.test
-        loss, pred = _loss_with_penalties(trainer.partition, theta, x, y,
-                                          trainer.eval_training_mode)
-        result = results[kind] = dict(report=report, curves=curves, loss=loss, pred=pred,
-                                      labels=y)
+        loss, pred = _loss_with_penalties(
+            trainer.partition, theta, x, y, trainer.eval_training_mode
+        )
+        result = results[kind] = dict(report=report, curves=curves, loss=loss, pred=pred, labels=y)
         kwargs = {"input_spec": (N_IN,)} if kind == "subclassed" else {}
         if kind in MULTI_INPUT:  # served through the signature only: skip the Python-
             kwargs["dtype_tolerant"] = False  # client functions' many dtype traces
@@ -504,8 +557,7 @@ def compiled(tmp_path_factory):
         request = dict(y=sy.astype("int64"), steps=np.int32(EXPORT_STEPS))
         if kind in MULTI_INPUT:
             for role, value in (("x", sx), ("queries", x)):
-                img, vec = value if kind == "two_inputs" else (value["image"],
-                                                               value["vector"])
+                img, vec = value if kind == "two_inputs" else (value["image"], value["vector"])
                 request.update({f"{role}_image": img, f"{role}_vector": vec})
         else:
             request.update(x=sx, queries=x)
@@ -515,8 +567,14 @@ def compiled(tmp_path_factory):
         json.dump(exported, f)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSTARTUP")}
     env.update(PYTHONPATH="", TF_CPP_MIN_LOG_LEVEL="2", PYTHONNOUSERSITE="1")
-    proc = subprocess.run([sys.executable, "-c", SERVE_SCRIPT, str(work)], cwd=str(work),
-                          env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", SERVE_SCRIPT, str(work)],
+        cwd=str(work),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     for kind, pred in np.load(work / "outputs.npz").items():
         results[kind]["served"] = pred
@@ -573,9 +631,16 @@ def _dropout_losses(seed):
     x = np.ones((N_TRAIN, N_IN), "float32")
     y = np.arange(N_TRAIN) % N_OUT
     tasks = [warpkeras.Task(train=(x, y), batch_size=6, name=f"t{i}") for i in range(2)]
-    trainer = warpkeras.WarpTrainer(model, LOSS, mode="online", init_objective="leap",
-                                    inner_steps=3, meta_batch_size=2,
-                                    inner_learning_rate=1e-12, seed=seed)
+    trainer = warpkeras.WarpTrainer(
+        model,
+        LOSS,
+        mode="online",
+        init_objective="leap",
+        inner_steps=3,
+        meta_batch_size=2,
+        inner_learning_rate=1e-12,
+        seed=seed,
+    )
     losses = []
     adapt_group = trainer._adapt_group
 

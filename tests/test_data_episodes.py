@@ -110,8 +110,10 @@ def test_image_folder_layout(tmp_path):
         load_image_folder(tmp_path / "missing")
 
 
-@pytest.mark.skipif(not (SUBSET / "images_background_small1.zip").exists(),
-                    reason=f"shared Omniglot subset not found at {SUBSET.resolve()}")
+@pytest.mark.skipif(
+    not (SUBSET / "images_background_small1.zip").exists(),
+    reason=f"shared Omniglot subset not found at {SUBSET.resolve()}",
+)
 def test_omniglot_episodes(tmp_path):
     data = load_omniglot(source="local", data_dir=SUBSET, cache_dir=tmp_path)
     x, y, names = data.character_arrays(["Korean", "Sanskrit"])

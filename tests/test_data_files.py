@@ -134,16 +134,18 @@ def _bad_png_in_folder(tmp_path, kind):
 def _truncated_zip(tmp_path):
     root = tmp_path / "data"
     write_folder(root, omniglot_members(characters=1))  # extracted character01
-    archive = write_zip(root / "images_background.zip",
-                        omniglot_members("images_background/", characters=2))
+    archive = write_zip(
+        root / "images_background.zip", omniglot_members("images_background/", characters=2)
+    )
     archive.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
     return root, [f"file '{archive}'"]
 
 
 def _corrupt_member(tmp_path, where="middle"):
     root = tmp_path / "data"
-    archive = write_zip(root / "images_background.zip",
-                        omniglot_members("images_background/", characters=2))
+    archive = write_zip(
+        root / "images_background.zip", omniglot_members("images_background/", characters=2)
+    )
     member = "images_background/Alpha/character02/0200_02.png"
     corrupt_member(archive, member, where)
     return root, [f"member '{member}' of archive '{archive}'"]
@@ -170,8 +172,13 @@ BAD_INPUTS = {
 }
 # readable drawings left in each case (2 characters x 3 drawings, less what is broken)
 READABLE_LEFT = {
-    "corrupt_png": 5, "truncated_png": 5, "text_named_png": 5, "zero_byte_png": 5,
-    "truncated_zip": 3, "corrupt_zip_member": 5, "invalid_deflate_stream": 5,
+    "corrupt_png": 5,
+    "truncated_png": 5,
+    "text_named_png": 5,
+    "zero_byte_png": 5,
+    "truncated_zip": 3,
+    "corrupt_zip_member": 5,
+    "invalid_deflate_stream": 5,
     "zip_member_not_png": 5,
 }
 
@@ -212,8 +219,7 @@ def test_skip_corrupt_warns_names_and_goes_on(tmp_path, case):
 
 def test_skipped_extracted_png_falls_back_to_the_zip_copy(tmp_path):
     root = write_folder(tmp_path / "data", omniglot_members(characters=1))
-    write_zip(root / "images_background.zip", omniglot_members("images_background/",
-                                                               characters=1))
+    write_zip(root / "images_background.zip", omniglot_members("images_background/", characters=1))
     reference = load(root, tmp_path / "c0")
     (root / "Alpha" / "character01" / "0100_01.png").write_bytes(b"garbage")
     with pytest.warns(UserWarning, match="skipping unreadable file"):
@@ -233,8 +239,9 @@ def test_image_folder_unreadable_file_is_named_or_skipped(tmp_path):
     with pytest.raises(CorruptFileError, match=f"file '{bad}'"):
         load_image_folder(root, mode="L", cache_dir=tmp_path / "cache")
     with pytest.warns(UserWarning, match=f"skipping unreadable file '{bad}'"):
-        x, y, names = load_image_folder(root, mode="L", cache_dir=tmp_path / "cache",
-                                        skip_corrupt=True)
+        x, y, names = load_image_folder(
+            root, mode="L", cache_dir=tmp_path / "cache", skip_corrupt=True
+        )
     assert x.shape == (3, SIDE, SIDE, 1) and y.tolist() == [0, 0, 1] and names == ["a", "b"]
     with pytest.warns(UserWarning, match="leave out 1 unreadable files"):
         load_image_folder(root, mode="L", cache_dir=tmp_path / "cache", skip_corrupt=True)
@@ -406,8 +413,12 @@ def test_auto_without_local_copy_fails_fast_when_offline(tmp_path, monkeypatch):
     empty.mkdir()
     start = time.perf_counter()
     with pytest.raises(OmniglotNotFoundError) as info:
-        load_omniglot(source="auto", data_dir=empty, cache_dir=tmp_path / "cache",
-                      tfds_data_dir=str(tmp_path / "tfds"))
+        load_omniglot(
+            source="auto",
+            data_dir=empty,
+            cache_dir=tmp_path / "cache",
+            tfds_data_dir=str(tmp_path / "tfds"),
+        )
     assert time.perf_counter() - start < 20
     message = str(info.value)
     assert "cannot be reached" in message and "github.com:443" in message
@@ -430,8 +441,12 @@ def test_auto_says_at_once_that_it_downloads(tmp_path, monkeypatch, caplog):
     empty.mkdir()
     with caplog.at_level(logging.WARNING, logger="warpkeras.data.omniglot"):
         with pytest.raises(OmniglotNotFoundError, match="stopped by the test"):
-            load_omniglot(source="auto", data_dir=empty, cache_dir=tmp_path / "cache",
-                          tfds_data_dir=str(tmp_path / "tfds"))
+            load_omniglot(
+                source="auto",
+                data_dir=empty,
+                cache_dir=tmp_path / "cache",
+                tfds_data_dir=str(tmp_path / "tfds"),
+            )
     (record,) = [r for r in caplog.records if "downloading" in r.getMessage()]
     assert str(tmp_path / "tfds") in record.getMessage()
 
@@ -446,8 +461,13 @@ def test_no_probe_without_download(tmp_path, monkeypatch):
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(OmniglotNotFoundError, match="images_background.zip"):
-        load_omniglot(source="auto", data_dir=empty, cache_dir=tmp_path / "cache",
-                      tfds_data_dir=str(tmp_path / "tfds"), download=False)
+        load_omniglot(
+            source="auto",
+            data_dir=empty,
+            cache_dir=tmp_path / "cache",
+            tfds_data_dir=str(tmp_path / "tfds"),
+            download=False,
+        )
 
 
 def test_network_probe_is_short_and_right():
@@ -479,8 +499,12 @@ def _fake_omniglot(alphabets=2, characters=20, drawings=7):
                     for d in range(drawings):
                         img = np.full((105, 105, 3), 255, np.uint8)
                         img[5 + 4 * c : 9 + 4 * c, 5 + 10 * d : 12 + 10 * d + 3 * a] = 0
-                        yield {"image": img, "alphabet": a, "alphabet_char_id": c,
-                               "label": a * characters + c}
+                        yield {
+                            "image": img,
+                            "alphabet": a,
+                            "alphabet_char_id": c,
+                            "label": a * characters + c,
+                        }
 
         return tf.data.Dataset.from_generator(
             examples,
@@ -514,8 +538,9 @@ def test_tfds_source_under_mock_data(tmp_path, monkeypatch):
     empty = tmp_path / "empty"
     empty.mkdir()
     with tfds.testing.mock_data(as_dataset_fn=_fake_omniglot()):
-        auto = load_omniglot(source="auto", data_dir=empty, cache_dir=tmp_path / "c2",
-                             tfds_splits=("train",))
+        auto = load_omniglot(
+            source="auto", data_dir=empty, cache_dir=tmp_path / "c2", tfds_splits=("train",)
+        )
     np.testing.assert_array_equal(auto.images, data.images)
     tasks = OmniglotTasks(auto, num_meta_val=0, num_meta_test=1, seed=0)
     assert len(tasks.meta_train) == 1 and tasks.meta_train[0].num_classes == 20
@@ -540,7 +565,8 @@ def test_example_source_tfds_under_mock_data(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "path", list(sys.path))
     example = _import_example("omniglot")
     args = example.build_parser().parse_args(
-        ["--smoke", "--source", "tfds", "--output-dir", str(tmp_path / "out")])
+        ["--smoke", "--source", "tfds", "--output-dir", str(tmp_path / "out")]
+    )
     cfg = example.resolve_config(args)
     with tfds.testing.mock_data(as_dataset_fn=_fake_omniglot()):
         data = example.load_data(args, cfg)
@@ -559,7 +585,8 @@ def test_few_shot_example_source_tfds_under_mock_data(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "path", list(sys.path))
     example = _import_example("few_shot")
     args = example.build_parser().parse_args(
-        ["--smoke", "--source", "tfds", "--output-dir", str(tmp_path / "out")])
+        ["--smoke", "--source", "tfds", "--output-dir", str(tmp_path / "out")]
+    )
     cfg = example.resolve_config(args)
     with tfds.testing.mock_data(as_dataset_fn=_fake_omniglot(alphabets=3, drawings=4)):
         data = example.load_data(args)
@@ -589,8 +616,9 @@ def small_data():
         character_ids=char_ids,
         drawer_ids=np.tile(np.arange(1, drawers + 1), alphabets * chars),
         alphabet_names=["A", "B"],
-        character_names=[f"{'AB'[i // chars]}/character{i % chars + 1:02d}"
-                         for i in range(alphabets * chars)],
+        character_names=[
+            f"{'AB'[i // chars]}/character{i % chars + 1:02d}" for i in range(alphabets * chars)
+        ],
     )
 
 
@@ -700,12 +728,27 @@ BAD_ARGUMENTS = [
     ("ContinualSineTask", "offset", np.inf, ValueError, "offset must be a finite number"),
     ("ContinualSineTask", "num_subtasks", 0, ValueError, "num_subtasks must be an integer"),
     ("ContinualSineTask", "num_subtasks", "5", TypeError, "num_subtasks must be an integer"),
-    ("ContinualSineTask.training_batches", "steps_per_subtask", 0, ValueError,
-     "steps_per_subtask must be an integer >= 1"),
-    ("ContinualSineTask.training_batches", "batch_size", 2.5, ValueError,
-     "batch_size must be an integer >= 1"),
-    ("ContinualSineTask.training_batches", "order", [0, 0], ValueError,
-     "order must be a permutation"),
+    (
+        "ContinualSineTask.training_batches",
+        "steps_per_subtask",
+        0,
+        ValueError,
+        "steps_per_subtask must be an integer >= 1",
+    ),
+    (
+        "ContinualSineTask.training_batches",
+        "batch_size",
+        2.5,
+        ValueError,
+        "batch_size must be an integer >= 1",
+    ),
+    (
+        "ContinualSineTask.training_batches",
+        "order",
+        [0, 0],
+        ValueError,
+        "order must be a permutation",
+    ),
     ("ContinualSineDistribution", "num_subtasks", 0, ValueError, "num_subtasks must be"),
     ("ContinualSineDistribution", "offset_range", (1, 0), ValueError, "offset_range must"),
     ("LossSurface", "s", 0, ValueError, "s must be non-zero"),
@@ -721,30 +764,43 @@ BAD_ARGUMENTS = [
     ("LossSurfaceDistribution", "b_values", (1, np.nan), ValueError, "b_values must be a"),
     ("LossSurfaceDistribution", "init_range", (0, np.nan), ValueError, "init_range must be"),
     ("LossSurfaceDistribution", "variant", "valley", ValueError, "variant must be one of"),
-    ("LossSurfaceDistribution.sample_initial_points", "num_points", -2, ValueError,
-     "num_points must be an integer >= 0"),
+    (
+        "LossSurfaceDistribution.sample_initial_points",
+        "num_points",
+        -2,
+        ValueError,
+        "num_points must be an integer >= 0",
+    ),
 ]
 
 # valid arguments of the synthetic constructors and methods: {target: (factory, kwargs)}
 SYNTHETIC = {
     "SineTask": (SineTask, dict(amplitude=1.0, phase=0.0, x_range=(-5.0, 5.0))),
-    "SineTaskDistribution": (SineTaskDistribution, dict(amplitude_range=(0.1, 5.0),
-                                                        phase_range=(0.0, 3.0))),
-    "ContinualSineTask": (ContinualSineTask, dict(a1=1.0, b1=0.0, a2=2.0, b2=1.0, offset=0.5,
-                                                  num_subtasks=3)),
-    "ContinualSineDistribution": (ContinualSineDistribution, dict(num_subtasks=3,
-                                                                  offset_range=(-1, 1))),
+    "SineTaskDistribution": (
+        SineTaskDistribution,
+        dict(amplitude_range=(0.1, 5.0), phase_range=(0.0, 3.0)),
+    ),
+    "ContinualSineTask": (
+        ContinualSineTask,
+        dict(a1=1.0, b1=0.0, a2=2.0, b2=1.0, offset=0.5, num_subtasks=3),
+    ),
+    "ContinualSineDistribution": (
+        ContinualSineDistribution,
+        dict(num_subtasks=3, offset_range=(-1, 1)),
+    ),
     "LossSurface": (LossSurface, dict(s=2, a=(1, 0, -1), b=(3, -2, 1), variant="paper")),
-    "LossSurfaceDistribution": (LossSurfaceDistribution, dict(s_values=(1, 2), a_values=(0, 1),
-                                                              b_values=(-1, 1),
-                                                              init_range=(-3, 3))),
+    "LossSurfaceDistribution": (
+        LossSurfaceDistribution,
+        dict(s_values=(1, 2), a_values=(0, 1), b_values=(-1, 1), init_range=(-3, 3)),
+    ),
 }
 SYNTHETIC_METHODS = {
     "SineTask.sample": dict(num_points=4, rng=0),
     "SineTask.dataset": dict(batch_size=4, seed=0),
     "SineTaskDistribution.sample_tasks": dict(num_tasks=2, rng=0),
-    "ContinualSineTask.training_batches": dict(rng=0, steps_per_subtask=2, batch_size=3,
-                                               order=[2, 0, 1]),
+    "ContinualSineTask.training_batches": dict(
+        rng=0, steps_per_subtask=2, batch_size=3, order=[2, 0, 1]
+    ),
     "LossSurface.grid": dict(limits=(-3.0, 3.0), num=5),
     "LossSurfaceDistribution.sample_initial_points": dict(num_points=3, rng=0),
 }
@@ -760,8 +816,9 @@ def _call(target, argument, value, small_data, image_root, tmp_path):
         value = tmp_path / "missing"
     override = {} if argument is None else {argument: value}
     if target == "load_omniglot":
-        kwargs = dict(source="local", data_dir=tmp_path, cache_dir=tmp_path / "cache",
-                      image_size=SIDE)
+        kwargs = dict(
+            source="local", data_dir=tmp_path, cache_dir=tmp_path / "cache", image_size=SIDE
+        )
         return load_omniglot(**{**kwargs, **override})
     if target.startswith("OmniglotTasks"):
         kwargs = dict(num_classes=2, num_test_per_class=1, num_meta_val=0, num_meta_test=0)
@@ -771,8 +828,14 @@ def _call(target, argument, value, small_data, image_root, tmp_path):
         sample_kwargs = dict(num_tasks=1, split="train", rng=0, replace=False)
         return OmniglotTasks(small_data, **kwargs).sample(**{**sample_kwargs, **override})
     if target.startswith("EpisodeSampler"):
-        kwargs = dict(x=np.zeros((30, 4), np.float32), y=np.repeat(np.arange(3), 10),
-                      num_ways=2, num_shots=1, num_queries=1, seed=0)
+        kwargs = dict(
+            x=np.zeros((30, 4), np.float32),
+            y=np.repeat(np.arange(3), 10),
+            num_ways=2,
+            num_shots=1,
+            num_queries=1,
+            seed=0,
+        )
         if target == "EpisodeSampler":
             return EpisodeSampler(**{**kwargs, **override})
         sampler = EpisodeSampler(**kwargs)
@@ -800,8 +863,9 @@ def _call(target, argument, value, small_data, image_root, tmp_path):
     BAD_ARGUMENTS,
     ids=[f"{t}-{a}-{v!r}"[:60] for t, a, v, _, _ in BAD_ARGUMENTS],
 )
-def test_bad_loader_argument_is_named(target, argument, value, error, words, small_data,
-                                      image_root, tmp_path):
+def test_bad_loader_argument_is_named(
+    target, argument, value, error, words, small_data, image_root, tmp_path
+):
     write_folder(tmp_path, omniglot_members())  # a valid local Omniglot copy
     with pytest.raises(error, match=words) as info:
         _call(target, argument, value, small_data, image_root, tmp_path)
@@ -818,11 +882,22 @@ def test_loader_table_base_call_is_valid(target, small_data, image_root, tmp_pat
 
 def test_loader_arguments_accept_equivalent_spellings(tmp_path, image_root):
     write_folder(tmp_path / "o", omniglot_members())
-    data = load_omniglot("local", str(tmp_path / "o"), cache_dir=tmp_path / "cache",
-                         image_size=np.int64(SIDE), invert=np.bool_(True), tfds_splits="train")
+    data = load_omniglot(
+        "local",
+        str(tmp_path / "o"),
+        cache_dir=tmp_path / "cache",
+        image_size=np.int64(SIDE),
+        invert=np.bool_(True),
+        tfds_splits="train",
+    )
     assert data.images.shape == (6, SIDE, SIDE)
-    x, _, _ = load_image_folder(str(image_root), image_size=(10, 12), mode="L",
-                                cache_dir=tmp_path / "cache", extensions=".png")
+    x, _, _ = load_image_folder(
+        str(image_root),
+        image_size=(10, 12),
+        mode="L",
+        cache_dir=tmp_path / "cache",
+        extensions=".png",
+    )
     assert x.shape == (2, 10, 12, 1)
     x, y = rotate_classes(np.zeros((3, 4, 4, 1)), np.arange(3), rotations=[0, np.int64(1)])
     assert x.shape == (6, 4, 4, 1) and y.tolist() == [0, 2, 4, 1, 3, 5]
@@ -835,13 +910,23 @@ def test_loader_arguments_accept_equivalent_spellings(tmp_path, image_root):
         ({"https_proxy": "http://proxy.example:3128"}, ("proxy.example", 3128)),
         ({"https_proxy": "proxy.example"}, ("proxy.example", 80)),
         ({"all_proxy": "socks5://10.0.0.1:9050"}, ("10.0.0.1", 9050)),
-        ({"https_proxy": "http://proxy.example:3128", "no_proxy": "github.com"},
-         ("github.com", 443)),
+        (
+            {"https_proxy": "http://proxy.example:3128", "no_proxy": "github.com"},
+            ("github.com", 443),
+        ),
     ],
 )
 def test_probe_goes_where_the_download_goes(monkeypatch, env, expected):
-    for name in ("https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY", "no_proxy",
-                 "NO_PROXY", "http_proxy", "HTTP_PROXY"):
+    for name in (
+        "https_proxy",
+        "HTTPS_PROXY",
+        "all_proxy",
+        "ALL_PROXY",
+        "no_proxy",
+        "NO_PROXY",
+        "http_proxy",
+        "HTTP_PROXY",
+    ):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)

@@ -7,13 +7,13 @@ import zipfile
 import numpy as np
 import pytest
 
-from warpkeras.data import omniglot as omniglot_module
 from warpkeras.data import (
     OmniglotData,
     OmniglotNotFoundError,
     OmniglotTasks,
     load_omniglot,
 )
+from warpkeras.data import omniglot as omniglot_module
 
 SUBSET = pathlib.Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "omniglot"
 EXPECTED_USABLE = [
@@ -92,7 +92,9 @@ def test_adaptation_and_test_drawings_disjoint(data, tasks):
     for task in tasks.meta_train + tasks.meta_test:
         train_rows, test_rows = tasks.drawing_indices(task.name)
         assert not set(train_rows.tolist()) & set(test_rows.tolist())
-        np.testing.assert_array_equal(task.x_train[..., 0], data.images[train_rows] / np.float32(255))
+        np.testing.assert_array_equal(
+            task.x_train[..., 0], data.images[train_rows] / np.float32(255)
+        )
         np.testing.assert_array_equal(task.x_test[..., 0], data.images[test_rows] / np.float32(255))
         # the held-out drawings are those of drawers 1-5, for every character
         assert set(data.drawer_ids[test_rows].tolist()) == {1, 2, 3, 4, 5}
@@ -118,12 +120,16 @@ def test_alphabet_splits_disjoint_and_seeded(data, tasks):
     assert again.meta_test_alphabets == tasks.meta_test_alphabets
     assert again.meta_train_alphabets == tasks.meta_train_alphabets
     np.testing.assert_array_equal(again.meta_train[0].x_train, tasks.meta_train[0].x_train)
-    held_out = {tuple(OmniglotTasks(data, num_meta_val=1, num_meta_test=2, seed=s).meta_test_alphabets)
-                for s in range(6)}
+    held_out = {
+        tuple(OmniglotTasks(data, num_meta_val=1, num_meta_test=2, seed=s).meta_test_alphabets)
+        for s in range(6)
+    }
     assert len(held_out) > 1  # the held-out alphabets depend on the seed
     # characters of large alphabets are drawn by seed
-    korean = {s: OmniglotTasks(data, num_meta_val=0, num_meta_test=0, seed=s).task("Korean").class_names
-              for s in (0, 1)}
+    korean = {
+        s: OmniglotTasks(data, num_meta_val=0, num_meta_test=0, seed=s).task("Korean").class_names
+        for s in (0, 1)
+    }
     assert korean[0] != korean[1]
     assert len(data.characters_of("Korean")) == 40
 
@@ -217,9 +223,13 @@ def test_cache_is_used_on_second_load(data, cache_dir, monkeypatch):
 def test_extracted_folder_layout_matches_zip(data, tmp_path):
     root = tmp_path / "omniglot_folders"
     with zipfile.ZipFile(SUBSET / "images_background_small2.zip") as archive:
-        members = [m for m in archive.namelist()
-                   if "/Latin/character0" in m and m.endswith(".png")
-                   and m.split("/")[-2] in ("character01", "character02")]
+        members = [
+            m
+            for m in archive.namelist()
+            if "/Latin/character0" in m
+            and m.endswith(".png")
+            and m.split("/")[-2] in ("character01", "character02")
+        ]
         for member in members:
             parts = member.split("/")
             target = root / parts[-3] / parts[-2] / parts[-1]

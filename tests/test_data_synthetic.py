@@ -149,4 +149,6 @@ def test_loss_surface_sampling_ranges():
     assert starts.shape == (500, 2) and starts.min() >= -3 and starts.max() <= 3
     assert starts.min() < -2.9 and starts.max() > 2.9
     assert dist.sample(rng=5).a == dist.sample(rng=5).a
-    np.testing.assert_array_equal(dist.sample_initial_points(3, rng=2), dist.sample_initial_points(3, rng=2))
+    np.testing.assert_array_equal(
+        dist.sample_initial_points(3, rng=2), dist.sample_initial_points(3, rng=2)
+    )

@@ -85,8 +85,9 @@ def test_random_affine_seeded_and_in_range():
     assert not np.allclose(a[0], a[1])
     single = random_affine(images[0], seed=tf.constant([1, 2]))
     assert single.shape == (28, 28, 1)
-    filled = random_affine(np.zeros((4, 10, 10, 1), np.float32), seed=[0, 0], fill_value=1.0,
-                           translation_range=0.4).numpy()
+    filled = random_affine(
+        np.zeros((4, 10, 10, 1), np.float32), seed=[0, 0], fill_value=1.0, translation_range=0.4
+    ).numpy()
     assert filled.max() == pytest.approx(1.0)  # background fill shows up at the borders
 
 

@@ -78,8 +78,14 @@ def _run_blocks(blocks, folder):
     """Runs `blocks` (``[(line, code)]``) in one fresh interpreter; ``{line: result}``."""
     spec, report = folder / "_blocks.json", folder / "_results.json"
     spec.write_text(json.dumps(blocks))
-    proc = subprocess.run([sys.executable, "-c", _RUNNER, str(spec), str(report)], cwd=folder,
-                          env=_env(), capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "-c", _RUNNER, str(spec), str(report)],
+        cwd=folder,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = {r["line"]: r for r in json.loads(report.read_text())}
     spec.unlink()
@@ -134,14 +140,17 @@ def test_documents_have_python_blocks():
 def test_python_block_runs_verbatim(doc, line, doc_results):
     result = doc_results(doc)[line]
     assert result["error"] is None, f"{doc}, block at line {line}:\n{result['error']}"
-    assert not re.search(r"\bnan\b", result["stdout"], re.I), \
+    assert not re.search(r"\bnan\b", result["stdout"], re.I), (
         f"{doc}, block at line {line} printed NaN:\n{result['stdout'][-3000:]}"
+    )
 
 
 # What TensorFlow itself may print while README blocks run, explained in README.md
 # ("Messages from TensorFlow"): its CPU-feature notice at the first op, and the absl banner.
-_TENSORFLOW_OWN = re.compile(r"cpu_feature_guard|^To enable the following instructions|"
-                             r"^WARNING: All log messages before absl::InitializeLog")
+_TENSORFLOW_OWN = re.compile(
+    r"cpu_feature_guard|^To enable the following instructions|"
+    r"^WARNING: All log messages before absl::InitializeLog"
+)
 
 
 @pytest.mark.parametrize("doc", DOCS)
@@ -149,8 +158,7 @@ def test_blocks_print_no_warnings(doc, doc_results):
     """No warning the library could avoid: Python warnings, TensorFlow's and Keras's
     ``WARNING`` log lines and errors; only TensorFlow's own notices remain."""
     stderr = doc_results(doc).get("stderr", "")
-    lines = [row for row in stderr.splitlines()
-             if row.strip() and not _TENSORFLOW_OWN.search(row)]
+    lines = [row for row in stderr.splitlines() if row.strip() and not _TENSORFLOW_OWN.search(row)]
     warned = [row for row in lines if re.search(r"warn|error", row, re.I)]
     assert not warned, "\n".join(lines[-60:])
 
@@ -182,16 +190,19 @@ def test_meta_training_block_run_again_resumes(doc_results, tmp_path):
 @pytest.mark.parametrize("script", EXAMPLES)
 def test_example_help_is_fast_and_needs_no_tensorflow(script):
     path = str(REPO / "examples" / script)
-    code = ("import runpy, sys\n"
-            f"sys.argv = [{path!r}, '--help']\n"
-            "try:\n"
-            f"    runpy.run_path({path!r}, run_name='__main__')\n"
-            "except SystemExit as e:\n"
-            "    assert e.code in (0, None), e.code\n"
-            "print('tensorflow loaded:', 'tensorflow' in sys.modules)\n")
+    code = (
+        "import runpy, sys\n"
+        f"sys.argv = [{path!r}, '--help']\n"
+        "try:\n"
+        f"    runpy.run_path({path!r}, run_name='__main__')\n"
+        "except SystemExit as e:\n"
+        "    assert e.code in (0, None), e.code\n"
+        "print('tensorflow loaded:', 'tensorflow' in sys.modules)\n"
+    )
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=_env(), capture_output=True, text=True, timeout=120
+    )
     seconds = time.perf_counter() - start
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "usage: python examples/" in proc.stdout
@@ -204,8 +215,10 @@ def test_examples_readme_names_no_machine_paths():
     assert not re.search(r"/work/|/home/|venv/bin/", text)
 
 
-@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"),
-                    reason="warpkeras turns oneDNN on only on x86 CPUs")
+@pytest.mark.skipif(
+    platform.machine().lower() not in ("x86_64", "amd64"),
+    reason="warpkeras turns oneDNN on only on x86 CPUs",
+)
 @pytest.mark.parametrize("who", ["unset", "set by warpkeras in a parent", "set by the user"])
 def test_import_prints_no_onednn_notice_of_its_own(who):
     env = _env()
@@ -215,11 +228,14 @@ def test_import_prints_no_onednn_notice_of_its_own(who):
         env.update(TF_ENABLE_ONEDNN_OPTS="1", WARPKERAS_SET_ONEDNN="1")
     elif who == "set by the user":
         env.update(TF_ENABLE_ONEDNN_OPTS="1")
-    code = ("import os, warpkeras, tensorflow as tf\n"
-            "tf.constant(1.0) + 1.0\n"
-            "print(os.environ['TF_ENABLE_ONEDNN_OPTS'])\n")
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                          text=True, timeout=300)
+    code = (
+        "import os, warpkeras, tensorflow as tf\n"
+        "tf.constant(1.0) + 1.0\n"
+        "print(os.environ['TF_ENABLE_ONEDNN_OPTS'])\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip() == "1"  # oneDNN is on in all three cases
     # warpkeras hides the notice only where it made the choice; a user's own choice and
@@ -230,9 +246,13 @@ def test_import_prints_no_onednn_notice_of_its_own(who):
 def test_onednn_filter_keeps_everything_else():
     import warpkeras
 
-    banner = b"WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n"
-    notice = (b"I0000 00:00:1.0 1 port.cc:153] oneDNN custom operations are on. You may see "
-              b"slightly different numerical results.\n")
+    banner = (
+        b"WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n"
+    )
+    notice = (
+        b"I0000 00:00:1.0 1 port.cc:153] oneDNN custom operations are on. You may see "
+        b"slightly different numerical results.\n"
+    )
     other = b"I0000 00:00:1.1 1 cpu_feature_guard.cc:227] This TensorFlow binary ...\n"
     error = b"E0000 something went wrong\n"
     text = banner + notice + other + error + banner + notice

@@ -52,9 +52,9 @@ def test_walls_block_and_penalise():
     assert reward == pytest.approx(-0.1) and tuple(info["position"]) == (1, 1)
     assert obs[13] == pytest.approx(-0.1) and obs[9 + UP] == 1
     assert obs[:9].tolist() == [1, 1, 1, 1, 0, 0, 1, 0, 1]
-    obs, reward, *_ , info = env.step(RIGHT)  # free: (1, 2)
+    obs, reward, *_, info = env.step(RIGHT)  # free: (1, 2)
     assert reward == 0.0 and tuple(info["position"]) == (1, 2)
-    obs, reward, *_ , info = env.step(DOWN)  # pillar at (2, 2)
+    obs, reward, *_, info = env.step(DOWN)  # pillar at (2, 2)
     assert reward == pytest.approx(-0.1) and tuple(info["position"]) == (1, 2)
     custom = MazeEnv(wall_penalty=0.5, goal_reward=3.0)
     custom.reset(seed=0, options={"goal": (1, 2), "position": (1, 1)})

@@ -81,15 +81,20 @@ def test_both_gradients_match_finite_differences(float64):
     for _ in range(2):
         direction = [rng.normal(size=p.shape) for p in phi]
         traj = _directional_fd(
-            lambda f: _trajectory_total(cs, partition, meta_loss, f, data)[0], phi, direction)
+            lambda f: _trajectory_total(cs, partition, meta_loss, f, data)[0], phi, direction
+        )
         warp = _directional_fd(
-            lambda f: _trajectory_total(cs, partition, meta_loss, f, data, points)[0], phi,
-            direction)
+            lambda f: _trajectory_total(cs, partition, meta_loss, f, data, points)[0],
+            phi,
+            direction,
+        )
         np.testing.assert_allclose(_dot(g_traj, direction), traj, rtol=1e-6)
         np.testing.assert_allclose(_dot(g_warp, direction), warp, rtol=1e-6)
     # the two are different gradients here: θ_k's dependence on φ matters
-    assert abs(module.compare(g_warp, g_traj)[1] - 1.0) > 1e-4 or \
-        module.compare(g_warp, g_traj)[0] < 1 - 1e-6
+    assert (
+        abs(module.compare(g_warp, g_traj)[1] - 1.0) > 1e-4
+        or module.compare(g_warp, g_traj)[0] < 1 - 1e-6
+    )
 
 
 def test_warp_gradient_is_what_the_trainer_applies(float64):
@@ -98,8 +103,9 @@ def test_warp_gradient_is_what_the_trainer_applies(float64):
     import warpkeras
 
     phi = partition.warp_values()
-    g_warp, _, _ = module.trajectory_gradients(partition, half_mse64, meta_loss, ALPHA, T,
-                                               N)(phi, *data)
+    g_warp, _, _ = module.trajectory_gradients(partition, half_mse64, meta_loss, ALPHA, T, N)(
+        phi, *data
+    )
     xs, ys, xv, yv = data
 
     def train(rng):
@@ -110,14 +116,24 @@ def test_warp_gradient_is_what_the_trainer_applies(float64):
             yield xv, yv, tf.constant(k // N + 1, tf.int32)
 
     trainer = warpkeras.WarpTrainer(
-        model, loss=half_mse64, mode="online", objective="exact", init_objective=None,
-        inner_learning_rate=ALPHA, inner_steps=T * N, meta_batch_size=1,
-        meta_optimizer=keras.optimizers.SGD(1.0), meta_loss=meta_loss,
-        warp_gradient_reduction="sum", seed=0)
+        model,
+        loss=half_mse64,
+        mode="online",
+        objective="exact",
+        init_objective=None,
+        inner_learning_rate=ALPHA,
+        inner_steps=T * N,
+        meta_batch_size=1,
+        meta_optimizer=keras.optimizers.SGD(1.0),
+        meta_loss=meta_loss,
+        warp_gradient_reduction="sum",
+        seed=0,
+    )
     trainer.train_step([warpkeras.Task(train=train, meta=meta)], np.random.default_rng(0))
     for before, after, g in zip(phi, partition.warp_values(), g_warp):
-        np.testing.assert_allclose(np.asarray(before) - np.asarray(after), np.asarray(g),
-                                   rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(
+            np.asarray(before) - np.asarray(after), np.asarray(g), rtol=1e-9, atol=1e-12
+        )
 
 
 def test_compare_cosine_and_norm_ratio():
@@ -130,8 +146,9 @@ def test_compare_cosine_and_norm_ratio():
 def test_continual_sine_gradients_smoke(tmp_path):
     module = importlib.import_module("continual_sine_gradients")
     out = tmp_path / "results"
-    returned = module.main(["--smoke", "--verbose", "0", "--output-dir", str(out),
-                            "--check-every", "1"])
+    returned = module.main(
+        ["--smoke", "--verbose", "0", "--output-dir", str(out), "--check-every", "1"]
+    )
     data = json.loads((out / "continual_sine_gradients.json").read_text())
     assert data["example"] == returned["example"] == "continual_sine_gradients"
     assert [r["seed"] for r in data["per_seed"]] == data["config"]["seeds"] == [0]
@@ -144,8 +161,10 @@ def test_continual_sine_gradients_smoke(tmp_path):
     png = (out / "continual_sine_gradients.png").read_bytes()
     assert len(png) > 1000 and png[:8] == b"\x89PNG\r\n\x1a\n"
     assert data["config"]["select_every"] == 0
-    for flags, message in ((["--check-every", "0"], "--check-every must be >= 1"),
-                           (["--check-sequences", "0"], "--check-sequences must be >= 1"),
-                           (["--select-every", "5"], "--select-every has no effect")):
+    for flags, message in (
+        (["--check-every", "0"], "--check-every must be >= 1"),
+        (["--check-sequences", "0"], "--check-sequences must be >= 1"),
+        (["--select-every", "5"], "--select-every has no effect"),
+    ):
         with pytest.raises(SystemExit, match=message):
             module.main(["--smoke", "--output-dir", str(out), *flags])

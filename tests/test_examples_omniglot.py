@@ -28,14 +28,25 @@ needs_omniglot = pytest.mark.skipif(
 def run_example(script, tmp_path, *flags):
     """Runs ``examples/<script> --smoke`` in a subprocess; returns (output_dir, export_dir)."""
     out, export = tmp_path / "results", tmp_path / "saved_model"
-    cmd = [sys.executable, str(EXAMPLES / script), "--smoke", "--verbose", "0",
-           "--data-dir", str(SHARED_OMNIGLOT), "--output-dir", str(out),
-           "--export-dir", str(export), *flags]
+    cmd = [
+        sys.executable,
+        str(EXAMPLES / script),
+        "--smoke",
+        "--verbose",
+        "0",
+        "--data-dir",
+        str(SHARED_OMNIGLOT),
+        "--output-dir",
+        str(out),
+        "--export-dir",
+        str(export),
+        *flags,
+    ]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONWARNINGS="ignore")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, (
-        f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
-        f"{proc.stderr[-5000:]}")
+        f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    )
     return out, export
 
 
@@ -61,13 +72,29 @@ def assert_stat(stat):
 def test_omniglot_smoke(tmp_path):
     out, export = run_example("omniglot.py", tmp_path)
     report = json.loads((out / "omniglot.json").read_text())
-    assert set(report) >= {"example", "mode", "config", "data", "results", "plots", "export",
-                           "wall_time_seconds", "environment"}
+    assert set(report) >= {
+        "example",
+        "mode",
+        "config",
+        "data",
+        "results",
+        "plots",
+        "export",
+        "wall_time_seconds",
+        "environment",
+    }
     assert report["mode"] == "comparison" and report["complete"] is True
     assert set(report["results"]) == {"warp_leap", "leap", "reptile", "finetune", "none"}
     for name, result in report["results"].items():
-        assert set(result) >= {"label", "final_test_accuracy", "auc", "final_test_loss",
-                               "curves", "per_seed", "meta_train_seconds"}, name
+        assert set(result) >= {
+            "label",
+            "final_test_accuracy",
+            "auc",
+            "final_test_loss",
+            "curves",
+            "per_seed",
+            "meta_train_seconds",
+        }, name
         assert_stat(result["final_test_accuracy"])
         assert_stat(result["auc"])
         curves = result["curves"]
@@ -122,8 +149,7 @@ def test_every_ablation_row_builds_a_trainer():
         assert trainer.warp_objective == spec["objective"]
         assert trainer.learn_lr == spec["learn_lr"]
         # the shared initialisation is loaded into the task layers
-        np.testing.assert_array_equal(model.get_layer("conv1").get_weights()[0],
-                                      init["conv1"][0])
+        np.testing.assert_array_equal(model.get_layer("conv1").get_weights()[0], init["conv1"][0])
         if spec["warp"] == "film":  # FiLM task embeddings inside the warp blocks adapt
             assert any("film" in v.path for v in trainer.partition.task_variables)
 
@@ -132,16 +158,29 @@ def test_every_ablation_row_builds_a_trainer():
 def test_omniglot_reference_protocol_and_large_batch_methods_smoke(tmp_path):
     """--protocol reference switches on its four choices (recorded in the JSON); the
     large-batch baselines adapt with 10x batches and learning rate, kfac with KFAC."""
-    out, export = run_example("omniglot.py", tmp_path, "--protocol", "reference",
-                              "--methods", "warp_leap,sgd_large_batch,kfac",
-                              "--kfac-lr", "0.2", "--no-export")
+    out, export = run_example(
+        "omniglot.py",
+        tmp_path,
+        "--protocol",
+        "reference",
+        "--methods",
+        "warp_leap,sgd_large_batch,kfac",
+        "--kfac-lr",
+        "0.2",
+        "--no-export",
+    )
     report = json.loads((out / "omniglot.json").read_text())
     assert report["protocol"] == {
-        "name": "reference", "augment_adaptation_batches": True,
-        "augment_meta_batches": True, "augment_test_images": True, "warp_init": "random",
+        "name": "reference",
+        "augment_adaptation_batches": True,
+        "augment_meta_batches": True,
+        "augment_test_images": True,
+        "warp_init": "random",
         "objective": "approx",
-        "sources": dict.fromkeys(("augment_meta", "augment_test", "warp_init", "objective"),
-                                 "protocol reference")}
+        "sources": dict.fromkeys(
+            ("augment_meta", "augment_test", "warp_init", "objective"), "protocol reference"
+        ),
+    }
     results = report["results"]
     assert set(results) == {"warp_leap", "sgd_large_batch", "kfac"}
     warp = results["warp_leap"]
@@ -155,15 +194,18 @@ def test_omniglot_reference_protocol_and_large_batch_methods_smoke(tmp_path):
         assert record["task_batch_size"] == 10 * batch, name
         assert_stat(results[name]["final_test_accuracy"])
     sgd = results["sgd_large_batch"]["per_seed"][0]
-    np.testing.assert_allclose(sgd["trainer"]["inner_learning_rate"],
-                               10 * report["config"]["inner_lr"], rtol=1e-6)
+    np.testing.assert_allclose(
+        sgd["trainer"]["inner_learning_rate"], 10 * report["config"]["inner_lr"], rtol=1e-6
+    )
     assert "inner_optimizer" not in sgd
     kfac = results["kfac"]["per_seed"][0]["inner_optimizer"]
     assert kfac["class"] == "KFAC" and kfac["learning_rate"] == 0.2
     assert kfac["damping"] == 1e-2
     # a different optimiser on the same tasks: different curves
-    assert (results["kfac"]["curves"]["train_error_mean"]
-            != results["sgd_large_batch"]["curves"]["train_error_mean"])
+    assert (
+        results["kfac"]["curves"]["train_error_mean"]
+        != results["sgd_large_batch"]["curves"]["train_error_mean"]
+    )
     assert report["paper"]["table2"]["accuracy"]["kfac"] == 56.0
     headers, rows = report["table"]["headers"], report["table"]["rows"]
     assert "paper Table 2 (%)" in headers
@@ -176,8 +218,15 @@ def test_omniglot_ngd_ablation_smoke(tmp_path):
     """--ngd-ablation: the warp rows of Table 4 meta-learn only the warp (θ0 stays the
     random one) with 10x batches; the paper's figures stand next to ours. (The SGD and KFAC
     rows run the methods of the test above; their specs are checked below.)"""
-    out, export = run_example("omniglot.py", tmp_path, "--ngd-ablation", "--meta-steps", "1",
-                              "--ngd-rows", "warp_linear,warp_expressive")
+    out, export = run_example(
+        "omniglot.py",
+        tmp_path,
+        "--ngd-ablation",
+        "--meta-steps",
+        "1",
+        "--ngd-rows",
+        "warp_linear,warp_expressive",
+    )
     report = json.loads((out / "omniglot_ngd.json").read_text())
     assert report["mode"] == "ngd_ablation"
     results = report["results"]
@@ -193,8 +242,7 @@ def test_omniglot_ngd_ablation_smoke(tmp_path):
         assert record["history"]["warp_updates"], name
     assert report["paper"]["rows"]["warp_expressive"]["mean"] == 81.3
     headers, rows = report["table"]["headers"], report["table"]["rows"]
-    assert [r[headers.index("paper Table 4 (%)")] for r in rows] == ["68.0 ± 4.4",
-                                                                      "81.3 ± 4.0"]
+    assert [r[headers.index("paper Table 4 (%)")] for r in rows] == ["68.0 ± 4.4", "81.3 ± 4.0"]
     assert_png(out / "omniglot_ngd.png")
     assert report["export"] is None and not export.exists()
 
@@ -204,8 +252,11 @@ def test_ngd_ablation_rows():
     args = omniglot.build_parser().parse_args(["--smoke", "--ngd-ablation"])
     specs = omniglot.run_specs(omniglot.resolve_config(args))
     assert [(s["name"], s["method"], s["batch_scale"]) for s in specs] == [
-        ("sgd", "sgd_large_batch", 10), ("kfac", "kfac", 10), ("warp_linear", "warp_only", 10),
-        ("warp_expressive", "warp_only", 10)]
+        ("sgd", "sgd_large_batch", 10),
+        ("kfac", "kfac", 10),
+        ("warp_linear", "warp_only", 10),
+        ("warp_expressive", "warp_only", 10),
+    ]
     assert [s["paper_accuracy"]["mean"] for s in specs] == [40.1, 58.2, 68.0, 81.3]
     assert [s["paper_accuracy"]["std"] for s in specs] == [6.1, 3.2, 4.4, 4.0]
 
@@ -219,21 +270,44 @@ def test_protocol_choices_and_explicit_flags_win():
     # the default protocol: augmented meta batches, clean test images, random conv warps,
     # approximate objective (Warp-Leap +11.5 points over Leap, examples/README.md)
     default = cfg()
-    assert (default["augment_meta"], default["augment_test"], default["warp_init"],
-            default["objective"]) == (True, False, "random", "approx")
+    assert (
+        default["augment_meta"],
+        default["augment_test"],
+        default["warp_init"],
+        default["objective"],
+    ) == (True, False, "random", "approx")
     assert default["protocol_sources"] == dict.fromkeys(
-        ("augment_meta", "augment_test", "warp_init", "objective"), "protocol default")
+        ("augment_meta", "augment_test", "warp_init", "objective"), "protocol default"
+    )
     previous = cfg("--no-augment-meta", "--warp-init", "identity", "--objective", "exact")
     assert (previous["augment_meta"], previous["warp_init"], previous["objective"]) == (
-        False, "identity", "exact")
+        False,
+        "identity",
+        "exact",
+    )
     assert cfg("--warp", "scaling")["warp_init"] == "identity"
     ref = cfg("--protocol", "reference")
-    assert (ref["augment_meta"], ref["augment_test"], ref["warp_init"],
-            ref["objective"]) == (True, True, "random", "approx")
-    mixed = cfg("--protocol", "reference", "--no-augment-test", "--objective", "exact",
-                "--warp-init", "identity")
-    assert (mixed["augment_meta"], mixed["augment_test"], mixed["warp_init"],
-            mixed["objective"]) == (True, False, "identity", "exact")
+    assert (ref["augment_meta"], ref["augment_test"], ref["warp_init"], ref["objective"]) == (
+        True,
+        True,
+        "random",
+        "approx",
+    )
+    mixed = cfg(
+        "--protocol",
+        "reference",
+        "--no-augment-test",
+        "--objective",
+        "exact",
+        "--warp-init",
+        "identity",
+    )
+    assert (
+        mixed["augment_meta"],
+        mixed["augment_test"],
+        mixed["warp_init"],
+        mixed["objective"],
+    ) == (True, False, "identity", "exact")
     assert mixed["protocol_sources"]["objective"] == "flag"
     assert mixed["protocol_sources"]["augment_meta"] == "protocol reference"
     # the protocol's random initialisation only applies to the conv warps
@@ -264,13 +338,20 @@ def test_reference_protocol_augments_meta_batches_and_test_images():
     rows of the adaptation set) and the test images are a fixed augmented draw shared by
     the normal and the 10x-batch task sets; the default protocol keeps both clean."""
     import numpy as np
+
     from warpkeras.data import ClassificationTask, random_affine
 
     omniglot = _import_example("omniglot")
     rng = np.random.default_rng(0)
     images = (rng.random((30, 16, 16, 1)) > 0.7).astype("float32")
-    task = ClassificationTask(images[:20], np.arange(20) % 4, images[20:], np.arange(10) % 4,
-                              name="toy", augmentation=random_affine)
+    task = ClassificationTask(
+        images[:20],
+        np.arange(20) % 4,
+        images[20:],
+        np.arange(10) % 4,
+        name="toy",
+        augmentation=random_affine,
+    )
 
     class Split:
         meta_train, meta_test = [task], [task]
@@ -309,7 +390,8 @@ def test_random_warp_init_matches_pytorch_default_conv_law(tmp_path):
 
     omniglot = _import_example("omniglot")
     args = omniglot.build_parser().parse_args(
-        ["--smoke", "--filters", "64", "--warp-init", "random", "--methods", "warp_leap"])
+        ["--smoke", "--filters", "64", "--warp-init", "random", "--methods", "warp_leap"]
+    )
     cfg = omniglot.resolve_config(args)
     (spec,) = omniglot.run_specs(cfg)
     assert spec["warp_init"] == "random" and spec["label"] == "Warp-Leap"
@@ -322,18 +404,29 @@ def test_random_warp_init_matches_pytorch_default_conv_law(tmp_path):
         assert np.abs(kernel).max() <= bound and np.abs(bias).max() <= bound
         np.testing.assert_allclose(kernel.std(), bound / np.sqrt(3.0), rtol=0.02)
         assert abs(kernel.mean()) < 0.1 * bound
-    (spec_identity,) = omniglot.run_specs(omniglot.resolve_config(
-        omniglot.build_parser().parse_args(["--smoke", "--warp-init", "identity",
-                                            "--objective", "exact", "--methods",
-                                            "warp_leap"])))
-    assert spec_identity["label"] == ("Warp-Leap (3x3 conv, offline, exact) "
-                                      "(identity warp init)")
+    (spec_identity,) = omniglot.run_specs(
+        omniglot.resolve_config(
+            omniglot.build_parser().parse_args(
+                [
+                    "--smoke",
+                    "--warp-init",
+                    "identity",
+                    "--objective",
+                    "exact",
+                    "--methods",
+                    "warp_leap",
+                ]
+            )
+        )
+    )
+    assert spec_identity["label"] == ("Warp-Leap (3x3 conv, offline, exact) (identity warp init)")
     identity, _ = omniglot.model_for(dict(spec, warp_init="identity"), cfg, 0, init)
     centre = identity.get_layer("warp1").get_weights()[0][1, 1]
     np.testing.assert_array_equal(centre, np.eye(64, dtype=centre.dtype))
     with pytest.raises(SystemExit) as err:
-        omniglot.main(["--smoke", "--warp", "scaling", "--warp-init", "random",
-                       "--output-dir", str(tmp_path)])
+        omniglot.main(
+            ["--smoke", "--warp", "scaling", "--warp-init", "random", "--output-dir", str(tmp_path)]
+        )
     assert "--warp-init" in str(err.value)
 
 
@@ -341,8 +434,15 @@ def test_random_warp_init_matches_pytorch_default_conv_law(tmp_path):
 def test_few_shot_smoke(tmp_path):
     out, export = run_example("few_shot.py", tmp_path)
     report = json.loads((out / "few_shot.json").read_text())
-    assert set(report) >= {"example", "config", "data", "results", "plots", "export",
-                           "wall_time_seconds"}
+    assert set(report) >= {
+        "example",
+        "config",
+        "data",
+        "results",
+        "plots",
+        "export",
+        "wall_time_seconds",
+    }
     assert report["complete"] is True
     assert list(report["results"]) == ["5-way 1-shot"]
     setting = report["results"]["5-way 1-shot"]
@@ -353,7 +453,8 @@ def test_few_shot_smoke(tmp_path):
         assert len(result["accuracy"]["values"]) == report["config"]["test_episodes"]
         record = result["per_seed"][0]
         assert record["held_out_alphabets"] and not (
-            set(record["held_out_alphabets"]) & set(record["meta_train_alphabets"]))
+            set(record["held_out_alphabets"]) & set(record["meta_train_alphabets"])
+        )
     assert_png(out / "few_shot.png")
     check = report["export"]["check"]
     assert 0.0 <= check["query_accuracy_saved_model"] <= 1.0
@@ -371,8 +472,18 @@ def _import_example(name):
 def test_missing_data_gives_a_clear_error(tmp_path):
     omniglot = _import_example("omniglot")
     with pytest.raises(SystemExit) as err:
-        omniglot.main(["--smoke", "--source", "local", "--data-dir", str(tmp_path / "none"),
-                       "--output-dir", str(tmp_path / "out"), "--no-export"])
+        omniglot.main(
+            [
+                "--smoke",
+                "--source",
+                "local",
+                "--data-dir",
+                str(tmp_path / "none"),
+                "--output-dir",
+                str(tmp_path / "out"),
+                "--no-export",
+            ]
+        )
     assert "images_background.zip" in str(err.value)
 
 
@@ -382,8 +493,7 @@ def test_bad_flags_are_rejected(tmp_path, capsys):
         omniglot.main(["--methods", "warp_leap,bogus"])
     assert "bogus" in capsys.readouterr().err
     with pytest.raises(SystemExit) as err:
-        omniglot.main(["--learn-lr", "--objective", "approx", "--output-dir",
-                       str(tmp_path)])
+        omniglot.main(["--learn-lr", "--objective", "approx", "--output-dir", str(tmp_path)])
     assert "--learn-lr" in str(err.value)
     few_shot = _import_example("few_shot")
     with pytest.raises(SystemExit) as err:

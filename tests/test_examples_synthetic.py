@@ -29,8 +29,9 @@ def run_smoke(name, tmp_path, *flags):
     dict, JSON written, output folder, export folder)."""
     module = importlib.import_module(name)
     out, export = tmp_path / "results", tmp_path / "saved_model"
-    returned = module.main(["--smoke", "--verbose", "0", "--output-dir", str(out),
-                            "--export-dir", str(export), *flags])
+    returned = module.main(
+        ["--smoke", "--verbose", "0", "--output-dir", str(out), "--export-dir", str(export), *flags]
+    )
     path = out / f"{name}.json"
     assert path.is_file(), f"{name} wrote no results JSON"
     data = json.loads(path.read_text())
@@ -67,8 +68,7 @@ def test_continual_sine_smoke(tmp_path):
     for order in ("training_order", "random_order"):
         for method in ("sgd", "warpgrad"):
             res = data["results"][order][method]
-            for key in ("final_loss", "loss_over_sequence", "forgetting",
-                        "loss_after_own_steps"):
+            for key in ("final_loss", "loss_over_sequence", "forgetting", "loss_after_own_steps"):
                 assert_stat(res[key])
             assert len(res["final_loss"]["values"]) == cfg["eval_tasks"]
             curve = np.asarray(res["mean_log_loss_curve"])
@@ -78,8 +78,9 @@ def test_continual_sine_smoke(tmp_path):
     run = data["per_seed"][0]
     assert len(run["meta_loss"]) == cfg["meta_steps"]
     # the meta batch (stacked validation data, t as a tensor) never retraces the step
-    assert run["trace_counts"] and all(c == 1 for c in run["trace_counts"].values()), \
-        run["trace_counts"]
+    assert run["trace_counts"] and all(c == 1 for c in run["trace_counts"].values()), run[
+        "trace_counts"
+    ]
     # retention: R[i, j] = loss on sub-task i after the last step on the j-th presented one
     ret = data["retention"]
     assert ret["axes"] == ["loss_on_subtask", "after_learning"]
@@ -97,8 +98,9 @@ def test_continual_sine_smoke(tmp_path):
             curve = np.asarray(res["mean_loss_curve"])  # [K+1, T], row k: after k steps
             for j, subtask in enumerate(presented):
                 # the diagonal: each sub-task right after its own n steps, as the curves say
-                np.testing.assert_allclose(matrix[subtask, j], curve[(j + 1) * n, subtask],
-                                           rtol=1e-6)
+                np.testing.assert_allclose(
+                    matrix[subtask, j], curve[(j + 1) * n, subtask], rtol=1e-6
+                )
                 np.testing.assert_allclose(matrix[:, j], curve[(j + 1) * n], rtol=1e-6)
             # ... and, averaged over sub-tasks, the separately computed loss_after_own_steps
             own = np.mean([matrix[s, j] for j, s in enumerate(presented)])
@@ -106,10 +108,10 @@ def test_continual_sine_smoke(tmp_path):
             np.testing.assert_allclose(matrix[:, -1], res["final_loss_per_subtask"], rtol=1e-6)
             # the earlier sub-tasks (all but the last presented) after the whole sequence
             means[method] = entry["earlier_final_loss"][method]["mean"]
-            np.testing.assert_allclose(means[method], matrix[presented[:-1], -1].mean(),
-                                       rtol=1e-5)
-        np.testing.assert_allclose(entry["ratio_warpgrad_to_sgd"],
-                                   means["warpgrad"] / means["sgd"], rtol=1e-6)
+            np.testing.assert_allclose(means[method], matrix[presented[:-1], -1].mean(), rtol=1e-5)
+        np.testing.assert_allclose(
+            entry["ratio_warpgrad_to_sgd"], means["warpgrad"] / means["sgd"], rtol=1e-6
+        )
     for key in ("losses", "predictions", "retention"):
         assert_png(data["plots"][key])
     assert_saved_model(export)
@@ -129,17 +131,29 @@ def test_continual_meta_loss_matches_objective():
     yv = np.sin(xv).astype("float32")
     meta_loss = module.make_meta_loss(3, 2)
     for t in (1, 2, 3):
-        got = meta_loss(p, module.half_mse, p.initial_task_values(), p.warp_values(),
-                        (xv, yv, tf.constant(t)), None)
+        got = meta_loss(
+            p,
+            module.half_mse,
+            p.initial_task_values(),
+            p.warp_values(),
+            (xv, yv, tf.constant(t)),
+            None,
+        )
         weights = obj.continual_weights(3, 2)
-        want = sum(weights[i] * float(module.half_mse(yv[i], model(xv[i])))
-                   for i in range(t))
+        want = sum(weights[i] * float(module.half_mse(yv[i], model(xv[i]))) for i in range(t))
         np.testing.assert_allclose(float(got), want, rtol=1e-5)
 
 
 def test_continual_sine_smoke_identity_warps_cosine_meta_lr(tmp_path):
-    _, _, data, _, _ = run_smoke("continual_sine", tmp_path, "--warp-init", "identity",
-                                 "--meta-lr-schedule", "cosine", "--no-export")
+    _, _, data, _, _ = run_smoke(
+        "continual_sine",
+        tmp_path,
+        "--warp-init",
+        "identity",
+        "--meta-lr-schedule",
+        "cosine",
+        "--no-export",
+    )
     assert data["config"]["warp_init"] == "identity"
     assert data["config"]["meta_lr_schedule"] == "cosine"
     assert len(data["per_seed"][0]["meta_loss"]) == data["config"]["meta_steps"]
@@ -152,8 +166,12 @@ def test_continual_randomise_warps():
     the task learner's own layers are left alone."""
     module = importlib.import_module("continual_sine")
     model = module.build_model(8, 4, 2, seed=0)
-    theta = [w.copy() for layer in model.layers if layer.name.startswith(("dense", "output"))
-             for w in layer.get_weights()]
+    theta = [
+        w.copy()
+        for layer in model.layers
+        if layer.name.startswith(("dense", "output"))
+        for w in layer.get_weights()
+    ]
     x = np.linspace(-5, 5, 7, dtype="float32")[:, None]
     before = model(x).numpy()
     module.randomise_warps(model, seed=3)
@@ -165,8 +183,12 @@ def test_continual_randomise_warps():
             for var in (linear.kernel, linear.bias):
                 values = np.asarray(var)
                 assert np.all(np.abs(values) <= bound) and np.std(values) > 0.3 * bound
-    after = [w for layer in model.layers if layer.name.startswith(("dense", "output"))
-             for w in layer.get_weights()]
+    after = [
+        w
+        for layer in model.layers
+        if layer.name.startswith(("dense", "output"))
+        for w in layer.get_weights()
+    ]
     for a, b in zip(theta, after):
         np.testing.assert_array_equal(a, b)
     assert np.max(np.abs(model(x).numpy() - before)) > 1e-3  # no longer the identity
@@ -182,8 +204,9 @@ def test_continual_meta_lr_schedule():
     cfg = {"meta_lr": 0.002, "meta_steps": 10}
     assert module.meta_learning_rate(dict(cfg, meta_lr_schedule="constant")) == 0.002
     schedule = module.meta_learning_rate(dict(cfg, meta_lr_schedule="cosine"))
-    np.testing.assert_allclose([float(schedule(k)) for k in (0, 5, 10)], [0.002, 0.001, 0.0],
-                               atol=1e-9)
+    np.testing.assert_allclose(
+        [float(schedule(k)) for k in (0, 5, 10)], [0.002, 0.001, 0.0], atol=1e-9
+    )
 
 
 def test_continual_meta_clipnorm():
@@ -201,8 +224,9 @@ def test_continual_meta_clipnorm():
     # a gradient of norm 10 enters Adam's moments at norm 0.5
     var = keras.Variable(np.zeros(4, "float32"))
     clipped.apply([np.full(4, 5.0, "float32")], [var])
-    np.testing.assert_allclose(np.linalg.norm(clipped._momentums[0].numpy()),
-                               (1 - clipped.beta_1) * 0.5, rtol=1e-5)
+    np.testing.assert_allclose(
+        np.linalg.norm(clipped._momentums[0].numpy()), (1 - clipped.beta_1) * 0.5, rtol=1e-5
+    )
     for bad in ("0", "-1", "inf", "nan"):
         with pytest.raises(SystemExit, match="--meta-clipnorm must be a finite number"):
             cfg("--meta-clipnorm", bad)
@@ -227,15 +251,24 @@ def test_continual_select_every_keeps_the_best_scored_warp():
     module = importlib.import_module("continual_sine")
     import warpkeras
 
-    cfg = module.resolve_config(module.build_parser().parse_args(
-        ["--smoke", "--meta-steps", "4", "--select-every", "2"]))
+    cfg = module.resolve_config(
+        module.build_parser().parse_args(["--smoke", "--meta-steps", "4", "--select-every", "2"])
+    )
     model = module.build_model(cfg["hidden_units"], cfg["warp_units"], cfg["hidden_layers"], 0)
     module.randomise_warps(model, 0)
     trainer = warpkeras.WarpTrainer(
-        model, loss=module.half_mse, mode="online", objective="exact", init_objective=None,
-        inner_learning_rate=0.01, inner_steps=cfg["subtasks"] * cfg["steps_per_subtask"],
-        meta_batch_size=2, meta_optimizer=keras.optimizers.Adam(0.05),
-        meta_loss=module.make_meta_loss(cfg["subtasks"], cfg["steps_per_subtask"]), seed=0)
+        model,
+        loss=module.half_mse,
+        mode="online",
+        objective="exact",
+        init_objective=None,
+        inner_learning_rate=0.01,
+        inner_steps=cfg["subtasks"] * cfg["steps_per_subtask"],
+        meta_batch_size=2,
+        meta_optimizer=keras.optimizers.Adam(0.05),
+        meta_loss=module.make_meta_loss(cfg["subtasks"], cfg["steps_per_subtask"]),
+        seed=0,
+    )
     partition = trainer.partition
     evaluator = module.make_evaluator(partition, cfg["subtasks"], cfg["inner_lr"])
     (select,) = module.selection_callbacks(cfg, 0, partition, evaluator)
@@ -245,8 +278,8 @@ def test_continual_select_every_keeps_the_best_scored_warp():
     select.score = lambda: (real_score(), next(scripted))[1]
     phis = []
     record = keras.callbacks.LambdaCallback(
-        on_epoch_end=lambda e, logs: phis.append([np.asarray(v) for v in
-                                                  partition.warp_values()]))
+        on_epoch_end=lambda e, logs: phis.append([np.asarray(v) for v in partition.warp_values()])
+    )
     source = module.SequenceSource(module.ContinualSineDistribution(num_subtasks=5), cfg)
     history = trainer.fit(source, meta_steps=4, verbose=0, callbacks=[record, select])
     assert select.scores == [(2, 0.5), (4, 0.9)] and select.best_step == 2
@@ -258,8 +291,10 @@ def test_continual_select_every_keeps_the_best_scored_warp():
     # the real score is Eq. 18 over the validation runs: finite and positive
     assert 0 < real_score() < np.inf
     assert module.selection_callbacks(dict(cfg, select_every=0), 0, partition, evaluator) == []
-    for flag, bad, message in (("--select-every", "-1", ">= 0"),
-                               ("--select-sequences", "0", ">= 1")):
+    for flag, bad, message in (
+        ("--select-every", "-1", ">= 0"),
+        ("--select-sequences", "0", ">= 1"),
+    ):
         with pytest.raises(SystemExit, match=message):
             module.resolve_config(module.build_parser().parse_args(["--smoke", flag, bad]))
 
@@ -308,8 +343,9 @@ def test_surface_loss_matches_loss_surface(variant):
         surface = dist.sample(rng)
         points = dist.sample_initial_points(7, rng)
         want = surface(points.astype(np.float64))
-        got = module.surface_values(tf.constant(points),
-                                    module.surface_params(surface)[None, :]).numpy()
+        got = module.surface_values(
+            tf.constant(points), module.surface_params(surface)[None, :]
+        ).numpy()
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
@@ -345,15 +381,16 @@ def test_discounted_returns():
     def reference(n):
         out = np.zeros_like(rewards)
         for t in range(6):
-            total = sum(gamma ** i * rewards[:, t + i] for i in range(min(n, 6 - t)))
+            total = sum(gamma**i * rewards[:, t + i] for i in range(min(n, 6 - t)))
             if t + n < 6:
-                total = total + gamma ** n * values[:, t + n]
+                total = total + gamma**n * values[:, t + n]
             out[:, t] = total
         return out
 
     for n in (1, 2, 6, 10):
-        np.testing.assert_allclose(module.discounted_returns(rewards, values, gamma, n),
-                                   reference(n), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(
+            module.discounted_returns(rewards, values, gamma, n), reference(n), rtol=1e-5, atol=1e-5
+        )
 
 
 def test_continual_retention_preset():
@@ -364,8 +401,13 @@ def test_continual_retention_preset():
         return module.resolve_config(module.build_parser().parse_args(list(flags)))
 
     got = cfg("--preset", "retention")
-    assert (got["warp_units"], got["eq18_weighting"], got["meta_steps"], got["select_every"],
-            got["seeds"]) == (200, "average", 80, 5, [0, 1, 2])
+    assert (
+        got["warp_units"],
+        got["eq18_weighting"],
+        got["meta_steps"],
+        got["select_every"],
+        got["seeds"],
+    ) == (200, "average", 80, 5, [0, 1, 2])
     assert got["inner_lr"] == 0.001 and got["warp_init"] == "random"
     assert cfg()["eq18_weighting"] == "appearances" and cfg()["select_every"] == 0
     mixed = cfg("--preset", "retention", "--eq18-weighting", "printed", "--seeds", "4")

@@ -16,9 +16,9 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import NO_WARPKERAS
 
 import warpkeras
-from conftest import NO_WARPKERAS
 from warpkeras import export as wexport
 
 STEPS, LR, MOMENTUM = 3, 0.1, 0.5
@@ -142,14 +142,25 @@ def exported(tmp_path_factory):
     np.savez(work / "inputs.npz", **data)
 
     cls, reg = _classifier(), _regressor()
-    cls_kwargs = dict(loss="sparse_categorical_crossentropy", from_logits=True,
-                      learning_rate=LR, momentum=MOMENTUM)
+    cls_kwargs = dict(
+        loss="sparse_categorical_crossentropy",
+        from_logits=True,
+        learning_rate=LR,
+        momentum=MOMENTUM,
+    )
     reg_kwargs = dict(loss=keras.losses.MeanSquaredError(), learning_rate=LR)
     # The dtype-tolerant functions are tested in test_serving_hostile.py.
-    wexport.export_adaptive(cls, str(work / "cls-adaptive"), steps=STEPS, max_steps=100,
-                            dtype_tolerant=False, **cls_kwargs)
-    wexport.export_adaptive(reg, str(work / "reg-adaptive"), steps=STEPS,
-                            dtype_tolerant=False, **reg_kwargs)
+    wexport.export_adaptive(
+        cls,
+        str(work / "cls-adaptive"),
+        steps=STEPS,
+        max_steps=100,
+        dtype_tolerant=False,
+        **cls_kwargs,
+    )
+    wexport.export_adaptive(
+        reg, str(work / "reg-adaptive"), steps=STEPS, dtype_tolerant=False, **reg_kwargs
+    )
     adapted = wexport.adapt(cls, data["x"], data["y"], STEPS, **cls_kwargs)
     adapted.export(str(work / "cls-adapted"), verbose=False)
 
@@ -170,15 +181,23 @@ def exported(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSTARTUP")}
     env.update(PYTHONPATH="", TF_CPP_MIN_LOG_LEVEL="2", PYTHONNOUSERSITE="1")
     fresh = subprocess.Popen(
-        [sys.executable, "-c", FRESH_SCRIPT, str(work)], cwd=str(work), env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [sys.executable, "-c", FRESH_SCRIPT, str(work)],
+        cwd=str(work),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     cli = _saved_model_cli()
     cli_proc = None
     if cli:
         cli_proc = subprocess.Popen(
-            [cli, "show", "--all", "--dir", str(work / "cls-adaptive")], cwd=str(work),
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            [cli, "show", "--all", "--dir", str(work / "cls-adaptive")],
+            cwd=str(work),
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
     stdout, stderr = fresh.communicate(timeout=240)
     assert fresh.returncode == 0, f"fresh process failed:\n{stdout}\n{stderr[-4000:]}"
@@ -189,8 +208,15 @@ def exported(tmp_path_factory):
     with open(work / "result.json") as f:
         result = json.load(f)
     outputs = dict(np.load(work / "outputs.npz"))
-    return dict(result=result, outputs=outputs, expected=expected, cli=cli_out,
-                names=list(values), cls=cls, data=data)
+    return dict(
+        result=result,
+        outputs=outputs,
+        expected=expected,
+        cli=cli_out,
+        names=list(values),
+        cls=cls,
+        data=data,
+    )
 
 
 def test_fresh_process_does_not_use_warpkeras(exported):
@@ -205,21 +231,32 @@ def test_signatures_match_in_process_results(exported):
     names = exported["names"]
     assert names == warpkeras.export.task_parameter_names(exported["cls"])
     # Untagged layers (here the batch norm's scale and offset) are task variables.
-    assert names == ["hidden_kernel", "hidden_bias", "bn_gamma", "bn_beta", "head_kernel",
-                     "head_bias"]
+    assert names == [
+        "hidden_kernel",
+        "hidden_bias",
+        "bn_gamma",
+        "bn_beta",
+        "head_kernel",
+        "head_bias",
+    ]
     for key, want in expected.items():
         assert key in outputs, key
         np.testing.assert_allclose(outputs[key], want, rtol=1e-5, atol=1e-6, err_msg=key)
-    np.testing.assert_allclose(outputs["again"], expected["cls_adapt_predict"], rtol=1e-5,
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        outputs["again"], expected["cls_adapt_predict"], rtol=1e-5, atol=1e-6
+    )
     # Adaptation did something: the adapted head differs from θ0.
     head = exported["cls"].get_layer("head").kernel.numpy()
     assert np.abs(outputs["cls_adapt/head_kernel"] - head).max() > 1e-4
 
 
 def test_adapted_model_export_matches(exported):
-    np.testing.assert_allclose(exported["outputs"]["adapted_serve"],
-                               exported["expected"]["adapted_serve"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        exported["outputs"]["adapted_serve"],
+        exported["expected"]["adapted_serve"],
+        rtol=1e-5,
+        atol=1e-6,
+    )
 
 
 def test_metadata(exported):
@@ -277,8 +314,7 @@ def test_zero_steps_returns_theta0_and_adaptation_lowers_loss():
     assert after < 0.5 * before
     assert warpkeras.role_of(adapted.layers[1]) == "warp"  # tags survive the copy
     # The warp was not adapted.
-    np.testing.assert_array_equal(adapted.layers[1].kernel.numpy(),
-                                  model.layers[1].kernel.numpy())
+    np.testing.assert_array_equal(adapted.layers[1].kernel.numpy(), model.layers[1].kernel.numpy())
     # In place.
     same = wexport.adapt(model, x, y, 20, loss="mse", learning_rate=0.1, copy=False)
     assert same is model
@@ -311,26 +347,36 @@ def _subclassed():
 # (case, overrides of the good arguments, exception, words the message must contain)
 BAD_EXPORT_ARGUMENTS = [
     ("model_type", dict(model="a model"), TypeError, ["model must be a keras.Model"]),
-    ("model_unbuilt", dict(model=lambda: keras.Sequential([keras.layers.Dense(1)])),
-     ValueError, ["not built", "keras.Input"]),
+    (
+        "model_unbuilt",
+        dict(model=lambda: keras.Sequential([keras.layers.Dense(1)])),
+        ValueError,
+        ["not built", "keras.Input"],
+    ),
     ("model_no_input", dict(model=_subclassed), ValueError, ["input_spec"]),
     ("path_type", dict(path=3), TypeError, ["path", "folder path"]),
     ("path_empty", dict(path=""), ValueError, ["path is empty"]),
     ("path_file", dict(path="FILE"), FileExistsError, ["is a file"]),
-    ("path_exists", dict(path="EXISTING"), FileExistsError, ["already exists",
-                                                            "overwrite=True"]),
-    ("path_not_saved_model", dict(path="OTHER", overwrite=True), FileExistsError,
-     ["is not a SavedModel", "refusing"]),
+    ("path_exists", dict(path="EXISTING"), FileExistsError, ["already exists", "overwrite=True"]),
+    (
+        "path_not_saved_model",
+        dict(path="OTHER", overwrite=True),
+        FileExistsError,
+        ["is not a SavedModel", "refusing"],
+    ),
     ("loss_missing", dict(loss=None), ValueError, ["No loss", "loss="]),
     ("loss_unknown", dict(loss="no_such_loss"), ValueError, ["Unknown loss"]),
     ("loss_type", dict(loss=3), TypeError, ["loss must be"]),
-    ("from_logits_unsupported", dict(from_logits=True), ValueError,
-     ["does not take from_logits"]),
+    ("from_logits_unsupported", dict(from_logits=True), ValueError, ["does not take from_logits"]),
     ("from_logits_type", dict(from_logits="yes"), TypeError, ["from_logits", "True or False"]),
     ("learning_rate_zero", dict(learning_rate=0.0), ValueError, ["learning_rate", "> 0.0"]),
     ("learning_rate_negative", dict(learning_rate=-0.1), ValueError, ["learning_rate"]),
-    ("learning_rate_nan", dict(learning_rate=float("nan")), ValueError,
-     ["learning_rate", "finite"]),
+    (
+        "learning_rate_nan",
+        dict(learning_rate=float("nan")),
+        ValueError,
+        ["learning_rate", "finite"],
+    ),
     ("learning_rate_string", dict(learning_rate="fast"), TypeError, ["learning_rate"]),
     ("momentum_one", dict(momentum=1.0), ValueError, ["momentum", "< 1.0"]),
     ("momentum_string", dict(momentum="0.9"), TypeError, ["momentum", "not a string"]),
@@ -349,14 +395,19 @@ BAD_EXPORT_ARGUMENTS = [
     ("dtype_tolerant_type", dict(dtype_tolerant=None), TypeError, ["dtype_tolerant"]),
     ("untagged_unknown", dict(untagged="tasks"), ValueError, ["untagged", "did you mean"]),
     ("input_spec_type", dict(input_spec="(2,)"), TypeError, ["input_spec"]),
-    ("input_spec_rank", dict(input_spec=tf.TensorSpec([], tf.float32)), ValueError,
-     ["input_spec", "rank"]),
+    (
+        "input_spec_rank",
+        dict(input_spec=tf.TensorSpec([], tf.float32)),
+        ValueError,
+        ["input_spec", "rank"],
+    ),
     ("label_spec_type", dict(label_spec=1), TypeError, ["label_spec"]),
 ]
 
 
-@pytest.mark.parametrize("case,overrides,error,words", BAD_EXPORT_ARGUMENTS,
-                         ids=[c[0] for c in BAD_EXPORT_ARGUMENTS])
+@pytest.mark.parametrize(
+    "case,overrides,error,words", BAD_EXPORT_ARGUMENTS, ids=[c[0] for c in BAD_EXPORT_ARGUMENTS]
+)
 def test_export_argument_errors(tmp_path, case, overrides, error, words):
     (tmp_path / "FILE").write_text("x")
     (tmp_path / "EXISTING").mkdir()
@@ -390,8 +441,9 @@ def test_export_overwrite(tmp_path):
     with pytest.raises(FileExistsError, match="overwrite=True"):
         wexport.export_adaptive(model, str(path), loss="mse", steps=3, max_steps=50)
     assert (path / "saved_model.pb").read_text() == "an older export"
-    wexport.export_adaptive(model, str(path), loss="mse", steps=3, max_steps=50, overwrite=True,
-                            dtype_tolerant=False)
+    wexport.export_adaptive(
+        model, str(path), loss="mse", steps=3, max_steps=50, overwrite=True, dtype_tolerant=False
+    )
     assert not (path / "stale.txt").exists()  # replaced as a whole
     assert int(tf.saved_model.load(str(path)).metadata()["default_steps"]) == 3
     # No staging folders are left behind.
@@ -399,15 +451,19 @@ def test_export_overwrite(tmp_path):
 
 
 @pytest.mark.parametrize("from_logits, refused", [(None, False), (True, False), (False, True)])
-def test_from_logits_with_the_trainers_loss_object_must_agree_with_it(tmp_path, from_logits,
-                                                                       refused):
+def test_from_logits_with_the_trainers_loss_object_must_agree_with_it(
+    tmp_path, from_logits, refused
+):
     """`trainer.export(from_logits=...)` with a loss object: the object's own setting is
     used; a `from_logits` that repeats it is accepted, one that contradicts it is refused
     before anything is written."""
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4)])
     trainer = warpkeras.LeapTrainer(
-        model, keras.losses.SparseCategoricalCrossentropy(from_logits=True), inner_steps=1,
-        meta_batch_size=1)
+        model,
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        inner_steps=1,
+        meta_batch_size=1,
+    )
     path = tmp_path / "m"
     kwargs = {} if from_logits is None else {"from_logits": from_logits}
     if refused:

@@ -64,8 +64,14 @@ KILL = textwrap.dedent(
 
 def _model():
     keras.utils.set_random_seed(0)
-    return keras.Sequential([keras.Input((4,)), keras.layers.Dense(3),
-                             warpkeras.warp(keras.layers.Dense(3)), keras.layers.Dense(1)])
+    return keras.Sequential(
+        [
+            keras.Input((4,)),
+            keras.layers.Dense(3),
+            warpkeras.warp(keras.layers.Dense(3)),
+            keras.layers.Dense(1),
+        ]
+    )
 
 
 def _steps(path):
@@ -96,14 +102,22 @@ KILL_POINTS = [
 ]
 
 
-@pytest.mark.parametrize("step,exchange,after", KILL_POINTS,
-                         ids=[f"{s}-{'exchange' if e else 'rename'}" for s, e, _ in KILL_POINTS])
-def test_sigkill_at_every_step_leaves_a_complete_model(tmp_path, first_export, step, exchange,
-                                                      after):
+@pytest.mark.parametrize(
+    "step,exchange,after",
+    KILL_POINTS,
+    ids=[f"{s}-{'exchange' if e else 'rename'}" for s, e, _ in KILL_POINTS],
+)
+def test_sigkill_at_every_step_leaves_a_complete_model(
+    tmp_path, first_export, step, exchange, after
+):
     path = tmp_path / "model"
     shutil.copytree(first_export, path)
-    proc = subprocess.run([sys.executable, "-c", KILL, str(path), step, str(int(exchange))],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", KILL, str(path), step, str(int(exchange))],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stdout + proc.stderr[-3000:]
     leftovers = sorted(p.name for p in tmp_path.iterdir() if p.name != "model")
     assert leftovers and all(n.startswith(".model.warpkeras-") for n in leftovers), leftovers
@@ -120,8 +134,9 @@ def test_sigkill_at_every_step_leaves_a_complete_model(tmp_path, first_export, s
     remaining = [p.name for p in tmp_path.iterdir() if p.name != "model"]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        wexport.export_adaptive(_model(), str(path), loss="mse", steps=3, overwrite=True,
-                                dtype_tolerant=False)
+        wexport.export_adaptive(
+            _model(), str(path), loss="mse", steps=3, overwrite=True, dtype_tolerant=False
+        )
     told = [str(w.message) for w in caught if "interrupted export" in str(w.message)]
     assert len(told) == (1 if remaining else 0), told
     assert all(name in told[0] for name in remaining)
@@ -136,10 +151,12 @@ def test_a_reader_always_sees_a_complete_model(tmp_path):
     seen = []
     original = wexport._export_step
     wexport._export_step = lambda step: seen.append(
-        (step, (path / "saved_model.pb").exists(), (path / "variables").is_dir()))
+        (step, (path / "saved_model.pb").exists(), (path / "variables").is_dir())
+    )
     try:
-        wexport.export_adaptive(_model(), str(path), loss="mse", steps=2, overwrite=True,
-                                dtype_tolerant=False)
+        wexport.export_adaptive(
+            _model(), str(path), loss="mse", steps=2, overwrite=True, dtype_tolerant=False
+        )
     finally:
         wexport._export_step = original
     assert [s for s, _, _ in seen] == ["ready", "swapped", "removing_old"]
@@ -150,8 +167,9 @@ def test_a_reader_always_sees_a_complete_model(tmp_path):
 def test_recover_restores_the_previous_model_when_the_new_one_is_incomplete(tmp_path):
     path = tmp_path / "model"
     wexport.export_adaptive(_model(), str(path), loss="mse", steps=1, dtype_tolerant=False)
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True).stdout.strip()
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    ).stdout.strip()
     host = re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname())
     old = tmp_path / f".model.warpkeras-old-{host}-{dead}-00aa"
     path.rename(old)
@@ -177,10 +195,10 @@ def test_modes_follow_the_umask_as_in_keras_export(tmp_path, umask):
     old = os.umask(umask)
     try:
         model.export(str(tmp_path / "keras"), verbose=False)
-        wexport.export_adaptive(model, str(tmp_path / "ours"), loss="mse",
-                                dtype_tolerant=False)
-        wexport.export_adaptive(model, str(tmp_path / "ours"), loss="mse", overwrite=True,
-                                dtype_tolerant=False)
+        wexport.export_adaptive(model, str(tmp_path / "ours"), loss="mse", dtype_tolerant=False)
+        wexport.export_adaptive(
+            model, str(tmp_path / "ours"), loss="mse", overwrite=True, dtype_tolerant=False
+        )
     finally:
         os.umask(old)
 
@@ -202,8 +220,9 @@ def test_modes_follow_the_umask_as_in_keras_export(tmp_path, umask):
 
 def test_metadata_reads_back_as_python_values(tmp_path):
     path = tmp_path / "model"
-    wexport.export_adaptive(_model(), str(path), loss="mse", steps=4, learning_rate=0.05,
-                            dtype_tolerant=False)
+    wexport.export_adaptive(
+        _model(), str(path), loss="mse", steps=4, learning_rate=0.05, dtype_tolerant=False
+    )
     meta = wexport.read_metadata(str(path))
     served = tf.saved_model.load(str(path)).metadata()
     assert set(meta) == set(served)
@@ -230,8 +249,9 @@ def test_url_export_is_complete_or_recovered(monkeypatch):
     fs = tf.io.gfile
     path = "ram://atomic/model"
     wexport.export_adaptive(_model(), path, loss="mse", steps=1, dtype_tolerant=False)
-    wexport.export_adaptive(_model(), path, loss="mse", steps=2, dtype_tolerant=False,
-                            overwrite=True)
+    wexport.export_adaptive(
+        _model(), path, loss="mse", steps=2, dtype_tolerant=False, overwrite=True
+    )
     assert _steps(path) == 2 and fs.listdir("ram://atomic") == ["model"]
     copy, copied = fs.copy, []
 
@@ -243,8 +263,9 @@ def test_url_export_is_complete_or_recovered(monkeypatch):
 
     monkeypatch.setattr(tf.io.gfile, "copy", dies)
     with pytest.raises(SystemExit):
-        wexport.export_adaptive(_model(), path, loss="mse", steps=3, dtype_tolerant=False,
-                                overwrite=True)
+        wexport.export_adaptive(
+            _model(), path, loss="mse", steps=3, dtype_tolerant=False, overwrite=True
+        )
     monkeypatch.setattr(tf.io.gfile, "copy", copy)
     assert not fs.exists(path + "/saved_model.pb")  # not a SavedModel until complete
     assert len([n for n in fs.listdir("ram://atomic") if ".model.warpkeras-staging-" in n]) == 1
@@ -259,6 +280,7 @@ def test_url_export_is_complete_or_recovered(monkeypatch):
 def _examples_common():
     import importlib
     import pathlib
+
     folder = str(pathlib.Path(__file__).resolve().parent.parent / "examples")
     if folder not in sys.path:
         sys.path.insert(0, folder)
@@ -271,9 +293,11 @@ def test_results_and_plots_replace_files_whole(tmp_path):
     common.write_json(path, {"loss": 1.5})
     old = os.umask(0o027)
     try:
+
         def dies(f):
             f.write('{"loss": ')
             raise KeyboardInterrupt  # killed part-way through writing
+
         with pytest.raises(KeyboardInterrupt):
             common.replace_file(path, dies)
         assert json.loads(path.read_text()) == {"loss": 1.5}  # the earlier file, intact
@@ -292,11 +316,18 @@ def test_results_and_plots_replace_files_whole(tmp_path):
 
 
 def test_a_linked_export_folder_is_replaced_where_it_points(tmp_path):
-    wexport.export_adaptive(_model(), str(tmp_path / "v1"), loss="mse", steps=1,
-                            dtype_tolerant=False)
+    wexport.export_adaptive(
+        _model(), str(tmp_path / "v1"), loss="mse", steps=1, dtype_tolerant=False
+    )
     (tmp_path / "current").symlink_to("v1")
-    wexport.export_adaptive(_model(), str(tmp_path / "current"), loss="mse", steps=2,
-                            overwrite=True, dtype_tolerant=False)
+    wexport.export_adaptive(
+        _model(),
+        str(tmp_path / "current"),
+        loss="mse",
+        steps=2,
+        overwrite=True,
+        dtype_tolerant=False,
+    )
     assert (tmp_path / "current").is_symlink()
     assert _steps(tmp_path / "v1") == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["current", "v1"]

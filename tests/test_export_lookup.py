@@ -16,9 +16,9 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import NO_WARPKERAS
 
 import warpkeras
-from conftest import NO_WARPKERAS
 from warpkeras import export as wexport
 
 L = keras.layers
@@ -30,8 +30,11 @@ VOCAB = {"string": ["red", "green", "blue", "grey"], "int64": [3, 17, 42, 99]}
 def _model(kind):
     keras.utils.set_random_seed(11)
     inp = keras.Input((3,), dtype=kind, name="tokens")
-    lookup = (L.StringLookup(vocabulary=VOCAB[kind], name="lookup") if kind == "string"
-              else L.IntegerLookup(vocabulary=VOCAB[kind], name="lookup"))
+    lookup = (
+        L.StringLookup(vocabulary=VOCAB[kind], name="lookup")
+        if kind == "string"
+        else L.IntegerLookup(vocabulary=VOCAB[kind], name="lookup")
+    )
     h = L.Embedding(len(VOCAB[kind]) + 1, 4, name="embed")(lookup(inp))
     h = L.Flatten()(h)
     h = warpkeras.warp(L.Dense(6, activation="tanh", name="warp"))(h)
@@ -43,7 +46,8 @@ def _data(kind, n, seed):
     # Out-of-vocabulary tokens too: they map to the OOV index in and out of the export.
     tokens = VOCAB[kind] + (["purple"] if kind == "string" else [7])
     x = np.array(tokens, dtype=object if kind == "string" else "int64")[
-        rng.integers(0, len(tokens), size=(n, 3))]
+        rng.integers(0, len(tokens), size=(n, 3))
+    ]
     if kind == "string":
         x = x.astype(str)
     return x, (np.arange(n) % 3).astype("int64")
@@ -88,11 +92,15 @@ def served(tmp_path_factory):
         q, _ = _data(kind, 5, 2)
         data.update({f"{kind}_x": x, f"{kind}_y": y, f"{kind}_q": q})
         # Meta-train one step, then export through the trainer and directly.
-        trainer = warpkeras.WarpTrainer(model, keras.losses.SparseCategoricalCrossentropy(
-                                            from_logits=True), mode="online",
-                                        init_objective="leap", inner_steps=2,
-                                        inner_learning_rate=LOSS["learning_rate"],
-                                        meta_batch_size=1)
+        trainer = warpkeras.WarpTrainer(
+            model,
+            keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            mode="online",
+            init_objective="leap",
+            inner_steps=2,
+            inner_learning_rate=LOSS["learning_rate"],
+            meta_batch_size=1,
+        )
         trainer.fit(warpkeras.Task((x, y), test=(xt, yt)), meta_steps=1, verbose=0)
         trainer.export(str(work / f"{kind}-trainer"), steps=STEPS, from_logits=True)
         wexport.export_adaptive(model, str(work / f"{kind}-direct"), steps=STEPS, **LOSS)
@@ -106,8 +114,14 @@ def served(tmp_path_factory):
     np.savez(work / "data.npz", **data)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSTARTUP")}
     env.update(PYTHONPATH="", TF_CPP_MIN_LOG_LEVEL="3", PYTHONNOUSERSITE="1")
-    proc = subprocess.run([sys.executable, "-c", CLIENT, str(work)] + names, cwd=str(work),
-                          env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", CLIENT, str(work)] + names,
+        cwd=str(work),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, f"client failed:\n{proc.stdout}\n{proc.stderr[-4000:]}"
     return dict(np.load(work / "served.npz")), expected, names
 
@@ -125,14 +139,17 @@ def test_lookup_model_serves_as_in_process(served, kind, how):
     want = expected[f"{name}/serve"]
     np.testing.assert_allclose(got[f"{name}/serve"], want, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(got[f"{name}/predict"], want, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(got[f"{name}/adapt_and_predict"],
-                               expected[f"{name}/adapt_and_predict"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        got[f"{name}/adapt_and_predict"],
+        expected[f"{name}/adapt_and_predict"],
+        rtol=1e-5,
+        atol=1e-6,
+    )
     # Adaptation moves the parameters (the check can fail).
     assert np.abs(got[f"{name}/adapt_and_predict"] - want).max() > 1e-4
     for param, value in expected[f"{name}/adapt"].items():
         np.testing.assert_allclose(got[f"{name}/adapt/{param}"], value, rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(got[f"{name}/adapt_fn/{param}"], value, rtol=1e-5,
-                                   atol=1e-6)
+        np.testing.assert_allclose(got[f"{name}/adapt_fn/{param}"], value, rtol=1e-5, atol=1e-6)
 
 
 def test_adapted_vocabulary_exports_and_adapts(tmp_path):
@@ -150,12 +167,17 @@ def test_adapted_vocabulary_exports_and_adapts(tmp_path):
     path = str(tmp_path / "text")
     wexport.export_adaptive(model, path, steps=STEPS, dtype_tolerant=False, **LOSS)
     served = tf.saved_model.load(path)
-    np.testing.assert_allclose(served.signatures["serving_default"](x=x)["predictions"],
-                               model.predict(x, verbose=0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        served.signatures["serving_default"](x=x)["predictions"],
+        model.predict(x, verbose=0),
+        rtol=1e-5,
+        atol=1e-6,
+    )
     adapted = wexport.adapt(model, x, y, STEPS, **LOSS)
     assert adapted.layers[1].get_vocabulary() == text.get_vocabulary()
-    got = served.signatures["adapt_and_predict"](x=x, y=y, steps=tf.constant(STEPS),
-                                                 queries=x)["predictions"].numpy()
+    got = served.signatures["adapt_and_predict"](x=x, y=y, steps=tf.constant(STEPS), queries=x)[
+        "predictions"
+    ].numpy()
     np.testing.assert_allclose(got, adapted.predict(x, verbose=0), rtol=1e-5, atol=1e-6)
     assert np.abs(got - model.predict(x, verbose=0)).max() > 1e-4
 
@@ -164,13 +186,17 @@ def test_tracking_the_tables_saves_no_optimizer_slots(tmp_path):
     """Only the model's variables and tables are saved: a compiled model's optimiser
     slots stay out of the SavedModel."""
     model = _model("string")
-    model.compile(keras.optimizers.Adam(), keras.losses.SparseCategoricalCrossentropy(
-        from_logits=True))
+    model.compile(
+        keras.optimizers.Adam(), keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    )
     x, y = _data("string", 12, 0)
     model.fit(tf.constant(x), y, verbose=0)
     path = str(tmp_path / "compiled")
     wexport.export_adaptive(model, path, dtype_tolerant=False, **LOSS)
     saved = tf.train.list_variables(path + "/variables/variables")
-    numbers = sum(int(np.prod(shape)) for name, shape in saved
-                  if name.endswith("VARIABLE_VALUE") and "table" not in name.lower())
+    numbers = sum(
+        int(np.prod(shape))
+        for name, shape in saved
+        if name.endswith("VARIABLE_VALUE") and "table" not in name.lower()
+    )
     assert numbers == sum(int(np.prod(v.shape)) for v in model.variables), saved

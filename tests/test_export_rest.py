@@ -124,13 +124,20 @@ def test_columnar_request_answers_as_a_direct_call(sensors):
     tensors, key = rest_tensors(body, signature)
     assert key == "outputs"
     assert {n: t.dtype for n, t in tensors.items()} == {
-        "x": tf.float32, "y": tf.int64, "steps": tf.int32, "queries": tf.float32}
+        "x": tf.float32,
+        "y": tf.int64,
+        "steps": tf.int32,
+        "queries": tf.float32,
+    }
     assert tensors["steps"].shape == ()
     answer = signature(**tensors)["predictions"].numpy()
     inputs = request["inputs"]
     direct = sensors.adapt_and_predict(
-        x=np.array(inputs["x"], "float32"), y=np.array(inputs["y"]),
-        steps=np.int32(inputs["steps"]), queries=np.array(inputs["queries"], "float32"))
+        x=np.array(inputs["x"], "float32"),
+        y=np.array(inputs["y"]),
+        steps=np.int32(inputs["steps"]),
+        queries=np.array(inputs["queries"], "float32"),
+    )
     np.testing.assert_array_equal(answer, direct["predictions"].numpy())
     assert answer.shape == (2, 3)
     # The response is JSON as TF Serving writes it.
@@ -161,8 +168,10 @@ def test_conversion_refuses_what_tf_serving_refuses(sensors):
     _, body = _bodies()[0]
     request = json.loads(body)
     # The row format cannot carry arguments of different lengths (steps is a scalar).
-    rows = [{"x": x, "y": y, "steps": 5, "queries": request["inputs"]["queries"][0]}
-            for x, y in zip(request["inputs"]["x"], request["inputs"]["y"])]
+    rows = [
+        {"x": x, "y": y, "steps": 5, "queries": request["inputs"]["queries"][0]}
+        for x, y in zip(request["inputs"]["x"], request["inputs"]["y"])
+    ]
     tensors, _ = rest_tensors(json.dumps({"instances": rows}), adapt)
     with pytest.raises((tf.errors.InvalidArgumentError, ValueError, TypeError)):
         adapt(**tensors)
@@ -172,5 +181,4 @@ def test_conversion_refuses_what_tf_serving_refuses(sensors):
     with pytest.raises(ValueError, match="must name the inputs"):
         rest_tensors(json.dumps({"inputs": dict(request["inputs"], extra=1)}), adapt)
     with pytest.raises(ValueError, match="rectangular"):
-        rest_tensors(json.dumps({"inputs": dict(request["inputs"], x=[[0.1], [0.2, 0.3]])}),
-                     adapt)
+        rest_tensors(json.dumps({"inputs": dict(request["inputs"], x=[[0.1], [0.2, 0.3]])}), adapt)

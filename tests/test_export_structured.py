@@ -18,9 +18,9 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import NO_WARPKERAS
 
 import warpkeras
-from conftest import NO_WARPKERAS
 from warpkeras import export as wexport
 
 L = keras.layers
@@ -131,10 +131,12 @@ def _data():
     img_u8 = rng.integers(0, 4, size=(N, 3, 3, 1)).astype("uint8")
     qimg_u8 = rng.integers(0, 4, size=(NQ, 3, 3, 1)).astype("uint8")
     return {
-        "img": img_u8.astype("float32") - 1.5, "img_u8": img_u8,
+        "img": img_u8.astype("float32") - 1.5,
+        "img_u8": img_u8,
         "vec": rng.normal(size=(N, 2)).astype("float32"),
         "y": (np.arange(N) % 3).astype("int64"),
-        "qimg": qimg_u8.astype("float32") - 1.5, "qimg_u8": qimg_u8,
+        "qimg": qimg_u8.astype("float32") - 1.5,
+        "qimg_u8": qimg_u8,
         "qvec": rng.normal(size=(NQ, 2)).astype("float32"),
         "big_img": rng.normal(size=(MAX_ROWS + 2, 3, 3, 1)).astype("float32"),
         "big_vec": rng.normal(size=(MAX_ROWS + 2, 2)).astype("float32"),
@@ -156,9 +158,16 @@ def served(tmp_path_factory):
     expected = {}
     for kind, model in models.items():
         # The dtype-tolerant functions are traced for the dict model only (export time).
-        wexport.export_adaptive(model, str(work / kind), steps=STEPS, max_steps=20,
-                                max_rows=MAX_ROWS, max_row_steps=MAX_ROW_STEPS,
-                                dtype_tolerant=kind == "keyed", **KWARGS)
+        wexport.export_adaptive(
+            model,
+            str(work / kind),
+            steps=STEPS,
+            max_steps=20,
+            max_rows=MAX_ROWS,
+            max_row_steps=MAX_ROW_STEPS,
+            dtype_tolerant=kind == "keyed",
+            **KWARGS,
+        )
         x = _structure(kind, data["img"], data["vec"])
         q = _structure(kind, data["qimg"], data["qvec"])
         adapted = wexport.adapt(model, x, data["y"], STEPS, **KWARGS)
@@ -168,13 +177,24 @@ def served(tmp_path_factory):
         expected.update({f"{kind}/adapt/{k}": v.numpy() for k, v in values.items()})
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSTARTUP")}
     env.update(PYTHONPATH="", TF_CPP_MIN_LOG_LEVEL="3", PYTHONNOUSERSITE="1")
-    proc = subprocess.run([sys.executable, "-c", SERVE, str(work)], cwd=str(work), env=env,
-                          capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(
+        [sys.executable, "-c", SERVE, str(work)],
+        cwd=str(work),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert proc.returncode == 0, f"serving process failed:\n{proc.stdout}\n{proc.stderr[-4000:]}"
     with open(work / "result.json") as f:
         result = json.load(f)
-    return dict(result=result, outputs=dict(np.load(work / "outputs.npz")),
-                expected=expected, models=models, data=data)
+    return dict(
+        result=result,
+        outputs=dict(np.load(work / "outputs.npz")),
+        expected=expected,
+        models=models,
+        data=data,
+    )
 
 
 def test_signatures_take_one_argument_per_input(served):
@@ -184,8 +204,14 @@ def test_signatures_take_one_argument_per_input(served):
         sigs = result[kind]["signatures"]
         assert sigs["serving_default"] == ["x_image", "x_vector"]
         assert sigs["adapt"] == ["steps", "x_image", "x_vector", "y"]
-        assert sigs["adapt_and_predict"] == ["queries_image", "queries_vector", "steps",
-                                             "x_image", "x_vector", "y"]
+        assert sigs["adapt_and_predict"] == [
+            "queries_image",
+            "queries_vector",
+            "steps",
+            "x_image",
+            "x_vector",
+            "y",
+        ]
 
 
 def test_served_predictions_equal_in_process_adaptation(served):
@@ -194,15 +220,18 @@ def test_served_predictions_equal_in_process_adaptation(served):
         np.testing.assert_allclose(outputs[key], want, rtol=1e-5, atol=1e-5, err_msg=key)
     # Adaptation changed the predictions (the check above is not of θ0 against θ0).
     for kind in ("listed", "keyed"):
-        assert np.abs(expected[kind + "/adapt_and_predict"]
-                      - expected[kind + "/serve"]).max() > 1e-3
+        assert (
+            np.abs(expected[kind + "/adapt_and_predict"] - expected[kind + "/serve"]).max() > 1e-3
+        )
     # The Python-client functions take the model's structure (lists and tuples alike).
     for key in ("listed/client_list", "listed/client_tuple", "listed/again"):
-        np.testing.assert_allclose(outputs[key], expected["listed/adapt_and_predict"],
-                                   rtol=1e-5, atol=1e-5, err_msg=key)
+        np.testing.assert_allclose(
+            outputs[key], expected["listed/adapt_and_predict"], rtol=1e-5, atol=1e-5, err_msg=key
+        )
     # uint8 images in a dict are cast: the same answer as the float request.
-    np.testing.assert_allclose(outputs["keyed/client_uint8"],
-                               outputs["keyed/signature_uint8"], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        outputs["keyed/client_uint8"], outputs["keyed/signature_uint8"], rtol=1e-6, atol=1e-6
+    )
 
 
 def test_metadata_records_inputs(served):
@@ -211,31 +240,59 @@ def test_metadata_records_inputs(served):
         assert meta["input_structure"] == structure
         inputs = json.loads(meta["inputs"])
         assert inputs == [
-            {"name": "image", "x": "x_image", "queries": "queries_image",
-             "shape": [None, 3, 3, 1], "dtype": "float32"},
-            {"name": "vector", "x": "x_vector", "queries": "queries_vector",
-             "shape": [None, 2], "dtype": "float32"},
+            {
+                "name": "image",
+                "x": "x_image",
+                "queries": "queries_image",
+                "shape": [None, 3, 3, 1],
+                "dtype": "float32",
+            },
+            {
+                "name": "vector",
+                "x": "x_vector",
+                "queries": "queries_vector",
+                "shape": [None, 2],
+                "dtype": "float32",
+            },
         ]
-        assert json.loads(meta["input_shape"]) == {"image": [None, 3, 3, 1],
-                                                   "vector": [None, 2]}
+        assert json.loads(meta["input_shape"]) == {"image": [None, 3, 3, 1], "vector": [None, 2]}
 
 
 @pytest.mark.parametrize(
     "case,words",
     [
-        ("x_rows", ["the inputs `x_image` and `x_vector` must hold the same number of "
-                    "examples; got] [8] [in `x_image`,] [5] [in `x_vector`]"]),
-        ("y_rows", ["`x_image`, `x_vector` and `y` must hold the same number of examples",
-                    "[8] [in `x_image` and] [6] [in `y`]"]),
-        ("query_rows", ["the inputs `queries_image` and `queries_vector` must hold the same",
-                        "[5] [in `queries_image`,] [2] [in `queries_vector`]"]),
-        ("image_shape", ["`x_image` must have shape [batch, 3, 3, 1] (rank 4); got shape] "
-                         "[8 2 3 1]"]),
+        (
+            "x_rows",
+            [
+                "the inputs `x_image` and `x_vector` must hold the same number of "
+                "examples; got] [8] [in `x_image`,] [5] [in `x_vector`]"
+            ],
+        ),
+        (
+            "y_rows",
+            [
+                "`x_image`, `x_vector` and `y` must hold the same number of examples",
+                "[8] [in `x_image` and] [6] [in `y`]",
+            ],
+        ),
+        (
+            "query_rows",
+            [
+                "the inputs `queries_image` and `queries_vector` must hold the same",
+                "[5] [in `queries_image`,] [2] [in `queries_vector`]",
+            ],
+        ),
+        (
+            "image_shape",
+            ["`x_image` must have shape [batch, 3, 3, 1] (rank 4); got shape] [8 2 3 1]"],
+        ),
         ("vector_rank", ["`queries_vector` must have shape [batch, 2] (rank 2)"]),
         ("nan_vector", ["adapt_and_predict: `x_vector` must be finite"]),
         ("max_rows", ["`x_image` holds more examples than max_rows=10", "[12]"]),
-        ("max_row_steps", ["rows of the support set × `steps` must be <= max_row_steps=40",
-                           "[8] [×] [6]"]),
+        (
+            "max_row_steps",
+            ["rows of the support set × `steps` must be <= max_row_steps=40", "[8] [×] [6]"],
+        ),
         ("keyed/float_labels", ["adapt_and_predict: `y` must be int64", "got float32"]),
     ],
 )
@@ -250,13 +307,20 @@ def test_in_process_adaptation_checks_the_structure(served):
     model, data = served["models"]["keyed"], served["data"]
     with pytest.raises(TypeError, match=r"`x` must be a dict with keys \['image', 'vector'\]"):
         wexport.adapt(model, [data["img"], data["vec"]], data["y"], 1, **KWARGS)
-    with pytest.raises(TypeError, match=r"`x` must be a list or tuple of 2 arrays .*image, "
-                                        r"vector"):
+    with pytest.raises(
+        TypeError,
+        match=r"`x` must be a list or tuple of 2 arrays .*image, "
+        r"vector",
+    ):
         wexport.adapt(served["models"]["listed"], data["img"], data["y"], 1, **KWARGS)
-    with pytest.raises(tf.errors.InvalidArgumentError, match=r"`x_image` and `x_vector` must "
-                                                             r"hold the same number"):
-        wexport.adapt_task_values(model, {"image": data["img"], "vector": data["vec"][:3]},
-                                  data["y"], 1, **KWARGS)
+    with pytest.raises(
+        tf.errors.InvalidArgumentError,
+        match=r"`x_image` and `x_vector` must "
+        r"hold the same number",
+    ):
+        wexport.adapt_task_values(
+            model, {"image": data["img"], "vector": data["vec"][:3]}, data["y"], 1, **KWARGS
+        )
 
 
 class DictInputs(keras.Model):
@@ -275,20 +339,29 @@ def test_input_spec_structure_names_the_inputs(tmp_path):
     model = DictInputs()
     x = {"a": np.ones((4, 2), "float32"), "b": np.zeros((4, 1), "float32")}
     model(x)
-    wexport.export_adaptive(model, str(tmp_path / "m"), input_spec={"a": (2,), "b": (1,)},
-                            dtype_tolerant=False, **KWARGS)
+    wexport.export_adaptive(
+        model,
+        str(tmp_path / "m"),
+        input_spec={"a": (2,), "b": (1,)},
+        dtype_tolerant=False,
+        **KWARGS,
+    )
     served_model = tf.saved_model.load(str(tmp_path / "m"))
     sig = served_model.signatures["serving_default"]
     assert sorted(sig.structured_input_signature[1]) == ["x_a", "x_b"]
-    np.testing.assert_allclose(sig(x_a=x["a"], x_b=x["b"])["predictions"], model(x),
-                               rtol=1e-6)
+    np.testing.assert_allclose(sig(x_a=x["a"], x_b=x["b"])["predictions"], model(x), rtol=1e-6)
     with pytest.raises(ValueError, match="input_spec describes 3 inputs"):
-        wexport.export_adaptive(_listed(), str(tmp_path / "n"),
-                                input_spec=[(3, 3, 1), (2,), (1,)], **KWARGS)
-    with pytest.raises(ValueError, match=r"structure of model 'keyed''s inputs \(a dict "
-                                         r"with keys \['image', 'vector'\]\); got a list"):
-        wexport.export_adaptive(_keyed(), str(tmp_path / "n"),
-                                input_spec=[(3, 3, 1), (2,)], **KWARGS)
+        wexport.export_adaptive(
+            _listed(), str(tmp_path / "n"), input_spec=[(3, 3, 1), (2,), (1,)], **KWARGS
+        )
+    with pytest.raises(
+        ValueError,
+        match=r"structure of model 'keyed''s inputs \(a dict "
+        r"with keys \['image', 'vector'\]\); got a list",
+    ):
+        wexport.export_adaptive(
+            _keyed(), str(tmp_path / "n"), input_spec=[(3, 3, 1), (2,)], **KWARGS
+        )
     with pytest.raises(ValueError, match="has 2 inputs; give input_spec as a list"):
         wexport.export_adaptive(_listed(), str(tmp_path / "n"), input_spec=(2,), **KWARGS)
     assert not (tmp_path / "n").exists()
@@ -299,20 +372,34 @@ def test_element_limits_count_every_input(tmp_path):
     (9 + 2 = 11 per example here)."""
     keras.utils.set_random_seed(2)
     path = str(tmp_path / "limits")
-    wexport.export_adaptive(_listed(), path, steps=STEPS, max_elements=50,
-                            max_element_steps=100, dtype_tolerant=False, **KWARGS)
+    wexport.export_adaptive(
+        _listed(),
+        path,
+        steps=STEPS,
+        max_elements=50,
+        max_element_steps=100,
+        dtype_tolerant=False,
+        **KWARGS,
+    )
     assert wexport.read_metadata(path)["example_elements"] == 11
     sig = tf.saved_model.load(path).signatures["adapt"]
 
     def request(n, steps):
-        return dict(x_image=tf.zeros((n, 3, 3, 1)), x_vector=tf.zeros((n, 2)),
-                    y=tf.constant(np.arange(n) % 3), steps=tf.constant(steps))
+        return dict(
+            x_image=tf.zeros((n, 3, 3, 1)),
+            x_vector=tf.zeros((n, 2)),
+            y=tf.constant(np.arange(n) % 3),
+            steps=tf.constant(steps),
+        )
 
     sig(**request(4, 2))  # 44 numbers × 2 steps = 88
-    with pytest.raises(tf.errors.InvalidArgumentError,
-                       match=r"`x_image` and `x_vector` together must hold at most "
-                             r"max_elements=50 numbers .*\[55\]"):
+    with pytest.raises(
+        tf.errors.InvalidArgumentError,
+        match=r"`x_image` and `x_vector` together must hold at most "
+        r"max_elements=50 numbers .*\[55\]",
+    ):
         sig(**request(5, 1))
-    with pytest.raises(tf.errors.InvalidArgumentError,
-                       match=r"max_element_steps=100 .*\[44\] \[×\] \[3\]"):
+    with pytest.raises(
+        tf.errors.InvalidArgumentError, match=r"max_element_steps=100 .*\[44\] \[×\] \[3\]"
+    ):
         sig(**request(4, 3))

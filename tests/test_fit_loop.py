@@ -9,11 +9,10 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import assert_lists_close, linear_warp_model, plain_model
 
 import warpkeras
 from warpkeras.trainers.loop import FitModel
-
-from conftest import assert_lists_close, linear_warp_model, plain_model
 
 
 def regression_task(rng, n=40):
@@ -37,22 +36,36 @@ def diverging_from(step):
     def source(rng):
         calls.append(1)
         return diverging_task(rng) if len(calls) > step else regression_task(rng)
+
     return source
 
 
 def warp_leap(model=None, **kw):
     """Both φ (meta_optimizer) and θ0 (init_optimizer) are meta-learned."""
     kw.setdefault("meta_optimizer", keras.optimizers.SGD(0.1))
-    return warpkeras.WarpTrainer(model or linear_warp_model(), "mse", mode="online",
-                                 init_objective="leap", inner_steps=1, meta_batch_size=1,
-                                 inner_learning_rate=0.1, **kw)
+    return warpkeras.WarpTrainer(
+        model or linear_warp_model(),
+        "mse",
+        mode="online",
+        init_objective="leap",
+        inner_steps=1,
+        meta_batch_size=1,
+        inner_learning_rate=0.1,
+        **kw,
+    )
 
 
 def leap(model=None, **kw):
     """Only θ0 (init_optimizer) is meta-learned."""
-    return warpkeras.LeapTrainer(model or plain_model(), "mse", inner_steps=1,
-                                 meta_batch_size=1, inner_learning_rate=0.1,
-                                 meta_optimizer=keras.optimizers.SGD(0.1), **kw)
+    return warpkeras.LeapTrainer(
+        model or plain_model(),
+        "mse",
+        inner_steps=1,
+        meta_batch_size=1,
+        inner_learning_rate=0.1,
+        meta_optimizer=keras.optimizers.SGD(0.1),
+        **kw,
+    )
 
 
 VALIDATION = [regression_task(np.random.default_rng(100))]
@@ -63,8 +76,9 @@ VALIDATION = [regression_task(np.random.default_rng(100))]
 def test_history_has_one_entry_per_meta_step_for_every_key_and_keras_params():
     trainer = leap()
     with pytest.warns(RuntimeWarning, match="diverging"):
-        history = trainer.fit(diverging_from(1), epochs=3, verbose=0,
-                              validation_data=VALIDATION, validation_freq=2)
+        history = trainer.fit(
+            diverging_from(1), epochs=3, verbose=0, validation_data=VALIDATION, validation_freq=2
+        )
     h = history.history
     assert history.params == {"verbose": 0, "epochs": 3, "steps": 1}
     assert history.epoch == [0, 1, 2]
@@ -91,8 +105,9 @@ def test_keras_argument_spellings():
     with pytest.raises(TypeError, match="epochs must be an integer"):
         trainer.fit(regression_task, epochs="10")
     with pytest.raises(TypeError, match="validation_data and validation_tasks"):
-        trainer.fit(regression_task, epochs=6, validation_data=VALIDATION,
-                    validation_tasks=list(VALIDATION))
+        trainer.fit(
+            regression_task, epochs=6, validation_data=VALIDATION, validation_tasks=list(VALIDATION)
+        )
     with pytest.raises(ValueError, match="verbose"):
         trainer.fit(regression_task, epochs=6, verbose=3)
 
@@ -122,17 +137,23 @@ def test_batch_hooks_fire_once_per_meta_step_with_its_logs():
     events = []
     cb = keras.callbacks.LambdaCallback(
         on_train_batch_begin=lambda b, logs: events.append(("begin", b)),
-        on_train_batch_end=lambda b, logs: events.append(("end", b, logs["loss"])))
+        on_train_batch_end=lambda b, logs: events.append(("end", b, logs["loss"])),
+    )
     history = leap().fit(regression_task, epochs=2, verbose=0, callbacks=[cb])
-    assert events == [("begin", 0), ("end", 0, history.history["loss"][0]),
-                      ("begin", 0), ("end", 0, history.history["loss"][1])]
+    assert events == [
+        ("begin", 0),
+        ("end", 0, history.history["loss"][0]),
+        ("begin", 0),
+        ("end", 0, history.history["loss"][1]),
+    ]
 
 
 def test_terminate_on_nan_stops_a_diverged_run():
     trainer = leap()
     with pytest.warns(RuntimeWarning):
-        history = trainer.fit(diverging_from(1), epochs=4, verbose=0,
-                              callbacks=[keras.callbacks.TerminateOnNaN()])
+        history = trainer.fit(
+            diverging_from(1), epochs=4, verbose=0, callbacks=[keras.callbacks.TerminateOnNaN()]
+        )
     assert len(history.history["loss"]) == 2 and int(trainer.step.numpy()) == 2
 
 
@@ -143,8 +164,9 @@ def test_learning_rate_scheduler_sets_both_meta_optimizers():
     history = trainer.fit(regression_task, epochs=3, verbose=0, callbacks=[schedule])
     for opt in (trainer.meta_optimizer, trainer.init_optimizer):
         np.testing.assert_allclose(float(opt.learning_rate.numpy()), 0.1 / 3, rtol=1e-6)
-    np.testing.assert_allclose(history.history["learning_rate_init_optimizer"],
-                               [0.1, 0.05, 0.1 / 3], rtol=1e-6)
+    np.testing.assert_allclose(
+        history.history["learning_rate_init_optimizer"], [0.1, 0.05, 0.1 / 3], rtol=1e-6
+    )
     assert getattr(model, "optimizer", None) is None  # the user's model is left alone
 
 
@@ -152,16 +174,21 @@ def test_learning_rate_scheduler_rate_is_the_one_used():
     model = plain_model()
     before = [w.copy() for w in model.get_weights()]
     trainer = leap(model)
-    history = trainer.fit(regression_task, epochs=2, verbose=0,
-                          callbacks=[keras.callbacks.LearningRateScheduler(lambda e: 0.0)])
+    history = trainer.fit(
+        regression_task,
+        epochs=2,
+        verbose=0,
+        callbacks=[keras.callbacks.LearningRateScheduler(lambda e: 0.0)],
+    )
     assert history.history["learning_rate"] == [0.0, 0.0]
     assert_lists_close(model.get_weights(), before, rtol=0, atol=0)  # θ0 did not move
 
 
 def test_reduce_lr_on_plateau_acts_on_the_meta_optimizers():
     trainer = warp_leap()
-    plateau = keras.callbacks.ReduceLROnPlateau(monitor="loss", factor=0.5, patience=1,
-                                                min_delta=1e9)
+    plateau = keras.callbacks.ReduceLROnPlateau(
+        monitor="loss", factor=0.5, patience=1, min_delta=1e9
+    )
     history = trainer.fit(regression_task, epochs=3, verbose=0, callbacks=[plateau])
     for opt in (trainer.meta_optimizer, trainer.init_optimizer):
         np.testing.assert_allclose(float(opt.learning_rate.numpy()), 0.025, rtol=1e-6)
@@ -173,9 +200,11 @@ def test_early_stopping_stops_and_restores_best_weights():
     model = plain_model()
     after = []
     record = keras.callbacks.LambdaCallback(
-        on_epoch_end=lambda e, logs: after.append([w.copy() for w in model.get_weights()]))
-    stop = keras.callbacks.EarlyStopping(monitor="loss", min_delta=1e9, patience=1,
-                                         restore_best_weights=True)
+        on_epoch_end=lambda e, logs: after.append([w.copy() for w in model.get_weights()])
+    )
+    stop = keras.callbacks.EarlyStopping(
+        monitor="loss", min_delta=1e9, patience=1, restore_best_weights=True
+    )
     trainer = leap(model)
     history = trainer.fit(regression_task, epochs=5, verbose=0, callbacks=[record, stop])
     assert len(history.history["loss"]) == 2 and int(trainer.step.numpy()) == 2
@@ -193,9 +222,15 @@ def test_model_checkpoint_and_csv_logger(tmp_path):
     model = plain_model()
     path = str(tmp_path / "best.weights.h5")
     csv = str(tmp_path / "log.csv")
-    leap(model).fit(regression_task, epochs=2, verbose=0, callbacks=[
-        keras.callbacks.ModelCheckpoint(path, monitor="loss", save_weights_only=True),
-        keras.callbacks.CSVLogger(csv)])
+    leap(model).fit(
+        regression_task,
+        epochs=2,
+        verbose=0,
+        callbacks=[
+            keras.callbacks.ModelCheckpoint(path, monitor="loss", save_weights_only=True),
+            keras.callbacks.CSVLogger(csv),
+        ],
+    )
     fresh = plain_model()
     fresh.load_weights(path)
     assert_lists_close(fresh.get_weights(), model.get_weights(), rtol=0, atol=0)
@@ -219,17 +254,26 @@ def test_backup_and_restore_resumes_exactly(tmp_path):
     reference.fit(regression_task, epochs=3, verbose=0)
     first = trainer(1)
     with pytest.raises(RuntimeError, match="interrupted"):
-        first.fit(regression_task, epochs=3, verbose=0,
-                  callbacks=[keras.callbacks.BackupAndRestore(backup), Interrupt()])
+        first.fit(
+            regression_task,
+            epochs=3,
+            verbose=0,
+            callbacks=[keras.callbacks.BackupAndRestore(backup), Interrupt()],
+        )
     resumed = trainer(2)  # other initial weights until restored
-    history = resumed.fit(regression_task, epochs=3, verbose=0,
-                          callbacks=[keras.callbacks.BackupAndRestore(backup)])
+    history = resumed.fit(
+        regression_task, epochs=3, verbose=0, callbacks=[keras.callbacks.BackupAndRestore(backup)]
+    )
     assert history.epoch == [2] and int(resumed.step.numpy()) == 3
-    assert_lists_close(resumed.model.get_weights(), reference.model.get_weights(),
-                       rtol=1e-6, atol=1e-7)
-    assert_lists_close([v.numpy() for v in resumed.meta_optimizer.variables],
-                       [v.numpy() for v in reference.meta_optimizer.variables],
-                       rtol=1e-6, atol=1e-7)
+    assert_lists_close(
+        resumed.model.get_weights(), reference.model.get_weights(), rtol=1e-6, atol=1e-7
+    )
+    assert_lists_close(
+        [v.numpy() for v in resumed.meta_optimizer.variables],
+        [v.numpy() for v in reference.meta_optimizer.variables],
+        rtol=1e-6,
+        atol=1e-7,
+    )
     assert not os.path.exists(backup)  # deleted after a completed run, as in Keras
 
 
@@ -238,22 +282,29 @@ def _events(folder):
     for path in glob.glob(os.path.join(folder, "events.out.tfevents*")):
         for event in tf.compat.v1.train.summary_iterator(path):
             for v in event.summary.value:
-                out.setdefault(v.tag, []).append(
-                    (event.step, float(tf.make_ndarray(v.tensor))))
+                out.setdefault(v.tag, []).append((event.step, float(tf.make_ndarray(v.tensor))))
     return out
 
 
 def test_tensorboard_writes_keras_tags_and_the_learning_rate(tmp_path):
-    history = leap().fit(regression_task, epochs=2, verbose=0, validation_data=VALIDATION,
-                         validation_freq=1, log_dir=str(tmp_path / "tb"))
+    history = leap().fit(
+        regression_task,
+        epochs=2,
+        verbose=0,
+        validation_data=VALIDATION,
+        validation_freq=1,
+        log_dir=str(tmp_path / "tb"),
+    )
     train = _events(str(tmp_path / "tb" / "train"))
     val = _events(str(tmp_path / "tb" / "validation"))
     assert [s for s, _ in train["epoch_loss"]] == [0, 1]
-    np.testing.assert_allclose([v for _, v in train["epoch_loss"]], history.history["loss"],
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        [v for _, v in train["epoch_loss"]], history.history["loss"], rtol=1e-6
+    )
     assert [v for _, v in train["epoch_learning_rate"]] == pytest.approx([0.1, 0.1])
-    np.testing.assert_allclose([v for _, v in val["epoch_loss"]],
-                               history.history["val_loss"], rtol=1e-6)
+    np.testing.assert_allclose(
+        [v for _, v in val["epoch_loss"]], history.history["val_loss"], rtol=1e-6
+    )
 
 
 def test_remote_monitor_posts_each_meta_step(monkeypatch):
@@ -261,8 +312,12 @@ def test_remote_monitor_posts_each_meta_step(monkeypatch):
 
     posts = []
     monkeypatch.setattr(requests, "post", lambda url, *a, **kw: posts.append((url, kw)))
-    history = leap().fit(regression_task, epochs=2, verbose=0,
-                         callbacks=[keras.callbacks.RemoteMonitor(send_as_json=True)])
+    history = leap().fit(
+        regression_task,
+        epochs=2,
+        verbose=0,
+        callbacks=[keras.callbacks.RemoteMonitor(send_as_json=True)],
+    )
     assert [p[1]["json"]["epoch"] for p in posts] == [0, 1]
     assert [p[1]["json"]["loss"] for p in posts] == history.history["loss"]
 
@@ -270,10 +325,20 @@ def test_remote_monitor_posts_each_meta_step(monkeypatch):
 def test_swap_ema_weights_and_ema_optimizers_end_with_the_average():
     model = linear_warp_model()
     trainer = warpkeras.WarpTrainer(
-        model, "mse", mode="online", init_objective=None, inner_steps=1, meta_batch_size=1,
-        meta_optimizer=keras.optimizers.SGD(0.1, use_ema=True, ema_momentum=0.5))
-    trainer.fit(regression_task, epochs=2, verbose=0,
-                callbacks=[keras.callbacks.SwapEMAWeights(swap_on_epoch=True)])
+        model,
+        "mse",
+        mode="online",
+        init_objective=None,
+        inner_steps=1,
+        meta_batch_size=1,
+        meta_optimizer=keras.optimizers.SGD(0.1, use_ema=True, ema_momentum=0.5),
+    )
+    trainer.fit(
+        regression_task,
+        epochs=2,
+        verbose=0,
+        callbacks=[keras.callbacks.SwapEMAWeights(swap_on_epoch=True)],
+    )
     average = trainer.meta_optimizer._model_variables_moving_average
     warp = model.get_layer("warp").kernel
     np.testing.assert_allclose(warp.numpy(), average[0].numpy(), rtol=1e-6)
@@ -281,9 +346,23 @@ def test_swap_ema_weights_and_ema_optimizers_end_with_the_average():
 
 
 def test_orbax_checkpoint_is_the_only_callback_not_covered():
-    covered = {"BackupAndRestore", "CSVLogger", "Callback", "CallbackList", "EarlyStopping",
-               "History", "LambdaCallback", "LearningRateScheduler", "ModelCheckpoint",
-               "ProgbarLogger", "ReduceLROnPlateau", "RemoteMonitor", "SwapEMAWeights",
-               "TensorBoard", "TerminateOnNaN", "OrbaxCheckpoint"}
+    covered = {
+        "BackupAndRestore",
+        "CSVLogger",
+        "Callback",
+        "CallbackList",
+        "EarlyStopping",
+        "History",
+        "LambdaCallback",
+        "LearningRateScheduler",
+        "ModelCheckpoint",
+        "ProgbarLogger",
+        "ReduceLROnPlateau",
+        "RemoteMonitor",
+        "SwapEMAWeights",
+        "TensorBoard",
+        "TerminateOnNaN",
+        "OrbaxCheckpoint",
+    }
     stock = {n for n in dir(keras.callbacks) if not n.startswith("_")}
     assert stock <= covered, stock - covered

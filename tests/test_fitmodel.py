@@ -31,6 +31,9 @@ def test_load_weights_of_a_differently_configured_trainer_names_the_file(tmp_pat
     )
     # the slots are stored by variable: the message names the file and the slots that only
     # one of the two trainers has (Adam's momentum and velocity)
-    with pytest.raises(CheckpointError, match=r"trainer\.npz' was written by a differently "
-                       r"configured trainer: .*velocity"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"trainer\.npz' was written by a differently "
+        r"configured trainer: .*velocity",
+    ):
         other.load_weights(path)

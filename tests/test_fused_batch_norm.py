@@ -24,8 +24,9 @@ SHAPE = (6, 5, 5, 4)
 def _pair(shape=SHAPE, dtype=None, **kwargs):
     """Two layers with the same weights: fused (default) and decomposed."""
     rng = np.random.default_rng(1)
-    layers = [ExactBatchNormalization(momentum=0.5, dtype=dtype, fused=f, **kwargs)
-              for f in (None, False)]
+    layers = [
+        ExactBatchNormalization(momentum=0.5, dtype=dtype, fused=f, **kwargs) for f in (None, False)
+    ]
     for bn in layers:
         bn.build(shape)
     for a, b in zip(*(bn.trainable_weights for bn in layers)):
@@ -37,8 +38,7 @@ def _pair(shape=SHAPE, dtype=None, **kwargs):
 
 def _inputs(shape=SHAPE, seed=0):
     rng = np.random.default_rng(seed)
-    return [tf.constant(rng.normal(1.0, 2.0, size=shape).astype("float32"))
-            for _ in range(3)]
+    return [tf.constant(rng.normal(1.0, 2.0, size=shape).astype("float32")) for _ in range(3)]
 
 
 def _first_order(bn, x, w):
@@ -81,18 +81,22 @@ def _graph_ops(bn, shape, dtype):
     @tf.function
     def call(x):
         return bn(x, training=True)
+
     graph = call.get_concrete_function(tf.TensorSpec(shape, dtype)).graph
     return {op.type for op in graph.get_operations()}
 
 
-@pytest.mark.parametrize("shape, axis, dtype, fused, applies", [
-    ((6, 5, 5, 4), -1, "float32", None, True),
-    ((6, 5, 5, 4), 3, "float32", None, True),
-    ((6, 5, 5, 4), -1, "float32", False, False),
-    ((6, 5, 5, 4), -1, "float64", None, False),   # no fused kernel for float64
-    ((6, 5, 4), -1, "float32", None, False),      # rank 3
-    ((6, 4, 5, 5), 1, "float32", None, False),    # channels first
-])
+@pytest.mark.parametrize(
+    "shape, axis, dtype, fused, applies",
+    [
+        ((6, 5, 5, 4), -1, "float32", None, True),
+        ((6, 5, 5, 4), 3, "float32", None, True),
+        ((6, 5, 5, 4), -1, "float32", False, False),
+        ((6, 5, 5, 4), -1, "float64", None, False),  # no fused kernel for float64
+        ((6, 5, 4), -1, "float32", None, False),  # rank 3
+        ((6, 4, 5, 5), 1, "float32", None, False),  # channels first
+    ],
+)
 def test_fused_kernel_exactly_where_it_applies(shape, axis, dtype, fused, applies):
     bn = ExactBatchNormalization(axis=axis, dtype=dtype, fused=fused)
     bn.build(shape)
@@ -123,18 +127,20 @@ def test_mixed_bfloat16_fused_close_to_decomposed():
 # --- meta-gradients and meta-training ------------------------------------------------------
 def _model(fused, seed=0):
     keras.utils.set_random_seed(seed)
-    return keras.Sequential([
-        keras.Input((6, 6, 1)),
-        keras.layers.Conv2D(4, 3, padding="same", name="conv1"),
-        ExactBatchNormalization(momentum=0.0, fused=fused, name="bn1"),
-        keras.layers.ReLU(),
-        warpkeras.layers.WarpConv2D(kernel_size=3, name="warp"),
-        keras.layers.Conv2D(4, 3, padding="same", name="conv2"),
-        ExactBatchNormalization(momentum=0.0, fused=fused, name="bn2"),
-        keras.layers.ReLU(),
-        keras.layers.Flatten(),
-        keras.layers.Dense(3, name="head"),
-    ])
+    return keras.Sequential(
+        [
+            keras.Input((6, 6, 1)),
+            keras.layers.Conv2D(4, 3, padding="same", name="conv1"),
+            ExactBatchNormalization(momentum=0.0, fused=fused, name="bn1"),
+            keras.layers.ReLU(),
+            warpkeras.layers.WarpConv2D(kernel_size=3, name="warp"),
+            keras.layers.Conv2D(4, 3, padding="same", name="conv2"),
+            ExactBatchNormalization(momentum=0.0, fused=fused, name="bn2"),
+            keras.layers.ReLU(),
+            keras.layers.Flatten(),
+            keras.layers.Dense(3, name="head"),
+        ]
+    )
 
 
 def _batch(rng, n=6):
@@ -150,10 +156,10 @@ def test_exact_meta_gradients_equal_on_both_paths():
     for fused in (None, False):
         p = warpkeras.partition(_model(fused, seed=4))
         theta, phi, state = p.initial_task_values(), p.warp_values(), p.state_values()
-        _, g_warp, _ = obj.warp_meta_gradient(p, LOSS, theta, phi, task, meta, 0.3,
-                                              state=state, exact=True)
-        _, g_maml, _ = obj.maml_meta_gradient(p, LOSS, theta, phi, task, meta, 0.3, 2,
-                                              state=state)
+        _, g_warp, _ = obj.warp_meta_gradient(
+            p, LOSS, theta, phi, task, meta, 0.3, state=state, exact=True
+        )
+        _, g_maml, _ = obj.maml_meta_gradient(p, LOSS, theta, phi, task, meta, 0.3, 2, state=state)
         results.append((list(g_warp), list(g_maml)))
     # the conv biases in front of batch norm have zero gradient up to rounding, so the
     # tolerance is relative to the largest gradient of each meta-gradient
@@ -168,24 +174,40 @@ def _tasks(seed, n=3):
     out = []
     for i in range(n):
         x, y = _batch(rng, 12)
-        out.append(warpkeras.Task((x, y), meta=(x[::-1].copy(), y[::-1].copy()),
-                                  batch_size=6, name=f"t{i}"))
+        out.append(
+            warpkeras.Task(
+                (x, y), meta=(x[::-1].copy(), y[::-1].copy()), batch_size=6, name=f"t{i}"
+            )
+        )
     return out
 
 
-@pytest.mark.parametrize("make", [
-    lambda m, kw: warpkeras.LeapTrainer(m, LOSS, **kw),
-    lambda m, kw: warpkeras.WarpTrainer(m, LOSS, mode="offline", objective="exact",
-                                        init_objective="leap", **kw),
-    lambda m, kw: warpkeras.MAMLTrainer(m, LOSS, **kw),
-], ids=["leap", "warp_offline_exact", "maml"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda m, kw: warpkeras.LeapTrainer(m, LOSS, **kw),
+        lambda m, kw: warpkeras.WarpTrainer(
+            m, LOSS, mode="offline", objective="exact", init_objective="leap", **kw
+        ),
+        lambda m, kw: warpkeras.MAMLTrainer(m, LOSS, **kw),
+    ],
+    ids=["leap", "warp_offline_exact", "maml"],
+)
 def test_meta_training_equal_on_both_paths(make):
     """Two meta steps give the same θ0, φ and moving statistics on both paths."""
     weights = []
     for fused in (None, False):
         model = _model(fused, seed=7)
-        trainer = make(model, dict(inner_steps=3, meta_batch_size=2, inner_learning_rate=0.1,
-                                   meta_optimizer=keras.optimizers.SGD(0.1), seed=0))
+        trainer = make(
+            model,
+            dict(
+                inner_steps=3,
+                meta_batch_size=2,
+                inner_learning_rate=0.1,
+                meta_optimizer=keras.optimizers.SGD(0.1),
+                seed=0,
+            ),
+        )
         trainer.fit(_tasks(seed=3), meta_steps=2, verbose=0)
         weights.append([np.array(v) for v in model.weights])
     for a, b in zip(*weights):

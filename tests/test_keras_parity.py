@@ -3,8 +3,8 @@ serves as `keras.Model.fit` / `evaluate` / `predict` do.
 
 A matrix of model kinds (MLP, several inputs, dict and list outputs, a masked sequence,
 Embedding with mask_zero, batch norm, dropout, regularisers, a nested model, float64,
-mixed_float16, mixed_bfloat16) × data conventions (arrays, tf.data, generators; with and without sample
-weights) checks, for each cell:
+mixed_float16, mixed_bfloat16) × data conventions (arrays, tf.data, generators; with and
+without sample weights) checks, for each cell:
 
 * ``NoMetaTrainer.adapt(task, steps=K)`` with inner SGD(α) gives the weights of Keras's
   ``model.fit`` with ``keras.optimizers.SGD(α)`` for K steps on the same batches (float32
@@ -30,12 +30,11 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import NO_WARPKERAS
 
 import warpkeras
 from warpkeras import _losses
 from warpkeras import objectives as obj
-
-from conftest import NO_WARPKERAS
 
 ALPHA = 0.05
 K = 3
@@ -45,10 +44,13 @@ N_TEST = 8
 
 # ----------------------------------------------------------------------------- model kinds
 def _mlp(dtype=None):
-    return keras.Sequential([
-        keras.Input((4,), dtype=dtype),
-        keras.layers.Dense(6, activation="tanh", dtype=dtype),
-        keras.layers.Dense(2, dtype=dtype)])
+    return keras.Sequential(
+        [
+            keras.Input((4,), dtype=dtype),
+            keras.layers.Dense(6, activation="tanh", dtype=dtype),
+            keras.layers.Dense(2, dtype=dtype),
+        ]
+    )
 
 
 def _inputs():
@@ -60,54 +62,90 @@ def _inputs():
 def _dict_outputs():
     x = keras.Input((4,))
     h = keras.layers.Dense(5, activation="tanh")(x)
-    return keras.Model(x, {"reg": keras.layers.Dense(1, name="reg")(h),
-                           "cls": keras.layers.Dense(3, name="cls")(h)})
+    return keras.Model(
+        x,
+        {"reg": keras.layers.Dense(1, name="reg")(h), "cls": keras.layers.Dense(3, name="cls")(h)},
+    )
 
 
 def _list_outputs():
     x = keras.Input((4,))
     h = keras.layers.Dense(5, activation="tanh")(x)
-    return keras.Model(x, [keras.layers.Dense(1, name="first")(h),
-                           keras.layers.Dense(3, activation="softmax", name="second")(h)])
+    return keras.Model(
+        x,
+        [
+            keras.layers.Dense(1, name="first")(h),
+            keras.layers.Dense(3, activation="softmax", name="second")(h),
+        ],
+    )
 
 
 def _masked():
-    return keras.Sequential([
-        keras.Input((5, 2)), keras.layers.Masking(0.0),
-        keras.layers.LSTM(3, return_sequences=True),
-        keras.layers.TimeDistributed(keras.layers.Dense(1))])
+    return keras.Sequential(
+        [
+            keras.Input((5, 2)),
+            keras.layers.Masking(0.0),
+            keras.layers.LSTM(3, return_sequences=True),
+            keras.layers.TimeDistributed(keras.layers.Dense(1)),
+        ]
+    )
 
 
 def _embedding():
-    return keras.Sequential([
-        keras.Input((6,), dtype="int32"), keras.layers.Embedding(10, 4, mask_zero=True),
-        keras.layers.GlobalAveragePooling1D(), keras.layers.Dense(3)])
+    return keras.Sequential(
+        [
+            keras.Input((6,), dtype="int32"),
+            keras.layers.Embedding(10, 4, mask_zero=True),
+            keras.layers.GlobalAveragePooling1D(),
+            keras.layers.Dense(3),
+        ]
+    )
 
 
 def _batchnorm():
-    return keras.Sequential([
-        keras.Input((4,)), keras.layers.Dense(6), keras.layers.BatchNormalization(),
-        keras.layers.Activation("relu"), keras.layers.Dense(1)])
+    return keras.Sequential(
+        [
+            keras.Input((4,)),
+            keras.layers.Dense(6),
+            keras.layers.BatchNormalization(),
+            keras.layers.Activation("relu"),
+            keras.layers.Dense(1),
+        ]
+    )
 
 
 def _dropout():
-    return keras.Sequential([
-        keras.Input((4,)), keras.layers.Dense(8, activation="relu"),
-        keras.layers.Dropout(0.5), keras.layers.Dense(1)])
+    return keras.Sequential(
+        [
+            keras.Input((4,)),
+            keras.layers.Dense(8, activation="relu"),
+            keras.layers.Dropout(0.5),
+            keras.layers.Dense(1),
+        ]
+    )
 
 
 def _regularised():
-    return keras.Sequential([
-        keras.Input((4,)),
-        keras.layers.Dense(6, activation="tanh", kernel_regularizer=keras.regularizers.L2(0.05),
-                           activity_regularizer=keras.regularizers.L1(0.01)),
-        keras.layers.Dense(1, bias_regularizer=keras.regularizers.L2(0.1),
-                           bias_initializer="ones")])
+    return keras.Sequential(
+        [
+            keras.Input((4,)),
+            keras.layers.Dense(
+                6,
+                activation="tanh",
+                kernel_regularizer=keras.regularizers.L2(0.05),
+                activity_regularizer=keras.regularizers.L1(0.01),
+            ),
+            keras.layers.Dense(
+                1, bias_regularizer=keras.regularizers.L2(0.1), bias_initializer="ones"
+            ),
+        ]
+    )
 
 
 def _nested():
-    inner = keras.Sequential([keras.Input((4,)), keras.layers.Dense(5, activation="tanh")],
-                             name="inner")
+    inner = keras.Sequential(
+        [keras.Input((4,)), keras.layers.Dense(5, activation="tanh")], name="inner"
+    )
     x = keras.Input((4,))
     return keras.Model(x, keras.layers.Dense(2)(inner(x)))
 
@@ -116,17 +154,23 @@ def _mixed(name="mixed_float16"):
     policy = keras.config.dtype_policy()
     keras.config.set_dtype_policy(name)
     try:
-        return keras.Sequential([
-            keras.Input((4,)), keras.layers.Dense(6, activation="tanh"),
-            keras.layers.Dense(2, dtype="float32")])
+        return keras.Sequential(
+            [
+                keras.Input((4,)),
+                keras.layers.Dense(6, activation="tanh"),
+                keras.layers.Dense(2, dtype="float32"),
+            ]
+        )
     finally:
         keras.config.set_dtype_policy(policy)
 
 
 def _x(rng, n, kind):
     if kind == "inputs":
-        return {"a": rng.normal(size=(n, 3)).astype("float32"),
-                "b": rng.normal(size=(n, 2)).astype("float32")}
+        return {
+            "a": rng.normal(size=(n, 3)).astype("float32"),
+            "b": rng.normal(size=(n, 2)).astype("float32"),
+        }
     if kind == "masked":
         x = rng.normal(size=(n, 5, 2)).astype("float32")
         lengths = rng.integers(2, 6, size=n)
@@ -145,8 +189,7 @@ def _x(rng, n, kind):
 
 def _y(rng, n, kind, x):
     if kind == "dict_outputs":
-        return {"reg": rng.normal(size=(n, 1)).astype("float32"),
-                "cls": rng.integers(0, 3, size=n)}
+        return {"reg": rng.normal(size=(n, 1)).astype("float32"), "cls": rng.integers(0, 3, size=n)}
     if kind == "list_outputs":
         return [rng.normal(size=(n, 1)).astype("float32"), rng.integers(0, 3, size=n)]
     if kind == "masked":
@@ -171,14 +214,14 @@ def _w(rng, n, kind):
 KINDS = {
     "mlp": (_mlp, "mse", None),
     "inputs": (_inputs, "mse", None),
-    "dict_outputs": (_dict_outputs,
-                     {"reg": "mse",
-                      "cls": keras.losses.SparseCategoricalCrossentropy(from_logits=True)},
-                     {"reg": 0.5, "cls": 2.0}),
+    "dict_outputs": (
+        _dict_outputs,
+        {"reg": "mse", "cls": keras.losses.SparseCategoricalCrossentropy(from_logits=True)},
+        {"reg": 0.5, "cls": 2.0},
+    ),
     "list_outputs": (_list_outputs, ["mse", "sparse_categorical_crossentropy"], [1.0, 0.3]),
     "masked": (_masked, "mse", None),
-    "embedding": (_embedding, keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  None),
+    "embedding": (_embedding, keras.losses.SparseCategoricalCrossentropy(from_logits=True), None),
     "batchnorm": (_batchnorm, "mse", None),
     "dropout": (_dropout, "mse", None),
     "regularised": (_regularised, "mae", None),
@@ -198,9 +241,14 @@ class _Kind:
         keras.utils.set_random_seed(7)
         self.model = build()
         self.trainer = warpkeras.NoMetaTrainer(
-            self.model, self.loss, loss_weights=self.loss_weights,
-            inner_learning_rate=ALPHA, inner_steps=K, accuracy=False,
-            eval_training_mode=False)
+            self.model,
+            self.loss,
+            loss_weights=self.loss_weights,
+            inner_learning_rate=ALPHA,
+            inner_steps=K,
+            accuracy=False,
+            eval_training_mode=False,
+        )
         rng = np.random.default_rng(11)
         x = _x(rng, N + N_TEST, name)
         y = _y(rng, N + N_TEST, name, x)
@@ -216,8 +264,12 @@ class _Kind:
         """A Keras copy of the model with the same weights, compiled as the trainer's."""
         twin = keras.models.clone_model(self.model)
         twin.set_weights(self.model.get_weights())
-        twin.compile(optimizer=keras.optimizers.SGD(ALPHA), loss=self.loss,
-                     loss_weights=self.loss_weights, run_eagerly=True)
+        twin.compile(
+            optimizer=keras.optimizers.SGD(ALPHA),
+            loss=self.loss,
+            loss_weights=self.loss_weights,
+            run_eagerly=True,
+        )
         return twin
 
     def batches(self, weighted):
@@ -225,8 +277,10 @@ class _Kind:
         size = N // K
         out = []
         for k in range(K):
-            part = tuple(tf.nest.map_structure(lambda t: t[k * size:(k + 1) * size], p)
-                         for p in self.train)
+            part = tuple(
+                tf.nest.map_structure(lambda t, k=k: t[k * size : (k + 1) * size], p)
+                for p in self.train
+            )
             out.append(part if weighted else part[:2])
         return out
 
@@ -252,20 +306,23 @@ def _task(kind, convention, weighted):
         test_ds = tf.data.Dataset.from_tensor_slices(test).batch(N_TEST)
         return warpkeras.Task(train=ds, test=test_ds, name=convention), [train] * K
     batches = kind.batches(weighted)
-    return (warpkeras.Task(train=lambda rng: iter(batches), test=test, name=convention),
-            batches)
+    return (warpkeras.Task(train=lambda rng: iter(batches), test=test, name=convention), batches)
 
 
 def _fit(twin, batches):
     # Keras's generator adapter takes tuples, not lists, for several outputs' labels.
     batches = [tuple(tuple(p) if isinstance(p, list) else p for p in b) for b in batches]
-    twin.fit((b for b in batches), steps_per_epoch=len(batches), epochs=1, shuffle=False,
-             verbose=0)
+    twin.fit((b for b in batches), steps_per_epoch=len(batches), epochs=1, shuffle=False, verbose=0)
 
 
 def _evaluate(twin, test):
-    return twin.evaluate(*test[:2], sample_weight=test[2] if len(test) == 3 else None,
-                         batch_size=N_TEST, verbose=0, return_dict=True)["loss"]
+    return twin.evaluate(
+        *test[:2],
+        sample_weight=test[2] if len(test) == 3 else None,
+        batch_size=N_TEST,
+        verbose=0,
+        return_dict=True,
+    )["loss"]
 
 
 def _compare_weights(kind, theta, twin):
@@ -276,22 +333,39 @@ def _compare_weights(kind, theta, twin):
     moved = 0.0
     for v, t in zip(kind.trainer.partition.task_variables, theta):
         want = twin_vars[by_id[id(v)]].numpy()
-        np.testing.assert_allclose(np.asarray(t, dtype=np.float64), want, rtol=kind.tol,
-                                   atol=kind.tol, err_msg=f"{kind.name}: {v.path}")
+        np.testing.assert_allclose(
+            np.asarray(t, dtype=np.float64),
+            want,
+            rtol=kind.tol,
+            atol=kind.tol,
+            err_msg=f"{kind.name}: {v.path}",
+        )
         moved = max(moved, float(np.abs(want - v.numpy()).max()))
     assert moved > 1e-3, "adaptation did not move the weights: the check would be vacuous"
 
 
 CONVENTIONS = [(c, w) for c in ("arrays", "tf.data", "generator") for w in (False, True)]
 FULL = ["mlp", "dict_outputs", "masked"]  # every data convention
-ONE = ["inputs", "list_outputs", "embedding", "regularised", "nested", "float64",
-       "mixed_float16", "mixed_bfloat16"]
-CELLS = ([(k, c, w) for k in FULL for c, w in CONVENTIONS]
-         + [(k, "arrays", True) for k in ONE] + [(k, "generator", False) for k in ONE])
+ONE = [
+    "inputs",
+    "list_outputs",
+    "embedding",
+    "regularised",
+    "nested",
+    "float64",
+    "mixed_float16",
+    "mixed_bfloat16",
+]
+CELLS = (
+    [(k, c, w) for k in FULL for c, w in CONVENTIONS]
+    + [(k, "arrays", True) for k in ONE]
+    + [(k, "generator", False) for k in ONE]
+)
 
 
-@pytest.mark.parametrize("name,convention,weighted", CELLS,
-                         ids=[f"{k}-{c}-{'w' if w else 'nw'}" for k, c, w in CELLS])
+@pytest.mark.parametrize(
+    "name,convention,weighted", CELLS, ids=[f"{k}-{c}-{'w' if w else 'nw'}" for k, c, w in CELLS]
+)
 def test_adapt_and_evaluate_equal_keras(name, convention, weighted):
     kind = _kind(name)
     task, batches = _task(kind, convention, weighted)
@@ -306,8 +380,7 @@ def test_adapt_and_evaluate_equal_keras(name, convention, weighted):
     np.testing.assert_allclose(curves["test_loss"][0], before, **tol)
     np.testing.assert_allclose(curves["test_loss"][-1], after, **tol)
     # Keras's training loss of the first step (same batch, same weights) is warpkeras's too.
-    np.testing.assert_allclose(curves["train_loss"][0], float(_first_loss(kind, batches[0])),
-                               **tol)
+    np.testing.assert_allclose(curves["train_loss"][0], float(_first_loss(kind, batches[0])), **tol)
 
 
 def _first_loss(kind, batch):
@@ -324,8 +397,9 @@ def test_the_masked_test_loss_leaves_padding_out():
     task = warpkeras.Task(train=kind.train[:2], test=kind.test[:2], batch_size=N)
     _, curves = kind.trainer.adapt(task, steps=1)
     assert curves["test_loss"][0] < 10.0  # with the padding counted it is in the 1000s
-    np.testing.assert_allclose(curves["test_loss"][0], _evaluate(kind.keras_twin(),
-                                                                 kind.test[:2]), rtol=2e-5)
+    np.testing.assert_allclose(
+        curves["test_loss"][0], _evaluate(kind.keras_twin(), kind.test[:2]), rtol=2e-5
+    )
 
 
 def test_batchnorm_cells():
@@ -339,8 +413,9 @@ def test_batchnorm_cells():
     task, batches = _task(kind, "generator", False)
     theta, curves = kind.trainer.adapt(task, steps=K)
     twin = kind.keras_twin()
-    np.testing.assert_allclose(curves["test_loss"][0], _evaluate(twin, kind.test[:2]),
-                               rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(
+        curves["test_loss"][0], _evaluate(twin, kind.test[:2]), rtol=2e-5, atol=2e-5
+    )
     _fit(twin, batches)
     _compare_weights(kind, [t.numpy() for t in theta], twin)
 
@@ -351,13 +426,16 @@ def test_batchnorm_cells():
         twin(x, training=True)  # Keras's own layer writes the batch's statistics
         return _evaluate(twin, kind.test[:2])
 
-    np.testing.assert_allclose(curves["test_loss"][-1], with_statistics_of(batches[-1][0]),
-                               rtol=2e-5, atol=2e-5)
-    transductive = warpkeras.NoMetaTrainer(kind.model, "mse", inner_learning_rate=ALPHA,
-                                           inner_steps=K, accuracy=False)
+    np.testing.assert_allclose(
+        curves["test_loss"][-1], with_statistics_of(batches[-1][0]), rtol=2e-5, atol=2e-5
+    )
+    transductive = warpkeras.NoMetaTrainer(
+        kind.model, "mse", inner_learning_rate=ALPHA, inner_steps=K, accuracy=False
+    )
     _, curves = transductive.adapt(task, steps=K)
-    np.testing.assert_allclose(curves["test_loss"][-1], with_statistics_of(kind.test[0]),
-                               rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(
+        curves["test_loss"][-1], with_statistics_of(kind.test[0]), rtol=2e-5, atol=2e-5
+    )
 
 
 def test_dropout_cell():
@@ -366,17 +444,18 @@ def test_dropout_cell():
     draw: warpkeras's dropout masks derive from its own seed per task, Keras's from the
     layer's generator; the weights are checked to have moved instead."""
     kind = _kind("dropout")
-    for trainer in (kind.trainer, warpkeras.NoMetaTrainer(kind.model, "mse",
-                                                          inner_learning_rate=ALPHA,
-                                                          inner_steps=K, accuracy=False)):
+    for trainer in (
+        kind.trainer,
+        warpkeras.NoMetaTrainer(
+            kind.model, "mse", inner_learning_rate=ALPHA, inner_steps=K, accuracy=False
+        ),
+    ):
         task, _ = _task(kind, "arrays", True)
         theta, curves = trainer.adapt(task, steps=K)
         twin = kind.keras_twin()
-        np.testing.assert_allclose(curves["test_loss"][0], _evaluate(twin, kind.test),
-                                   rtol=2e-5)
+        np.testing.assert_allclose(curves["test_loss"][0], _evaluate(twin, kind.test), rtol=2e-5)
         twin.set_weights([t.numpy() for t in theta])
-        np.testing.assert_allclose(curves["test_loss"][-1], _evaluate(twin, kind.test),
-                                   rtol=2e-5)
+        np.testing.assert_allclose(curves["test_loss"][-1], _evaluate(twin, kind.test), rtol=2e-5)
 
 
 # ----------------------------------------------------------------------------- export
@@ -386,13 +465,18 @@ def test_exported_predict_equals_keras(name, tmp_path):
     path = kind.trainer.export(str(tmp_path / name))
     served = tf.saved_model.load(path).signatures["serving_default"]
     x = kind.test[0]
-    args = ({f"x_{k}": tf.constant(v) for k, v in x.items()} if isinstance(x, dict)
-            else {"x": tf.constant(x)})
+    args = (
+        {f"x_{k}": tf.constant(v) for k, v in x.items()}
+        if isinstance(x, dict)
+        else {"x": tf.constant(x)}
+    )
     got = served(**args)["predictions"].numpy()
     np.testing.assert_allclose(got, kind.model.predict(x, verbose=0), rtol=1e-5, atol=1e-6)
 
 
-SERVE = NO_WARPKERAS + """
+SERVE = (
+    NO_WARPKERAS
+    + """
 import json, sys
 import numpy as np
 import tensorflow as tf
@@ -402,6 +486,7 @@ out = served(x=tf.constant(data["x"]))["predictions"].numpy()
 np.save(sys.argv[3], out)
 print(json.dumps({"warpkeras_loaded": "warpkeras" in sys.modules}))
 """
+)
 
 
 def test_exported_predict_equals_keras_without_warpkeras(tmp_path):
@@ -410,14 +495,22 @@ def test_exported_predict_equals_keras_without_warpkeras(tmp_path):
     np.savez(tmp_path / "in.npz", x=kind.test[0])
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSTARTUP")}
     env.update(PYTHONPATH="", TF_CPP_MIN_LOG_LEVEL="3", PYTHONNOUSERSITE="1")
-    proc = subprocess.run([sys.executable, "-c", SERVE, path, str(tmp_path / "in.npz"),
-                           str(tmp_path / "out.npy")], cwd=str(tmp_path), env=env,
-                          capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(
+        [sys.executable, "-c", SERVE, path, str(tmp_path / "in.npz"), str(tmp_path / "out.npy")],
+        cwd=str(tmp_path),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"warpkeras_loaded": False}
-    np.testing.assert_allclose(np.load(tmp_path / "out.npy"),
-                               kind.model.predict(kind.test[0], verbose=0),
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        np.load(tmp_path / "out.npy"),
+        kind.model.predict(kind.test[0], verbose=0),
+        rtol=1e-5,
+        atol=1e-6,
+    )
 
 
 # ----------------------------------------------------------------------------- the loss
@@ -431,8 +524,9 @@ def test_keras_compile_loss_is_what_compile_uses():
     y_pred = twin(x)
     compiled = _losses.keras_compile_loss(kind.loss, kind.loss_weights, twin.output_names)
     for _ in range(2):  # built once, then reused; its trackers stay out of the way
-        np.testing.assert_allclose(float(compiled(y, y_pred, w)),
-                                   float(twin.compute_loss(x, y, y_pred, w)), rtol=1e-6)
+        np.testing.assert_allclose(
+            float(compiled(y, y_pred, w)), float(twin.compute_loss(x, y, y_pred, w)), rtol=1e-6
+        )
     assert all(m is None for m in compiled.metrics)
 
 
@@ -442,8 +536,12 @@ def test_names_functions_and_objects_give_the_same_masked_loss():
     theta = [v.value for v in p.task_variables]
     batch = kind.test[:2]
     want = _evaluate(kind.keras_twin(), batch)
-    for loss in ("mse", keras.losses.mean_squared_error, keras.losses.MeanSquaredError(),
-                 lambda t, q: keras.losses.mean_squared_error(t, q)):
+    for loss in (
+        "mse",
+        keras.losses.mean_squared_error,
+        keras.losses.MeanSquaredError(),
+        lambda t, q: keras.losses.mean_squared_error(t, q),
+    ):
         got, _ = obj.task_loss(p, loss, theta, [], batch, training=False)
         np.testing.assert_allclose(float(got), want, rtol=2e-5, err_msg=repr(loss))
 
@@ -457,8 +555,11 @@ def test_labels_of_another_shape_are_refused(name, width):
     x = kind.train[0]
     units = 1 if name == "inputs" else 2
     task = warpkeras.Task(train=(x, np.zeros((N, width), "float32")), batch_size=4)
-    with pytest.raises(ValueError, match=rf"Task 'task': its train data: the labels of the "
-                       rf"output have shape \(4, {width}\).*\(None, {units}\).*broadcast"):
+    with pytest.raises(
+        ValueError,
+        match=rf"Task 'task': its train data: the labels of the "
+        rf"output have shape \(4, {width}\).*\(None, {units}\).*broadcast",
+    ):
         kind.trainer.adapt(task, steps=1)
     p = kind.trainer.partition
     theta = [v.value for v in p.task_variables]
@@ -507,8 +608,9 @@ def test_evaluate_reports_keras_numbers_for_weighted_tf_data():
     report = kind.trainer.evaluate([task], steps=K, verbose=0)
     twin = kind.keras_twin()
     _fit(twin, [kind.train] * K)
-    np.testing.assert_allclose(report["final_test_loss"]["mean"], _evaluate(twin, kind.test),
-                               rtol=2e-5)
+    np.testing.assert_allclose(
+        report["final_test_loss"]["mean"], _evaluate(twin, kind.test), rtol=2e-5
+    )
     unweighted = _evaluate(twin, kind.test[:2])
     assert abs(unweighted - report["final_test_loss"]["mean"]) > 1e-4
 
@@ -529,14 +631,19 @@ def test_meta_training_weighs_the_examples(trainer_cls):
         model = keras.models.clone_model(kind.model)
         model.set_weights(kind.model.get_weights())
         trainer = getattr(warpkeras, trainer_cls)(
-            model, kind.loss, loss_weights=kind.loss_weights, inner_learning_rate=ALPHA,
-            inner_steps=2, meta_batch_size=1, meta_optimizer=keras.optimizers.SGD(0.1),
-            parallel="sequential", accuracy=False)
-        trainer.fit([warpkeras.Task(train=data, meta=data, batch_size=N)], epochs=1,
-                    verbose=0)
+            model,
+            kind.loss,
+            loss_weights=kind.loss_weights,
+            inner_learning_rate=ALPHA,
+            inner_steps=2,
+            meta_batch_size=1,
+            meta_optimizer=keras.optimizers.SGD(0.1),
+            parallel="sequential",
+            accuracy=False,
+        )
+        trainer.fit([warpkeras.Task(train=data, meta=data, batch_size=N)], epochs=1, verbose=0)
         results.append([v.numpy() for v in model.trainable_variables])
-    moved = max(float(np.abs(a - b).max())
-                for a, b in zip(results[0], kind.model.get_weights()))
+    moved = max(float(np.abs(a - b).max()) for a, b in zip(results[0], kind.model.get_weights()))
     assert moved > 1e-4
     for a, b in zip(*results):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
@@ -546,11 +653,12 @@ def test_test_data_from_a_generator_equals_evaluate():
     """`test` as a generator of (x, y, sample_weight) batches, as `model.evaluate` takes."""
     kind = _kind("mlp")
     x, y, w = kind.test
-    gen = ((x[i:i + 4], y[i:i + 4], w[i:i + 4]) for i in range(0, N_TEST, 4))
+    gen = ((x[i : i + 4], y[i : i + 4], w[i : i + 4]) for i in range(0, N_TEST, 4))
     task = warpkeras.Task(train=kind.train, test=gen, batch_size=N)
     _, curves = kind.trainer.adapt(task, steps=1)
-    np.testing.assert_allclose(curves["test_loss"][0], _evaluate(kind.keras_twin(), kind.test),
-                               rtol=2e-5)
+    np.testing.assert_allclose(
+        curves["test_loss"][0], _evaluate(kind.keras_twin(), kind.test), rtol=2e-5
+    )
     with pytest.raises(ValueError, match="yields no batches"):
         warpkeras.Task(train=kind.train, test=iter([]))
 
@@ -559,10 +667,14 @@ def test_accuracy_of_a_masked_sequence_is_keras_accuracy():
     """Accuracy leaves masked steps out, as Keras's ``metrics=["accuracy"]`` does (sample
     weights not applied: that would be ``weighted_metrics``)."""
     keras.utils.set_random_seed(5)
-    model = keras.Sequential([
-        keras.Input((5, 2)), keras.layers.Masking(0.0),
-        keras.layers.LSTM(4, return_sequences=True),
-        keras.layers.TimeDistributed(keras.layers.Dense(3))])
+    model = keras.Sequential(
+        [
+            keras.Input((5, 2)),
+            keras.layers.Masking(0.0),
+            keras.layers.LSTM(4, return_sequences=True),
+            keras.layers.TimeDistributed(keras.layers.Dense(3)),
+        ]
+    )
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     rng = np.random.default_rng(3)
     x = _x(rng, N_TEST, "masked")
@@ -570,8 +682,7 @@ def test_accuracy_of_a_masked_sequence_is_keras_accuracy():
     y[np.all(x == 0.0, axis=-1)] = 0  # padded steps: class 0, which the model may "hit"
     trainer = warpkeras.NoMetaTrainer(model, loss, inner_steps=1, eval_training_mode=False)
     assert trainer.accuracy
-    _, curves = trainer.adapt(warpkeras.Task(train=(x, y), test=(x, y), batch_size=N_TEST),
-                              steps=1)
+    _, curves = trainer.adapt(warpkeras.Task(train=(x, y), test=(x, y), batch_size=N_TEST), steps=1)
     twin = keras.models.clone_model(model)
     twin.set_weights(model.get_weights())
     twin.compile(loss=loss, metrics=["accuracy"], run_eagerly=True)

@@ -12,8 +12,9 @@ from warpkeras.kfac import KFAC
 
 
 def _dense_model(d_in, d_out, activation=None, bias=True):
-    return keras.Sequential([keras.Input((d_in,)),
-                             keras.layers.Dense(d_out, activation=activation, use_bias=bias)])
+    return keras.Sequential(
+        [keras.Input((d_in,)), keras.layers.Dense(d_out, activation=activation, use_bias=bias)]
+    )
 
 
 def _exact_gauss_newton(p, theta, x, d_out):
@@ -23,7 +24,7 @@ def _exact_gauss_newton(p, theta, x, d_out):
     for n in range(x.shape[0]):
         with tf.GradientTape(persistent=True) as tape:
             tape.watch(theta)
-            f = p.call(theta, [], x[n:n + 1])[0][0]
+            f = p.call(theta, [], x[n : n + 1])[0][0]
             outputs = [f[j] for j in range(d_out)]
         jac = []
         for fj in outputs:
@@ -78,8 +79,9 @@ def test_sampled_and_empirical_fisher_differ_from_exact_but_sampled_is_unbiased(
     theta = p.initial_task_values()
     g = {}
     for mode in ("exact", "sampled", "empirical"):
-        g[mode] = KFAC(fisher=mode).bind(p, loss).factors(theta, [], (x, y),
-                                                           seed=(3, 0))[5][0].numpy()
+        g[mode] = (
+            KFAC(fisher=mode).bind(p, loss).factors(theta, [], (x, y), seed=(3, 0))[5][0].numpy()
+        )
     # exact: E_n[diag(p) − p p^T]
     probs = tf.nn.softmax(model(x)).numpy()
     want = np.mean([np.diag(q) - np.outer(q, q) for q in probs], 0)
@@ -115,19 +117,25 @@ def test_factored_inverse_matches_dense_inverse_of_damped_kronecker(float64):
     plan1 = KFAC(damping=damping, factored_damping=False).bind(p, "mse")
     a_inv, g_inv = plan1.damped_inverses(tf.constant(a), tf.constant(g))
     dense = np.kron(a + root * np.eye(3), g + root * np.eye(2))
-    np.testing.assert_allclose((a_inv.numpy() @ v @ g_inv.numpy()),
-                               np.linalg.solve(dense, v.ravel()).reshape(3, 2), rtol=1e-10)
+    np.testing.assert_allclose(
+        (a_inv.numpy() @ v @ g_inv.numpy()),
+        np.linalg.solve(dense, v.ravel()).reshape(3, 2),
+        rtol=1e-10,
+    )
 
 
-@pytest.mark.parametrize("strides,padding,dilation", [(1, "same", 1), (2, "valid", 1),
-                                                      (1, "same", 2)])
+@pytest.mark.parametrize(
+    "strides,padding,dilation", [(1, "same", 1), (2, "valid", 1), (1, "same", 2)]
+)
 def test_conv_factors_match_explicit_patches(float64, strides, padding, dilation):
     rng = np.random.default_rng(3)
     n, h, w, cin, cout, k = 3, 5, 6, 2, 3, 3
-    conv = keras.layers.Conv2D(cout, k, strides=strides, padding=padding,
-                               dilation_rate=dilation, activation="tanh")
-    model = keras.Sequential([keras.Input((h, w, cin)), conv, keras.layers.Flatten(),
-                              keras.layers.Dense(2)])
+    conv = keras.layers.Conv2D(
+        cout, k, strides=strides, padding=padding, dilation_rate=dilation, activation="tanh"
+    )
+    model = keras.Sequential(
+        [keras.Input((h, w, cin)), conv, keras.layers.Flatten(), keras.layers.Dense(2)]
+    )
     p = warpkeras.partition(model)
     x = rng.normal(size=(n, h, w, cin))
     y = rng.normal(size=(n, 2))
@@ -149,8 +157,12 @@ def test_conv_factors_match_explicit_patches(float64, strides, padding, dilation
     patches = np.zeros((n, oh * ow, k * k * cin + 1))
     for i in range(oh):
         for j in range(ow):
-            block = xp[:, i * strides:i * strides + span:dilation,
-                       j * strides:j * strides + span:dilation, :]
+            block = xp[
+                :,
+                i * strides : i * strides + span : dilation,
+                j * strides : j * strides + span : dilation,
+                :,
+            ]
             patches[:, i * ow + j, :-1] = block.reshape(n, -1)
             patches[:, i * ow + j, -1] = 1.0
     want_a = np.einsum("nti,ntj->ij", patches, patches) / n
@@ -195,8 +207,9 @@ def test_unfactored_variables_get_sgd_and_layers_are_restored(float64):
     x, y = rng.normal(size=(8, 3)), rng.normal(size=(8, 2))
     step = plan.step(theta, [], (x, y), plan.init())
     for i in plan.sgd_indices:
-        np.testing.assert_allclose(step.theta[i].numpy(),
-                                   theta[i].numpy() - 0.2 * step.gradients[i].numpy())
+        np.testing.assert_allclose(
+            step.theta[i].numpy(), theta[i].numpy() - 0.2 * step.gradients[i].numpy()
+        )
     # The factored kernels moved along something other than the gradient.
     sgd = theta[0].numpy() - 0.2 * step.gradients[0].numpy()
     assert np.abs(step.theta[0].numpy() - sgd).max() > 1e-3
@@ -226,7 +239,7 @@ def test_running_averages_and_periodic_inverses(float64):
     want = 0.5 * want + 0.5 * a_batches[2]
     np.testing.assert_allclose(state["A"][0].numpy(), want, rtol=1e-10)
     np.testing.assert_array_equal(inverses[1], inverses[0])  # step 2 keeps them
-    assert np.abs(inverses[2] - inverses[1]).max() > 1e-6     # step 3 recomputes
+    assert np.abs(inverses[2] - inverses[1]).max() > 1e-6  # step 3 recomputes
     want_inv, _ = plan.damped_inverses(state["A"][0], state["G"][0])
     np.testing.assert_allclose(inverses[2], want_inv.numpy(), rtol=1e-10)
 
@@ -278,19 +291,20 @@ def test_evaluate_with_kfac_beats_sgd_per_step_on_ill_conditioned_regression():
     task = warpkeras.Task((x, y), test=(x, y), batch_size=64, name="ill-conditioned")
     keras.utils.set_random_seed(0)
     model = _dense_model(2, 1, bias=False)
-    trainer = warpkeras.NoMetaTrainer(model, loss="mse", inner_learning_rate=0.5,
-                                      inner_steps=10)
+    trainer = warpkeras.NoMetaTrainer(model, loss="mse", inner_learning_rate=0.5, inner_steps=10)
     sgd = trainer.evaluate([task], verbose=0)
-    kfac = trainer.evaluate([task], verbose=0, inner_optimizer=KFAC(learning_rate=0.5,
-                                                                     damping=1e-6))
+    kfac = trainer.evaluate(
+        [task], verbose=0, inner_optimizer=KFAC(learning_rate=0.5, damping=1e-6)
+    )
     sgd_curve = sgd["curves"][0]["train_loss"]
     kfac_curve = kfac["curves"][0]["train_loss"]
     assert sgd_curve[0] == pytest.approx(kfac_curve[0])  # same start
     assert kfac["final_test_loss"]["mean"] < 1e-3 * sgd["final_test_loss"]["mean"]
     assert all(k < s for k, s in zip(kfac_curve[1:], sgd_curve[1:]))
     # θ0 is untouched by the adaptation.
-    np.testing.assert_array_equal(trainer.model.layers[0].kernel.numpy(),
-                                  model.layers[0].kernel.numpy())
+    np.testing.assert_array_equal(
+        trainer.model.layers[0].kernel.numpy(), model.layers[0].kernel.numpy()
+    )
 
 
 @pytest.mark.parametrize("inverse_every", [1, 2])
@@ -305,8 +319,10 @@ def test_compiled_step_matches_eager_with_one_output_unit(inverse_every):
     theta = p.initial_task_values()
     eager = plan.step(theta, [], (x, y), plan.init())
     compiled = tf.function(lambda th, s: plan.step(th, [], (x, y), s))(theta, plan.init())
-    for a, b in zip(tf.nest.flatten((eager.theta, eager.opt_state)),
-                    tf.nest.flatten((compiled.theta, compiled.opt_state))):
+    for a, b in zip(
+        tf.nest.flatten((eager.theta, eager.opt_state)),
+        tf.nest.flatten((compiled.theta, compiled.opt_state)),
+    ):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6)
 
 
@@ -319,14 +335,16 @@ def test_kfac_compiles_with_xla(float64):
     model = _dense_model(3, 3, activation="softmax")
     task = warpkeras.Task((x, y), batch_size=24)
     plain = warpkeras.NoMetaTrainer(model, "sparse_categorical_crossentropy", inner_steps=3)
-    jit = warpkeras.NoMetaTrainer(model, "sparse_categorical_crossentropy", inner_steps=3,
-                                  jit_compile=True)
+    jit = warpkeras.NoMetaTrainer(
+        model, "sparse_categorical_crossentropy", inner_steps=3, jit_compile=True
+    )
     runs = {}
     for fisher, trainers in (("exact", (plain, jit)), ("sampled", (jit, jit))):
         kfac = KFAC(learning_rate=0.5, fisher=fisher)
         for trainer in trainers:
             runs.setdefault((fisher, trainer.jit_compile), []).append(
-                trainer.adapt(task, inner_optimizer=kfac)[1]["train_loss"])
+                trainer.adapt(task, inner_optimizer=kfac)[1]["train_loss"]
+            )
     np.testing.assert_allclose(runs["exact", True][0], runs["exact", False][0], rtol=1e-9)
     assert runs["sampled", True][0] == runs["sampled", True][1]
     assert runs["sampled", True][0][-1] < runs["sampled", True][0][0]
@@ -367,19 +385,24 @@ def test_dense_on_sequences_and_shared_layers_sum_over_locations_and_uses(float6
     x, y = rng.normal(size=(n, t, d)), rng.normal(size=(n, 2 * t))
     theta = p.initial_task_values()
     _, grads, _, _, a, g = plan.factors(theta, [], (x, y))
-    xb = np.concatenate([np.concatenate([x, np.ones((n, t, 1))], -1),
-                         np.concatenate([2 * x, np.ones((n, t, 1))], -1)], 1)  # [N, 2T, d+1]
-    np.testing.assert_allclose(a[0].numpy(), np.einsum("nti,ntj->ij", xb, xb) / n,
-                               rtol=1e-12)
+    xb = np.concatenate(
+        [
+            np.concatenate([x, np.ones((n, t, 1))], -1),
+            np.concatenate([2 * x, np.ones((n, t, 1))], -1),
+        ],
+        1,
+    )  # [N, 2T, d+1]
+    np.testing.assert_allclose(a[0].numpy(), np.einsum("nti,ntj->ij", xb, xb) / n, rtol=1e-12)
     kernel, bias = theta
     with tf.GradientTape(persistent=True) as tape:
         z1 = tf.constant(x) @ kernel + bias
         z2 = tf.constant(2 * x) @ kernel + bias
         tape.watch([z1, z2])
         total = tf.reduce_sum(keras.losses.mean_squared_error(y, tf.reshape(z1 + z2, [n, -1])))
-    ds = np.concatenate([tape.gradient(total, z1).numpy(), tape.gradient(total, z2).numpy()],
-                        1)
-    np.testing.assert_allclose(g[0].numpy(), np.einsum("nti,ntj->ij", ds, ds) / (n * 2 * t),
-                               rtol=1e-10)
-    np.testing.assert_allclose(np.einsum("nti,ntj->ij", xb, ds)[:-1] / n, grads[0].numpy(),
-                               rtol=1e-10)
+    ds = np.concatenate([tape.gradient(total, z1).numpy(), tape.gradient(total, z2).numpy()], 1)
+    np.testing.assert_allclose(
+        g[0].numpy(), np.einsum("nti,ntj->ij", ds, ds) / (n * 2 * t), rtol=1e-10
+    )
+    np.testing.assert_allclose(
+        np.einsum("nti,ntj->ij", xb, ds)[:-1] / n, grads[0].numpy(), rtol=1e-10
+    )

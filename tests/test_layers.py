@@ -67,8 +67,7 @@ CASES = [
     (
         "resblock2_plain_identity",
         lambda **k: wl.ResidualWarpBlock(
-            num_layers=2, hidden_filters=8, residual=False, batch_norm=False,
-            activation=None, **k
+            num_layers=2, hidden_filters=8, residual=False, batch_norm=False, activation=None, **k
         ),
         "image",
         True,
@@ -83,9 +82,7 @@ CASES = [
     ),
     (
         "resdense_plain_identity",
-        lambda **k: wl.ResidualWarpDense(
-            hidden_units=12, residual=False, activation=None, **k
-        ),
+        lambda **k: wl.ResidualWarpDense(hidden_units=12, residual=False, activation=None, **k),
         "vector",
         True,
     ),
@@ -136,9 +133,7 @@ def _rnn_model(cell, dtype="float32", return_sequences=True, unroll=False):
     return keras.Sequential(
         [
             keras.Input(SEQUENCE_SHAPE, dtype=dtype),
-            keras.layers.RNN(
-                cell, return_sequences=return_sequences, unroll=unroll, dtype=dtype
-            ),
+            keras.layers.RNN(cell, return_sequences=return_sequences, unroll=unroll, dtype=dtype),
             keras.layers.Dense(2, dtype=dtype),
         ]
     )
@@ -169,9 +164,7 @@ def test_warp_conv_channels_first_identity():
     x = np.random.default_rng(0).normal(size=(2, 4, 5, 5)).astype("float32")
     for layer in (
         wl.WarpConv2D(data_format="channels_first"),
-        wl.ResidualWarpBlock(
-            num_layers=2, activate_output=False, data_format="channels_first"
-        ),
+        wl.ResidualWarpBlock(num_layers=2, activate_output=False, data_format="channels_first"),
         wl.FiLMWarpBlock(activate_output=False, data_format="channels_first"),
         wl.ChannelScaling(axis=1),
     ):
@@ -195,9 +188,7 @@ def test_warp_dense_and_conv_shapes_and_kernels():
 
 
 # --- batch normalisation --------------------------------------------------------------
-@pytest.mark.parametrize(
-    "axis,shape", [(-1, (6, 4, 4, 3)), (1, (6, 3, 4, 4)), (-1, (6, 5))]
-)
+@pytest.mark.parametrize("axis,shape", [(-1, (6, 4, 4, 3)), (1, (6, 3, 4, 4)), (-1, (6, 5))])
 def test_exact_batch_norm_matches_keras_batch_norm(axis, shape):
     x = np.random.default_rng(0).normal(1.0, 2.0, size=shape).astype("float32")
     ours = wl.ExactBatchNormalization(axis=axis, momentum=0.8, epsilon=1e-3)
@@ -211,8 +202,7 @@ def test_exact_batch_norm_matches_keras_batch_norm(axis, shape):
         a.assign(value)
         b.assign(value)
     for training in (True, True, False):
-        np.testing.assert_allclose(ours(x, training=training), ref(x, training=training),
-                                   atol=1e-5)
+        np.testing.assert_allclose(ours(x, training=training), ref(x, training=training), atol=1e-5)
     for a, b in zip(ours.weights, ref.weights):
         np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-6)
     assert [v.trainable for v in ours.weights] == [True, True, False, False]
@@ -247,9 +237,7 @@ def _second_derivative_through_bn(bn):
 
 
 def test_exact_batch_norm_second_derivatives():
-    analytic, numeric = _second_derivative_through_bn(
-        wl.ExactBatchNormalization(dtype="float64")
-    )
+    analytic, numeric = _second_derivative_through_bn(wl.ExactBatchNormalization(dtype="float64"))
     np.testing.assert_allclose(analytic, numeric, rtol=1e-6)
     # The reason for the layer: Keras's batch norm on TensorFlow stops the gradient through
     # the batch mean inside the variance, which is exact to first order only.
@@ -292,8 +280,7 @@ def _sigmoid(a):
 
 
 def test_warp_rnn_cell_matches_equation_15():
-    cell = wl.WarpRNNCell(4, meta_units=3, projection_initializer="glorot_uniform",
-                          dtype="float64")
+    cell = wl.WarpRNNCell(4, meta_units=3, projection_initializer="glorot_uniform", dtype="float64")
     rnn = keras.layers.RNN(cell, return_sequences=True, return_state=True, dtype="float64")
     x = _sequences("float64", n=2)
     outputs, h, z, c = rnn(x)
@@ -380,9 +367,16 @@ def test_warp_rnn_gradients_exist_and_are_finite():
 
 # --- roles and partition --------------------------------------------------------------
 def test_roles_of_layer_classes():
-    for layer in (wl.WarpDense(), wl.WarpConv2D(), wl.ChannelScaling(),
-                  wl.ResidualWarpBlock(), wl.ResidualWarpDense(), wl.FiLMWarpBlock(),
-                  wl.WarpRNNCell(3), wl.LinearWarpRNNCell(3)):
+    for layer in (
+        wl.WarpDense(),
+        wl.WarpConv2D(),
+        wl.ChannelScaling(),
+        wl.ResidualWarpBlock(),
+        wl.ResidualWarpDense(),
+        wl.FiLMWarpBlock(),
+        wl.WarpRNNCell(3),
+        wl.LinearWarpRNNCell(3),
+    ):
         assert warpkeras.role_of(layer) == "warp", layer
     assert warpkeras.role_of(wl.ExactBatchNormalization()) is None
     assert warpkeras.role_of(wl.FiLM()) == "task"
@@ -407,27 +401,32 @@ def test_partition_of_image_model_with_warp_blocks():
     head = keras.layers.Dense(3)
     vec_warps = [wl.WarpDense(), wl.ResidualWarpDense(hidden_units=7)]
     model = keras.Sequential(
-        [keras.Input(IMAGE_SHAPE), conv, *warps, film_block,
-         keras.layers.GlobalAveragePooling2D(), *vec_warps, head]
+        [
+            keras.Input(IMAGE_SHAPE),
+            conv,
+            *warps,
+            film_block,
+            keras.layers.GlobalAveragePooling2D(),
+            *vec_warps,
+            head,
+        ]
     )
     p = warpkeras.partition(model, require_warp=True)
 
     film_vars = film_block.film.trainable_variables
     assert len(film_vars) == 2
-    expected_task = (
-        conv.trainable_variables + head.trainable_variables + film_vars
-    )
+    expected_task = conv.trainable_variables + head.trainable_variables + film_vars
     expected_warp = [
-        v for layer in warps + vec_warps + [film_block] for v in layer.trainable_variables
+        v
+        for layer in warps + vec_warps + [film_block]
+        for v in layer.trainable_variables
         if id(v) not in _ids(film_vars)
     ]
     assert _ids(p.task_variables) == _ids(expected_task)
     assert _ids(p.warp_variables) == _ids(expected_warp)
     assert not p.frozen_variables
     # Batch-norm scales/offsets are warp variables; moving statistics are state.
-    bn_gammas = [
-        v for v in p.warp_variables if "batch_norm" in v.path and "gamma" in v.path
-    ]
+    bn_gammas = [v for v in p.warp_variables if "batch_norm" in v.path and "gamma" in v.path]
     assert len(bn_gammas) == 5
     moving = [v for v in p.state_variables if "moving_" in v.path]
     assert len(moving) == 10
@@ -440,7 +439,8 @@ def test_partition_of_image_model_with_warp_blocks():
     before = p.state_values()
     _, state = p.call(p.initial_task_values(), p.warp_values(), x, training=True)
     changed = [
-        v.path for v, a, b in zip(p.state_variables, before, state)
+        v.path
+        for v, a, b in zip(p.state_variables, before, state)
         if not np.allclose(a.numpy(), np.asarray(b))
     ]
     assert changed and all("moving_" in c for c in changed)
@@ -476,13 +476,14 @@ def test_get_config_round_trip(name, factory, kind, signed):
     config = layer.get_config()
     clone = type(layer).from_config(config)
     assert clone.get_config() == config
-    revived = keras.saving.deserialize_keras_object(
-        keras.saving.serialize_keras_object(layer)
-    )
+    revived = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(layer))
     assert type(revived) is type(layer)
-    assert revived.get_config() == keras.saving.deserialize_keras_object(
-        keras.saving.serialize_keras_object(clone)
-    ).get_config()
+    assert (
+        revived.get_config()
+        == keras.saving.deserialize_keras_object(
+            keras.saving.serialize_keras_object(clone)
+        ).get_config()
+    )
 
 
 def test_exact_batch_norm_config_round_trip(tmp_path):
@@ -513,14 +514,23 @@ def test_rnn_cell_config_round_trip(make_cell):
     assert type(cell).from_config(config).get_config() == config
 
 
-SAVE_CASES = [c for c in CASES if c[0] in {
-    "dense", "conv3x3", "scaling_image", "resblock2", "resdense_bn", "film", "film_block",
-}]
+SAVE_CASES = [
+    c
+    for c in CASES
+    if c[0]
+    in {
+        "dense",
+        "conv3x3",
+        "scaling_image",
+        "resblock2",
+        "resdense_bn",
+        "film",
+        "film_block",
+    }
+]
 
 
-@pytest.mark.parametrize(
-    "name,factory,kind,signed", SAVE_CASES, ids=[c[0] for c in SAVE_CASES]
-)
+@pytest.mark.parametrize("name,factory,kind,signed", SAVE_CASES, ids=[c[0] for c in SAVE_CASES])
 def test_saved_model_gives_same_outputs(name, factory, kind, signed, tmp_path):
     _, model, _ = _models(factory, kind, signed)
     _perturb(model)
@@ -641,9 +651,7 @@ def test_exact_warp_meta_gradient_matches_finite_differences(name, factory, kind
     tf.function through `Model.stateless_call`, against central differences."""
     dtype = "float64"
     if kind == "sequence":
-        model = _rnn_model(
-            factory(dtype=dtype), dtype=dtype, return_sequences=False, unroll=True
-        )
+        model = _rnn_model(factory(dtype=dtype), dtype=dtype, return_sequences=False, unroll=True)
         x_task, x_meta = _sequences(dtype, seed=1), _sequences(dtype, seed=2)
     else:
         _, model, _ = _models(factory, kind, signed=True, dtype=dtype)

@@ -20,8 +20,7 @@ def _mse(y, p):
 
 def _model(batch_norm=False, dtype="float32", seed=0):
     keras.utils.set_random_seed(seed)
-    layers = [keras.Input((3,), dtype=dtype),
-              keras.layers.Dense(5, activation="tanh", dtype=dtype)]
+    layers = [keras.Input((3,), dtype=dtype), keras.layers.Dense(5, activation="tanh", dtype=dtype)]
     if batch_norm:
         layers.append(warpkeras.layers.ExactBatchNormalization(dtype=dtype))
     return keras.Sequential(layers + [keras.layers.Dense(1, dtype=dtype)])
@@ -29,33 +28,48 @@ def _model(batch_norm=False, dtype="float32", seed=0):
 
 def _batches(dtype="float32", seed=0):
     rng = np.random.default_rng(seed)
-    return [tf.constant(rng.normal(size=s).astype(dtype))
-            for s in [(6, 3), (6, 1), (5, 3), (5, 1)]]
+    return [tf.constant(rng.normal(size=s).astype(dtype)) for s in [(6, 3), (6, 1), (5, 3), (5, 1)]]
 
 
-VARIANTS = {"unrolled": dict(unroll=True), "symbolic": dict(unroll=False),
-            "recompute": dict(recompute=True)}
+VARIANTS = {
+    "unrolled": dict(unroll=True),
+    "symbolic": dict(unroll=False),
+    "recompute": dict(recompute=True),
+}
 
 
-def _meta_gradients(partition, rule, first_order, steps=4, support=None, dtype="float32",
-                    loss=_mse):
+def _meta_gradients(
+    partition, rule, first_order, steps=4, support=None, dtype="float32", loss=_mse
+):
     """{variant: [query loss, ∇θ0..., ∇(rule variables)...]} for every variant, traced
     once per variant in a `tf.function` as the trainers run it."""
     sx, sy, qx, qy = _batches(dtype)
     support = support or (sx, sy)
     out = {}
     for name, kwargs in VARIANTS.items():
+
         @tf.function
         def meta_gradient(qx, qy, kwargs=kwargs, loss_fn=loss):
             theta0 = partition.initial_task_values()
             with tf.GradientTape() as tape:
                 tape.watch(theta0)
                 loss, _ = obj.maml_objective(
-                    partition, loss_fn, theta0, partition.warp_values(), support, (qx, qy),
-                    0.1, steps, first_order=first_order, rule=rule, **kwargs)
+                    partition,
+                    loss_fn,
+                    theta0,
+                    partition.warp_values(),
+                    support,
+                    (qx, qy),
+                    0.1,
+                    steps,
+                    first_order=first_order,
+                    rule=rule,
+                    **kwargs,
+                )
             sources = theta0 + [v.value for v in rule.variables]
-            return [loss] + tape.gradient(loss, sources,
-                                          unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            return [loss] + tape.gradient(
+                loss, sources, unconnected_gradients=tf.UnconnectedGradients.ZERO
+            )
 
         out[name] = [t.numpy() for t in meta_gradient(qx, qy)]
     return out
@@ -89,12 +103,12 @@ def test_several_support_batches_cycle_in_the_loop():
     partition = warpkeras.partition(_model())
     sx, sy, _, _ = _batches(seed=1)
     support = [(sx, sy), (sx[:4] * 2.0, sy[:4] - 1.0), (sx[2:], sy[2:] + 0.5)]
-    got = _meta_gradients(partition, rules.SGD(0.1, momentum=0.5), False, steps=5,
-                          support=support)
+    got = _meta_gradients(partition, rules.SGD(0.1, momentum=0.5), False, steps=5, support=support)
     expected = got.pop("unrolled")
     # the batches differ: a loop on the first batch alone gives another gradient
-    alone = _meta_gradients(partition, rules.SGD(0.1, momentum=0.5), False, steps=5,
-                            support=[support[0]])["unrolled"]
+    alone = _meta_gradients(
+        partition, rules.SGD(0.1, momentum=0.5), False, steps=5, support=[support[0]]
+    )["unrolled"]
     assert not np.allclose(alone[1], expected[1])
     for name, values in got.items():
         for a, b in zip(values, expected):
@@ -122,8 +136,9 @@ def test_second_order_matches_central_finite_differences_float64(variant, floatx
     def loss_and_grad(theta):
         with tf.GradientTape() as tape:
             tape.watch(theta)
-            loss, _ = obj.maml_objective(partition, _mse, theta, [], (sx, sy), (qx, qy),
-                                         0.3, 3, rule=rule, **kwargs)
+            loss, _ = obj.maml_objective(
+                partition, _mse, theta, [], (sx, sy), (qx, qy), 0.3, 3, rule=rule, **kwargs
+            )
         return loss, tape.gradient(loss, theta)
 
     _, grads = loss_and_grad(theta0)
@@ -156,17 +171,25 @@ def _traced_meta_gradient(steps, **kwargs):
 
     @tf.function
     def meta_gradient(sx, sy, qx, qy):
-        return obj.maml_meta_gradient(partition, _mse, partition.initial_task_values(),
-                                      [], (sx, sy), (qx, qy), 0.1, steps,
-                                      rule=rules.SGD(0.1, momentum=0.9), **kwargs)[1]
+        return obj.maml_meta_gradient(
+            partition,
+            _mse,
+            partition.initial_task_values(),
+            [],
+            (sx, sy),
+            (qx, qy),
+            0.1,
+            steps,
+            rule=rules.SGD(0.1, momentum=0.9),
+            **kwargs,
+        )[1]
 
     return meta_gradient.get_concrete_function(sx, sy, qx, qy)
 
 
 @pytest.mark.parametrize("variant", ["symbolic", "recompute", "unrolled"])
 def test_traced_graph_does_not_grow_with_k(variant):
-    small, large = (_op_count(_traced_meta_gradient(k, **VARIANTS[variant]))
-                    for k in (2, 20))
+    small, large = (_op_count(_traced_meta_gradient(k, **VARIANTS[variant])) for k in (2, 20))
     if variant == "unrolled":
         assert large > 5 * small  # the Python loop writes every step into the graph
     else:
@@ -185,19 +208,23 @@ def test_steps_as_a_tensor():
     partition = warpkeras.partition(_model())
     sx, sy, qx, qy = _batches()
     theta0 = partition.initial_task_values()
-    loss, theta_k = obj.maml_objective(partition, _mse, theta0, [], (sx, sy), (qx, qy), 0.1,
-                                       tf.constant(3), unroll=None)
-    expected, expected_k = obj.maml_objective(partition, _mse, theta0, [], (sx, sy),
-                                              (qx, qy), 0.1, 3, unroll=True)
+    loss, theta_k = obj.maml_objective(
+        partition, _mse, theta0, [], (sx, sy), (qx, qy), 0.1, tf.constant(3), unroll=None
+    )
+    expected, expected_k = obj.maml_objective(
+        partition, _mse, theta0, [], (sx, sy), (qx, qy), 0.1, 3, unroll=True
+    )
     np.testing.assert_allclose(loss.numpy(), expected.numpy(), rtol=1e-6)
     for a, b in zip(theta_k, expected_k):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-6, atol=1e-7)
     with pytest.raises(ValueError, match="unroll=True needs a Python int"):
-        obj.maml_objective(partition, _mse, theta0, [], (sx, sy), (qx, qy), 0.1,
-                           tf.constant(3), unroll=True)
+        obj.maml_objective(
+            partition, _mse, theta0, [], (sx, sy), (qx, qy), 0.1, tf.constant(3), unroll=True
+        )
     with pytest.raises(ValueError, match="recompute=True"):
-        obj.maml_objective(partition, _mse, theta0, [], (sx, sy), (qx, qy), 0.1, 3,
-                           unroll=True, recompute=True)
+        obj.maml_objective(
+            partition, _mse, theta0, [], (sx, sy), (qx, qy), 0.1, 3, unroll=True, recompute=True
+        )
 
 
 def _tasks():
@@ -206,8 +233,9 @@ def _tasks():
     for i in range(4):
         w = rng.normal(size=(3, 1))
         x = rng.normal(size=(24, 3)).astype("float32")
-        tasks.append(warpkeras.Task(train=(x, (x @ w).astype("float32")), batch_size=8,
-                                    name=f"t{i}"))
+        tasks.append(
+            warpkeras.Task(train=(x, (x @ w).astype("float32")), batch_size=8, name=f"t{i}")
+        )
     return tasks
 
 
@@ -218,9 +246,17 @@ def test_trainer_variants_train_alike_under_each_executor(parallel):
     weights = {}
     for name, kwargs in VARIANTS.items():
         trainer = warpkeras.MAMLTrainer(
-            _model(batch_norm=True), "mse", inner_steps=3, meta_batch_size=2,
-            inner_learning_rate=0.05, inner_momentum=0.5, seed=3, parallel=parallel,
-            meta_optimizer=keras.optimizers.SGD(0.1), **kwargs)
+            _model(batch_norm=True),
+            "mse",
+            inner_steps=3,
+            meta_batch_size=2,
+            inner_learning_rate=0.05,
+            inner_momentum=0.5,
+            seed=3,
+            parallel=parallel,
+            meta_optimizer=keras.optimizers.SGD(0.1),
+            **kwargs,
+        )
         assert trainer.get_config()["objectives"][0]["unroll"] == kwargs.get("unroll")
         trainer.fit(_tasks(), epochs=2, verbose=0)
         weights[name] = trainer.model.get_weights()
@@ -239,8 +275,7 @@ def test_bad_options_are_refused_by_name():
     with pytest.raises(TypeError, match="unroll"):
         warpkeras.MAMLTrainer(_model(), "mse", unroll=1)
     with pytest.raises(warpkeras.meta.MetaTrainingError, match="maml_recompute"):
-        warpkeras.trainers.MetaTrainer(_model(), "mse", init_objective="leap",
-                                       maml_recompute=True)
+        warpkeras.trainers.MetaTrainer(_model(), "mse", init_objective="leap", maml_recompute=True)
     with pytest.raises(warpkeras.meta.MetaTrainingError, match="maml_unroll"):
         warpkeras.MAMLTrainer(_model(), "mse", unroll=True, recompute=True)
 
@@ -250,10 +285,16 @@ def test_a_new_inner_steps_is_used_after_a_fit():
     fits traces the steps for the new K (the first trace's K would be silently kept)."""
     traces = []
     for second_k in (2, 4):
-        trainer = warpkeras.MAMLTrainer(_model(), "mse", inner_steps=2, meta_batch_size=2,
-                                        inner_learning_rate=0.05, seed=3,
-                                        parallel="sequential",
-                                        meta_optimizer=keras.optimizers.SGD(0.1))
+        trainer = warpkeras.MAMLTrainer(
+            _model(),
+            "mse",
+            inner_steps=2,
+            meta_batch_size=2,
+            inner_learning_rate=0.05,
+            seed=3,
+            parallel="sequential",
+            meta_optimizer=keras.optimizers.SGD(0.1),
+        )
         trainer.fit(_tasks(), epochs=1, verbose=0)
         trainer.inner_steps = second_k
         trainer.fit(_tasks(), epochs=2, verbose=0)  # one more epoch
@@ -264,18 +305,33 @@ def test_a_new_inner_steps_is_used_after_a_fit():
 def test_warp_maml_variants_train_alike():
     """Warp-MAML (MAML's close after the warp objective's adaptation, φ in the loop):
     the loop, the unrolled steps and recomputation make the same meta-updates."""
+
     def warp_model():
         keras.utils.set_random_seed(0)
-        return keras.Sequential([keras.Input((3,)), keras.layers.Dense(5, activation="tanh"),
-                                 warpkeras.layers.WarpDense(), keras.layers.Dense(1)])
+        return keras.Sequential(
+            [
+                keras.Input((3,)),
+                keras.layers.Dense(5, activation="tanh"),
+                warpkeras.layers.WarpDense(),
+                keras.layers.Dense(1),
+            ]
+        )
 
     weights = {}
     for name, kwargs in VARIANTS.items():
         trainer = warpkeras.WarpTrainer(
-            warp_model(), "mse", mode="online", init_objective="maml", inner_steps=3,
-            meta_batch_size=2, inner_learning_rate=0.05, seed=3, parallel="sequential",
+            warp_model(),
+            "mse",
+            mode="online",
+            init_objective="maml",
+            inner_steps=3,
+            meta_batch_size=2,
+            inner_learning_rate=0.05,
+            seed=3,
+            parallel="sequential",
             meta_optimizer=keras.optimizers.SGD(0.1),
-            **{f"maml_{k}": v for k, v in kwargs.items()})
+            **{f"maml_{k}": v for k, v in kwargs.items()},
+        )
         trainer.fit(_tasks(), epochs=2, verbose=0)
         weights[name] = trainer.model.get_weights()
     for name in ("symbolic", "recompute"):
@@ -309,11 +365,13 @@ def test_weighted_support_batches_in_the_loop():
     partition = warpkeras.partition(_model())
     sx, sy, _, _ = _batches(seed=3)
     weights = tf.constant(np.linspace(0.0, 2.0, 6).astype("float32"))
-    got = _meta_gradients(partition, rules.SGD(0.1), False, steps=3,
-                          support=(sx, sy, weights), loss="mse")
+    got = _meta_gradients(
+        partition, rules.SGD(0.1), False, steps=3, support=(sx, sy, weights), loss="mse"
+    )
     expected = got.pop("unrolled")
-    unweighted = _meta_gradients(partition, rules.SGD(0.1), False, steps=3,
-                                 support=(sx, sy), loss="mse")["unrolled"]
+    unweighted = _meta_gradients(
+        partition, rules.SGD(0.1), False, steps=3, support=(sx, sy), loss="mse"
+    )["unrolled"]
     assert not np.allclose(unweighted[1], expected[1])
     for name, values in got.items():
         for a, b in zip(values, expected):

@@ -25,8 +25,9 @@ def _tasks():
     for i in range(4):
         w = rng.normal(size=(3, 1))
         x = rng.normal(size=(24, 3)).astype("float32")
-        tasks.append(warpkeras.Task(train=(x, (x @ w).astype("float32")), batch_size=8,
-                                    name=f"t{i}"))
+        tasks.append(
+            warpkeras.Task(train=(x, (x @ w).astype("float32")), batch_size=8, name=f"t{i}")
+        )
     return tasks
 
 
@@ -42,21 +43,34 @@ def _train(trainer, steps=2):
 COMMON = dict(inner_steps=3, meta_batch_size=2, inner_learning_rate=0.05, seed=3)
 
 
-@pytest.mark.parametrize("preset,objectives", [
-    (dict(cls="WarpTrainer", mode="offline", init_objective="leap"),
-     lambda: [WarpObjective("offline"), Leap()]),
-    (dict(cls="WarpTrainer", mode="online", objective="approx", init_objective="reptile"),
-     lambda: [WarpObjective("online", exact=False), Reptile()]),
-    (dict(cls="MAMLTrainer", first_order=True), lambda: [MAML(first_order=True)]),
-])
+@pytest.mark.parametrize(
+    "preset,objectives",
+    [
+        (
+            dict(cls="WarpTrainer", mode="offline", init_objective="leap"),
+            lambda: [WarpObjective("offline"), Leap()],
+        ),
+        (
+            dict(cls="WarpTrainer", mode="online", objective="approx", init_objective="reptile"),
+            lambda: [WarpObjective("online", exact=False), Reptile()],
+        ),
+        (dict(cls="MAMLTrainer", first_order=True), lambda: [MAML(first_order=True)]),
+    ],
+)
 def test_composition_equals_preset(preset, objectives):
     preset = dict(preset)
     cls = getattr(warpkeras, preset.pop("cls"))
     warp = cls is not warpkeras.MAMLTrainer
-    by_keyword = cls(_model(warp=warp), "mse", meta_optimizer=keras.optimizers.SGD(0.1),
-                     **preset, **COMMON)
-    composed = MetaTrainer(_model(warp=warp), "mse", objectives=objectives(),
-                           meta_optimizer=keras.optimizers.SGD(0.1), **COMMON)
+    by_keyword = cls(
+        _model(warp=warp), "mse", meta_optimizer=keras.optimizers.SGD(0.1), **preset, **COMMON
+    )
+    composed = MetaTrainer(
+        _model(warp=warp),
+        "mse",
+        objectives=objectives(),
+        meta_optimizer=keras.optimizers.SGD(0.1),
+        **COMMON,
+    )
     start = _weights(composed)
     expected = _train(by_keyword)
     got = _train(composed)
@@ -80,19 +94,28 @@ class CustomReptile(MetaObjective):
         self.optimizer.build(self.variables(engine))
 
     def close(self, engine, group):
-        return {"grads": tuple(a - b for a, b in
-                               zip(group.theta_start, group.carry["theta"]))}
+        return {"grads": tuple(a - b for a, b in zip(group.theta_start, group.carry["theta"]))}
 
     def apply(self, engine, grads, count):
-        self.optimizer.apply(engine.theta_packer.unpack([g / count for g in grads]),
-                             self.variables(engine))
+        self.optimizer.apply(
+            engine.theta_packer.unpack([g / count for g in grads]), self.variables(engine)
+        )
 
 
 def test_custom_objective_matches_built_in_reptile():
-    expected = _train(warpkeras.ReptileTrainer(
-        _model(warp=False), "mse", meta_optimizer=keras.optimizers.SGD(0.5), **COMMON))
-    got = _train(MetaTrainer(_model(warp=False), "mse",
-                             objectives=[CustomReptile(keras.optimizers.SGD(0.5))], **COMMON))
+    expected = _train(
+        warpkeras.ReptileTrainer(
+            _model(warp=False), "mse", meta_optimizer=keras.optimizers.SGD(0.5), **COMMON
+        )
+    )
+    got = _train(
+        MetaTrainer(
+            _model(warp=False),
+            "mse",
+            objectives=[CustomReptile(keras.optimizers.SGD(0.5))],
+            **COMMON,
+        )
+    )
     for a, b in zip(expected, got):
         np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-7)
 
@@ -139,8 +162,11 @@ OBJECTIVE_ROWS = [
 ]
 
 
-@pytest.mark.parametrize("cls,arg,value,exc,regex", OBJECTIVE_ROWS,
-                         ids=[f"{r[0].__name__}-{r[1]}" for r in OBJECTIVE_ROWS])
+@pytest.mark.parametrize(
+    "cls,arg,value,exc,regex",
+    OBJECTIVE_ROWS,
+    ids=[f"{r[0].__name__}-{r[1]}" for r in OBJECTIVE_ROWS],
+)
 def test_objective_argument_refused(cls, arg, value, exc, regex):
     with pytest.raises(exc, match=regex):
         cls(**{arg: value})

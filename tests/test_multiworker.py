@@ -16,11 +16,10 @@ import time
 import keras
 import numpy as np
 import pytest
-
-import warpkeras
-
 from conftest import REPO
 from test_parallel import _model, _task
+
+import warpkeras
 
 META_STEPS = 2
 TIMEOUT = 300  # seconds for both workers, on a loaded machine (normally ~30 s)
@@ -34,17 +33,33 @@ def _configs():
     return {
         # Warp-Leap, Algorithm 2: the replay buffer must hold all 4 tasks' θ_k
         "warp_leap_offline": lambda s: warpkeras.WarpTrainer(
-            _model(), "mse", mode="offline", objective="exact", init_objective="leap",
-            meta_interval=3, inner_momentum=0.5, meta_optimizer=keras.optimizers.SGD(0.1),
-            strategy=s, **common),
+            _model(),
+            "mse",
+            mode="offline",
+            objective="exact",
+            init_objective="leap",
+            meta_interval=3,
+            inner_momentum=0.5,
+            meta_optimizer=keras.optimizers.SGD(0.1),
+            strategy=s,
+            **common,
+        ),
         # Leap: θ0's meta-gradient is summed over all tasks
         "leap": lambda s: warpkeras.LeapTrainer(
-            _model(), "mse", meta_optimizer=keras.optimizers.SGD(0.1), strategy=s, **common),
+            _model(), "mse", meta_optimizer=keras.optimizers.SGD(0.1), strategy=s, **common
+        ),
         # Warp-MAML, Algorithm 1 with a meta-learned α: online warp, MAML and α gradients
         "warp_maml_online": lambda s: warpkeras.WarpTrainer(
-            _model(), "mse", mode="online", objective="exact", init_objective="maml",
-            learn_inner_learning_rate=True, meta_optimizer=keras.optimizers.SGD(0.1),
-            strategy=s, **common),
+            _model(),
+            "mse",
+            mode="online",
+            objective="exact",
+            init_objective="maml",
+            learn_inner_learning_rate=True,
+            meta_optimizer=keras.optimizers.SGD(0.1),
+            strategy=s,
+            **common,
+        ),
     }
 
 
@@ -55,8 +70,9 @@ def run_configs(strategy=None):
         trainer = make(strategy)
         history = trainer.fit(_task, meta_steps=META_STEPS, verbose=0)
         arrays = {f"phi_{i}": v.numpy() for i, v in enumerate(trainer.partition.warp_variables)}
-        arrays.update({f"theta0_{i}": v.numpy()
-                       for i, v in enumerate(trainer.partition.task_variables)})
+        arrays.update(
+            {f"theta0_{i}": v.numpy() for i, v in enumerate(trainer.partition.task_variables)}
+        )
         arrays["inner_learning_rate"] = trainer.inner_lr.numpy()
         for key, values in history.history.items():
             if key != "seconds":
@@ -101,12 +117,18 @@ def _free_ports(n):
 def _worker_env(ports, index):
     env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
     env.update(
-        PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="2", KERAS_BACKEND="tensorflow",
-        CUDA_VISIBLE_DEVICES="", NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost",
-        TF_CONFIG=json.dumps({
-            "cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]},
-            "task": {"type": "worker", "index": index},
-        }),
+        PYTHONPATH=REPO,
+        TF_CPP_MIN_LOG_LEVEL="2",
+        KERAS_BACKEND="tensorflow",
+        CUDA_VISIBLE_DEVICES="",
+        NO_PROXY="127.0.0.1,localhost",
+        no_proxy="127.0.0.1,localhost",
+        TF_CONFIG=json.dumps(
+            {
+                "cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]},
+                "task": {"type": "worker", "index": index},
+            }
+        ),
     )
     return env
 
@@ -115,9 +137,13 @@ def test_two_workers_match_each_other_and_one_device(tmp_path):
     script = WORKER.format(tests=os.path.join(REPO, "tests"))
     ports = _free_ports(2)
     procs = [
-        subprocess.Popen([sys.executable, "-c", script, str(i), str(tmp_path)],
-                         env=_worker_env(ports, i), stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, "-c", script, str(i), str(tmp_path)],
+            env=_worker_env(ports, i),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for i in range(2)
     ]
     outputs = [None, None]
@@ -138,8 +164,10 @@ def test_two_workers_match_each_other_and_one_device(tmp_path):
 
     for i, (p, (stdout, stderr)) in enumerate(zip(procs, outputs)):
         if "COLLECTIVES_STARTED" not in stdout:
-            pytest.skip(f"MultiWorkerMirroredStrategy collectives could not start on this "
-                        f"platform (worker {i}, exit {p.returncode}): {stderr[-1500:]}")
+            pytest.skip(
+                f"MultiWorkerMirroredStrategy collectives could not start on this "
+                f"platform (worker {i}, exit {p.returncode}): {stderr[-1500:]}"
+            )
     for i, (p, (stdout, stderr)) in enumerate(zip(procs, outputs)):
         assert p.returncode == 0 and "DONE" in stdout, f"worker {i}:\n{stderr[-4000:]}"
 
@@ -149,16 +177,26 @@ def test_two_workers_match_each_other_and_one_device(tmp_path):
             assert sorted(got) == sorted(ref), (name, i)
             for key in ref:
                 np.testing.assert_allclose(
-                    got[key], ref[key], rtol=RTOL, atol=ATOL,
-                    err_msg=f"{name}: worker {i} vs one device, {key}")
+                    got[key],
+                    ref[key],
+                    rtol=RTOL,
+                    atol=ATOL,
+                    err_msg=f"{name}: worker {i} vs one device, {key}",
+                )
         for key in ref:
-            np.testing.assert_allclose(workers[0][key], workers[1][key], rtol=RTOL, atol=ATOL,
-                                       err_msg=f"{name}: worker 0 vs worker 1, {key}")
+            np.testing.assert_allclose(
+                workers[0][key],
+                workers[1][key],
+                rtol=RTOL,
+                atol=ATOL,
+                err_msg=f"{name}: worker 0 vs worker 1, {key}",
+            )
         # the meta-updates did move θ0 (and φ, with a warp mode): the check is not vacuous
         fresh = _configs()[name](None)
         moved = lambda prefix, variables, ref=ref: [  # noqa: E731
             not np.allclose(ref[f"{prefix}_{i}"], v.numpy(), rtol=0, atol=1e-6)
-            for i, v in enumerate(variables)]
+            for i, v in enumerate(variables)
+        ]
         assert any(moved("theta0", fresh.partition.task_variables)), name
         if fresh.warp_mode is not None:
             assert any(moved("phi", fresh.partition.warp_variables)), name

@@ -22,8 +22,9 @@ COMMON = dict(inner_steps=2, meta_batch_size=2, inner_learning_rate=0.05, seed=1
 def _model(seed=0, warp=False):
     keras.utils.set_random_seed(seed)
     first = keras.layers.Dense(4, activation="tanh")
-    return keras.Sequential([keras.Input((3,)), warpkeras.warp(first) if warp else first,
-                             keras.layers.Dense(1)])
+    return keras.Sequential(
+        [keras.Input((3,)), warpkeras.warp(first) if warp else first, keras.layers.Dense(1)]
+    )
 
 
 def _tasks():
@@ -57,8 +58,9 @@ class ScaledReptile(MetaObjective):
 
     def apply(self, engine, grads, count):
         self.scale.assign(self.scale * 1.5)
-        self.optimizer.apply(engine.theta_packer.unpack([g / count for g in grads]),
-                             engine.partition.task_variables)
+        self.optimizer.apply(
+            engine.theta_packer.unpack([g / count for g in grads]), engine.partition.task_variables
+        )
 
 
 def _scaled():
@@ -68,12 +70,12 @@ def _scaled():
 
 def test_own_variables_are_checkpointed_by_default(tmp_path):
     def backup():
-        return keras.callbacks.BackupAndRestore(str(tmp_path / "backup"),
-                                                delete_checkpoint=False)
+        return keras.callbacks.BackupAndRestore(str(tmp_path / "backup"), delete_checkpoint=False)
 
     first, objective = _scaled()
-    first.fit(_tasks(), epochs=2, verbose=0, callbacks=[backup()],
-              checkpoint_dir=str(tmp_path / "ckpt"))
+    first.fit(
+        _tasks(), epochs=2, verbose=0, callbacks=[backup()], checkpoint_dir=str(tmp_path / "ckpt")
+    )
     assert float(objective.scale.numpy()) == 2.25
     # tf.train.Checkpoint (restore / checkpoint_dir)
     resumed, fresh = _scaled()
@@ -112,10 +114,16 @@ def test_checkpoint_items_may_be_lists_of_variables(tmp_path):
 EARLIER_KEYS = {
     "leap": ["init_optimizer", "inner_lr", "inner_mu", "nan_tasks", "step", "stream_count"],
     "maml": ["init_optimizer", "inner_lr", "inner_mu", "nan_tasks", "step", "stream_count"],
-    "reptile": ["init_optimizer", "inner_lr", "inner_mu", "nan_tasks", "step",
-                "stream_count"],
-    "warp_leap": ["init_optimizer", "inner_lr", "inner_mu", "meta_optimizer", "nan_tasks",
-                  "step", "stream_count"],
+    "reptile": ["init_optimizer", "inner_lr", "inner_mu", "nan_tasks", "step", "stream_count"],
+    "warp_leap": [
+        "init_optimizer",
+        "inner_lr",
+        "inner_mu",
+        "meta_optimizer",
+        "nan_tasks",
+        "step",
+        "stream_count",
+    ],
 }
 
 
@@ -127,8 +135,9 @@ def _preset(name):
         return warpkeras.MAMLTrainer(_model(), "mse", **kw)
     if name == "reptile":
         return warpkeras.ReptileTrainer(_model(), "mse", **kw)
-    return warpkeras.WarpTrainer(_model(warp=True), "mse", mode="offline",
-                                 init_objective="leap", **kw)
+    return warpkeras.WarpTrainer(
+        _model(warp=True), "mse", mode="offline", init_objective="leap", **kw
+    )
 
 
 @pytest.mark.parametrize("name", sorted(EARLIER_KEYS))
@@ -139,8 +148,9 @@ def test_checkpoints_of_the_earlier_layout_restore(name, tmp_path):
     items = dict(trainer._checkpoint_items())
     items["step"] = tf.Variable(5, dtype=tf.int64)
     items["stream_count"] = tf.Variable(0, dtype=tf.int64)
-    tf.train.CheckpointManager(tf.train.Checkpoint(**items), str(tmp_path),
-                               max_to_keep=1, checkpoint_name="ckpt").save(5)
+    tf.train.CheckpointManager(
+        tf.train.Checkpoint(**items), str(tmp_path), max_to_keep=1, checkpoint_name="ckpt"
+    ).save(5)
     fresh = _preset(name)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -157,8 +167,11 @@ class HalfStep(MAML):
 
 
 def test_inner_rule_without_momentum_is_refused_with_inner_momentum():
-    with pytest.raises(MetaTrainingError, match=r"^HalfStep: .*inner_momentum=0\.9.*"
-                                                r"inner_momentum=None"):
+    with pytest.raises(
+        MetaTrainingError,
+        match=r"^HalfStep: .*inner_momentum=0\.9.*"
+        r"inner_momentum=None",
+    ):
         MetaTrainer(_model(), "mse", objectives=[HalfStep()], inner_momentum=0.9, **COMMON)
     MetaTrainer(_model(), "mse", objectives=[HalfStep()], **COMMON)  # without μ: fine
 
@@ -171,8 +184,7 @@ def test_inner_rule_that_supports_momentum_is_accepted():
             velocity = [engine.inner_mu * v + g for v, g in zip(velocity, grads)]
             return [t - engine.inner_lr * v for t, v in zip(theta, velocity)], velocity
 
-    trainer = MetaTrainer(_model(), "mse", objectives=[HeavyBall()], inner_momentum=0.9,
-                          **COMMON)
+    trainer = MetaTrainer(_model(), "mse", objectives=[HeavyBall()], inner_momentum=0.9, **COMMON)
     theta, _ = trainer.adapt(_tasks()[0], steps=2)
     # Two heavy-ball steps on the task's one batch, by hand.
     model, (x, y) = _model(), _tasks()[0].train
@@ -198,8 +210,10 @@ class RatesBefore(MAML):
         super().build(engine)
 
     def make_rates(self, engine):
-        self.alpha = [keras.Variable(np.full(v.shape, 0.05, "float32"), name="alpha")
-                      for v in engine.partition.task_variables]
+        self.alpha = [
+            keras.Variable(np.full(v.shape, 0.05, "float32"), name="alpha")
+            for v in engine.partition.task_variables
+        ]
 
     def meta_variables(self, engine):
         return self.alpha
@@ -226,8 +240,10 @@ def test_maml_meta_variables_may_be_created_after_super_build():
     before, after = RatesBefore(optimizer="sgd"), RatesAfter(optimizer="sgd")
     a, b = _fit_maml(before), _fit_maml(after)
     assert not np.allclose(after.alpha[0].numpy(), 0.05)  # the rates did train
-    for x, y in zip(a.model.get_weights() + [v.numpy() for v in before.alpha],
-                    b.model.get_weights() + [v.numpy() for v in after.alpha]):
+    for x, y in zip(
+        a.model.get_weights() + [v.numpy() for v in before.alpha],
+        b.model.get_weights() + [v.numpy() for v in after.alpha],
+    ):
         np.testing.assert_allclose(y, x, rtol=1e-6, atol=1e-7)
     assert len(after.optimizer.variables) == len(before.optimizer.variables)
 
@@ -250,18 +266,19 @@ def test_unpack_gradients_gives_one_gradient_per_variable():
     def recording(cls):
         class Recording(cls):
             def apply(self, engine, grads, count):
-                seen[cls] = [np.asarray(g) / count for g in
-                             self.unpack_gradients(engine, grads)]
+                seen[cls] = [np.asarray(g) / count for g in self.unpack_gradients(engine, grads)]
                 seen[cls, "shapes"] = [tuple(v.shape) for v in self.variables(engine)]
                 super().apply(engine, grads, count)
+
         return Recording(optimizer="sgd")
 
     _fit_maml(recording(MAML), steps=1)
     _fit_maml(recording(RatesBefore), steps=1)
     plain, rates = seen[MAML], seen[RatesBefore]
     assert [g.shape for g in plain] == seen[MAML, "shapes"] == [(3, 4), (4,), (4, 1), (1,)]
-    assert [g.shape for g in rates] == seen[RatesBefore, "shapes"] == [
-        (3, 4), (4,), (4, 1), (1,)] * 2
+    assert (
+        [g.shape for g in rates] == seen[RatesBefore, "shapes"] == [(3, 4), (4,), (4, 1), (1,)] * 2
+    )
     # With every rate equal to α, Meta-SGD's θ0 gradient is MAML's; the rates get theirs.
     for a, b in zip(plain, rates[:4]):
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
@@ -278,9 +295,13 @@ def test_unpack_gradients_gives_one_gradient_per_variable():
 # ---------------------------------------------------------------------- mixed precision
 def _bf16_model():
     keras.utils.set_random_seed(3)
-    return keras.Sequential([
-        keras.Input((3,)), keras.layers.Dense(8, activation="tanh", dtype="mixed_bfloat16"),
-        keras.layers.Dense(1, dtype="mixed_bfloat16")])
+    return keras.Sequential(
+        [
+            keras.Input((3,)),
+            keras.layers.Dense(8, activation="tanh", dtype="mixed_bfloat16"),
+            keras.layers.Dense(1, dtype="mixed_bfloat16"),
+        ]
+    )
 
 
 def plain_mse(y_true, y_pred):
@@ -293,10 +314,12 @@ def test_plain_function_loss_is_float32_under_mixed_bfloat16():
     part = warpkeras.partition(model)
     x, y = _tasks()[0].train
     theta = [v.value for v in part.task_variables]
-    plain, _, outputs = warpkeras.objectives.task_loss(part, plain_mse, theta, [], (x, y),
-                                                       return_outputs=True)
-    keras_loss, _ = warpkeras.objectives.task_loss(part, keras.losses.MeanSquaredError(),
-                                                   theta, [], (x, y))
+    plain, _, outputs = warpkeras.objectives.task_loss(
+        part, plain_mse, theta, [], (x, y), return_outputs=True
+    )
+    keras_loss, _ = warpkeras.objectives.task_loss(
+        part, keras.losses.MeanSquaredError(), theta, [], (x, y)
+    )
     assert outputs.dtype == tf.bfloat16  # the model did compute in bfloat16
     assert plain.dtype == tf.float32
     np.testing.assert_allclose(plain.numpy(), keras_loss.numpy(), rtol=1e-6)

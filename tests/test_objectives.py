@@ -5,11 +5,10 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import assert_lists_close
 
 import warpkeras
 from warpkeras import objectives as obj
-
-from conftest import assert_lists_close
 
 
 def mse(y, p):
@@ -83,9 +82,7 @@ def test_approximate_warp_gradient_stops_inner_gradient_and_differs(float64):
     phi = p.warp_values()
     lr = 0.7
 
-    _, g_approx, _ = obj.warp_meta_gradient(
-        p, mse, theta, phi, task_b, meta_b, lr, exact=False
-    )
+    _, g_approx, _ = obj.warp_meta_gradient(p, mse, theta, phi, task_b, meta_b, lr, exact=False)
     # reference: step with the gradient computed at the *current* phi held constant, then
     # differentiate the meta loss at that stepped point by finite differences in phi.
     _, grads, _ = obj.task_gradient(p, mse, theta, phi, task_b)
@@ -109,13 +106,22 @@ def test_learning_rate_and_momentum_meta_gradients_match_fd(float64):
     lr = tf.constant(0.3, tf.float64)
     mu = tf.constant(0.9, tf.float64)
     _, _, (g_lr, g_mu) = obj.warp_meta_gradient(
-        p, mse, theta, phi, task_b, meta_b, lr, momentum=mu, velocity=velocity,
+        p,
+        mse,
+        theta,
+        phi,
+        task_b,
+        meta_b,
+        lr,
+        momentum=mu,
+        velocity=velocity,
         extra_sources=[lr, mu],
     )
 
     def f(a, m):
-        return float(obj.warp_objective(p, mse, theta, phi, task_b, meta_b, a,
-                                        momentum=m, velocity=velocity))
+        return float(
+            obj.warp_objective(p, mse, theta, phi, task_b, meta_b, a, momentum=m, velocity=velocity)
+        )
 
     # These derivatives are ~1e-2 against a loss of ~1: rounding in the forward pass
     # (~1e-12) dominates central differences below eps ~ 1e-4, and truncation is ~1e-8 at
@@ -142,6 +148,7 @@ def test_momentum_step_is_heavy_ball(float64):
 
 
 # --- Leap ---------------------------------------------------------------------------------
+
 
 def _quadratic_tasks(rng, n_tasks=3, dim=4):
     a = np.diag(np.linspace(0.5, 3.0, dim))
@@ -176,8 +183,13 @@ def test_leap_gradient_equals_autodiff_of_frozen_baseline(norm):
         thetas, losses, grads = _sgd_path(theta0, a, c, lr, steps)
         for k in range(1, steps + 1):
             g = obj.leap_meta_gradient(
-                [thetas[k - 1]], [thetas[k]], losses[k - 1], losses[k], [grads[k - 1]],
-                norm=norm, sign_correction=False,
+                [thetas[k - 1]],
+                [thetas[k]],
+                losses[k - 1],
+                losses[k],
+                [grads[k - 1]],
+                norm=norm,
+                sign_correction=False,
             )
             ours += np.asarray(g[0])
         # autodiff: theta_{k-1} = theta0 + const (Jacobian = I), targets frozen
@@ -232,14 +244,18 @@ def test_leap_updates_shorten_paths(norm):
         for c in centres:
             th, lo, gr = _sgd_path(theta0, a, c, lr, steps)
             for k in range(1, steps + 1):
-                g += np.asarray(obj.leap_meta_gradient(
-                    [th[k - 1]], [th[k]], lo[k - 1], lo[k], [gr[k - 1]], norm=norm)[0])
+                g += np.asarray(
+                    obj.leap_meta_gradient(
+                        [th[k - 1]], [th[k]], lo[k - 1], lo[k], [gr[k - 1]], norm=norm
+                    )[0]
+                )
         theta0 = theta0 - beta * g / len(centres)
     after = mean_length(theta0)
     assert after < 0.7 * before, (before, after)
 
 
 # --- MAML and Reptile ------------------------------------------------------------------------
+
 
 def test_maml_second_order_matches_fd_and_first_order_is_gradient_at_theta_k(float64):
     model = _nonlinear_warp_model()
@@ -269,6 +285,7 @@ def test_reptile_direction():
 
 
 # --- continual ---------------------------------------------------------------------------
+
 
 def test_continual_weights_give_every_subtask_equal_total_weight():
     T, n = 5, 20
@@ -302,18 +319,26 @@ def test_continual_objective_sums_current_and_earlier_subtasks(float64):
     w = obj.continual_weights(3, 2)
     got = obj.continual_objective(p, mse, theta, phi, vals, 2, 3, 2)
     np.testing.assert_allclose(float(got), w[0] * losses[0] + w[1] * losses[1])
-    printed = obj.continual_objective(p, mse, theta, phi, vals, tf.constant(2), 3, 2,
-                                      weighting="printed")
+    printed = obj.continual_objective(
+        p, mse, theta, phi, vals, tf.constant(2), 3, 2, weighting="printed"
+    )
     np.testing.assert_allclose(float(printed), (losses[0] + losses[1]) / (2 * (3 - 2 + 1)))
     # App. D: the average of the current and earlier sub-tasks' losses
     for t in (1, 2, 3):
-        average = obj.continual_objective(p, mse, theta, phi, vals, tf.constant(t), 3, 2,
-                                          weighting="average")
+        average = obj.continual_objective(
+            p, mse, theta, phi, vals, tf.constant(t), 3, 2, weighting="average"
+        )
         np.testing.assert_allclose(float(average), np.mean(losses[:t]), rtol=1e-6)
     # usable as the meta-loss of the warp objective
     task_b = vals[1]
     m = obj.warp_objective(
-        p, mse, theta, phi, task_b, None, 0.1,
+        p,
+        mse,
+        theta,
+        phi,
+        task_b,
+        None,
+        0.1,
         meta_loss=lambda th, ph, st: obj.continual_objective(p, mse, th, ph, vals, 3, 3, 2),
     )
     stepped = obj.task_step(p, mse, theta, phi, task_b, 0.1).theta

@@ -15,7 +15,7 @@ INNER_LR, META_LR = 0.1, 0.05
 def _data(n=N_STEPS * BATCH, seed=0):
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(n, 3)).astype("float32")
-    y = (np.sin(x @ np.array([[1.0], [-2.0], [0.5]])) + 0.1 * rng.normal(size=(n, 1)))
+    y = np.sin(x @ np.array([[1.0], [-2.0], [0.5]])) + 0.1 * rng.normal(size=(n, 1))
     return x, y.astype("float32")
 
 
@@ -90,7 +90,7 @@ def _hand_loop(model, x, y, steps, eta):
     loss_fn = keras.losses.MeanSquaredError()
     history = []
     for k in range(steps):
-        xb, yb = x[k * BATCH:(k + 1) * BATCH], y[k * BATCH:(k + 1) * BATCH]
+        xb, yb = x[k * BATCH : (k + 1) * BATCH], y[k * BATCH : (k + 1) * BATCH]
         with tf.GradientTape() as tape:
             loss = loss_fn(yb, model(xb, training=True))
         grads = dict(zip([id(v) for v in variables], tape.gradient(loss, variables)))

@@ -32,8 +32,8 @@ def loss_and_grads(params, x, y):
     h = np.tanh(x @ w1 + b1)
     r = h @ w2 + b2 - y
     d = 2.0 * r / r.size
-    dz = (d @ w2.T) * (1.0 - h ** 2)
-    return np.mean(r ** 2), [x.T @ dz, dz.sum(0), h.T @ d, d.sum(0)]
+    dz = (d @ w2.T) * (1.0 - h**2)
+    return np.mean(r**2), [x.T @ dz, dz.sum(0), h.T @ d, d.sum(0)]
 
 
 def unroll(params, rates, support, steps=K, adapted=range(4)):
@@ -41,8 +41,9 @@ def unroll(params, rates, support, steps=K, adapted=range(4)):
     params = list(params)
     for _ in range(steps):
         _, grads = loss_and_grads(params, *support)
-        params = [p - rates[i] * g if i in adapted else p
-                  for i, (p, g) in enumerate(zip(params, grads))]
+        params = [
+            p - rates[i] * g if i in adapted else p for i, (p, g) in enumerate(zip(params, grads))
+        ]
     return params
 
 
@@ -70,8 +71,9 @@ def make_tasks():
         query = rng.normal(size=(5, 2)), rng.normal(size=(5, 1))
         test = rng.normal(size=(4, 2)), rng.normal(size=(4, 1))
         # batch_size >= the rows: every batch is the whole set (the MSE ignores order)
-        tasks.append(warpkeras.Task(train=support, meta=query, test=test, batch_size=6,
-                                    name=f"t{i}"))
+        tasks.append(
+            warpkeras.Task(train=support, meta=query, test=test, batch_size=6, name=f"t{i}")
+        )
     return tasks
 
 
@@ -89,9 +91,16 @@ def values(variables):
 
 
 def trainer_for(model, objective, parallel="sequential"):
-    return warpkeras.MetaTrainer(model, "mse", objectives=[objective], inner_steps=K,
-                                 meta_batch_size=2, inner_learning_rate=INNER_LR, seed=0,
-                                 parallel=parallel)
+    return warpkeras.MetaTrainer(
+        model,
+        "mse",
+        objectives=[objective],
+        inner_steps=K,
+        meta_batch_size=2,
+        inner_learning_rate=INNER_LR,
+        seed=0,
+        parallel=parallel,
+    )
 
 
 def meta_step(trainer, tasks):
@@ -118,7 +127,8 @@ class RecordingMetaSGD(meta_sgd.MetaSGD):
 def test_meta_sgd_gradients_match_finite_differences(float64, parallel):
     objective = RecordingMetaSGD(
         alpha_initializer=keras.initializers.RandomUniform(0.05, 0.4, seed=1),
-        optimizer=keras.optimizers.SGD(META_LR))
+        optimizer=keras.optimizers.SGD(META_LR),
+    )
     trainer = trainer_for(make_model(), objective, parallel)
     theta_vars = trainer.partition.task_variables
     assert [tuple(v.shape) for v in theta_vars] == [(2, 3), (3,), (3, 1), (1,)]
@@ -129,10 +139,18 @@ def test_meta_sgd_gradients_match_finite_differences(float64, parallel):
     def query_loss(task, th, al):
         return loss_and_grads(unroll(th, al, task.train), *task.meta)[0]
 
-    fd_theta = [np.mean(g, 0) for g in zip(*[central_differences(
-        lambda th, t=t: query_loss(t, th, alpha), theta0) for t in tasks])]
-    fd_alpha = [np.mean(g, 0) for g in zip(*[central_differences(
-        lambda al, t=t: query_loss(t, theta0, al), alpha) for t in tasks])]
+    fd_theta = [
+        np.mean(g, 0)
+        for g in zip(
+            *[central_differences(lambda th, t=t: query_loss(t, th, alpha), theta0) for t in tasks]
+        )
+    ]
+    fd_alpha = [
+        np.mean(g, 0)
+        for g in zip(
+            *[central_differences(lambda al, t=t: query_loss(t, theta0, al), alpha) for t in tasks]
+        )
+    ]
 
     meta_step(trainer, tasks)
     d_theta = [b - a for a, b in zip(theta0, values(theta_vars))]
@@ -160,15 +178,22 @@ def test_meta_sgd_rates_are_checkpointed_and_logged(tmp_path):
         return trainer_for(make_model(), objective), objective
 
     def backup():
-        return keras.callbacks.BackupAndRestore(str(tmp_path / "backup"),
-                                                delete_checkpoint=False)
+        return keras.callbacks.BackupAndRestore(str(tmp_path / "backup"), delete_checkpoint=False)
 
     first, trained = trainer()
-    history = first.fit(make_tasks(), epochs=2, verbose=0, callbacks=[backup()],
-                        checkpoint_dir=str(tmp_path / "ckpt"))
+    history = first.fit(
+        make_tasks(),
+        epochs=2,
+        verbose=0,
+        callbacks=[backup()],
+        checkpoint_dir=str(tmp_path / "ckpt"),
+    )
     alpha = values(trained.alpha)
-    np.testing.assert_allclose(history.history["alpha_mean"][-1],
-                               np.mean(np.concatenate([a.ravel() for a in alpha])), rtol=1e-6)
+    np.testing.assert_allclose(
+        history.history["alpha_mean"][-1],
+        np.mean(np.concatenate([a.ravel() for a in alpha])),
+        rtol=1e-6,
+    )
     # tf.train.Checkpoint (checkpoint_dir, restore) and Keras's BackupAndRestore (weights
     # files) both bring the learned rates back.
     resumed, fresh = trainer()
@@ -182,14 +207,16 @@ def test_meta_sgd_rates_are_checkpointed_and_logged(tmp_path):
 
 def test_meta_sgd_with_momentum_is_refused():
     with pytest.raises(MetaTrainingError, match="MetaSGD: .*inner_momentum=None"):
-        warpkeras.MetaTrainer(make_model(), "mse", objectives=[meta_sgd.MetaSGD()],
-                              inner_momentum=0.9)
+        warpkeras.MetaTrainer(
+            make_model(), "mse", objectives=[meta_sgd.MetaSGD()], inner_momentum=0.9
+        )
 
 
 # ---------------------------------------------------------------------- ANIL
 def test_anil_adaptation_freezes_the_body_and_adapts_the_head(float64):
-    trainer = trainer_for(make_model(warpkeras.warp),
-                          anil.ANIL(optimizer=keras.optimizers.SGD(META_LR)))
+    trainer = trainer_for(
+        make_model(warpkeras.warp), anil.ANIL(optimizer=keras.optimizers.SGD(META_LR))
+    )
     model = trainer.model
     body, head = model.layers[0], model.layers[1]
     assert [id(v) for v in trainer.partition.task_variables] == [id(v) for v in head.weights]
@@ -209,24 +236,28 @@ def test_anil_adaptation_freezes_the_body_and_adapts_the_head(float64):
     test_loss = loss_and_grads(expected, *task.test)[0]
     np.testing.assert_allclose(report["final_test_loss"]["mean"], test_loss, rtol=1e-10)
     # Adapting the body too would have given another test loss.
-    assert abs(loss_and_grads(unroll(params, [INNER_LR] * 4, task.train), *task.test)[0]
-               - test_loss) > 1e-6
+    assert (
+        abs(loss_and_grads(unroll(params, [INNER_LR] * 4, task.train), *task.test)[0] - test_loss)
+        > 1e-6
+    )
 
 
 @pytest.mark.parametrize("parallel", ["sequential", "vectorized"])
 def test_anil_meta_step_moves_body_and_head_by_the_query_gradient(float64, parallel):
-    trainer = trainer_for(make_model(warpkeras.warp),
-                          anil.ANIL(optimizer=keras.optimizers.SGD(META_LR)), parallel)
+    trainer = trainer_for(
+        make_model(warpkeras.warp), anil.ANIL(optimizer=keras.optimizers.SGD(META_LR)), parallel
+    )
     body, head = trainer.model.layers[0], trainer.model.layers[1]
     params = values(body.weights) + values(head.weights)
     tasks = make_tasks()
 
     def query_loss(task, p):
-        return loss_and_grads(unroll(p, [INNER_LR] * 4, task.train, adapted=(2, 3)),
-                              *task.meta)[0]
+        return loss_and_grads(unroll(p, [INNER_LR] * 4, task.train, adapted=(2, 3)), *task.meta)[0]
 
-    fd = [np.mean(g, 0) for g in zip(*[central_differences(
-        lambda p, t=t: query_loss(t, p), params) for t in tasks])]
+    fd = [
+        np.mean(g, 0)
+        for g in zip(*[central_differences(lambda p, t=t: query_loss(t, p), params) for t in tasks])
+    ]
     meta_step(trainer, tasks)
     new = values(body.weights) + values(head.weights)
     assert_close([(a - b) / META_LR for a, b in zip(params, new)], fd)

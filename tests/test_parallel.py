@@ -9,10 +9,9 @@ import textwrap
 import keras
 import numpy as np
 import pytest
+from conftest import REPO, assert_lists_close, small_warp_model, tanh_regression_task
 
 import warpkeras
-
-from conftest import small_warp_model, tanh_regression_task, REPO, assert_lists_close
 
 
 def _task(rng):
@@ -25,8 +24,9 @@ def _model():
 
 CONFIGS = {
     "warp_leap_online": dict(mode="online", objective="exact", init_objective="leap"),
-    "warp_reptile_offline": dict(mode="offline", objective="approx", init_objective="reptile",
-                                 meta_interval=3),
+    "warp_reptile_offline": dict(
+        mode="offline", objective="approx", init_objective="reptile", meta_interval=3
+    ),
     "warp_maml": dict(mode="online", objective="approx", init_objective="maml"),
 }
 
@@ -35,9 +35,17 @@ def _meta_trained_weights(config, parallel):
     """The weights after 2 meta steps of `CONFIGS[config]` with the given executor."""
     model = _model()  # seeded: the same initial weights on every call
     trainer = warpkeras.WarpTrainer(
-        model, "mse", inner_steps=3, inner_learning_rate=0.2, meta_batch_size=3,
-        inner_momentum=0.5, meta_optimizer=keras.optimizers.SGD(0.1), parallel=parallel,
-        seed=4, **CONFIGS[config])
+        model,
+        "mse",
+        inner_steps=3,
+        inner_learning_rate=0.2,
+        meta_batch_size=3,
+        inner_momentum=0.5,
+        meta_optimizer=keras.optimizers.SGD(0.1),
+        parallel=parallel,
+        seed=4,
+        **CONFIGS[config],
+    )
     trainer.fit(_task, meta_steps=2, verbose=0)
     return model.get_weights()
 
@@ -60,8 +68,9 @@ def sequential_weights():
 @pytest.mark.parametrize("config", sorted(CONFIGS))
 def test_parallel_meta_step_equals_sequential(parallel, config, sequential_weights):
     # float32, different kernel order (batched vs single matmuls): 1e-5 relative
-    assert_lists_close(_meta_trained_weights(config, parallel), sequential_weights(config),
-                       rtol=1e-5, atol=1e-6)
+    assert_lists_close(
+        _meta_trained_weights(config, parallel), sequential_weights(config), rtol=1e-5, atol=1e-6
+    )
 
 
 def test_leap_and_maml_trainers_accept_parallel():
@@ -71,7 +80,8 @@ def test_leap_and_maml_trainers_accept_parallel():
             keras.utils.set_random_seed(3)
             model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
             cls(model, "mse", inner_steps=2, meta_batch_size=4, parallel=mode, **kw).fit(
-                _task, meta_steps=2, verbose=0)
+                _task, meta_steps=2, verbose=0
+            )
             weights.append(model.get_weights())
         assert_lists_close(weights[1], weights[0], rtol=1e-5, atol=1e-6)
 
@@ -80,8 +90,9 @@ def test_bad_parallel_settings_are_rejected():
     with pytest.raises(ValueError, match="parallel"):
         warpkeras.WarpTrainer(_model(), "mse", parallel="threads")
     with pytest.raises(warpkeras.MetaTrainingError, match="continual"):
-        warpkeras.WarpTrainer(_model(), "mse", mode="continual", init_objective=None,
-                              parallel="vectorized")
+        warpkeras.WarpTrainer(
+            _model(), "mse", mode="continual", init_objective=None, parallel="vectorized"
+        )
 
 
 MIRRORED = textwrap.dedent(
@@ -120,13 +131,18 @@ MIRRORED = textwrap.dedent(
 def test_mirrored_strategy_on_two_logical_cpus_equals_one_device():
     script = MIRRORED.format(tests=os.path.join(REPO, "tests"))
     env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="2")
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          env=env, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = [row for row in proc.stdout.splitlines() if row.startswith("RESULT")][-1]
-    out = json.loads(line[len("RESULT"):])
+    out = json.loads(line[len("RESULT") :])
     assert out["replicas"] == 2
     # the all-reduce sums in another order: 1e-5 relative in float32
     for name in ("mirrored", "model_in_scope"):
-        assert_lists_close([np.array(w) for w in out[name]],
-                           [np.array(w) for w in out["single"]], rtol=1e-5, atol=1e-6)
+        assert_lists_close(
+            [np.array(w) for w in out[name]],
+            [np.array(w) for w in out["single"]],
+            rtol=1e-5,
+            atol=1e-6,
+        )

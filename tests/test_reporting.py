@@ -33,52 +33,90 @@ def _keras(metric, y, p):
 # (loss, labels, outputs, Keras's value computed directly on probabilities)
 CASES = {
     "bce-logits-column-labels": (
-        keras.losses.BinaryCrossentropy(from_logits=True), LABELS_01.astype("float32"),
-        LOGITS_1, _keras(keras.metrics.BinaryAccuracy, LABELS_01, SIGMOID(LOGITS_1))),
+        keras.losses.BinaryCrossentropy(from_logits=True),
+        LABELS_01.astype("float32"),
+        LOGITS_1,
+        _keras(keras.metrics.BinaryAccuracy, LABELS_01, SIGMOID(LOGITS_1)),
+    ),
     "bce-logits-flat-int-labels": (
-        keras.losses.BinaryCrossentropy(from_logits=True), LABELS_01[:, 0], LOGITS_1,
-        _keras(keras.metrics.BinaryAccuracy, LABELS_01, SIGMOID(LOGITS_1))),
+        keras.losses.BinaryCrossentropy(from_logits=True),
+        LABELS_01[:, 0],
+        LOGITS_1,
+        _keras(keras.metrics.BinaryAccuracy, LABELS_01, SIGMOID(LOGITS_1)),
+    ),
     "bce-probabilities": (
-        "binary_crossentropy", LABELS_01, SIGMOID(LOGITS_1),
-        _keras(keras.metrics.BinaryAccuracy, LABELS_01, SIGMOID(LOGITS_1))),
+        "binary_crossentropy",
+        LABELS_01,
+        SIGMOID(LOGITS_1),
+        _keras(keras.metrics.BinaryAccuracy, LABELS_01, SIGMOID(LOGITS_1)),
+    ),
     "bce-partial-logits": (
         functools.partial(keras.losses.binary_crossentropy, from_logits=True),
-        LABELS_01.astype("float32"), LOGITS_1,
-        _keras(keras.metrics.BinaryAccuracy, LABELS_01, SIGMOID(LOGITS_1))),
+        LABELS_01.astype("float32"),
+        LOGITS_1,
+        _keras(keras.metrics.BinaryAccuracy, LABELS_01, SIGMOID(LOGITS_1)),
+    ),
     "bce-multi-label-logits": (
-        keras.losses.BinaryCrossentropy(from_logits=True), MULTI, LOGITS_3,
-        _keras(keras.metrics.BinaryAccuracy, MULTI, SIGMOID(LOGITS_3))),
+        keras.losses.BinaryCrossentropy(from_logits=True),
+        MULTI,
+        LOGITS_3,
+        _keras(keras.metrics.BinaryAccuracy, MULTI, SIGMOID(LOGITS_3)),
+    ),
     "binary-focal-logits": (
-        keras.losses.BinaryFocalCrossentropy(from_logits=True), LABELS_01.astype("float32"),
-        LOGITS_1, _keras(keras.metrics.BinaryAccuracy, LABELS_01, SIGMOID(LOGITS_1))),
+        keras.losses.BinaryFocalCrossentropy(from_logits=True),
+        LABELS_01.astype("float32"),
+        LOGITS_1,
+        _keras(keras.metrics.BinaryAccuracy, LABELS_01, SIGMOID(LOGITS_1)),
+    ),
     "sparse-flat-labels": (
-        "sparse_categorical_crossentropy", LABELS_4, SOFTMAX(LOGITS_4),
-        _keras(keras.metrics.SparseCategoricalAccuracy, LABELS_4, SOFTMAX(LOGITS_4))),
+        "sparse_categorical_crossentropy",
+        LABELS_4,
+        SOFTMAX(LOGITS_4),
+        _keras(keras.metrics.SparseCategoricalAccuracy, LABELS_4, SOFTMAX(LOGITS_4)),
+    ),
     "sparse-column-labels-logits": (
-        keras.losses.SparseCategoricalCrossentropy(from_logits=True), LABELS_4[:, None],
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        LABELS_4[:, None],
         LOGITS_4,
-        _keras(keras.metrics.SparseCategoricalAccuracy, LABELS_4[:, None], SOFTMAX(LOGITS_4))),
+        _keras(keras.metrics.SparseCategoricalAccuracy, LABELS_4[:, None], SOFTMAX(LOGITS_4)),
+    ),
     "categorical-one-hot": (
-        "categorical_crossentropy", np.eye(4)[LABELS_4].astype("float32"), SOFTMAX(LOGITS_4),
-        _keras(keras.metrics.CategoricalAccuracy, np.eye(4)[LABELS_4], SOFTMAX(LOGITS_4))),
+        "categorical_crossentropy",
+        np.eye(4)[LABELS_4].astype("float32"),
+        SOFTMAX(LOGITS_4),
+        _keras(keras.metrics.CategoricalAccuracy, np.eye(4)[LABELS_4], SOFTMAX(LOGITS_4)),
+    ),
     "categorical-one-hot-logits": (
         keras.losses.CategoricalCrossentropy(from_logits=True),
-        np.eye(4)[LABELS_4].astype("float32"), LOGITS_4,
-        _keras(keras.metrics.CategoricalAccuracy, np.eye(4)[LABELS_4], SOFTMAX(LOGITS_4))),
+        np.eye(4)[LABELS_4].astype("float32"),
+        LOGITS_4,
+        _keras(keras.metrics.CategoricalAccuracy, np.eye(4)[LABELS_4], SOFTMAX(LOGITS_4)),
+    ),
     # a custom loss: the metric Keras's compile(metrics=["accuracy"]) picks from the shapes
     "custom-loss-sparse-layout": (
-        lambda y, p: tf.reduce_mean(tf.square(p)), LABELS_4, SOFTMAX(LOGITS_4),
-        _keras(keras.metrics.SparseCategoricalAccuracy, LABELS_4, SOFTMAX(LOGITS_4))),
+        lambda y, p: tf.reduce_mean(tf.square(p)),
+        LABELS_4,
+        SOFTMAX(LOGITS_4),
+        _keras(keras.metrics.SparseCategoricalAccuracy, LABELS_4, SOFTMAX(LOGITS_4)),
+    ),
     "custom-loss-binary-layout": (
-        lambda y, p: tf.reduce_mean(tf.square(p)), LABELS_01, SIGMOID(LOGITS_1),
-        _keras(keras.metrics.BinaryAccuracy, LABELS_01, SIGMOID(LOGITS_1))),
+        lambda y, p: tf.reduce_mean(tf.square(p)),
+        LABELS_01,
+        SIGMOID(LOGITS_1),
+        _keras(keras.metrics.BinaryAccuracy, LABELS_01, SIGMOID(LOGITS_1)),
+    ),
     "sequence-sparse-labels": (
-        "sparse_categorical_crossentropy", LABELS_4.reshape(3, 4), SOFTMAX(LOGITS_4).reshape(3, 4, 4),
-        _keras(keras.metrics.SparseCategoricalAccuracy, LABELS_4, SOFTMAX(LOGITS_4))),
+        "sparse_categorical_crossentropy",
+        LABELS_4.reshape(3, 4),
+        SOFTMAX(LOGITS_4).reshape(3, 4, 4),
+        _keras(keras.metrics.SparseCategoricalAccuracy, LABELS_4, SOFTMAX(LOGITS_4)),
+    ),
     "half-precision-logits": (
-        keras.losses.SparseCategoricalCrossentropy(from_logits=True), LABELS_4,
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        LABELS_4,
         LOGITS_4.astype("float16"),
-        _keras(keras.metrics.SparseCategoricalAccuracy, LABELS_4, SOFTMAX(LOGITS_4))),
+        _keras(keras.metrics.SparseCategoricalAccuracy, LABELS_4, SOFTMAX(LOGITS_4)),
+    ),
 }
 
 
@@ -93,16 +131,23 @@ def test_accuracy_is_keras_metric_matched_to_the_loss(case):
 
 def test_logit_model_with_binary_crossentropy_reports_accuracy_one():
     # every logit 0.3 (probability 0.57), every label 1: all predictions are right
-    model = keras.Sequential([
-        keras.Input((2,)),
-        keras.layers.Dense(1, kernel_initializer="zeros",
-                           bias_initializer=keras.initializers.Constant(0.3)),
-    ])
+    model = keras.Sequential(
+        [
+            keras.Input((2,)),
+            keras.layers.Dense(
+                1, kernel_initializer="zeros", bias_initializer=keras.initializers.Constant(0.3)
+            ),
+        ]
+    )
     x = np.ones((8, 2), "float32")
     y = np.ones((8, 1), "float32")
     task = warpkeras.Task(train=(x, y), test=(x, y), batch_size=8, name="ones")
-    trainer = warpkeras.NoMetaTrainer(model, keras.losses.BinaryCrossentropy(from_logits=True),
-                                      inner_steps=1, inner_learning_rate=1e-9)
+    trainer = warpkeras.NoMetaTrainer(
+        model,
+        keras.losses.BinaryCrossentropy(from_logits=True),
+        inner_steps=1,
+        inner_learning_rate=1e-9,
+    )
     report = trainer.evaluate([task], verbose=0)
     assert report["final_test_accuracy"]["mean"] == 1.0
     assert report["curves"][0]["train_accuracy"] == [1.0]
@@ -114,16 +159,17 @@ def _regression_task(name, scale=1.0, seed=0):
     rng = np.random.default_rng(seed)
     x = (scale * rng.normal(size=(24, 2))).astype("float32")
     y = x @ np.array([[1.0], [-1.0]], "float32")
-    return warpkeras.Task(train=(x[:16], y[:16]), test=(x[16:], y[16:]), batch_size=8,
-                          name=name)
+    return warpkeras.Task(train=(x[:16], y[:16]), test=(x[16:], y[16:]), batch_size=8, name=name)
 
 
 def _warp_model():
-    return keras.Sequential([
-        keras.Input((2,)),
-        warpkeras.warp(keras.layers.Dense(2, use_bias=False, kernel_initializer="identity")),
-        keras.layers.Dense(1, use_bias=False, kernel_initializer="zeros"),
-    ])
+    return keras.Sequential(
+        [
+            keras.Input((2,)),
+            warpkeras.warp(keras.layers.Dense(2, use_bias=False, kernel_initializer="identity")),
+            keras.layers.Dense(1, use_bias=False, kernel_initializer="zeros"),
+        ]
+    )
 
 
 GOOD, BAD = _regression_task("good"), _regression_task("exploding", scale=1e5)
@@ -131,9 +177,16 @@ GOOD, BAD = _regression_task("good"), _regression_task("exploding", scale=1e5)
 
 @pytest.mark.parametrize("mode", ["online", "offline"])
 def test_diverged_tasks_are_counted_and_named_per_meta_step(mode):
-    trainer = warpkeras.WarpTrainer(_warp_model(), "mse", mode=mode, init_objective=None,
-                                    inner_steps=4, meta_batch_size=2, inner_learning_rate=0.1,
-                                    seed=0)
+    trainer = warpkeras.WarpTrainer(
+        _warp_model(),
+        "mse",
+        mode=mode,
+        init_objective=None,
+        inner_steps=4,
+        meta_batch_size=2,
+        inner_learning_rate=0.1,
+        seed=0,
+    )
     with pytest.warns(RuntimeWarning, match="exploding"):
         logs = trainer.train_step([GOOD, BAD], np.random.default_rng(0))
     assert logs["diverged_tasks"] == 1
@@ -151,8 +204,7 @@ def test_diverged_tasks_are_counted_and_named_per_meta_step(mode):
 
 
 def test_evaluate_names_diverged_tasks_and_does_not_average_only_survivors():
-    trainer = warpkeras.NoMetaTrainer(_warp_model(), "mse", inner_steps=4,
-                                      inner_learning_rate=0.1)
+    trainer = warpkeras.NoMetaTrainer(_warp_model(), "mse", inner_steps=4, inner_learning_rate=0.1)
     with pytest.warns(RuntimeWarning, match="1 of 2 evaluation tasks diverged .*: exploding"):
         report = trainer.evaluate([GOOD, BAD], verbose=0)
     assert report["diverged"] == {"count": 1, "tasks": ["exploding"]}
@@ -165,7 +217,8 @@ def test_evaluate_names_diverged_tasks_and_does_not_average_only_survivors():
         warnings.simplefilter("error")
         clean = trainer.evaluate([GOOD], verbose=0)
     assert clean["diverged"]["count"] == 0 and clean["final_test_loss"]["mean"] == pytest.approx(
-        loss["values"][0])
+        loss["values"][0]
+    )
 
 
 # ----------------------------------------------------------------------------------------
@@ -174,8 +227,9 @@ def _sized_task(n, seed):
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(n + 4, 2)).astype("float32")
     y = x @ np.array([[0.5], [2.0]], "float32")
-    return warpkeras.Task(train=(x[:n], y[:n]), test=(x[n:], y[n:]), batch_size=32,
-                          name=f"{n}-examples")
+    return warpkeras.Task(
+        train=(x[:n], y[:n]), test=(x[n:], y[n:]), batch_size=32, name=f"{n}-examples"
+    )
 
 
 SIZED = [_sized_task(10, 1), _sized_task(6, 2), _sized_task(10, 3)]
@@ -189,12 +243,22 @@ def _run_sized(parallel, make):
     return logs, [np.array(v) for v in model.weights], trainer
 
 
-@pytest.mark.parametrize("make", [
-    lambda m, p: warpkeras.WarpTrainer(m, "mse", mode="online", init_objective="leap",
-                                       inner_steps=2, meta_batch_size=3, parallel=p),
-    lambda m, p: warpkeras.MAMLTrainer(m, "mse", inner_steps=2, meta_batch_size=3,
-                                       parallel=p),
-], ids=["warp-leap-online", "maml"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda m, p: warpkeras.WarpTrainer(
+            m,
+            "mse",
+            mode="online",
+            init_objective="leap",
+            inner_steps=2,
+            meta_batch_size=3,
+            parallel=p,
+        ),
+        lambda m, p: warpkeras.MAMLTrainer(m, "mse", inner_steps=2, meta_batch_size=3, parallel=p),
+    ],
+    ids=["warp-leap-online", "maml"],
+)
 def test_tasks_of_different_sizes_share_an_unrolled_or_vectorized_meta_batch(make):
     ref_logs, ref_weights, _ = _run_sized("sequential", make)
     for parallel in ("unrolled", "vectorized"):
@@ -209,8 +273,18 @@ def test_tasks_of_different_sizes_share_an_unrolled_or_vectorized_meta_batch(mak
 
 def test_tasks_of_different_sizes_under_a_strategy_are_refused_by_name_and_shape():
     strategy = tf.distribute.MirroredStrategy(["/cpu:0"])
-    trainer = warpkeras.WarpTrainer(_warp_model(), "mse", mode="online", init_objective=None,
-                                    inner_steps=1, meta_batch_size=2, strategy=strategy)
-    with pytest.raises(ValueError, match=r"'10-examples': \[10, 2\].*'6-examples': \[6, 2\]"
-                       r".*same batch_size"):
+    trainer = warpkeras.WarpTrainer(
+        _warp_model(),
+        "mse",
+        mode="online",
+        init_objective=None,
+        inner_steps=1,
+        meta_batch_size=2,
+        strategy=strategy,
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"'10-examples': \[10, 2\].*'6-examples': \[6, 2\]"
+        r".*same batch_size",
+    ):
         trainer.train_step(SIZED[:2], np.random.default_rng(0))

@@ -16,13 +16,17 @@ import time
 import keras
 import numpy as np
 import pytest
+from conftest import REPO
 
 import warpkeras
 from warpkeras.data import _cache
-from warpkeras.trainers import (CheckpointError, CheckpointLockError, CheckpointWarning,
-                                TaskDataExhaustedError, TasksExhaustedError)
-
-from conftest import REPO
+from warpkeras.trainers import (
+    CheckpointError,
+    CheckpointLockError,
+    CheckpointWarning,
+    TaskDataExhaustedError,
+    TasksExhaustedError,
+)
 
 
 def regression_task(rng, n=40):
@@ -35,17 +39,30 @@ def make_model(seed=0, warps=1):
     keras.utils.set_random_seed(seed)
     layers = [keras.Input((4,))]
     for i in range(warps):
-        layers.append(warpkeras.warp(keras.layers.Dense(
-            4, use_bias=False, kernel_initializer="identity", name=f"warp{i}")))
+        layers.append(
+            warpkeras.warp(
+                keras.layers.Dense(
+                    4, use_bias=False, kernel_initializer="identity", name=f"warp{i}"
+                )
+            )
+        )
     layers.append(keras.layers.Dense(1, name="task"))
     return keras.Sequential(layers)
 
 
 def make_trainer(seed=0, inner_learning_rate=0.1, meta_optimizer=None, model=None, **kw):
     return warpkeras.WarpTrainer(
-        model or make_model(seed), "mse", mode="online", init_objective="leap",
-        inner_steps=1, meta_batch_size=1, inner_learning_rate=inner_learning_rate,
-        meta_optimizer=meta_optimizer or keras.optimizers.Adam(0.01), seed=seed, **kw)
+        model or make_model(seed),
+        "mse",
+        mode="online",
+        init_objective="leap",
+        inner_steps=1,
+        meta_batch_size=1,
+        inner_learning_rate=inner_learning_rate,
+        meta_optimizer=meta_optimizer or keras.optimizers.Adam(0.01),
+        seed=seed,
+        **kw,
+    )
 
 
 def weights(trainer):
@@ -93,14 +110,17 @@ def copy_of(folder, tmp_path):
 # resume at every verbosity, with and without callbacks
 @pytest.mark.parametrize("with_callbacks", [False, True])
 @pytest.mark.parametrize("verbose", [0, 1, 2, "auto"])
-def test_resume_at_every_verbosity(half_run, reference, tmp_path, capsys, verbose,
-                                   with_callbacks):
+def test_resume_at_every_verbosity(half_run, reference, tmp_path, capsys, verbose, with_callbacks):
     folder = copy_of(half_run, tmp_path)
-    callbacks = ([keras.callbacks.CSVLogger(str(tmp_path / "log.csv")),
-                  keras.callbacks.History()] if with_callbacks else None)
+    callbacks = (
+        [keras.callbacks.CSVLogger(str(tmp_path / "log.csv")), keras.callbacks.History()]
+        if with_callbacks
+        else None
+    )
     trainer = make_trainer()
-    history = trainer.fit(regression_task, epochs=4, verbose=verbose, checkpoint_dir=folder,
-                          callbacks=callbacks)
+    history = trainer.fit(
+        regression_task, epochs=4, verbose=verbose, checkpoint_dir=folder, callbacks=callbacks
+    )
     out = capsys.readouterr().out
     assert history.epoch == [2, 3]
     assert ("Resumed from" in out and "at meta step 2." in out) == (verbose != 0)
@@ -109,8 +129,7 @@ def test_resume_at_every_verbosity(half_run, reference, tmp_path, capsys, verbos
 
 
 @pytest.mark.parametrize("verbose", [1, 2])
-def test_backup_and_restore_resumes_with_progress_output(reference, tmp_path, capsys,
-                                                         verbose):
+def test_backup_and_restore_resumes_with_progress_output(reference, tmp_path, capsys, verbose):
     backup = str(tmp_path / "backup")
 
     class Interrupt(keras.callbacks.Callback):
@@ -119,25 +138,44 @@ def test_backup_and_restore_resumes_with_progress_output(reference, tmp_path, ca
                 raise RuntimeError("interrupted")
 
     with pytest.raises(RuntimeError, match="interrupted"):
-        make_trainer().fit(regression_task, epochs=4, verbose=verbose, callbacks=[
-            keras.callbacks.BackupAndRestore(backup), Interrupt()])
+        make_trainer().fit(
+            regression_task,
+            epochs=4,
+            verbose=verbose,
+            callbacks=[keras.callbacks.BackupAndRestore(backup), Interrupt()],
+        )
     resumed = make_trainer(seed=0, model=make_model(seed=5))  # other weights until restored
-    history = resumed.fit(regression_task, epochs=4, verbose=verbose,
-                          callbacks=[keras.callbacks.BackupAndRestore(backup)])
+    history = resumed.fit(
+        regression_task,
+        epochs=4,
+        verbose=verbose,
+        callbacks=[keras.callbacks.BackupAndRestore(backup)],
+    )
     assert history.epoch == [2, 3] and "Epoch 4/4" in capsys.readouterr().out
-    np.testing.assert_allclose(np.concatenate([w.ravel() for w in weights(resumed)]),
-                               np.concatenate([w.ravel() for w in reference[0]]),
-                               rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(
+        np.concatenate([w.ravel() for w in weights(resumed)]),
+        np.concatenate([w.ravel() for w in reference[0]]),
+        rtol=1e-6,
+        atol=1e-7,
+    )
 
 
 def test_no_private_keras_attribute_in_the_loop_and_examples():
     """The fault class of ``keras.utils.io_utils``: loop, callback and checkpoint code
     (and the examples and benchmarks) use Keras's public API only; the one exception is
     the metric direction `FitModel.metrics` reads, guarded for a Keras without it."""
-    pattern = ("keras.utils.io_utils", "cb._history", "keras.src", "._history",
-               "._loss_tracker", "._get_variable_index")
-    files = [os.path.join(REPO, "warpkeras", "trainers", n) for n in
-             ("loop.py", "checkpoints.py", "fitmodel.py")]
+    pattern = (
+        "keras.utils.io_utils",
+        "cb._history",
+        "keras.src",
+        "._history",
+        "._loss_tracker",
+        "._get_variable_index",
+    )
+    files = [
+        os.path.join(REPO, "warpkeras", "trainers", n)
+        for n in ("loop.py", "checkpoints.py", "fitmodel.py")
+    ]
     files.append(os.path.join(REPO, "warpkeras", "callbacks.py"))
     for folder in ("examples", "bench"):
         for root, _, names in os.walk(os.path.join(REPO, folder)):
@@ -161,13 +199,22 @@ def test_backup_of_another_trainer_configuration_is_a_checkpoint_error(tmp_path)
                 raise RuntimeError("interrupted")
 
     with pytest.raises(RuntimeError, match="interrupted"):
-        make_trainer().fit(regression_task, epochs=2, verbose=0, callbacks=[
-            keras.callbacks.BackupAndRestore(backup), Interrupt()])
-    other = warpkeras.WarpTrainer(make_model(), "mse", mode="online", init_objective=None,
-                                  inner_steps=1, meta_batch_size=1)
+        make_trainer().fit(
+            regression_task,
+            epochs=2,
+            verbose=0,
+            callbacks=[keras.callbacks.BackupAndRestore(backup), Interrupt()],
+        )
+    other = warpkeras.WarpTrainer(
+        make_model(), "mse", mode="online", init_objective=None, inner_steps=1, meta_batch_size=1
+    )
     with pytest.raises(CheckpointError, match="differently configured trainer"):
-        other.fit(regression_task, epochs=2, verbose=0,
-                  callbacks=[keras.callbacks.BackupAndRestore(backup)])
+        other.fit(
+            regression_task,
+            epochs=2,
+            verbose=0,
+            callbacks=[keras.callbacks.BackupAndRestore(backup)],
+        )
 
 
 # ----------------------------------------------------------------------------------------
@@ -183,8 +230,7 @@ def test_changed_hyperparameters_win_with_one_warning(half_run, tmp_path):
     expected.fit(regression_task, epochs=4, verbose=0)
 
     folder = copy_of(half_run, tmp_path)
-    trainer = make_trainer(inner_learning_rate=0.05,
-                           meta_optimizer=keras.optimizers.Adam(0.001))
+    trainer = make_trainer(inner_learning_rate=0.05, meta_optimizer=keras.optimizers.Adam(0.001))
     with pytest.warns(CheckpointWarning) as caught:
         trainer.fit(regression_task, epochs=4, verbose=0, checkpoint_dir=folder)
     changes = [str(w.message) for w in caught if "changed settings" in str(w.message)]
@@ -210,19 +256,27 @@ def test_values_changed_by_training_go_on_without_a_warning(tmp_path, recwarn):
 
 @pytest.mark.parametrize("change", ["optimizer", "model", "objectives"])
 def test_what_cannot_continue_is_refused_by_name_before_anything_is_written(
-        half_run, tmp_path, change):
+    half_run, tmp_path, change
+):
     folder = copy_of(half_run, tmp_path)
     before = {n: read_bytes(os.path.join(folder, n)) for n in os.listdir(folder)}
     if change == "optimizer":  # same slot count and shapes as Adam: positions would fit
-        trainer, match = (make_trainer(meta_optimizer=keras.optimizers.Adamax(0.01)),
-                          "meta_optimizer class Adam -> Adamax")
+        trainer, match = (
+            make_trainer(meta_optimizer=keras.optimizers.Adamax(0.01)),
+            "meta_optimizer class Adam -> Adamax",
+        )
     elif change == "model":
         trainer, match = make_trainer(model=make_model(warps=2)), "model variable"
     else:
-        trainer = warpkeras.WarpTrainer(make_model(), "mse", mode="online",
-                                        init_objective=None, inner_steps=1,
-                                        meta_batch_size=1,
-                                        meta_optimizer=keras.optimizers.Adam(0.01))
+        trainer = warpkeras.WarpTrainer(
+            make_model(),
+            "mse",
+            mode="online",
+            init_objective=None,
+            inner_steps=1,
+            meta_batch_size=1,
+            meta_optimizer=keras.optimizers.Adam(0.01),
+        )
         match = "objectives"
     with pytest.raises(CheckpointError, match=match):
         trainer.fit(regression_task, epochs=4, verbose=0, checkpoint_dir=folder)
@@ -240,12 +294,19 @@ def test_optimizer_slots_are_matched_by_variable_not_position(tmp_path):
 
     model = make_model(warps=2)
     optimizer = keras.optimizers.Adam(0.01)
-    warp = [v for layer in model.layers if layer.name.startswith("warp")
-            for v in layer.trainable_variables]
+    warp = [
+        v
+        for layer in model.layers
+        if layer.name.startswith("warp")
+        for v in layer.trainable_variables
+    ]
     optimizer.build(warp[::-1])  # slots in the reverse order of the first run's
     resumed = make_trainer(model=model, meta_optimizer=optimizer)
-    assert [v.path for v in resumed.meta_optimizer.variables][2].split("/")[1].startswith(
-        model.name + "_warp1")
+    assert (
+        [v.path for v in resumed.meta_optimizer.variables][2]
+        .split("/")[1]
+        .startswith(model.name + "_warp1")
+    )
     resumed.fit(regression_task, epochs=4, verbose=0, checkpoint_dir=folder)
     assert_bit_equal(weights(resumed), weights(first))
 
@@ -260,18 +321,28 @@ def test_backup_and_restore_matches_optimizer_slots_by_variable(tmp_path):
 
     with pytest.raises(RuntimeError, match="interrupted"):
         make_trainer(model=make_model(warps=2)).fit(
-            regression_task, epochs=4, verbose=0,
-            callbacks=[keras.callbacks.BackupAndRestore(backup), Interrupt()])
+            regression_task,
+            epochs=4,
+            verbose=0,
+            callbacks=[keras.callbacks.BackupAndRestore(backup), Interrupt()],
+        )
     uninterrupted = make_trainer(model=make_model(warps=2))
     uninterrupted.fit(regression_task, epochs=4, verbose=0)
 
     model = make_model(warps=2)
     optimizer = keras.optimizers.Adam(0.01)
-    optimizer.build([v for layer in model.layers if layer.name.startswith("warp")
-                     for v in layer.trainable_variables][::-1])
+    optimizer.build(
+        [
+            v
+            for layer in model.layers
+            if layer.name.startswith("warp")
+            for v in layer.trainable_variables
+        ][::-1]
+    )
     resumed = make_trainer(model=model, meta_optimizer=optimizer)
-    resumed.fit(regression_task, epochs=4, verbose=0,
-                callbacks=[keras.callbacks.BackupAndRestore(backup)])
+    resumed.fit(
+        regression_task, epochs=4, verbose=0, callbacks=[keras.callbacks.BackupAndRestore(backup)]
+    )
     assert_bit_equal(weights(resumed), weights(uninterrupted))
 
 
@@ -284,8 +355,14 @@ def write_lock(folder, host, pid):
 
 
 def dead_pid():
-    return int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                              capture_output=True, text=True, check=True).stdout)
+    return int(
+        subprocess.run(
+            [sys.executable, "-c", "import os; print(os.getpid())"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )
 
 
 HOLDER = textwrap.dedent("""
@@ -300,13 +377,16 @@ HOLDER = textwrap.dedent("""
 def test_a_running_writer_is_refused_by_name(tmp_path):
     folder = str(tmp_path / "ckpt")
     os.makedirs(folder)
-    other = subprocess.Popen([sys.executable, "-c", HOLDER.format(folder=folder)],
-                             stdout=subprocess.PIPE, text=True)
+    other = subprocess.Popen(
+        [sys.executable, "-c", HOLDER.format(folder=folder)], stdout=subprocess.PIPE, text=True
+    )
     try:
         assert other.stdout.readline().strip() == "locked"
-        with pytest.raises(CheckpointLockError,
-                           match=rf"in use by another run \(host '{socket.gethostname()}', "
-                                 rf"pid {other.pid}, started "):
+        with pytest.raises(
+            CheckpointLockError,
+            match=rf"in use by another run \(host '{socket.gethostname()}', "
+            rf"pid {other.pid}, started ",
+        ):
             make_trainer().fit(regression_task, epochs=1, verbose=0, checkpoint_dir=folder)
         assert sorted(os.listdir(folder)) == ["writer.lock"]  # nothing written
     finally:
@@ -332,10 +412,14 @@ def test_a_stale_lock_is_taken_over_with_a_warning_and_released_at_the_end(tmp_p
 def test_lock_is_held_while_training(tmp_path):
     folder = str(tmp_path / "ckpt")
     seen = []
-    probe = keras.callbacks.LambdaCallback(on_epoch_end=lambda e, logs: seen.append(
-        json.loads(read_bytes(os.path.join(folder, "writer.lock")))))
-    make_trainer().fit(regression_task, epochs=1, verbose=0, checkpoint_dir=folder,
-                       callbacks=[probe])
+    probe = keras.callbacks.LambdaCallback(
+        on_epoch_end=lambda e, logs: seen.append(
+            json.loads(read_bytes(os.path.join(folder, "writer.lock")))
+        )
+    )
+    make_trainer().fit(
+        regression_task, epochs=1, verbose=0, checkpoint_dir=folder, callbacks=[probe]
+    )
     assert seen[0]["pid"] == os.getpid() and seen[0]["host"] == socket.gethostname()
     assert set(seen[0]) == {"host", "pid", "started"}
 
@@ -343,8 +427,9 @@ def test_lock_is_held_while_training(tmp_path):
 def test_another_seed_is_refused_unless_told_to_take_the_folder_over(half_run, tmp_path):
     folder = copy_of(half_run, tmp_path)
     before = sorted(os.listdir(folder))
-    with pytest.raises(CheckpointError,
-                       match=r"another run: seed 0 -> 1.*take_over_checkpoint_dir"):
+    with pytest.raises(
+        CheckpointError, match=r"another run: seed 0 -> 1.*take_over_checkpoint_dir"
+    ):
         make_trainer(seed=1).fit(regression_task, epochs=4, verbose=0, checkpoint_dir=folder)
     assert sorted(os.listdir(folder)) == before
 
@@ -352,14 +437,20 @@ def test_another_seed_is_refused_unless_told_to_take_the_folder_over(half_run, t
     fresh.fit(regression_task, epochs=2, verbose=0)
     taker = make_trainer(seed=1)
     with pytest.warns(CheckpointWarning, match="moved to"):
-        taker.fit(regression_task, epochs=2, verbose=0, checkpoint_dir=folder,
-                  take_over_checkpoint_dir=True)
+        taker.fit(
+            regression_task,
+            epochs=2,
+            verbose=0,
+            checkpoint_dir=folder,
+            take_over_checkpoint_dir=True,
+        )
     assert_bit_equal(weights(taker), weights(fresh))  # a fresh run, not the old one resumed
     aside = [n for n in os.listdir(folder) if n.startswith("superseded-")]
     assert len(aside) == 1  # the first run's checkpoints are kept, byte for byte
     for name in before:
-        assert read_bytes(os.path.join(folder, aside[0], name)) == \
-            read_bytes(os.path.join(half_run, name))
+        assert read_bytes(os.path.join(folder, aside[0], name)) == read_bytes(
+            os.path.join(half_run, name)
+        )
 
 
 # ----------------------------------------------------------------------------------------
@@ -385,8 +476,9 @@ PREEMPTED = textwrap.dedent("""
 def test_sigterm_writes_a_checkpoint_and_resume_is_exact(tmp_path):
     folder, marker = str(tmp_path / "ckpt"), str(tmp_path / "marker")
     script = PREEMPTED.format(tests=os.path.join(REPO, "tests"), marker=marker, folder=folder)
-    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+    child = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     deadline = time.time() + 120
     while not os.path.exists(marker) and child.poll() is None and time.time() < deadline:
         time.sleep(0.05)
@@ -399,8 +491,11 @@ def test_sigterm_writes_a_checkpoint_and_resume_is_exact(tmp_path):
     assert sorted(n for n in os.listdir(folder) if n.endswith(".index")) == ["ckpt-3.index"]
     assert not os.path.exists(os.path.join(folder, "writer.lock"))
     resumed = make_trainer()
-    assert resumed.fit(regression_task, epochs=6, verbose=0, checkpoint_dir=folder).epoch == \
-        [3, 4, 5]
+    assert resumed.fit(regression_task, epochs=6, verbose=0, checkpoint_dir=folder).epoch == [
+        3,
+        4,
+        5,
+    ]
     uninterrupted = make_trainer()
     uninterrupted.fit(regression_task, epochs=6, verbose=0)
     assert_bit_equal(weights(resumed), weights(uninterrupted))
@@ -410,12 +505,20 @@ def test_sigint_finishes_the_step_writes_a_checkpoint_then_interrupts(tmp_path):
     folder = str(tmp_path / "ckpt")
     handler = signal.getsignal(signal.SIGINT)
     ctrl_c = keras.callbacks.LambdaCallback(
-        on_train_batch_begin=lambda b, logs: signal.raise_signal(signal.SIGINT)
-        if trainer.step.numpy() == 1 else None)
+        on_train_batch_begin=lambda b, logs: (
+            signal.raise_signal(signal.SIGINT) if trainer.step.numpy() == 1 else None
+        )
+    )
     trainer = make_trainer()
     with pytest.raises(KeyboardInterrupt):
-        trainer.fit(regression_task, epochs=4, verbose=0, checkpoint_dir=folder,
-                    checkpoint_every=100, callbacks=[ctrl_c])
+        trainer.fit(
+            regression_task,
+            epochs=4,
+            verbose=0,
+            checkpoint_dir=folder,
+            checkpoint_every=100,
+            callbacks=[ctrl_c],
+        )
     assert int(trainer.step.numpy()) == 2  # the step that was running finished
     assert os.path.exists(os.path.join(folder, "ckpt-2.index"))
     assert signal.getsignal(signal.SIGINT) is handler  # handlers put back
@@ -459,8 +562,9 @@ KILLED = textwrap.dedent("""
 def test_sigkill_loses_no_saved_step_and_resume_is_exact(tmp_path, where):
     folder = str(tmp_path / "ckpt")
     script = KILLED.format(tests=os.path.join(REPO, "tests"), where=where, folder=folder)
-    child = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                           timeout=300)
+    child = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
+    )
     assert child.returncode == -signal.SIGKILL, child.stderr[-2000:]
     assert os.path.exists(os.path.join(folder, "ckpt-3.index"))
     assert os.path.exists(os.path.join(folder, "writer.lock"))  # left by the killed run
@@ -474,7 +578,8 @@ def test_sigkill_loses_no_saved_step_and_resume_is_exact(tmp_path, where):
 
 
 def test_disk_full_while_checkpointing_is_an_error_and_earlier_checkpoints_stay(
-        tmp_path, monkeypatch):
+    tmp_path, monkeypatch
+):
     folder = str(tmp_path / "ckpt")
     save = warpkeras.trainers.loop.tf.train.CheckpointManager.save
 
@@ -488,13 +593,17 @@ def test_disk_full_while_checkpointing_is_an_error_and_earlier_checkpoints_stay(
     with pytest.raises(OSError, match="No space left on device"):
         make_trainer().fit(regression_task, epochs=6, verbose=0, checkpoint_dir=folder)
     monkeypatch.undo()
-    intact = {n: read_bytes(os.path.join(folder, n)) for n in os.listdir(folder)
-              if n.startswith("ckpt-") and not n.endswith("_temp")}
+    intact = {
+        n: read_bytes(os.path.join(folder, n))
+        for n in os.listdir(folder)
+        if n.startswith("ckpt-") and not n.endswith("_temp")
+    }
     assert sorted(n for n in intact if n.endswith(".index")) == ["ckpt-1.index", "ckpt-2.index"]
     assert not os.path.exists(os.path.join(folder, "writer.lock"))  # released on the error
     resumed = make_trainer()
-    assert resumed.fit(regression_task, epochs=6, verbose=0, checkpoint_dir=folder,
-                       max_checkpoints=10).epoch == [2, 3, 4, 5]
+    assert resumed.fit(
+        regression_task, epochs=6, verbose=0, checkpoint_dir=folder, max_checkpoints=10
+    ).epoch == [2, 3, 4, 5]
     assert not os.path.exists(os.path.join(folder, "ckpt-3_temp"))
     for name, data in intact.items():  # the earlier checkpoints, byte for byte
         assert read_bytes(os.path.join(folder, name)) == data
@@ -506,11 +615,18 @@ def test_disk_full_while_checkpointing_is_an_error_and_earlier_checkpoints_stay(
 def test_a_signal_between_meta_steps_starts_no_other_step(tmp_path):
     folder = str(tmp_path / "ckpt")
     at_epoch_end = keras.callbacks.LambdaCallback(
-        on_epoch_end=lambda e, logs: signal.raise_signal(signal.SIGINT) if e == 1 else None)
+        on_epoch_end=lambda e, logs: signal.raise_signal(signal.SIGINT) if e == 1 else None
+    )
     trainer = make_trainer()
     with pytest.raises(KeyboardInterrupt):
-        trainer.fit(regression_task, epochs=4, verbose=0, checkpoint_dir=folder,
-                    checkpoint_every=100, callbacks=[at_epoch_end])
+        trainer.fit(
+            regression_task,
+            epochs=4,
+            verbose=0,
+            checkpoint_dir=folder,
+            checkpoint_every=100,
+            callbacks=[at_epoch_end],
+        )
     assert int(trainer.step.numpy()) == 2
     assert sorted(n for n in os.listdir(folder) if n.endswith(".index")) == ["ckpt-2.index"]
 
@@ -525,8 +641,13 @@ def test_a_second_signal_abandons_the_step_at_once(tmp_path):
 
     trainer = make_trainer()
     with pytest.raises(KeyboardInterrupt):
-        trainer.fit(regression_task, epochs=4, verbose=0, checkpoint_dir=folder,
-                    callbacks=[keras.callbacks.LambdaCallback(on_train_batch_begin=twice)])
+        trainer.fit(
+            regression_task,
+            epochs=4,
+            verbose=0,
+            checkpoint_dir=folder,
+            callbacks=[keras.callbacks.LambdaCallback(on_train_batch_begin=twice)],
+        )
     assert int(trainer.step.numpy()) == 1  # the step was abandoned before it ran
     assert sorted(n for n in os.listdir(folder) if n.endswith(".index")) == ["ckpt-1.index"]
     assert not os.path.exists(os.path.join(folder, "writer.lock"))
@@ -541,26 +662,39 @@ def test_a_generator_task_that_runs_out_names_the_task():
             x = rng.normal(size=(10, 4)).astype("float32")
             yield x, x[:, :1]
 
-    task = warpkeras.Task(train=three_batches, test=regression_task(
-        np.random.default_rng(0)).test, name="short")
+    task = warpkeras.Task(
+        train=three_batches, test=regression_task(np.random.default_rng(0)).test, name="short"
+    )
     trainer = make_trainer()
     trainer.inner_steps = 5
-    with pytest.raises(TaskDataExhaustedError, match=r"Task 'short': its train batches ran "
-                                                     r"out after 3 batch"):
+    with pytest.raises(
+        TaskDataExhaustedError,
+        match=r"Task 'short': its train batches ran "
+        r"out after 3 batch",
+    ):
         trainer.fit([task], epochs=1, verbose=0)
 
 
 def test_a_generator_task_that_runs_out_during_offline_warp_updates_names_the_task():
     """Offline warp updates read more batches after adaptation (one per stored point)."""
+
     def two_batches(rng):  # enough for 2 adaptation steps, not for 3 stored points
         for _ in range(2):
             x = rng.normal(size=(10, 4)).astype("float32")
             yield x, x[:, :1]
 
-    task = warpkeras.Task(train=two_batches, test=regression_task(
-        np.random.default_rng(0)).test, name="short")
-    trainer = warpkeras.WarpTrainer(make_model(), "mse", mode="offline", init_objective=None,
-                                    inner_steps=2, meta_batch_size=1, meta_interval=1)
+    task = warpkeras.Task(
+        train=two_batches, test=regression_task(np.random.default_rng(0)).test, name="short"
+    )
+    trainer = warpkeras.WarpTrainer(
+        make_model(),
+        "mse",
+        mode="offline",
+        init_objective=None,
+        inner_steps=2,
+        meta_batch_size=1,
+        meta_interval=1,
+    )
     with pytest.raises(TaskDataExhaustedError, match="Task 'short': its (train|meta) batches"):
         trainer.fit([task], epochs=1, verbose=0)
 
@@ -570,13 +704,13 @@ def test_an_iterator_source_that_runs_dry_raises_or_warns_with_the_step():
     with pytest.raises(TasksExhaustedError, match="at meta step 3 of 10"):
         make_trainer().fit(iter(tasks), epochs=10, verbose=0)
     with pytest.warns(RuntimeWarning, match="at meta step 3 of 10"):
-        history = make_trainer().fit(iter(tasks), epochs=10, verbose=0,
-                                     stop_when_tasks_end=True)
+        history = make_trainer().fit(iter(tasks), epochs=10, verbose=0, stop_when_tasks_end=True)
     assert history.epoch == [0, 1, 2]
 
 
 def test_every_listed_checkpoint_missing_is_named_and_a_fresh_start_needs_consent(
-        half_run, tmp_path):
+    half_run, tmp_path
+):
     folder = copy_of(half_run, tmp_path)
     for name in os.listdir(folder):
         if name.startswith("ckpt-"):
@@ -587,8 +721,13 @@ def test_every_listed_checkpoint_missing_is_named_and_a_fresh_start_needs_consen
     assert sorted(os.listdir(folder)) == ["checkpoint"]
     trainer = make_trainer()
     with pytest.warns(CheckpointWarning) as caught:
-        history = trainer.fit(regression_task, epochs=1, verbose=0, checkpoint_dir=folder,
-                              take_over_checkpoint_dir=True)
+        history = trainer.fit(
+            regression_task,
+            epochs=1,
+            verbose=0,
+            checkpoint_dir=folder,
+            take_over_checkpoint_dir=True,
+        )
     messages = [str(w.message) for w in caught]
     assert any("none of them is in the folder" in m for m in messages)
     assert any("Starting afresh" in m for m in messages)
@@ -620,9 +759,11 @@ def test_cache_temporaries_of_killed_writers_are_removed(tmp_path):
     os.utime(legacy_old, (time.time() - 7200, time.time() - 7200))
     assert _cache.write_cache(folder / "data.npz", {"x": np.arange(3)})
     assert sorted(os.listdir(folder)) == sorted(
-        [running.name, elsewhere.name, legacy_new.name, "data.npz"])
+        [running.name, elsewhere.name, legacy_new.name, "data.npz"]
+    )
     np.testing.assert_array_equal(
-        _cache.read_cache(folder / "data.npz", lambda p: np.load(p)["x"]), np.arange(3))
+        _cache.read_cache(folder / "data.npz", lambda p: np.load(p)["x"]), np.arange(3)
+    )
 
 
 # ----------------------------------------------------------------------------------------
@@ -632,25 +773,50 @@ def test_steps_per_epoch_runs_epochs_times_steps_as_keras():
     cb = keras.callbacks.LambdaCallback(
         on_epoch_begin=lambda e, logs: events.append(("epoch", e)),
         on_train_batch_end=lambda b, logs: events.append(("batch", b, logs["loss"])),
-        on_epoch_end=lambda e, logs: events.append(("end", e, logs["loss"])))
+        on_epoch_end=lambda e, logs: events.append(("end", e, logs["loss"])),
+    )
     trainer = make_trainer()
-    history = trainer.fit(regression_task, epochs=2, steps_per_epoch=3, verbose=0,
-                          callbacks=[cb], validation_data=[regression_task(
-                              np.random.default_rng(9))], validation_freq=1)
+    history = trainer.fit(
+        regression_task,
+        epochs=2,
+        steps_per_epoch=3,
+        verbose=0,
+        callbacks=[cb],
+        validation_data=[regression_task(np.random.default_rng(9))],
+        validation_freq=1,
+    )
     assert int(trainer.step.numpy()) == 6
     assert history.params == {"verbose": 0, "epochs": 2, "steps": 3}
     assert history.epoch == [0, 1] and len(history.history["val_loss"]) == 2
-    assert [e[:2] for e in events] == [("epoch", 0), ("batch", 0), ("batch", 1), ("batch", 2),
-                                       ("end", 0), ("epoch", 1), ("batch", 0), ("batch", 1),
-                                       ("batch", 2), ("end", 1)]
+    assert [e[:2] for e in events] == [
+        ("epoch", 0),
+        ("batch", 0),
+        ("batch", 1),
+        ("batch", 2),
+        ("end", 0),
+        ("epoch", 1),
+        ("batch", 0),
+        ("batch", 1),
+        ("batch", 2),
+        ("end", 1),
+    ]
     per_step = make_trainer().fit(regression_task, epochs=6, verbose=0).history["loss"]
     # batch logs are running means since the epoch began; the epoch's is their last
-    np.testing.assert_allclose([e[2] for e in events if e[0] == "batch"],
-                               [per_step[0], np.mean(per_step[:2]), np.mean(per_step[:3]),
-                                per_step[3], np.mean(per_step[3:5]), np.mean(per_step[3:])],
-                               rtol=1e-6)
-    np.testing.assert_allclose(history.history["loss"],
-                               [np.mean(per_step[:3]), np.mean(per_step[3:])], rtol=1e-6)
+    np.testing.assert_allclose(
+        [e[2] for e in events if e[0] == "batch"],
+        [
+            per_step[0],
+            np.mean(per_step[:2]),
+            np.mean(per_step[:3]),
+            per_step[3],
+            np.mean(per_step[3:5]),
+            np.mean(per_step[3:]),
+        ],
+        rtol=1e-6,
+    )
+    np.testing.assert_allclose(
+        history.history["loss"], [np.mean(per_step[:3]), np.mean(per_step[3:])], rtol=1e-6
+    )
     assert history.history["nan_tasks"] == [0, 0]
     # every meta step's own logs are kept as well
     assert history.steps == list(range(6)) and history.step_history["loss"] == per_step
@@ -678,13 +844,26 @@ def test_steps_per_epoch_resumes_mid_epoch_exactly(tmp_path):
                 raise RuntimeError("interrupted")
 
     with pytest.raises(RuntimeError, match="interrupted"):
-        make_trainer().fit(regression_task, epochs=3, steps_per_epoch=3, verbose=0,
-                           checkpoint_dir=folder, callbacks=[Interrupt()])
+        make_trainer().fit(
+            regression_task,
+            epochs=3,
+            steps_per_epoch=3,
+            verbose=0,
+            checkpoint_dir=folder,
+            callbacks=[Interrupt()],
+        )
     batches = []
     resumed = make_trainer()
-    history = resumed.fit(regression_task, epochs=3, steps_per_epoch=3, verbose=0,
-                          checkpoint_dir=folder, callbacks=[keras.callbacks.LambdaCallback(
-                              on_train_batch_begin=lambda b, logs: batches.append(b))])
+    history = resumed.fit(
+        regression_task,
+        epochs=3,
+        steps_per_epoch=3,
+        verbose=0,
+        checkpoint_dir=folder,
+        callbacks=[
+            keras.callbacks.LambdaCallback(on_train_batch_begin=lambda b, logs: batches.append(b))
+        ],
+    )
     assert history.epoch == [1, 2] and batches == [1, 2, 0, 1, 2]
     uninterrupted = make_trainer()
     uninterrupted.fit(regression_task, epochs=3, steps_per_epoch=3, verbose=0)
@@ -695,15 +874,26 @@ def test_steps_per_epoch_tensorboard_writes_epochs_and_checkpoints_count_meta_st
     from test_fit_loop import _events
 
     folder = str(tmp_path / "ckpt")
-    history = make_trainer().fit(regression_task, epochs=2, steps_per_epoch=3, verbose=0,
-                                 log_dir=str(tmp_path / "tb"), checkpoint_dir=folder,
-                                 checkpoint_every=2, max_checkpoints=10)
+    history = make_trainer().fit(
+        regression_task,
+        epochs=2,
+        steps_per_epoch=3,
+        verbose=0,
+        log_dir=str(tmp_path / "tb"),
+        checkpoint_dir=folder,
+        checkpoint_every=2,
+        max_checkpoints=10,
+    )
     train = _events(str(tmp_path / "tb" / "train"))
     assert [s for s, _ in train["epoch_loss"]] == [0, 1]
-    np.testing.assert_allclose([v for _, v in train["epoch_loss"]], history.history["loss"],
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        [v for _, v in train["epoch_loss"]], history.history["loss"], rtol=1e-6
+    )
     assert sorted(n for n in os.listdir(folder) if n.endswith(".index")) == [
-        "ckpt-2.index", "ckpt-4.index", "ckpt-6.index"]
+        "ckpt-2.index",
+        "ckpt-4.index",
+        "ckpt-6.index",
+    ]
 
 
 def test_backup_and_restore_with_save_freq_resumes_mid_epoch_exactly(tmp_path):
@@ -715,12 +905,21 @@ def test_backup_and_restore_with_save_freq_resumes_mid_epoch_exactly(tmp_path):
                 raise RuntimeError("interrupted")
 
     with pytest.raises(RuntimeError, match="interrupted"):
-        make_trainer().fit(regression_task, epochs=3, steps_per_epoch=3, verbose=0,
-                           callbacks=[keras.callbacks.BackupAndRestore(backup, save_freq=1),
-                                      Interrupt()])
+        make_trainer().fit(
+            regression_task,
+            epochs=3,
+            steps_per_epoch=3,
+            verbose=0,
+            callbacks=[keras.callbacks.BackupAndRestore(backup, save_freq=1), Interrupt()],
+        )
     resumed = make_trainer(model=make_model(seed=5))  # other weights until restored
-    history = resumed.fit(regression_task, epochs=3, steps_per_epoch=3, verbose=0,
-                          callbacks=[keras.callbacks.BackupAndRestore(backup, save_freq=1)])
+    history = resumed.fit(
+        regression_task,
+        epochs=3,
+        steps_per_epoch=3,
+        verbose=0,
+        callbacks=[keras.callbacks.BackupAndRestore(backup, save_freq=1)],
+    )
     assert history.epoch == [1, 2] and history.steps == [4, 5, 6, 7, 8]
     uninterrupted = make_trainer()
     uninterrupted.fit(regression_task, epochs=3, steps_per_epoch=3, verbose=0)

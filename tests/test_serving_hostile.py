@@ -16,9 +16,9 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import NO_WARPKERAS
 
 import warpkeras
-from conftest import NO_WARPKERAS
 from warpkeras import export as wexport
 
 MAX_STEPS, MAX_ROWS, MAX_ROW_STEPS, STEPS = 20, 32, 200, 3
@@ -134,12 +134,25 @@ def client(tmp_path_factory):
     keras.utils.set_random_seed(3)
     work = tmp_path_factory.mktemp("hostile")
     model = _classifier()
-    wexport.export_adaptive(model, str(work / "model"), steps=STEPS, max_steps=MAX_STEPS,
-                            max_rows=MAX_ROWS, max_row_steps=MAX_ROW_STEPS, **KWARGS)
+    wexport.export_adaptive(
+        model,
+        str(work / "model"),
+        steps=STEPS,
+        max_steps=MAX_STEPS,
+        max_rows=MAX_ROWS,
+        max_row_steps=MAX_ROW_STEPS,
+        **KWARGS,
+    )
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSTARTUP")}
     env.update(PYTHONPATH="", TF_CPP_MIN_LOG_LEVEL="3", PYTHONNOUSERSITE="1")
-    proc = subprocess.run([sys.executable, "-c", CLIENT, str(work)], cwd=str(work), env=env,
-                          capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(
+        [sys.executable, "-c", CLIENT, str(work)],
+        cwd=str(work),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert proc.returncode == 0, f"client failed:\n{proc.stdout}\n{proc.stderr[-4000:]}"
     with open(work / "result.json") as f:
         result = json.load(f)
@@ -149,9 +162,15 @@ def client(tmp_path_factory):
 def test_budget_is_recorded(client):
     meta = client["result"]["metadata"]
     assert (meta["max_steps"], meta["max_rows"], meta["max_row_steps"]) == (
-        MAX_STEPS, MAX_ROWS, MAX_ROW_STEPS)
+        MAX_STEPS,
+        MAX_ROWS,
+        MAX_ROW_STEPS,
+    )
     assert (meta["input_dtype"], meta["label_dtype"], meta["steps_dtype"]) == (
-        "float32", "int64", "int32")
+        "float32",
+        "int64",
+        "int32",
+    )
     assert client["result"]["warpkeras_loaded"] is False
 
 
@@ -199,8 +218,9 @@ def test_good_requests_work_after_bad_ones(client):
 
 
 def test_regression_targets_must_be_finite():
-    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(4, activation="tanh"),
-                              keras.layers.Dense(1)])
+    model = keras.Sequential(
+        [keras.Input((2,)), keras.layers.Dense(4, activation="tanh"), keras.layers.Dense(1)]
+    )
     x = np.ones((5, 2), "float32")
     y = np.zeros((5, 1), "float32")
     y[2, 0] = np.nan
@@ -231,8 +251,14 @@ def test_in_process_adaptation_casts_or_names_the_dtype():
 # --- work bounded by size: limits in numbers (tensor elements), not rows ------------------
 def _sequence_model():
     keras.utils.set_random_seed(5)
-    return keras.Sequential([keras.Input((None, 3)), keras.layers.LSTM(4),
-                             warpkeras.warp(keras.layers.Dense(4)), keras.layers.Dense(1)])
+    return keras.Sequential(
+        [
+            keras.Input((None, 3)),
+            keras.layers.LSTM(4),
+            warpkeras.warp(keras.layers.Dense(4)),
+            keras.layers.Dense(1),
+        ]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -253,7 +279,10 @@ def test_default_element_budget_of_a_sequence_model(sequence_export):
     # One example holds 3 numbers per time step (the unknown time axis counted as 1):
     # 10 000 examples' worth per request, and as much × steps.
     assert (meta["example_elements"], meta["max_elements"], meta["max_element_steps"]) == (
-        3, 30_000, 30_000)
+        3,
+        30_000,
+        30_000,
+    )
     adapt = served.signatures["adapt"]
     one = tf.zeros((1, 1))
     # One long sequence is as much work as many short ones: refused by its size × steps,
@@ -265,8 +294,13 @@ def test_default_element_budget_of_a_sequence_model(sequence_export):
     predict = served.signatures["serving_default"]
     text = _error(predict, x=tf.zeros((2, 5001, 3)))
     assert "serving_default: `x` must hold at most max_elements=30000" in text, text
-    text = _error(served.signatures["adapt_and_predict"], x=tf.zeros((1, 10, 3)), y=one,
-                  steps=tf.constant(1), queries=tf.zeros((1, 10_001, 3)))
+    text = _error(
+        served.signatures["adapt_and_predict"],
+        x=tf.zeros((1, 10, 3)),
+        y=one,
+        steps=tf.constant(1),
+        queries=tf.zeros((1, 10_001, 3)),
+    )
     assert "`queries` must hold at most max_elements=30000" in text, text
     # At the limit: 100 time steps × 3 features × 100 steps = 30 000.
     out = adapt(x=tf.ones((1, 100, 3)), y=one, steps=tf.constant(100))
@@ -280,20 +314,31 @@ def test_element_budget_defaults_and_overrides(tmp_path):
     wexport.export_adaptive(model, path, dtype_tolerant=False, **KWARGS)
     meta = wexport.read_metadata(path)
     assert (meta["example_elements"], meta["max_elements"], meta["max_element_steps"]) == (
-        6, 60_000, 6_000_000)
-    wexport.export_adaptive(model, path, dtype_tolerant=False, max_elements=60,
-                            max_element_steps=120, overwrite=True, **KWARGS)
+        6,
+        60_000,
+        6_000_000,
+    )
+    wexport.export_adaptive(
+        model,
+        path,
+        dtype_tolerant=False,
+        max_elements=60,
+        max_element_steps=120,
+        overwrite=True,
+        **KWARGS,
+    )
     served = tf.saved_model.load(path)
     sig = served.signatures["adapt"]
     y = tf.constant(np.arange(10) % 3)
     sig(x=tf.zeros((10, 6)), y=y, steps=tf.constant(2))  # 60 × 2 = 120
     text = _error(sig, x=tf.zeros((10, 6)), y=y, steps=tf.constant(3))
     assert "max_element_steps=120" in text and "[60] [×] [3]" in text, text
-    text = _error(sig, x=tf.zeros((11, 6)), y=tf.constant(np.arange(11) % 3),
-                  steps=tf.constant(0))
+    text = _error(sig, x=tf.zeros((11, 6)), y=tf.constant(np.arange(11) % 3), steps=tf.constant(0))
     assert "max_elements=60" in text, text
-    for bad, words in [(dict(max_elements=0), ["max_elements", ">= 1"]),
-                       (dict(max_element_steps=1.5), ["max_element_steps"])]:
+    for bad, words in [
+        (dict(max_elements=0), ["max_elements", ">= 1"]),
+        (dict(max_element_steps=1.5), ["max_element_steps"]),
+    ]:
         with pytest.raises((TypeError, ValueError)) as info:
             wexport.export_adaptive(model, str(tmp_path / "bad"), **bad, **KWARGS)
         assert all(w in str(info.value) for w in words), str(info.value)
@@ -303,10 +348,15 @@ def test_image_of_any_size_is_bounded(tmp_path):
     """A conv model over ``keras.Input((None, None, 1))`` exports (its output spec traced
     with the unknown sizes), and one 4000 × 4000 image is refused by size."""
     keras.utils.set_random_seed(6)
-    model = keras.Sequential([keras.Input((None, None, 1)),
-                              keras.layers.Conv2D(4, 3, activation="relu"),
-                              warpkeras.warp(keras.layers.Conv2D(4, 3)),
-                              keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(1)])
+    model = keras.Sequential(
+        [
+            keras.Input((None, None, 1)),
+            keras.layers.Conv2D(4, 3, activation="relu"),
+            warpkeras.warp(keras.layers.Conv2D(4, 3)),
+            keras.layers.GlobalAveragePooling2D(),
+            keras.layers.Dense(1),
+        ]
+    )
     path = str(tmp_path / "conv")
     wexport.export_adaptive(model, path, loss="mse", dtype_tolerant=False)
     meta = wexport.read_metadata(path)
@@ -315,5 +365,9 @@ def test_image_of_any_size_is_bounded(tmp_path):
     text = _error(served.signatures["serving_default"], x=tf.zeros((1, 4000, 4000, 1)))
     assert "max_elements=10000" in text and "[16000000]" in text, text
     x = np.random.default_rng(0).normal(size=(2, 20, 30, 1)).astype("float32")
-    np.testing.assert_allclose(served.signatures["serving_default"](x=x)["predictions"],
-                               model.predict(x, verbose=0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        served.signatures["serving_default"](x=x)["predictions"],
+        model.predict(x, verbose=0),
+        rtol=1e-5,
+        atol=1e-6,
+    )

@@ -32,14 +32,25 @@ def test_evaluate_takes_one_task(trainer):
     assert report["tasks"] == 1 and np.isfinite(report["final_test_loss"]["mean"])
 
 
-@pytest.mark.parametrize("train, test, match", [
-    ((XA, Y), None, r"Task 'bad': its train inputs do not fit .*number or nesting"),
-    (((XA, XA), Y), None, r"Task 'bad': its train inputs .*feature shape \(3,\) where the "
-                          r"model takes \(2,\)"),
-    (((XA, XB), np.eye(3)[Y]), None, r"Task 'bad': its train labels have shape \(5, 3\), "
-                                     r"one value per class \(one-hot\)"),
-    (((XA, XB), Y), (XA, XB), r"Task 'bad': its test inputs do not fit"),
-])
+@pytest.mark.parametrize(
+    "train, test, match",
+    [
+        ((XA, Y), None, r"Task 'bad': its train inputs do not fit .*number or nesting"),
+        (
+            ((XA, XA), Y),
+            None,
+            r"Task 'bad': its train inputs .*feature shape \(3,\) where the "
+            r"model takes \(2,\)",
+        ),
+        (
+            ((XA, XB), np.eye(3)[Y]),
+            None,
+            r"Task 'bad': its train labels have shape \(5, 3\), "
+            r"one value per class \(one-hot\)",
+        ),
+        (((XA, XB), Y), (XA, XB), r"Task 'bad': its test inputs do not fit"),
+    ],
+)
 def test_data_that_cannot_feed_the_model_is_named(trainer, train, test, match):
     task = warpkeras.Task(train=train, test=test, batch_size=5, name="bad")
     with pytest.raises(ValueError, match=match):
@@ -51,13 +62,14 @@ def test_data_that_cannot_feed_the_model_is_named(trainer, train, test, match):
 
 def test_dict_keys_must_be_the_input_names():
     a, b = keras.Input((3,), name="a"), keras.Input((2,), name="b")
-    model = keras.Model({"a": a, "b": b},
-                        keras.layers.Dense(3)(keras.layers.Concatenate()([a, b])))
+    model = keras.Model({"a": a, "b": b}, keras.layers.Dense(3)(keras.layers.Concatenate()([a, b])))
     trainer = warpkeras.LeapTrainer(model, loss=LOSS, inner_steps=1, meta_batch_size=1)
-    good = warpkeras.Task(train=({"a": XA, "b": XB}, Y), test=({"a": XA, "b": XB}, Y),
-                          batch_size=5)
+    good = warpkeras.Task(train=({"a": XA, "b": XB}, Y), test=({"a": XA, "b": XB}, Y), batch_size=5)
     assert trainer.evaluate(good, steps=1, verbose=0)["tasks"] == 1
     bad = warpkeras.Task(train=({"a": XA, "c": XB}, Y), batch_size=5, name="keys")
-    with pytest.raises(ValueError, match=r"Task 'keys'.*dict keys \['a', 'c'\] are not the "
-                                         r"model's input names \['a', 'b'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"Task 'keys'.*dict keys \['a', 'c'\] are not the "
+        r"model's input names \['a', 'b'\]",
+    ):
         trainer.evaluate(bad, steps=1, verbose=0)

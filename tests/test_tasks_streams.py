@@ -62,14 +62,23 @@ def test_empty_dataset_is_refused_with_the_task_name():
 
 
 def _trainer(seed=0):
-    model = keras.Sequential([
-        keras.Input((2,)),
-        warpkeras.warp(keras.layers.Dense(2, use_bias=False, kernel_initializer="identity")),
-        keras.layers.Dense(1, use_bias=False, kernel_initializer="zeros"),
-    ])
-    trainer = warpkeras.WarpTrainer(model, "mse", mode="online", init_objective=None,
-                                    inner_steps=3, meta_batch_size=1,
-                                    inner_learning_rate=0.01, seed=seed)
+    model = keras.Sequential(
+        [
+            keras.Input((2,)),
+            warpkeras.warp(keras.layers.Dense(2, use_bias=False, kernel_initializer="identity")),
+            keras.layers.Dense(1, use_bias=False, kernel_initializer="zeros"),
+        ]
+    )
+    trainer = warpkeras.WarpTrainer(
+        model,
+        "mse",
+        mode="online",
+        init_objective=None,
+        inner_steps=3,
+        meta_batch_size=1,
+        inner_learning_rate=0.01,
+        seed=seed,
+    )
     seen = []
     group_step = trainer._group_step
 

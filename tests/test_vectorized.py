@@ -11,12 +11,11 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import REPO, assert_lists_close
 
 import warpkeras
 from warpkeras.trainers import parallel as P
 from warpkeras.trainers import pfor
-
-from conftest import REPO, assert_lists_close
 
 CLASSES = 3
 
@@ -25,9 +24,13 @@ def _conv_model(warp=True):
     """A small version of the papers' Omniglot network: conv, pool, batch norm, ReLU, a
     warp convolution, and a dense head."""
     keras.utils.set_random_seed(3)
-    layers = [keras.Input((6, 6, 1)), keras.layers.Conv2D(4, 3, padding="same"),
-              keras.layers.MaxPooling2D(2), warpkeras.layers.ExactBatchNormalization(),
-              keras.layers.ReLU()]
+    layers = [
+        keras.Input((6, 6, 1)),
+        keras.layers.Conv2D(4, 3, padding="same"),
+        keras.layers.MaxPooling2D(2),
+        warpkeras.layers.ExactBatchNormalization(),
+        keras.layers.ReLU(),
+    ]
     if warp:
         layers.append(warpkeras.layers.WarpConv2D(kernel_size=3))
     layers += [keras.layers.Flatten(), keras.layers.Dense(CLASSES)]
@@ -44,11 +47,16 @@ LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 COMMON = dict(inner_steps=3, inner_learning_rate=0.3, meta_batch_size=4, seed=5)
 CONFIGS = {
     "leap": (warpkeras.LeapTrainer, False, {}),
-    "warp_leap_online": (warpkeras.WarpTrainer, True,
-                         dict(mode="online", objective="approx", init_objective="leap")),
-    "warp_leap_offline": (warpkeras.WarpTrainer, True,
-                          dict(mode="offline", objective="approx", init_objective="leap",
-                               meta_interval=2)),
+    "warp_leap_online": (
+        warpkeras.WarpTrainer,
+        True,
+        dict(mode="online", objective="approx", init_objective="leap"),
+    ),
+    "warp_leap_offline": (
+        warpkeras.WarpTrainer,
+        True,
+        dict(mode="offline", objective="approx", init_objective="leap", meta_interval=2),
+    ),
     "maml": (warpkeras.MAMLTrainer, False, {}),
 }
 
@@ -123,21 +131,29 @@ def sequential_weights():
     return get
 
 
-@pytest.mark.parametrize("config, grouped", [(c, None) for c in sorted(CONFIGS)]
-                         + [("warp_leap_online", True)])
+@pytest.mark.parametrize(
+    "config, grouped", [(c, None) for c in sorted(CONFIGS)] + [("warp_leap_online", True)]
+)
 def test_vectorized_meta_steps_equal_sequential(config, grouped, sequential_weights):
-    weights = {"sequential": sequential_weights(config),
-               "vectorized": _meta_trained_weights(config, "vectorized", grouped)}
+    weights = {
+        "sequential": sequential_weights(config),
+        "vectorized": _meta_trained_weights(config, "vectorized", grouped),
+    }
     # the weights moved, and the same way (float32, batched vs single kernels)
-    assert not np.allclose(weights["sequential"][0], _conv_model(CONFIGS[config][1]).get_weights()[0])
+    assert not np.allclose(
+        weights["sequential"][0], _conv_model(CONFIGS[config][1]).get_weights()[0]
+    )
     assert_lists_close(weights["vectorized"], weights["sequential"], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("grouped, jit_compile", [(True, False), (True, True), (False, False)])
-@pytest.mark.parametrize("fmt, strides, padding, dilation", [
-    ("NHWC", 1, "SAME", 1), ("NHWC", 2, "VALID", 1), ("NHWC", 1, "VALID", 2)])
-def test_per_task_kernels_are_batched_without_a_loop(fmt, strides, padding, dilation, grouped,
-                                                     jit_compile):
+@pytest.mark.parametrize(
+    "fmt, strides, padding, dilation",
+    [("NHWC", 1, "SAME", 1), ("NHWC", 2, "VALID", 1), ("NHWC", 1, "VALID", 2)],
+)
+def test_per_task_kernels_are_batched_without_a_loop(
+    fmt, strides, padding, dilation, grouped, jit_compile
+):
     rng = np.random.default_rng(0)
     x = tf.constant(rng.normal(size=(3, 2, 7, 7, 2)), tf.float32)
     w = tf.constant(rng.normal(size=(3, 3, 3, 2, 5)), tf.float32)
@@ -156,8 +172,9 @@ def test_per_task_kernels_are_batched_without_a_loop(fmt, strides, padding, dila
         np.testing.assert_allclose(g.numpy(), e.numpy(), rtol=1e-5, atol=1e-5)
     # no while loop left: one grouped convolution, or one per task
     # (the graph also keeps the one-task ops that pfor converted, hence `single`)
-    ops = _ops(tf.function(lambda x, w: tf.vectorized_map(lambda a: one(*a), (x, w))),
-               grouped, x, w)
+    ops = _ops(
+        tf.function(lambda x, w: tf.vectorized_map(lambda a: one(*a), (x, w))), grouped, x, w
+    )
     single = _ops(tf.function(one), grouped, x[0], w[0])
     assert not [op for op in ops if "While" in op]
     for op in ("Conv2D", "Conv2DBackpropInput", "Conv2DBackpropFilter"):
@@ -174,8 +191,11 @@ def _ops(fn, grouped, *args):
 def test_ops_that_fall_back_to_a_loop_are_named(monkeypatch):
     level = tf.get_logger().level
     ex = P.VectorizedExecutor()
-    run = ex.compile(lambda x: tf.cast(tf.histogram_fixed_width(x, [-1.0, 1.0], 4), tf.float32)
-                     + tf.reduce_sum(x))
+    run = ex.compile(
+        lambda x: (
+            tf.cast(tf.histogram_fixed_width(x, [-1.0, 1.0], 4), tf.float32) + tf.reduce_sum(x)
+        )
+    )
     with pytest.warns(P.VectorizationWarning, match="HistogramFixedWidth"):
         out = run(tf.constant(np.linspace(-1, 1, 12).reshape(3, 4), tf.float32))
     assert out.shape == (3, 4)
@@ -200,8 +220,13 @@ def test_ops_that_fall_back_to_a_loop_are_named(monkeypatch):
 
 def test_gpu_bench_quick_runs_and_prints_the_fields():
     env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
-    proc = subprocess.run([sys.executable, os.path.join(REPO, "bench", "gpu.py"), "--quick",
-                           "--out", "-"], capture_output=True, text=True, env=env, timeout=240)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO, "bench", "gpu.py"), "--quick", "--out", "-"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=240,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout)
     for key in ("benchmark", "device", "runs", "ratios", "machine"):
@@ -210,8 +235,14 @@ def test_gpu_bench_quick_runs_and_prints_the_fields():
     modes = {(r["parallel"], r["meta_batch"], r["jit_compile"]) for r in out["runs"]}
     assert ("sequential", 2, False) in modes and ("vectorized", 2, False) in modes
     for r in out["runs"]:
-        for key in ("per_task_step_ms", "group_step_ms", "tasks_per_s", "steps_per_s",
-                    "group_size", "fallback_ops"):
+        for key in (
+            "per_task_step_ms",
+            "group_step_ms",
+            "tasks_per_s",
+            "steps_per_s",
+            "group_size",
+            "fallback_ops",
+        ):
             assert key in r, key
         assert r["per_task_step_ms"] > 0
         assert r["group_size"] == (1 if r["parallel"] == "sequential" else r["meta_batch"])

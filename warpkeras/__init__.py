@@ -33,8 +33,10 @@ def _prefer_onednn():
     if "tensorflow" in _sys.modules:
         return False
     if "TF_ENABLE_ONEDNN_OPTS" in _os.environ:
-        return (_os.environ["TF_ENABLE_ONEDNN_OPTS"] == "1"
-                and _os.environ.get("WARPKERAS_SET_ONEDNN") == "1")
+        return (
+            _os.environ["TF_ENABLE_ONEDNN_OPTS"] == "1"
+            and _os.environ.get("WARPKERAS_SET_ONEDNN") == "1"
+        )
     if _platform.machine().lower() in ("x86_64", "amd64"):
         _os.environ["TF_ENABLE_ONEDNN_OPTS"] = "1"
         _os.environ["WARPKERAS_SET_ONEDNN"] = "1"
@@ -117,15 +119,25 @@ if _keras.backend.backend() != "tensorflow":
         f"the active backend is {_keras.backend.backend()!r}."
     )
 
-from warpkeras.roles import RoleError, role_of, tag, task, untag, warp  # noqa: E402
-from warpkeras.partition import Partition, partition  # noqa: E402
-from warpkeras import objectives, rules  # noqa: E402
-from warpkeras import layers  # noqa: E402
-from warpkeras.tasks import Task, TaskSampler, as_task  # noqa: E402
-from warpkeras import data  # noqa: E402
+from warpkeras import (  # noqa: E402  # noqa: E402
+    callbacks,
+    data,  # noqa: E402
+    export,
+    layers,  # noqa: E402
+    meta,  # noqa: E402
+    objectives,
+    optimizers,
+    rules,
+)
 from warpkeras.buffer import ReplayBuffer  # noqa: E402
-from warpkeras import meta  # noqa: E402
+from warpkeras.callbacks import LeapCallback  # noqa: E402
+from warpkeras.export import adapt, export_adaptive, task_parameter_names  # noqa: E402
+from warpkeras.kfac import KFAC  # noqa: E402
 from warpkeras.meta import MetaObjective  # noqa: E402
+from warpkeras.optimizers import WarpGrad  # noqa: E402
+from warpkeras.partition import Partition, partition  # noqa: E402
+from warpkeras.roles import RoleError, role_of, tag, task, untag, warp  # noqa: E402
+from warpkeras.tasks import Task, TaskSampler, as_task  # noqa: E402
 from warpkeras.trainers import (  # noqa: E402
     FineTuneTrainer,
     LeapTrainer,
@@ -136,11 +148,6 @@ from warpkeras.trainers import (  # noqa: E402
     ReptileTrainer,
     WarpTrainer,
 )
-from warpkeras import callbacks, export, optimizers  # noqa: E402
-from warpkeras.callbacks import LeapCallback  # noqa: E402
-from warpkeras.export import adapt, export_adaptive, task_parameter_names  # noqa: E402
-from warpkeras.optimizers import WarpGrad  # noqa: E402
-from warpkeras.kfac import KFAC  # noqa: E402
 
 __all__ = [
     "FineTuneTrainer",

@@ -26,8 +26,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-__all__ = ["Targets", "TaskLoss", "LossKind", "as_task_loss", "split_targets",
-           "keras_compile_loss"]
+__all__ = ["Targets", "TaskLoss", "LossKind", "as_task_loss", "split_targets", "keras_compile_loss"]
 
 
 class Targets(NamedTuple):
@@ -63,7 +62,8 @@ def split_batch(batch):
             f"A batch must be (x, y) or (x, y, sample_weight), as in keras.Model.fit; got "
             f"{type(batch).__name__}"
             + (f" of {len(batch)} elements" if isinstance(batch, (tuple, list)) else "")
-            + ".")
+            + "."
+        )
     if len(batch) == 3:
         x, y, w = batch
         return x, y, w
@@ -107,8 +107,9 @@ def keras_compile_loss(loss, loss_weights=None, output_names=None):
             # warpkeras computes losses inside vectorised, differentiated step functions,
             # where no variable may change. `None` entries keep the loop over the outputs.
             self._metrics[:] = [None] * len(self._metrics)
-            self._flat_losses = [entry._replace(loss=_WholeTaskLoss(entry.loss))
-                                 for entry in self._flat_losses]
+            self._flat_losses = [
+                entry._replace(loss=_WholeTaskLoss(entry.loss)) for entry in self._flat_losses
+            ]
 
     return _Loss(loss, loss_weights=loss_weights, output_names=output_names)
 
@@ -143,8 +144,7 @@ class _WholeTaskLoss:
             return False
         cast = lambda t: tf.cast(t, loss.dtype)  # noqa: E731  (as `Loss.__call__` does)
         # Only the static shape is read: in a traced function the extra ops are pruned.
-        values = loss.call(tf.nest.map_structure(cast, y_true),
-                           tf.nest.map_structure(cast, y_pred))
+        values = loss.call(tf.nest.map_structure(cast, y_true), tf.nest.map_structure(cast, y_pred))
         return tuple(values.shape) not in ((), (0,))
 
 
@@ -153,10 +153,24 @@ _CATEGORICAL = ("categorical_crossentropy", "categorical_focal_crossentropy")
 _SPARSE = ("sparse_categorical_crossentropy",)
 # Keras's loss functions that compare y_true and y_pred element by element (their shapes
 # must agree; broadcasting one against the other is refused).
-_ELEMENTWISE = _BINARY + _CATEGORICAL + (
-    "mean_squared_error", "mean_absolute_error", "mean_absolute_percentage_error",
-    "mean_squared_logarithmic_error", "huber", "log_cosh", "kl_divergence", "poisson",
-    "hinge", "squared_hinge", "categorical_hinge", "cosine_similarity")
+_ELEMENTWISE = (
+    _BINARY
+    + _CATEGORICAL
+    + (
+        "mean_squared_error",
+        "mean_absolute_error",
+        "mean_absolute_percentage_error",
+        "mean_squared_logarithmic_error",
+        "huber",
+        "log_cosh",
+        "kl_divergence",
+        "poisson",
+        "hinge",
+        "squared_hinge",
+        "categorical_hinge",
+        "cosine_similarity",
+    )
+)
 
 
 class LossKind(NamedTuple):
@@ -204,11 +218,17 @@ def loss_kind(loss):
         else:
             break
     builtin = _keras_function(fn)
-    category = ("binary" if builtin in _BINARY else "categorical" if builtin in _CATEGORICAL
-                else "sparse_categorical" if builtin in _SPARSE else None)
+    category = (
+        "binary"
+        if builtin in _BINARY
+        else "categorical"
+        if builtin in _CATEGORICAL
+        else "sparse_categorical"
+        if builtin in _SPARSE
+        else None
+    )
     from_logits = bool(kwargs.get("from_logits", getattr(loss, "from_logits", False)))
-    name = str(getattr(loss, "name", None) or getattr(fn, "__name__", None)
-               or type(loss).__name__)
+    name = str(getattr(loss, "name", None) or getattr(fn, "__name__", None) or type(loss).__name__)
     return LossKind(category, from_logits, builtin in _ELEMENTWISE, name, builtin)
 
 
@@ -253,17 +273,21 @@ class TaskLoss:
         if isinstance(loss, TaskLoss):
             loss_weights = loss.loss_weights if loss_weights is None else loss_weights
             loss = loss.config
-        expected = ("a Keras loss name (e.g. loss='sparse_categorical_crossentropy' or "
-                    "loss='mse'), a keras.losses.Loss, a serialised Keras loss, a callable "
-                    "fn(y_true, y_pred), or a dict / list of these per output")
+        expected = (
+            "a Keras loss name (e.g. loss='sparse_categorical_crossentropy' or "
+            "loss='mse'), a keras.losses.Loss, a serialised Keras loss, a callable "
+            "fn(y_true, y_pred), or a dict / list of these per output"
+        )
         if loss is None:
             raise ValueError(f"{where}: a loss is required: {expected}.")
         if isinstance(loss, dict) and "class_name" in loss:
             try:  # Keras' deserialisation edits the dict it is given: hand it a copy.
                 loss = keras.losses.deserialize(copy.deepcopy(loss))
             except (ValueError, TypeError, KeyError) as e:
-                raise ValueError(f"{where}: loss={loss!r} is not valid: expected {expected} "
-                                 f"(Keras could not read it: {e}).") from None
+                raise ValueError(
+                    f"{where}: loss={loss!r} is not valid: expected {expected} "
+                    f"(Keras could not read it: {e})."
+                ) from None
         if not _is_loss_config(loss):
             raise TypeError(f"{where}: loss={loss!r} is not valid: expected {expected}.")
         for name in [v for v in tf.nest.flatten(loss) if isinstance(v, str)]:
@@ -272,14 +296,19 @@ class TaskLoss:
             try:
                 resolved = keras.losses.get(name)
             except (ValueError, TypeError, KeyError) as e:
-                raise ValueError(f"{where}: loss={name!r} is not valid: expected {expected} "
-                                 f"(Keras could not read it: {e}).") from None
+                raise ValueError(
+                    f"{where}: loss={name!r} is not valid: expected {expected} "
+                    f"(Keras could not read it: {e})."
+                ) from None
             if resolved is None or not callable(resolved):
                 raise ValueError(f"{where}: loss={name!r} is not valid: expected {expected}.")
         if loss_weights is not None and not isinstance(
-                loss_weights, (int, float, list, tuple, dict)):
-            raise TypeError(f"{where}: loss_weights={loss_weights!r} is not valid: expected "
-                            "a float, or a dict / list with one weight per output.")
+            loss_weights, (int, float, list, tuple, dict)
+        ):
+            raise TypeError(
+                f"{where}: loss_weights={loss_weights!r} is not valid: expected "
+                "a float, or a dict / list with one weight per output."
+            )
         if isinstance(loss_weights, int) and not isinstance(loss_weights, bool):
             loss_weights = float(loss_weights)
         self.config = loss
@@ -315,8 +344,10 @@ class TaskLoss:
             if y_pred is None:
                 return [((), loss, None) for loss in self._static_losses()]
             self._compiled.build(*self._align(y_true, y_pred))
-        return [(path, getattr(loss, "wrapped", loss), weight)
-                for path, loss, weight, _ in self._compiled._flat_losses]
+        return [
+            (path, getattr(loss, "wrapped", loss), weight)
+            for path, loss, weight, _ in self._compiled._flat_losses
+        ]
 
     def _static_losses(self):
         """The losses of the configuration resolved without data (names by
@@ -337,16 +368,20 @@ class TaskLoss:
         category `None` until the loss has seen data."""
         if self._compiled.built:
             return [loss_kind(loss) for _, loss, _ in self.resolved()]
-        return [LossKind(None, False, False, "crossentropy") if loss is None
-                else loss_kind(loss) for loss in self._static_losses()]
+        return [
+            LossKind(None, False, False, "crossentropy") if loss is None else loss_kind(loss)
+            for loss in self._static_losses()
+        ]
 
     @property
     def classification(self):
         """Whether every output's loss is a Keras cross-entropy (accuracy is then
         meaningful)."""
         kinds = self.kinds()
-        shorthand = any(isinstance(v, str) and v.lower() in ("crossentropy", "ce")
-                        for v in tf.nest.flatten(self.config))
+        shorthand = any(
+            isinstance(v, str) and v.lower() in ("crossentropy", "ce")
+            for v in tf.nest.flatten(self.config)
+        )
         return bool(kinds) and (shorthand or all(k.category is not None for k in kinds))
 
     # ----------------------------------------------------------------------------- value
@@ -354,8 +389,11 @@ class TaskLoss:
         """`y_true` in the structure of `y_pred` where Keras's `CompileLoss` would
         reconcile them (a tuple of labels for list outputs, a dict for a one-output
         dict)."""
-        if (isinstance(y_pred, (list, tuple)) and isinstance(y_true, (list, tuple))
-                and len(y_pred) == len(y_true)):
+        if (
+            isinstance(y_pred, (list, tuple))
+            and isinstance(y_true, (list, tuple))
+            and len(y_pred) == len(y_true)
+        ):
             y_true = type(y_pred)(y_true) if isinstance(y_pred, tuple) else list(y_true)
         return y_true, y_pred
 
@@ -396,22 +434,23 @@ class TaskLoss:
                 continue
             if tf.nest.is_nested(yt) or tf.nest.is_nested(yp):
                 continue
-            ts, ps = list(np.shape(yt) if not hasattr(yt, "shape") else yt.shape), list(
-                yp.shape)
+            ts, ps = list(np.shape(yt) if not hasattr(yt, "shape") else yt.shape), list(yp.shape)
             # Keras squeezes or expands a trailing axis of size 1 to match ranks.
             if len(ts) == len(ps) + 1 and ts[-1] == 1:
                 ts = ts[:-1]
             elif len(ps) == len(ts) + 1 and ps[-1] == 1:
                 ps = ps[:-1]
             if len(ts) != len(ps) or any(
-                    a is not None and b is not None and a != b for a, b in zip(ts, ps)):
+                a is not None and b is not None and a != b for a, b in zip(ts, ps)
+            ):
                 output = "/".join(str(k) for k in path) or "the output"
                 raise ValueError(
                     f"{caller}: the labels of {output} have shape {tuple(ts)} but the "
                     f"predictions have shape {tuple(ps)}; the loss '{kind.name}' compares "
                     "them element by element and would broadcast one against the other. "
                     "Give labels of the predictions' shape (or a model output of the "
-                    "labels' width).")
+                    "labels' width)."
+                )
 
     def __call__(self, y_true, y_pred, sample_weight=None):
         """The compiled loss (a scalar in Keras's floatx).
@@ -444,13 +483,15 @@ class TaskLoss:
         self._check_shapes(y_true, y_pred)
         if sample_weight is not None:
             sample_weight = tf.nest.map_structure(
-                lambda w: w if w is None else tf.convert_to_tensor(w), sample_weight)
+                lambda w: w if w is None else tf.convert_to_tensor(w), sample_weight
+            )
         try:
             value = self._compiled(y_true, y_pred, sample_weight)
         except (KeyError, TypeError) as e:
             raise ValueError(
                 f"{self.where}: the labels do not match the model's outputs or the loss "
-                f"configuration: {e}") from None
+                f"configuration: {e}"
+            ) from None
         if value is None:
             raise ValueError(f"{self.where}: no output of the model has a loss.")
         return value

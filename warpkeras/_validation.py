@@ -90,8 +90,10 @@ def _scalar(value):
     """A 0-d numpy array or 0-d tensor as a Python/numpy scalar; anything else unchanged."""
     if isinstance(value, np.ndarray) and value.ndim == 0:
         return value[()]
-    if hasattr(value, "numpy") and getattr(value, "shape", None) == () and not isinstance(
-        value, (numbers.Number, np.generic)
+    if (
+        hasattr(value, "numpy")
+        and getattr(value, "shape", None) == ()
+        and not isinstance(value, (numbers.Number, np.generic))
     ):
         try:
             return value.numpy()
@@ -100,8 +102,17 @@ def _scalar(value):
     return value
 
 
-def check_int(value, name, *, minimum=None, maximum=None, allow_none=False, where=None,
-              example=None, error=ValueError):
+def check_int(
+    value,
+    name,
+    *,
+    minimum=None,
+    maximum=None,
+    allow_none=False,
+    where=None,
+    example=None,
+    error=ValueError,
+):
     """An integer argument (Python or numpy integer; integral floats such as ``5.0`` too).
 
     Args:
@@ -148,9 +159,19 @@ def check_int(value, name, *, minimum=None, maximum=None, allow_none=False, wher
     return value
 
 
-def check_float(value, name, *, minimum=None, maximum=None, min_inclusive=True,
-                max_inclusive=True, allow_none=False, where=None, example=None,
-                error=ValueError):
+def check_float(
+    value,
+    name,
+    *,
+    minimum=None,
+    maximum=None,
+    min_inclusive=True,
+    max_inclusive=True,
+    allow_none=False,
+    where=None,
+    example=None,
+    error=ValueError,
+):
     """A finite real argument (Python / numpy number, 0-d array or tensor).
 
     NaN and infinities are always refused.
@@ -253,8 +274,9 @@ def check_seed(value, name="seed", *, allow_none=False, where=None, error=ValueE
         TypeError: not an integer (``seed="abc"``, ``seed=1.5``).
         `error`: negative or too large.
     """
-    return check_int(value, name, minimum=0, allow_none=allow_none,
-                     where=where, example=0, error=error)
+    return check_int(
+        value, name, minimum=0, allow_none=allow_none, where=where, example=0, error=error
+    )
 
 
 def check_callable(value, name, *, allow_none=True, where=None, signature=None):
@@ -293,14 +315,25 @@ def check_directory(path, name, *, allow_none=True, where=None, error=ValueError
     if path is None and allow_none:
         return None
     if not isinstance(path, (str, os.PathLike)) or isinstance(path, bytes):
-        _fail(TypeError, name, path, "a folder path (str or os.PathLike)"
-              + (" or None" if allow_none else ""), where)
+        _fail(
+            TypeError,
+            name,
+            path,
+            "a folder path (str or os.PathLike)" + (" or None" if allow_none else ""),
+            where,
+        )
     path = os.fspath(path)
     if not path:
         _fail(error, name, path, "a non-empty folder path", where)
     if os.path.exists(path) and not os.path.isdir(path):
-        _fail(error, name, path, "a folder, but a file of that name exists", where,
-              "choose another folder or remove the file")
+        _fail(
+            error,
+            name,
+            path,
+            "a folder, but a file of that name exists",
+            where,
+            "choose another folder or remove the file",
+        )
     # The nearest existing ancestor must be a writable folder (not a file).
     parent = os.path.abspath(path)
     while not os.path.exists(parent):
@@ -309,11 +342,23 @@ def check_directory(path, name, *, allow_none=True, where=None, error=ValueError
             break
         parent = up
     if os.path.exists(parent) and not os.path.isdir(parent):
-        _fail(error, name, path, "a folder path, but its parent "
-              f"{parent!r} is a file", where, "choose another folder")
+        _fail(
+            error,
+            name,
+            path,
+            f"a folder path, but its parent {parent!r} is a file",
+            where,
+            "choose another folder",
+        )
     if os.path.isdir(parent) and not os.access(parent, os.W_OK | os.X_OK):
-        _fail(error, name, path, f"a writable folder, but {parent!r} is not writable", where,
-              "choose a folder you can write to")
+        _fail(
+            error,
+            name,
+            path,
+            f"a writable folder, but {parent!r} is not writable",
+            where,
+            "choose a folder you can write to",
+        )
     return path
 
 
@@ -353,11 +398,19 @@ def get_optimizer(identifier, name, *, allow_none=True, where=None):
         return None
     if isinstance(identifier, keras.optimizers.Optimizer):
         return identifier
-    expected = ("a keras.optimizers.Optimizer, an optimizer name such as 'adam' or 'sgd', "
-                "or a serialised optimizer config") + (" or None" if allow_none else "")
+    expected = (
+        "a keras.optimizers.Optimizer, an optimizer name such as 'adam' or 'sgd', "
+        "or a serialised optimizer config"
+    ) + (" or None" if allow_none else "")
     if isinstance(identifier, type) and issubclass(identifier, keras.optimizers.Optimizer):
-        _fail(TypeError, name, identifier, expected, where,
-              f"pass an instance: {name}={identifier.__name__}()")
+        _fail(
+            TypeError,
+            name,
+            identifier,
+            expected,
+            where,
+            f"pass an instance: {name}={identifier.__name__}()",
+        )
     if not isinstance(identifier, (str, dict)):
         _fail(TypeError, name, identifier, expected, where)
     if isinstance(identifier, dict):

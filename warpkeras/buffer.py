@@ -11,7 +11,6 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-
 _SPILL_RE = re.compile(r"^warpkeras-buffer-(?P<host>.+)-(?P<pid>\d+)-[a-z0-9_]+$")
 
 
@@ -159,16 +158,25 @@ class ReplayBuffer:
         if entry["velocity"] is not None:
             arrays.update({f"v{i}": a for i, a in enumerate(entry["velocity"])})
         np.savez(path, **arrays)
-        return {"task_id": entry["task_id"], "step": entry["step"], "path": path,
-                "n": len(entry["theta"]), "has_velocity": entry["velocity"] is not None}
+        return {
+            "task_id": entry["task_id"],
+            "step": entry["step"],
+            "path": path,
+            "n": len(entry["theta"]),
+            "has_velocity": entry["velocity"] is not None,
+        }
 
     @staticmethod
     def _load(ref):
         with np.load(ref["path"]) as data:
             theta = [data[f"t{i}"] for i in range(ref["n"])]
             velocity = [data[f"v{i}"] for i in range(ref["n"])] if ref["has_velocity"] else None
-        return {"task_id": ref["task_id"], "step": ref["step"], "theta": theta,
-                "velocity": velocity}
+        return {
+            "task_id": ref["task_id"],
+            "step": ref["step"],
+            "theta": theta,
+            "velocity": velocity,
+        }
 
     def drain(self, rng: np.random.Generator) -> Iterator[dict]:
         """Yields every stored point once, in random order (sampling without replacement,

@@ -41,8 +41,10 @@ def _momentum_of(rule, variable):
     name = variable.path.replace("/", "_") + "_momentum"
     found = [m for m in rule.momentums if m.path.split("/")[-1] == name]
     if len(found) != 1:
-        raise ValueError(f"LeapCallback: cannot find the momentum of '{variable.path}' in "
-                         f"optimizer '{rule.name}' ({len(found)} slots named '{name}').")
+        raise ValueError(
+            f"LeapCallback: cannot find the momentum of '{variable.path}' in "
+            f"optimizer '{rule.name}' ({len(found)} slots named '{name}')."
+        )
     return found[0]
 
 
@@ -148,14 +150,15 @@ class LeapCallback(keras.callbacks.Callback):
         super().__init__()
         where = "LeapCallback"
         norm = _v.check_choice(norm, "norm", ("energy", "length"), where=where)
-        tasks_per_update = _v.check_int(tasks_per_update, "tasks_per_update", minimum=1,
-                                        where=where, example=1)
-        untagged = _v.check_choice(untagged, "untagged", (None,) + tuple(UNTAGGED_POLICIES),
-                                   where=where)
+        tasks_per_update = _v.check_int(
+            tasks_per_update, "tasks_per_update", minimum=1, where=where, example=1
+        )
+        untagged = _v.check_choice(
+            untagged, "untagged", (None,) + tuple(UNTAGGED_POLICIES), where=where
+        )
         sign_correction = _v.check_bool(sign_correction, "sign_correction", where=where)
         loss_in_path = _v.check_bool(loss_in_path, "loss_in_path", where=where)
-        update_on_train_end = _v.check_bool(update_on_train_end, "update_on_train_end",
-                                            where=where)
+        update_on_train_end = _v.check_bool(update_on_train_end, "update_on_train_end", where=where)
         reset_inner_state = _v.check_bool(reset_inner_state, "reset_inner_state", where=where)
         meta_optimizer = _v.get_optimizer(meta_optimizer, "meta_optimizer", where=where)
         if meta_optimizer is None:
@@ -261,7 +264,9 @@ class LeapCallback(keras.callbacks.Callback):
         if self.theta0 is None:
             self.theta0 = [
                 keras.Variable(
-                    _numpy(v.value), dtype=v.dtype, trainable=False,
+                    _numpy(v.value),
+                    dtype=v.dtype,
+                    trainable=False,
                     name=v.path.replace("/", "_") + "_theta0",
                 )
                 for v in variables
@@ -283,10 +288,7 @@ class LeapCallback(keras.callbacks.Callback):
             return None
         if not rule.built:
             return [tf.zeros(v.shape, v.dtype) for v in self._task_variables]
-        return [
-            tf.convert_to_tensor(_momentum_of(rule, v).value)
-            for v in self._task_variables
-        ]
+        return [tf.convert_to_tensor(_momentum_of(rule, v).value) for v in self._task_variables]
 
     def _loss_totals(self):
         tracker = _loss_mean(self.model)
@@ -345,7 +347,9 @@ class LeapCallback(keras.callbacks.Callback):
             self.task_gradient = [a + s for a, s in zip(self.task_gradient, segment)]
             self._current_length += float(
                 objectives.leap_path_length(
-                    [theta_prev, theta], [loss_prev, loss], norm=self.norm,
+                    [theta_prev, theta],
+                    [loss_prev, loss],
+                    norm=self.norm,
                     loss_in_path=self.loss_in_path,
                 )
             )

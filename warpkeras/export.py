@@ -138,7 +138,8 @@ def _resolve_loss(loss, from_logits, model):
                 raise ValueError(
                     f"from_logits={from_logits!r} does not describe the loss {loss.name}: it "
                     "only applies to cross-entropies given by name. Leave it out (the loss "
-                    "object's own setting is used) or set it on the trainer's loss.")
+                    "object's own setting is used) or set it on the trainer's loss."
+                )
         return loss, _sparse_labels(loss), loss.name
     if loss is None:
         loss = getattr(model, "loss", None)
@@ -284,8 +285,13 @@ class _Inputs:
     def describe(self):
         """``[{"name", "x", "queries", "shape", "dtype"}]`` per input, for the metadata."""
         return [
-            {"name": n, "x": self.argument("x", i), "queries": self.argument("queries", i),
-             "shape": s.shape.as_list(), "dtype": s.dtype.name}
+            {
+                "name": n,
+                "x": self.argument("x", i),
+                "queries": self.argument("queries", i),
+                "shape": s.shape.as_list(),
+                "dtype": s.dtype.name,
+            }
             for i, (n, s) in enumerate(zip(self.names, self.specs))
         ]
 
@@ -329,8 +335,10 @@ def _describe_structure(structure):
 def _is_spec_structure(spec):
     if isinstance(spec, dict):
         return True
-    return isinstance(spec, (list, tuple)) and bool(spec) and all(
-        isinstance(s, (tf.TensorSpec, list, tuple)) for s in spec
+    return (
+        isinstance(spec, (list, tuple))
+        and bool(spec)
+        and all(isinstance(s, (tf.TensorSpec, list, tuple)) for s in spec)
     )
 
 
@@ -349,8 +357,11 @@ def _model_inputs(model, input_spec, where):
     if input_spec is not None and _is_spec_structure(input_spec):
         # One level: a dict of specs (keys sorted, as Keras flattens dicts) or a list or
         # tuple of specs; each spec is a tf.TensorSpec or a tuple of dimensions.
-        leaves = ([(k,), input_spec[k]] for k in sorted(input_spec)) if isinstance(
-            input_spec, dict) else (((i,), s) for i, s in enumerate(input_spec))
+        leaves = (
+            ([(k,), input_spec[k]] for k in sorted(input_spec))
+            if isinstance(input_spec, dict)
+            else (((i,), s) for i, s in enumerate(input_spec))
+        )
         leaves = list(leaves)
         specs = [_as_spec(s, f"input_spec[{p[0]!r}]", default) for p, s in leaves]
         if inputs is not None and len(inputs) != len(specs):
@@ -377,8 +388,9 @@ def _model_inputs(model, input_spec, where):
             names, structure = [p[0] for p, _ in leaves], {k: 0 for k in input_spec}
         else:
             names = [
-                s.name if isinstance(s, tf.TensorSpec) and s.name else (
-                    _leaf_name((), inputs[i], i) if inputs is not None else f"input_{i}")
+                s.name
+                if isinstance(s, tf.TensorSpec) and s.name
+                else (_leaf_name((), inputs[i], i) if inputs is not None else f"input_{i}")
                 for i, (_, s) in enumerate(leaves)
             ]
             structure = type(input_spec)([0] * len(specs))
@@ -488,9 +500,7 @@ class _Checks:
         with tf.control_dependencies(self.ops):
             ok = tf.identity(self.ok)
         stand_in = [0 if i == 0 else (1 if d is None else d) for i, d in enumerate(shape)]
-        out = tf.cond(
-            ok, lambda: tf.identity(t), lambda: tf.zeros(stand_in, t.dtype)
-        )
+        out = tf.cond(ok, lambda: tf.identity(t), lambda: tf.zeros(stand_in, t.dtype))
         out.set_shape(shape)
         return out
 
@@ -575,7 +585,8 @@ def _batch_norm_layers(model):
 
     kinds = (keras.layers.BatchNormalization, ExactBatchNormalization)
     return [
-        layer for layer in model._flatten_layers(include_self=False, recursive=True)
+        layer
+        for layer in model._flatten_layers(include_self=False, recursive=True)
         if isinstance(layer, kinds) and layer.trainable
     ]
 
@@ -639,20 +650,39 @@ def _served_rule(rule, learning_rate, momentum, where):
             f"{where}: the inner rule {rule!r} cannot be traced into a SavedModel "
             "(exportable = False; an objective's inner_update hook reads the trainer): "
             "write it as a warpkeras.rules.InnerRule (e.g. warpkeras.rules.MetaSGD for "
-            "per-parameter learning rates) and give it to the trainer as inner_rule=.")
+            "per-parameter learning rates) and give it to the trainer as inner_rule=."
+        )
     if not getattr(rule, "built", False):
-        raise ValueError(f"{where}: the inner rule {rule!r} is not built: give it to a "
-                         "trainer (inner_rule=...) or call rule.build(partition, loss).")
+        raise ValueError(
+            f"{where}: the inner rule {rule!r} is not built: give it to a "
+            "trainer (inner_rule=...) or call rule.build(partition, loss)."
+        )
     return rule
 
 
 class _Program:
     """The pure adaptation/prediction maths for one model, with input validation."""
 
-    def __init__(self, model, loss, from_logits, learning_rate, momentum, training,
-                 input_spec, label_spec, untagged, max_steps, predict_training=None,
-                 max_rows=None, max_row_steps=None, max_elements=None,
-                 max_element_steps=None, where="export_adaptive", rule=None):
+    def __init__(
+        self,
+        model,
+        loss,
+        from_logits,
+        learning_rate,
+        momentum,
+        training,
+        input_spec,
+        label_spec,
+        untagged,
+        max_steps,
+        predict_training=None,
+        max_rows=None,
+        max_row_steps=None,
+        max_elements=None,
+        max_element_steps=None,
+        where="export_adaptive",
+        rule=None,
+    ):
         v = _validation
         if not isinstance(model, keras.Model):
             raise TypeError(
@@ -664,28 +694,68 @@ class _Program:
                 f"{where}: model '{model.name}' is not built: give it a keras.Input or call "
                 "it once on a batch."
             )
-        lr = v.check_float(learning_rate, "learning_rate", minimum=0.0, min_inclusive=False,
-                           where=where, example=0.01)
-        momentum = v.check_float(momentum, "momentum", minimum=0.0, maximum=1.0,
-                                 max_inclusive=False, allow_none=True, where=where,
-                                 example=0.9)
+        lr = v.check_float(
+            learning_rate,
+            "learning_rate",
+            minimum=0.0,
+            min_inclusive=False,
+            where=where,
+            example=0.01,
+        )
+        momentum = v.check_float(
+            momentum,
+            "momentum",
+            minimum=0.0,
+            maximum=1.0,
+            max_inclusive=False,
+            allow_none=True,
+            where=where,
+            example=0.9,
+        )
         from_logits = v.check_bool(from_logits, "from_logits", allow_none=True, where=where)
         training = v.check_bool(training, "training", where=where)
-        predict_training = v.check_bool(predict_training, "predict_training",
-                                        allow_none=True, where=where)
-        max_steps = v.check_int(max_steps, "max_steps", minimum=0, maximum=_INT32_MAX,
-                                where=where, example=10000)
-        max_rows = v.check_int(max_rows, "max_rows", minimum=1, maximum=_INT32_MAX,
-                               allow_none=True, where=where, example=10000)
-        max_row_steps = v.check_int(max_row_steps, "max_row_steps", minimum=1,
-                                    maximum=2**62, allow_none=True, where=where,
-                                    example=10**6)
-        max_elements = v.check_int(max_elements, "max_elements", minimum=1,
-                                   maximum=_ELEMENTS_MAX, allow_none=True, where=where,
-                                   example=10**6)
-        max_element_steps = v.check_int(max_element_steps, "max_element_steps", minimum=1,
-                                        maximum=_ELEMENTS_MAX, allow_none=True, where=where,
-                                        example=10**7)
+        predict_training = v.check_bool(
+            predict_training, "predict_training", allow_none=True, where=where
+        )
+        max_steps = v.check_int(
+            max_steps, "max_steps", minimum=0, maximum=_INT32_MAX, where=where, example=10000
+        )
+        max_rows = v.check_int(
+            max_rows,
+            "max_rows",
+            minimum=1,
+            maximum=_INT32_MAX,
+            allow_none=True,
+            where=where,
+            example=10000,
+        )
+        max_row_steps = v.check_int(
+            max_row_steps,
+            "max_row_steps",
+            minimum=1,
+            maximum=2**62,
+            allow_none=True,
+            where=where,
+            example=10**6,
+        )
+        max_elements = v.check_int(
+            max_elements,
+            "max_elements",
+            minimum=1,
+            maximum=_ELEMENTS_MAX,
+            allow_none=True,
+            where=where,
+            example=10**6,
+        )
+        max_element_steps = v.check_int(
+            max_element_steps,
+            "max_element_steps",
+            minimum=1,
+            maximum=_ELEMENTS_MAX,
+            allow_none=True,
+            where=where,
+            example=10**7,
+        )
         v.check_choice(untagged, "untagged", UNTAGGED_POLICIES, where=where)
         self.model = model
         self.partition = _partition(model, untagged=untagged, require_task=True)
@@ -702,28 +772,36 @@ class _Program:
         self.min_query_rows = 2 if self.predict_training and _has_batch_norm(model) else 0
         self.inputs = _model_inputs(model, input_spec, where)
         self.example_elements, self.variable_size = _example_elements(self.inputs.specs)
-        rows, row_steps = ((_DEFAULT_ROWS, _DEFAULT_VARIABLE_ROW_STEPS) if self.variable_size
-                           else (_DEFAULT_ROWS, _DEFAULT_ROW_STEPS))
-        self.max_elements = (min(rows * self.example_elements, _ELEMENTS_MAX)
-                             if max_elements is None else max_elements)
-        self.max_element_steps = (min(row_steps * self.example_elements, _ELEMENTS_MAX)
-                                  if max_element_steps is None else max_element_steps)
+        rows, row_steps = (
+            (_DEFAULT_ROWS, _DEFAULT_VARIABLE_ROW_STEPS)
+            if self.variable_size
+            else (_DEFAULT_ROWS, _DEFAULT_ROW_STEPS)
+        )
+        self.max_elements = (
+            min(rows * self.example_elements, _ELEMENTS_MAX)
+            if max_elements is None
+            else max_elements
+        )
+        self.max_element_steps = (
+            min(row_steps * self.example_elements, _ELEMENTS_MAX)
+            if max_element_steps is None
+            else max_element_steps
+        )
         self.out_spec = _output_spec(self.partition, self.inputs)
         y_spec = _as_spec(label_spec, "label_spec", self.out_spec.dtype)
-        self.y_spec = y_spec if y_spec is not None else _default_label_spec(
-            self.out_spec, self.sparse
+        self.y_spec = (
+            y_spec if y_spec is not None else _default_label_spec(self.out_spec, self.sparse)
         )
         self.num_classes = self.out_spec.shape[-1] if self.sparse else None
         self.names = _names(self.partition.task_variables)
         # With training-mode adaptation the `adapt` signature also returns the adapted
         # moving statistics (the model's floating state), which predictions need.
         self.state_indices = [
-            i for i, v in enumerate(self.partition.state_variables)
+            i
+            for i, v in enumerate(self.partition.state_variables)
             if self.training and tf.as_dtype(v.dtype).is_floating
         ]
-        self.state_names = _names(
-            [self.partition.state_variables[i] for i in self.state_indices]
-        )
+        self.state_names = _names([self.partition.state_variables[i] for i in self.state_indices])
         clash = set(self.names) & set(self.state_names)
         if clash:
             raise ValueError(
@@ -759,19 +837,23 @@ class _Program:
         rows = _leading_dim(t)
         if min_rows == 1:
             checks.require(
-                rows > 0, f"{fn}: `{arg}` must hold at least one example; got shape", shape,
+                rows > 0,
+                f"{fn}: `{arg}` must hold at least one example; got shape",
+                shape,
             )
         elif min_rows > 1:
             checks.require(
                 rows >= min_rows,
                 f"{fn}: `{arg}` must hold at least {min_rows} examples: predictions use "
                 "batch statistics (predict_training=True), which normalise a single example "
-                "to a constant; send the query set in one request. Got shape", shape,
+                "to a constant; send the query set in one request. Got shape",
+                shape,
             )
         checks.require(
             rows <= self.max_rows,
             f"{fn}: `{arg}` holds more examples than max_rows={self.max_rows} of the export; "
-            "send at most that many per request. Got", rows,
+            "send at most that many per request. Got",
+            rows,
         )
 
     def _check_finite(self, checks, t, arg, fn):
@@ -792,8 +874,8 @@ class _Program:
             rows = [_leading_dim(t) for t in xs]
             checks.require(
                 tf.reduce_all(tf.equal(tf.stack(rows), rows[0])),
-                f"{fn}: the inputs {_listing(args)} must hold the same number of "
-                "examples; got", *_interleave(rows, args),
+                f"{fn}: the inputs {_listing(args)} must hold the same number of examples; got",
+                *_interleave(rows, args),
             )
         what = f"`{args[0]}`" if len(args) == 1 else _listing(args) + " together"
         checks.require(
@@ -812,20 +894,25 @@ class _Program:
             checks.require(
                 tf.equal(_leading_dim(x), _leading_dim(y)),
                 f"{fn}: `x` and `y` must hold the same number of examples; got",
-                _leading_dim(x), "and", _leading_dim(y),
+                _leading_dim(x),
+                "and",
+                _leading_dim(y),
             )
         else:
             args = self.inputs.arguments("x")
             checks.require(
                 tf.equal(_leading_dim(x), _leading_dim(y)),
-                f"{fn}: {_listing(args + ['y'])} must hold the same number of examples; "
-                "got", _leading_dim(x), f"in `{args[0]}` and", _leading_dim(y),
+                f"{fn}: {_listing(args + ['y'])} must hold the same number of examples; got",
+                _leading_dim(x),
+                f"in `{args[0]}` and",
+                _leading_dim(y),
                 "in `y`",
             )
         checks.require(tf.greater_equal(steps, 0), f"{fn}: `steps` must be >= 0; got", steps)
         checks.require(
             tf.less_equal(steps, self.max_steps),
-            f"{fn}: `steps` must be <= {self.max_steps} (max_steps of the export); got", steps,
+            f"{fn}: `steps` must be <= {self.max_steps} (max_steps of the export); got",
+            steps,
         )
         work = tf.cast(_leading_dim(x), tf.int64) * tf.cast(steps, tf.int64)
         rows_of = "`x`" if self.inputs.single else "the support set"
@@ -833,15 +920,22 @@ class _Program:
             tf.less_equal(work, self.max_row_steps),
             f"{fn}: rows of {rows_of} × `steps` must be <= max_row_steps="
             f"{self.max_row_steps} of the export (the work of one request); use fewer steps "
-            "or fewer examples. Got", _leading_dim(x), "×", steps,
+            "or fewer examples. Got",
+            _leading_dim(x),
+            "×",
+            steps,
         )
         support = "`x`" if self.inputs.single else "the support set"
         checks.require(
-            tf.less_equal(_elements(xs), self.max_element_steps // tf.maximum(
-                tf.cast(steps, tf.int64), 1)),
+            tf.less_equal(
+                _elements(xs), self.max_element_steps // tf.maximum(tf.cast(steps, tf.int64), 1)
+            ),
             f"{fn}: the numbers in {support} × `steps` must be <= max_element_steps="
             f"{self.max_element_steps} of the export (the work of one request); use fewer "
-            "steps or a smaller support set. Got", _elements(xs), "×", steps,
+            "steps or a smaller support set. Got",
+            _elements(xs),
+            "×",
+            steps,
         )
         for t, arg in zip(xs, self.inputs.arguments("x")):
             self._check_finite(checks, t, arg, fn)
@@ -851,7 +945,8 @@ class _Program:
             checks.require(
                 tf.reduce_all((y >= 0) & (y < n)),
                 f"{fn}: class labels in `y` must lie in [0, {self.num_classes}); got min/max",
-                tf.reduce_min(y), tf.reduce_max(y),
+                tf.reduce_min(y),
+                tf.reduce_max(y),
             )
         return checks
 
@@ -878,12 +973,22 @@ class _Program:
 
         def body(i, theta, velocity, state):
             step = objectives.task_step(
-                self.partition, self.loss_fn, theta, phi, (x, y), None, velocity=velocity,
-                state=state, training=self.training, rule=rule)
+                self.partition,
+                self.loss_fn,
+                theta,
+                phi,
+                (x, y),
+                None,
+                velocity=velocity,
+                state=state,
+                training=self.training,
+                rule=rule,
+            )
             if self.training:
                 state = [tf.cast(s, s0.dtype) for s, s0 in zip(step.state, state)]
             new_velocity = tf.nest.map_structure(
-                lambda v, v0: tf.cast(v, v0.dtype), step.velocity, velocity)
+                lambda v, v0: tf.cast(v, v0.dtype), step.velocity, velocity
+            )
             return i + 1, step.theta, new_velocity, state
 
         _, theta, _, state = tf.while_loop(
@@ -913,7 +1018,7 @@ class _Program:
         if fn == "predict":
             return values[:k], None, None, None
         xs, y, steps = values[:k], values[k], values[k + 1]
-        return xs, y, steps, (values[k + 2:] if fn == "adapt_and_predict" else None)
+        return xs, y, steps, (values[k + 2 :] if fn == "adapt_and_predict" else None)
 
     def _guard_inputs(self, checks, xs):
         return [checks.guard(t, self._batch_shape(s)) for t, s in zip(xs, self.inputs.specs)]
@@ -969,9 +1074,13 @@ class _Program:
         """``[(name, declared dtype, role)]`` of entry point `fn`'s flat (signature)
         arguments, in call order; `role` is "x", "y", "steps" or "queries" (one "x" and
         one "queries" argument per model input, see `_Inputs.argument`)."""
+
         def inputs(role):
-            return [(self.inputs.argument(role, i), s.dtype, role)
-                    for i, s in enumerate(self.inputs.specs)]
+            return [
+                (self.inputs.argument(role, i), s.dtype, role)
+                for i, s in enumerate(self.inputs.specs)
+            ]
+
         args = inputs("x")
         if fn != "predict":
             args += [("y", self.y_spec.dtype, "y"), ("steps", tf.int32, "steps")]
@@ -983,8 +1092,11 @@ class _Program:
         """`fn` ("predict", "adapt" or "adapt_and_predict") as a `tf.function` over its
         flat, named arguments (`arguments`), each declared with unknown shape."""
         args = self.arguments(fn)
-        body = {"predict": self.predict, "adapt": self.adapt,
-                "adapt_and_predict": self.adapt_and_predict}[fn]
+        body = {
+            "predict": self.predict,
+            "adapt": self.adapt,
+            "adapt_and_predict": self.adapt_and_predict,
+        }[fn]
         return tf.function(
             _named(body, [n for n, _, _ in args]),
             input_signature=[tf.TensorSpec(None, d, name=n) for n, d, _ in args],
@@ -995,7 +1107,8 @@ class _Program:
         if self.inputs.single:
             return "tensor"
         return {dict: "dict", list: "list", tuple: "tuple"}.get(
-            type(self.inputs.structure), type(self.inputs.structure).__name__)
+            type(self.inputs.structure), type(self.inputs.structure).__name__
+        )
 
     def metadata(self):
         return {
@@ -1011,12 +1124,20 @@ class _Program:
             "max_elements": self.max_elements,
             "max_element_steps": self.max_element_steps,
             "example_elements": self.example_elements,
-            "input_shape": (str(self.inputs.specs[0].shape.as_list()) if self.inputs.single
-                            else json.dumps({n: s.shape.as_list() for n, s in
-                                             zip(self.inputs.names, self.inputs.specs)})),
-            "input_dtype": (self.inputs.specs[0].dtype.name if self.inputs.single
-                            else json.dumps({n: s.dtype.name for n, s in
-                                             zip(self.inputs.names, self.inputs.specs)})),
+            "input_shape": (
+                str(self.inputs.specs[0].shape.as_list())
+                if self.inputs.single
+                else json.dumps(
+                    {n: s.shape.as_list() for n, s in zip(self.inputs.names, self.inputs.specs)}
+                )
+            ),
+            "input_dtype": (
+                self.inputs.specs[0].dtype.name
+                if self.inputs.single
+                else json.dumps(
+                    {n: s.dtype.name for n, s in zip(self.inputs.names, self.inputs.specs)}
+                )
+            ),
             "input_structure": self._structure_name(),
             "inputs": json.dumps(self.inputs.describe()),
             "label_shape": str(self.y_spec.shape.as_list()),
@@ -1052,6 +1173,7 @@ def _interleave(values, names):
 def _named(function, names):
     """`function(*values)` as a function whose parameters are called `names` (so that
     `tf.function` and the loaded SavedModel accept them as keywords)."""
+
     def call(*values):
         return function(*values)
 
@@ -1062,8 +1184,11 @@ def _named(function, names):
     return call
 
 
-_PARAMETERS = {"predict": ["x"], "adapt": ["x", "y", "steps"],
-               "adapt_and_predict": ["x", "y", "steps", "queries"]}
+_PARAMETERS = {
+    "predict": ["x"],
+    "adapt": ["x", "y", "steps"],
+    "adapt_and_predict": ["x", "y", "steps", "queries"],
+}
 # The most dtype combinations of the model's inputs traced for the dtype-tolerant
 # functions of a model with several inputs (each combination is a concrete function).
 _MAX_INPUT_COMBINATIONS = 16
@@ -1092,7 +1217,7 @@ def _input_dtype_combinations(program):
         combos.append(combo)
     for i, o in enumerate(options):
         for d in o[1:]:
-            combos.append(declared[:i] + [d] + declared[i + 1:])
+            combos.append(declared[:i] + [d] + declared[i + 1 :])
     unique = []
     for c in combos:
         if c not in unique:
@@ -1128,11 +1253,11 @@ def _tolerant(program, fn, typed, tolerant=True):
         values = flat_values(values)
         for (name, dtype, _), ok, value in zip(args, accepted, values):
             if value.dtype not in ok:
-                message = (f"{display}: `{name}` must be {_dtype_text(dtype)}; got "
-                           f"{value.dtype.name}. Cast it before sending.")
-                with tf.control_dependencies(
-                    [tf.debugging.Assert(tf.constant(False), [message])]
-                ):
+                message = (
+                    f"{display}: `{name}` must be {_dtype_text(dtype)}; got "
+                    f"{value.dtype.name}. Cast it before sending."
+                )
+                with tf.control_dependencies([tf.debugging.Assert(tf.constant(False), [message])]):
                     if fn == "adapt":
                         return program.adapt_outputs(program._theta0(), program._state())
                     out = program.out_spec.shape.as_list()[1:]
@@ -1150,13 +1275,13 @@ def _tolerant(program, fn, typed, tolerant=True):
     k = len(inputs.specs)
     others = [i for i, (_, _, role) in enumerate(args) if role in ("y", "steps")]
     if tolerant:
-        x_combos = (_input_dtype_combinations(program) if k > 1
-                    else [[d] for d in accepted[0]])
+        x_combos = _input_dtype_combinations(program) if k > 1 else [[d] for d in accepted[0]]
         combos = [[]]
         for i in others:
             combos = [c + [d] for c in combos for d in accepted[i]]
-        combos = [x + c + (x if fn == "adapt_and_predict" else [])
-                  for x in x_combos for c in combos]
+        combos = [
+            x + c + (x if fn == "adapt_and_predict" else []) for x in x_combos for c in combos
+        ]
         for i, (_, dtype, role) in enumerate(args):
             for got in _refused(dtype, role):
                 combo = [d for _, d, _ in args]
@@ -1229,10 +1354,12 @@ def _check_path(path, overwrite, where):
             names = set(n.rstrip("/") for n in fs.listdir(path))
             hint = ""
             if names and names <= {"variables", "fingerprint.pb", "assets", "assets.extra"}:
-                hint = (" It holds what a SavedModel holds except saved_model.pb, as a "
-                        "replacement cut short by an earlier warpkeras version leaves it; "
-                        "that version's staging folder (.export-*) beside it may hold the "
-                        "complete new model.")
+                hint = (
+                    " It holds what a SavedModel holds except saved_model.pb, as a "
+                    "replacement cut short by an earlier warpkeras version leaves it; "
+                    "that version's staging folder (.export-*) beside it may hold the "
+                    "complete new model."
+                )
             raise FileExistsError(
                 f"{where}: {path!r} exists and is not a SavedModel; refusing to replace "
                 "it even with overwrite=True. Remove it yourself or choose another "
@@ -1296,7 +1423,7 @@ def _leftovers(path):
         name = name.rstrip("/")
         if not name.startswith(prefix):
             continue
-        m = re.fullmatch(r"(staging|ready|old)-(.+)-(\d+)-([0-9a-f]+)", name[len(prefix):])
+        m = re.fullmatch(r"(staging|ready|old)-(.+)-(\d+)-([0-9a-f]+)", name[len(prefix) :])
         if m is None:
             continue
         kind, owner, pid = m.group(1), m.group(2), int(m.group(3))
@@ -1379,7 +1506,8 @@ def recover(path, where="recover", *, _stacklevel=2):
             stale = [(f, k) for f, k in stale if f != newest]
             warnings.warn(
                 f"{where}: {path!r} was incomplete after an export was interrupted; "
-                f"copied the new model from {newest!r}.", stacklevel=stacklevel,
+                f"copied the new model from {newest!r}.",
+                stacklevel=stacklevel,
             )
     elif not fs.exists(path):
         for kind in (_READY, _OLD):
@@ -1401,7 +1529,8 @@ def recover(path, where="recover", *, _stacklevel=2):
         _rmtree(f)
     warnings.warn(
         f"{where}: removed what an interrupted export to {path!r} left behind: "
-        + ", ".join(repr(os.path.basename(f)) for f, _ in stale) + ".",
+        + ", ".join(repr(os.path.basename(f)) for f, _ in stale)
+        + ".",
         stacklevel=stacklevel,
     )
     return path
@@ -1425,8 +1554,7 @@ def _find_renameat2():
         fn = libc.renameat2
     except (OSError, AttributeError):
         return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
-                   ctypes.c_uint]
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
     fn.restype = ctypes.c_int
     return fn
 
@@ -1502,7 +1630,7 @@ def _replace_url(staging, path):
         _rmtree(path)
     last = None
     for folder, _, files in fs.walk(staging):
-        rel = folder[len(staging):].lstrip("/")
+        rel = folder[len(staging) :].lstrip("/")
         target = _join(path, rel) if rel else path
         fs.makedirs(target)
         for name in files:
@@ -1734,14 +1862,31 @@ def export_adaptive(
     overwrite = _validation.check_bool(overwrite, "overwrite", where=where)
     dtype_tolerant = _validation.check_bool(dtype_tolerant, "dtype_tolerant", where=where)
     path = _check_path(path, overwrite, where)
-    max_steps_ok = _validation.check_int(max_steps, "max_steps", minimum=0,
-                                         maximum=_INT32_MAX, where=where, example=10000)
-    steps = _validation.check_int(steps, "steps", minimum=0, maximum=max_steps_ok,
-                                  where=where, example=min(5, max_steps_ok))
-    program = _Program(model, loss, from_logits, learning_rate, momentum, training,
-                       input_spec, label_spec, untagged, max_steps, predict_training,
-                       max_rows, max_row_steps, max_elements, max_element_steps,
-                       where=where, rule=rule)
+    max_steps_ok = _validation.check_int(
+        max_steps, "max_steps", minimum=0, maximum=_INT32_MAX, where=where, example=10000
+    )
+    steps = _validation.check_int(
+        steps, "steps", minimum=0, maximum=max_steps_ok, where=where, example=min(5, max_steps_ok)
+    )
+    program = _Program(
+        model,
+        loss,
+        from_logits,
+        learning_rate,
+        momentum,
+        training,
+        input_spec,
+        label_spec,
+        untagged,
+        max_steps,
+        predict_training,
+        max_rows,
+        max_row_steps,
+        max_elements,
+        max_element_steps,
+        where=where,
+        rule=rule,
+    )
     module = tf.Module(name="warpkeras_adaptive")
     # Track the model's variables (the underlying tf.Variables) so the saved graphs can
     # capture them: θ0, φ, frozen variables and the non-trainable state.
@@ -1756,16 +1901,17 @@ def export_adaptive(
     module.serve = program.signature_function("predict")
     module.signature_adapt = program.signature_function("adapt")
     module.signature_adapt_and_predict = program.signature_function("adapt_and_predict")
-    typed = {"predict": module.serve, "adapt": module.signature_adapt,
-             "adapt_and_predict": module.signature_adapt_and_predict}
+    typed = {
+        "predict": module.serve,
+        "adapt": module.signature_adapt,
+        "adapt_and_predict": module.signature_adapt_and_predict,
+    }
     for fn, target in typed.items():
         if dtype_tolerant or not program.inputs.single:
             target = _tolerant(program, fn, target, tolerant=dtype_tolerant)
         setattr(module, fn, target)  # single input without dtype_tolerant: the signature
     meta = dict(program.metadata(), default_steps=steps)
-    constants = {
-        k: tf.constant(v if not isinstance(v, bool) else int(v)) for k, v in meta.items()
-    }
+    constants = {k: tf.constant(v if not isinstance(v, bool) else int(v)) for k, v in meta.items()}
     module.metadata = tf.function(lambda: dict(constants), input_signature=[])
     signatures = {
         "serving_default": module.serve.get_concrete_function(),
@@ -1780,7 +1926,8 @@ def _resources(model):
     """The `tf.saved_model.experimental.TrackableResource` objects (lookup tables, ...)
     reachable from `model`, in TensorFlow's tracking order."""
     return [
-        r for r in tf.train.TrackableView(model).descendants()
+        r
+        for r in tf.train.TrackableView(model).descendants()
         if isinstance(r, tf.saved_model.experimental.TrackableResource)
     ]
 
@@ -1796,19 +1943,47 @@ def _json_metadata(meta):
 
 
 # --- in-process adaptation ------------------------------------------------------------------
-def _run_adapt(model, x, y, steps, loss, learning_rate, momentum, from_logits, training,
-               untagged, input_spec, label_spec, where, rule=None):
-    steps = _validation.check_int(steps, "steps", minimum=0, maximum=_INT32_MAX,
-                                  where=where, example=5)
-    program = _Program(model, loss, from_logits, learning_rate, momentum, training,
-                       input_spec, label_spec, untagged, max_steps=steps,
-                       max_elements=_ELEMENTS_MAX, max_element_steps=_ELEMENTS_MAX,
-                       where=where, rule=rule)
+def _run_adapt(
+    model,
+    x,
+    y,
+    steps,
+    loss,
+    learning_rate,
+    momentum,
+    from_logits,
+    training,
+    untagged,
+    input_spec,
+    label_spec,
+    where,
+    rule=None,
+):
+    steps = _validation.check_int(
+        steps, "steps", minimum=0, maximum=_INT32_MAX, where=where, example=5
+    )
+    program = _Program(
+        model,
+        loss,
+        from_logits,
+        learning_rate,
+        momentum,
+        training,
+        input_spec,
+        label_spec,
+        untagged,
+        max_steps=steps,
+        max_elements=_ELEMENTS_MAX,
+        max_element_steps=_ELEMENTS_MAX,
+        where=where,
+        rule=rule,
+    )
     fn = _adapt_function(program)
     inputs = program.inputs
-    xs = [_typed_input(v, name, s.dtype, where, role="x")
-          for v, name, s in zip(inputs.flatten(x, "x", where), inputs.arguments("x"),
-                                inputs.specs)]
+    xs = [
+        _typed_input(v, name, s.dtype, where, role="x")
+        for v, name, s in zip(inputs.flatten(x, "x", where), inputs.arguments("x"), inputs.specs)
+    ]
     y = _typed_input(y, "y", program.y_spec.dtype, where)
     theta, state = fn(*xs, y, tf.constant(steps, tf.int32))
     return program, theta, state
@@ -1828,15 +2003,26 @@ def _typed_input(value, name, dtype, where, role=None):
         return t
     if t.dtype not in _castable(dtype, role or name):
         raise TypeError(
-            f"{where}: `{name}` must be {_dtype_text(dtype)}; got {t.dtype.name}. Cast it "
-            "first."
+            f"{where}: `{name}` must be {_dtype_text(dtype)}; got {t.dtype.name}. Cast it first."
         )
     return tf.cast(t, dtype)
 
 
-def adapt_task_values(model, x, y, steps, loss=None, learning_rate=0.01, momentum=None,
-                      from_logits=None, training=False, untagged="task", input_spec=None,
-                      label_spec=None, rule=None):
+def adapt_task_values(
+    model,
+    x,
+    y,
+    steps,
+    loss=None,
+    learning_rate=0.01,
+    momentum=None,
+    from_logits=None,
+    training=False,
+    untagged="task",
+    input_spec=None,
+    label_spec=None,
+    rule=None,
+):
     """Adapted task parameters after `steps` warped SGD steps on (x, y), by name.
 
     The same computation as the ``adapt`` signature of `export_adaptive` (same names, same
@@ -1868,9 +2054,22 @@ def adapt_task_values(model, x, y, steps, loss=None, learning_rate=0.01, momentu
     Returns:
         A dict from `task_parameter_names` to tensors.
     """
-    program, theta, _ = _run_adapt(model, x, y, steps, loss, learning_rate, momentum,
-                                   from_logits, training, untagged, input_spec, label_spec,
-                                   "adapt_task_values", rule=rule)
+    program, theta, _ = _run_adapt(
+        model,
+        x,
+        y,
+        steps,
+        loss,
+        learning_rate,
+        momentum,
+        from_logits,
+        training,
+        untagged,
+        input_spec,
+        label_spec,
+        "adapt_task_values",
+        rule=rule,
+    )
     return dict(zip(program.names, theta))
 
 
@@ -1907,9 +2106,22 @@ def _copy_roles(source, target):
             roles.tag(b, role)
 
 
-def adapt(model, x, y, steps, loss=None, learning_rate=0.01, momentum=None, from_logits=None,
-          training=False, untagged="task", copy=True, input_spec=None, label_spec=None,
-          rule=None):
+def adapt(
+    model,
+    x,
+    y,
+    steps,
+    loss=None,
+    learning_rate=0.01,
+    momentum=None,
+    from_logits=None,
+    training=False,
+    untagged="task",
+    copy=True,
+    input_spec=None,
+    label_spec=None,
+    rule=None,
+):
     """Adapts a meta-learned model to one task: `steps` warped SGD steps on (x, y) from θ0.
 
     Returns an adapted copy (default) or adapts `model` in place. The result is an ordinary
@@ -1950,9 +2162,22 @@ def adapt(model, x, y, steps, loss=None, learning_rate=0.01, momentum=None, from
         The adapted model.
     """
     copy = _validation.check_bool(copy, "copy", where="adapt")
-    program, theta, state = _run_adapt(model, x, y, steps, loss, learning_rate, momentum,
-                                       from_logits, training, untagged, input_spec,
-                                       label_spec, "adapt", rule=rule)
+    program, theta, state = _run_adapt(
+        model,
+        x,
+        y,
+        steps,
+        loss,
+        learning_rate,
+        momentum,
+        from_logits,
+        training,
+        untagged,
+        input_spec,
+        label_spec,
+        "adapt",
+        rule=rule,
+    )
     if not copy:
         program.partition.assign_task(theta)
         if program.training:

@@ -96,9 +96,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from warpkeras._losses import as_task_loss, split_batch
 from warpkeras import _validation as _v
 from warpkeras import objectives as obj
+from warpkeras._losses import as_task_loss, split_batch
 from warpkeras.rules import InnerRule
 
 __all__ = ["KFAC", "KFACPlan", "KFACStep", "FISHER_TYPES"]
@@ -108,6 +108,7 @@ FISHER_TYPES = ("sampled", "exact", "empirical")
 
 # ------------------------------------------------------------------------------------------
 # likelihoods
+
 
 class _Likelihood:
     """The predictive distribution p(y | f) whose negative log-likelihood is the loss."""
@@ -138,8 +139,7 @@ class _Categorical(_Likelihood):
     def per_example(self, y, f):
         """−log p(y | f) per example, `y` in the loss's format (class ids or one-hot)."""
         if self.sparse:
-            return keras.losses.sparse_categorical_crossentropy(
-                y, f, from_logits=self.from_logits)
+            return keras.losses.sparse_categorical_crossentropy(y, f, from_logits=self.from_logits)
         return keras.losses.categorical_crossentropy(y, f, from_logits=self.from_logits)
 
     def _targets(self, ids, f):
@@ -239,7 +239,8 @@ def _factorable(layer):
         from keras.src.layers.convolutional.base_conv import BaseConv
 
         if type(layer).call is not BaseConv.call or (
-                type(layer).convolution_op is not BaseConv.convolution_op):
+            type(layer).convolution_op is not BaseConv.convolution_op
+        ):
             return None, "overridden call"
         if layer.data_format != "channels_last":
             return None, "channels_first"
@@ -301,8 +302,12 @@ def _patches(block, inputs):
         sh, sw = layer.strides
         rh, rw = layer.dilation_rate
         x = tf.image.extract_patches(
-            x, sizes=[1, kh, kw, 1], strides=[1, sh, sw, 1], rates=[1, rh, rw, 1],
-            padding=layer.padding.upper())
+            x,
+            sizes=[1, kh, kw, 1],
+            strides=[1, sh, sw, 1],
+            rates=[1, rh, rw, 1],
+            padding=layer.padding.upper(),
+        )
     n = tf.shape(x)[0]
     x = tf.reshape(x, [n, -1, block.d_in])
     if block.bias_index is not None:
@@ -387,32 +392,61 @@ class KFAC(InnerRule):
 
     differentiable = False
 
-    def __init__(self, learning_rate=0.1, damping=1e-3, decay=0.95, inverse_every=1,
-                 fisher="sampled", norm_constraint=None, factored_damping=True, seed=0):
+    def __init__(
+        self,
+        learning_rate=0.1,
+        damping=1e-3,
+        decay=0.95,
+        inverse_every=1,
+        fisher="sampled",
+        norm_constraint=None,
+        factored_damping=True,
+        seed=0,
+    ):
         where = "KFAC"
-        self.learning_rate = _v.check_float(learning_rate, "learning_rate", minimum=0.0,
-                                            min_inclusive=False, where=where, example=0.1)
-        self.damping = _v.check_float(damping, "damping", minimum=0.0, min_inclusive=False,
-                                      where=where, example=1e-3)
-        self.decay = _v.check_float(decay, "decay", minimum=0.0, maximum=1.0,
-                                    max_inclusive=False, where=where, example=0.95)
-        self.inverse_every = _v.check_int(inverse_every, "inverse_every", minimum=1,
-                                          where=where, example=10)
+        self.learning_rate = _v.check_float(
+            learning_rate,
+            "learning_rate",
+            minimum=0.0,
+            min_inclusive=False,
+            where=where,
+            example=0.1,
+        )
+        self.damping = _v.check_float(
+            damping, "damping", minimum=0.0, min_inclusive=False, where=where, example=1e-3
+        )
+        self.decay = _v.check_float(
+            decay, "decay", minimum=0.0, maximum=1.0, max_inclusive=False, where=where, example=0.95
+        )
+        self.inverse_every = _v.check_int(
+            inverse_every, "inverse_every", minimum=1, where=where, example=10
+        )
         self.fisher = _v.check_choice(fisher, "fisher", FISHER_TYPES, where=where)
         self.norm_constraint = _v.check_float(
-            norm_constraint, "norm_constraint", minimum=0.0, min_inclusive=False,
-            allow_none=True, where=where, example=1e-3)
-        self.factored_damping = _v.check_bool(factored_damping, "factored_damping",
-                                              where=where)
+            norm_constraint,
+            "norm_constraint",
+            minimum=0.0,
+            min_inclusive=False,
+            allow_none=True,
+            where=where,
+            example=1e-3,
+        )
+        self.factored_damping = _v.check_bool(factored_damping, "factored_damping", where=where)
         self.seed = _v.check_seed(seed, "seed", where=where)
 
     def get_config(self):
         """The hyper-parameters (for logs and results files)."""
-        return {"class": "KFAC", "learning_rate": self.learning_rate,
-                "damping": self.damping, "decay": self.decay,
-                "inverse_every": self.inverse_every, "fisher": self.fisher,
-                "norm_constraint": self.norm_constraint,
-                "factored_damping": self.factored_damping, "seed": self.seed}
+        return {
+            "class": "KFAC",
+            "learning_rate": self.learning_rate,
+            "damping": self.damping,
+            "decay": self.decay,
+            "inverse_every": self.inverse_every,
+            "fisher": self.fisher,
+            "norm_constraint": self.norm_constraint,
+            "factored_damping": self.factored_damping,
+            "seed": self.seed,
+        }
 
     def __repr__(self):
         args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items() if k != "class")
@@ -437,9 +471,11 @@ class KFAC(InnerRule):
     def _bound(self):
         plan = getattr(self, "plan", None)
         if plan is None:
-            raise ValueError("KFAC: the rule is not built: give it to a trainer "
-                             "(inner_rule=... or inner_optimizer=...) or call "
-                             "rule.build(partition, loss) first.")
+            raise ValueError(
+                "KFAC: the rule is not built: give it to a trainer "
+                "(inner_rule=... or inner_optimizer=...) or call "
+                "rule.build(partition, loss) first."
+            )
         return plan
 
     def init(self, theta=None, seed=0):
@@ -458,8 +494,10 @@ class KFAC(InnerRule):
         """θ_{k+1} = θ_k − α ν F̂^{-1} g with the factors of ``extra`` averaged into the
         state (`KFACPlan.update`)."""
         if extra is None:
-            raise ValueError("KFAC.update needs the batch's factors: step it with "
-                             "warpkeras.rules.inner_step (which observes the forward pass).")
+            raise ValueError(
+                "KFAC.update needs the batch's factors: step it with "
+                "warpkeras.rules.inner_step (which observes the forward pass)."
+            )
         return self._bound().update(list(theta), grads, extra[0], extra[1], state)
 
 
@@ -479,8 +517,10 @@ class KFACPlan:
         if isinstance(loss, str):
             loss = keras.losses.get(loss)
         if not callable(loss):
-            raise TypeError(f"KFAC: loss={_v.describe(loss)} is not valid: expected a Keras "
-                            "loss name or object, or fn(y_true, y_pred).")
+            raise TypeError(
+                f"KFAC: loss={_v.describe(loss)} is not valid: expected a Keras "
+                "loss name or object, or fn(y_true, y_pred)."
+            )
         self.config = config
         self.partition = partition
         self.loss = loss
@@ -491,13 +531,17 @@ class KFACPlan:
                 f"KFAC: fisher={config.fisher!r} needs the model's predictive distribution, "
                 f"which is known for the sparse / categorical cross-entropy and mean squared "
                 f"error losses, not for loss {name or loss!r}: use one of those or "
-                "fisher='empirical'.")
+                "fisher='empirical'."
+            )
         index = {id(v): i for i, v in enumerate(partition.task_variables)}
         self.blocks, self.skipped = [], {}
         owned = set()
         for layer in partition.model._flatten_layers(include_self=False, recursive=True):
-            kernel = getattr(layer, "kernel", None) if isinstance(
-                layer, (keras.layers.Dense, keras.layers.Conv2D)) else None
+            kernel = (
+                getattr(layer, "kernel", None)
+                if isinstance(layer, (keras.layers.Dense, keras.layers.Conv2D))
+                else None
+            )
             if kernel is None or id(kernel) not in index:
                 continue
             kind, why = _factorable(layer)
@@ -515,10 +559,13 @@ class KFACPlan:
         if self.skipped:
             warnings.warn(
                 "KFAC: these Dense / Conv2D layers are not Kronecker-factored and get plain "
-                "SGD steps: " + ", ".join(f"'{k}' ({v})" for k, v in self.skipped.items())
-                + ".", UserWarning, stacklevel=3)
-        self.dtype = (partition.task_variables[0].dtype if partition.task_variables
-                      else keras.config.floatx())
+                "SGD steps: " + ", ".join(f"'{k}' ({v})" for k, v in self.skipped.items()) + ".",
+                UserWarning,
+                stacklevel=3,
+            )
+        self.dtype = (
+            partition.task_variables[0].dtype if partition.task_variables else keras.config.floatx()
+        )
 
     # -- state -----------------------------------------------------------------------------
     def init(self, theta=None, seed=0):
@@ -556,8 +603,9 @@ class KFACPlan:
         """Scalars whose gradients, per example, give the G factors (see module docs)."""
         mode = self.config.fisher
         if isinstance(outputs, (list, tuple, dict)):
-            raise ValueError("KFAC: the model has several outputs; K-FAC here supports one "
-                             "output tensor.")
+            raise ValueError(
+                "KFAC: the model has several outputs; K-FAC here supports one output tensor."
+            )
         f = tf.convert_to_tensor(outputs)
         if mode == "empirical" and self.likelihood is None:
             n = tf.cast(tf.shape(f)[0], f.dtype)
@@ -565,7 +613,8 @@ class KFACPlan:
         if f.shape.rank != 2:
             raise ValueError(
                 f"KFAC: fisher={mode!r} needs outputs of shape [batch, units], got "
-                f"{f.shape}; use fisher='empirical' for other output shapes.")
+                f"{f.shape}; use fisher='empirical' for other output shapes."
+            )
         lik = self.likelihood
         if mode == "empirical":
             return [tf.reduce_sum(lik.per_example(y, f))]
@@ -588,14 +637,23 @@ class KFACPlan:
             ``(loss, gradients, new_state, outputs, A, G)``: A and G lists with one
             ``[dim_a, dim_a]`` / ``[dim_g, dim_g]`` matrix per block, in θ's dtype.
         """
+
         def loss_fn(values, step_batch):
             loss, new_state, outputs = obj.task_loss(
-                self.partition, self.loss, values, phi, step_batch, state, training,
-                return_outputs=True)
+                self.partition,
+                self.loss,
+                values,
+                phi,
+                step_batch,
+                state,
+                training,
+                return_outputs=True,
+            )
             return loss, (new_state, outputs)
 
         loss, grads, (new_state, outputs), a_list, g_list = self.observe(
-            loss_fn, theta, batch, seed)
+            loss_fn, theta, batch, seed
+        )
         return loss, grads, new_state, outputs, a_list, g_list
 
     def observe(self, loss_fn, theta, batch, seed=(0, 0)):
@@ -635,14 +693,15 @@ class KFACPlan:
         flat_z = [z for group in zs for z in group]
         g_acc = [tf.zeros([b.dim_g, b.dim_g], dt) for b in self.blocks]
         for term in terms:
-            gz = tape.gradient(term, flat_z,
-                               unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            gz = tape.gradient(term, flat_z, unconnected_gradients=tf.UnconnectedGradients.ZERO)
             pos = 0
             for i, (b, count) in enumerate(zip(self.blocks, shapes)):
                 if count is None:
                     continue
-                parts = [tf.reshape(tf.cast(g, dt), [tf.shape(g)[0], -1, b.dim_g])
-                         for g in gz[pos:pos + count]]
+                parts = [
+                    tf.reshape(tf.cast(g, dt), [tf.shape(g)[0], -1, b.dim_g])
+                    for g in gz[pos : pos + count]
+                ]
                 pos += count
                 g = tf.concat(parts, axis=1)
                 n = tf.cast(tf.shape(g)[0], dt)
@@ -663,15 +722,16 @@ class KFACPlan:
         tiny = np.finfo(dt.as_numpy_dtype).tiny
         root = tf.sqrt(tf.constant(self.config.damping, dt))
         if self.config.factored_damping:
-            pi = tf.sqrt(tf.maximum(tf.reduce_sum(tf.linalg.diag_part(a)) / da, tiny)
-                         / tf.maximum(tf.reduce_sum(tf.linalg.diag_part(g)) / dg, tiny))
+            pi = tf.sqrt(
+                tf.maximum(tf.reduce_sum(tf.linalg.diag_part(a)) / da, tiny)
+                / tf.maximum(tf.reduce_sum(tf.linalg.diag_part(g)) / dg, tiny)
+            )
         else:
             pi = tf.constant(1.0, dt)
 
         def inverse(m, shift):
             eye = tf.eye(m.shape[-1], dtype=dt)
-            ok = tf.logical_and(tf.reduce_all(tf.math.is_finite(m)),
-                                tf.math.is_finite(shift))
+            ok = tf.logical_and(tf.reduce_all(tf.math.is_finite(m)), tf.math.is_finite(shift))
             # A non-finite factor is replaced by I for the factorisation (which would fail
             # with an error), and the result by NaN. The Cholesky factorisation reads only
             # the lower triangle, so the factor is not symmetrised first (a transpose of a
@@ -713,8 +773,7 @@ class KFACPlan:
     # -- the step ----------------------------------------------------------------------------
     def step_seed(self, opt_state):
         """The int [2] seed of the sampled targets at the state's step."""
-        return tf.stack([opt_state["seed"][0] * 1000003 + opt_state["seed"][1],
-                         opt_state["step"]])
+        return tf.stack([opt_state["seed"][0] * 1000003 + opt_state["seed"][1], opt_state["step"]])
 
     def step(self, theta, phi, batch, opt_state, state=None, training=True):
         """One K-FAC step θ_{k+1} = θ_k − α ν F̂^{-1} ∇L(θ_k) on `batch`.
@@ -735,7 +794,8 @@ class KFACPlan:
         """
         theta = [tf.convert_to_tensor(t) for t in theta]
         loss, grads, new_state, outputs, a_batch, g_batch = self.factors(
-            theta, phi, batch, state, training, self.step_seed(opt_state))
+            theta, phi, batch, state, training, self.step_seed(opt_state)
+        )
         new_theta, new_opt = self.update(theta, grads, a_batch, g_batch, opt_state)
         return KFACStep(new_theta, new_opt, loss, grads, new_state, outputs)
 
@@ -764,20 +824,34 @@ class KFACPlan:
             a_inv, g_inv = recompute()
         else:
             a_inv, g_inv = tf.cond(
-                tf.equal(k % cfg.inverse_every, 0), recompute,
-                lambda: (tuple(opt_state["A_inv"]), tuple(opt_state["G_inv"])))
-        new_opt = {"step": k + 1, "seed": opt_state["seed"], "A": a_avg, "G": g_avg,
-                   "A_inv": tuple(a_inv), "G_inv": tuple(g_inv)}
+                tf.equal(k % cfg.inverse_every, 0),
+                recompute,
+                lambda: (tuple(opt_state["A_inv"]), tuple(opt_state["G_inv"])),
+            )
+        new_opt = {
+            "step": k + 1,
+            "seed": opt_state["seed"],
+            "A": a_avg,
+            "G": g_avg,
+            "A_inv": tuple(a_inv),
+            "G_inv": tuple(g_inv),
+        }
         updates = self.precondition(grads, new_opt)
         lr = tf.constant(cfg.learning_rate, dt)
         if cfg.norm_constraint is not None:
-            quad = tf.add_n([tf.reduce_sum(tf.cast(u, dt) * tf.cast(g, dt))
-                             for u, g in zip(updates, grads)])
-            nu = tf.minimum(tf.constant(1.0, dt), tf.sqrt(
-                tf.constant(cfg.norm_constraint, dt) / tf.maximum(lr * lr * quad,
-                                                                  np.finfo(np.float32).tiny)))
+            quad = tf.add_n(
+                [tf.reduce_sum(tf.cast(u, dt) * tf.cast(g, dt)) for u, g in zip(updates, grads)]
+            )
+            nu = tf.minimum(
+                tf.constant(1.0, dt),
+                tf.sqrt(
+                    tf.constant(cfg.norm_constraint, dt)
+                    / tf.maximum(lr * lr * quad, np.finfo(np.float32).tiny)
+                ),
+            )
         else:
             nu = tf.constant(1.0, dt)
-        new_theta = [t - tf.cast(lr * nu, t.dtype) * tf.cast(u, t.dtype)
-                     for t, u in zip(theta, updates)]
+        new_theta = [
+            t - tf.cast(lr * nu, t.dtype) * tf.cast(u, t.dtype) for t, u in zip(theta, updates)
+        ]
         return new_theta, new_opt

@@ -71,7 +71,7 @@ def _scalar(loss):
     return tf.reduce_mean(loss) if loss.shape.rank else loss
 
 
-_TASK_LOSSES = weakref.WeakKeyDictionary()
+_TASK_LOSSES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _task_loss_of(loss_fn):
@@ -91,8 +91,9 @@ def _task_loss_of(loss_fn):
     return cached[floatx]
 
 
-def task_loss(partition, loss_fn, theta, phi, batch, state=None, training=True,
-              return_outputs=False):
+def task_loss(
+    partition, loss_fn, theta, phi, batch, state=None, training=True, return_outputs=False
+):
     """L_task(θ; φ) on one batch: the loss of the model run at (θ, φ), as
     `keras.Model.compute_loss` computes it in ``model.fit``.
 
@@ -131,8 +132,9 @@ def task_loss(partition, loss_fn, theta, phi, batch, state=None, training=True,
     return loss, new_state
 
 
-def task_gradient(partition, loss_fn, theta, phi, batch, state=None, training=True,
-                  return_outputs=False):
+def task_gradient(
+    partition, loss_fn, theta, phi, batch, state=None, training=True, return_outputs=False
+):
     """∇θ L_task(θ; φ). Differentiable in φ (and θ) when called under an outer tape.
 
     Returns:
@@ -181,7 +183,8 @@ def sgd_update(theta, grads, learning_rate, momentum=None, velocity=None):
         ``(new_theta, new_velocity)``; `new_velocity` is `None` without momentum.
     """
     new_theta, new_velocity = rules.SGD(learning_rate, momentum).update(
-        list(grads), velocity, list(theta))
+        list(grads), velocity, list(theta)
+    )
     return new_theta, (None if momentum is None else new_velocity)
 
 
@@ -280,13 +283,20 @@ def task_step(
         velocity = rule.init(theta)
 
     def loss_of(values, step_batch):
-        loss, new_state, outputs = task_loss(partition, loss_fn, values, phi, step_batch,
-                                             state, training, return_outputs=True)
+        loss, new_state, outputs = task_loss(
+            partition, loss_fn, values, phi, step_batch, state, training, return_outputs=True
+        )
         return loss, (new_state, outputs)
 
     loss, grads, (new_state, outputs), new_theta, new_velocity = rules.inner_step(
-        inner, loss_of, theta, velocity, batch, constraints=constraints,
-        stop_inner_gradient=stop_inner_gradient)
+        inner,
+        loss_of,
+        theta,
+        velocity,
+        batch,
+        constraints=constraints,
+        stop_inner_gradient=stop_inner_gradient,
+    )
     if rule is None and update is None and momentum is None:
         new_velocity = None
     return StepResult(new_theta, new_velocity, loss, grads, new_state, outputs)
@@ -364,8 +374,17 @@ def warp_objective(
     return loss
 
 
-def warp_meta_gradient(partition, loss_fn, theta, phi, task_batch, meta_batch,
-                       learning_rate, extra_sources=(), **kwargs):
+def warp_meta_gradient(
+    partition,
+    loss_fn,
+    theta,
+    phi,
+    task_batch,
+    meta_batch,
+    learning_rate,
+    extra_sources=(),
+    **kwargs,
+):
     """∇φ of `warp_objective` (Eq. 3) at one sampled θ.
 
     Args:
@@ -386,9 +405,7 @@ def warp_meta_gradient(partition, loss_fn, theta, phi, task_batch, meta_batch,
         loss = warp_objective(
             partition, loss_fn, theta, phi, task_batch, meta_batch, learning_rate, **kwargs
         )
-    grads = tape.gradient(
-        loss, [phi, extra], unconnected_gradients=tf.UnconnectedGradients.ZERO
-    )
+    grads = tape.gradient(loss, [phi, extra], unconnected_gradients=tf.UnconnectedGradients.ZERO)
     return loss, grads[0], grads[1]
 
 
@@ -518,22 +535,29 @@ def _checkpointed_loop(step, carry, params, steps):
     @tf.custom_gradient
     def run(*flat_in):
         carry0, params_in = list(flat_in[:n_carry]), list(flat_in[n_carry:])
-        kept = [tf.TensorArray(t.dtype, size=steps_t, element_shape=t.shape,
-                               clear_after_read=False) for t in carry0]
+        kept = [
+            tf.TensorArray(t.dtype, size=steps_t, element_shape=t.shape, clear_after_read=False)
+            for t in carry0
+        ]
 
         def forward(k, c, kept):
             kept = [ta.write(k, x) for ta, x in zip(kept, c)]
             return k + 1, list(step(k, c, params_in)), kept
 
         _, carry_k, kept = tf.while_loop(
-            lambda k, *_: k < steps_t, forward, (tf.constant(0, tf.int32), carry0, kept),
-            maximum_iterations=steps_t, parallel_iterations=1)
+            lambda k, *_: k < steps_t,
+            forward,
+            (tf.constant(0, tf.int32), carry0, kept),
+            maximum_iterations=steps_t,
+            parallel_iterations=1,
+        )
 
         def grad(*upstream, variables=None):
             variables = list(variables or [])
             floats = [i for i, t in enumerate(carry0) if t.dtype.is_floating]
-            d_carry = [tf.zeros_like(carry0[i]) if upstream[i] is None else upstream[i]
-                       for i in floats]
+            d_carry = [
+                tf.zeros_like(carry0[i]) if upstream[i] is None else upstream[i] for i in floats
+            ]
             d_params = [tf.zeros_like(p) for p in params_in]
             d_vars = [tf.zeros_like(v) for v in variables]
 
@@ -545,18 +569,29 @@ def _checkpointed_loop(step, carry, params, steps):
                     tape.watch(sources + params_in)
                     tape.watch(variables)
                     out = step(j, c, params_in)
-                g = tape.gradient([out[i] for i in floats], sources + params_in + variables,
-                                  output_gradients=d_carry,
-                                  unconnected_gradients=tf.UnconnectedGradients.ZERO)
+                g = tape.gradient(
+                    [out[i] for i in floats],
+                    sources + params_in + variables,
+                    output_gradients=d_carry,
+                    unconnected_gradients=tf.UnconnectedGradients.ZERO,
+                )
                 n, m = len(floats), len(params_in)
-                return (j, g[:n], [a + b for a, b in zip(d_params, g[n:n + m])],
-                        [a + tf.cast(b, a.dtype) for a, b in zip(d_vars, g[n + m:])])
+                return (
+                    j,
+                    g[:n],
+                    [a + b for a, b in zip(d_params, g[n : n + m])],
+                    [a + tf.cast(b, a.dtype) for a, b in zip(d_vars, g[n + m :])],
+                )
 
             # One iteration at a time: a step's recomputation depends only on the kept
             # carry, so parallel iterations would hold several steps' activations.
             _, d_carry, d_params, d_vars = tf.while_loop(
-                lambda k, *_: k > 0, backward, (steps_t, d_carry, d_params, d_vars),
-                maximum_iterations=steps_t, parallel_iterations=1)
+                lambda k, *_: k > 0,
+                backward,
+                (steps_t, d_carry, d_params, d_vars),
+                maximum_iterations=steps_t,
+                parallel_iterations=1,
+            )
             d_in = [None] * n_carry
             for i, d in zip(floats, d_carry):
                 d_in[i] = d
@@ -658,9 +693,19 @@ def maml_objective(
 
     def one_step(carry, phi_values, batch):
         theta_k, rule_state_k, state_k = carry
-        step = task_step(partition, loss_fn, theta_k, phi_values, batch, learning_rate,
-                         velocity=rule_state_k, state=state_k,
-                         stop_inner_gradient=first_order, training=training, rule=inner)
+        step = task_step(
+            partition,
+            loss_fn,
+            theta_k,
+            phi_values,
+            batch,
+            learning_rate,
+            velocity=rule_state_k,
+            state=state_k,
+            stop_inner_gradient=first_order,
+            training=training,
+            rule=inner,
+        )
         # The model state goes on from step to step (random-number-generator seeds
         # advance, so every forward pass draws fresh dropout masks); it is not
         # differentiated.
@@ -673,49 +718,83 @@ def maml_objective(
             return one_step(carry, phi_values, batches[0])
         flat = tf.switch_case(
             k % len(batches),
-            [lambda i=i: tf.nest.flatten(one_step(carry, phi_values, batches[i]))
-             for i in range(len(batches))])
+            [
+                lambda i=i: tf.nest.flatten(one_step(carry, phi_values, batches[i]))
+                for i in range(len(batches))
+            ],
+        )
         return tf.nest.pack_sequence_as(carry, list(flat))
 
     carry = (theta, rule_state, state)
     if unroll is None:
-        unroll = (not recompute and isinstance(steps, (int, np.integer))
-                  and int(steps) <= MAML_UNROLL_MAX_STEPS)
+        unroll = (
+            not recompute
+            and isinstance(steps, (int, np.integer))
+            and int(steps) <= MAML_UNROLL_MAX_STEPS
+        )
     if unroll:
         if recompute:
-            raise ValueError("maml_objective: recompute=True recomputes the steps of the "
-                             "symbolic loop; use unroll=False with it.")
+            raise ValueError(
+                "maml_objective: recompute=True recomputes the steps of the "
+                "symbolic loop; use unroll=False with it."
+            )
         if isinstance(steps, (tf.Tensor, tf.Variable)):
-            raise ValueError("maml_objective: unroll=True needs a Python int number of "
-                             f"steps, got the tensor {steps!r}; use unroll=False.")
+            raise ValueError(
+                "maml_objective: unroll=True needs a Python int number of "
+                f"steps, got the tensor {steps!r}; use unroll=False."
+            )
         for k in range(int(steps)):
             carry = one_step(carry, phi, batches[k % len(batches)])
     elif recompute:
         flat = _checkpointed_loop(
-            lambda k, flat_carry, phi_values: tf.nest.flatten(step_k(
-                k, tf.nest.pack_sequence_as(carry, flat_carry), phi_values)),
-            tf.nest.flatten(carry), phi, steps)
+            lambda k, flat_carry, phi_values: tf.nest.flatten(
+                step_k(k, tf.nest.pack_sequence_as(carry, flat_carry), phi_values)
+            ),
+            tf.nest.flatten(carry),
+            phi,
+            steps,
+        )
         carry = tf.nest.pack_sequence_as(carry, list(flat))
     else:
         steps_t = tf.cast(steps, tf.int32)
-        _, carry = tf.while_loop(lambda k, _: k < steps_t,
-                                 lambda k, c: (k + 1, step_k(k, c, phi)),
-                                 (tf.constant(0, tf.int32), carry),
-                                 maximum_iterations=steps_t)
+        _, carry = tf.while_loop(
+            lambda k, _: k < steps_t,
+            lambda k, c: (k + 1, step_k(k, c, phi)),
+            (tf.constant(0, tf.int32), carry),
+            maximum_iterations=steps_t,
+        )
     theta, _, state = carry
     loss, _ = task_loss(partition, loss_fn, list(theta), phi, query, state, training)
     return loss, list(theta)
 
 
-def maml_meta_gradient(partition, loss_fn, theta0, phi, support, query, learning_rate,
-                       steps, first_order=False, **kwargs):
+def maml_meta_gradient(
+    partition,
+    loss_fn,
+    theta0,
+    phi,
+    support,
+    query,
+    learning_rate,
+    steps,
+    first_order=False,
+    **kwargs,
+):
     """∇θ0 of `maml_objective`. Returns ``(query_loss, gradients, theta_K)``."""
     theta0 = _as_list(theta0)
     with tf.GradientTape() as tape:
         tape.watch(theta0)
         loss, theta_k = maml_objective(
-            partition, loss_fn, theta0, phi, support, query, learning_rate, steps,
-            first_order=first_order, **kwargs
+            partition,
+            loss_fn,
+            theta0,
+            phi,
+            support,
+            query,
+            learning_rate,
+            steps,
+            first_order=first_order,
+            **kwargs,
         )
     grads = tape.gradient(loss, theta0, unconnected_gradients=tf.UnconnectedGradients.ZERO)
     return loss, grads, theta_k
@@ -729,7 +808,9 @@ def reptile_direction(theta0, theta_k):
 CONTINUAL_WEIGHTINGS = ("appearances", "printed", "average")
 
 
-def continual_weights(num_subtasks, steps_per_subtask, weighting="appearances", current_subtask=None):
+def continual_weights(
+    num_subtasks, steps_per_subtask, weighting="appearances", current_subtask=None
+):
     """Per-sub-task weights of the continual meta-objective (WarpGrad Eq. 18).
 
     Sub-task i (1-based) of T appears in the meta-objective of every step from its own

@@ -169,28 +169,39 @@ class WarpGrad(keras.optimizers.Optimizer):
         if kwargs:
             raise ValueError(f"WarpGrad got unexpected argument(s): {sorted(kwargs)}.")
         where = "WarpGrad"
-        meta_interval = _v.check_int(meta_interval, "meta_interval", minimum=1, where=where,
-                                     example=5)
+        meta_interval = _v.check_int(
+            meta_interval, "meta_interval", minimum=1, where=where, example=5
+        )
         untagged = _v.check_choice(untagged, "untagged", UNTAGGED_POLICIES, where=where)
-        learning_rate = _v.check_float(learning_rate, "learning_rate", minimum=0.0,
-                                       min_inclusive=False, allow_none=True, where=where,
-                                       example=0.01)
+        learning_rate = _v.check_float(
+            learning_rate,
+            "learning_rate",
+            minimum=0.0,
+            min_inclusive=False,
+            allow_none=True,
+            where=where,
+            example=0.01,
+        )
         if not isinstance(name, str) or not name:
-            raise TypeError(f"{where}: name={_v.describe(name)} is not valid: expected a "
-                            "non-empty string, e.g. name='warpgrad'.")
-        if model is not None and not isinstance(model, keras.Model):
-            raise TypeError(f"{where}: model={_v.describe(model)} is not valid: expected the "
-                            "keras.Model being trained, or None (then call bind(model)).")
-        for key, value in (("variable_roles", variable_roles),
-                           ("variable_paths", variable_paths)):
-            if value is not None and (isinstance(value, (str, bytes))
-                                      or not isinstance(value, (list, tuple))):
-                raise TypeError(f"{where}: {key}={_v.describe(value)} is not valid: expected "
-                                "a list of strings or None (normally written by get_config).")
-        if inner_optimizer is None:
-            inner_optimizer = keras.optimizers.SGD(
-                0.01 if learning_rate is None else learning_rate
+            raise TypeError(
+                f"{where}: name={_v.describe(name)} is not valid: expected a "
+                "non-empty string, e.g. name='warpgrad'."
             )
+        if model is not None and not isinstance(model, keras.Model):
+            raise TypeError(
+                f"{where}: model={_v.describe(model)} is not valid: expected the "
+                "keras.Model being trained, or None (then call bind(model))."
+            )
+        for key, value in (("variable_roles", variable_roles), ("variable_paths", variable_paths)):
+            if value is not None and (
+                isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple))
+            ):
+                raise TypeError(
+                    f"{where}: {key}={_v.describe(value)} is not valid: expected "
+                    "a list of strings or None (normally written by get_config)."
+                )
+        if inner_optimizer is None:
+            inner_optimizer = keras.optimizers.SGD(0.01 if learning_rate is None else learning_rate)
         elif learning_rate is not None:
             raise ValueError(
                 "Pass either `learning_rate` (for the default inner SGD) or "
@@ -255,9 +266,7 @@ class WarpGrad(keras.optimizers.Optimizer):
             The optimizer itself.
         """
         if not isinstance(model, keras.Model):
-            raise TypeError(
-                f"WarpGrad.bind() takes a keras.Model, got {type(model).__name__}."
-            )
+            raise TypeError(f"WarpGrad.bind() takes a keras.Model, got {type(model).__name__}.")
         self._model_ref = weakref.ref(model)
         if self.built:
             expected = self._roles_from_model(model, self._trainable_variables)
@@ -360,8 +369,7 @@ class WarpGrad(keras.optimizers.Optimizer):
             shape=(), dtype="int64", initializer="zeros", name="pending_meta_gradients"
         )
         self._accumulators = [
-            self.add_variable_from_reference(v, name="warp_gradient_sum")
-            for v in self._warp_vars
+            self.add_variable_from_reference(v, name="warp_gradient_sum") for v in self._warp_vars
         ]
         with keras.name_scope("inner", caller=self):
             self._build_child(self.inner_optimizer, self._task_vars, "inner_optimizer")
@@ -479,8 +487,7 @@ class WarpGrad(keras.optimizers.Optimizer):
             self._check_variables_are_known(trainable_variables)
         if len(grads) != len(trainable_variables):
             raise ValueError(
-                f"WarpGrad got {len(grads)} gradients for {len(trainable_variables)} "
-                "variables."
+                f"WarpGrad got {len(grads)} gradients for {len(trainable_variables)} variables."
             )
 
         task_grads, task_vars = [], []
@@ -592,4 +599,3 @@ class WarpGrad(keras.optimizers.Optimizer):
             f"<WarpGrad '{self.name}': inner={type(self.inner_optimizer).__name__}, "
             f"meta={type(self.meta_optimizer).__name__}, meta_interval={self.meta_interval}>"
         )
-

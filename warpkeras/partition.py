@@ -111,9 +111,7 @@ class Partition:
                 "in keras.Sequential([...]) first."
             )
         if untagged not in UNTAGGED_POLICIES:
-            raise ValueError(
-                f"untagged={untagged!r}: expected one of {UNTAGGED_POLICIES}."
-            )
+            raise ValueError(f"untagged={untagged!r}: expected one of {UNTAGGED_POLICIES}.")
         if not model.built:
             raise ValueError(
                 f"Model '{model.name}' is not built: give it a keras.Input or call it on a "
@@ -141,7 +139,8 @@ class Partition:
             for g in getattr(layer, "_seed_generators", ())
         }
         self.seed_indices = [
-            i for i, v in enumerate(self.state_variables)
+            i
+            for i, v in enumerate(self.state_variables)
             if id(v) in seed_ids or v.path.endswith("seed_generator_state")
         ]
         """Positions in `state_variables` of random-number-generator states (`Dropout`,
@@ -244,13 +243,9 @@ class Partition:
     ) -> list[tf.Tensor]:
         """All trainable values in `model.trainable_variables` order."""
         if len(theta) != len(self.task_indices):
-            raise ValueError(
-                f"Expected {len(self.task_indices)} task tensors, got {len(theta)}."
-            )
+            raise ValueError(f"Expected {len(self.task_indices)} task tensors, got {len(theta)}.")
         if len(phi) != len(self.warp_indices):
-            raise ValueError(
-                f"Expected {len(self.warp_indices)} warp tensors, got {len(phi)}."
-            )
+            raise ValueError(f"Expected {len(self.warp_indices)} warp tensors, got {len(phi)}.")
         if frozen is None:
             frozen = [v.value for v in self.frozen_variables]
         values = [None] * self._num_trainable
@@ -405,24 +400,47 @@ def inexact_layers(model: keras.Model) -> list[tuple[keras.layers.Layer, str]]:
     found = []
     for layer in model._flatten_layers(include_self=False, recursive=True):
         if isinstance(layer, keras.layers.BatchNormalization) and getattr(layer, "renorm", False):
-            found.append((layer, (
-                f"Layer '{layer.name}' (BatchNormalization with renorm=True) treats "
-                "its renorm corrections as constants, so second derivatives through "
-                "it are not exact. Use renorm=False or "
-                "warpkeras.layers.ExactBatchNormalization.")))
+            found.append(
+                (
+                    layer,
+                    (
+                        f"Layer '{layer.name}' (BatchNormalization with renorm=True) treats "
+                        "its renorm corrections as constants, so second derivatives through "
+                        "it are not exact. Use renorm=False or "
+                        "warpkeras.layers.ExactBatchNormalization."
+                    ),
+                )
+            )
         elif isinstance(layer, keras.layers.SpectralNormalization):
-            found.append((layer, (
-                f"Layer '{layer.name}' (SpectralNormalization) treats its power-iteration "
-                "vectors as constants, so second derivatives through it are not exact. "
-                "Remove the wrapper (or regularise the kernel instead).")))
+            found.append(
+                (
+                    layer,
+                    (
+                        f"Layer '{layer.name}' (SpectralNormalization) treats its power-iteration "
+                        "vectors as constants, so second derivatives through it are not exact. "
+                        "Remove the wrapper (or regularise the kernel instead)."
+                    ),
+                )
+            )
         elif not exact_moments_available() and isinstance(
-                layer, (keras.layers.BatchNormalization, keras.layers.LayerNormalization,
-                        keras.layers.GroupNormalization)):
-            found.append((layer, (
-                f"Layer '{layer.name}' ({type(layer).__name__}) computes its "
-                "statistics with a gradient shortcut in this Keras version, so second "
-                "derivatives through it are not exact. Use "
-                "warpkeras.layers.ExactBatchNormalization.")))
+            layer,
+            (
+                keras.layers.BatchNormalization,
+                keras.layers.LayerNormalization,
+                keras.layers.GroupNormalization,
+            ),
+        ):
+            found.append(
+                (
+                    layer,
+                    (
+                        f"Layer '{layer.name}' ({type(layer).__name__}) computes its "
+                        "statistics with a gradient shortcut in this Keras version, so second "
+                        "derivatives through it are not exact. Use "
+                        "warpkeras.layers.ExactBatchNormalization."
+                    ),
+                )
+            )
     return found
 
 
@@ -458,6 +476,4 @@ def partition(
     require_task: bool = True,
 ) -> Partition:
     """Splits a built model's variables into task θ and warp φ. See `Partition`."""
-    return Partition(
-        model, untagged=untagged, require_warp=require_warp, require_task=require_task
-    )
+    return Partition(model, untagged=untagged, require_warp=require_warp, require_task=require_task)

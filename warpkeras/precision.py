@@ -168,7 +168,9 @@ def compute_policy(precision: str = "auto") -> str:
             f"kernels: {'on' if _onednn_enabled() else 'off'}), so bfloat16 would only be "
             "emulated, slower than float32. Falling back to float32; use precision='auto' "
             "to choose silently.",
-            Bfloat16UnsupportedWarning, stacklevel=2)
+            Bfloat16UnsupportedWarning,
+            stacklevel=2,
+        )
     return "float32"
 
 
@@ -222,5 +224,13 @@ def precision_scope(precision: str = "auto") -> Iterator[str]:
         yield policy
 
 
-__all__ = ["Bfloat16UnsupportedWarning", "CPU_BF16_FLAGS", "PRECISIONS", "bf16_supported",
-           "compute_policy", "cpu_bf16_flags", "policy_scope", "precision_scope"]
+__all__ = [
+    "Bfloat16UnsupportedWarning",
+    "CPU_BF16_FLAGS",
+    "PRECISIONS",
+    "bf16_supported",
+    "compute_policy",
+    "cpu_bf16_flags",
+    "policy_scope",
+    "precision_scope",
+]

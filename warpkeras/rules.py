@@ -170,16 +170,20 @@ class SGD(InnerRule):
 
     def __init__(self, learning_rate=0.01, momentum=None):
         for name, value in (("learning_rate", learning_rate), ("momentum", momentum)):
-            if value is not None and (isinstance(value, (bool, str)) or not (
-                    isinstance(value, (int, float, np.number)) or hasattr(value, "dtype"))):
-                raise TypeError(f"SGD: {name}={value!r} is not valid: expected a number, a "
-                                "scalar tensor or a variable" + (
-                                    " (or None)." if name == "momentum" else "."))
+            if value is not None and (
+                isinstance(value, (bool, str))
+                or not (isinstance(value, (int, float, np.number)) or hasattr(value, "dtype"))
+            ):
+                raise TypeError(
+                    f"SGD: {name}={value!r} is not valid: expected a number, a "
+                    "scalar tensor or a variable" + (" (or None)." if name == "momentum" else ".")
+                )
         if isinstance(learning_rate, (int, float)) and not learning_rate > 0:
             raise ValueError(f"SGD: learning_rate={learning_rate!r} must be > 0, e.g. 0.01.")
         if isinstance(momentum, (int, float)) and not 0 <= momentum < 1:
-            raise ValueError(f"SGD: momentum={momentum!r} must lie in [0, 1), e.g. 0.9 "
-                             "(or None for plain SGD).")
+            raise ValueError(
+                f"SGD: momentum={momentum!r} must lie in [0, 1), e.g. 0.9 (or None for plain SGD)."
+            )
         self.learning_rate = learning_rate
         self.momentum = momentum
 
@@ -190,13 +194,15 @@ class SGD(InnerRule):
 
     def update(self, grads, state, theta, extra=None):
         if self.momentum is None:
-            return ([t - _as_dtype(self.learning_rate, t.dtype) * g
-                     for t, g in zip(theta, grads)], ())
-        velocity = state if state is not None and len(state) else [tf.zeros_like(g)
-                                                                   for g in grads]
+            return (
+                [t - _as_dtype(self.learning_rate, t.dtype) * g for t, g in zip(theta, grads)],
+                (),
+            )
+        velocity = state if state is not None and len(state) else [tf.zeros_like(g) for g in grads]
         velocity = [_as_dtype(self.momentum, g.dtype) * v + g for v, g in zip(velocity, grads)]
-        new_theta = [t - _as_dtype(self.learning_rate, t.dtype) * v
-                     for t, v in zip(theta, velocity)]
+        new_theta = [
+            t - _as_dtype(self.learning_rate, t.dtype) * v for t, v in zip(theta, velocity)
+        ]
         return new_theta, velocity
 
     def get_config(self):
@@ -204,8 +210,12 @@ class SGD(InnerRule):
             if isinstance(v, (int, float, np.number)):
                 return float(v)
             return float(tf.convert_to_tensor(v).numpy())
-        return {"class": "SGD", "learning_rate": number(self.learning_rate),
-                "momentum": None if self.momentum is None else number(self.momentum)}
+
+        return {
+            "class": "SGD",
+            "learning_rate": number(self.learning_rate),
+            "momentum": None if self.momentum is None else number(self.momentum),
+        }
 
 
 class MetaSGD(InnerRule):
@@ -234,8 +244,10 @@ class MetaSGD(InnerRule):
         self.constant = None
         if isinstance(initializer, (int, float, np.number)) and not isinstance(initializer, bool):
             if not initializer > 0:
-                raise ValueError(f"MetaSGD: initializer={initializer!r} must be > 0 as a "
-                                 "constant learning rate, e.g. 0.01.")
+                raise ValueError(
+                    f"MetaSGD: initializer={initializer!r} must be > 0 as a "
+                    "constant learning rate, e.g. 0.01."
+                )
             # filled in each variable's own dtype (Keras's Constant rounds through float32)
             self.constant = float(initializer)
             initializer = keras.initializers.Constant(self.constant)
@@ -248,10 +260,14 @@ class MetaSGD(InnerRule):
         self.alpha = []
         for i, v in enumerate(partition.task_variables):
             shape, dtype = tuple(v.shape), tf.as_dtype(v.dtype)
-            init = (self.initializer if self.constant is None
-                    else np.full(shape, self.constant, dtype.as_numpy_dtype))
-            self.alpha.append(keras.Variable(init, shape=shape, dtype=dtype,
-                                             name=f"meta_sgd_alpha_{i}"))
+            init = (
+                self.initializer
+                if self.constant is None
+                else np.full(shape, self.constant, dtype.as_numpy_dtype)
+            )
+            self.alpha.append(
+                keras.Variable(init, shape=shape, dtype=dtype, name=f"meta_sgd_alpha_{i}")
+            )
         self.built = True
 
     @property
@@ -263,14 +279,17 @@ class MetaSGD(InnerRule):
 
     def update(self, grads, state, theta, extra=None):
         if self.alpha is None:
-            raise ValueError("MetaSGD: the rule is not built: give it to a trainer "
-                             "(inner_rule=...) or call rule.build(partition) first.")
-        return ([t - tf.cast(a.value, t.dtype) * g
-                 for t, a, g in zip(theta, self.alpha, grads)], state)
+            raise ValueError(
+                "MetaSGD: the rule is not built: give it to a trainer "
+                "(inner_rule=...) or call rule.build(partition) first."
+            )
+        return (
+            [t - tf.cast(a.value, t.dtype) * g for t, a, g in zip(theta, self.alpha, grads)],
+            state,
+        )
 
     def get_config(self):
-        return {"class": "MetaSGD",
-                "initializer": keras.initializers.serialize(self.initializer)}
+        return {"class": "MetaSGD", "initializer": keras.initializers.serialize(self.initializer)}
 
 
 def apply_constraints(constraints, theta):
@@ -294,8 +313,7 @@ def constraints_of(variables):
     return [getattr(v, "constraint", None) for v in variables]
 
 
-def inner_step(rule, loss_fn, theta, state, batch, constraints=None,
-               stop_inner_gradient=False):
+def inner_step(rule, loss_fn, theta, state, batch, constraints=None, stop_inner_gradient=False):
     """One inner step: θ_{k+1} = constrain(update(∇L(θ_k), state, θ_k)).
 
     The single definition of an adaptation step: the loss's gradients (by the rule's
@@ -334,4 +352,5 @@ def get(identifier, where="inner_rule"):
     raise TypeError(
         f"{where}={identifier!r} is not valid: expected an inner rule such as "
         "warpkeras.rules.SGD(0.1, momentum=0.9), warpkeras.rules.MetaSGD() or "
-        "warpkeras.KFAC(...) (a warpkeras.rules.InnerRule), or None.")
+        "warpkeras.KFAC(...) (a warpkeras.rules.InnerRule), or None."
+    )

@@ -34,8 +34,7 @@ from warpkeras import _validation as _v
 
 
 def _is_array(t):
-    return hasattr(t, "shape") and hasattr(t, "__getitem__") and not isinstance(
-        t, tf.data.Dataset)
+    return hasattr(t, "shape") and hasattr(t, "__getitem__") and not isinstance(t, tf.data.Dataset)
 
 
 def _is_arrays(data):
@@ -77,9 +76,11 @@ def _rows(x, where=None, what="x"):
     if len(lengths) != 1:
         detail = ", ".join(f"{label} has {len(t)}" for label, t in parts)
         prefix = f"{where}: " if where else ""
-        raise ValueError(f"{prefix}the arrays of `{what}` differ in their number of rows "
-                         f"({detail}); give every input, label and weight one row per "
-                         "example.")
+        raise ValueError(
+            f"{prefix}the arrays of `{what}` differ in their number of rows "
+            f"({detail}); give every input, label and weight one row per "
+            "example."
+        )
     return lengths.pop()
 
 
@@ -90,8 +91,10 @@ def _check_rows(data, what, where):
     lengths = {len(t) for _, t in parts}
     if len(lengths) != 1:
         detail = ", ".join(f"{label} has {len(t)}" for label, t in parts)
-        raise ValueError(f"{where}: the arrays of `{what}` differ in their number of rows "
-                         f"({detail}); give one label (and one sample weight) per example.")
+        raise ValueError(
+            f"{where}: the arrays of `{what}` differ in their number of rows "
+            f"({detail}); give one label (and one sample weight) per example."
+        )
     return lengths.pop()
 
 
@@ -103,11 +106,14 @@ def _materialise(iterator, where):
         if not isinstance(batch, (tuple, list)) or len(batch) not in (2, 3):
             raise ValueError(
                 f"{where}: the `test` generator yields {_v.describe(batch)}; a batch must be "
-                "(x, y) or (x, y, sample_weight), as keras.Model.evaluate takes them.")
+                "(x, y) or (x, y, sample_weight), as keras.Model.evaluate takes them."
+            )
         if parts and len(batch) != len(parts[0]):
-            raise ValueError(f"{where}: the `test` generator yields batches of "
-                             f"{len(parts[0])} and of {len(batch)} elements; give every "
-                             "batch the same form.")
+            raise ValueError(
+                f"{where}: the `test` generator yields batches of "
+                f"{len(parts[0])} and of {len(batch)} elements; give every "
+                "batch the same form."
+            )
         parts.append(tf.nest.map_structure(np.asarray, tuple(batch)))
     if not parts:
         raise ValueError(f"{where}: the `test` generator yields no batches.")
@@ -119,12 +125,12 @@ def _check_dataset(data, what, where):
     spec = data.element_spec
     if isinstance(spec, (tuple, list)) and len(spec) in (2, 3):
         return
-    kind = (f"a tuple of {len(spec)}" if isinstance(spec, (tuple, list))
-            else type(spec).__name__)
+    kind = f"a tuple of {len(spec)}" if isinstance(spec, (tuple, list)) else type(spec).__name__
     raise ValueError(
         f"{where}: the `{what}` dataset yields {kind} elements; a batch must be (x, y) or "
         "(x, y, sample_weight), as keras.Model.fit takes them. Map it to that form, e.g. "
-        "ds.map(lambda d: (d['image'], d['label'])).")
+        "ds.map(lambda d: (d['image'], d['label']))."
+    )
 
 
 class Task:
@@ -159,18 +165,25 @@ class Task:
             whose elements are not ``(x, y)`` / ``(x, y, sample_weight)``.
     """
 
-    def __init__(self, train, meta=None, test=None, batch_size=32, augment=None,
-                 name=None, info=None):
+    def __init__(
+        self, train, meta=None, test=None, batch_size=32, augment=None, name=None, info=None
+    ):
         if name is not None and not isinstance(name, str):
-            raise TypeError(f"Task: name={_v.describe(name)} is not valid: expected a string "
-                            "(e.g. name='alphabet-3') or None.")
+            raise TypeError(
+                f"Task: name={_v.describe(name)} is not valid: expected a string "
+                "(e.g. name='alphabet-3') or None."
+            )
         self.name = name or "task"
         where = f"Task '{self.name}'"
         self._check(train, "train", where)
         if meta is not None:
             self._check(meta, "meta", where)
-        if test is not None and not _is_arrays(test) and not isinstance(
-                test, tf.data.Dataset) and isinstance(test, collections.abc.Iterator):
+        if (
+            test is not None
+            and not _is_arrays(test)
+            and not isinstance(test, tf.data.Dataset)
+            and isinstance(test, collections.abc.Iterator)
+        ):
             test = _materialise(test, where)  # a generator is read once, as `evaluate` does
         if test is not None and not (_is_arrays(test) or isinstance(test, tf.data.Dataset)):
             raise TypeError(
@@ -182,17 +195,21 @@ class Task:
             if _is_arrays(data):
                 rows = _check_rows(data, what, where)
                 if what != "test" and rows == 0:
-                    raise ValueError(f"{where}: `{what}` has no examples (0 rows); give at "
-                                     "least one (x, y) pair.")
+                    raise ValueError(
+                        f"{where}: `{what}` has no examples (0 rows); give at "
+                        "least one (x, y) pair."
+                    )
             elif isinstance(data, tf.data.Dataset):
                 _check_dataset(data, what, where)
-        self.batch_size = _v.check_int(batch_size, "batch_size", minimum=1, where=where,
-                                       example=32)
-        self.augment = _v.check_callable(augment, "augment", where=where,
-                                         signature="augment(x, rng) -> x")
+        self.batch_size = _v.check_int(batch_size, "batch_size", minimum=1, where=where, example=32)
+        self.augment = _v.check_callable(
+            augment, "augment", where=where, signature="augment(x, rng) -> x"
+        )
         if info is not None and not isinstance(info, collections.abc.Mapping):
-            raise TypeError(f"{where}: info={_v.describe(info)} is not valid: expected a dict "
-                            "(free-form task information) or None.")
+            raise TypeError(
+                f"{where}: info={_v.describe(info)} is not valid: expected a dict "
+                "(free-form task information) or None."
+            )
         self.train = train
         self.meta = meta
         self.test = test
@@ -276,8 +293,7 @@ class Task:
             return self.batches("train", train_rng), self.batches("train", meta_rng)
         start = int(train_rng.integers(n))
         shift = 1 + int(meta_rng.integers(n - 1)) if n > 1 else 0
-        return (_lazy_dataset_stream(data, start),
-                _lazy_dataset_stream(data, (start + shift) % n))
+        return (_lazy_dataset_stream(data, start), _lazy_dataset_stream(data, (start + shift) % n))
 
     def _cardinality(self, data, which):
         n = int(data.cardinality())

@@ -155,8 +155,9 @@ def save_npz(path, **arrays):
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(str(path.parent))
-    fd, tmp = tempfile.mkstemp(dir=str(path.parent), suffix=".tmp",
-                               prefix=f".{path.name}.{_host()}-{os.getpid()}-")
+    fd, tmp = tempfile.mkstemp(
+        dir=str(path.parent), suffix=".tmp", prefix=f".{path.name}.{_host()}-{os.getpid()}-"
+    )
     try:
         with os.fdopen(fd, "wb") as handle:
             np.savez_compressed(handle, **arrays)

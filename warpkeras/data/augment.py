@@ -49,7 +49,9 @@ def affine_transform(images, scale, angle, translation, fill_value=0.0, interpol
         TensorShape([2, 28, 28, 1])
     """
     if interpolation not in _INTERPOLATIONS:
-        raise ValueError(f"interpolation must be one of {sorted(_INTERPOLATIONS)}, got {interpolation!r}")
+        raise ValueError(
+            f"interpolation must be one of {sorted(_INTERPOLATIONS)}, got {interpolation!r}"
+        )
     batch, single = _as_batch(images)
     dtype = batch.dtype
     work = tf.cast(batch, tf.float32)

@@ -116,7 +116,9 @@ class EpisodeSampler:
         if x.ndim < 1 or len(x) == 0:
             raise ValueError(f"x must hold at least one example (M, ...), got shape {x.shape}")
         if y.ndim != 1 or len(y) != len(x):
-            raise ValueError(f"y must be 1-D with one label per row of x; got x {x.shape}, y {y.shape}")
+            raise ValueError(
+                f"y must be 1-D with one label per row of x; got x {x.shape}, y {y.shape}"
+            )
         if not np.issubdtype(y.dtype, np.integer):
             raise TypeError(f"y must hold integer labels, got dtype {y.dtype}")
         self.num_ways = check_int("num_ways", num_ways, minimum=1, hint="classes per episode")
@@ -248,9 +250,9 @@ class EpisodeSampler:
             sx, sy, qx, qy, _ = self._episode(index)
             return (sx, sy), (qx, qy)
 
-        return indices.map(to_pair, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(
-            tf.data.AUTOTUNE
-        )
+        return indices.map(
+            to_pair, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
+        ).prefetch(tf.data.AUTOTUNE)
 
 
 def rotate_classes(x, y, rotations=(0, 1, 2, 3)):
@@ -285,8 +287,9 @@ def rotate_classes(x, y, rotations=(0, 1, 2, 3)):
         )
     if isinstance(rotations, (str, bytes)) or not np.iterable(rotations):
         raise TypeError(f"rotations must be a sequence of ints (quarter turns), got {rotations!r}")
-    rotations = tuple(check_int("rotations", r, hint="quarter turns, e.g. (0, 1, 2, 3)")
-                      for r in rotations)
+    rotations = tuple(
+        check_int("rotations", r, hint="quarter turns, e.g. (0, 1, 2, 3)") for r in rotations
+    )
     if not rotations:
         raise ValueError("rotations must not be empty; pass e.g. rotations=(0, 1, 2, 3)")
     if len(set(r % 4 for r in rotations)) != len(rotations):
@@ -365,22 +368,28 @@ def load_image_folder(
             raise ValueError(
                 f"image_size must be an int or a (height, width) pair, got {image_size!r}"
             )
-        size = tuple(check_int("image_size", v, minimum=1, hint="(height, width) in pixels")
-                     for v in image_size)
+        size = tuple(
+            check_int("image_size", v, minimum=1, hint="(height, width) in pixels")
+            for v in image_size
+        )
     use_cache = check_bool("use_cache", use_cache)
     skip_corrupt = check_bool("skip_corrupt", skip_corrupt)
     cache_dir = check_dir("cache_dir", cache_dir)
     if isinstance(extensions, str):
         extensions = (extensions,)
-    if not np.iterable(extensions) or not extensions or not all(
-        isinstance(e, str) and e for e in extensions
+    if (
+        not np.iterable(extensions)
+        or not extensions
+        or not all(isinstance(e, str) and e for e in extensions)
     ):
         raise ValueError(
             f"extensions must be a non-empty sequence of file endings, e.g. ('.png', '.jpg'); "
             f"got {extensions!r}"
         )
     extensions = tuple(e.lower() for e in extensions)
-    class_names = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    class_names = sorted(
+        d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")
+    )
     files = []
     for label, name in enumerate(class_names):
         for dirpath, dirnames, filenames in os.walk(root / name):
@@ -434,14 +443,20 @@ def load_image_folder(
         )
     shapes = {a.shape for a in images}
     if len(shapes) > 1:
-        raise ValueError(f"images in {root} have different sizes {sorted(shapes)[:4]}; pass image_size")
+        raise ValueError(
+            f"images in {root} have different sizes {sorted(shapes)[:4]}; pass image_size"
+        )
     x = np.stack(images)
     y = np.array(labels, dtype=np.int32)
     if use_cache:
         write_cache(
             cache_path,
-            dict(x=x, y=y, class_names=np.array(class_names, dtype=str),
-                 skipped=np.array(skipped, dtype=str).reshape(-1)),
+            dict(
+                x=x,
+                y=y,
+                class_names=np.array(class_names, dtype=str),
+                skipped=np.array(skipped, dtype=str).reshape(-1),
+            ),
             what="image-folder cache file",
         )
     return x, y, class_names

@@ -52,8 +52,17 @@ _PROBE_TIMEOUT_S = 3.0
 # Raw Omniglot PNGs are black strokes (0) on a white background (255).
 _RAW_BACKGROUND = 255
 # What reading or decoding a damaged file can raise (PIL's errors are OSError/ValueError).
-_READ_ERRORS = (OSError, ValueError, EOFError, SyntaxError, zlib.error, zipfile.BadZipFile,
-                NotImplementedError, RuntimeError, IndexError)
+_READ_ERRORS = (
+    OSError,
+    ValueError,
+    EOFError,
+    SyntaxError,
+    zlib.error,
+    zipfile.BadZipFile,
+    NotImplementedError,
+    RuntimeError,
+    IndexError,
+)
 _logger = logging.getLogger(__name__)
 
 
@@ -323,8 +332,7 @@ def _decode_png(data, image_size):
             img = Image.open(io.BytesIO(data))
         except UnidentifiedImageError:
             raise ValueError(
-                f"not an image that Pillow can identify ({len(data)} bytes, starting "
-                f"{data[:8]!r})"
+                f"not an image that Pillow can identify ({len(data)} bytes, starting {data[:8]!r})"
             ) from None
         with img:
             img.load()  # decode now: a truncated file fails here, not later
@@ -530,7 +538,7 @@ def _decode_tfds(splits, image_size, invert, tfds_data_dir, download):
     except ImportError as e:
         raise ImportError(
             "Reading Omniglot through tensorflow-datasets needs the package "
-            "tensorflow-datasets: pip install \"warpkeras[data]\" (or pass a folder of the "
+            'tensorflow-datasets: pip install "warpkeras[data]" (or pass a folder of the '
             "original Omniglot files)."
         ) from e
 
@@ -725,8 +733,9 @@ def load_omniglot(
                 return cached(
                     "local",
                     items,
-                    functools.partial(_decode_local, zips, pngs, image_size, invert, str(root),
-                                      skip_corrupt),
+                    functools.partial(
+                        _decode_local, zips, pngs, image_size, invert, str(root), skip_corrupt
+                    ),
                 )
         if source == "local":
             raise OmniglotNotFoundError(_not_found_message(searched, None))
@@ -835,16 +844,24 @@ class OmniglotTasks:
             "num_classes", num_classes, minimum=2, hint="characters per alphabet task, e.g. 20"
         )
         self.num_test_per_class = check_int(
-            "num_test_per_class", num_test_per_class, minimum=0,
+            "num_test_per_class",
+            num_test_per_class,
+            minimum=0,
             hint="held-out drawings per character, e.g. 5",
         )
         self.num_train_per_class = check_int(
-            "num_train_per_class", num_train_per_class, minimum=1, allow_none=True,
+            "num_train_per_class",
+            num_train_per_class,
+            minimum=1,
+            allow_none=True,
             hint="adaptation drawings per character; None uses all the rest",
         )
         self.seed = check_int("seed", seed, minimum=0, hint="seed of the alphabet split")
         num_meta_train = check_int(
-            "num_meta_train", num_meta_train, minimum=0, allow_none=True,
+            "num_meta_train",
+            num_meta_train,
+            minimum=0,
+            allow_none=True,
             hint="None uses every alphabet not held out",
         )
         num_meta_val = check_int("num_meta_val", num_meta_val, minimum=0)

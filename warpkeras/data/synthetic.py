@@ -209,7 +209,6 @@ class SineTaskDistribution(_TaskDistribution):
         return SineTask(amplitude, phase, self.x_range)
 
 
-
 # ----------------------------------------------------------------------------------------
 # continual sine regression
 
@@ -303,7 +302,9 @@ class ContinualSineTask:
             return list(range(self.num_subtasks))
         order = [self._check_subtask(i) for i in order]
         if sorted(order) != list(range(self.num_subtasks)):
-            raise ValueError(f"order must be a permutation of 0..{self.num_subtasks - 1}, got {order}")
+            raise ValueError(
+                f"order must be a permutation of 0..{self.num_subtasks - 1}, got {order}"
+            )
         return order
 
     def training_batches(self, rng=None, steps_per_subtask=20, batch_size=5, order=None):
@@ -429,7 +430,6 @@ class ContinualSineDistribution(_TaskDistribution):
         b2 = rng.uniform(*self.phase_range)
         offset = rng.uniform(*self.offset_range)
         return ContinualSineTask(a1, b1, a2, b2, offset, self.num_subtasks, self.x_range)
-
 
 
 # ----------------------------------------------------------------------------------------
@@ -561,8 +561,11 @@ class LossSurfaceDistribution(_TaskDistribution):
         init_range=(-3.0, 3.0),
         variant="paper",
     ):
-        for name, values in (("s_values", s_values), ("a_values", a_values),
-                             ("b_values", b_values)):
+        for name, values in (
+            ("s_values", s_values),
+            ("a_values", a_values),
+            ("b_values", b_values),
+        ):
             if isinstance(values, (str, bytes)) or not np.iterable(values) or not len(values):
                 raise ValueError(f"{name} must be a non-empty sequence of numbers, got {values!r}")
             for v in values:

@@ -32,16 +32,18 @@ def _inputs(x, name, where):
         array = np.asarray(x, dtype=np.float32)
     except (TypeError, ValueError) as e:
         raise TypeError(
-            f"{where}: {name} is not valid: expected a numeric array of shape (N, ...) "
-            f"({e})."
+            f"{where}: {name} is not valid: expected a numeric array of shape (N, ...) ({e})."
         ) from None
     if array.ndim == 0:
-        raise ValueError(f"{where}: {name} is a scalar: expected an array of shape (N, ...), "
-                         "one row per example.")
+        raise ValueError(
+            f"{where}: {name} is a scalar: expected an array of shape (N, ...), "
+            "one row per example."
+        )
     if not np.all(np.isfinite(array)):
         bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
-        raise ValueError(f"{where}: {name} holds {bad} NaN or infinite values; clean or drop "
-                         "those examples.")
+        raise ValueError(
+            f"{where}: {name} holds {bad} NaN or infinite values; clean or drop those examples."
+        )
     return array
 
 
@@ -64,8 +66,10 @@ def _labels(y, name, where):
         )
     if array.dtype.kind == "f":
         if not np.all(np.isfinite(array)) or not np.all(array == np.round(array)):
-            raise ValueError(f"{where}: {name} holds non-integer labels: expected integer "
-                             "class ids in [0, num_classes).")
+            raise ValueError(
+                f"{where}: {name} holds non-integer labels: expected integer "
+                "class ids in [0, num_classes)."
+            )
     return array.astype(np.int32)
 
 
@@ -115,8 +119,10 @@ class ClassificationTask:
     ):
         where = f"ClassificationTask {name!r}" if isinstance(name, str) else "ClassificationTask"
         if not isinstance(name, str):
-            raise TypeError(f"{where}: name={_v.describe(name)} is not valid: expected a string "
-                            "(e.g. name='Latin').")
+            raise TypeError(
+                f"{where}: name={_v.describe(name)} is not valid: expected a string "
+                "(e.g. name='Latin')."
+            )
         self.x_train = _inputs(x_train, "x_train", where)
         self.y_train = _labels(y_train, "y_train", where)
         self.x_test = _inputs(x_test, "x_test", where)
@@ -132,8 +138,10 @@ class ClassificationTask:
                 f"{len(self.y_test)}; give one label per example."
             )
         if len(self.x_train) == 0:
-            raise ValueError(f"{where}: a ClassificationTask needs at least one training "
-                             "example (x_train has 0 rows).")
+            raise ValueError(
+                f"{where}: a ClassificationTask needs at least one training "
+                "example (x_train has 0 rows)."
+            )
         if len(self.x_test) and self.x_test.shape[1:] != self.x_train.shape[1:]:
             raise ValueError(
                 f"{where}: x_train rows have shape {self.x_train.shape[1:]} but x_test rows "
@@ -142,8 +150,9 @@ class ClassificationTask:
         labels = np.concatenate([self.y_train, self.y_test])
         if num_classes is None:
             num_classes = int(labels.max()) + 1
-        self.num_classes = _v.check_int(num_classes, "num_classes", minimum=1,
-                                        allow_none=True, where=where, example=5)
+        self.num_classes = _v.check_int(
+            num_classes, "num_classes", minimum=1, allow_none=True, where=where, example=5
+        )
         if labels.min() < 0 or labels.max() >= self.num_classes:
             raise ValueError(
                 f"{where}: labels must lie in [0, {self.num_classes}) (num_classes="
@@ -163,8 +172,9 @@ class ClassificationTask:
                 )
         self.name = name
         self.class_names = None if class_names is None else list(class_names)
-        self.augmentation = _v.check_callable(augmentation, "augmentation", where=where,
-                                              signature="f(images, seed) -> images")
+        self.augmentation = _v.check_callable(
+            augmentation, "augmentation", where=where, signature="f(images, seed) -> images"
+        )
 
     @property
     def input_shape(self):
@@ -337,8 +347,14 @@ class ClassificationTask:
         """
         if self.num_test == 0:
             raise ValueError(f"task {self.name!r} has no test data")
-        size = _v.check_int(batch_size, "batch_size", minimum=1, allow_none=True,
-                            where=f"ClassificationTask {self.name!r}.test_dataset", example=20)
+        size = _v.check_int(
+            batch_size,
+            "batch_size",
+            minimum=1,
+            allow_none=True,
+            where=f"ClassificationTask {self.name!r}.test_dataset",
+            example=20,
+        )
         size = self.num_test if size is None else size
         return tf.data.Dataset.from_tensor_slices((self.x_test, self.y_test)).batch(size)
 

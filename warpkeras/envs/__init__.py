@@ -9,9 +9,7 @@ Importing this package registers ``warpkeras/Maze-v0`` with gymnasium, so
 try:
     import gymnasium
 except ImportError as e:
-    raise ImportError(
-        'warpkeras.envs needs gymnasium: pip install "warpkeras[rl]"'
-    ) from e
+    raise ImportError('warpkeras.envs needs gymnasium: pip install "warpkeras[rl]"') from e
 
 from warpkeras.envs.maze import NUM_ACTIONS, MazeEnv, MazeVectorEnv, make_maze
 

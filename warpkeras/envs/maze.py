@@ -187,7 +187,9 @@ class MazeEnv(gym.Env):
         goal = options.get("goal")
         position = options.get("position")
         if self.start == "center":
-            start = self.center if position is None else _check_cell(self.walls, position, "position")
+            start = (
+                self.center if position is None else _check_cell(self.walls, position, "position")
+            )
             if goal is None:
                 goal = _sample_cell(self.np_random, self.free_cells, exclude=start)
             else:
@@ -367,7 +369,9 @@ class MazeVectorEnv(VectorEnv):
         if arr.shape == (2,):
             arr = np.broadcast_to(arr, (self.num_envs, 2))
         if arr.shape != (self.num_envs, 2):
-            raise ValueError(f"{what} must have shape (2,) or ({self.num_envs}, 2), got {arr.shape}")
+            raise ValueError(
+                f"{what} must have shape (2,) or ({self.num_envs}, 2), got {arr.shape}"
+            )
         return [_check_cell(self.walls, cell, what) for cell in arr]
 
     def _reset_one(self, i, goal=None, position=None):

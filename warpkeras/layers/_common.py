@@ -30,8 +30,7 @@ class IdentityKernel(keras.initializers.Initializer):
             value[kh // 2, kw // 2] = np.eye(cin, cout)
         else:
             raise ValueError(
-                f"An identity kernel must be 2-D (dense) or 4-D (convolution), got shape "
-                f"{shape}."
+                f"An identity kernel must be 2-D (dense) or 4-D (convolution), got shape {shape}."
             )
         return keras.ops.convert_to_tensor(value, dtype=dtype or keras.backend.floatx())
 
@@ -68,8 +67,7 @@ def channel_axis_of(data_format):
     data_format = str(data_format).lower()
     if data_format not in ("channels_last", "channels_first"):
         raise ValueError(
-            "`data_format` must be 'channels_last', 'channels_first' or None, got "
-            f"{data_format!r}."
+            f"`data_format` must be 'channels_last', 'channels_first' or None, got {data_format!r}."
         )
     return data_format, (-1 if data_format == "channels_last" else 1)
 
@@ -133,8 +131,7 @@ def odd_kernel_size(layer_cls, kernel_size):
     else:
         sizes = (kernel_size, kernel_size)
     ok = len(sizes) == 2 and all(
-        isinstance(k, int) and not isinstance(k, bool) and k >= 1 and k % 2 == 1
-        for k in sizes
+        isinstance(k, int) and not isinstance(k, bool) and k >= 1 and k % 2 == 1 for k in sizes
     )
     if not ok:
         raise ValueError(

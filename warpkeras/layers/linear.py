@@ -112,9 +112,7 @@ class WarpDense(keras.layers.Layer):
             units=self.units,
             activation=keras.activations.serialize(self.activation),
             use_bias=self.use_bias,
-            kernel_initializer=_common.serialize_kernel_initializer(
-                self.kernel_initializer
-            ),
+            kernel_initializer=_common.serialize_kernel_initializer(self.kernel_initializer),
             bias_initializer=keras.initializers.serialize(self.bias_initializer),
             kernel_regularizer=keras.regularizers.serialize(self.kernel_regularizer),
             bias_regularizer=keras.regularizers.serialize(self.bias_regularizer),
@@ -179,9 +177,7 @@ class WarpConv2D(keras.layers.Layer):
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
-        self.filters = _common.check_positive_int(
-            type(self), "filters", filters, allow_none=True
-        )
+        self.filters = _common.check_positive_int(type(self), "filters", filters, allow_none=True)
         self.kernel_size = _common.odd_kernel_size(type(self), kernel_size)
         self.activation = keras.activations.get(activation)
         self.use_bias = bool(use_bias)
@@ -201,9 +197,7 @@ class WarpConv2D(keras.layers.Layer):
         channels = _common.known_dim(self, shape, self._channel_axis, "input channels")
         filters = self._output_filters(shape)
         _common.add_kernel_and_bias(self, self.kernel_size + (channels, filters), filters)
-        self.input_spec = keras.layers.InputSpec(
-            ndim=4, axes={self._channel_axis: channels}
-        )
+        self.input_spec = keras.layers.InputSpec(ndim=4, axes={self._channel_axis: channels})
 
     def call(self, inputs):
         channels_first = self.data_format == "channels_first"
@@ -239,9 +233,7 @@ class WarpConv2D(keras.layers.Layer):
             activation=keras.activations.serialize(self.activation),
             use_bias=self.use_bias,
             data_format=self.data_format,
-            kernel_initializer=_common.serialize_kernel_initializer(
-                self.kernel_initializer
-            ),
+            kernel_initializer=_common.serialize_kernel_initializer(self.kernel_initializer),
             bias_initializer=keras.initializers.serialize(self.bias_initializer),
             kernel_regularizer=keras.regularizers.serialize(self.kernel_regularizer),
             bias_regularizer=keras.regularizers.serialize(self.bias_regularizer),
@@ -253,4 +245,3 @@ def _layout(data_format):
     if data_format == "channels_last":
         return "batch, height, width, channels"
     return "batch, channels, height, width"
-

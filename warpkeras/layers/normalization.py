@@ -107,9 +107,7 @@ class ExactBatchNormalization(keras.layers.Layer):
             )
         self.fused = fused
         if isinstance(axis, bool) or not isinstance(axis, int):
-            raise ValueError(
-                f"ExactBatchNormalization: `axis` must be an int, got {axis!r}."
-            )
+            raise ValueError(f"ExactBatchNormalization: `axis` must be an int, got {axis!r}.")
         if not 0.0 <= float(momentum) <= 1.0:
             raise ValueError(
                 f"ExactBatchNormalization: `momentum` must be in [0, 1], got {momentum!r}."
@@ -122,9 +120,7 @@ class ExactBatchNormalization(keras.layers.Layer):
         self.beta_initializer = keras.initializers.get(beta_initializer)
         self.gamma_initializer = keras.initializers.get(gamma_initializer)
         self.moving_mean_initializer = keras.initializers.get(moving_mean_initializer)
-        self.moving_variance_initializer = keras.initializers.get(
-            moving_variance_initializer
-        )
+        self.moving_variance_initializer = keras.initializers.get(moving_variance_initializer)
 
     def build(self, input_shape):
         channels, self._broadcast = _common.channel_broadcast(self, input_shape, self.axis)
@@ -170,12 +166,8 @@ class ExactBatchNormalization(keras.layers.Layer):
             mean = ops.mean(x, axis=self._reduction_axes, keepdims=True)
             # E[(x - mean)^2] with the gradient through the mean kept: its first-order
             # contribution is zero, but it is needed for exact second derivatives.
-            variance = ops.mean(
-                ops.square(x - mean), axis=self._reduction_axes, keepdims=True
-            )
-            self._update_moving_statistics(
-                ops.reshape(mean, (-1,)), ops.reshape(variance, (-1,))
-            )
+            variance = ops.mean(ops.square(x - mean), axis=self._reduction_axes, keepdims=True)
+            self._update_moving_statistics(ops.reshape(mean, (-1,)), ops.reshape(variance, (-1,)))
         else:
             mean = ops.reshape(ops.cast(self.moving_mean, x.dtype), self._broadcast)
             variance = ops.reshape(ops.cast(self.moving_variance, x.dtype), self._broadcast)
@@ -187,9 +179,13 @@ class ExactBatchNormalization(keras.layers.Layer):
         return ops.cast(outputs, compute_dtype)
 
     def _fused_applies(self, x):
-        return (self.fused is None and keras.backend.backend() == "tensorflow"
-                and len(x.shape) == 4 and self.axis % 4 == 3
-                and keras.backend.standardize_dtype(x.dtype) in _FUSED_DTYPES)
+        return (
+            self.fused is None
+            and keras.backend.backend() == "tensorflow"
+            and len(x.shape) == 4
+            and self.axis % 4 == 3
+            and keras.backend.standardize_dtype(x.dtype) in _FUSED_DTYPES
+        )
 
     def _fused_training_call(self, x):
         """Training mode on TensorFlow's ``FusedBatchNormV3`` (NHWC)."""
@@ -197,12 +193,19 @@ class ExactBatchNormalization(keras.layers.Layer):
 
         channels = x.shape[-1]
         # the kernel takes scale and offset in float32 for every input dtype it accepts
-        gamma = (ops.cast(self.gamma, "float32") if self.gamma is not None
-                 else tf.ones([channels], tf.float32))
-        beta = (ops.cast(self.beta, "float32") if self.beta is not None
-                else tf.zeros([channels], tf.float32))
+        gamma = (
+            ops.cast(self.gamma, "float32")
+            if self.gamma is not None
+            else tf.ones([channels], tf.float32)
+        )
+        beta = (
+            ops.cast(self.beta, "float32")
+            if self.beta is not None
+            else tf.zeros([channels], tf.float32)
+        )
         outputs, mean, variance = tf.compat.v1.nn.fused_batch_norm(
-            x, gamma, beta, epsilon=self.epsilon, is_training=True)
+            x, gamma, beta, epsilon=self.epsilon, is_training=True
+        )
         # The kernel returns the Bessel-corrected variance; the moving average takes the
         # biased one, as the decomposed formula and keras.layers.BatchNormalization do.
         n = tf.cast(tf.reduce_prod(tf.shape(x)[:3]), variance.dtype)
@@ -216,8 +219,7 @@ class ExactBatchNormalization(keras.layers.Layer):
             self.moving_mean * m + ops.cast(mean, self.moving_mean.dtype) * (1 - m)
         )
         self.moving_variance.assign(
-            self.moving_variance * m
-            + ops.cast(variance, self.moving_variance.dtype) * (1 - m)
+            self.moving_variance * m + ops.cast(variance, self.moving_variance.dtype) * (1 - m)
         )
 
     def compute_output_shape(self, input_shape):
@@ -233,9 +235,7 @@ class ExactBatchNormalization(keras.layers.Layer):
             scale=self.scale,
             beta_initializer=keras.initializers.serialize(self.beta_initializer),
             gamma_initializer=keras.initializers.serialize(self.gamma_initializer),
-            moving_mean_initializer=keras.initializers.serialize(
-                self.moving_mean_initializer
-            ),
+            moving_mean_initializer=keras.initializers.serialize(self.moving_mean_initializer),
             moving_variance_initializer=keras.initializers.serialize(
                 self.moving_variance_initializer
             ),

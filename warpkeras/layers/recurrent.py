@@ -89,11 +89,7 @@ class _MetaLSTM(keras.layers.Layer):
         )
 
     def step(self, inputs, z, c):
-        gates = (
-            ops.matmul(inputs, self.kernel)
-            + ops.matmul(z, self.recurrent_kernel)
-            + self.bias
-        )
+        gates = ops.matmul(inputs, self.kernel) + ops.matmul(z, self.recurrent_kernel) + self.bias
         i, f, g, o = ops.split(gates, 4, axis=-1)
         c = ops.sigmoid(f) * c + ops.sigmoid(i) * ops.tanh(g)
         z = ops.sigmoid(o) * ops.tanh(c)
@@ -155,9 +151,7 @@ class _RNNCellBase(keras.layers.Layer):
         return self.task_params.bias
 
     def get_initial_state(self, batch_size=None):
-        return [
-            ops.zeros((batch_size, d), dtype=self.compute_dtype) for d in self.state_size
-        ]
+        return [ops.zeros((batch_size, d), dtype=self.compute_dtype) for d in self.state_size]
 
     def compute_output_shape(self, input_shape, states_shape=None):
         return (input_shape[0], self.units)
@@ -327,9 +321,7 @@ class LinearWarpRNNCell(_RNNCellBase):
     def get_config(self):
         config = super().get_config()
         config.update(
-            transform_initializer=_common.serialize_kernel_initializer(
-                self.transform_initializer
-            )
+            transform_initializer=_common.serialize_kernel_initializer(self.transform_initializer)
         )
         return config
 
@@ -470,14 +462,10 @@ class WarpRNNCell(_RNNCellBase):
         config = super().get_config()
         config.update(
             meta_units=self.meta_units,
-            meta_kernel_initializer=keras.initializers.serialize(
-                self.meta_kernel_initializer
-            ),
+            meta_kernel_initializer=keras.initializers.serialize(self.meta_kernel_initializer),
             meta_recurrent_initializer=keras.initializers.serialize(
                 self.meta_recurrent_initializer
             ),
-            projection_initializer=keras.initializers.serialize(
-                self.projection_initializer
-            ),
+            projection_initializer=keras.initializers.serialize(self.projection_initializer),
         )
         return config

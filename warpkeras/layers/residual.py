@@ -51,9 +51,7 @@ class _ResidualWarpBase(keras.layers.Layer):
         super().__init__(**kwargs)
         cls = type(self)
         self.num_layers = _common.check_positive_int(cls, "num_layers", num_layers)
-        self._hidden = _common.check_positive_int(
-            cls, self._hidden_name, hidden, allow_none=True
-        )
+        self._hidden = _common.check_positive_int(cls, self._hidden_name, hidden, allow_none=True)
         if self._hidden is not None and self.num_layers == 1:
             raise ValueError(
                 f"{cls.__name__}: `{self._hidden_name}={hidden}` has no effect with "

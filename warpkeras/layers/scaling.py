@@ -87,4 +87,3 @@ class ChannelScaling(keras.layers.Layer):
             beta_initializer=keras.initializers.serialize(self.beta_initializer),
         )
         return config
-

@@ -19,5 +19,13 @@ from warpkeras.meta.maml import MAML
 from warpkeras.meta.reptile import Reptile
 from warpkeras.meta.warp import WarpObjective
 
-__all__ = ["MetaObjective", "MetaTrainingError", "InitObjective", "WarpObjective", "Leap",
-           "MAML", "Reptile", "all_finite"]
+__all__ = [
+    "MetaObjective",
+    "MetaTrainingError",
+    "InitObjective",
+    "WarpObjective",
+    "Leap",
+    "MAML",
+    "Reptile",
+    "all_finite",
+]

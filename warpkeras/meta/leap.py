@@ -25,8 +25,9 @@ class InitObjective(MetaObjective):
 
     def __init__(self, weight=1.0, optimizer=None):
         where = type(self).__name__
-        self.weight = _v.check_float(weight, "weight", minimum=0.0, where=where,
-                                     error=MetaTrainingError, example=1.0)
+        self.weight = _v.check_float(
+            weight, "weight", minimum=0.0, where=where, error=MetaTrainingError, example=1.0
+        )
         self.optimizer = _v.get_optimizer(optimizer, "optimizer", where=where)
 
     def build(self, engine):
@@ -47,9 +48,13 @@ class InitObjective(MetaObjective):
         self._apply(tuple(g / float(count) for g in grads))
 
     def get_config(self):
-        return {"class": type(self).__name__, "weight": self.weight,
-                "optimizer": keras.optimizers.serialize(self.optimizer)
-                if isinstance(self.optimizer, keras.optimizers.Optimizer) else None}
+        return {
+            "class": type(self).__name__,
+            "weight": self.weight,
+            "optimizer": keras.optimizers.serialize(self.optimizer)
+            if isinstance(self.optimizer, keras.optimizers.Optimizer)
+            else None,
+        }
 
 
 class Leap(InitObjective):
@@ -70,19 +75,28 @@ class Leap(InitObjective):
             ``meta_optimizer``).
     """
 
-    def __init__(self, norm="length", sign_correction=True, loss_in_path=True, weight=1.0,
-                 optimizer=None):
+    def __init__(
+        self, norm="length", sign_correction=True, loss_in_path=True, weight=1.0, optimizer=None
+    ):
         super().__init__(weight, optimizer)
         where = type(self).__name__
-        self.norm = _v.check_choice(norm, "norm", ("length", "energy"), where=where,
-                                    error=MetaTrainingError)
+        self.norm = _v.check_choice(
+            norm, "norm", ("length", "energy"), where=where, error=MetaTrainingError
+        )
         self.sign_correction = _v.check_bool(sign_correction, "sign_correction", where=where)
         self.loss_in_path = _v.check_bool(loss_in_path, "loss_in_path", where=where)
 
     def _increment(self, prev_theta, theta, prev_loss, loss, prev_grad):
         return obj.leap_meta_gradient(
-            list(prev_theta), list(theta), prev_loss, loss, list(prev_grad), norm=self.norm,
-            sign_correction=self.sign_correction, loss_in_path=self.loss_in_path)
+            list(prev_theta),
+            list(theta),
+            prev_loss,
+            loss,
+            list(prev_grad),
+            norm=self.norm,
+            sign_correction=self.sign_correction,
+            loss_in_path=self.loss_in_path,
+        )
 
     def build(self, engine):
         super().build(engine)
@@ -90,10 +104,17 @@ class Leap(InitObjective):
 
         def leap_close(carry, x, y):
             """Closes the path at θ_K with one more loss on a fresh batch."""
-            loss, _ = obj.task_loss(p, engine.loss, tp.unpack(carry["theta"]), engine.phi(),
-                                    (x, y), sp.unpack(carry["state"]))
-            inc = self._increment(carry["prev_theta"], carry["theta"], carry["prev_loss"],
-                                  loss, carry["prev_grad"])
+            loss, _ = obj.task_loss(
+                p,
+                engine.loss,
+                tp.unpack(carry["theta"]),
+                engine.phi(),
+                (x, y),
+                sp.unpack(carry["state"]),
+            )
+            inc = self._increment(
+                carry["prev_theta"], carry["theta"], carry["prev_loss"], loss, carry["prev_grad"]
+            )
             total = tuple(a + i for a, i in zip(carry["leap"], inc))
             return total, all_finite(total)
 
@@ -102,12 +123,22 @@ class Leap(InitObjective):
     def initial_carry(self, engine, size, theta):
         zeros = tuple(tf.zeros_like(t) for t in theta)
         dtype = theta[0].dtype
-        return {"leap": zeros, "prev_theta": zeros, "prev_grad": zeros,
-                "prev_loss": tf.zeros([size], dtype), "has_prev": tf.zeros([size], dtype)}
+        return {
+            "leap": zeros,
+            "prev_theta": zeros,
+            "prev_grad": zeros,
+            "prev_loss": tf.zeros([size], dtype),
+            "has_prev": tf.zeros([size], dtype),
+        }
 
     def step(self, engine, carry, new, out, result):
-        inc = self._increment(carry["prev_theta"], carry["theta"], carry["prev_loss"],
-                              result["step"].loss, carry["prev_grad"])
+        inc = self._increment(
+            carry["prev_theta"],
+            carry["theta"],
+            carry["prev_loss"],
+            result["step"].loss,
+            carry["prev_grad"],
+        )
         new["leap"] = tuple(a + carry["has_prev"] * i for a, i in zip(carry["leap"], inc))
         new["prev_theta"], new["prev_grad"] = carry["theta"], result["gradients"]
         new["prev_loss"] = result["step"].loss
@@ -115,10 +146,15 @@ class Leap(InitObjective):
 
     def close(self, engine, group):
         batches = [next(it) for it in group.train_iterators]
-        grads, ok = engine.by_shape(lambda c, b: self._close(c, b[0], b[1]), group.tasks,
-                                    (group.carry,), [batches])
+        grads, ok = engine.by_shape(
+            lambda c, b: self._close(c, b[0], b[1]), group.tasks, (group.carry,), [batches]
+        )
         return {"grads": grads, "finite": ok}
 
     def get_config(self):
-        return dict(super().get_config(), norm=self.norm,
-                    sign_correction=self.sign_correction, loss_in_path=self.loss_in_path)
+        return dict(
+            super().get_config(),
+            norm=self.norm,
+            sign_correction=self.sign_correction,
+            loss_in_path=self.loss_in_path,
+        )

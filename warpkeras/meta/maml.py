@@ -71,16 +71,17 @@ class MAML(InitObjective):
     adapts = False
     reports_accuracy = False
 
-    def __init__(self, first_order=False, weight=1.0, optimizer=None, unroll=None,
-                 recompute=False):
+    def __init__(self, first_order=False, weight=1.0, optimizer=None, unroll=None, recompute=False):
         super().__init__(weight, optimizer)
         where = type(self).__name__
         self.first_order = _v.check_bool(first_order, "first_order", where=where)
         self.unroll = _v.check_bool(unroll, "unroll", allow_none=True, where=where)
         self.recompute = _v.check_bool(recompute, "recompute", where=where)
         if self.unroll and self.recompute:
-            raise ValueError(f"{where}: recompute=True recomputes the steps of the symbolic "
-                             "loop, so it cannot be combined with unroll=True: drop one.")
+            raise ValueError(
+                f"{where}: recompute=True recomputes the steps of the symbolic "
+                "loop, so it cannot be combined with unroll=True: drop one."
+            )
 
     def meta_variables(self, engine):
         """Variables meta-learned besides θ0 by the query loss (default none). Warp
@@ -115,7 +116,8 @@ class MAML(InitObjective):
                 raise MetaTrainingError(
                     f"Second-order MAML differentiates through the inner steps, but the "
                     f"inner rule {engine.inner_rule!r} is not differentiable: use "
-                    "first_order=True (init_objective='fomaml') or another inner rule.")
+                    "first_order=True (init_objective='fomaml') or another inner rule."
+                )
         self.optimizer = default_optimizer(engine, self.optimizer)
 
     def after_build(self, engine):
@@ -128,33 +130,59 @@ class MAML(InitObjective):
 
         def maml(theta0, state, sx, sy, qx, qy, steps):
             theta0, phi = tp.unpack(theta0), engine.phi()
-            kwargs = dict(first_order=self.first_order, state=sp.unpack(state),
-                          rule=engine.inner_rule, unroll=self.unroll,
-                          recompute=self.recompute)
+            kwargs = dict(
+                first_order=self.first_order,
+                state=sp.unpack(state),
+                rule=engine.inner_rule,
+                unroll=self.unroll,
+                recompute=self.recompute,
+            )
             if not extras:
                 loss, grads, _ = obj.maml_meta_gradient(
-                    p, engine.loss, theta0, phi, (sx, sy), (qx, qy), engine.inner_lr,
-                    steps, **kwargs)
+                    p,
+                    engine.loss,
+                    theta0,
+                    phi,
+                    (sx, sy),
+                    (qx, qy),
+                    engine.inner_lr,
+                    steps,
+                    **kwargs,
+                )
             else:
-                sources = [phi[warp_index[id(v)]] if id(v) in warp_index
-                           else v.value if isinstance(v, keras.Variable) else v
-                           for v in extras]
+                sources = [
+                    phi[warp_index[id(v)]]
+                    if id(v) in warp_index
+                    else v.value
+                    if isinstance(v, keras.Variable)
+                    else v
+                    for v in extras
+                ]
                 with tf.GradientTape() as tape:
                     tape.watch(theta0)
                     tape.watch(phi)
-                    loss, _ = obj.maml_objective(p, engine.loss, theta0, phi, (sx, sy),
-                                                 (qx, qy), engine.inner_lr,
-                                                 steps, **kwargs)
+                    loss, _ = obj.maml_objective(
+                        p,
+                        engine.loss,
+                        theta0,
+                        phi,
+                        (sx, sy),
+                        (qx, qy),
+                        engine.inner_lr,
+                        steps,
+                        **kwargs,
+                    )
                 g_theta, g_extra = tape.gradient(
-                    loss, [theta0, sources],
-                    unconnected_gradients=tf.UnconnectedGradients.ZERO)
+                    loss, [theta0, sources], unconnected_gradients=tf.UnconnectedGradients.ZERO
+                )
                 grads = list(g_theta) + list(g_extra)
             grads = self.pack_gradients(engine, grads)
             return loss, grads, tf.logical_and(tf.math.is_finite(loss), all_finite(grads))
 
         def apply(grads):
             self.optimizer.apply(
-                [g * self.weight for g in self.unpack_gradients(engine, grads)], variables)
+                [g * self.weight for g in self.unpack_gradients(engine, grads)], variables
+            )
 
         def compiled(steps):
             # K is read when the steps are traced: a trainer whose inner_steps changes
@@ -162,7 +190,8 @@ class MAML(InitObjective):
             # K, so the trace costs the same) rather than the old K's.
             if steps not in self._compiled:
                 self._compiled[steps] = engine.compile_group(
-                    functools.wraps(maml)(lambda *args: maml(*args, steps)), "group_maml")
+                    functools.wraps(maml)(lambda *args: maml(*args, steps)), "group_maml"
+                )
             return self._compiled[steps]
 
         self._compiled = {}
@@ -174,33 +203,49 @@ class MAML(InitObjective):
             raise MetaTrainingError(
                 f"{type(self).__name__}: meta_variables() returns other variables than when "
                 "the trainer was built: create them in build() (before or after "
-                "super().build(engine)) and return the same list every time.")
+                "super().build(engine)) and return the same list every time."
+            )
         super().apply(engine, grads, count)
 
     def close(self, engine, group):
         meta_step, tasks, size = group.meta_step, group.tasks, len(group.tasks)
         maml = self._maml(int(engine.inner_steps))
-        state = engine.reseed_stacked(group.state_start,
-                                      [(meta_step, tid, 1) for tid in group.task_ids])
+        state = engine.reseed_stacked(
+            group.state_start, [(meta_step, tid, 1) for tid in group.task_ids]
+        )
 
         def run(support, queries):
             return engine.by_shape(
-                lambda th, st, s, q: maml(th, st, s[0], s[1], q[0], q[1]), tasks,
-                (group.theta_start, state), [support, queries])
+                lambda th, st, s, q: maml(th, st, s[0], s[1], q[0], q[1]),
+                tasks,
+                (group.theta_start, state),
+                [support, queries],
+            )
 
         if group.carry is None:  # no adaptation: support and query from the task streams
-            streams = [engine.checked_streams(t, t.streams(a, b))
-                       for t, (a, b) in zip(tasks, group.rngs)]
+            streams = [
+                engine.checked_streams(t, t.streams(a, b)) for t, (a, b) in zip(tasks, group.rngs)
+            ]
             support = [next(s[0]) for s in streams]
             loss, grads, ok = run(support, [next(s[1]) for s in streams])
-            return {"grads": grads, "finite": np.asarray(ok),
-                    "losses": np.asarray(loss)[:, None], "metrics": np.zeros((size, 1)),
-                    "first_batch": support}  # for the moving statistics at θ0
-        queries = [next(engine.checked(t, t.batches("meta", b), "meta"))
-                   for t, (_, b) in zip(tasks, group.rngs)]
+            return {
+                "grads": grads,
+                "finite": np.asarray(ok),
+                "losses": np.asarray(loss)[:, None],
+                "metrics": np.zeros((size, 1)),
+                "first_batch": support,
+            }  # for the moving statistics at θ0
+        queries = [
+            next(engine.checked(t, t.batches("meta", b), "meta"))
+            for t, (_, b) in zip(tasks, group.rngs)
+        ]
         _, grads, ok = run(group.first_batch, queries)
         return {"grads": grads, "finite": np.asarray(ok)}
 
     def get_config(self):
-        return dict(super().get_config(), first_order=self.first_order, unroll=self.unroll,
-                    recompute=self.recompute)
+        return dict(
+            super().get_config(),
+            first_order=self.first_order,
+            unroll=self.unroll,
+            recompute=self.recompute,
+        )

@@ -51,36 +51,54 @@ class WarpObjective(MetaObjective):
 
     requires_warp = True
 
-    def __init__(self, mode="offline", exact=True, interval=None, max_updates=None,
-                 reduction="mean", final_point=True, buffer=None, learn_learning_rate=False,
-                 learn_momentum=False, hyper_optimizer=None, meta_loss=None, optimizer=None):
+    def __init__(
+        self,
+        mode="offline",
+        exact=True,
+        interval=None,
+        max_updates=None,
+        reduction="mean",
+        final_point=True,
+        buffer=None,
+        learn_learning_rate=False,
+        learn_momentum=False,
+        hyper_optimizer=None,
+        meta_loss=None,
+        optimizer=None,
+    ):
         where = type(self).__name__
-        self.mode = _v.check_choice(mode, "mode", WARP_MODES, where=where,
-                                    error=MetaTrainingError)
+        self.mode = _v.check_choice(mode, "mode", WARP_MODES, where=where, error=MetaTrainingError)
         self.exact = _v.check_bool(exact, "exact", where=where)
         integer = dict(where=where, error=MetaTrainingError, minimum=1, allow_none=True)
         self.interval = _v.check_int(interval, "interval", **integer)
         self.max_updates = _v.check_int(max_updates, "max_updates", example=100, **integer)
-        self.reduction = _v.check_choice(reduction, "reduction", ("mean", "sum"),
-                                         where=where, error=MetaTrainingError)
+        self.reduction = _v.check_choice(
+            reduction, "reduction", ("mean", "sum"), where=where, error=MetaTrainingError
+        )
         self.final_point = _v.check_bool(final_point, "final_point", where=where)
         if buffer is not None and not isinstance(buffer, ReplayBuffer):
-            raise TypeError(f"{where}: buffer={_v.describe(buffer)} is not valid: expected a "
-                            "warpkeras.ReplayBuffer(capacity, overflow, spill_dir) or None.")
+            raise TypeError(
+                f"{where}: buffer={_v.describe(buffer)} is not valid: expected a "
+                "warpkeras.ReplayBuffer(capacity, overflow, spill_dir) or None."
+            )
         self.buffer = buffer
         self.learn_lr = _v.check_bool(learn_learning_rate, "learn_learning_rate", where=where)
         self.learn_mu = _v.check_bool(learn_momentum, "learn_momentum", where=where)
         self.hyper_optimizer = _v.get_optimizer(hyper_optimizer, "hyper_optimizer", where=where)
         self.meta_loss = _v.check_callable(
-            meta_loss, "meta_loss", where=where,
-            signature="meta_loss(partition, loss_fn, theta, phi, meta_batch, state) -> scalar")
+            meta_loss,
+            "meta_loss",
+            where=where,
+            signature="meta_loss(partition, loss_fn, theta, phi, meta_batch, state) -> scalar",
+        )
         self.optimizer = _v.get_optimizer(optimizer, "optimizer", where=where)
         self.meta_batches = self.mode in ("online", "continual")
         self.continues_stream = self.mode == "continual"
         if (self.learn_lr or self.learn_mu) and not self.exact:
             raise MetaTrainingError(
                 "With the approximate objective the inner update is a constant, so the "
-                "learning rate and momentum get no meta-gradient: use warp_objective='exact'.")
+                "learning rate and momentum get no meta-gradient: use warp_objective='exact'."
+            )
 
     # ------------------------------------------------------------------ set-up
     def scale(self, n):
@@ -97,41 +115,59 @@ class WarpObjective(MetaObjective):
                 raise MetaTrainingError(
                     f"warp_objective='exact' differentiates through the inner step, but the "
                     f"inner rule {engine.inner_rule!r} is not differentiable: use "
-                    "warp_objective='approx' or another inner rule.")
+                    "warp_objective='approx' or another inner rule."
+                )
         if (self.learn_lr or self.learn_mu) and engine.custom_update:
             raise MetaTrainingError(
                 f"learn_inner_learning_rate / learn_inner_momentum meta-learn the α and μ of "
                 f"the trainer's SGD rule, but the trainer's inner rule is "
-                f"{engine.inner_rule!r}, which does not use them: drop them or the rule.")
+                f"{engine.inner_rule!r}, which does not use them: drop them or the rule."
+            )
         if self.learn_mu and not engine.use_momentum:
             raise MetaTrainingError(
                 f"{type(engine).__name__}: learn_inner_momentum=True needs an inner_momentum "
-                "value to start from, e.g. inner_momentum=0.9.")
+                "value to start from, e.g. inner_momentum=0.9."
+            )
         if self.mode == "continual" and engine.executor_name != "sequential":
             raise MetaTrainingError(
                 "warp_mode='continual' adapts one stream of task parameters: it runs "
-                "sequentially (parallel='sequential', no strategy).")
+                "sequentially (parallel='sequential', no strategy)."
+            )
         if self.mode == "offline" and self.buffer is None:
             self.buffer = ReplayBuffer(seed=engine.seed)
         capacity = self.buffer.capacity if self.buffer is not None else None
-        if (self.mode == "offline" and self.interval is not None and capacity is not None
-                and self.interval > capacity and self.buffer.overflow == "reservoir"):
+        if (
+            self.mode == "offline"
+            and self.interval is not None
+            and capacity is not None
+            and self.interval > capacity
+            and self.buffer.overflow == "reservoir"
+        ):
             raise MetaTrainingError(
                 f"meta_interval (η={self.interval}) is larger than the replay buffer "
-                f"(capacity {capacity}): no warp update could ever be formed.")
+                f"(capacity {capacity}): no warp update could ever be formed."
+            )
         if self.optimizer is None:
             self.optimizer = engine.meta_optimizer
         if self.hyper_optimizer is None:
             self.hyper_optimizer = keras.optimizers.SGD(1e-3, clipvalue=1e-3)
         if engine.partition.warp_variables:
             self.optimizer.build(engine.partition.warp_variables)
-        self.hyper_vars = [v for v, on in ((engine.inner_lr, self.learn_lr),
-                                           (engine.inner_mu, self.learn_mu)) if on]
+        self.hyper_vars = [
+            v
+            for v, on in ((engine.inner_lr, self.learn_lr), (engine.inner_mu, self.learn_mu))
+            if on
+        ]
         if self.hyper_vars:
             self.hyper_optimizer.build(self.hyper_vars)
-        self.stream_acc = [tf.Variable(tf.zeros_like(v.value), trainable=False)
-                           for v in engine.partition.warp_variables
-                           ] if self.mode == "continual" else []
+        self.stream_acc = (
+            [
+                tf.Variable(tf.zeros_like(v.value), trainable=False)
+                for v in engine.partition.warp_variables
+            ]
+            if self.mode == "continual"
+            else []
+        )
         self.stream_count = tf.Variable(0, dtype=tf.int64, trainable=False)
         self._build_functions(engine)
 
@@ -143,8 +179,7 @@ class WarpObjective(MetaObjective):
             """One inner step at packed θ with ∇φ (and ∇α, ∇μ) of Eq. 3 through it."""
             phi = engine.phi()
             theta_l = [tf.stop_gradient(t) for t in tp.unpack(theta)]
-            velocity_l = tf.nest.map_structure(tf.stop_gradient,
-                                               engine.unpack_rule_state(velocity))
+            velocity_l = tf.nest.map_structure(tf.stop_gradient, engine.unpack_rule_state(velocity))
             lr = tf.identity(engine.inner_lr)
             mu = tf.identity(engine.inner_mu) if engine.use_momentum else None
             with tf.GradientTape() as tape:
@@ -152,16 +187,24 @@ class WarpObjective(MetaObjective):
                 tape.watch(lr)
                 if mu is not None:
                     tape.watch(mu)
-                step = engine.task_step(theta_l, velocity_l, sp.unpack(state), x, y, phi=phi,
-                                        lr=lr, mu=mu, stop_inner_gradient=not self.exact)
+                step = engine.task_step(
+                    theta_l,
+                    velocity_l,
+                    sp.unpack(state),
+                    x,
+                    y,
+                    phi=phi,
+                    lr=lr,
+                    mu=mu,
+                    stop_inner_gradient=not self.exact,
+                )
                 # The meta pass continues from the inner pass's state (fresh dropout masks).
                 meta, meta_state = self._meta_value(
-                    engine, step.theta, phi, meta_batch,
-                    [tf.stop_gradient(s) for s in step.state])
+                    engine, step.theta, phi, meta_batch, [tf.stop_gradient(s) for s in step.state]
+                )
             step = step._replace(state=engine.with_seeds(step.state, meta_state))
             sources = [phi, lr] + ([mu] if mu is not None else [])
-            grads = tape.gradient(meta, sources,
-                                  unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            grads = tape.gradient(meta, sources, unconnected_gradients=tf.UnconnectedGradients.ZERO)
             hyper = [g for g, on in zip(grads[1:], (self.learn_lr, self.learn_mu)) if on]
             hyper = tf.stack(hyper) if hyper else tf.zeros([0], lr.dtype)
             return step, meta, pp.pack(grads[0]), hyper
@@ -183,14 +226,14 @@ class WarpObjective(MetaObjective):
         def warp_point_update(theta, velocity, state, x, y, meta_batch):
             """`warp_point`, then one warp update on its gradient alone if it is finite
             (η = 1: a mini-batch of one point, whose reduction is the gradient itself)."""
-            meta, g_phi, g_hyper, finite = warp_point(theta, velocity, state, x, y,
-                                                      meta_batch)
+            meta, g_phi, g_hyper, finite = warp_point(theta, velocity, state, x, y, meta_batch)
 
             def update():
                 apply_warp(g_phi)
                 if self.hyper_vars:
                     apply_hyper(g_hyper)
                 return tf.constant(True)
+
             tf.cond(finite, update, lambda: tf.constant(False))
             return meta, finite
 
@@ -201,13 +244,17 @@ class WarpObjective(MetaObjective):
         # one compiled call per warp update where nothing needs combining across replicas
         self.warp_point_update = (
             engine.compile_single(warp_point_update, "warp_point_update")
-            if getattr(engine, "_variables_strategy", None) is None else None)
+            if getattr(engine, "_variables_strategy", None) is None
+            else None
+        )
 
     def _meta_value(self, engine, theta, phi, meta_batch, state):
         """L_meta at θ and the model state after its forward pass."""
         if self.meta_loss is not None:
-            return (self.meta_loss(engine.partition, engine.loss, theta, phi, meta_batch,
-                                   state), state)
+            return (
+                self.meta_loss(engine.partition, engine.loss, theta, phi, meta_batch, state),
+                state,
+            )
         return obj.task_loss(engine.partition, engine.loss, theta, phi, meta_batch, state)
 
     # ------------------------------------------------------------------ compiled hooks
@@ -215,8 +262,10 @@ class WarpObjective(MetaObjective):
         if self.mode != "online":
             return {}
         phi = self.phi_packer.pack(engine.phi())
-        return {"warp_acc": tuple(tf.zeros([size] + list(t.shape), t.dtype) for t in phi),
-                "hyper_acc": tf.zeros([size, len(self.hyper_vars)], theta[0].dtype)}
+        return {
+            "warp_acc": tuple(tf.zeros([size] + list(t.shape), t.dtype) for t in phi),
+            "hyper_acc": tf.zeros([size, len(self.hyper_vars)], theta[0].dtype),
+        }
 
     def inner_step(self, engine, theta, velocity, state, x, y, meta_batch):
         if self.mode == "offline":
@@ -253,11 +302,14 @@ class WarpObjective(MetaObjective):
     def store(self, engine, task_ids, k, carry):
         """Offline: appends every task's θ_k (and momentum buffer) to the buffer."""
         theta = [np.asarray(t) for t in carry["theta"]]
-        velocity = ([np.asarray(v) for v in carry["velocity"]] if engine.has_rule_state
-                    else None)
+        velocity = [np.asarray(v) for v in carry["velocity"]] if engine.has_rule_state else None
         for g, tid in enumerate(task_ids):
-            self.buffer.add(tid, k, [t[g] for t in theta],
-                            [v[g] for v in velocity] if velocity is not None else None)
+            self.buffer.add(
+                tid,
+                k,
+                [t[g] for t in theta],
+                [v[g] for v in velocity] if velocity is not None else None,
+            )
 
     def _continual_tick(self, engine, g_phi):
         """Algorithm 3: add this step's warp gradient; apply every η steps."""
@@ -325,7 +377,13 @@ class WarpObjective(MetaObjective):
         return items
 
     def get_config(self):
-        return {"class": type(self).__name__, "mode": self.mode, "exact": self.exact,
-                "interval": self.interval, "reduction": self.reduction,
-                "final_point": self.final_point if self.mode == "offline" else None,
-                "learn_learning_rate": self.learn_lr, "learn_momentum": self.learn_mu}
+        return {
+            "class": type(self).__name__,
+            "mode": self.mode,
+            "exact": self.exact,
+            "interval": self.interval,
+            "reduction": self.reduction,
+            "final_point": self.final_point if self.mode == "offline" else None,
+            "learn_learning_rate": self.learn_lr,
+            "learn_momentum": self.learn_mu,
+        }

@@ -8,12 +8,16 @@ compiled step, `parallel` executors) → `loop` (`fit`, callbacks, checkpoints) 
 
 from warpkeras.meta import MAML, Leap, MetaObjective, Reptile, WarpObjective
 from warpkeras.trainers.base import MetaTrainer, MetaTrainingError
+from warpkeras.trainers.checks import TaskDataExhaustedError
 from warpkeras.trainers.evaluation import summarize
 from warpkeras.trainers.finetune import FineTuneTrainer, NoMetaTrainer
 from warpkeras.trainers.leap import LeapTrainer
-from warpkeras.trainers.checks import TaskDataExhaustedError
-from warpkeras.trainers.loop import (CheckpointError, CheckpointLockError, CheckpointWarning,
-                                     TasksExhaustedError)
+from warpkeras.trainers.loop import (
+    CheckpointError,
+    CheckpointLockError,
+    CheckpointWarning,
+    TasksExhaustedError,
+)
 from warpkeras.trainers.maml import MAMLTrainer
 from warpkeras.trainers.reptile import ReptileTrainer
 from warpkeras.trainers.warp import WarpTrainer

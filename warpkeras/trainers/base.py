@@ -25,31 +25,41 @@ import numpy as np
 import tensorflow as tf
 
 from warpkeras import _validation as _v
+from warpkeras import rules
 from warpkeras.meta import MetaTrainingError
 from warpkeras.partition import UNTAGGED_POLICIES, Partition
-from warpkeras.trainers.checks import (InputChecks, _check_head_layers, _check_objectives,
-                                       _resolve_loss)
+from warpkeras.trainers.checks import (
+    InputChecks,
+    _check_head_layers,
+    _check_objectives,
+    _resolve_loss,
+)
 from warpkeras.trainers.engine import AdaptationEngine
 from warpkeras.trainers.evaluation import Evaluation
 from warpkeras.trainers.loop import TrainingLoop
 from warpkeras.trainers.metrics import loss_is_classification
-from warpkeras import rules
 from warpkeras.trainers.parallel import PARALLEL_MODES, make_executor
 from warpkeras.trainers.presets import OBJECTIVE_OPTIONS, KeywordViews, objectives_from_options
 
-ENGINE_OPTIONS = {"loss_weights": None, "accuracy": None, "head_layers": None, "untagged": "task",
-                  "eval_training_mode": True, "jit_compile": False, "strategy": None,
-                  "group_size": None, "inner_rule": None}
+ENGINE_OPTIONS = {
+    "loss_weights": None,
+    "accuracy": None,
+    "head_layers": None,
+    "untagged": "task",
+    "eval_training_mode": True,
+    "jit_compile": False,
+    "strategy": None,
+    "group_size": None,
+    "inner_rule": None,
+}
 
 
 def _owning_strategy(strategy, partition):
     """`strategy` when the model's variables were created in its scope, else None."""
     if strategy is None:
         return None
-    variables = (partition.task_variables + partition.warp_variables
-                 + partition.state_variables)
-    if any(strategy.extended.variable_created_in_scope(getattr(v, "value", v))
-           for v in variables):
+    variables = partition.task_variables + partition.warp_variables + partition.state_variables
+    if any(strategy.extended.variable_created_in_scope(getattr(v, "value", v)) for v in variables):
         return strategy
     return None
 
@@ -158,23 +168,38 @@ class MetaTrainer(KeywordViews, TrainingLoop, Evaluation, InputChecks, Adaptatio
     # ``parallel="auto"`` then resolves to "sequential".
     _adapts_one_task_at_a_time = False
 
-    def __init__(self, model, loss, objectives=None, *, inner_learning_rate=0.1,
-                 inner_momentum=None, inner_steps=100, meta_batch_size=5, meta_optimizer=None,
-                 parallel="auto", seed=0, **options):
+    def __init__(
+        self,
+        model,
+        loss,
+        objectives=None,
+        *,
+        inner_learning_rate=0.1,
+        inner_momentum=None,
+        inner_steps=100,
+        meta_batch_size=5,
+        meta_optimizer=None,
+        parallel="auto",
+        seed=0,
+        **options,
+    ):
         where = type(self).__name__
         objectives = _check_objectives(objectives, where)
         unknown = sorted(set(options) - set(ENGINE_OPTIONS) - set(OBJECTIVE_OPTIONS))
         if unknown:
-            raise TypeError(f"{where}.__init__() got an unexpected keyword argument "
-                            f"'{unknown[0]}'")
+            raise TypeError(f"{where}.__init__() got an unexpected keyword argument '{unknown[0]}'")
         if not isinstance(model, keras.Model):
-            raise TypeError(f"{where}: model={_v.describe(model)} is not valid: expected a "
-                            "built keras.Model (tag layers with warpkeras.warp / warpkeras.task).")
+            raise TypeError(
+                f"{where}: model={_v.describe(model)} is not valid: expected a "
+                "built keras.Model (tag layers with warpkeras.warp / warpkeras.task)."
+            )
         e = dict(ENGINE_OPTIONS, **{k: v for k, v in options.items() if k in ENGINE_OPTIONS})
-        untagged = _v.check_choice(e["untagged"], "untagged", UNTAGGED_POLICIES, where=where,
-                                   error=MetaTrainingError)
-        parallel = _v.check_choice(parallel, "parallel", PARALLEL_MODES, where=where,
-                                   error=MetaTrainingError)
+        untagged = _v.check_choice(
+            e["untagged"], "untagged", UNTAGGED_POLICIES, where=where, error=MetaTrainingError
+        )
+        parallel = _v.check_choice(
+            parallel, "parallel", PARALLEL_MODES, where=where, error=MetaTrainingError
+        )
         flag = functools.partial(_v.check_bool, where=where)
         accuracy = flag(e["accuracy"], "accuracy", allow_none=True)
         eval_training_mode = flag(e["eval_training_mode"], "eval_training_mode")
@@ -182,41 +207,57 @@ class MetaTrainer(KeywordViews, TrainingLoop, Evaluation, InputChecks, Adaptatio
         integer = functools.partial(_v.check_int, where=where, error=MetaTrainingError)
         inner_steps = integer(inner_steps, "inner_steps", minimum=1, example=5)
         meta_batch_size = integer(meta_batch_size, "meta_batch_size", minimum=1, example=5)
-        group_size = integer(e["group_size"], "group_size", minimum=1, allow_none=True,
-                             example=4)
+        group_size = integer(e["group_size"], "group_size", minimum=1, allow_none=True, example=4)
         seed = _v.check_seed(seed, "seed", where=where, error=MetaTrainingError)
         number = functools.partial(_v.check_float, where=where, error=MetaTrainingError)
-        inner_learning_rate = number(inner_learning_rate, "inner_learning_rate", minimum=0.0,
-                                     min_inclusive=False, example=0.1)
-        inner_momentum = number(inner_momentum, "inner_momentum", minimum=0.0, maximum=1.0,
-                                max_inclusive=False, allow_none=True, example=0.9)
+        inner_learning_rate = number(
+            inner_learning_rate,
+            "inner_learning_rate",
+            minimum=0.0,
+            min_inclusive=False,
+            example=0.1,
+        )
+        inner_momentum = number(
+            inner_momentum,
+            "inner_momentum",
+            minimum=0.0,
+            maximum=1.0,
+            max_inclusive=False,
+            allow_none=True,
+            example=0.9,
+        )
         meta_optimizer = _v.get_optimizer(meta_optimizer, "meta_optimizer", where=where)
         inner_rule = rules.get(e["inner_rule"], where=f"{where}: inner_rule")
         if inner_rule is not None and inner_momentum is not None:
             raise MetaTrainingError(
                 f"{where}: inner_momentum={inner_momentum:g} sets the momentum of the default "
                 f"SGD rule, but inner_rule={inner_rule!r} is given: set it on the rule "
-                "(e.g. warpkeras.rules.SGD(0.1, momentum=0.9)) and drop inner_momentum.")
+                "(e.g. warpkeras.rules.SGD(0.1, momentum=0.9)) and drop inner_momentum."
+            )
         self._given_rule = inner_rule
         legacy = {k: v for k, v in options.items() if k in OBJECTIVE_OPTIONS}
         if objectives is None:
-            objectives = objectives_from_options(where, legacy, meta_optimizer,
-                                                 inner_momentum, seed)
+            objectives = objectives_from_options(
+                where, legacy, meta_optimizer, inner_momentum, seed
+            )
         elif legacy:
             raise MetaTrainingError(
                 f"{where}: {', '.join(sorted(legacy))} choose objectives, but objectives= "
-                "is given: set these options on the objectives instead.")
+                "is given: set these options on the objectives instead."
+            )
         head_layers = _check_head_layers(e["head_layers"], where)
         strategy = e["strategy"]
         if strategy is not None and not isinstance(strategy, tf.distribute.Strategy):
             raise TypeError(
                 f"{where}: strategy={_v.describe(strategy)} is not valid: expected a "
-                "tf.distribute.Strategy (e.g. tf.distribute.MirroredStrategy()) or None.")
+                "tf.distribute.Strategy (e.g. tf.distribute.MirroredStrategy()) or None."
+            )
 
         self.model = model
         self.objectives = objectives
-        self.partition = Partition(model, untagged=untagged,
-                                   require_warp=any(o.requires_warp for o in objectives))
+        self.partition = Partition(
+            model, untagged=untagged, require_warp=any(o.requires_warp for o in objectives)
+        )
         self.loss = _resolve_loss(loss, where, model=model, loss_weights=e["loss_weights"])
         self.inner_steps = int(inner_steps)
         self.meta_batch_size = int(meta_batch_size)
@@ -225,47 +266,61 @@ class MetaTrainer(KeywordViews, TrainingLoop, Evaluation, InputChecks, Adaptatio
         self.jit_compile = bool(jit_compile)
         self.seed = int(seed)
         try:
-            one_stream = (self._adapts_one_task_at_a_time
-                          or any(o.continues_stream for o in objectives))
-            self.executor = make_executor(parallel, strategy, jit_compile=self.jit_compile,
-                                          group_size=group_size, continues_stream=one_stream)
+            one_stream = self._adapts_one_task_at_a_time or any(
+                o.continues_stream for o in objectives
+            )
+            self.executor = make_executor(
+                parallel,
+                strategy,
+                jit_compile=self.jit_compile,
+                group_size=group_size,
+                continues_stream=one_stream,
+            )
             # How tasks are run (with a strategy: within each replica).
-            self.parallel = (self.executor.inner if strategy is not None
-                             else self.executor.name)
+            self.parallel = self.executor.inner if strategy is not None else self.executor.name
         except ValueError as err:
             raise MetaTrainingError(f"{where}: {err}") from None
         if strategy is not None:
             self.executor.group_size(self.meta_batch_size)
-        self.meta_optimizer = (meta_optimizer if meta_optimizer is not None
-                               else keras.optimizers.SGD(0.1))
+        self.meta_optimizer = (
+            meta_optimizer if meta_optimizer is not None else keras.optimizers.SGD(0.1)
+        )
         # Trainer variables and optimiser slots live where the model's variables live: a
         # model built under `strategy.scope()` gets mirrored slots (and vice versa).
         self._variables_strategy = _owning_strategy(strategy, self.partition)
-        with (self._variables_strategy.scope() if self._variables_strategy
-              else contextlib.nullcontext()):
+        with (
+            self._variables_strategy.scope()
+            if self._variables_strategy
+            else contextlib.nullcontext()
+        ):
             dtype = self.partition.task_variables[0].dtype
-            self.inner_lr = tf.Variable(float(inner_learning_rate), dtype=dtype,
-                                        trainable=False, name="inner_learning_rate")
+            self.inner_lr = tf.Variable(
+                float(inner_learning_rate), dtype=dtype, trainable=False, name="inner_learning_rate"
+            )
             self.use_momentum = inner_momentum is not None
-            self.inner_mu = tf.Variable(float(inner_momentum or 0.0), dtype=dtype,
-                                        trainable=False, name="inner_momentum")
+            self.inner_mu = tf.Variable(
+                float(inner_momentum or 0.0), dtype=dtype, trainable=False, name="inner_momentum"
+            )
             # Heads (multi-headed evaluation): indices into the task list.
             self.head_indices = []
             if head_layers:
                 head_ids = {id(v) for layer in head_layers for v in layer.trainable_variables}
-                self.head_indices = [i for i, v in enumerate(self.partition.task_variables)
-                                     if id(v) in head_ids]
+                self.head_indices = [
+                    i for i, v in enumerate(self.partition.task_variables) if id(v) in head_ids
+                ]
                 if not self.head_indices:
                     raise MetaTrainingError("head_layers hold no task variables of the model.")
-            self._initial_head = [tf.identity(self.partition.task_variables[i].value)
-                                  for i in self.head_indices]
+            self._initial_head = [
+                tf.identity(self.partition.task_variables[i].value) for i in self.head_indices
+            ]
             self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="meta_step")
             self.nan_tasks = tf.Variable(0, dtype=tf.int64, trainable=False, name="nan_tasks")
             # Checkpoints of every trainer hold a `stream_count` (the continual warp
             # objective's counter, which replaces this one): checkpoints written by any
             # trainer keep the same layout, and older ones restore unchanged.
-            self._stream_count = tf.Variable(0, dtype=tf.int64, trainable=False,
-                                             name="stream_count")
+            self._stream_count = tf.Variable(
+                0, dtype=tf.int64, trainable=False, name="stream_count"
+            )
             self.nan_points = 0
             self.history = None
             self.stop_training = False
@@ -304,8 +359,7 @@ class MetaTrainer(KeywordViews, TrainingLoop, Evaluation, InputChecks, Adaptatio
         """
         for o in self.objectives:
             o.begin_meta_step(self)
-        sizes = ([1] * len(tasks) if self._stream
-                 else self.executor.group_sizes(len(tasks)))
+        sizes = [1] * len(tasks) if self._stream else self.executor.group_sizes(len(tasks))
         starts = np.cumsum([0] + sizes[:-1]).tolist()
         rngs = rng.spawn(len(tasks))
         sums, counts = {}, {}
@@ -315,9 +369,9 @@ class MetaTrainer(KeywordViews, TrainingLoop, Evaluation, InputChecks, Adaptatio
         stream = self._start_values() if self._stream else None
         moving = []  # batch inputs, for the moving statistics at θ0
         for lo, size in zip(starts, sizes):
-            group = tasks[lo:lo + size]
+            group = tasks[lo : lo + size]
             ids = list(range(lo, lo + len(group)))
-            res = self._adapt_group(group, ids, rngs[lo:lo + len(group)], start=stream)
+            res = self._adapt_group(group, ids, rngs[lo : lo + len(group)], start=stream)
             finite = res["finite"]
             for g in np.flatnonzero(~finite):
                 dropped += 1
@@ -327,12 +381,17 @@ class MetaTrainer(KeywordViews, TrainingLoop, Evaluation, InputChecks, Adaptatio
                     f"Meta step {int(self.step.numpy())}: task '{name}' (number {ids[g]} "
                     "of the meta-batch) produced a non-finite loss or gradient; it is "
                     "dropped from this meta-update (see the logs' `diverged_tasks` and "
-                    "`trainer.diverged`).", RuntimeWarning, stacklevel=2)
+                    "`trainer.diverged`).",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
             if stream is not None and finite.all():
                 c = res["carry"]
-                stream = (tuple(t[0] for t in c["theta"]),
-                          tuple(v[0] for v in c.get("velocity", ())),
-                          tuple(s[0] for s in c["state"]))
+                stream = (
+                    tuple(t[0] for t in c["theta"]),
+                    tuple(v[0] for v in c.get("velocity", ())),
+                    tuple(s[0] for s in c["state"]),
+                )
             if not finite.any():
                 continue
             moving.extend(self._statistics_batches(res, finite))
@@ -381,9 +440,14 @@ class MetaTrainer(KeywordViews, TrainingLoop, Evaluation, InputChecks, Adaptatio
     # ------------------------------------------------------------------ checkpoints
     def _checkpoint_items(self):
         """The trackables a checkpoint holds (`warpkeras.trainers.loop`)."""
-        items = {"model": self.model, "step": self.step, "nan_tasks": self.nan_tasks,
-                 "inner_lr": self.inner_lr, "inner_mu": self.inner_mu,
-                 "stream_count": self._stream_count}
+        items = {
+            "model": self.model,
+            "step": self.step,
+            "nan_tasks": self.nan_tasks,
+            "inner_lr": self.inner_lr,
+            "inner_mu": self.inner_mu,
+            "stream_count": self._stream_count,
+        }
         for o in self.objectives:
             items.update(o.checkpoint_items(self))
         if self.inner_rule.variables:  # e.g. Meta-SGD's α, learned or not

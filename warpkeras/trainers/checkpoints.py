@@ -7,14 +7,16 @@ import os
 import re
 import shutil
 import socket
+import types
 import warnings
 
+import tensorflow as tf
+
+fcntl: types.ModuleType | None
 try:
     import fcntl
 except ImportError:  # Windows
     fcntl = None
-
-import tensorflow as tf
 
 _CHECKPOINT_NAME = "ckpt"
 _CHECKPOINT_RE = re.compile(r"^" + _CHECKPOINT_NAME + r"-(\d+)\.(index|data-\d+-of-\d+)$")
@@ -68,8 +70,9 @@ def _unreadable_file(directory, number, names):
         for name in reader.get_variable_to_shape_map():
             reader.get_tensor(name)  # reads every byte: catches truncation and bad checksums
     except (tf.errors.OpError, ValueError, IndexError) as e:
-        return os.path.join(directory, data[0]) if len(data) == 1 else f"{prefix}.data-*", \
-            _first_line(e)
+        return os.path.join(directory, data[0]) if len(
+            data
+        ) == 1 else f"{prefix}.data-*", _first_line(e)
     return None
 
 
@@ -147,17 +150,20 @@ class FolderLock:
     def __init__(self, folder):
         self.folder = folder
         self.path = os.path.join(folder, _LOCK_FILE)
-        self.holder = {"host": socket.gethostname(), "pid": os.getpid(),
-                       "started": datetime.datetime.now(datetime.timezone.utc)
-                       .isoformat(timespec="seconds")}
+        self.holder = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        }
         self._fd = None
 
     @staticmethod
     def _describe(holder):
         if not holder:
             return "an unreadable or empty lock"
-        return (f"host {holder.get('host')!r}, pid {holder.get('pid')}, started "
-                f"{holder.get('started')}")
+        return (
+            f"host {holder.get('host')!r}, pid {holder.get('pid')}, started {holder.get('started')}"
+        )
 
     def _read(self):
         try:
@@ -172,20 +178,24 @@ class FolderLock:
             f"Checkpoint folder '{self.folder}' is in use by another run "
             f"({self._describe(holder)}; lock file '{self.path}'). Two runs writing one "
             "folder would overwrite each other's checkpoints: give this run its own "
-            "checkpoint_dir, or stop the other run first.")
+            "checkpoint_dir, or stop the other run first."
+        )
 
     def _other_host(self, holder):
         return CheckpointLockError(
             f"Checkpoint folder '{self.folder}' is locked by a run on another machine "
             f"({self._describe(holder)}; lock file '{self.path}'), whose process cannot be "
             "checked from here. Give this run its own checkpoint_dir, or, if that run has "
-            "ended, delete the lock file.")
+            "ended, delete the lock file."
+        )
 
     def _taken_over(self, holder):
         warnings.warn(
             f"Checkpoint folder '{self.folder}': taking over the lock of a run that has "
             f"ended ({self._describe(holder)}); its checkpoints are kept.",
-            CheckpointWarning, stacklevel=4)
+            CheckpointWarning,
+            stacklevel=4,
+        )
 
     def acquire(self):
         """Takes the lock.
@@ -224,8 +234,9 @@ class FolderLock:
             os.fsync(fd)
             self._fd = fd
             return self
-        raise CheckpointLockError(f"Could not take the lock file '{self.path}' (other runs "
-                                  "keep replacing it).")
+        raise CheckpointLockError(
+            f"Could not take the lock file '{self.path}' (other runs keep replacing it)."
+        )
 
     def _acquire_by_pid(self):
         for _ in range(3):
@@ -272,10 +283,22 @@ class FolderLock:
 # settings recorded with every checkpoint
 _SETTINGS_KEY = "run_settings"
 # configuration keys the user may change on resume: the new value wins, with a warning
-HYPERPARAMETERS = frozenset({
-    "inner_learning_rate", "inner_momentum", "inner_steps", "meta_batch_size", "group_size",
-    "parallel", "batch_size", "learning_rate", "init_weight", "meta_interval",
-    "unroll", "recompute"})  # MAML's: how the steps are computed, not what
+HYPERPARAMETERS = frozenset(
+    {
+        "inner_learning_rate",
+        "inner_momentum",
+        "inner_steps",
+        "meta_batch_size",
+        "group_size",
+        "parallel",
+        "batch_size",
+        "learning_rate",
+        "init_weight",
+        "meta_interval",
+        "unroll",
+        "recompute",
+    }
+)  # MAML's: how the steps are computed, not what
 
 
 def read_settings(prefix):
@@ -340,8 +363,9 @@ def compare_settings(recorded, current):
     cv = {p: s for p, s in current.get("variables", [])}
     for p in sorted(set(rv) | set(cv)):
         if rv.get(p) != cv.get(p):
-            refused.append(f"model variable '{p}': shape {rv.get(p)} -> {cv.get(p)}"
-                           .replace("None", "absent"))
+            refused.append(
+                f"model variable '{p}': shape {rv.get(p)} -> {cv.get(p)}".replace("None", "absent")
+            )
     ro, co = recorded.get("optimizers", {}), current.get("optimizers", {})
     for name in sorted(set(ro) | set(co)):
         a, b = ro.get(name), co.get(name)
@@ -349,8 +373,10 @@ def compare_settings(recorded, current):
             refused.append(f"{name} class {a and a['class']} -> {b and b['class']}")
             continue
         if sorted(map(tuple, a["variables"])) != sorted(map(tuple, b["variables"])):
-            refused.append(f"{name} slot variables {[v[0] for v in a['variables']]} -> "
-                           f"{[v[0] for v in b['variables']]}")
+            refused.append(
+                f"{name} slot variables {[v[0] for v in a['variables']]} -> "
+                f"{[v[0] for v in b['variables']]}"
+            )
         fa, fb = _flatten(a["config"]), _flatten(b["config"])
         for key in sorted(set(fa) | set(fb)):
             if key != "name" and not _same(fa.get(key), fb.get(key)):

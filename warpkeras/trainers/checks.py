@@ -17,7 +17,8 @@ def _resolve_loss(loss, where="MetaTrainer", model=None, loss_weights=None):
             f"{where}: a loss is required: a Keras loss name (e.g. "
             "loss='sparse_categorical_crossentropy' or loss='mse'), a keras.losses.Loss, a "
             "serialised Keras loss, a callable fn(y_true, y_pred), or a dict / list of these "
-            "per output.")
+            "per output."
+        )
     try:
         return TaskLoss(loss, loss_weights=loss_weights, model=model, where=where)
     except ValueError as e:
@@ -30,8 +31,9 @@ def _check_head_layers(head_layers, where):
         return None
     if isinstance(head_layers, keras.layers.Layer):
         return [head_layers]
-    if (not isinstance(head_layers, (list, tuple))
-            or not all(isinstance(h, keras.layers.Layer) for h in head_layers)):
+    if not isinstance(head_layers, (list, tuple)) or not all(
+        isinstance(h, keras.layers.Layer) for h in head_layers
+    ):
         raise TypeError(
             f"{where}: head_layers={_v.describe(head_layers)} is not valid: expected a list "
             "of the model's Keras layers forming the head, e.g. "
@@ -45,12 +47,14 @@ def _check_objectives(objectives, where):
         return None
     if isinstance(objectives, MetaObjective):
         objectives = [objectives]
-    if (not isinstance(objectives, (list, tuple))
-            or not all(isinstance(o, MetaObjective) for o in objectives)):
+    if not isinstance(objectives, (list, tuple)) or not all(
+        isinstance(o, MetaObjective) for o in objectives
+    ):
         raise TypeError(
             f"{where}: objectives={_v.describe(objectives)} is not valid: expected a list of "
             "warpkeras.meta.MetaObjective, e.g. objectives=[warpkeras.meta.WarpObjective("
-            "'offline'), warpkeras.meta.Leap()].")
+            "'offline'), warpkeras.meta.Leap()]."
+        )
     if len({id(o) for o in objectives}) != len(objectives):
         raise MetaTrainingError(f"{where}: objectives lists the same objective twice.")
     return list(objectives)
@@ -116,8 +120,9 @@ class InputChecks:
         name = getattr(task, "name", "task")
 
         def describe(structure):
-            return str(tf.nest.map_structure(
-                lambda t: tuple(getattr(t, "shape", np.shape(t))), structure))
+            return str(
+                tf.nest.map_structure(lambda t: tuple(getattr(t, "shape", np.shape(t))), structure)
+            )
 
         def refuse(detail):
             raise ValueError(
@@ -125,13 +130,16 @@ class InputChecks:
                 f"{detail}. The task holds x of shape {describe(x)}; the model takes "
                 f"{describe(expected)} (batch dimension first). Give the task's x the "
                 "model's input structure: one array for one input, a tuple/list in the "
-                "order of model.inputs, or a dict keyed by the input names.")
+                "order of model.inputs, or a dict keyed by the input names."
+            )
 
         try:
             if isinstance(expected, dict) and isinstance(x, dict):
                 if set(expected) != set(x):
-                    refuse(f"its dict keys {sorted(x)} are not the model's input names "
-                           f"{sorted(expected)}")
+                    refuse(
+                        f"its dict keys {sorted(x)} are not the model's input names "
+                        f"{sorted(expected)}"
+                    )
                 pairs = [(expected[k], x[k]) for k in expected]
             else:
                 tf.nest.assert_same_structure(expected, x, check_types=False)
@@ -147,8 +155,7 @@ class InputChecks:
                 got = got + (1,)
             elif len(got) == len(want) + 1 and got[-1] == 1:
                 got = got[:-1]
-            if len(want) != len(got) or any(
-                    w is not None and w != g for w, g in zip(want, got)):
+            if len(want) != len(got) or any(w is not None and w != g for w, g in zip(want, got)):
                 refuse(f"an input of feature shape {got} where the model takes {want}")
 
     def _check_label_layout(self, task, y, which):
@@ -163,7 +170,8 @@ class InputChecks:
                 f"Task '{getattr(task, 'name', 'task')}': its {which} labels have shape "
                 f"{shape}, one value per class (one-hot), but the sparse categorical loss "
                 "takes one class id per example. Use loss='categorical_crossentropy', or "
-                "give class ids (y = np.argmax(y, axis=-1)).")
+                "give class ids (y = np.argmax(y, axis=-1))."
+            )
 
     def _check_label_shapes(self, task, y, which):
         """Refuses labels whose shape would broadcast against the model's outputs in an
@@ -180,8 +188,9 @@ class InputChecks:
                 return
             outputs = outputs[0] if len(outputs) == 1 else list(outputs)
         y = tf.nest.map_structure(lambda t: np.asarray(t) if not hasattr(t, "shape") else t, y)
-        self.loss.check_shapes(y, outputs,
-                               where=f"Task '{getattr(task, 'name', 'task')}': its {which} data")
+        self.loss.check_shapes(
+            y, outputs, where=f"Task '{getattr(task, 'name', 'task')}': its {which} data"
+        )
 
     def _checked(self, task, batches, which):
         """`batches` (an iterator of ``(x, y)`` or ``(x, y, sample_weight)``) as
@@ -192,8 +201,10 @@ class InputChecks:
         name = getattr(task, "name", "task")
         # A custom meta loss reads its own meta-batch structure (e.g. ``(x, y, t)`` with a
         # step index t): its batches are passed on as they are.
-        own = which == "meta" and any(getattr(o, "meta_loss", None) is not None
-                                      for o in getattr(self, "objectives", None) or ())
+        own = which == "meta" and any(
+            getattr(o, "meta_loss", None) is not None
+            for o in getattr(self, "objectives", None) or ()
+        )
 
         def checked():
             first, count = True, 0
@@ -206,7 +217,8 @@ class InputChecks:
                     raise ValueError(
                         f"Task '{name}': its {which} data yields "
                         f"{_v.describe(batch)}; a batch must be (x, y) or "
-                        "(x, y, sample_weight), as keras.Model.fit takes them.")
+                        "(x, y, sample_weight), as keras.Model.fit takes them."
+                    )
                 batch = join_batch(batch)
                 labels, _ = split_targets(batch[1])
                 if first:
@@ -223,7 +235,8 @@ class InputChecks:
                 f"Task '{getattr(task, 'name', 'task')}': its {which} batches ran out after "
                 f"{count} batch(es). Adaptation and meta batches are read as an endless "
                 "stream: make the task's generator loop forever (e.g. `while True:` around "
-                "its `yield`s), or give arrays or a tf.data.Dataset, which are repeated.")
+                "its `yield`s), or give arrays or a tf.data.Dataset, which are repeated."
+            )
 
         return checked()
 

@@ -65,7 +65,8 @@ def _only_one(objectives, hook):
     if len(found) > 1:
         raise MetaTrainingError(
             f"Objectives {', '.join(type(o).__name__ for o in found)} all define "
-            f"`{hook}`, but a trainer runs one inner step rule: keep one of them.")
+            f"`{hook}`, but a trainer runs one inner step rule: keep one of them."
+        )
     return found[0] if found else None
 
 
@@ -166,8 +167,19 @@ class AdaptationEngine:
             return self._rule_empty
         return tf.nest.pack_sequence_as(self._rule_structure, self._rule_packer.unpack(packed))
 
-    def task_step(self, theta, velocity, state, x, y, rule=None, phi=None, lr=None, mu=None,
-                  stop_inner_gradient=False):
+    def task_step(
+        self,
+        theta,
+        velocity,
+        state,
+        x,
+        y,
+        rule=None,
+        phi=None,
+        lr=None,
+        mu=None,
+        stop_inner_gradient=False,
+    ):
         """The one inner step (`warpkeras.objectives.task_step`) with the trainer's loss,
         partition, constraints and inner rule, at lists θ_k and rule state (traceable).
 
@@ -187,10 +199,18 @@ class AdaptationEngine:
         rule = self.inner_rule if rule is None else rule
         if rule is self._sgd_rule and lr is not None:
             rule = rules.SGD(lr, mu if self.use_momentum else None)
-        return obj.task_step(self.partition, self.loss, theta,
-                             self._phi() if phi is None else phi, (x, y), None,
-                             velocity=velocity, state=state, rule=rule,
-                             stop_inner_gradient=stop_inner_gradient)
+        return obj.task_step(
+            self.partition,
+            self.loss,
+            theta,
+            self._phi() if phi is None else phi,
+            (x, y),
+            None,
+            velocity=velocity,
+            state=state,
+            rule=rule,
+            stop_inner_gradient=stop_inner_gradient,
+        )
 
     def compile_group(self, fn, name):
         """``fn`` (one task) compiled into a function of stacked task groups by the
@@ -204,6 +224,7 @@ class AdaptationEngine:
         def run(*args):
             on_trace()
             return fn(*args)
+
         return tf.function(run, jit_compile=self.jit_compile, reduce_retracing=True)
 
     def compile_apply(self, fn):
@@ -215,12 +236,16 @@ class AdaptationEngine:
         if strategy is None:
             return tf.function(fn)
         share = 1.0 / strategy.num_replicas_in_sync
-        return tf.function(lambda grads: strategy.run(
-            fn, args=(tf.nest.map_structure(lambda g: g * share, grads),)))
+        return tf.function(
+            lambda grads: strategy.run(
+                fn, args=(tf.nest.map_structure(lambda g: g * share, grads),)
+            )
+        )
 
     def _traced(self, name):
         def on_trace():
             self.trace_counts[name] = self.trace_counts.get(name, 0) + 1
+
         return on_trace
 
     # ------------------------------------------------------------------ compiled steps
@@ -230,14 +255,18 @@ class AdaptationEngine:
         self._state_packer = _Packer(self.partition.state_variables)
         self._stepper = _only_one(self.objectives, "inner_step")
         self._updater = _only_one(self.objectives, "inner_update")
-        if (self._updater is not None and self.use_momentum
-                and not getattr(self._updater, "supports_momentum", False)):
+        if (
+            self._updater is not None
+            and self.use_momentum
+            and not getattr(self._updater, "supports_momentum", False)
+        ):
             name = type(self._updater).__name__
             raise MetaTrainingError(
                 f"{name}: its inner_update replaces the inner SGD rule and does not use "
                 f"momentum, but the trainer has inner_momentum={float(self.inner_mu.numpy()):g}: "
                 f"create the trainer with inner_momentum=None, or set "
-                f"{name}.supports_momentum = True if the rule uses the velocity it is given.")
+                f"{name}.supports_momentum = True if the rule uses the velocity it is given."
+            )
         self._build_rule()
         self._adapts = any(o.adapts for o in self.objectives) or not self.objectives
         self._meta_batches = any(o.meta_batches for o in self.objectives)
@@ -258,23 +287,31 @@ class AdaptationEngine:
             the objectives accumulate."""
             if self._stepper is not None:
                 step, aux = self._stepper.inner_step(
-                    self, carry["theta"], carry.get("velocity"), carry["state"], x, y,
-                    meta_batch)
+                    self, carry["theta"], carry.get("velocity"), carry["state"], x, y, meta_batch
+                )
             else:
-                step, aux = self.run_step(carry["theta"], carry.get("velocity"),
-                                          carry["state"], x, y), {}
+                step, aux = (
+                    self.run_step(carry["theta"], carry.get("velocity"), carry["state"], x, y),
+                    {},
+                )
             new = dict(carry)
             new["theta"] = tp.pack([stop(t) for t in step.theta])
             if self.has_rule_state:
                 new["velocity"] = tuple(stop(v) for v in self.pack_rule_state(step.velocity))
             new["state"] = sp.pack(step.state)
             grads = tp.pack([stop(g) for g in step.gradients])
-            finite = tf.logical_and(tf.math.is_finite(step.loss),
-                                    tf.reduce_all([all_finite(grads)]))
-            out = {"loss": step.loss, "metric": self._metric(y, step.outputs),
-                   "finite": finite}
-            result = {"step": step, "gradients": grads, "aux": aux, "x": x, "y": y,
-                      "meta_batch": meta_batch}
+            finite = tf.logical_and(
+                tf.math.is_finite(step.loss), tf.reduce_all([all_finite(grads)])
+            )
+            out = {"loss": step.loss, "metric": self._metric(y, step.outputs), "finite": finite}
+            result = {
+                "step": step,
+                "gradients": grads,
+                "aux": aux,
+                "x": x,
+                "y": y,
+                "meta_batch": meta_batch,
+            }
             for o in steppers:
                 o.step(self, carry, new, out, result)
             return new, out
@@ -289,8 +326,9 @@ class AdaptationEngine:
                 from warpkeras.export import batch_statistics  # noqa: PLC0415
 
                 state_l = batch_statistics(p, theta_l, phi, x, state_l)
-            loss, _, outputs = obj.task_loss(p, self.loss, theta_l, phi, (x, y), state_l,
-                                             training=False, return_outputs=True)
+            loss, _, outputs = obj.task_loss(
+                p, self.loss, theta_l, phi, (x, y), state_l, training=False, return_outputs=True
+            )
             return loss, self._metric(y, outputs)
 
         self._group_step = self.compile_group(meta_step_fn, "group_step")
@@ -308,7 +346,8 @@ class AdaptationEngine:
         if given is not None and self._updater is not None:
             raise MetaTrainingError(
                 f"{type(self._updater).__name__} defines inner_update, and the trainer was "
-                f"given inner_rule={given!r}: a trainer runs one inner rule; keep one.")
+                f"given inner_rule={given!r}: a trainer runs one inner rule; keep one."
+            )
         if given is not None:
             self.inner_rule = given
         elif self._updater is not None:
@@ -317,7 +356,8 @@ class AdaptationEngine:
             self.inner_rule = self._sgd_rule
         self.inner_rule.build(self.partition, self.loss)
         self._rule_structure = self.inner_rule.init(
-            [tf.convert_to_tensor(v.value) for v in self.partition.task_variables])
+            [tf.convert_to_tensor(v.value) for v in self.partition.task_variables]
+        )
         leaves = _leaves(self._rule_structure)
         self._rule_empty = self._rule_structure if not leaves else None
         self._rule_packer = _Packer(leaves)
@@ -338,21 +378,40 @@ class AdaptationEngine:
 
         def plain_step_fn(theta, velocity, state, x, y):
             """One inner step with φ frozen (evaluation and fine-tuning)."""
-            rule_state = (tf.nest.pack_sequence_as(structure, packer.unpack(velocity))
-                          if leaves else structure)
-            step = self.task_step([tf.stop_gradient(t) for t in tp.unpack(theta)],
-                                  rule_state, sp.unpack(state), x, y, rule=rule)
+            rule_state = (
+                tf.nest.pack_sequence_as(structure, packer.unpack(velocity))
+                if leaves
+                else structure
+            )
+            step = self.task_step(
+                [tf.stop_gradient(t) for t in tp.unpack(theta)],
+                rule_state,
+                sp.unpack(state),
+                x,
+                y,
+                rule=rule,
+            )
             new_theta = tp.pack(step.theta)
             sq = tf.add_n([tf.reduce_sum(tf.square(a - b)) for a, b in zip(new_theta, theta)])
             finite = tf.logical_and(tf.math.is_finite(step.loss), all_finite(step.gradients))
             new_velocity = packer.pack(tf.nest.flatten(step.velocity)) if leaves else velocity
-            return (new_theta, new_velocity, sp.pack(step.state), step.loss,
-                    self._metric(y, step.outputs), sq, finite)
+            return (
+                new_theta,
+                new_velocity,
+                sp.pack(step.state),
+                step.loss,
+                self._metric(y, step.outputs),
+                sq,
+                finite,
+            )
 
         def start(theta, seed=0):
             """The packed rule state at the start of an adaptation from packed θ."""
-            return packer.pack(tf.nest.flatten(rule.init(tp.unpack(theta), seed=seed))
-                               ) if leaves else ()
+            return (
+                packer.pack(tf.nest.flatten(rule.init(tp.unpack(theta), seed=seed)))
+                if leaves
+                else ()
+            )
 
         fn = self.compile_single(plain_step_fn, "plain_step")
         fn.start = start
@@ -367,8 +426,9 @@ class AdaptationEngine:
         velocity_l = tf.nest.map_structure(tf.stop_gradient, self.unpack_rule_state(velocity))
         lr = tf.identity(self.inner_lr)
         mu = tf.identity(self.inner_mu) if self.use_momentum else None
-        return self.task_step(theta_l, velocity_l, self._state_packer.unpack(state), x, y,
-                              lr=lr, mu=mu)
+        return self.task_step(
+            theta_l, velocity_l, self._state_packer.unpack(state), x, y, lr=lr, mu=mu
+        )
 
     def _metric(self, y, outputs):
         if self.accuracy:
@@ -426,8 +486,9 @@ class AdaptationEngine:
         """`reseed` for a group: one key per task along the leading axis."""
         if not self.partition.seed_indices:
             return stacked_state
-        per_task = [self.reseed(tuple(t[g] for t in stacked_state), *key)
-                    for g, key in enumerate(keys)]
+        per_task = [
+            self.reseed(tuple(t[g] for t in stacked_state), *key) for g, key in enumerate(keys)
+        ]
         return tuple(tf.stack(parts) for parts in zip(*per_task))
 
     _reseed, _reseed_stacked = reseed, reseed_stacked
@@ -435,14 +496,15 @@ class AdaptationEngine:
     # ------------------------------------------------------------------ groups of tasks
     @staticmethod
     def _stack_batches(batches):
-        return tf.nest.map_structure(lambda *ts: np.stack([np.asarray(t) for t in ts]),
-                                     *batches)
+        return tf.nest.map_structure(lambda *ts: np.stack([np.asarray(t) for t in ts]), *batches)
 
     @staticmethod
     def _batch_signature(batch):
         """Shapes and dtypes of the leaves of one task's batch structure."""
-        return tuple((tuple(getattr(t, "shape", np.shape(t))), str(getattr(t, "dtype", "")))
-                     for t in tf.nest.flatten(batch))
+        return tuple(
+            (tuple(getattr(t, "shape", np.shape(t))), str(getattr(t, "dtype", "")))
+            for t in tf.nest.flatten(batch)
+        )
 
     def by_shape(self, fn, tasks, stacked, batches):
         """``fn(*stacked, *stacked_batches)`` for a group of tasks whose batches may differ
@@ -463,8 +525,7 @@ class AdaptationEngine:
         size = len(tasks)
         if size == 1:
             return fn(*stacked, *[self._stack_batches(arg) for arg in batches])
-        signatures = [tuple(self._batch_signature(arg[i]) for arg in batches)
-                      for i in range(size)]
+        signatures = [tuple(self._batch_signature(arg[i]) for arg in batches) for i in range(size)]
         groups = {}
         for i, sig in enumerate(signatures):
             groups.setdefault(sig, []).append(i)
@@ -474,7 +535,8 @@ class AdaptationEngine:
             shapes = "; ".join(
                 f"'{getattr(tasks[i], 'name', i)}': "
                 + ", ".join(str(list(shape)) for arg in signatures[i] for shape, _ in arg)
-                for i in range(size))
+                for i in range(size)
+            )
             raise ValueError(
                 "The tasks of a meta-batch split across a tf.distribute.Strategy must have "
                 f"batches of one shape, but they differ: {shapes}. Give every task the same "
@@ -485,8 +547,7 @@ class AdaptationEngine:
         outs, order = [], []
         for idx in groups.values():
             part = tf.nest.map_structure(lambda t, idx=idx: tf.gather(t, idx), stacked)
-            outs.append(fn(*part, *[self._stack_batches([arg[i] for i in idx])
-                                    for arg in batches]))
+            outs.append(fn(*part, *[self._stack_batches([arg[i] for i in idx]) for arg in batches]))
             order.extend(idx)
         inverse = np.argsort(order)
         return tf.nest.map_structure(lambda *ts: tf.gather(tf.concat(ts, 0), inverse), *outs)
@@ -505,10 +566,16 @@ class AdaptationEngine:
         size = len(tasks)
         theta, _, state = start if start is not None else self._start_values()
         group = types.SimpleNamespace(
-            tasks=tasks, task_ids=task_ids, rngs=[self._task_rngs(r) for r in rngs],
-            meta_step=int(self.step.numpy()), carry=None, first_batch=None,
-            train_iterators=None, theta_start=tuple(tf.stack([t] * size) for t in theta),
-            state_start=tuple(tf.stack([s] * size) for s in state))
+            tasks=tasks,
+            task_ids=task_ids,
+            rngs=[self._task_rngs(r) for r in rngs],
+            meta_step=int(self.step.numpy()),
+            carry=None,
+            first_batch=None,
+            train_iterators=None,
+            theta_start=tuple(tf.stack([t] * size) for t in theta),
+            state_start=tuple(tf.stack([s] * size) for s in state),
+        )
         result = {"finite": np.ones(size, bool), "metas": None, "grads": {}}
         if self._adapts:
             self._run_adaptation(group, start, result)
@@ -527,15 +594,17 @@ class AdaptationEngine:
 
     def _run_adaptation(self, group, start, result):
         tasks, size = group.tasks, len(group.tasks)
-        streams = [self._checked_streams(t, t.streams(a, b))
-                   for t, (a, b) in zip(tasks, group.rngs)]
+        streams = [
+            self._checked_streams(t, t.streams(a, b)) for t, (a, b) in zip(tasks, group.rngs)
+        ]
         train_its = [s[0] for s in streams]
         meta_its = [s[1] for s in streams] if self._meta_batches else None
         carry = self._initial_carry(size, start)
         # Random draws (dropout) derive from (seed, meta step, task); the state then carries
         # them on from step to step, so every forward pass draws fresh values.
         carry["state"] = self._reseed_stacked(
-            carry["state"], [(group.meta_step, tid, 0) for tid in group.task_ids])
+            carry["state"], [(group.meta_step, tid, 0) for tid in group.task_ids]
+        )
         group.theta_start = carry["theta"]
         outs, first_batch = [], None
         for k in range(self.inner_steps):
@@ -546,8 +615,11 @@ class AdaptationEngine:
                 o.before_step(self, group, k, carry)
             meta_batches = [next(it) for it in meta_its] if meta_its else [()] * size
             carry, out = self._by_shape(
-                lambda c, b, m: self._group_step(c, b[0], b[1], m), tasks, (carry,),
-                [train_batches, meta_batches])
+                lambda c, b, m: self._group_step(c, b[0], b[1], m),
+                tasks,
+                (carry,),
+                [train_batches, meta_batches],
+            )
             for o in self._after:
                 o.after_step(self, group, k, carry, out)
             outs.append(out)

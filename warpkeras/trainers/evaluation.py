@@ -1,10 +1,9 @@
 """Adaptation from θ0 on held-out tasks (`adapt`, `evaluate`), batch-norm statistics,
 export, and the summary over tasks (`summarize`)."""
 
+import copy as _copy
 import math
 import warnings
-
-import copy as _copy
 
 import keras
 import numpy as np
@@ -65,8 +64,11 @@ class Evaluation:
             sp, tp = self._state_packer, self._theta_packer
 
             def statistics(theta, state, x):
-                return sp.pack(batch_statistics(self.partition, tp.unpack(theta), self._phi(),
-                                                x, sp.unpack(state)))
+                return sp.pack(
+                    batch_statistics(
+                        self.partition, tp.unpack(theta), self._phi(), x, sp.unpack(state)
+                    )
+                )
 
             self._statistics_fn = tf.function(statistics, reduce_retracing=True)
         return self._statistics_fn(theta, state, x)
@@ -90,14 +92,19 @@ class Evaluation:
         theta, _, state = self._start_values()
         sums = None
         for x in inputs:
-            part = [np.asarray(t, dtype=np.float64) if d.is_floating else None
-                    for t, d in zip(self._statistics(theta, state, x),
-                                    self._state_packer.groups)]
-            sums = part if sums is None else [
-                None if a is None else a + b for a, b in zip(sums, part)]
+            part = [
+                np.asarray(t, dtype=np.float64) if d.is_floating else None
+                for t, d in zip(self._statistics(theta, state, x), self._state_packer.groups)
+            ]
+            sums = (
+                part if sums is None else [None if a is None else a + b for a, b in zip(sums, part)]
+            )
         values = self._state_packer.unpack(
-            [c if s is None else tf.convert_to_tensor(s / len(inputs), dtype=c.dtype)
-             for s, c in zip(sums, state)])
+            [
+                c if s is None else tf.convert_to_tensor(s / len(inputs), dtype=c.dtype)
+                for s, c in zip(sums, state)
+            ]
+        )
         for v, value in zip(self.partition.state_variables, values):
             if tf.as_dtype(v.dtype).is_floating:
                 v.assign(value)
@@ -143,10 +150,15 @@ class Evaluation:
         if self.custom_update:
             kwargs.setdefault("rule", self.inner_rule)
         return export_adaptive(
-            self.model, path, loss=self.loss, learning_rate=float(self.inner_lr.numpy()),
+            self.model,
+            path,
+            loss=self.loss,
+            learning_rate=float(self.inner_lr.numpy()),
             momentum=float(self.inner_mu.numpy()) if self.use_momentum else None,
-            steps=self.inner_steps if steps is None else steps, overwrite=overwrite,
-            **kwargs)
+            steps=self.inner_steps if steps is None else steps,
+            overwrite=overwrite,
+            **kwargs,
+        )
 
     def _rule_step(self, rule):
         """The compiled plain step of an `adapt` / `evaluate` rule other than the trainer's
@@ -155,7 +167,8 @@ class Evaluation:
             raise TypeError(
                 f"adapt: inner_optimizer={_v.describe(rule)} is not valid: expected an inner "
                 "rule such as warpkeras.KFAC(...) or warpkeras.rules.SGD(0.1, momentum=0.9) "
-                "(a warpkeras.rules.InnerRule), or None.")
+                "(a warpkeras.rules.InnerRule), or None."
+            )
         if rule is self.inner_rule:
             return self._plain_step
         bound = self.__dict__.setdefault("_bound_rules", {})
@@ -168,8 +181,7 @@ class Evaluation:
 
     # ------------------------------------------------------------------------------------
     # evaluation
-    def adapt(self, task, steps=None, seed=0, eval_every=None, record=True,
-              inner_optimizer=None):
+    def adapt(self, task, steps=None, seed=0, eval_every=None, record=True, inner_optimizer=None):
         """Adapts θ from θ0 on `task` for `steps` SGD steps with φ frozen.
 
         Args:
@@ -208,8 +220,14 @@ class Evaluation:
             self._check_inputs(task, test[0], "test")
             self._check_label_layout(task, labels, "test")
             self._check_labels(task, labels, "test")
-        curves = {"train_loss": [], "train_accuracy": [], "test_steps": [], "test_loss": [],
-                  "test_accuracy": [], "path_length": 0.0}
+        curves = {
+            "train_loss": [],
+            "train_accuracy": [],
+            "test_steps": [],
+            "test_loss": [],
+            "test_accuracy": [],
+            "path_length": 0.0,
+        }
 
         last = None  # the latest adaptation batch's inputs
 
@@ -218,8 +236,11 @@ class Evaluation:
                 return
             # Inference mode: the statistics of the latest support batch at θ_k (θ0: the
             # saved ones); see "Batch-norm statistics" above.
-            at = (state if self.eval_training_mode or last is None
-                  else self._statistics(theta, state, last))
+            at = (
+                state
+                if self.eval_training_mode or last is None
+                else self._statistics(theta, state, last)
+            )
             loss, metric = self._evaluate_point(theta, at, test[0], test[1])
             curves["test_steps"].append(k)
             curves["test_loss"].append(float(loss))
@@ -229,8 +250,7 @@ class Evaluation:
         losses, metrics, sqs = [], [], []
         for k in range(steps):
             x, y = next(batches)
-            theta, velocity, state, loss, metric, sq, _ = step_fn(
-                theta, velocity, state, x, y)
+            theta, velocity, state, loss, metric, sq, _ = step_fn(theta, velocity, state, x, y)
             last = x
             losses.append(loss)
             metrics.append(metric)
@@ -241,15 +261,15 @@ class Evaluation:
         losses = [float(v) for v in losses]
         sqs = [float(v) for v in sqs]
         # segments θ_{k-1} -> θ_k with the losses measured on the steps' batches
-        curves["path_length"] = float(sum(
-            math.sqrt(sqs[k - 1] + (losses[k] - losses[k - 1]) ** 2) for k in range(1, steps)))
+        curves["path_length"] = float(
+            sum(math.sqrt(sqs[k - 1] + (losses[k] - losses[k - 1]) ** 2) for k in range(1, steps))
+        )
         if record:
             curves["train_loss"] = losses
             curves["train_accuracy"] = [float(v) for v in metrics]
         return self._theta_packer.unpack(theta), curves
 
-    def evaluate(self, tasks, steps=None, eval_every=None, seed=0, verbose=1,
-                 inner_optimizer=None):
+    def evaluate(self, tasks, steps=None, eval_every=None, seed=0, verbose=1, inner_optimizer=None):
         """Adapts from θ0 (φ frozen) on each task and summarises (mean and std over tasks).
 
         The report holds per-task learning curves, the final test loss / accuracy, and the
@@ -283,8 +303,9 @@ class Evaluation:
         bar = keras.utils.Progbar(len(tasks), unit_name="task") if verbose else None
         per_task = []
         for i, task in enumerate(tasks):
-            _, curves = self.adapt(task, steps, seed=seed + i, eval_every=eval_every,
-                                   inner_optimizer=inner_optimizer)
+            _, curves = self.adapt(
+                task, steps, seed=seed + i, eval_every=eval_every, inner_optimizer=inner_optimizer
+            )
             curves["task"] = str(task.name)
             per_task.append(curves)
             if bar is not None:
@@ -296,7 +317,9 @@ class Evaluation:
                 f"(non-finite loss while adapting or testing): "
                 f"{', '.join(report['diverged']['tasks'])}. Their values are NaN and so are "
                 "the means (see each statistic's `mean_of_finite`).",
-                RuntimeWarning, stacklevel=2)
+                RuntimeWarning,
+                stacklevel=2,
+            )
         return report
 
 
@@ -319,14 +342,22 @@ def _stats(values, diverged=None):
         ``mean_of_finite`` is the mean over the others (NaN when there are none).
     """
     diverged = diverged if diverged is not None else [False] * len(values)
-    measured = [math.nan if d or not _finite(v) else float(v)
-                for v, d in zip(values, diverged) if v is not None]
+    measured = [
+        math.nan if d or not _finite(v) else float(v)
+        for v, d in zip(values, diverged)
+        if v is not None
+    ]
     finite = [v for v in measured if not math.isnan(v)]
     bad = len(measured) - len(finite)
     mean = math.nan if bad or not measured else float(np.mean(finite))
     std = math.nan if bad or not measured else float(np.std(finite))
-    return {"mean": mean, "std": std, "values": measured, "diverged": bad,
-            "mean_of_finite": float(np.mean(finite)) if finite else math.nan}
+    return {
+        "mean": mean,
+        "std": std,
+        "values": measured,
+        "diverged": bad,
+        "mean_of_finite": float(np.mean(finite)) if finite else math.nan,
+    }
 
 
 def summarize(per_task, accuracy):
@@ -355,21 +386,26 @@ def summarize(per_task, accuracy):
     ]
     auc = []
     for c in per_task:
-        curve = ([1.0 - a for a in c["train_accuracy"]] if accuracy else c["train_loss"])
+        curve = [1.0 - a for a in c["train_accuracy"]] if accuracy else c["train_loss"]
         auc.append(float(np.mean(curve)) if len(curve) else None)
     report = {
         "tasks": len(per_task),
         "final_test_loss": _stats(
-            [c["test_loss"][-1] if c["test_loss"] else None for c in per_task], diverged),
+            [c["test_loss"][-1] if c["test_loss"] else None for c in per_task], diverged
+        ),
         "final_test_accuracy": _stats(
-            [c["test_accuracy"][-1] if c["test_accuracy"] and accuracy else None
-             for c in per_task], diverged),
+            [c["test_accuracy"][-1] if c["test_accuracy"] and accuracy else None for c in per_task],
+            diverged,
+        ),
         "final_train_loss": _stats(
-            [c["train_loss"][-1] if c["train_loss"] else None for c in per_task], diverged),
+            [c["train_loss"][-1] if c["train_loss"] else None for c in per_task], diverged
+        ),
         "auc": _stats(auc, diverged),
         "path_length": _stats([c.get("path_length") for c in per_task], diverged),
-        "diverged": {"count": int(sum(diverged)),
-                     "tasks": [n for n, d in zip(names, diverged) if d]},
+        "diverged": {
+            "count": int(sum(diverged)),
+            "tasks": [n for n, d in zip(names, diverged) if d],
+        },
         "curves": per_task,
     }
     if per_task and per_task[0]["train_loss"]:

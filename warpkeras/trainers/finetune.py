@@ -50,8 +50,14 @@ class FineTuneTrainer(MetaTrainer):
                 "pass head_layers=[...] (e.g. head_layers=[model.layers[-1]]) or "
                 "multi_headed=False."
             )
-        super().__init__(model, loss, warp_mode=None, init_objective=None,
-                         head_layers=head_layers if multi_headed else None, **kwargs)
+        super().__init__(
+            model,
+            loss,
+            warp_mode=None,
+            init_objective=None,
+            head_layers=head_layers if multi_headed else None,
+            **kwargs,
+        )
         self.multi_headed = multi_headed
         self._heads = {}
 
@@ -73,7 +79,8 @@ class FineTuneTrainer(MetaTrainer):
                 x, y = next(batches)
                 first = x if first is None else first
                 theta, velocity, state, loss, metric, _, ok = self._plain_step(
-                    theta, velocity, state, x, y)
+                    theta, velocity, state, x, y
+                )
                 if not bool(ok):
                     ok_all = False
                     break
@@ -82,7 +89,10 @@ class FineTuneTrainer(MetaTrainer):
                 diverged.append(str(task.name))
                 warnings.warn(
                     f"Meta step {int(self.step.numpy())}: task '{task.name}' produced a "
-                    "non-finite loss or gradient; it is skipped.", RuntimeWarning, stacklevel=2)
+                    "non-finite loss or gradient; it is skipped.",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
                 continue
             losses.append(float(loss))
             metrics.append(float(metric))
@@ -98,8 +108,11 @@ class FineTuneTrainer(MetaTrainer):
         self._write_moving_statistics(firsts)  # batch-norm statistics at the new θ0
         self.nan_tasks.assign_add(dropped)
         self._record_diverged(diverged)
-        logs = {"loss": float(np.mean(losses)) if losses else math.nan,
-                "diverged_tasks": dropped, "nan_tasks": int(self.nan_tasks.numpy())}
+        logs = {
+            "loss": float(np.mean(losses)) if losses else math.nan,
+            "diverged_tasks": dropped,
+            "nan_tasks": int(self.nan_tasks.numpy()),
+        }
         if self.accuracy:
             logs["accuracy"] = float(np.mean(metrics)) if metrics else math.nan
         return logs

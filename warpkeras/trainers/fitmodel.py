@@ -9,6 +9,7 @@ import numpy as np
 
 from warpkeras.trainers.checkpoints import CheckpointError
 
+
 # ----------------------------------------------------------------------------------------
 # what Keras callbacks see as `self.model`
 class _NamedOptimizer:
@@ -92,8 +93,12 @@ class FitModel:
         except ImportError:
             return []
         tracked = []
-        for name, direction in (("loss", "down"), ("meta_loss", "down"), ("auc", "down"),
-                                ("accuracy", "up")):
+        for name, direction in (
+            ("loss", "down"),
+            ("meta_loss", "down"),
+            ("auc", "down"),
+            ("accuracy", "up"),
+        ):
             metric = keras.metrics.Mean(name=name)
             metric._direction = direction
             tracked.append(metric)
@@ -111,8 +116,10 @@ class FitModel:
 
     def save_weights(self, filepath, overwrite=True, **kwargs):
         self._model.save_weights(filepath, overwrite=overwrite, **kwargs)
-        values = {f"v{i}": np.asarray(v.numpy())
-                  for i, (_, v) in enumerate(self._trainer._trainer_state_named())}
+        values = {
+            f"v{i}": np.asarray(v.numpy())
+            for i, (_, v) in enumerate(self._trainer._trainer_state_named())
+        }
         values["keys"] = np.asarray([k for k, _ in self._trainer._trainer_state_named()])
         tmp = f"{filepath}.trainer.tmp.npz"
         np.savez(tmp, **values)
@@ -132,19 +139,22 @@ class FitModel:
                     raise CheckpointError(
                         f"'{extra}' was written by a differently configured trainer: "
                         f"{', '.join(missing[:5])} {'are' if len(missing) > 1 else 'is'} in "
-                        "one of them only.")
+                        "one of them only."
+                    )
                 values = [stored[k] for k, _ in named]
             else:  # written before values were named: by position
                 values = [data[f"v{i}"] for i in range(len(data.files))]
                 if len(values) != len(named):
                     raise CheckpointError(
                         f"'{extra}' holds {len(values)} trainer values, this trainer has "
-                        f"{len(named)}: it was written by a differently configured trainer.")
+                        f"{len(named)}: it was written by a differently configured trainer."
+                    )
             for (key, v), value in zip(named, values):
                 if tuple(v.shape) != tuple(np.shape(value)):
                     raise CheckpointError(
                         f"'{extra}': '{key}' has shape {np.shape(value)}, this trainer's "
-                        f"{tuple(v.shape)}: written by a differently configured trainer.")
+                        f"{tuple(v.shape)}: written by a differently configured trainer."
+                    )
                 v.assign(value)
         self._state_loaded = True
 

@@ -36,14 +36,23 @@ class LeapTrainer(MetaTrainer):
         **kwargs: see `warpkeras.trainers.MetaTrainer`.
     """
 
-    def __init__(self, model, loss, norm="length", sign_correction=True, loss_in_path=True,
-                 **kwargs):
+    def __init__(
+        self, model, loss, norm="length", sign_correction=True, loss_in_path=True, **kwargs
+    ):
         where = type(self).__name__
-        norm = _v.check_choice(norm, "norm", ("length", "energy"), where=where,
-                               error=MetaTrainingError)
+        norm = _v.check_choice(
+            norm, "norm", ("length", "energy"), where=where, error=MetaTrainingError
+        )
         sign_correction = _v.check_bool(sign_correction, "sign_correction", where=where)
         loss_in_path = _v.check_bool(loss_in_path, "loss_in_path", where=where)
         kwargs.setdefault("init_optimizer", kwargs.get("meta_optimizer"))
-        super().__init__(model, loss, warp_mode=None, init_objective="leap", leap_norm=norm,
-                         leap_sign_correction=sign_correction, leap_loss_in_path=loss_in_path,
-                         **kwargs)
+        super().__init__(
+            model,
+            loss,
+            warp_mode=None,
+            init_objective="leap",
+            leap_norm=norm,
+            leap_sign_correction=sign_correction,
+            leap_loss_in_path=loss_in_path,
+            **kwargs,
+        )

@@ -63,18 +63,40 @@ import numpy as np
 import tensorflow as tf
 
 from warpkeras.tasks import as_task_source
-from warpkeras.trainers.checkpoints import (_CHECKPOINT_NAME, _SETTINGS_KEY, _STATE_FILE,
-                                            CheckpointError, CheckpointLockError,
-                                            CheckpointWarning, FolderLock, _checkpoint_files,
-                                            _first_line, _state_file_problem,
-                                            _unreadable_file, compare_settings,
-                                            listed_checkpoints, move_aside, read_settings,
-                                            remove_checkpoint_leftovers)
-from warpkeras.trainers.fitmodel import (FitModel, MetaHistory, MetaProgbarLogger,
-                                         _MetaOptimizers, _NamedOptimizer)
+from warpkeras.trainers.checkpoints import (
+    _CHECKPOINT_NAME,
+    _SETTINGS_KEY,
+    _STATE_FILE,
+    CheckpointError,
+    CheckpointLockError,
+    CheckpointWarning,
+    FolderLock,
+    _checkpoint_files,
+    _first_line,
+    _state_file_problem,
+    _unreadable_file,
+    compare_settings,
+    listed_checkpoints,
+    move_aside,
+    read_settings,
+    remove_checkpoint_leftovers,
+)
+from warpkeras.trainers.fitmodel import (
+    FitModel,
+    MetaHistory,
+    MetaProgbarLogger,
+    _MetaOptimizers,
+    _NamedOptimizer,
+)
 
-__all__ = ["TrainingLoop", "FitModel", "CheckpointWarning", "CheckpointError",
-           "CheckpointLockError", "TasksExhaustedError"]
+__all__ = [
+    "TrainingLoop",
+    "FitModel",
+    "CheckpointWarning",
+    "CheckpointError",
+    "CheckpointLockError",
+    "TasksExhaustedError",
+]
 
 
 class TasksExhaustedError(RuntimeError):
@@ -114,8 +136,11 @@ class _RunningLogs:
     def value(self):
         out = {}
         for key, value in self.last.items():
-            if key == "nan_tasks" or not isinstance(value, (int, float, np.number)) \
-                    or isinstance(value, bool):
+            if (
+                key == "nan_tasks"
+                or not isinstance(value, (int, float, np.number))
+                or isinstance(value, bool)
+            ):
                 out[key] = value
             elif _is_count(value):
                 out[key] = int(self.sums[key])
@@ -173,22 +198,28 @@ class _StopSignals:
         if signum is not None:
             signal.raise_signal(signum)
 
+
 def _resolve_epochs(epochs, meta_steps):
     if epochs is not None and meta_steps is not None and epochs != meta_steps:
         raise TypeError(
             f"fit got epochs={epochs!r} and meta_steps={meta_steps!r}: they are the same "
-            "argument (the meta step to train up to); pass one of them.")
+            "argument (the meta step to train up to); pass one of them."
+        )
     value = epochs if epochs is not None else meta_steps
     if value is None:
-        raise TypeError("fit needs epochs= (or its alias meta_steps=): the meta step to train "
-                        "up to, e.g. fit(tasks, epochs=100).")
+        raise TypeError(
+            "fit needs epochs= (or its alias meta_steps=): the meta step to train "
+            "up to, e.g. fit(tasks, epochs=100)."
+        )
     return _count("epochs" if epochs is not None else "meta_steps", value)
 
 
 def _count(name, value, minimum=0):
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"fit: {name} must be an integer, got {value!r} "
-                        f"({type(value).__name__}); e.g. {name}=10.")
+        raise TypeError(
+            f"fit: {name} must be an integer, got {value!r} "
+            f"({type(value).__name__}); e.g. {name}=10."
+        )
     if value < minimum:
         raise ValueError(f"fit: {name} must be >= {minimum}, got {value}.")
     return int(value)
@@ -211,11 +242,11 @@ def _slot_keys(optimizer, model):
         refs.setdefault(v.path.replace("/", "_"), i)
     keys = []
     for v in optimizer.variables:
-        rest = v.path[len(prefix):] if v.path.startswith(prefix) else v.path
+        rest = v.path[len(prefix) :] if v.path.startswith(prefix) else v.path
         cut = rest.rfind("_")
         while cut > 0:  # the longest variable path the slot name starts with
             if rest[:cut] in refs:
-                rest = f"variable_{refs[rest[:cut]]}:{rest[cut + 1:]}"
+                rest = f"variable_{refs[rest[:cut]]}:{rest[cut + 1 :]}"
                 break
             cut = rest.rfind("_", 0, cut)
         keys.append(rest.replace("/", "|"))
@@ -265,14 +296,12 @@ class TrainingLoop:
         so that a resumed run matches slots to variables by name. `by_variable`: restore
         the optimisers through those keys instead of by position."""
         items = dict(self._checkpoint_items())
-        optimizers = {k: v for k, v in items.items()
-                      if isinstance(v, keras.optimizers.Optimizer)}
+        optimizers = {k: v for k, v in items.items() if isinstance(v, keras.optimizers.Optimizer)}
         keyed = {k: _by_variable(o, self.model) for k, o in optimizers.items()}
         if for_saving:
             if not hasattr(self, "_settings_variable"):
                 with tf.init_scope():
-                    self._settings_variable = tf.Variable("", dtype=tf.string,
-                                                          trainable=False)
+                    self._settings_variable = tf.Variable("", dtype=tf.string, trainable=False)
             items[_SETTINGS_KEY] = self._settings_variable
             items.update({f"{k}_by_variable": d for k, d in keyed.items() if d is not None})
         elif by_variable:
@@ -290,13 +319,22 @@ class TrainingLoop:
         for key, item in self._checkpoint_items().items():
             if isinstance(item, keras.optimizers.Optimizer):
                 optimizers[key] = {
-                    "class": type(item).__name__, "config": item.get_config(),
-                    "variables": [[k, list(v.shape)] for k, v in
-                                  zip(_slot_keys(item, self.model), item.variables)]}
-        settings = {"format": 1, "config": self.get_config(),
-                    "variables": [[f"{i}:{_variable_key(v.path)}", list(v.shape)]
-                                  for i, v in enumerate(self.model.variables)],
-                    "optimizers": optimizers}
+                    "class": type(item).__name__,
+                    "config": item.get_config(),
+                    "variables": [
+                        [k, list(v.shape)]
+                        for k, v in zip(_slot_keys(item, self.model), item.variables)
+                    ],
+                }
+        settings = {
+            "format": 1,
+            "config": self.get_config(),
+            "variables": [
+                [f"{i}:{_variable_key(v.path)}", list(v.shape)]
+                for i, v in enumerate(self.model.variables)
+            ],
+            "optimizers": optimizers,
+        }
         return json.loads(json.dumps(settings, default=repr))
 
     def _trainer_state_variables(self):
@@ -314,10 +352,14 @@ class TrainingLoop:
             if key == "model":
                 continue
             item = items[key]
-            keyed = (_by_variable(item, self.model)
-                     if isinstance(item, keras.optimizers.Optimizer) else None)
-            pairs = (list(keyed.items()) if keyed is not None
-                     else list(enumerate(_flat_variables(item))))
+            keyed = (
+                _by_variable(item, self.model)
+                if isinstance(item, keras.optimizers.Optimizer)
+                else None
+            )
+            pairs = (
+                list(keyed.items()) if keyed is not None else list(enumerate(_flat_variables(item)))
+            )
             for name, v in pairs:
                 if id(v) not in seen:
                     seen.add(id(v))
@@ -349,7 +391,9 @@ class TrainingLoop:
             warnings.warn(
                 f"Checkpoint state file '{state_path}' cannot be used ({problem}); resuming "
                 "from the newest readable checkpoint in the folder instead.",
-                CheckpointWarning, stacklevel=stacklevel)
+                CheckpointWarning,
+                stacklevel=stacklevel,
+            )
         chosen, readable, damaged = None, [], []
         for number in sorted(files, reverse=True):
             bad = _unreadable_file(directory, number, files[number])
@@ -363,19 +407,24 @@ class TrainingLoop:
             if newer_ok:
                 warnings.warn(
                     f"Checkpoint file '{path}' cannot be read ({why}); a newer checkpoint "
-                    "is used, so this one is ignored.", CheckpointWarning,
-                    stacklevel=stacklevel)
+                    "is used, so this one is ignored.",
+                    CheckpointWarning,
+                    stacklevel=stacklevel,
+                )
             elif chosen is not None:
                 warnings.warn(
                     f"Checkpoint file '{path}' cannot be read ({why}); falling back to the "
                     f"older checkpoint '{_CHECKPOINT_NAME}-{chosen}'.",
-                    CheckpointWarning, stacklevel=stacklevel)
+                    CheckpointWarning,
+                    stacklevel=stacklevel,
+                )
         if chosen is None:
             if damaged:
                 listing = "; ".join(f"'{p}': {w}" for _, (p, w) in damaged)
                 raise CheckpointError(
                     f"No checkpoint in '{directory}' can be read ({listing}). Nothing was "
-                    "overwritten: move the folder away to start afresh, or repair it.")
+                    "overwritten: move the folder away to start afresh, or repair it."
+                )
             return None
         state = None if problem is not None else tf.train.get_checkpoint_state(directory)
         named = os.path.basename(state.model_checkpoint_path) if state else None
@@ -384,8 +433,10 @@ class TrainingLoop:
             # readable checkpoints, so that none of them is lost by rotation (also when a
             # run was killed after writing a checkpoint, before recording it)
             tf.compat.v1.train.update_checkpoint_state(
-                directory, f"{_CHECKPOINT_NAME}-{chosen}",
-                all_model_checkpoint_paths=[f"{_CHECKPOINT_NAME}-{n}" for n in sorted(readable)])
+                directory,
+                f"{_CHECKPOINT_NAME}-{chosen}",
+                all_model_checkpoint_paths=[f"{_CHECKPOINT_NAME}-{n}" for n in sorted(readable)],
+            )
         return os.path.join(directory, f"{_CHECKPOINT_NAME}-{chosen}")
 
     def restore(self, checkpoint_dir):
@@ -422,11 +473,13 @@ class TrainingLoop:
             raise CheckpointError(
                 f"Checkpoint '{prefix}' cannot be continued by this trainer: "
                 f"{'; '.join(refused)}. Nothing was written: use another checkpoint_dir for "
-                "this configuration.")
+                "this configuration."
+            )
 
     def _restore_prefix(self, prefix, recorded):
         by_variable = recorded is not None and all(
-            o.get("by_variable", True) for o in recorded.get("optimizers", {}).values())
+            o.get("by_variable", True) for o in recorded.get("optimizers", {}).values()
+        )
         try:
             status = self._checkpoint(by_variable=by_variable).restore(prefix)
             status.assert_existing_objects_matched()
@@ -434,7 +487,8 @@ class TrainingLoop:
         except (AssertionError, ValueError) as e:
             raise CheckpointError(
                 f"Checkpoint '{prefix}' does not match this trainer and model (written by "
-                f"another configuration?): {_first_line(e)}") from e
+                f"another configuration?): {_first_line(e)}"
+            ) from e
 
     def _resume(self, directory, take_over):
         """`fit`'s resume from `directory` (locked by this run): refuses what cannot
@@ -449,17 +503,23 @@ class TrainingLoop:
                 where = ", ".join(f"'{os.path.join(directory, n)}'" for n in listed)
                 warnings.warn(
                     f"Checkpoint state file '{os.path.join(directory, _STATE_FILE)}' lists "
-                    f"{where}, but none of them is in the folder.", CheckpointWarning,
-                    stacklevel=3)
+                    f"{where}, but none of them is in the folder.",
+                    CheckpointWarning,
+                    stacklevel=3,
+                )
                 if not take_over:
                     raise CheckpointError(
                         f"Every checkpoint listed in '{directory}' is missing ({where}): "
                         "resuming is impossible. Restore the files, or pass "
                         "take_over_checkpoint_dir=True to start afresh in this folder "
-                        "(the state file is moved aside, nothing is deleted).")
+                        "(the state file is moved aside, nothing is deleted)."
+                    )
                 aside = move_aside(directory)
-                warnings.warn(f"Starting afresh in '{directory}'; its state file was moved "
-                              f"to '{aside}'.", CheckpointWarning, stacklevel=3)
+                warnings.warn(
+                    f"Starting afresh in '{directory}'; its state file was moved to '{aside}'.",
+                    CheckpointWarning,
+                    stacklevel=3,
+                )
             return None
         recorded = read_settings(prefix)
         if recorded is None:  # written before settings were recorded
@@ -474,13 +534,16 @@ class TrainingLoop:
                     f"{'; '.join(identity)}. Nothing was written. Use another "
                     "checkpoint_dir, build the trainer as that run was, or pass "
                     "take_over_checkpoint_dir=True to move its checkpoints aside "
-                    "(nothing is deleted) and start this run afresh there.")
+                    "(nothing is deleted) and start this run afresh there."
+                )
             aside = move_aside(directory)
             warnings.warn(
                 f"Checkpoint folder '{directory}' belonged to another run "
                 f"({'; '.join(identity)}); its checkpoints were moved to '{aside}' and this "
-                "run starts afresh (take_over_checkpoint_dir=True).", CheckpointWarning,
-                stacklevel=3)
+                "run starts afresh (take_over_checkpoint_dir=True).",
+                CheckpointWarning,
+                stacklevel=3,
+            )
             return None
         # a value the user passed wins where it differs from what the earlier run was
         # given (values that training itself changed, e.g. by ReduceLROnPlateau, go on)
@@ -497,7 +560,10 @@ class TrainingLoop:
                     values[key]()
             warnings.warn(
                 f"Resuming '{prefix}' with changed settings; the values of this run are "
-                f"used: {'; '.join(changed)}.", CheckpointWarning, stacklevel=3)
+                f"used: {'; '.join(changed)}.",
+                CheckpointWarning,
+                stacklevel=3,
+            )
         return prefix
 
     def _save_checkpoint(self, manager, number):
@@ -518,8 +584,9 @@ class TrainingLoop:
             if isinstance(item, keras.optimizers.Optimizer):
                 rate = item.get_config().get("learning_rate")
                 if isinstance(rate, (int, float)):
-                    setters[f"{key}.learning_rate"] = (
-                        lambda o=item, r=rate: setattr(o, "learning_rate", r))
+                    setters[f"{key}.learning_rate"] = lambda o=item, r=rate: setattr(
+                        o, "learning_rate", r
+                    )
         return setters
 
     # ------------------------------------------------------------------------------------
@@ -620,10 +687,15 @@ class TrainingLoop:
             TasksExhaustedError: the task source ran dry (see `stop_when_tasks_end`).
         """
         epochs = _resolve_epochs(epochs, meta_steps)
-        if validation_data is not None and validation_tasks is not None \
-                and validation_data is not validation_tasks:
-            raise TypeError("fit got validation_data and validation_tasks: they are the same "
-                            "argument (held-out tasks); pass one of them.")
+        if (
+            validation_data is not None
+            and validation_tasks is not None
+            and validation_data is not validation_tasks
+        ):
+            raise TypeError(
+                "fit got validation_data and validation_tasks: they are the same "
+                "argument (held-out tasks); pass one of them."
+            )
         validation = validation_data if validation_data is not None else validation_tasks
         if verbose == "auto":
             verbose = 1
@@ -632,10 +704,11 @@ class TrainingLoop:
         validation_freq = _count("validation_freq", validation_freq, 1)
         checkpoint_every = _count("checkpoint_every", checkpoint_every, 1)
         max_checkpoints = _count("max_checkpoints", max_checkpoints, 1)
-        per_epoch = 1 if steps_per_epoch is None else _count("steps_per_epoch",
-                                                              steps_per_epoch, 1)
-        for name, flag in (("take_over_checkpoint_dir", take_over_checkpoint_dir),
-                           ("stop_when_tasks_end", stop_when_tasks_end)):
+        per_epoch = 1 if steps_per_epoch is None else _count("steps_per_epoch", steps_per_epoch, 1)
+        for name, flag in (
+            ("take_over_checkpoint_dir", take_over_checkpoint_dir),
+            ("stop_when_tasks_end", stop_when_tasks_end),
+        ):
             if not isinstance(flag, bool):
                 raise TypeError(f"fit: {name} must be True or False, got {flag!r}.")
         if initial_epoch is not None:
@@ -646,7 +719,8 @@ class TrainingLoop:
             if folder is not None and os.path.exists(folder) and not os.path.isdir(folder):
                 raise NotADirectoryError(
                     f"fit: {name}='{os.fspath(folder)}' is a file, not a folder: give a "
-                    "folder path (it is created if missing).")
+                    "folder path (it is created if missing)."
+                )
         if checkpoint_dir is not None:
             checkpoint_dir = os.fspath(checkpoint_dir)
         source = as_task_source(tasks)
@@ -664,15 +738,30 @@ class TrainingLoop:
                 remove_checkpoint_leftovers(checkpoint_dir)
                 restored = self._resume(checkpoint_dir, take_over_checkpoint_dir)
                 manager = tf.train.CheckpointManager(
-                    self._checkpoint(for_saving=True), checkpoint_dir,
-                    max_to_keep=max_checkpoints, checkpoint_name=_CHECKPOINT_NAME)
+                    self._checkpoint(for_saving=True),
+                    checkpoint_dir,
+                    max_to_keep=max_checkpoints,
+                    checkpoint_name=_CHECKPOINT_NAME,
+                )
                 if restored is not None and verbose:
                     _print(f"Resumed from {restored} at meta step {int(self.step.numpy())}.")
                 signals = _StopSignals()
-            return self._fit_loop(source, epochs, per_epoch, total, callbacks, verbose,
-                                  log_dir, manager, checkpoint_every, validation,
-                                  validation_freq, validation_steps, signals,
-                                  stop_when_tasks_end)
+            return self._fit_loop(
+                source,
+                epochs,
+                per_epoch,
+                total,
+                callbacks,
+                verbose,
+                log_dir,
+                manager,
+                checkpoint_every,
+                validation,
+                validation_freq,
+                validation_steps,
+                signals,
+                stop_when_tasks_end,
+            )
         except _Preempted:
             pass  # the checkpoint of the step reached is written; the signal goes on below
         finally:
@@ -683,23 +772,42 @@ class TrainingLoop:
         signals.deliver()  # as if fit had not caught it: SIGTERM ends the process
         return self.history
 
-    def _fit_loop(self, source, epochs, per_epoch, total, callbacks, verbose, log_dir,
-                  manager, checkpoint_every, validation, validation_freq, validation_steps,
-                  signals, stop_when_tasks_end):
+    def _fit_loop(
+        self,
+        source,
+        epochs,
+        per_epoch,
+        total,
+        callbacks,
+        verbose,
+        log_dir,
+        manager,
+        checkpoint_every,
+        validation,
+        validation_freq,
+        validation_steps,
+        signals,
+        stop_when_tasks_end,
+    ):
         fit_model = FitModel(self)
         callbacks = list(callbacks or [])
         if log_dir is not None:
             callbacks.append(keras.callbacks.TensorBoard(log_dir))
-        history = next((c for c in callbacks if isinstance(c, keras.callbacks.History)),
-                       None)
+        history = next((c for c in callbacks if isinstance(c, keras.callbacks.History)), None)
         if history is None:
             history = MetaHistory()
             callbacks.append(history)
         if verbose and not any(isinstance(c, keras.callbacks.ProgbarLogger) for c in callbacks):
             callbacks.append(MetaProgbarLogger())
         cb = keras.callbacks.CallbackList(
-            callbacks, add_history=False, add_progbar=False, model=fit_model,
-            verbose=verbose, epochs=epochs, steps=per_epoch)
+            callbacks,
+            add_history=False,
+            add_progbar=False,
+            model=fit_model,
+            verbose=verbose,
+            epochs=epochs,
+            steps=per_epoch,
+        )
 
         self.stop_training = False
         cb.on_train_begin()
@@ -733,15 +841,21 @@ class TrainingLoop:
                 try:
                     tasks = source.sample(rng, self.meta_batch_size)
                 except StopIteration:
-                    message = (f"The task source ran out of tasks at meta step {s} of "
-                               f"{total} (epoch {epoch}, step {batch} of {per_epoch})")
+                    message = (
+                        f"The task source ran out of tasks at meta step {s} of "
+                        f"{total} (epoch {epoch}, step {batch} of {per_epoch})"
+                    )
                     if not stop_when_tasks_end:
                         raise TasksExhaustedError(
                             f"{message}. Give a task source that lasts {total} meta steps "
                             "(a list or callable of tasks never runs dry), fewer epochs, "
-                            "or fit(..., stop_when_tasks_end=True) to end there.") from None
-                    warnings.warn(f"{message}; fit ends there (stop_when_tasks_end=True).",
-                                  RuntimeWarning, stacklevel=3)
+                            "or fit(..., stop_when_tasks_end=True) to end there."
+                        ) from None
+                    warnings.warn(
+                        f"{message}; fit ends there (stop_when_tasks_end=True).",
+                        RuntimeWarning,
+                        stacklevel=3,
+                    )
                     stop = True
                     break
                 cb.on_train_batch_begin(batch)
@@ -760,8 +874,9 @@ class TrainingLoop:
                 running.add(logs)
                 cb.on_train_batch_end(batch, running.value())
                 last = s + 1 == total
-                if manager is not None and ((s + 1) % checkpoint_every == 0 or last
-                                            or signals.received is not None):
+                if manager is not None and (
+                    (s + 1) % checkpoint_every == 0 or last or signals.received is not None
+                ):
                     self._save_checkpoint(manager, s + 1)
                     saved = s + 1
                 if signals is not None and signals.received is not None:
@@ -773,8 +888,9 @@ class TrainingLoop:
             if running.count == 0:
                 break
             epoch_logs = running.value()
-            if validation is not None and ((epoch + 1) % validation_freq == 0
-                                           or epoch + 1 == epochs):
+            if validation is not None and (
+                (epoch + 1) % validation_freq == 0 or epoch + 1 == epochs
+            ):
                 epoch_logs.update(self._validate(cb, validation, validation_steps))
             cb.on_epoch_end(epoch, epoch_logs)
             if stop or fit_model.stop_training or self.stop_training:
@@ -805,8 +921,11 @@ class TrainingLoop:
 
     def _meta_optimizer_variables(self):
         """``(name, optimizer, variables)`` of the objectives' optimisers."""
-        return [(o.optimizer_name, o.optimizer, o.variables(self)) for o in self.objectives
-                if o.optimizer is not None and o.variables(self)]
+        return [
+            (o.optimizer_name, o.optimizer, o.variables(self))
+            for o in self.objectives
+            if o.optimizer is not None and o.variables(self)
+        ]
 
     def _expected_log_keys(self):
         """Keys every meta step's logs carry (NaN when a step has no value for one)."""

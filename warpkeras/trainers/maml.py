@@ -41,13 +41,18 @@ class MAMLTrainer(MetaTrainer):
         **kwargs: see `warpkeras.trainers.MetaTrainer`.
     """
 
-    def __init__(self, model, loss, first_order=False, unroll=None, recompute=False,
-                 **kwargs):
+    def __init__(self, model, loss, first_order=False, unroll=None, recompute=False, **kwargs):
         where = type(self).__name__
         first_order = _v.check_bool(first_order, "first_order", where=where)
         unroll = _v.check_bool(unroll, "unroll", allow_none=True, where=where)
         recompute = _v.check_bool(recompute, "recompute", where=where)
         kwargs.setdefault("init_optimizer", kwargs.get("meta_optimizer"))
-        super().__init__(model, loss, warp_mode=None,
-                         init_objective="fomaml" if first_order else "maml",
-                         maml_unroll=unroll, maml_recompute=recompute, **kwargs)
+        super().__init__(
+            model,
+            loss,
+            warp_mode=None,
+            init_objective="fomaml" if first_order else "maml",
+            maml_unroll=unroll,
+            maml_recompute=recompute,
+            **kwargs,
+        )

@@ -37,8 +37,9 @@ def accuracy_function(loss, y_true, y_pred):
 
     kind = loss if isinstance(loss, LossKind) else loss_kind(loss)
     if kind.category == "binary":
-        return functools.partial(keras.metrics.binary_accuracy,
-                                 threshold=0.0 if kind.from_logits else 0.5)
+        return functools.partial(
+            keras.metrics.binary_accuracy, threshold=0.0 if kind.from_logits else 0.5
+        )
     if kind.category == "sparse_categorical":
         return keras.metrics.sparse_categorical_accuracy
     if kind.category == "categorical":
@@ -46,8 +47,11 @@ def accuracy_function(loss, y_true, y_pred):
     is_binary, is_sparse = is_binary_or_sparse_categorical(y_true, y_pred)
     if is_binary:
         return keras.metrics.binary_accuracy
-    return (keras.metrics.sparse_categorical_accuracy if is_sparse
-            else keras.metrics.categorical_accuracy)
+    return (
+        keras.metrics.sparse_categorical_accuracy
+        if is_sparse
+        else keras.metrics.categorical_accuracy
+    )
 
 
 class _MaskedMean(keras.losses.Loss):

@@ -133,6 +133,7 @@ def _unrolled(fn, on_trace=None):
         if size is None:
             raise ValueError("The task axis must have a static size.")
         return _stack([fn(*_index(stacked, i)) for i in range(size)])
+
     return run
 
 
@@ -170,6 +171,7 @@ def _vectorized(fn, on_trace=None, on_fallback=None, grouped=lambda: None):
         if fallbacks and on_fallback is not None:
             on_fallback(sorted(set(fallbacks)))
         return out
+
     return run
 
 
@@ -180,9 +182,11 @@ class SequentialExecutor:
 
     def __init__(self, jit_compile=False, group_size=None):
         if group_size not in (None, 1):
-            raise ValueError(f"group_size={group_size!r}: parallel='sequential' adapts one "
-                             "task at a time; use parallel='vectorized' or 'unrolled' for "
-                             "groups of tasks.")
+            raise ValueError(
+                f"group_size={group_size!r}: parallel='sequential' adapts one "
+                "task at a time; use parallel='vectorized' or 'unrolled' for "
+                "groups of tasks."
+            )
         self.jit_compile = jit_compile
 
     def group_size(self, meta_batch_size):
@@ -196,8 +200,11 @@ class SequentialExecutor:
     def compile(self, fn, on_trace=None):
         """Compiles ``fn`` (one task's step) into a function of stacked task groups;
         `on_trace` is called every time the group function is traced."""
-        return _per_group_size(lambda: tf.function(
-            _unrolled(fn, on_trace), jit_compile=self.jit_compile, reduce_retracing=True))
+        return _per_group_size(
+            lambda: tf.function(
+                _unrolled(fn, on_trace), jit_compile=self.jit_compile, reduce_retracing=True
+            )
+        )
 
     def masked_sum(self, stacked, mask):
         return _masked_sum(stacked, mask)
@@ -222,10 +229,13 @@ class UnrolledExecutor(SequentialExecutor):
     name = "unrolled"
 
     def __init__(self, jit_compile=False, group_size=None, balanced=False):
-        if group_size is not None and (isinstance(group_size, bool)
-                                       or not isinstance(group_size, int) or group_size < 1):
-            raise ValueError(f"group_size={group_size!r}: expected a positive int (tasks "
-                             "adapted in one call) or None (the whole meta-batch).")
+        if group_size is not None and (
+            isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1
+        ):
+            raise ValueError(
+                f"group_size={group_size!r}: expected a positive int (tasks "
+                "adapted in one call) or None (the whole meta-batch)."
+            )
         self.jit_compile = jit_compile
         self.max_group = group_size
         self.balanced = bool(balanced) and group_size is not None
@@ -285,12 +295,17 @@ class VectorizedExecutor(UnrolledExecutor):
                     "by task in a while loop, so this part of the step is not vectorised. "
                     "Replace the layer emitting them, or use parallel='unrolled' / "
                     "'sequential' if it dominates the step time.",
-                    VectorizationWarning, stacklevel=2)
+                    VectorizationWarning,
+                    stacklevel=2,
+                )
 
-        return _per_group_size(lambda: tf.function(
-            _vectorized(fn, on_trace, on_fallback, lambda: self.grouped_convolutions),
-            jit_compile=self.jit_compile,
-            reduce_retracing=True))
+        return _per_group_size(
+            lambda: tf.function(
+                _vectorized(fn, on_trace, on_fallback, lambda: self.grouped_convolutions),
+                jit_compile=self.jit_compile,
+                reduce_retracing=True,
+            )
+        )
 
 
 def _masked_sum(stacked, mask):
@@ -345,7 +360,7 @@ class DistributedExecutor:
 
         def value_fn(ctx):
             i = ctx.replica_id_in_sync_group
-            return tf.nest.map_structure(lambda t: t[i * per:(i + 1) * per], stacked)
+            return tf.nest.map_structure(lambda t: t[i * per : (i + 1) * per], stacked)
 
         return self.strategy.experimental_distribute_values_from_function(value_fn)
 
@@ -357,12 +372,12 @@ class DistributedExecutor:
 
     def compile(self, fn, on_trace=None):
         wrap = _vectorized if self.inner == "vectorized" else _unrolled
-        step = tf.function(wrap(fn, on_trace), jit_compile=self.jit_compile,
-                           reduce_retracing=True)
+        step = tf.function(wrap(fn, on_trace), jit_compile=self.jit_compile, reduce_retracing=True)
         if self.multi_worker:
             replica_step = step
-            step = tf.function(lambda *args: _all_gather_tasks(replica_step(*args)),
-                               reduce_retracing=True)
+            step = tf.function(
+                lambda *args: _all_gather_tasks(replica_step(*args)), reduce_retracing=True
+            )
 
         def run(*stacked):
             args = self._split(tuple(stacked))
@@ -374,8 +389,7 @@ class DistributedExecutor:
         mask = tf.cast(tf.convert_to_tensor(mask), stacked[0].dtype)
         split = self._split((tuple(stacked), mask))
         per_replica = self.strategy.run(_replica_masked_sum, args=(split,))
-        return [self.strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None)
-                for v in per_replica]
+        return [self.strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None) for v in per_replica]
 
 
 @tf.function(reduce_retracing=True)
@@ -405,8 +419,9 @@ def _all_gather_tasks(value):
     ctx = tf.distribute.get_replica_context()
     out = [None] * len(leaves)
     for dtype, idx in groups.items():
-        packed = tf.concat([tf.reshape(tf.cast(leaves[i], dtype), [-1, widths[i]]) for i in idx],
-                           axis=1)
+        packed = tf.concat(
+            [tf.reshape(tf.cast(leaves[i], dtype), [-1, widths[i]]) for i in idx], axis=1
+        )
         full = ctx.all_gather(packed, axis=0)
         for i, piece in zip(idx, tf.split(full, [widths[i] for i in idx], axis=1)):
             shape = [-1] + leaves[i].shape[1:].as_list()
@@ -414,8 +429,9 @@ def _all_gather_tasks(value):
     return tf.nest.pack_sequence_as(value, out)
 
 
-def make_executor(parallel="auto", strategy=None, jit_compile=False, group_size=None,
-                  continues_stream=False):
+def make_executor(
+    parallel="auto", strategy=None, jit_compile=False, group_size=None, continues_stream=False
+):
     """The executor for a trainer's ``parallel`` / ``strategy`` / ``group_size`` arguments.
 
     ``parallel="auto"`` is resolved by `resolve_parallel`; without a strategy and an
@@ -443,19 +459,25 @@ def make_executor(parallel="auto", strategy=None, jit_compile=False, group_size=
     resolved = resolve_parallel(parallel, strategy, continues_stream)
     if strategy is not None:
         if group_size is not None:
-            raise ValueError(f"group_size={group_size!r} cannot be combined with a strategy: "
-                             "it splits the whole meta-batch across its replicas.")
+            raise ValueError(
+                f"group_size={group_size!r} cannot be combined with a strategy: "
+                "it splits the whole meta-batch across its replicas."
+            )
         return DistributedExecutor(
-            strategy, inner="vectorized" if resolved == "vectorized" else "unrolled",
+            strategy,
+            inner="vectorized" if resolved == "vectorized" else "unrolled",
             jit_compile=jit_compile,
         )
     if parallel == "auto" and resolved == "sequential" and group_size not in (None, 1):
-        raise ValueError(f"group_size={group_size!r}: an objective continues one stream of "
-                         "task parameters across the meta-batch, so parallel='auto' adapts "
-                         "one task at a time; leave group_size unset.")
+        raise ValueError(
+            f"group_size={group_size!r}: an objective continues one stream of "
+            "task parameters across the meta-batch, so parallel='auto' adapts "
+            "one task at a time; leave group_size unset."
+        )
     if parallel == "auto" and resolved == "unrolled" and group_size is None:
-        return UnrolledExecutor(jit_compile=jit_compile, group_size=AUTO_GROUP_SIZE,
-                                balanced=True)
-    return {"sequential": SequentialExecutor, "unrolled": UnrolledExecutor,
-            "vectorized": VectorizedExecutor}[resolved](jit_compile=jit_compile,
-                                                       group_size=group_size)
+        return UnrolledExecutor(jit_compile=jit_compile, group_size=AUTO_GROUP_SIZE, balanced=True)
+    return {
+        "sequential": SequentialExecutor,
+        "unrolled": UnrolledExecutor,
+        "vectorized": VectorizedExecutor,
+    }[resolved](jit_compile=jit_compile, group_size=group_size)

@@ -11,7 +11,6 @@ import threading
 
 import tensorflow as tf
 
-
 # --------------------------------------------------------------------------------------
 # Batched convolutions with per-task kernels.
 #
@@ -24,6 +23,7 @@ import tensorflow as tf
 # XLA's feature_group_count) compute all tasks in one call. The converters below are
 # used by pfor only while a vectorised step is traced (`_batched_converters`); every other
 # case is passed on to pfor's own converter.
+
 
 def _pfor():
     try:
@@ -47,14 +47,14 @@ def _to_groups(x, axis):
     perm = list(range(1, a)) + [0] + list(range(a, rank))
     y = tf.transpose(x, perm)  # [B, ..., T, C, ...]
     shape = tf.shape(y)
-    new = tf.concat([shape[:a - 1], [-1], shape[a + 1:]], axis=0)
+    new = tf.concat([shape[: a - 1], [-1], shape[a + 1 :]], axis=0)
     return tf.reshape(y, new)
 
 
 def _from_groups(y, axis, n):
     """Inverse of `_to_groups`: [B, ..., T·C, ...] -> [T, B, ..., C, ...] for `n` = [T]."""
     shape = tf.shape(y)
-    new = tf.concat([shape[:axis], tf.cast(n, shape.dtype), [-1], shape[axis + 1:]], axis=0)
+    new = tf.concat([shape[:axis], tf.cast(n, shape.dtype), [-1], shape[axis + 1 :]], axis=0)
     y = tf.reshape(y, new)  # [B, ..., T, C, ...]
     rank = y.shape.rank
     perm = [axis] + list(range(axis)) + list(range(axis + 1, rank))
@@ -92,8 +92,10 @@ def _per_task(pfor_input, op_type, per_task_inputs):
     pfor = _pfor()
     attrs = pfor_input.op.node_def.attr
     dtype = pfor_input.outputs[0].dtype
-    outs = [pfor._create_op(op_type, list(ins), [dtype], attrs=attrs).outputs[0]
-            for ins in per_task_inputs]
+    outs = [
+        pfor._create_op(op_type, list(ins), [dtype], attrs=attrs).outputs[0]
+        for ins in per_task_inputs
+    ]
     return pfor.wrap(tf.stack(outs), True)
 
 
@@ -115,8 +117,7 @@ def _conv2d(pfor_input, original):
     axis = _channel_axis(pfor_input)
     x = _to_groups(pfor_input.stacked_input(0), axis)
     w = _kernel_to_groups(pfor_input.stacked_input(1))
-    out = pfor._create_op("Conv2D", [x, w], [x.dtype],
-                          attrs=pfor_input.op.node_def.attr).outputs[0]
+    out = pfor._create_op("Conv2D", [x, w], [x.dtype], attrs=pfor_input.op.node_def.attr).outputs[0]
     return pfor.wrap(_from_groups(out, axis, pfor_input.pfor.loop_len_vector), True)
 
 
@@ -130,16 +131,20 @@ def _conv2d_backprop_input(pfor_input, original):
         sizes = pfor_input.unstacked_input(0)
         ws = tf.unstack(pfor_input.stacked_input(1), tasks)
         dys = tf.unstack(pfor_input.stacked_input(2), tasks)
-        return _per_task(pfor_input, "Conv2DBackpropInput",
-                         [(sizes, w, dy) for w, dy in zip(ws, dys)])
+        return _per_task(
+            pfor_input, "Conv2DBackpropInput", [(sizes, w, dy) for w, dy in zip(ws, dys)]
+        )
     axis = _channel_axis(pfor_input)
     n = pfor_input.pfor.loop_len_vector
     sizes = pfor_input.unstacked_input(0)  # one task's input shape
-    sizes = tf.tensor_scatter_nd_update(sizes, [[axis]], sizes[axis:axis + 1] * tf.cast(n, sizes.dtype))
+    sizes = tf.tensor_scatter_nd_update(
+        sizes, [[axis]], sizes[axis : axis + 1] * tf.cast(n, sizes.dtype)
+    )
     w = _kernel_to_groups(pfor_input.stacked_input(1))
     dy = _to_groups(pfor_input.stacked_input(2), axis)
-    out = pfor._create_op("Conv2DBackpropInput", [sizes, w, dy], [dy.dtype],
-                          attrs=pfor_input.op.node_def.attr).outputs[0]
+    out = pfor._create_op(
+        "Conv2DBackpropInput", [sizes, w, dy], [dy.dtype], attrs=pfor_input.op.node_def.attr
+    ).outputs[0]
     return pfor.wrap(_from_groups(out, axis, n), True)
 
 
@@ -153,16 +158,18 @@ def _conv2d_backprop_filter(pfor_input, original):
         sizes = pfor_input.unstacked_input(1)
         xs = tf.unstack(pfor_input.stacked_input(0), tasks)
         dys = tf.unstack(pfor_input.stacked_input(2), tasks)
-        return _per_task(pfor_input, "Conv2DBackpropFilter",
-                         [(x, sizes, dy) for x, dy in zip(xs, dys)])
+        return _per_task(
+            pfor_input, "Conv2DBackpropFilter", [(x, sizes, dy) for x, dy in zip(xs, dys)]
+        )
     axis = _channel_axis(pfor_input)
     n = pfor_input.pfor.loop_len_vector
     sizes = pfor_input.unstacked_input(1)  # one task's kernel shape [kh, kw, C, O]
     sizes = tf.concat([sizes[:3], sizes[3:] * tf.cast(n, sizes.dtype)], axis=0)
     x = _to_groups(pfor_input.stacked_input(0), axis)
     dy = _to_groups(pfor_input.stacked_input(2), axis)
-    out = pfor._create_op("Conv2DBackpropFilter", [x, sizes, dy], [dy.dtype],
-                          attrs=pfor_input.op.node_def.attr).outputs[0]
+    out = pfor._create_op(
+        "Conv2DBackpropFilter", [x, sizes, dy], [dy.dtype], attrs=pfor_input.op.node_def.attr
+    ).outputs[0]
     return pfor.wrap(_kernel_from_groups(out, n), True)
 
 
@@ -174,8 +181,12 @@ def _bitcast(pfor_input, original):
     return pfor.wrap(tf.bitcast(x, pfor_input.get_attr("type")), True)
 
 
-_CONVERTERS = {"Conv2D": _conv2d, "Conv2DBackpropInput": _conv2d_backprop_input,
-               "Conv2DBackpropFilter": _conv2d_backprop_filter, "Bitcast": _bitcast}
+_CONVERTERS = {
+    "Conv2D": _conv2d,
+    "Conv2DBackpropInput": _conv2d_backprop_input,
+    "Conv2DBackpropFilter": _conv2d_backprop_filter,
+    "Bitcast": _bitcast,
+}
 _CONVERTED_OPS = tuple(_CONVERTERS)
 # Per thread: whether a vectorised step is being traced (the converters above apply only
 # then), and the ops pfor fell back on meanwhile. Thread-local rather than a lock held over
@@ -201,7 +212,8 @@ def _install_converters(pfor):
                     return converter(pfor_input, original)
                 if original is None:  # pfor's own answer to an op it has no converter for
                     raise pfor.ConversionNotImplementedError(
-                        f"there is no registered converter for {name}.")
+                        f"there is no registered converter for {name}."
+                    )
                 return original(pfor_input)
 
             registry[name] = run

@@ -18,13 +18,27 @@ INIT_OBJECTIVES = (None, "leap", "maml", "fomaml", "reptile")
 
 #: The keyword arguments that name objectives, with their defaults.
 OBJECTIVE_OPTIONS = {
-    "warp_mode": None, "warp_objective": "exact", "init_objective": None, "init_weight": 1.0,
-    "init_optimizer": None, "learn_inner_learning_rate": False,
-    "learn_inner_momentum": False, "hyper_learning_rate": 1e-3, "hyper_clip": 1e-3,
-    "meta_interval": None, "max_warp_updates": None, "warp_gradient_reduction": "mean",
-    "buffer_final_point": True, "buffer_capacity": None, "buffer_overflow": "reservoir",
-    "buffer_spill_dir": None, "leap_norm": "length", "leap_sign_correction": True,
-    "leap_loss_in_path": True, "meta_loss": None, "maml_unroll": None,
+    "warp_mode": None,
+    "warp_objective": "exact",
+    "init_objective": None,
+    "init_weight": 1.0,
+    "init_optimizer": None,
+    "learn_inner_learning_rate": False,
+    "learn_inner_momentum": False,
+    "hyper_learning_rate": 1e-3,
+    "hyper_clip": 1e-3,
+    "meta_interval": None,
+    "max_warp_updates": None,
+    "warp_gradient_reduction": "mean",
+    "buffer_final_point": True,
+    "buffer_capacity": None,
+    "buffer_overflow": "reservoir",
+    "buffer_spill_dir": None,
+    "leap_norm": "length",
+    "leap_sign_correction": True,
+    "leap_loss_in_path": True,
+    "meta_loss": None,
+    "maml_unroll": None,
     "maml_recompute": False,
 }
 
@@ -107,8 +121,7 @@ def objectives_from_options(where, options, meta_optimizer, inner_momentum, seed
     init_objective = choice(o["init_objective"], "init_objective", INIT_OBJECTIVES)
     leap_norm = choice(o["leap_norm"], "leap_norm", ("length", "energy"))
     overflow = choice(o["buffer_overflow"], "buffer_overflow", ("reservoir", "spill"))
-    reduction = choice(o["warp_gradient_reduction"], "warp_gradient_reduction",
-                       ("mean", "sum"))
+    reduction = choice(o["warp_gradient_reduction"], "warp_gradient_reduction", ("mean", "sum"))
     flag = functools.partial(_v.check_bool, where=where)
     learn_lr = flag(o["learn_inner_learning_rate"], "learn_inner_learning_rate")
     learn_mu = flag(o["learn_inner_momentum"], "learn_inner_momentum")
@@ -119,71 +132,113 @@ def objectives_from_options(where, options, meta_optimizer, inner_momentum, seed
     if maml_unroll and maml_recompute:
         raise MetaTrainingError(
             f"{where}: maml_recompute=True recomputes the steps of MAML's symbolic loop, so "
-            "it cannot be combined with maml_unroll=True: drop one.")
-    if ((maml_unroll is not None or maml_recompute)
-            and init_objective not in ("maml", "fomaml")):
+            "it cannot be combined with maml_unroll=True: drop one."
+        )
+    if (maml_unroll is not None or maml_recompute) and init_objective not in ("maml", "fomaml"):
         raise MetaTrainingError(
             f"{where}: maml_unroll / maml_recompute set how MAML runs its inner steps, but "
-            f"init_objective={init_objective!r}: use init_objective='maml' or drop them.")
+            f"init_objective={init_objective!r}: use init_objective='maml' or drop them."
+        )
     final_point = flag(o["buffer_final_point"], "buffer_final_point")
-    integer = functools.partial(_v.check_int, where=where, error=MetaTrainingError,
-                                minimum=1, allow_none=True)
+    integer = functools.partial(
+        _v.check_int, where=where, error=MetaTrainingError, minimum=1, allow_none=True
+    )
     interval = integer(o["meta_interval"], "meta_interval")
     max_updates = integer(o["max_warp_updates"], "max_warp_updates", example=100)
     capacity = integer(o["buffer_capacity"], "buffer_capacity", example=1000)
     number = functools.partial(_v.check_float, where=where, error=MetaTrainingError)
     init_weight = number(o["init_weight"], "init_weight", minimum=0.0, example=1.0)
-    hyper_lr = number(o["hyper_learning_rate"], "hyper_learning_rate", minimum=0.0,
-                      example=1e-3)
-    hyper_clip = number(o["hyper_clip"], "hyper_clip", minimum=0.0, min_inclusive=False,
-                        allow_none=True, example=1e-3)
+    hyper_lr = number(o["hyper_learning_rate"], "hyper_learning_rate", minimum=0.0, example=1e-3)
+    hyper_clip = number(
+        o["hyper_clip"],
+        "hyper_clip",
+        minimum=0.0,
+        min_inclusive=False,
+        allow_none=True,
+        example=1e-3,
+    )
     init_optimizer = _v.get_optimizer(o["init_optimizer"], "init_optimizer", where=where)
-    if (meta_optimizer is not None and meta_optimizer is init_optimizer
-            and warp_mode is not None and init_objective is not None):
+    if (
+        meta_optimizer is not None
+        and meta_optimizer is init_optimizer
+        and warp_mode is not None
+        and init_objective is not None
+    ):
         raise MetaTrainingError(
             f"{where}: meta_optimizer and init_optimizer are the same optimizer instance, "
             "but φ and θ0 each need their own optimizer state: pass two instances (or "
-            "leave init_optimizer=None for a copy of meta_optimizer).")
+            "leave init_optimizer=None for a copy of meta_optimizer)."
+        )
     meta_loss = _v.check_callable(
-        o["meta_loss"], "meta_loss", where=where,
-        signature="meta_loss(partition, loss_fn, theta, phi, meta_batch, state) -> scalar")
+        o["meta_loss"],
+        "meta_loss",
+        where=where,
+        signature="meta_loss(partition, loss_fn, theta, phi, meta_batch, state) -> scalar",
+    )
     spill_dir = o["buffer_spill_dir"]
     if spill_dir is not None:
-        spill_dir = _v.check_directory(spill_dir, "buffer_spill_dir", where=where,
-                                       error=MetaTrainingError)
+        spill_dir = _v.check_directory(
+            spill_dir, "buffer_spill_dir", where=where, error=MetaTrainingError
+        )
     if warp_mode == "continual" and init_objective is not None:
         raise MetaTrainingError(
             "warp_mode='continual' (Algorithm 3) adapts one stream of task parameters "
             "that is never reset, so there is no initialisation θ0 to meta-learn: use "
-            f"init_objective=None (got {init_objective!r}).")
+            f"init_objective=None (got {init_objective!r})."
+        )
     if warp_mode == "offline" and init_objective in ("maml", "fomaml"):
         raise MetaTrainingError(
             "Warp-MAML uses online meta-training (WarpGrad App. D): use "
-            "warp_mode='online' with init_objective='maml'.")
+            "warp_mode='online' with init_objective='maml'."
+        )
     if (learn_lr or learn_mu) and warp_mode is None:
         raise MetaTrainingError(
             "A meta-learned inner learning rate or momentum is trained through the warp "
-            "objective: set a warp_mode.")
+            "objective: set a warp_mode."
+        )
     if learn_mu and inner_momentum is None:
         raise MetaTrainingError(
             f"{where}: learn_inner_momentum=True needs an inner_momentum value to start "
-            "from, e.g. inner_momentum=0.9.")
+            "from, e.g. inner_momentum=0.9."
+        )
     objectives = []
     if warp_mode is not None:
-        buffer = (ReplayBuffer(capacity, overflow, spill_dir, seed=seed)
-                  if warp_mode == "offline" else None)
+        buffer = (
+            ReplayBuffer(capacity, overflow, spill_dir, seed=seed)
+            if warp_mode == "offline"
+            else None
+        )
         hyper = keras.optimizers.SGD(hyper_lr, clipvalue=hyper_clip)
-        objectives.append(WarpObjective(
-            warp_mode, exact=warp_objective == "exact", interval=interval,
-            max_updates=max_updates, reduction=reduction, final_point=final_point,
-            buffer=buffer, learn_learning_rate=learn_lr, learn_momentum=learn_mu,
-            hyper_optimizer=hyper, meta_loss=meta_loss, optimizer=meta_optimizer))
+        objectives.append(
+            WarpObjective(
+                warp_mode,
+                exact=warp_objective == "exact",
+                interval=interval,
+                max_updates=max_updates,
+                reduction=reduction,
+                final_point=final_point,
+                buffer=buffer,
+                learn_learning_rate=learn_lr,
+                learn_momentum=learn_mu,
+                hyper_optimizer=hyper,
+                meta_loss=meta_loss,
+                optimizer=meta_optimizer,
+            )
+        )
     if init_objective == "leap":
-        objectives.append(Leap(leap_norm, sign_correction, loss_in_path, init_weight,
-                               init_optimizer))
+        objectives.append(
+            Leap(leap_norm, sign_correction, loss_in_path, init_weight, init_optimizer)
+        )
     elif init_objective in ("maml", "fomaml"):
-        objectives.append(MAML(init_objective == "fomaml", init_weight, init_optimizer,
-                               unroll=maml_unroll, recompute=maml_recompute))
+        objectives.append(
+            MAML(
+                init_objective == "fomaml",
+                init_weight,
+                init_optimizer,
+                unroll=maml_unroll,
+                recompute=maml_recompute,
+            )
+        )
     elif init_objective == "reptile":
         objectives.append(Reptile(init_weight, init_optimizer))
     return objectives
@@ -275,8 +330,7 @@ class KeywordViews:
             "meta_interval": warp.interval if warp is not None else None,
             "warp_gradient_reduction": warp.reduction if warp is not None else "mean",
             "buffer_final_point": (warp.final_point if self.warp_mode == "offline" else None),
-            "leap_norm": next((o.norm for o in self.objectives if hasattr(o, "norm")),
-                              "length"),
+            "leap_norm": next((o.norm for o in self.objectives if hasattr(o, "norm")), "length"),
             "seed": self.seed,
             "meta_optimizer": keras.optimizers.serialize(self.meta_optimizer),
         }

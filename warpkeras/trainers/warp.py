@@ -76,14 +76,24 @@ class WarpTrainer(MetaTrainer):
             leap_norm, meta_loss, seed, jit_compile, ...).
     """
 
-    def __init__(self, model, loss, mode="offline", objective="exact", init_objective="leap",
-                 **kwargs):
+    def __init__(
+        self, model, loss, mode="offline", objective="exact", init_objective="leap", **kwargs
+    ):
         where = type(self).__name__
-        mode = _v.check_choice(mode, "mode", ("online", "offline", "continual"), where=where,
-                               error=MetaTrainingError)
-        objective = _v.check_choice(objective, "objective", WARP_OBJECTIVES, where=where,
-                                    error=MetaTrainingError)
-        init_objective = _v.check_choice(init_objective, "init_objective", INIT_OBJECTIVES,
-                                         where=where, error=MetaTrainingError)
-        super().__init__(model, loss, warp_mode=mode, warp_objective=objective,
-                         init_objective=init_objective, **kwargs)
+        mode = _v.check_choice(
+            mode, "mode", ("online", "offline", "continual"), where=where, error=MetaTrainingError
+        )
+        objective = _v.check_choice(
+            objective, "objective", WARP_OBJECTIVES, where=where, error=MetaTrainingError
+        )
+        init_objective = _v.check_choice(
+            init_objective, "init_objective", INIT_OBJECTIVES, where=where, error=MetaTrainingError
+        )
+        super().__init__(
+            model,
+            loss,
+            warp_mode=mode,
+            warp_objective=objective,
+            init_objective=init_objective,
+            **kwargs,
+        )
