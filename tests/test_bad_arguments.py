@@ -214,6 +214,8 @@ OWN = {
     ],
     "MAMLTrainer": [
         ("first_order", "yes", TypeError, r"MAMLTrainer: first_order='yes'.*True or False"),
+        ("unroll", "yes", TypeError, r"MAMLTrainer: unroll='yes'.*True or False"),
+        ("recompute", "yes", TypeError, r"MAMLTrainer: recompute='yes'.*True or False"),
     ],
     "ReptileTrainer": [],
     "FineTuneTrainer": [
