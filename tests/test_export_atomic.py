@@ -125,7 +125,10 @@ def test_sigkill_at_every_step_leaves_a_complete_model(
         # Without an atomic exchange, the kill landed between moving the old model aside
         # and the new one in: `load` puts the (complete) new model back.
         assert not path.exists()
-        with pytest.warns(UserWarning, match="restored the new model"):
+        with (
+            pytest.warns(UserWarning, match="removed what an interrupted export"),
+            pytest.warns(UserWarning, match="restored the new model"),
+        ):
             served = wexport.load(str(path))
         assert int(served.metadata()["default_steps"]) == 2
         after = 2
@@ -177,7 +180,10 @@ def test_recover_restores_the_previous_model_when_the_new_one_is_incomplete(tmp_
     (staging / "variables").mkdir(parents=True)  # killed while writing
     live = tmp_path / f".model.warpkeras-staging-{host}-{os.getpid()}-00cc"
     live.mkdir()  # a running export's folder is left alone
-    with pytest.warns(UserWarning, match="restored the previous model"):
+    with (
+        pytest.warns(UserWarning, match="removed what an interrupted export"),
+        pytest.warns(UserWarning, match="restored the previous model"),
+    ):
         wexport.recover(str(path))
     assert _steps(path) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["model", live.name])
