@@ -53,10 +53,12 @@ def parse_args(argv=None):
 if __name__ == "__main__":
     parse_args()  # --help and bad flags answer before TensorFlow loads
 
+import warpkeras  # noqa: E402  (first: it picks TensorFlow's CPU kernels)
+
+# isort: split
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-import warpkeras  # noqa: E402  (first: it picks TensorFlow's CPU kernels)
 from warpkeras.meta import MAML, MetaTrainingError  # noqa: E402
 
 

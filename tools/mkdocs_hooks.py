@@ -4,6 +4,8 @@
   ``<!-- readme: README.md#Title -->`` only its section ``## Title`` (up to the next ``## ``
   heading; at the top of a page, titled ``# Title``); ``#PREAMBLE`` is the text before the
   first ``## `` heading.
+* A README link to a heading of its own (``[Guarantees](#guarantees)``) points, on the site,
+  at the page that holds that heading's section.
 * Every public object of the API pages must have a docstring: one without is reported as a
   warning, which ``mkdocs build --strict`` turns into a failure.
 """
@@ -39,8 +41,46 @@ def _include(match):
     return _section(text, title.strip(), source, top=match.start() == 0)
 
 
+def _slug(title):
+    """The anchor Python-Markdown's toc extension gives a heading (its default slugify)."""
+    title = re.sub(r"[^\w\s-]", "", title.replace("`", "")).strip().lower()
+    return re.sub(r"[-\s]+", "-", title)
+
+
+_HEADING = re.compile(r"^#{1,6} (.+?)\s*$", re.M)
+_ANCHOR_LINK = re.compile(r"\]\(#([\w-]+)\)")
+_anchor_pages = {}
+
+
+def on_files(files, config):
+    """Maps the anchor of every heading the README sections bring to the page holding it."""
+    _anchor_pages.clear()
+    for file in files.documentation_pages():
+        text = pathlib.Path(file.abs_src_path).read_text()
+        for match in _INCLUDE.finditer(text):
+            included = _include(match)
+            for heading in _HEADING.finditer(included):
+                _anchor_pages.setdefault(_slug(heading.group(1)), file.src_uri)
+    return files
+
+
+def _relative(target, page):
+    here = pathlib.PurePosixPath(page.file.src_uri).parent
+    return pathlib.PurePosixPath(*[".."] * len(here.parts), target).as_posix()
+
+
 def on_page_markdown(markdown, page, config, files):
-    return _INCLUDE.sub(_include, markdown)
+    markdown = _INCLUDE.sub(_include, markdown)
+    own = {_slug(h.group(1)) for h in _HEADING.finditer(markdown)}
+
+    def relink(match):
+        anchor = match.group(1)
+        target = _anchor_pages.get(anchor)
+        if anchor in own or target is None or target == page.file.src_uri:
+            return match.group(0)
+        return f"]({_relative(target, page)}#{anchor})"
+
+    return _ANCHOR_LINK.sub(relink, markdown)
 
 
 # Methods a class overrides from its Keras base class (layer, callback, optimizer), whose
