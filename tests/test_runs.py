@@ -128,21 +128,33 @@ def test_resume_at_every_verbosity(half_run, reference, tmp_path, capsys, verbos
     assert_bit_equal(slots(trainer.meta_optimizer), reference[1])
 
 
+class Interrupt(keras.callbacks.Callback):
+    """Raises ``RuntimeError("interrupted")`` as epoch `epoch` or meta step `step` begins
+    (a run that dies there)."""
+
+    def __init__(self, epoch=None, step=None):
+        super().__init__()
+        self.epoch, self.step = epoch, step
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch == self.epoch:
+            raise RuntimeError("interrupted")
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if self.step is not None and self.model.trainer.step.numpy() == self.step:
+            raise RuntimeError("interrupted")
+
+
 @pytest.mark.parametrize("verbose", [1, 2])
 def test_backup_and_restore_resumes_with_progress_output(reference, tmp_path, capsys, verbose):
     backup = str(tmp_path / "backup")
-
-    class Interrupt(keras.callbacks.Callback):
-        def on_epoch_begin(self, epoch, logs=None):
-            if epoch == 2:
-                raise RuntimeError("interrupted")
 
     with pytest.raises(RuntimeError, match="interrupted"):
         make_trainer().fit(
             regression_task,
             epochs=4,
             verbose=verbose,
-            callbacks=[keras.callbacks.BackupAndRestore(backup), Interrupt()],
+            callbacks=[keras.callbacks.BackupAndRestore(backup), Interrupt(epoch=2)],
         )
     resumed = make_trainer(seed=0, model=make_model(seed=5))  # other weights until restored
     history = resumed.fit(
@@ -193,17 +205,12 @@ def test_no_private_keras_attribute_in_the_loop_and_examples():
 def test_backup_of_another_trainer_configuration_is_a_checkpoint_error(tmp_path):
     backup = str(tmp_path / "backup")
 
-    class Interrupt(keras.callbacks.Callback):
-        def on_epoch_begin(self, epoch, logs=None):
-            if epoch == 1:
-                raise RuntimeError("interrupted")
-
     with pytest.raises(RuntimeError, match="interrupted"):
         make_trainer().fit(
             regression_task,
             epochs=2,
             verbose=0,
-            callbacks=[keras.callbacks.BackupAndRestore(backup), Interrupt()],
+            callbacks=[keras.callbacks.BackupAndRestore(backup), Interrupt(epoch=1)],
         )
     other = warpkeras.WarpTrainer(
         make_model(), "mse", mode="online", init_objective=None, inner_steps=1, meta_batch_size=1
@@ -314,17 +321,12 @@ def test_optimizer_slots_are_matched_by_variable_not_position(tmp_path):
 def test_backup_and_restore_matches_optimizer_slots_by_variable(tmp_path):
     backup = str(tmp_path / "backup")
 
-    class Interrupt(keras.callbacks.Callback):
-        def on_epoch_begin(self, epoch, logs=None):
-            if epoch == 2:
-                raise RuntimeError("interrupted")
-
     with pytest.raises(RuntimeError, match="interrupted"):
         make_trainer(model=make_model(warps=2)).fit(
             regression_task,
             epochs=4,
             verbose=0,
-            callbacks=[keras.callbacks.BackupAndRestore(backup), Interrupt()],
+            callbacks=[keras.callbacks.BackupAndRestore(backup), Interrupt(epoch=2)],
         )
     uninterrupted = make_trainer(model=make_model(warps=2))
     uninterrupted.fit(regression_task, epochs=4, verbose=0)
@@ -838,11 +840,6 @@ def test_steps_per_epoch_prints_one_bar_per_epoch(capsys):
 def test_steps_per_epoch_resumes_mid_epoch_exactly(tmp_path):
     folder = str(tmp_path / "ckpt")
 
-    class Interrupt(keras.callbacks.Callback):
-        def on_train_batch_begin(self, batch, logs=None):
-            if self.model.trainer.step.numpy() == 4:
-                raise RuntimeError("interrupted")
-
     with pytest.raises(RuntimeError, match="interrupted"):
         make_trainer().fit(
             regression_task,
@@ -850,7 +847,7 @@ def test_steps_per_epoch_resumes_mid_epoch_exactly(tmp_path):
             steps_per_epoch=3,
             verbose=0,
             checkpoint_dir=folder,
-            callbacks=[Interrupt()],
+            callbacks=[Interrupt(step=4)],
         )
     batches = []
     resumed = make_trainer()
@@ -899,18 +896,13 @@ def test_steps_per_epoch_tensorboard_writes_epochs_and_checkpoints_count_meta_st
 def test_backup_and_restore_with_save_freq_resumes_mid_epoch_exactly(tmp_path):
     backup = str(tmp_path / "backup")
 
-    class Interrupt(keras.callbacks.Callback):
-        def on_train_batch_begin(self, batch, logs=None):
-            if self.model.trainer.step.numpy() == 4:
-                raise RuntimeError("interrupted")
-
     with pytest.raises(RuntimeError, match="interrupted"):
         make_trainer().fit(
             regression_task,
             epochs=3,
             steps_per_epoch=3,
             verbose=0,
-            callbacks=[keras.callbacks.BackupAndRestore(backup, save_freq=1), Interrupt()],
+            callbacks=[keras.callbacks.BackupAndRestore(backup, save_freq=1), Interrupt(step=4)],
         )
     resumed = make_trainer(model=make_model(seed=5))  # other weights until restored
     history = resumed.fit(
